@@ -1,0 +1,44 @@
+"""unipelt: a spec-driven engine for parameter-efficient fine-tuning.
+
+    handle = unipelt.compile(model, "specs/unipelt.yaml")   # adapt in place
+    handle.save("out/adapter")                              # adapter.safetensors + unipelt.json
+    handle = unipelt.load(fresh_model, "out/adapter")
+"""
+from __future__ import annotations
+
+from unipelt.errors import AdapterFileError, DataError, ModelError, PluginError, SpecError, UnipeltError
+from unipelt.spec import Spec, parse_spec
+
+__version__ = "0.1.0"
+
+
+def compile(model, spec, name: str = "default", **kwargs):
+    """Adapt ``model`` in place according to ``spec`` (path, dict or Spec); returns the handle."""
+    from unipelt.compiler import compile as _compile
+
+    return _compile(model, spec, name, **kwargs)
+
+
+def load(model, path, name: str | None = None, **kwargs):
+    """Attach a saved adapter directory to ``model``; returns the handle."""
+    from unipelt.handle import load as _load
+
+    return _load(model, path, name, **kwargs)
+
+
+def set_adapter(model, names) -> None:
+    """Make the named adapter(s) of ``model`` the active ones."""
+    from unipelt.compiler import set_adapter as _set
+
+    _set(model, names)
+
+
+def validate(spec):
+    """Parse and validate a spec without a model; returns the parsed Spec or raises SpecError."""
+    return parse_spec(spec)
+
+
+__all__ = [
+    "compile", "load", "set_adapter", "validate", "parse_spec", "Spec",
+    "UnipeltError", "SpecError", "ModelError", "AdapterFileError", "DataError", "PluginError",
+]

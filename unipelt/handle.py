@@ -1,0 +1,497 @@
+"""The handle returned by ``unipelt.compile``: save, load, merge, detach, summary, gate values."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from unipelt.arch import ModelInfo
+from unipelt.errors import AdapterFileError, ModelError, SpecError
+from unipelt.graph import CompiledGraph
+from unipelt.registry import Registry
+from unipelt.runtime import Entry
+from unipelt.spec import FORMAT_VERSION, Spec, parse_spec
+
+WEIGHTS_FILE = "adapter.safetensors"
+META_FILE = "unipelt.json"
+FILE_FORMAT = "unipelt-adapter"
+FILE_FORMAT_VERSION = 1
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+@dataclass
+class Summary:
+    """Parameter counts of one adapter: per module, per layer, and in total."""
+
+    adapter: str
+    base_params: int
+    rows: list[dict] = field(default_factory=list)  # module, method, layer, site, kept, training
+    gates: list[dict] = field(default_factory=list)  # gate, layer, params
+
+    @property
+    def kept(self) -> int:
+        return sum(r["kept"] for r in self.rows) + sum(g["params"] for g in self.gates)
+
+    @property
+    def training(self) -> int:
+        return sum(r["training"] for r in self.rows) + sum(g["params"] for g in self.gates)
+
+    def per_module(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = defaultdict(lambda: {"kept": 0, "training": 0})
+        for r in self.rows:
+            out[r["module"]]["kept"] += r["kept"]
+            out[r["module"]]["training"] += r["training"]
+        for g in self.gates:
+            out[f"gate:{g['gate']}"]["kept"] += g["params"]
+            out[f"gate:{g['gate']}"]["training"] += g["params"]
+        return dict(out)
+
+    def to_dict(self) -> dict:
+        return {
+            "adapter": self.adapter, "base_params": self.base_params, "kept": self.kept,
+            "training": self.training, "percent_of_base": 100.0 * self.kept / max(self.base_params, 1),
+            "modules": self.per_module(), "rows": self.rows, "gates": self.gates,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"adapter {self.adapter!r}: parameters per module (kept after training / used in training)"]
+        w = max([len(k) for k in self.per_module()] + [6])
+        lines.append(f"  {'module':<{w}}  {'kept':>12}  {'training':>12}  {'% of base':>9}")
+        for name, c in self.per_module().items():
+            pct = 100.0 * c["kept"] / max(self.base_params, 1)
+            lines.append(f"  {name:<{w}}  {_fmt(c['kept']):>12}  {_fmt(c['training']):>12}  {pct:>8.3f}%")
+        pct = 100.0 * self.kept / max(self.base_params, 1)
+        lines.append(f"  {'total':<{w}}  {_fmt(self.kept):>12}  {_fmt(self.training):>12}  {pct:>8.3f}%")
+        lines.append(f"  base model: {_fmt(self.base_params)} parameters")
+        by_layer: dict[Any, int] = defaultdict(int)
+        for r in self.rows:
+            by_layer[r["layer"]] += r["kept"]
+        for g in self.gates:
+            by_layer[g["layer"]] += g["params"]
+        layers = sorted(by_layer, key=lambda x: (x is None, x if x is not None else 0))
+        lines.append("  per layer: " + ", ".join(f"{'global' if l is None else 'L' + str(l)}={_fmt(by_layer[l])}" for l in layers))
+        return "\n".join(lines)
+
+
+@dataclass
+class GateReport:
+    """Gate values over a batch: ``values[(module, layer)]`` is a (batch,) tensor (per-token
+    gates averaged over the real tokens of each example)."""
+
+    values: dict[tuple[str, int], Tensor]
+
+    def table(self) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = defaultdict(dict)
+        for (node, layer), v in sorted(self.values.items()):
+            out[node][layer] = float(v.float().mean())
+        return dict(out)
+
+    def __str__(self) -> str:
+        t = self.table()
+        layers = sorted({l for d in t.values() for l in d})
+        w = max([len(n) for n in t] + [6])
+        lines = [f"{'module':<{w}}  " + " ".join(f"{('L' + str(l)) if l >= 0 else 'global':>6}" for l in layers)]
+        for node, d in t.items():
+            lines.append(f"{node:<{w}}  " + " ".join(f"{d[l]:>6.3f}" if l in d else f"{'':>6}" for l in layers))
+        return "\n".join(lines)
+
+
+class AdapterHandle:
+    """One named adapter attached to a model."""
+
+    def __init__(self, *, name: str, model: nn.Module, spec: Spec, info: ModelInfo, graph: CompiledGraph,
+                 container: nn.Module, branch_modules: dict[str, nn.Module], gate_modules: dict[str, nn.Module],
+                 registry: Registry):
+        self.name = name
+        self.model = model
+        self.spec = spec
+        self.info = info
+        self.graph = graph
+        self.container = container
+        self.branch_modules = branch_modules
+        self.gate_modules = gate_modules
+        self.registry = registry
+        self.entries: dict[str, Entry] = {}
+        self._attached = False
+        # Parameters are recorded by identity as the modules are created: the canonical key of
+        # each is "<node>.<layer>.<site>.<param>" or "gate.<gate>.<layer>.<param>", never found by
+        # matching names in the model.
+        self._params: dict[str, nn.Parameter] = {}
+        for key, mod in branch_modules.items():
+            for pname, p in self._branch_params(mod):
+                self._params[f"{key}.{pname}"] = p
+        for key, mod in gate_modules.items():
+            for pname, p in mod.named_parameters():
+                self._params[f"gate.{key}.{pname}"] = p
+
+    @staticmethod
+    def _branch_params(mod: nn.Module):
+        extra = getattr(mod, "external_parameters", None)
+        yield from mod.named_parameters()
+        if extra is not None:
+            yield from extra()
+
+    # -- parameters ------------------------------------------------------------------------
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable parameters of this adapter by canonical key."""
+        return dict(self._params)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self._params.values())
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters grouped by role (``lora_A``, ``lora_B``, ``gate``, ``other``...), as branch
+        modules label them through an optional ``param_roles()``; trainers use this for
+        per-group learning rates (LoRA+)."""
+        groups: dict[str, list[nn.Parameter]] = defaultdict(list)
+        for key, mod in self.branch_modules.items():
+            roles = getattr(mod, "param_roles", lambda: {})()
+            for pname, p in self._branch_params(mod):
+                groups[roles.get(pname, "other")].append(p)
+        for mod in self.gate_modules.values():
+            groups["gate"].extend(mod.parameters())
+        return dict(groups)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The adapter's tensors under canonical keys, for training-time (all) parameters."""
+        out: dict[str, Tensor] = {}
+        for key, mod in self.branch_modules.items():
+            for pname, p in self._branch_params(mod):
+                out[f"{key}.{pname}"] = p.detach()
+            for bname, b in mod.named_buffers():
+                if getattr(mod, "persistent_buffers", True) and bname not in getattr(mod, "_non_persistent_buffers_set", set()):
+                    out[f"{key}.{bname}"] = b.detach()
+        for key, mod in self.gate_modules.items():
+            for pname, p in mod.named_parameters():
+                out[f"gate.{key}.{pname}"] = p.detach()
+        return out
+
+    def load_state_dict(self, tensors: dict[str, Tensor], *, source: str = "<state dict>") -> None:
+        """Copy tensors into the adapter; missing, unexpected or misshaped keys are errors and
+        nothing is copied unless everything fits."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            if unexpected:
+                parts.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+            raise AdapterFileError(f"{source}: the adapter does not match its spec ({'; '.join(parts)})")
+        for k, t in tensors.items():
+            if tuple(own[k].shape) != tuple(t.shape):
+                raise AdapterFileError(f"{source}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
+        with torch.no_grad():
+            for k, t in tensors.items():
+                own[k].copy_(t.to(device=own[k].device, dtype=own[k].dtype))
+
+    # -- budget and summary ----------------------------------------------------------------
+    def summary(self, base_params: int | None = None) -> Summary:
+        from unipelt.compiler import base_param_count
+
+        s = Summary(adapter=self.name, base_params=base_params if base_params is not None else base_param_count(self.model))
+        from unipelt.compiler import _count
+
+        for bp in self.graph.branches:
+            mod = self.branch_modules[bp.key]
+            s.rows.append({
+                "module": bp.node.name, "method": bp.method.name, "layer": bp.site.layer, "site": bp.site.site,
+                "kept": _count(mod, kept=True), "training": _count(mod, kept=False),
+            })
+        for key, gp in self.graph.gates.items():
+            s.gates.append({"gate": gp.gate_id, "layer": gp.layer, "params": sum(p.numel() for p in self.gate_modules[key].parameters())})
+        return s
+
+    def check_budget(self, base_params: int) -> None:
+        b = self.spec.budget
+        if b is None:
+            return
+        s = self.summary(base_params)
+        used = s.kept if b.count == "kept" else s.training
+        limit = b.max_params if b.max_params is not None else int(b.fraction * base_params)
+        if used > limit:
+            what = f"max_params {_fmt(limit)}" if b.max_params is not None else f"fraction {b.fraction} of {_fmt(base_params)} = {_fmt(limit)}"
+            raise SpecError(
+                f"the spec needs {_fmt(used)} parameters ({b.count}), over the budget ({what}).\n{s}",
+                source=self.spec.source, path="budget",
+            )
+
+    # -- gates -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def gates(self, batch: dict[str, Tensor] | Tensor) -> GateReport:
+        """Run one forward on ``batch`` and return each gated module's gate values per layer."""
+        from unipelt.compiler import get_state
+
+        state = get_state(self.model)
+        ctx = state.ctx
+        ctx.record = {}
+        try:
+            if isinstance(batch, Tensor):
+                self.model(batch)
+            else:
+                self.model(**batch)
+            rec = ctx.record
+        finally:
+            ctx.record = None
+        values: dict[tuple[str, int], Tensor] = {}
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        for (adapter, node, layer), gs in rec.items():
+            if adapter != self.name:
+                continue
+            g = gs[-1].float()  # shape (B, T or 1, k)
+            g = g.mean(-1)
+            if g.shape[1] > 1 and mask is not None and mask.shape[1] >= g.shape[1]:
+                m = mask[:, -g.shape[1]:].to(g.dtype)
+                v = (g * m).sum(1) / m.sum(1).clamp_min(1)
+            else:
+                v = g.mean(1)
+            values[(node, layer)] = v
+        return GateReport(values)
+
+    # -- merge / detach --------------------------------------------------------------------
+    def merge(self) -> dict[str, list[str]]:
+        """Fold every mergeable branch into the base weights; returns which were merged and
+        which stay live (gated or non-linear branches cannot be merged)."""
+        from unipelt.compiler import get_state
+
+        state = get_state(self.model)
+        merged, live = [], []
+        for bp in self.graph.branches:
+            e = self.entries[bp.key]
+            mod = e.branch
+            host_module = self.model.get_submodule(bp.site.path)
+            can = e.gate is None and getattr(mod, "mergeable", False) and hasattr(host_module, "merge_delta")
+            if e.merged:
+                merged.append(bp.key)
+            elif can:
+                host_module.merge_delta(mod.delta_weight(), bp.site.out_slice)
+                e.merged = True
+                merged.append(bp.key)
+            else:
+                live.append(bp.key)
+        return {"merged": merged, "live": live}
+
+    def unmerge(self) -> None:
+        """Undo ``merge`` exactly (the original weights were kept)."""
+        from unipelt.compiler import get_state
+
+        state = get_state(self.model)
+        paths = {bp.site.path for bp in self.graph.branches if self.entries[bp.key].merged}
+        for path in paths:
+            self.model.get_submodule(path).restore_weight()
+        for e in self.entries.values():
+            e.merged = False
+        # another adapter's merges on the same weights were undone too: re-apply them
+        for other in state.handles.values():
+            if other is not self:
+                for bp in other.graph.branches:
+                    e = other.entries[bp.key]
+                    if e.merged and bp.site.path in paths:
+                        self.model.get_submodule(bp.site.path).merge_delta(e.branch.delta_weight(), bp.site.out_slice)
+
+    def detach(self) -> None:
+        """Remove this adapter; when it was the last one, restore the exact original modules."""
+        from unipelt.compiler import CONTAINER, get_state
+
+        state = get_state(self.model)
+        if state is None or not self._attached:
+            return
+        if any(e.merged for e in self.entries.values()):
+            self.unmerge()
+        for e in self.entries.values():
+            detach = getattr(e.branch, "detach_from", None)
+            if detach is not None:
+                detach(model=self.model, state=state, entry=e)
+        for host in state.hosts.values():
+            for rt in host.runtimes.values():
+                rt.entries = [e for e in rt.entries if e.adapter != self.name]
+                rt.mode.pop(self.name, None)
+        container = self.model._modules.get(CONTAINER)
+        if container is not None and self.name in container:
+            del container[self.name]
+        state.handles.pop(self.name, None)
+        state.ctx.active.discard(self.name)
+        self._attached = False
+        if not state.handles:
+            _restore_model(self.model, state)
+
+    # -- save / load -----------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {
+            "format": FILE_FORMAT,
+            "format_version": FILE_FORMAT_VERSION,
+            "spec_format_version": FORMAT_VERSION,
+            "name": self.name,
+            "spec": _jsonable(self.spec.raw) if self.spec.raw else None,
+            "base": self.fingerprint(),
+        }
+
+    def fingerprint(self) -> dict:
+        """Architecture and the shapes of every hook point this adapter attaches to."""
+        sites = {}
+        for bp in self.graph.branches:
+            sites[bp.site.key] = [bp.site.in_features, bp.site.out_features]
+        return {
+            "architecture": self.info.arch.name, "model_type": self.info.model_type,
+            "num_layers": self.info.num_layers, "hidden_size": self.info.hidden_size, "sites": sites,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``adapter.safetensors`` and ``unipelt.json`` atomically into directory ``path``.
+
+        The files go to a temporary sibling directory first and replace ``path`` only once
+        complete: an existing adapter there is never half-overwritten. A non-empty directory
+        that is not a unipelt adapter is refused rather than replaced.
+        """
+        from safetensors.torch import save_file
+
+        dest = Path(path)
+        if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / META_FILE).exists())):
+            raise AdapterFileError(f"{dest}: exists and is not a unipelt adapter directory; refusing to replace it")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        meta = self.metadata()
+        self.registry.hook.unipelt_adapter_saved(handle=self, path=str(dest), metadata=meta)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FILE_FORMAT})
+            with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2, sort_keys=False)
+                f.write("\n")
+            for name in (WEIGHTS_FILE, META_FILE):
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            if dest.exists():
+                old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+                os.rename(dest, old)
+                os.rename(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    def __repr__(self) -> str:
+        return f"AdapterHandle(name={self.name!r}, architecture={self.info.arch.name!r}, modules={list(self.spec.modules)})"
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _restore_model(model: nn.Module, state) -> None:
+    """Undo everything compile did to the model: wrappers, hooks, frozen flags, container."""
+    from unipelt.compiler import CONTAINER
+
+    for path, (parent, attr, original) in state.wrappers.items():
+        wrapper = getattr(parent, attr)
+        if hasattr(wrapper, "restore_weight"):
+            wrapper.restore_weight()
+        setattr(parent, attr, original)
+    for handles in state.hooks.values():
+        for h in handles:
+            h.remove()
+    for h in state.global_hooks:
+        h.remove()
+    for p, flag in state.requires_grad.values():
+        p.requires_grad_(flag)
+    if state.attention_installed:
+        from unipelt import attention
+
+        attention.uninstall(model)
+    if CONTAINER in model._modules:
+        del model._modules[CONTAINER]
+    del model.__dict__["_unipelt_state"]
+
+
+# ------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------
+def read_adapter_meta(path: str | os.PathLike) -> dict:
+    d = Path(path)
+    meta_path = d / META_FILE
+    if not d.exists():
+        raise AdapterFileError(f"{d}: no such adapter directory")
+    if not meta_path.exists():
+        raise AdapterFileError(f"{meta_path}: missing (not a unipelt adapter directory)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{meta_path}: corrupt JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
+        raise AdapterFileError(f"{meta_path}: field 'format': expected {FILE_FORMAT!r}")
+    if meta.get("format_version") != FILE_FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{meta_path}: field 'format_version': {meta.get('format_version')!r} is not supported (this unipelt reads {FILE_FORMAT_VERSION})"
+        )
+    for k in ("spec", "base"):
+        if not isinstance(meta.get(k), dict):
+            raise AdapterFileError(f"{meta_path}: field {k!r}: missing or not a mapping")
+    return meta
+
+
+def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, registry: Registry | None = None) -> AdapterHandle:
+    """Attach a saved adapter to ``model`` (compiling its stored spec) and load its weights.
+
+    A base model the adapter was not made for, a corrupt file, or missing/unexpected tensors
+    raise :class:`AdapterFileError` naming the file and the field; the model is left as it was.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from unipelt.compiler import compile as _compile
+
+    d = Path(path)
+    meta = read_adapter_meta(d)
+    name = name or meta.get("name") or "default"
+    try:
+        spec = parse_spec(meta["spec"], registry)
+    except SpecError as e:
+        raise AdapterFileError(f"{d / META_FILE}: field 'spec': {e}") from None
+    spec.source = str(d / META_FILE)
+    weights = d / WEIGHTS_FILE
+    if not weights.exists():
+        raise AdapterFileError(f"{weights}: missing")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFileError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
+    try:
+        handle = _compile(model, spec, name, registry=registry)
+    except (SpecError, ModelError) as e:
+        raise AdapterFileError(f"{d}: the adapter does not fit this model: {e}") from None
+    try:
+        _check_fingerprint(meta["base"], handle.fingerprint(), d / META_FILE)
+        handle.load_state_dict(tensors, source=str(weights))
+    except BaseException:
+        handle.detach()
+        raise
+    return handle
+
+
+def _check_fingerprint(saved: dict, current: dict, source: Path) -> None:
+    diffs = []
+    for k in ("architecture", "model_type", "num_layers", "hidden_size"):
+        if saved.get(k) != current.get(k):
+            diffs.append(f"base.{k}: adapter {saved.get(k)!r}, model {current.get(k)!r}")
+    ss, cs = saved.get("sites", {}), current.get("sites", {})
+    for k in sorted(set(ss) | set(cs)):
+        if ss.get(k) != cs.get(k):
+            diffs.append(f"base.sites.{k}: adapter {ss.get(k)!r}, model {cs.get(k)!r}")
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
+        raise AdapterFileError(f"{source}: the adapter was made for another base model ({shown})")

@@ -1,0 +1,162 @@
+"""The hook contract between the unipelt engine and its plugins.
+
+Every adapter method, gate, architecture catalog and CLI subcommand reaches the engine through
+these hooks; the in-tree plugins (package ``unipelt_plugins``, folder ``plugins/``) register through
+the entry-point group ``unipelt`` exactly as a third-party package would. Read top to bottom, this
+file follows the order in which the compiler calls the hooks:
+
+    spec load -> site resolution -> module construction -> attach and gating
+    -> state dict and merge -> training controllers -> CLI
+
+Hooks are always called with keyword arguments only, so a spec may gain an argument without
+breaking existing implementations.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    import argparse
+
+    from torch import nn
+
+    from unipelt.arch import Architecture, ModelInfo, ResolvedSite
+    from unipelt.registry import MethodDef
+    from unipelt.spec import GateSpec, ModuleSpec
+
+hookspec = pluggy.HookspecMarker("unipelt")
+hookimpl = pluggy.HookimplMarker("unipelt")
+
+
+# --------------------------------------------------------------------------------------------
+# spec load
+# --------------------------------------------------------------------------------------------
+@hookspec
+def unipelt_methods() -> list[MethodDef]:
+    """Declare the adapter methods a plugin provides.
+
+    :return: a list of :class:`unipelt.registry.MethodDef`: the method's name (what a spec writes
+        in ``method:``), its config dataclass (the spec fields it accepts, validated before the
+        model is touched), the hook-point kinds it can attach to, and its documentation line.
+
+    All results are collected. Two plugins declaring the same method name is an error naming both.
+    Called once when the plugin manager is built, before any spec is validated.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# site resolution
+# --------------------------------------------------------------------------------------------
+@hookspec
+def unipelt_architectures() -> list[Architecture]:
+    """Declare architecture catalogs: how the model-independent hook points map onto a model family.
+
+    :return: a list of :class:`unipelt.arch.Architecture`, each naming the ``config.model_type``
+        values it serves, where the transformer blocks are, and for every hook point (``attn.q``,
+        ``ffn.out``, ``attn.kv``, ...) the module it resolves to and how a branch attaches there.
+
+    All results are collected; a model type claimed twice is an error naming both plugins.
+    Called when the compiler resolves a model, before the spec is checked against it.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# module construction
+# --------------------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def unipelt_build_branch(
+    method: MethodDef, config: Any, node: ModuleSpec, site: ResolvedSite, model: ModelInfo
+) -> nn.Module | None:
+    """Build the trainable branch module of one spec node at one layer and hook point.
+
+    :param method: the method definition the node names.
+    :param config: the node's validated config (an instance of ``method.config``).
+    :param node: the spec node (name, sites, layers, gate).
+    :param site: the resolved hook point (module, kind, input and output widths).
+    :param model: the resolved model (architecture, layers, hidden size, dtype).
+    :return: an ``nn.Module`` following :class:`unipelt.runtime.Branch`, or None if this
+        implementation does not build this method.
+
+    The first non-None result wins. Implementations check ``method.name`` and return None for
+    methods they do not own; a plugin that handles a special base (4-bit, 8-bit) marks itself
+    ``tryfirst``. Called after the spec validated against the model, before anything is attached.
+    """
+
+
+@hookspec(firstresult=True)
+def unipelt_build_gate(spec: GateSpec, in_features: int, model: ModelInfo) -> nn.Module | None:
+    """Build one gate module (one per layer for every gated node or shared gate).
+
+    :param spec: the validated gate options (input site, pooling, scale mode, ...).
+    :param in_features: the width of the tensor the gate reads.
+    :param model: the resolved model.
+    :return: an ``nn.Module`` following :class:`unipelt.runtime.GateModule`, or None.
+
+    The first non-None result wins. Called after the branches are built.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# attach and gating
+# --------------------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def unipelt_wrap_leaf(module: nn.Module, site: ResolvedSite) -> nn.Module | None:
+    """Wrap a leaf layer (a Linear, a GPT-2 Conv1D, a quantized linear) so branches can attach.
+
+    :param module: the original leaf module; the wrapper must keep it reachable as ``base_layer``
+        and leave the base checkpoint keys unchanged.
+    :param site: the hook point being attached.
+    :return: a :class:`unipelt.runtime.LeafWrapper` (or subclass), or None if this
+        implementation does not handle this kind of layer.
+
+    The first non-None result wins: the plain-linear default is ``trylast``; a plugin handling
+    quantized bases is ``tryfirst``. Called once per leaf, the first time a site needs it.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# state dict and merge
+# --------------------------------------------------------------------------------------------
+@hookspec
+def unipelt_adapter_saved(handle: Any, path: str, metadata: dict) -> None:
+    """Observe (and extend) the metadata written to ``unipelt.json`` when an adapter is saved.
+
+    :param handle: the :class:`unipelt.handle.AdapterHandle` being saved.
+    :param path: the destination directory.
+    :param metadata: the JSON-able dict about to be written; implementations may add keys
+        under their own plugin name.
+
+    All implementations are called, before the directory is committed atomically.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# training controllers
+# --------------------------------------------------------------------------------------------
+@hookspec
+def unipelt_training_controllers(handle: Any) -> list[Any]:
+    """Contribute training-time controllers for an adapted model (AdaLoRA budgets, gate pruning).
+
+    :param handle: the adapter handle being trained.
+    :return: a list of objects with optional ``param_groups(handle, lr)``, ``on_step(step, loss)``
+        and ``regularizer() -> Tensor`` members, or an empty list.
+
+    All results are collected. Called by the trainer after the optimizer's parameters are known.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+@hookspec
+def unipelt_add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add subcommands to the ``unipelt`` command line.
+
+    :param subparsers: the argparse subparsers object; an implementation adds its parsers and
+        sets ``func`` on them (``parser.set_defaults(func=...)``). The function receives the
+        parsed namespace and returns the exit code.
+
+    All implementations are called, in registration order, when the CLI starts.
+    """

@@ -1,0 +1,317 @@
+"""What runs in the forward pass: the per-model context, the hosts that carry branches at a module
+(a wrapped leaf, or forward hooks), the combination of several branches at one hook point, and
+gate pooling.
+
+A *branch* (LoRA, an adapter, ...) computes an additive delta from the tensor it reads: the
+hook point's input (``reads = "input"``) or its output (``reads = "output"``). A *gate* maps a
+tensor to values in (0, 1) that the branch folds in its own way (the LoRA gate replaces or
+multiplies alpha/r; an adapter gate multiplies its delta).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+# ------------------------------------------------------------------------------------------
+# protocols a plugin's modules follow
+# ------------------------------------------------------------------------------------------
+@runtime_checkable
+class Branch(Protocol):
+    """A trainable branch at one hook point of one layer.
+
+    reads: ``"input"`` (the hook point's input, e.g. LoRA) or ``"output"`` (its output, e.g. a
+        serial adapter).
+    forward(x, gate): the delta to add, shaped like the hook point's output; ``gate`` is None or
+        a tensor broadcastable to (batch, tokens, 1).
+    Optional: ``mergeable`` and ``delta_weight()`` (an (out, in) matrix added to the base weight),
+    ``num_params(kept: bool)`` (parameters kept after training vs. used in training).
+    """
+
+    reads: str
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor: ...
+
+
+@runtime_checkable
+class GateModule(Protocol):
+    """A gate: ``forward(x, ctx)`` returns values in (0, 1), shaped (B, T, k) or (B, 1, k)."""
+
+    spec: Any
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor: ...
+
+
+# ------------------------------------------------------------------------------------------
+# the per-forward context
+# ------------------------------------------------------------------------------------------
+@dataclass
+class ForwardContext:
+    """State of the current forward pass that gates and branches read.
+
+    attention_mask: the (B, T_total) padding mask given to the model (1 = real token), or None.
+    layer_inputs: the hidden states entering each block in this forward (read by layer-input gates).
+    stash: inputs captured for parallel (``io``) hook points, keyed by site key.
+    record: when not None, gates write their values here (``AdapterHandle.gates``).
+    """
+
+    causal: bool = False
+    attention_mask: Tensor | None = None
+    layer_inputs: dict[int, Tensor] = field(default_factory=dict)
+    stash: dict[str, Tensor] = field(default_factory=dict)
+    record: dict[tuple[str, str, int], list[Tensor]] | None = None
+    running: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict)
+    active: set[str] = field(default_factory=set)
+
+    def token_mask(self, batch: int, length: int, device, dtype) -> Tensor | None:
+        """The padding mask for the last ``length`` positions, shaped (B, T, 1), or None."""
+        m = self.attention_mask
+        if m is None or m.dim() != 2 or m.shape[0] != batch or m.shape[1] < length:
+            return None
+        return m[:, -length:].to(device=device, dtype=dtype).unsqueeze(-1)
+
+    def past_length(self, length: int) -> int:
+        m = self.attention_mask
+        if m is None or m.dim() != 2:
+            return 0
+        return max(int(m.shape[1]) - length, 0)
+
+
+def pool_gate(g: Tensor, pooling: str, ctx: ForwardContext, key: int) -> Tensor:
+    """Pool per-token gate values g (B, T, k) as the gate's spec says.
+
+    ``masked_mean`` averages over real tokens only (padding changes nothing); ``mean`` is the
+    reference code's average over every position, padding included; ``running_mean`` averages
+    over the real tokens up to each position, continuing across cached generation steps, so a
+    position never sees later tokens.
+    """
+    if pooling == "token":
+        return g
+    B, T, _ = g.shape
+    mask = ctx.token_mask(B, T, g.device, g.dtype)
+    if pooling == "mean":
+        return g.mean(dim=1, keepdim=True)
+    if pooling == "masked_mean":
+        if mask is None:
+            return g.mean(dim=1, keepdim=True)
+        return (g * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1.0)
+    if pooling == "running_mean":
+        if mask is None:
+            mask = g.new_ones(B, T, 1)
+        csum = torch.cumsum(g * mask, dim=1)
+        ccount = torch.cumsum(mask, dim=1)
+        past = ctx.past_length(T)
+        prev = ctx.running.get(key)
+        if past > 0 and prev is not None and prev[2] == past and prev[0].shape[0] == B:
+            csum = csum + prev[0]
+            ccount = ccount + prev[1]
+        if not torch.is_grad_enabled() or not g.requires_grad:
+            # Only inference (cached generation) needs the state; keeping it while training
+            # would hold the graph alive.
+            ctx.running[key] = (csum[:, -1:].detach(), ccount[:, -1:].detach(), past + T)
+        return csum / ccount.clamp_min(1.0)
+    raise ValueError(f"unknown gate pooling {pooling!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# branches at one hook point, and how they combine
+# ------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Entry:
+    """One branch of one adapter at one hook point."""
+
+    adapter: str
+    node: str
+    branch: nn.Module
+    gate: nn.Module | None
+    gate_key: str | None
+    gate_input: Literal["layer", "site"] = "site"
+    layer: int | None = None
+    merged: bool = False
+
+
+class SiteRuntime:
+    """The branches attached at one hook point of one layer, and their combination rule."""
+
+    def __init__(self, site_key: str, kind: str, out_slice: tuple[int, int] | None, out_width: int | None):
+        self.site_key = site_key
+        self.kind = kind
+        self.out_slice = out_slice
+        self.out_width = out_width  # full width of the host output when sliced
+        self.entries: list[Entry] = []
+        self.mode: dict[str, str] = {}  # adapter -> parallel | sequential | average
+
+    def _gate(self, e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor | None:
+        if e.gate is None:
+            return None
+        gx = ctx.layer_inputs.get(e.layer) if e.gate_input == "layer" else src
+        if gx is None:
+            raise RuntimeError(f"gate {e.gate_key}: the input of layer {e.layer} was not captured")
+        g = e.gate(gx, ctx)
+        if ctx.record is not None:
+            ctx.record.setdefault((e.adapter, e.node, e.layer if e.layer is not None else -1), []).append(g.detach())
+        return g
+
+    def apply(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor:
+        entries = [e for e in self.entries if not e.merged and e.adapter in ctx.active]
+        if not entries:
+            return y
+        full = y
+        if self.out_slice is not None:
+            y = full[..., self.out_slice[0]:self.out_slice[1]]
+        mode = self.mode.get(entries[0].adapter, "parallel")
+        if mode == "sequential":
+            cur = y
+            for e in entries:
+                src = x if e.branch.reads == "input" else cur
+                cur = cur + e.branch(src, gate=self._gate(e, src, ctx))
+            delta = cur - y if self.out_slice is not None else None
+            if delta is None:
+                return cur
+        else:
+            delta = None
+            for e in entries:
+                src = x if e.branch.reads == "input" else y
+                d = e.branch(src, gate=self._gate(e, src, ctx))
+                delta = d if delta is None else delta + d
+            if mode == "average" and len(entries) > 1:
+                delta = delta / len(entries)
+            if self.out_slice is None:
+                return y + delta
+        s0, s1 = self.out_slice
+        return full + nn.functional.pad(delta, (s0, full.shape[-1] - s1))
+
+
+_PHASE = {"linear": 0, "io": 1, "output": 2}
+
+
+class Host:
+    """Everything attached at one module path: runs its site runtimes in a fixed order
+    (projections first, then parallel branches, then serial transforms of the output)."""
+
+    def __init__(self, path: str, ctx: ForwardContext):
+        self.path = path
+        self.ctx = ctx
+        self.runtimes: dict[str, SiteRuntime] = {}
+
+    def runtime(self, site_key: str, kind: str, out_slice=None, out_width=None) -> SiteRuntime:
+        rt = self.runtimes.get(site_key)
+        if rt is None:
+            rt = SiteRuntime(site_key, kind, out_slice, out_width)
+            self.runtimes[site_key] = rt
+            self.runtimes = dict(sorted(self.runtimes.items(), key=lambda kv: _PHASE.get(kv[1].kind, 3)))
+        return rt
+
+    def run(self, x: Tensor | None, y: Tensor) -> Tensor:
+        ctx = self.ctx
+        for rt in self.runtimes.values():
+            if rt.kind == "io":
+                y = rt.apply(ctx.stash.get(rt.site_key), y, ctx)
+            else:
+                y = rt.apply(x, y, ctx)
+        return y
+
+    @property
+    def empty(self) -> bool:
+        return not any(rt.entries for rt in self.runtimes.values())
+
+
+# ------------------------------------------------------------------------------------------
+# the leaf wrapper
+# ------------------------------------------------------------------------------------------
+class LeafWrapper(nn.Module):
+    """Wraps a leaf projection; the original stays reachable as ``base_layer``.
+
+    The wrapper is invisible in checkpoints: ``state_dict`` keys are the base layer's own
+    (``...query.weight``, not ``...query.base_layer.weight``), so the adapted model's base
+    weights load into a fresh base model and a base checkpoint loads into the adapted model.
+    """
+
+    def __init__(self, base_layer: nn.Module, host: Host, transposed: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        object.__setattr__(self, "host", host)  # not a submodule: holds no parameters
+        self.transposed = transposed  # Conv1D keeps weight as (in, out)
+        self._merged_backup: Tensor | None = None
+        self._register_state_dict_hook(_strip_base_layer)
+        self._register_load_state_dict_pre_hook(_add_base_layer, with_module=True)
+
+    # nn.Linear-like attributes that model code (and other libraries) read off projections
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], name)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self.host.run(x, self.base_layer(x, *args, **kwargs))
+
+    # -- merging ---------------------------------------------------------------------------
+    def merge_delta(self, delta: Tensor, out_slice: tuple[int, int] | None) -> None:
+        """Add an (out, in) delta to the base weight, keeping the original for unmerge."""
+        w = self.base_layer.weight
+        if self._merged_backup is None:
+            self._merged_backup = w.detach().clone()
+        with torch.no_grad():
+            d = delta.to(w.dtype)
+            if self.transposed:
+                d = d.T
+                target = w if out_slice is None else w[:, out_slice[0]:out_slice[1]]
+            else:
+                target = w if out_slice is None else w[out_slice[0]:out_slice[1]]
+            target.add_(d)
+
+    def restore_weight(self) -> None:
+        if self._merged_backup is not None:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self._merged_backup)
+            self._merged_backup = None
+
+
+def _strip_base_layer(module, state_dict, prefix, local_metadata):
+    inner = prefix + "base_layer."
+    for k in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + k[len(inner):]] = state_dict.pop(k)
+    return state_dict
+
+
+def _add_base_layer(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    inner = prefix + "base_layer."
+    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        rest = k[len(prefix):]
+        if "." not in rest or rest.split(".")[0] not in module._modules:
+            state_dict[inner + rest] = state_dict.pop(k)
+
+
+def first_tensor_arg(args: tuple, kwargs: dict, index: int = 0, kwarg: str | None = None) -> Tensor | None:
+    if len(args) > index and isinstance(args[index], Tensor):
+        return args[index]
+    if kwarg and isinstance(kwargs.get(kwarg), Tensor):
+        return kwargs[kwarg]
+    for name in ("hidden_states", "input", "x"):
+        if isinstance(kwargs.get(name), Tensor):
+            return kwargs[name]
+    return None
+
+
+def mask_from_call(forward, args: tuple, kwargs: dict) -> Tensor | None:
+    """The ``attention_mask`` argument of a model call, positional or keyword."""
+    if "attention_mask" in kwargs:
+        return kwargs["attention_mask"]
+    try:
+        bound = inspect.signature(forward).bind_partial(*args, **kwargs)
+    except TypeError:
+        return None
+    return bound.arguments.get("attention_mask")
