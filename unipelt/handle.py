@@ -127,10 +127,15 @@ class AdapterHandle:
         # Parameters are recorded by identity as the modules are created: the canonical key of
         # each is "<node>.<layer>.<site>.<param>" or "gate.<gate>.<layer>.<param>", never found by
         # matching names in the model.
+        # Two nodes may select the same base parameter (BitFit and LN tuning both take the LN
+        # biases): the first key wins, so each tensor is trained, saved and loaded once.
         self._params: dict[str, nn.Parameter] = {}
+        seen: set[int] = set()
         for key, mod in branch_modules.items():
             for pname, p in self._branch_params(mod):
-                self._params[f"{key}.{pname}"] = p
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    self._params[f"{key}.{pname}"] = p
         for key, mod in gate_modules.items():
             for pname, p in mod.named_parameters():
                 self._params[f"gate.{key}.{pname}"] = p
@@ -165,16 +170,11 @@ class AdapterHandle:
 
     def state_dict(self) -> dict[str, Tensor]:
         """The adapter's tensors under canonical keys, for training-time (all) parameters."""
-        out: dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {k: p.detach() for k, p in self._params.items()}
         for key, mod in self.branch_modules.items():
-            for pname, p in self._branch_params(mod):
-                out[f"{key}.{pname}"] = p.detach()
             for bname, b in mod.named_buffers():
                 if getattr(mod, "persistent_buffers", True) and bname not in getattr(mod, "_non_persistent_buffers_set", set()):
                     out[f"{key}.{bname}"] = b.detach()
-        for key, mod in self.gate_modules.items():
-            for pname, p in mod.named_parameters():
-                out[f"gate.{key}.{pname}"] = p.detach()
         return out
 
     def load_state_dict(self, tensors: dict[str, Tensor], *, source: str = "<state dict>") -> None:

@@ -1,0 +1,153 @@
+"""The ``unipelt`` command line.
+
+    unipelt compile SPEC MODEL [--out DIR] [--json] [--graph FILE]
+    unipelt validate SPEC
+    unipelt plugins
+
+Errors print one message without a traceback. Exit codes: 2 spec error, 3 model error,
+4 adapter file error, 5 data error, 1 any other unipelt error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from unipelt.errors import AdapterFileError, DataError, ModelError, PluginError, SpecError, UnipeltError
+
+EXIT_CODES = ((SpecError, 2), (ModelError, 3), (AdapterFileError, 4), (DataError, 5), (PluginError, 6), (UnipeltError, 1))
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from unipelt.compiler import base_param_count, compile as _compile
+    from unipelt.models import load_model
+    from unipelt.registry import get_registry
+    from unipelt.report import report_dict, report_text
+    from unipelt.spec import parse_spec
+
+    spec = parse_spec(args.spec)  # spec errors first, before loading any model
+    model, _ = load_model(args.model)
+    base = base_param_count(model)
+    handle = _compile(model, spec, args.name, registry=get_registry())
+    if args.json:
+        print(json.dumps(report_dict(handle, base), indent=2, default=str))
+    else:
+        print(f"spec          {args.spec}")
+        print(f"model         {args.model}")
+        print(report_text(handle, base))
+    if args.graph:
+        text = handle.graph.to_mermaid() if args.graph.endswith((".mmd", ".mermaid", ".md")) else handle.graph.to_dot()
+        _atomic_write(args.graph, text)
+        if not args.json:
+            print(f"\ngraph written to {args.graph}")
+    if args.out:
+        handle.save(args.out)
+        if not args.json:
+            print(f"adapter (initialised) written to {args.out}")
+    return 0
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from unipelt.spec import parse_spec
+
+    spec = parse_spec(args.spec)
+    mods = ", ".join(f"{n} ({m.method} at {', '.join(m.sites)})" for n, m in spec.modules.items())
+    print(f"{args.spec}: valid spec (format version {spec.version}); modules: {mods}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from unipelt.registry import config_fields, get_registry
+
+    reg = get_registry()
+    if args.json:
+        print(json.dumps({
+            "plugins": sorted(reg.pm.get_name(p) or str(p) for p in reg.pm.get_plugins()),
+            "methods": {n: {"plugin": m.plugin, "site_kinds": sorted(m.site_kinds), "fields": sorted(config_fields(m.config)), "summary": m.summary}
+                        for n, m in sorted(reg.methods.items())},
+            "architectures": {a.name: {"model_types": list(a.model_types), "causal": a.causal, "sites": {s: t.kind for s, t in {**a.sites, **a.global_sites}.items()}}
+                              for a in {id(a): a for a in reg.architectures.values()}.values()},
+        }, indent=2))
+        return 0
+    print("plugins")
+    for p in sorted(reg.pm.get_name(p) or str(p) for p in reg.pm.get_plugins()):
+        print(f"  {p}")
+    print("\nmethods")
+    for n, m in sorted(reg.methods.items()):
+        print(f"  {n:<12} [{m.plugin}] attaches to {'/'.join(sorted(m.site_kinds))} hook points: {m.summary}")
+        print(f"  {'':<12} fields: {', '.join(sorted(config_fields(m.config)))}")
+    print("\narchitectures")
+    seen = set()
+    for arch in reg.architectures.values():
+        if arch.name in seen:
+            continue
+        seen.add(arch.name)
+        print(f"  {arch.name:<8} model types: {', '.join(arch.model_types)}; {'causal' if arch.causal else 'encoder'}")
+        print(f"  {'':<8} hook points: " + ", ".join(f"{s} ({t.kind})" for s, t in {**arch.sites, **arch.global_sites}.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from unipelt.models import BUILTIN
+
+    p = argparse.ArgumentParser(prog="unipelt", description="Compile declarative PEFT specs onto transformers models.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    models_help = "a local Hugging Face model directory, or a built-in name: " + ", ".join(BUILTIN)
+
+    c = sub.add_parser("compile", help="validate a spec against a model, attach it and print the report")
+    c.add_argument("spec", help="spec file (YAML or JSON)")
+    c.add_argument("model", help=models_help)
+    c.add_argument("--out", help="write the initialised adapter (adapter.safetensors + unipelt.json) to this directory")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--graph", help="write the module graph: DOT, or Mermaid if the name ends in .mmd/.md")
+    c.add_argument("--name", default="default", help="adapter name (default: default)")
+    c.set_defaults(func=cmd_compile)
+
+    v = sub.add_parser("validate", help="validate a spec without a model")
+    v.add_argument("spec")
+    v.set_defaults(func=cmd_validate)
+
+    pl = sub.add_parser("plugins", help="list loaded plugins, methods, architectures and hook points")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plugins)
+
+    from unipelt.registry import get_registry
+
+    get_registry().hook.unipelt_add_commands(subparsers=sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_transformers()
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except UnipeltError as e:
+        for cls, code in EXIT_CODES:
+            if isinstance(e, cls):
+                print(f"error: {e}", file=sys.stderr)
+                return code
+        return 1  # pragma: no cover
+    except KeyboardInterrupt:  # pragma: no cover
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The compile report: architecture, hook points matched, modules, parameters, budget, fusion groups."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from unipelt.handle import AdapterHandle
+
+
+def _layers_text(layers: list[int]) -> str:
+    if not layers:
+        return "-"
+    runs, start, prev = [], layers[0], layers[0]
+    for l in layers[1:] + [None]:
+        if l is not None and l == prev + 1:
+            prev = l
+            continue
+        runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if l is not None:
+            start = prev = l
+    return ",".join(runs)
+
+
+def report_dict(handle: AdapterHandle, base_params: int | None = None) -> dict:
+    info, graph, spec = handle.info, handle.graph, handle.spec
+    summary = handle.summary(base_params)
+    sites: dict[str, dict] = {}
+    for bp in graph.branches:
+        pattern = re.sub(r"\.(\d+)\.", ".{i}.", bp.site.path, count=1) if bp.site.layer is not None else bp.site.path
+        d = sites.setdefault(bp.site.site, {"module": pattern, "kind": bp.site.kind, "layers": set(), "modules": set(),
+                                            "in": bp.site.in_features, "out": bp.site.out_features,
+                                            "slice": list(bp.site.out_slice) if bp.site.out_slice else None})
+        if bp.site.layer is not None:
+            d["layers"].add(bp.site.layer)
+        d["modules"].add(bp.node.name)
+    for d in sites.values():
+        d["layers"] = sorted(d["layers"])
+        d["modules"] = sorted(d["modules"])
+    modules = []
+    for node in spec.modules.values():
+        gate = spec.gate_for(node)
+        gate_plans = [gp for gp in graph.gates.values() if any(u.startswith(node.name + ".") for u in gp.users)]
+        modules.append({
+            "name": node.name, "method": node.method, "sites": node.sites,
+            "layers": sorted({bp.site.layer for bp in graph.branches if bp.node.name == node.name and bp.site.layer is not None}),
+            "params": node.params,
+            "gate": None if gate is None else {
+                "shared": node.gate_ref, "input": gate_plans[0].input if gate_plans else gate.input,
+                "pooling": gate_plans[0].spec.pooling if gate_plans else gate.pooling,
+                "lora_scale": gate.lora_scale,
+            },
+        })
+    budget = None
+    if spec.budget is not None:
+        b = spec.budget
+        limit = b.max_params if b.max_params is not None else int(b.fraction * summary.base_params)
+        used = summary.kept if b.count == "kept" else summary.training
+        budget = {"limit": limit, "used": used, "count": b.count, "ok": used <= limit}
+    return {
+        "architecture": {
+            "name": info.arch.name, "model_type": info.model_type, "model_class": type(handle.model).__name__,
+            "layers": info.num_layers, "hidden_size": info.hidden_size, "causal": info.causal,
+        },
+        "sites": sites,
+        "modules": modules,
+        "combine": {k: v for k, v in graph.combine.items() if v != "parallel"},
+        "parameters": summary.to_dict(),
+        "budget": budget,
+        "fusion_groups": [{"tensor": t, "readers": r} for t, r in graph.fusion_groups],
+    }
+
+
+def report_text(handle: AdapterHandle, base_params: int | None = None) -> str:
+    r = report_dict(handle, base_params)
+    a = r["architecture"]
+    out = [
+        f"architecture  {a['name']} ({a['model_type']}, {a['model_class']}): {a['layers']} layers, "
+        f"hidden {a['hidden_size']}, {'causal decoder' if a['causal'] else 'encoder'}",
+        "",
+        "hook points matched",
+    ]
+    w = max(len(s) for s in r["sites"]) if r["sites"] else 4
+    for site, d in sorted(r["sites"].items()):
+        sl = f" [{d['slice'][0]}:{d['slice'][1]}]" if d["slice"] else ""
+        out.append(f"  {site:<{w}}  {d['kind']:<6}  {d['module']}{sl}  {d['in']}->{d['out']}  "
+                   f"layers {_layers_text(d['layers']) if d['layers'] else 'global'}  ({', '.join(d['modules'])})")
+    out += ["", "modules"]
+    for m in r["modules"]:
+        params = ", ".join(f"{k}={v}" for k, v in m["params"].items()) or "defaults"
+        gate = "no gate"
+        if m["gate"]:
+            g = m["gate"]
+            gate = (f"gate {'shared ' + repr(g['shared']) + ' ' if g['shared'] else ''}"
+                    f"(input {g['input']}, pooling {g['pooling']}" + (f", lora_scale {g['lora_scale']}" if m["method"] == "lora" else "") + ")")
+        out.append(f"  {m['name']}: {m['method']} at {', '.join(m['sites'])}, layers {_layers_text(m['layers']) or 'global'}; {params}; {gate}")
+    if r["combine"]:
+        out.append("  combination: " + ", ".join(f"{k} {v}" for k, v in r["combine"].items()))
+    out += ["", str(handle.summary(r["parameters"]["base_params"]))]
+    out.append("")
+    if r["budget"] is None:
+        out.append("budget        none set")
+    else:
+        b = r["budget"]
+        out.append(f"budget        {b['used']:,} / {b['limit']:,} ({b['count']}): {'OK' if b['ok'] else 'EXCEEDED'}")
+    out += ["", "fusion groups (branches and gates reading one tensor: one launch each)"]
+    if not r["fusion_groups"]:
+        out.append("  none (no tensor is read by more than one branch)")
+    by_shape: dict[tuple, list[str]] = defaultdict(list)
+    for g in r["fusion_groups"]:
+        layer, _, tensor = g["tensor"].partition(" ")
+        readers = tuple(re.sub(r"\bL\d+\b ?", "", x).strip() for x in g["readers"])
+        by_shape[(tensor, readers)].append(layer)
+    for (tensor, readers), layers in by_shape.items():
+        nums = sorted(int(l[1:]) for l in layers if l.startswith("L") and l[1:].isdigit())
+        where = f"layers {_layers_text(nums)}" if nums else ", ".join(layers)
+        out.append(f"  {tensor} ({where}): " + " | ".join(readers))
+    return "\n".join(out)
