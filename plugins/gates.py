@@ -33,4 +33,5 @@ class Gate(nn.Module):
 
 @hookimpl(trylast=True)
 def unipelt_build_gate(spec: GateSpec, in_features: int, model):
-    return Gate(spec, in_features)
+    # prefix gates with separate K and V values have two outputs (validated by the graph)
+    return Gate(spec, in_features, out_features=2 if spec.kv == "separate" else 1)

@@ -31,6 +31,7 @@ class AdapterSet(nn.Module):
         self.adapter_name = name
         self.branches = nn.ModuleDict()
         self.gates = nn.ModuleDict()
+        self.shared = nn.ModuleDict()
 
     @staticmethod
     def slot(key: str) -> str:
@@ -49,6 +50,7 @@ class ModelState:
     global_hooks: list[RemovableHandle] = field(default_factory=list)
     requires_grad: dict[int, tuple[nn.Parameter, bool]] = field(default_factory=dict)
     handles: dict[str, Any] = field(default_factory=dict)  # adapter name -> AdapterHandle
+    kv: dict[str, list[Entry]] = field(default_factory=dict)  # attention path -> kv entries
     attention_installed: bool = False
 
 
@@ -184,8 +186,19 @@ def compile(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if not dtype.is_floating_point or dtype in (torch.uint8, torch.int8):
         dtype = torch.float32
+    shared_modules: dict[str, nn.Module] = {}
+    for node in spec.modules.values():
+        shared = registry.hook.unipelt_build_shared(
+            method=registry.methods[node.method], config=node.config, node=node, model=info
+        )
+        if shared is not None:
+            shared_modules[node.name] = shared
+            container.shared[node.name] = shared
     for bp in graph.branches:
-        mod = registry.hook.unipelt_build_branch(method=bp.method, config=bp.node.config, node=bp.node, site=bp.site, model=info)
+        mod = registry.hook.unipelt_build_branch(
+            method=bp.method, config=bp.node.config, node=bp.node, site=bp.site, model=info,
+            shared=shared_modules.get(bp.node.name),
+        )
         if mod is None:
             raise PluginError(f"no plugin built method {bp.method.name!r} (declared by {bp.method.plugin!r}) for {bp.key}")
         if getattr(mod, "reads", None) not in ("input", "output", "kv", "embed", "params"):
@@ -205,6 +218,7 @@ def compile(
     handle = AdapterHandle(
         name=name, model=model, spec=spec, info=info, graph=graph, container=container,
         branch_modules=branch_modules, gate_modules=gate_modules, registry=registry,
+        shared_modules=shared_modules,
     )
     handle.check_budget(base_param_count(model))
 
@@ -273,3 +287,56 @@ def ensure_attention(model: nn.Module, state: ModelState) -> None:
 
         attention.install(model)
         state.attention_installed = True
+
+
+# ------------------------------------------------------------------------------------------
+# key/value injection (prefix tuning, P-tuning v2): one provider per attention module
+# ------------------------------------------------------------------------------------------
+def attach_kv(model: nn.Module, state: ModelState, site: ResolvedSite, entry: Entry) -> None:
+    """Register ``entry`` (a branch with ``kv_prefix(ctx, entry, batch)``) at an attention module.
+
+    Every kv branch of every adapter at this module is served by one provider that transformers'
+    attention function calls after RoPE and the cache update (see :mod:`unipelt.attention`).
+    """
+    from unipelt import attention
+
+    ensure_attention(model, state)
+    entries = state.kv.setdefault(site.path, [])
+    entries.append(entry)
+    if len(entries) > 1:
+        return
+    ctx = state.ctx
+    key = site.key
+
+    def provider(module, query, key_states, value_states):
+        out = []
+        for e in entries:
+            if e.adapter not in ctx.active:
+                continue
+            p = e.branch.kv_prefix(ctx=ctx, entry=e, batch=query.shape[0], site_key=key, dtype=key_states.dtype)
+            if p is not None:
+                out.append(p)
+        return out or None
+
+    attention.set_kv_provider(site.module, provider)
+
+    # the gate may read the attention module's own input (its ``site`` input)
+    def pre(mod, args, kwargs):
+        x = first_tensor_arg(args, kwargs)
+        if x is not None:
+            ctx.stash[key] = x
+
+    state.hooks[f"kv:{site.path}"] = [site.module.register_forward_pre_hook(pre, with_kwargs=True)]
+
+
+def detach_kv(model: nn.Module, state: ModelState, site: ResolvedSite, entry: Entry) -> None:
+    from unipelt import attention
+
+    entries = state.kv.get(site.path, [])
+    if entry in entries:
+        entries.remove(entry)
+    if not entries:
+        attention.clear_kv_provider(site.module)
+        for h in state.hooks.pop(f"kv:{site.path}", []):
+            h.remove()
+        state.kv.pop(site.path, None)

@@ -112,7 +112,7 @@ class AdapterHandle:
 
     def __init__(self, *, name: str, model: nn.Module, spec: Spec, info: ModelInfo, graph: CompiledGraph,
                  container: nn.Module, branch_modules: dict[str, nn.Module], gate_modules: dict[str, nn.Module],
-                 registry: Registry):
+                 registry: Registry, shared_modules: dict[str, nn.Module] | None = None):
         self.name = name
         self.model = model
         self.spec = spec
@@ -121,6 +121,7 @@ class AdapterHandle:
         self.container = container
         self.branch_modules = branch_modules
         self.gate_modules = gate_modules
+        self.shared_modules = shared_modules or {}
         self.registry = registry
         self.entries: dict[str, Entry] = {}
         self._attached = False
@@ -131,6 +132,10 @@ class AdapterHandle:
         # biases): the first key wins, so each tensor is trained, saved and loaded once.
         self._params: dict[str, nn.Parameter] = {}
         seen: set[int] = set()
+        for node, mod in self.shared_modules.items():
+            for pname, p in mod.named_parameters():
+                seen.add(id(p))
+                self._params[f"{node}.shared.{pname}"] = p
         for key, mod in branch_modules.items():
             for pname, p in self._branch_params(mod):
                 if id(p) not in seen:
@@ -208,6 +213,11 @@ class AdapterHandle:
             mod = self.branch_modules[bp.key]
             s.rows.append({
                 "module": bp.node.name, "method": bp.method.name, "layer": bp.site.layer, "site": bp.site.site,
+                "kept": _count(mod, kept=True), "training": _count(mod, kept=False),
+            })
+        for node, mod in self.shared_modules.items():
+            s.rows.append({
+                "module": node, "method": self.spec.modules[node].method, "layer": None, "site": "shared",
                 "kept": _count(mod, kept=True), "training": _count(mod, kept=False),
             })
         for key, gp in self.graph.gates.items():

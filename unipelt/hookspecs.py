@@ -66,8 +66,24 @@ def unipelt_architectures() -> list[Architecture]:
 # module construction
 # --------------------------------------------------------------------------------------------
 @hookspec(firstresult=True)
+def unipelt_build_shared(method: MethodDef, config: Any, node: ModuleSpec, model: ModelInfo) -> nn.Module | None:
+    """Build the part of a spec node shared by all its layers (the prefix MLP shared across layers).
+
+    :param method: the method definition the node names.
+    :param config: the node's validated config.
+    :param node: the spec node.
+    :param model: the resolved model.
+    :return: an ``nn.Module`` owned by the adapter and passed as ``shared`` to every
+        ``unipelt_build_branch`` call of this node, or None when the method shares nothing.
+
+    The first non-None result wins. Called once per node, before its branches are built.
+    Optional ``num_params(kept)`` on the module separates training-only parameters.
+    """
+
+
+@hookspec(firstresult=True)
 def unipelt_build_branch(
-    method: MethodDef, config: Any, node: ModuleSpec, site: ResolvedSite, model: ModelInfo
+    method: MethodDef, config: Any, node: ModuleSpec, site: ResolvedSite, model: ModelInfo, shared: nn.Module | None
 ) -> nn.Module | None:
     """Build the trainable branch module of one spec node at one layer and hook point.
 
@@ -76,6 +92,7 @@ def unipelt_build_branch(
     :param node: the spec node (name, sites, layers, gate).
     :param site: the resolved hook point (module, kind, input and output widths).
     :param model: the resolved model (architecture, layers, hidden size, dtype).
+    :param shared: what ``unipelt_build_shared`` returned for this node, or None.
     :return: an ``nn.Module`` following :class:`unipelt.runtime.Branch`, or None if this
         implementation does not build this method.
 
