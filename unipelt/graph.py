@@ -127,7 +127,9 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
                     rs = info.resolve(site, layer)
                 except ModelError as e:
                     raise SpecError(str(e), source=src, path=_site_path(node, i)) from None
-                reads = rs.reads if rs.kind in ("linear", "io", "kv", "embed") and rs.reads else f"{site}"
+                # kv and embed branches compute from their own parameters, not from a tensor of
+                # the forward pass: they get a node of their own (their gates may read attn.in)
+                reads = rs.reads if rs.kind in ("linear", "io") and rs.reads else f"{site}"
                 branches.append(BranchPlan(node=node, method=method, site=rs, reads_tensor=reads))
 
     # gates ---------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
             reads = info.arch.canonical_tensor("layer.in")
         else:
             in_f = bp.site.in_features if bp.site.kind in ("linear", "io", "kv", "embed") else bp.site.out_features
-            reads = bp.reads_tensor
+            reads = bp.site.reads if bp.site.kind in ("kv", "embed") and bp.site.reads else bp.reads_tensor
         gate_id = node.gate_ref or node.name
         if node.gate_ref is None and gate_input == "site" and len(node.sites) > 1:
             # a node's own gate reading its site's tensor: one gate per site (Houlsby's two adapters)

@@ -161,16 +161,19 @@ class AdapterHandle:
         return list(self._params.values())
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters grouped by role (``lora_A``, ``lora_B``, ``gate``, ``other``...), as branch
-        modules label them through an optional ``param_roles()``; trainers use this for
+        """Trainable parameters grouped by role (``lora_A``, ``lora_B``, ``gate``, ``other``), as
+        branch modules label them through an optional ``param_roles()``; trainers use this for
         per-group learning rates (LoRA+)."""
-        groups: dict[str, list[nn.Parameter]] = defaultdict(list)
-        for key, mod in self.branch_modules.items():
-            roles = getattr(mod, "param_roles", lambda: {})()
-            for pname, p in self._branch_params(mod):
-                groups[roles.get(pname, "other")].append(p)
+        roles: dict[int, str] = {}
+        for mod in self.branch_modules.values():
+            for pname, role in getattr(mod, "param_roles", lambda: {})().items():
+                roles[id(getattr(mod, pname))] = role
         for mod in self.gate_modules.values():
-            groups["gate"].extend(mod.parameters())
+            for p in mod.parameters():
+                roles[id(p)] = "gate"
+        groups: dict[str, list[nn.Parameter]] = defaultdict(list)
+        for p in self._params.values():
+            groups[roles.get(id(p), "other")].append(p)
         return dict(groups)
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -270,6 +273,35 @@ class AdapterHandle:
             values[(node, layer)] = v
         return GateReport(values)
 
+    # -- after training ---------------------------------------------------------------------
+    def drop_reparameterization(self) -> int:
+        """Keep only what inference needs: branches with a training-time reparameterisation
+        (the prefix MLP) compute their final tensors once and drop the rest. The stored spec
+        is updated (``reparam: none``), so the saved adapter reloads as it is. Returns the
+        number of parameters dropped."""
+        before = sum(p.numel() for p in self._params.values())
+        changed = set()
+        for key, mod in self.branch_modules.items():
+            if hasattr(mod, "materialize"):
+                mod.materialize()
+                changed.add(key.split(".", 1)[0])
+        for node in list(self.shared_modules):
+            del self.container.shared[node]
+            del self.shared_modules[node]
+        for node in changed:
+            raw = self.spec.raw.get("modules", {}).get(node)
+            if isinstance(raw, dict):
+                raw["reparam"] = "none"
+                raw.pop("reparam_hidden", None)
+                raw.pop("reparam_shared", None)
+            self.spec.modules[node].config.reparam = "none"
+        self._params = {k: p for k, p in self._params.items() if ".shared." not in k}
+        for key, mod in self.branch_modules.items():
+            for pname, p in mod.named_parameters():
+                self._params.setdefault(f"{key}.{pname}", p)
+                p.requires_grad_(True)
+        return before - sum(p.numel() for p in self._params.values())
+
     # -- merge / detach --------------------------------------------------------------------
     def merge(self) -> dict[str, list[str]]:
         """Fold every mergeable branch into the base weights; returns which were merged and
@@ -282,7 +314,13 @@ class AdapterHandle:
             e = self.entries[bp.key]
             mod = e.branch
             host_module = self.model.get_submodule(bp.site.path)
-            can = e.gate is None and getattr(mod, "mergeable", False) and hasattr(host_module, "merge_delta")
+            # An averaged hook point divides the sum of its live branches by their number: folding
+            # one branch's full delta into the weight would change that average, so it stays live.
+            averaged = self.graph.combine.get(bp.site.key, "parallel") == "average"
+            can = (
+                e.gate is None and not averaged and getattr(mod, "mergeable", False)
+                and hasattr(host_module, "merge_delta")
+            )
             if e.merged:
                 merged.append(bp.key)
             elif can:
