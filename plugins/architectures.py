@@ -39,6 +39,7 @@ BERT = Architecture(
     },
     # post-LN: the block input is the attention input
     aliases={"layer.in": "attn.in"},
+    layer_input="attention",
     causal=False,
 )
 
@@ -65,6 +66,7 @@ GPT2 = Architecture(
         "embed": SiteTarget("embed", "wte", reads="embed"),
         "head": SiteTarget("params", "score|lm_head", select="all"),
     },
+    layer_input="ln_1",
     causal=True,
 )
 
@@ -92,6 +94,7 @@ LLAMA = Architecture(
         "embed": SiteTarget("embed", "embed_tokens", reads="embed"),
         "head": SiteTarget("params", "score|lm_head", select="all"),
     },
+    layer_input="input_layernorm",
     causal=True,
 )
 

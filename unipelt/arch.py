@@ -69,6 +69,11 @@ class Architecture:
     aliases: dict[str, str] = field(default_factory=dict)
     causal: bool = False
     description: str = ""
+    # The submodule of a block that receives the block's input first (its first positional or
+    # ``hidden_states`` argument). The block input is captured there rather than on the block:
+    # transformers checkpoints a block's ``forward``, so hooks on the block itself do not run
+    # again when gradient checkpointing recomputes it, while hooks on its submodules do.
+    layer_input: str = ""
 
     def canonical_tensor(self, name: str) -> str:
         seen = set()

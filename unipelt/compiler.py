@@ -92,7 +92,8 @@ def _ensure_state(model: nn.Module, info: ModelInfo) -> ModelState:
             h = first_tensor_arg(args, kwargs)
             if h is not None:
                 ctx.layer_inputs[i] = h
-        state.global_hooks.append(layer.register_forward_pre_hook(layer_pre, with_kwargs=True))
+        first = layer.get_submodule(info.arch.layer_input) if info.arch.layer_input else layer
+        state.global_hooks.append(first.register_forward_pre_hook(layer_pre, with_kwargs=True))
     # the base is frozen; remember the flags so detach restores them exactly
     for p in model.parameters():
         state.requires_grad[id(p)] = (p, p.requires_grad)
@@ -250,6 +251,12 @@ def compile(
             rt = host.runtime(bp.site.key, bp.site.kind, bp.site.out_slice, width)
             rt.mode[name] = graph.combine.get(bp.site.key, "parallel")
             rt.entries.append(entry)
+            order = graph.order.get(bp.site.key)
+            if order:
+                # sequential stacking runs in the spec's `combine.<site>.order`, not in the order
+                # the nodes happen to be written under `modules:`
+                mine = sorted((e for e in rt.entries if e.adapter == name), key=lambda e: order.index(e.node))
+                rt.entries = [e for e in rt.entries if e.adapter != name] + mine
             if bp.site.kind == "io":
                 _stash_hook(model, state, bp.site)
         for p in container.parameters():
