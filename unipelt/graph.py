@@ -90,6 +90,8 @@ class CompiledGraph:
 
 
 def _site_path(node: ModuleSpec, i: int) -> str:
+    if node.site_paths:  # as written: `site:` or `sites: [...]`
+        return node.site_paths[i]
     return f"modules.{node.name}.sites[{i}]" if len(node.sites) > 1 else f"modules.{node.name}.sites"
 
 

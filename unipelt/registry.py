@@ -98,14 +98,15 @@ class Registry:
 def make_plugin_manager(extra_plugins: tuple[Any, ...] = (), load_entrypoints: bool = True) -> pluggy.PluginManager:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
-    if load_entrypoints:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    for p in extra_plugins:
-        pm.register(p)
-    # Validate at registration: a hookimpl with a typo or a wrong signature fails here, naming it.
+    # Validate at registration: a hookimpl with a wrong signature (register) or a typo in its
+    # name (check_pending) fails here, naming the plugin and the hook.
     try:
+        if load_entrypoints:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        for p in extra_plugins:
+            pm.register(p)
         pm.check_pending()
-    except pluggy.PluginValidationError as e:  # pragma: no cover - depends on broken plugins
+    except pluggy.PluginValidationError as e:
         raise PluginError(str(e)) from e
     return pm
 

@@ -64,7 +64,8 @@ class ForwardContext:
     layer_inputs: dict[int, Tensor] = field(default_factory=dict)
     stash: dict[str, Tensor] = field(default_factory=dict)
     record: dict[tuple[str, str, int], list[Tensor]] | None = None
-    running: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict)
+    # running-mean gate state: gate key -> {position the state ends at: (sum, count)}
+    running: dict[int, dict[int, tuple[Tensor, Tensor]]] = field(default_factory=dict)
     active: set[str] = field(default_factory=set)
 
     def token_mask(self, batch: int, length: int, device, dtype) -> Tensor | None:
@@ -105,14 +106,19 @@ def pool_gate(g: Tensor, pooling: str, ctx: ForwardContext, key: int) -> Tensor:
         csum = torch.cumsum(g * mask, dim=1)
         ccount = torch.cumsum(mask, dim=1)
         past = ctx.past_length(T)
-        prev = ctx.running.get(key)
-        if past > 0 and prev is not None and prev[2] == past and prev[0].shape[0] == B:
+        # States are kept by the position they end at: a gate applied several times in one step
+        # (one layer-input gate serving q and v, a shared gate) reads the same state each time.
+        states = ctx.running.setdefault(key, {})
+        prev = states.get(past) if past > 0 else None
+        if prev is not None and prev[0].shape[0] == B:
             csum = csum + prev[0]
             ccount = ccount + prev[1]
         if not torch.is_grad_enabled() or not g.requires_grad:
             # Only inference (cached generation) needs the state; keeping it while training
             # would hold the graph alive.
-            ctx.running[key] = (csum[:, -1:].detach(), ccount[:, -1:].detach(), past + T)
+            states[past + T] = (csum[:, -1:].detach(), ccount[:, -1:].detach())
+            for end in [e for e in states if e not in (past, past + T)]:
+                del states[end]
         return csum / ccount.clamp_min(1.0)
     raise ValueError(f"unknown gate pooling {pooling!r}")
 

@@ -149,6 +149,9 @@ class ModuleSpec:
     params: dict[str, Any]
     gate: GateSpec | None = None
     gate_ref: str | None = None  # name of a shared gate
+    # the field path of each site as written (``modules.x.site``, ``modules.x.sites[1]``), so
+    # that errors found later, against a model, name the field the user wrote
+    site_paths: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -299,6 +302,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
         raw_sites = node.get("sites", node.get("site"))
         site_key = "sites" if "sites" in node else "site"
         default_sites = getattr(config, "default_sites", None)
+        defaulted = raw_sites is None
         if raw_sites is None:
             if default_sites:
                 raw_sites = list(default_sites)
@@ -309,8 +313,10 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
         site_list = [raw_sites] if isinstance(raw_sites, str) else raw_sites
         if not isinstance(site_list, list) or not site_list:
             raise SpecError(f"expected a hook point or a list of them; hook points: {', '.join(all_sites)}", source=source, path=f"{p}.{site_key}")
+        site_paths: list[str] = []
         for i, s in enumerate(site_list):
             where = f"{p}.{site_key}" if isinstance(raw_sites, str) else f"{p}.{site_key}[{i}]"
+            site_paths.append(f"{p}.sites" if defaulted else where)  # defaulted: the field to write
             if s not in all_sites:
                 raise SpecError(
                     f"unknown hook point {s!r}; hook points: {', '.join(all_sites)}", source=source, path=where
@@ -336,6 +342,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
         modules[name] = ModuleSpec(
             name=name, method=method_name, sites=list(site_list), layers=layers, config=config,
             params=params, gate=gate, gate_ref=gate_ref,
+            site_paths=site_paths,
         )
 
     combine: dict[str, CombineSpec] = {}

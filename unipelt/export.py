@@ -1,0 +1,299 @@
+"""Leaving unipelt: an adapter exported in Hugging Face PEFT's LoRA format, or merged into a
+standalone model directory.
+
+    export_peft("runs/lora/adapter", "runs/lora/peft")                   # model from the training record
+    export_peft("adapter", "peft", model="tiny-llama")                   # or named
+    merge_adapter("runs/lora/adapter", "tiny-llama", "runs/lora/merged")  # save_pretrained + tokenizer
+
+**PEFT export.** PEFT's LoRA format says, per target module, h = W0·x + (lora_alpha/r)·B·A·x
+(``lora_alpha/sqrt(r)`` with ``use_rslora``). A unipelt adapter translates exactly when every
+node is an ungated ``lora`` at linear hook points, or a ``train`` node at ``head`` (written as
+``modules_to_save``). The writer needs the model to know the module paths, so it loads the base
+model (the name recorded at train time, or ``model=``) and attaches the adapter. Per module:
+
+- one LoRA branch on a whole projection: A and B as they are; ``lora_alpha`` = unipelt's alpha
+  (``use_rslora`` when every node is rsLoRA), so PEFT computes the same scale the same way;
+- several branches on one module (GPT-2's fused ``c_attn``, whose q/k/v slices are separate
+  hook points, or two lora nodes at one site): one LoRA of the summed rank, A stacked and B
+  block-placed into the output rows of each slice, each branch's scale folded into its B
+  (and ``lora_alpha`` = r, scale 1). Equal outputs up to float rounding;
+- modules with another rank or alpha than the most common go to ``rank_pattern`` /
+  ``alpha_pattern``; ``target_modules`` lists full module paths, so layer subsets are exact.
+
+Anything else (gates, adapters, prefixes, BitFit, LayerNorm tuning, averaged combination) is
+refused with a message naming the module: PEFT's LoRA format cannot express it.
+
+**Merge.** ``handle.merge()`` folds every ungated LoRA into its weight; parameters trained in
+place (the head, biases, norms) already are the model's. The merged base state dict is copied,
+the adapter detached, and the copy loaded back, so the result is a plain transformers model
+saved with ``save_pretrained`` (and the tokenizer). Gated branches, adapters and prefixes have no
+weight form: merge refuses, naming the module and the reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from unipelt.errors import UnipeltError
+
+
+class ExportError(UnipeltError):
+    """An adapter that the requested format cannot express; names the module and why."""
+
+
+def _node_problems(spec, handle=None) -> list[str]:
+    """Why each node cannot be written as PEFT LoRA (empty when all can)."""
+    problems = []
+    for name, node in spec.modules.items():
+        gate = spec.gate_for(node)
+        if node.method == "lora":
+            if gate is not None:
+                problems.append(f"module {name!r} (lora) is gated: PEFT's LoRA has no gates "
+                                "(its delta is scaled by an input-dependent gate)")
+        elif node.method == "train" and list(node.sites) == ["head"]:
+            continue
+        else:
+            problems.append(f"module {name!r} (method {node.method} at {', '.join(node.sites)}) has no PEFT LoRA form; "
+                            "only ungated lora at linear hook points and train at head can be exported")
+    return problems
+
+
+def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | None = None,
+                base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter_dir`` as a PEFT LoRA adapter (``adapter_config.json`` +
+    ``adapter_model.safetensors``) into ``out_dir``; loadable with ``PeftModel.from_pretrained``.
+    ``model`` names the base (default: the one recorded at train time). See the module docstring."""
+    from safetensors.torch import save_file
+
+    from unipelt.handle import read_adapter_meta
+    from unipelt.spec import parse_spec
+    from unipelt.train import load_adapted, training_info
+
+    meta = read_adapter_meta(adapter_dir)
+    spec = parse_spec(meta["spec"])
+    problems = _node_problems(spec)
+    if problems:
+        raise ExportError(f"{adapter_dir}: cannot export to PEFT: " + "; ".join(problems))
+    info = training_info(adapter_dir)
+    net, _tok, handle, resolved = load_adapted(adapter_dir, model, device="cpu")
+    try:
+        branches_by_path: dict[str, list] = defaultdict(list)
+        head_paths: list[str] = []
+        for bp in handle.graph.branches:
+            if bp.node.method == "train":
+                head_paths.append(bp.site.path)
+                continue
+            if bp.site.kind != "linear":  # pragma: no cover - lora only attaches to linear sites
+                raise ExportError(f"{adapter_dir}: module {bp.node.name!r} at {bp.site.key} is not on a linear layer")
+            mode = handle.graph.combine.get(bp.site.key, "parallel")
+            branches_by_path[bp.site.path].append((bp, handle.branch_modules[bp.key], mode))
+        transposed = set()
+        for path, items in branches_by_path.items():
+            # averaged combination divides by the number of branches at the site: foldable, but
+            # only when every branch there is in this adapter; keep it simple and refuse it.
+            for bp, _, mode in items:
+                if mode == "average" and sum(1 for b, _, _ in items if b.site.key == bp.site.key) > 1:
+                    raise ExportError(f"{adapter_dir}: module {bp.node.name!r} at {bp.site.key} is averaged with "
+                                      "other branches (combine: average): PEFT sums LoRA deltas")
+            base = getattr(net.get_submodule(path), "base_layer", None)
+            if base is not None and type(base).__name__ == "Conv1D":
+                transposed.add(path)
+        if transposed and len(transposed) != len(branches_by_path):  # pragma: no cover - no such model known
+            raise ExportError(f"{adapter_dir}: mixes Conv1D and Linear targets; PEFT's fan_in_fan_out is global")
+
+        all_rslora = all(b.node.config.rslora for items in branches_by_path.values() for b, _, _ in items)
+        tensors: dict[str, torch.Tensor] = {}
+        per_path: dict[str, tuple[int, float]] = {}
+        dropouts = set()
+        for path, items in branches_by_path.items():
+            key = f"base_model.model.{path}"
+            for bp, _, _ in items:
+                dropouts.add(float(bp.node.config.dropout))
+            if len(items) == 1 and items[0][0].site.out_slice is None:
+                bp, mod, _ = items[0]
+                cfg = bp.node.config
+                alpha = cfg.alpha if cfg.alpha is not None else 2.0 * cfg.r
+                if cfg.rslora and not all_rslora:
+                    alpha = mod.scale * cfg.r  # no use_rslora: alpha/r must equal the rsLoRA scale
+                A, B = mod.lora_A.detach(), mod.lora_B.detach()
+                per_path[path] = (cfg.r, float(alpha))
+            else:
+                # stacked: A = [A_1; A_2; ...], B's columns of branch i hold s_i·B_i in its slice's rows
+                module = net.get_submodule(path)
+                base = getattr(module, "base_layer", module)
+                out_full = int(base.nf) if path in transposed else int(base.out_features)
+                rank = sum(mod.r for _, mod, _ in items)
+                A = torch.cat([mod.lora_A.detach() for _, mod, _ in items], 0)
+                B = torch.zeros(out_full, rank, dtype=A.dtype)
+                col = 0
+                for bp, mod, _ in items:
+                    o0, o1 = bp.site.out_slice or (0, out_full)
+                    B[o0:o1, col:col + mod.r] = mod.lora_B.detach() * mod.scale
+                    col += mod.r
+                # scale 1: lora_alpha = r, or sqrt(r) under use_rslora
+                per_path[path] = (rank, float(rank ** 0.5 if all_rslora else rank))
+            tensors[f"{key}.lora_A.weight"] = A.to("cpu").contiguous().clone()
+            tensors[f"{key}.lora_B.weight"] = B.to("cpu").contiguous().clone()
+        modules_to_save = []
+        for path in head_paths:
+            mod = net.get_submodule(path)
+            modules_to_save.append(path)
+            for pname, p in mod.state_dict().items():
+                tensors[f"base_model.model.{path}.{pname}"] = p.detach().to("cpu").contiguous().clone()
+        if not branches_by_path:
+            raise ExportError(f"{adapter_dir}: no LoRA module to export")
+        task = resolved.get("task")
+        if task == "classification" and not head_paths:
+            # PEFT's SEQ_CLS always restores the head from the adapter file (modules_to_save);
+            # the adapter did not train it, so write the base head as it is.
+            try:
+                path = handle.info.resolve("head", None).path
+            except Exception:  # pragma: no cover - every catalog has a head
+                path = None
+            if path is not None:
+                modules_to_save.append(path)
+                for pname, p in net.get_submodule(path).state_dict().items():
+                    tensors[f"base_model.model.{path}.{pname}"] = p.detach().to("cpu").contiguous().clone()
+
+        common_r, common_alpha = Counter(per_path.values()).most_common(1)[0][0]
+        rank_pattern = {_pattern(p): r for p, (r, a) in per_path.items() if r != common_r}
+        alpha_pattern = {_pattern(p): a for p, (r, a) in per_path.items() if a != common_alpha}
+        task_type = "CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS" if task == "classification" else None
+        base_name = base_model_name_or_path or resolved.get("model") or info.get("model")
+        config = {
+            "peft_type": "LORA",
+            "task_type": task_type,
+            "base_model_name_or_path": base_name,
+            "r": int(common_r),
+            "lora_alpha": _num(common_alpha),
+            "use_rslora": bool(all_rslora),
+            "target_modules": sorted(per_path),
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": {k: _num(v) for k, v in alpha_pattern.items()},
+            "lora_dropout": max(dropouts) if dropouts else 0.0,
+            "fan_in_fan_out": bool(transposed),
+            "bias": "none",
+            "modules_to_save": modules_to_save or None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "use_dora": False,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "revision": None,
+        }
+        provenance = {"exported_from": str(Path(adapter_dir).resolve()), "base_model": base_name,
+                      "task": task, "labels": resolved.get("labels"), "spec": meta.get("spec")}
+    finally:
+        handle.detach()
+
+    dest = Path(out_dir)
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / "adapter_config.json").exists())):
+        raise ExportError(f"{dest}: exists and is not a PEFT adapter directory; refusing to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(tmp / "adapter_config.json", "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        with open(tmp / "unipelt-export.json", "w", encoding="utf-8") as f:  # provenance, ignored by PEFT
+            json.dump(provenance, f, indent=2, default=str)
+            f.write("\n")
+        _swap_in(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _pattern(path: str) -> str:
+    # PEFT matches pattern keys as regular expressions against the module name (re.match of
+    # "(.*\.)?(KEY)$"): escape the dots so the key is exactly this module.
+    import re
+
+    return re.escape(path)
+
+
+def _num(v: float):
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+
+
+def merge_problems(handle) -> list[str]:
+    """Why each branch of ``handle`` left live by ``handle.merge()`` cannot be merged, one line per
+    module (call it after ``merge``)."""
+    reasons: dict[str, str] = {}
+    for bp in handle.graph.branches:
+        e = handle.entries[bp.key]
+        mod = e.branch
+        if getattr(mod, "reads", None) == "params" or e.merged:
+            continue  # trained in place: already part of the weights
+        if bp.node.name in reasons:
+            continue
+        if e.gate is not None:
+            reasons[bp.node.name] = (f"module {bp.node.name!r} ({bp.node.method}) is gated: its gate depends on the "
+                                     "input, so its delta has no fixed weight form")
+        elif not getattr(mod, "mergeable", False):
+            reasons[bp.node.name] = (f"module {bp.node.name!r} ({bp.node.method} at {bp.site.site}) is not mergeable: "
+                                     "it is not a linear change of a weight")
+        elif handle.graph.combine.get(bp.site.key, "parallel") == "average":
+            reasons[bp.node.name] = (f"module {bp.node.name!r} at {bp.site.site} is averaged with other branches "
+                                     "(combine: average)")
+        else:
+            reasons[bp.node.name] = f"module {bp.node.name!r} at {bp.site.key}: the hook point cannot take a merged delta"
+    return list(reasons.values())
+
+
+def merge_adapter(adapter_dir: str | os.PathLike, model: str | None, out_dir: str | os.PathLike) -> Path:
+    """Merge ``adapter_dir`` into ``model`` (default: the recorded base) and ``save_pretrained`` the
+    result (plus the tokenizer) into ``out_dir``. Refuses, naming the module, when a branch cannot
+    be merged. The result loads with ``AutoModelFor...from_pretrained`` without unipelt."""
+    from unipelt.train import load_adapted
+
+    net, tok, handle, info = load_adapted(adapter_dir, model, device="cpu")
+    handle.merge()
+    problems = merge_problems(handle)
+    if problems:
+        handle.detach()
+        raise ExportError(f"{adapter_dir}: cannot merge: " + "; ".join(problems)
+                          + ". Merge works for ungated LoRA and parameters trained in place (head, bias, norm).")
+    merged = {k: v.detach().clone() for k, v in net.state_dict().items()
+              if not (k.startswith("unipelt.") or ".unipelt." in k)}
+    handle.detach()  # restores the original modules (and the original weights)
+    net.load_state_dict(merged, strict=True)
+    dest = Path(out_dir)
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / "config.json").exists())):
+        raise ExportError(f"{dest}: exists and is not a model directory; refusing to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        net.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        with open(tmp / "unipelt-merged.json", "w", encoding="utf-8") as f:
+            json.dump({"adapter": str(Path(adapter_dir).resolve()), "base_model": info.get("model"),
+                       "task": info.get("task"), "labels": info.get("labels")}, f, indent=2)
+            f.write("\n")
+        _swap_in(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+__all__ = ["ExportError", "export_peft", "merge_adapter", "merge_problems"]
