@@ -114,7 +114,10 @@ class PrefixBranch(nn.Module):
     # -- after training: keep only P ---------------------------------------------------------
     @torch.no_grad()
     def materialize(self) -> None:
+        was_training = self.training
+        self.eval()  # prefix dropout must not be baked into the kept prefix
         pk, pv = self.prefix()
+        self.train(was_training)
         self.prefix_kv = nn.Parameter(torch.stack([pk, pv]).detach().clone())
         self.own_mlp = None
         self.__dict__["shared"] = None
