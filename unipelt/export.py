@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from unipelt.errors import UnipeltError
+from unipelt.handle import swap_in_dir
 
 
 class ExportError(UnipeltError):
@@ -205,7 +206,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         with open(tmp / "unipelt-export.json", "w", encoding="utf-8") as f:  # provenance, ignored by PEFT
             json.dump(provenance, f, indent=2, default=str)
             f.write("\n")
-        _swap_in(tmp, dest)
+        swap_in_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -223,15 +224,6 @@ def _pattern(path: str) -> str:
 def _num(v: float):
     return int(v) if float(v).is_integer() else float(v)
 
-
-def _swap_in(tmp: Path, dest: Path) -> None:
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
 
 
 def merge_problems(handle) -> list[str]:
@@ -289,7 +281,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, model: str | None, out_dir: st
             json.dump({"adapter": str(Path(adapter_dir).resolve()), "base_model": info.get("model"),
                        "task": info.get("task"), "labels": info.get("labels")}, f, indent=2)
             f.write("\n")
-        _swap_in(tmp, dest)
+        swap_in_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

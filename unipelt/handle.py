@@ -306,9 +306,6 @@ class AdapterHandle:
     def merge(self) -> dict[str, list[str]]:
         """Fold every mergeable branch into the base weights; returns which were merged and
         which stay live (gated or non-linear branches cannot be merged)."""
-        from unipelt.compiler import get_state
-
-        state = get_state(self.model)
         merged, live = [], []
         for bp in self.graph.branches:
             e = self.entries[bp.key]
@@ -421,13 +418,7 @@ class AdapterHandle:
             for name in (WEIGHTS_FILE, META_FILE):
                 with open(tmp / name, "rb") as f:
                     os.fsync(f.fileno())
-            if dest.exists():
-                old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-                os.rename(dest, old)
-                os.rename(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dest)
+            swap_in_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -435,6 +426,18 @@ class AdapterHandle:
 
     def __repr__(self) -> str:
         return f"AdapterHandle(name={self.name!r}, architecture={self.info.arch.name!r}, modules={list(self.spec.modules)})"
+
+
+def swap_in_dir(tmp: Path, dest: Path) -> None:
+    """Replace directory ``dest`` by the complete directory ``tmp``: the old one is renamed
+    away first and removed only once the new one is in place."""
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
 
 
 def _jsonable(obj):
