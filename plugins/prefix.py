@@ -139,7 +139,7 @@ class PrefixBranch(nn.Module):
 
         pk, pv = self.prefix()
         pk, pv = pk.to(dtype).unsqueeze(0), pv.to(dtype).unsqueeze(0)  # (1, H_kv, L, D)
-        query_gate = None
+        query_gate = value_gate = None
         if entry.gate is not None:
             gx = ctx.layer_inputs.get(entry.layer) if entry.gate_input == "layer" else ctx.stash.get(site_key)
             g = entry.gate(gx, ctx)  # (B, T or 1, k)
@@ -152,7 +152,9 @@ class PrefixBranch(nn.Module):
                 pk, pv = pk * gk, pv * gv
             else:  # per token (causal-safe): each query sees the prefix scaled by its own gate
                 query_gate = g[..., :1].unsqueeze(1)  # (B, 1, T, 1)
-        return KVPrefix(key=pk, value=pv, query_gate=query_gate)
+                if g.shape[-1] > 1:  # separate K/V gates: the second output scales P_v
+                    value_gate = g[..., -1:].unsqueeze(1)
+        return KVPrefix(key=pk, value=pv, query_gate=query_gate, value_gate=value_gate)
 
 
 METHODS = [

@@ -137,8 +137,9 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def reference_attention(model, family, module, hidden, pk, pv, gate, mask2d, position_ids) -> Tensor:
-    """softmax([g·q·P_k, q·k + mask]·scale) @ [g·P_v, v], computed from the module's own weights."""
+def reference_attention(model, family, module, hidden, pk, pv, gate, mask2d, position_ids, value_gate=None) -> Tensor:
+    """softmax([g_k·q·P_k, q·k + mask]·scale) @ [g_v·P_v, v], computed from the module's own weights
+    (g_v = g_k unless a separate ``value_gate`` is given)."""
     cfg = model.config
     batch, t, _ = hidden.shape
     heads = cfg.num_attention_heads
@@ -161,6 +162,7 @@ def reference_attention(model, family, module, hidden, pk, pv, gate, mask2d, pos
     pk = pk.expand(batch, -1, -1, -1).repeat_interleave(rep, 1)
     pv = pv.expand(batch, -1, -1, -1).repeat_interleave(rep, 1)
     g = torch.ones(batch, 1, t, 1) if gate is None else gate.expand(batch, 1, t, 1)
+    gv = g if value_gate is None else value_gate.expand(batch, 1, t, 1)
     scale = d**-0.5
 
     visible = mask2d.bool()[:, None, None, :]
@@ -170,12 +172,12 @@ def reference_attention(model, family, module, hidden, pk, pv, gate, mask2d, pos
     logits_prefix = g * (q @ pk.transpose(-1, -2)) * scale
     probs = torch.softmax(torch.cat([logits_prefix, logits_real], dim=-1), dim=-1)
     n = pk.shape[2]
-    out = g * (probs[..., :n] @ pv) + probs[..., n:] @ v
+    out = gv * (probs[..., :n] @ pv) + probs[..., n:] @ v
     return post(out.transpose(1, 2).reshape(batch, t, heads * d))
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "padded"])
-@pytest.mark.parametrize("gate_kind", [None, "example", "query"])
+@pytest.mark.parametrize("gate_kind", [None, "example", "query", "example_kv", "query_kv"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("family", [*FAMILIES, "gpt2_upcast"])
 def test_layer_matches_independent_reference(family, impl, gate_kind, padded):
@@ -203,10 +205,14 @@ def _check_layer_against_reference(family: str, impl: str, gate_kind: str | None
     kv_heads, d = kv_shape(model)
     pk, pv = torch.randn(1, kv_heads, PREFIX_LEN, d), torch.randn(batch, kv_heads, PREFIX_LEN, d)
     gate = {None: None, "example": torch.tensor([0.3, 0.9]).view(batch, 1, 1, 1),
-            "query": torch.rand(batch, 1, t, 1)}[gate_kind]
+            "query": torch.rand(batch, 1, t, 1)}[(gate_kind or "").removesuffix("_kv") or None]
+    # "_kv": separate K and V gates (UniPELT's kv: separate), the value gate of the same kind as the key's
+    value_gate = None
+    if gate_kind and gate_kind.endswith("_kv"):
+        value_gate = torch.rand_like(gate)
 
     module = attention_modules(model)[1]
-    set_kv_provider(module, lambda m, q, k, v: KVPrefix(pk, pv, gate))
+    set_kv_provider(module, lambda m, q, k, v: KVPrefix(pk, pv, gate, value_gate))
     seen = {}
 
     def pre_hook(mod, args, kwargs):
@@ -220,7 +226,8 @@ def _check_layer_against_reference(family: str, impl: str, gate_kind: str | None
     install(model)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask2d if padded else None, position_ids=position_ids)
-        expected = reference_attention(model, family, module, seen["hidden"], pk, pv, gate, mask2d, position_ids)
+        expected = reference_attention(model, family, module, seen["hidden"], pk, pv, gate, mask2d, position_ids,
+                                       value_gate)
     torch.testing.assert_close(seen["out"], expected, atol=ATOL, rtol=1e-5)
 
 

@@ -136,3 +136,36 @@ def test_cached_generation_matches_recomputation(arch, gate):
             past = out.past_key_values
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
+
+
+def _gated_prefix(kv, pooling):
+    return {"modules": {"prefix": {"method": "prefix", "length": 3, "reparam": "none",
+                                   "gate": {"input": "layer", "kv": kv, "pooling": pooling}}}}
+
+
+@pytest.mark.parametrize("arch", list(DECODERS))
+@pytest.mark.parametrize("pooling", ["token", "running_mean"])
+def test_separate_kv_prefix_gates_are_causal(arch, pooling):
+    """One gate for P_k and one for P_v, per token: a later token still changes nothing before it,
+    and token-by-token decoding through the cache gives the full forward's logits."""
+    model = DECODERS[arch]()
+    h = unipelt.compile(model, _gated_prefix("separate", pooling))
+    randomize(h, seed=5, std=0.5)
+    ids = _ids()
+    base = run(model, ids)
+    for t in (3, 7):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 17) % 97 + 3
+        out = run(model, changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], atol=ATOL, rtol=0)
+        assert not torch.allclose(out[:, t:], base[:, t:], atol=1e-4)
+    n = 4
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :n], attention_mask=torch.ones(2, n, dtype=torch.long), use_cache=True)
+        steps, past = [out.logits], out.past_key_values
+        for t in range(n, ids.shape[1]):
+            out = model(input_ids=ids[:, t:t + 1], attention_mask=torch.ones(2, t + 1, dtype=torch.long),
+                        past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), base, atol=ATOL, rtol=0)

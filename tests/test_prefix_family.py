@@ -291,3 +291,61 @@ def test_real_smollm2_unipelt_forward_backward_generate():
     with torch.no_grad():
         gen = m.generate(**enc, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] == enc["input_ids"].shape[1] + 4 and torch.equal(gen, base)
+
+
+# ---------------------------------------------------------------------------------------------
+# separate K/V prefix gates, per token (UniPELT's kv: separate on a decoder)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pooling", ["token", "running_mean"])
+def test_separate_kv_gates_per_token_match_hand_computed_attention(attn, pooling):
+    """G_k scales each query's logits to P_k, G_v its share of P_v: both computed here by hand from
+    the gate's own Linear(d, 2) on the block input, pooled per token or as a running mean."""
+    from test_attention import reference_attention
+
+    m = tiny("llama", attn)
+    spec = {"modules": {"prefix": {"method": "prefix", "length": 3, "reparam": "none",
+                                   "gate": {"input": "layer", "kv": "separate", "pooling": pooling}}}}
+    h = unipelt.compile(m, spec)
+    liven(h, std=0.5)
+    layer = m.model.layers[1]
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: seen.update(block=args[0])),
+             layer.self_attn.register_forward_pre_hook(lambda mod, args, kw: seen.update(hidden=kw["hidden_states"]),
+                                                       with_kwargs=True),
+             layer.self_attn.register_forward_hook(lambda mod, args, out: seen.update(out=out[0]))]
+    x = torch.randint(1, 100, (2, 7))
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0  # left padding: the running mean must skip it
+    pid = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        m(input_ids=x, attention_mask=mask, position_ids=pid)
+        g = torch.sigmoid(h.gate_modules["prefix.1"].linear(seen["block"]))  # (B, T, 2)
+        if pooling == "running_mean":
+            w = mask[..., None].float()
+            g = (g * w).cumsum(1) / w.cumsum(1).clamp_min(1.0)
+        gk, gv = g[..., 0][:, None, :, None], g[..., 1][:, None, :, None]
+        assert not torch.allclose(gk, gv, atol=1e-3)  # two different gates, or the test proves nothing
+        pk, pv = h.branch_modules["prefix.1.attn.kv"].prefix()
+        want = reference_attention(m, "llama", layer.self_attn, seen["hidden"], pk[None], pv[None], gk, mask, pid,
+                                   value_gate=gv)
+    for hk in hooks:
+        hk.remove()
+    torch.testing.assert_close(seen["out"], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_separate_kv_gates_on_decoder_are_causal_and_cache_consistent(kind):
+    spec = copy.deepcopy(unipelt.parse_spec(SPECS / "unipelt.yaml").raw)
+    spec["modules"]["prefix"]["gate"]["kv"] = "separate"
+    m = tiny(kind)
+    h = unipelt.compile(m, spec)
+    assert h.gate_modules["prefix.0"].linear.out_features == 2
+    liven(h, std=0.3)
+    x = torch.randint(1, 100, (2, 9))
+    y = x.clone()
+    y[:, 6:] = (y[:, 6:] + 7) % 99 + 1
+    a, b = logits(m, input_ids=x), logits(m, input_ids=y)
+    assert torch.allclose(a[:, :6], b[:, :6], atol=1e-5)
+    assert not torch.allclose(a[:, 6:], b[:, 6:], atol=1e-3)
+    _check_generate(m, x[:1, :5])

@@ -30,9 +30,10 @@ transformers 5.x computes its projections, applies RoPE, updates the KV cache an
   itself, which costs what a dense mask would. Eager never gets ``None`` for a causal model (``eager_mask``
   always materialises), so there the prefix columns are simply prepended.
 * Gates (UniPELT). A gate per example scales ``P_k`` and ``P_v``. A gate per query cannot be applied by
-  scaling keys, so the wrapper widens the head dimension instead, exactly: ``Q' = [q, g·q]``, real keys
+  scaling keys, so the wrapper widens the head dimension instead, exactly: ``Q' = [q, g_k·q]``, real keys
   ``[k, 0]``, prefix keys ``[0, P_k]``, real values ``[v, 0]``, prefix values ``[0, P_v]``, scale kept at
-  the module's ``scaling``; then ``out = out'[..., :D] + g·out'[..., D:]`` (one extra block per gated prefix).
+  the module's ``scaling``; then ``out = out'[..., :D] + g_v·out'[..., D:]`` (one extra block per gated
+  prefix). ``g_k`` and ``g_v`` are the same gate unless the prefix has separate K and V gates.
 * GQA: prefixes come per key/value head and are concatenated before the original implementation repeats
   (or lets SDPA's ``enable_gqa`` broadcast) heads, exactly as it does for the model's own keys.
 
@@ -72,11 +73,14 @@ class KVPrefix:
     query_gate: ``None``, ``(B, 1, 1, 1)`` (one gate per example) or ``(B or 1, 1, T_q, 1)`` (one per
     query): the query's logits to this prefix become ``g·(q·P_k)·scaling`` and its value
     contribution ``g·P_v``, i.e. both ``P_k`` and ``P_v`` are multiplied by ``g``.
+    value_gate: ``None`` (``query_gate`` gates ``P_v`` too) or a second gate of the same shapes; then
+    ``query_gate`` multiplies only ``P_k`` and ``value_gate`` only ``P_v`` (UniPELT's separate K/V gates).
     """
 
     key: Tensor
     value: Tensor
     query_gate: Tensor | None = None
+    value_gate: Tensor | None = None
 
 
 KVProvider = Callable[[nn.Module, Tensor, Tensor, Tensor], KVPrefix | Sequence[KVPrefix] | None]
@@ -293,19 +297,17 @@ def _forward_with_prefixes(
     # simply scales P_k and P_v); per-query-gated ones need their own head-dimension block.
     plain_k: list[Tensor] = []
     plain_v: list[Tensor] = []
-    gated: list[tuple[Tensor, Tensor, Tensor]] = []
+    gated: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = []  # (P_k, P_v, g_k, g_v)
     for p in prefixes:
-        pk, pv, gate = _checked(module, p, query, key, value)
+        pk, pv, gk, gv = _checked(module, p, query, key, value)
         if pk.shape[2] == 0:
             continue
-        if gate is None:
-            plain_k.append(pk)
-            plain_v.append(pv)
-        elif gate.shape[2] == 1:  # one gate per example (or a single query while decoding)
-            plain_k.append(pk * gate)
-            plain_v.append(pv * gate)
+        if all(g is None or g.shape[2] == 1 for g in (gk, gv)):
+            # ungated, or one gate per example (or a single query while decoding): scale P_k, P_v
+            plain_k.append(pk if gk is None else pk * gk)
+            plain_v.append(pv if gv is None else pv * gv)
         else:
-            gated.append((pk, pv, gate))
+            gated.append((pk, pv, gk, gv))
     n_prefix = sum(t.shape[2] for t in plain_k) + sum(g[0].shape[2] for g in gated)
     if n_prefix == 0:
         return base_forward(module, query, key, value, attention_mask, **kwargs)
@@ -334,11 +336,11 @@ def _forward_with_prefixes(
         width = t.shape[-1]
         return nn.functional.pad(t, (block * width, (n_blocks - 1 - block) * width))
 
-    key_parts = [place(t, 0) for t in plain_k] + [place(pk, i + 1) for i, (pk, _, _) in enumerate(gated)]
-    value_parts = [place(t, 0) for t in plain_v] + [place(pv, i + 1) for i, (_, pv, _) in enumerate(gated)]
+    key_parts = [place(t, 0) for t in plain_k] + [place(g[0], i + 1) for i, g in enumerate(gated)]
+    value_parts = [place(t, 0) for t in plain_v] + [place(g[1], i + 1) for i, g in enumerate(gated)]
     wide_key = torch.cat([*key_parts, place(key, 0)], dim=2)
     wide_value = torch.cat([*value_parts, place(value, 0)], dim=2)
-    wide_query = torch.cat([query, *(gate * query for _, _, gate in gated)], dim=-1)
+    wide_query = torch.cat([query, *(query if gk is None else gk * query for _, _, gk, _ in gated)], dim=-1)
     # The widened dot product must keep the original 1/sqrt(D)-style scale, not 1/sqrt(n_blocks·D).
     wide_kwargs = dict(kwargs)
     if wide_kwargs.get("scaling") is None:
@@ -346,14 +348,15 @@ def _forward_with_prefixes(
     out, weights = base_forward(module, wide_query, wide_key, wide_value, attention_mask, **wide_kwargs)
     # out: (B, T_q, H, n_blocks·Dv), as every attention function returns (transposed back to tokens first).
     result = out[..., :v_dim]
-    for i, (_, _, gate) in enumerate(gated):
-        result = result + gate.transpose(1, 2) * out[..., (i + 1) * v_dim : (i + 2) * v_dim]
+    for i, (_, _, _, gv) in enumerate(gated):
+        block = out[..., (i + 1) * v_dim : (i + 2) * v_dim]
+        result = result + (block if gv is None else gv.transpose(1, 2) * block)
     return result, weights
 
 
 def _checked(
     module: nn.Module, p: KVPrefix, query: Tensor, key: Tensor, value: Tensor
-) -> tuple[Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     batch, _, q_len, _ = query.shape
     kv_heads, k_dim, v_dim = key.shape[1], key.shape[-1], value.shape[-1]
     pk, pv = p.key, p.value
@@ -375,16 +378,21 @@ def _checked(
         )
     pk = pk.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1)
     pv = pv.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1)
-    gate = p.query_gate
-    if gate is not None:
-        if not (gate.dim() == 4 and gate.shape[0] in (1, batch) and gate.shape[1] == 1 and gate.shape[3] == 1
-                and gate.shape[2] in (1, q_len)):
-            raise ValueError(
-                f"{_where(module)}: KVPrefix query_gate {tuple(gate.shape)} does not fit; expected "
-                f"(B or 1, 1, 1, 1) or (B or 1, 1, {q_len}, 1) with B={batch}"
-            )
-        gate = gate.to(device=query.device, dtype=query.dtype)
-    return pk, pv, gate
+    gates = []
+    for name, gate in (("query_gate", p.query_gate), ("value_gate", p.value_gate)):
+        if gate is not None:
+            if not (gate.dim() == 4 and gate.shape[0] in (1, batch) and gate.shape[1] == 1
+                    and gate.shape[3] == 1 and gate.shape[2] in (1, q_len)):
+                raise ValueError(
+                    f"{_where(module)}: KVPrefix {name} {tuple(gate.shape)} does not fit; expected "
+                    f"(B or 1, 1, 1, 1) or (B or 1, 1, {q_len}, 1) with B={batch}"
+                )
+            gate = gate.to(device=query.device, dtype=query.dtype)
+        gates.append(gate)
+    gk, gv = gates
+    if p.value_gate is None:
+        gv = gk  # one gate for P_k and P_v
+    return pk, pv, gk, gv
 
 
 def _sdpa_is_causal(module: nn.Module, kwargs: dict[str, Any]) -> bool:

@@ -159,12 +159,6 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
                     f"kv: separate gives prefix keys and values their own gate values; {node.name!r} is a "
                     f"{bp.method.name} module, not at attn.kv", source=src, path=f"{gpath}.kv",
                 )
-            if pooling in ("token", "running_mean"):
-                raise SpecError(
-                    "separate K/V gates need one value per example (pooling masked_mean or mean); a per-token "
-                    "gate scales each query's view of the prefix and is shared by K and V: use kv: shared",
-                    source=src, path=f"{gpath}.kv",
-                )
         resolved = GateSpec(**{**gspec.__dict__, "input": gate_input, "pooling": pooling})
         if gate_input == "layer":
             in_f = info.hidden_size

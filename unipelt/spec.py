@@ -58,7 +58,8 @@ class GateSpec:
         decoders.
     lora_scale: ``replace`` (the reference: the gate replaces alpha/r) or ``multiply``.
     kv: for prefix gates, ``shared`` (one gate multiplies P_k and P_v, the reference) or
-        ``separate``.
+        ``separate`` (a Linear(d, 2): one gate for P_k, one for P_v), with any pooling; per token,
+        each query's logits to P_k and its share of P_v are scaled by its own two gates.
     allow_noncausal: opt in to a sequence-pooled gate on a causal model (it lets later tokens
         change earlier positions; refused otherwise).
     init_bias: initial bias of the gate's linear layer (0 gives sigmoid = 0.5 on average).
