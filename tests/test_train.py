@@ -151,6 +151,31 @@ def test_train_a_model_object_without_out_dir():
               TrainConfig(progress=False), tokenizer=tok)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_lm_evaluation_with_prompt_tuning_virtual_tokens(tmp_path, name):
+    """Regression: prompt tuning on a decoder puts virtual tokens in front, so the logits are longer
+    than the labels; evaluation used to compute its own loss on the raw labels and failed with a
+    batch-size mismatch. The metric must equal the cross-entropy of the real tokens' logits."""
+    spec = {"version": 1, "modules": {"prompt": {"method": "prompt", "sites": "embed", "length": 5}}}
+    rows = [Example(prompt=f"what is {i} plus one?", response=f"it is {i + 1}.", line=i + 1) for i in range(8)]
+    report = train(spec, name, rows, rows[:4], TrainConfig(out_dir=str(tmp_path / "run"), epochs=1, batch_size=4,
+                                                            lr=1e-2, progress=False))
+    loss = report["final_eval"]["loss"]
+    model, tok = load_model(name)
+    unipelt.load(model, tmp_path / "run" / "adapter")
+    model.eval()
+    total, count = 0.0, 0
+    for r in encode_lm(rows[:4], tok, 256):
+        ids, labels = torch.tensor([r.input_ids]), torch.tensor([r.labels])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, -ids.shape[1]:]  # the real tokens come last
+        total += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100,
+                                                         reduction="sum"))
+        count += int((labels[0, 1:] != -100).sum())
+    assert loss == pytest.approx(total / count, rel=1e-5)
+    assert evaluate(model, tok, rows[:4], task="causal-lm")["loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_epoch_order_depends_on_seed_and_epoch_only():
     a = epoch_order(12, seed=3, epoch=1)
     torch.manual_seed(99)

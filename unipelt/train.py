@@ -270,13 +270,13 @@ def evaluate_encoded(model: nn.Module, rows: Sequence[Tokenized], task: str, *, 
                     "macro_f1": macro_f1(gold, pred), "examples": n}
         loss_sum, tokens = 0.0, 0
         for b in _batches(rows, batch_size, pad_id, device):
-            labels = b.pop("labels")
-            logits = model(**b).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-            loss_sum += float(nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                          shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                                          reduction="sum"))
-            tokens += int((shift_labels != IGNORE_INDEX).sum())
+            # The labels go into the call: a prompt-tuning rewrite lengthens the sequence and pads the
+            # labels to match, so the model's own loss (the mean over target tokens) is the one to use.
+            n_targets = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if n_targets == 0:
+                continue
+            loss_sum += float(model(**b).loss.float()) * n_targets
+            tokens += n_targets
         loss = loss_sum / max(tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens, "examples": len(rows)}
     finally:
