@@ -266,6 +266,15 @@ def test_encode_classification_errors(bert_tok):
         encode_classification([Example(text="a", label="neg")], None, ["neg"], 16)
 
 
+def test_examples_remember_their_file_and_encoding_errors_name_it(tmp_path, bert_tok):
+    """Errors raised after reading (encoding, training) name the file, not only the line."""
+    path = write(tmp_path / "d.csv", "text,label\na,pos\nb,meh\n")
+    rows = read_examples(path)
+    assert [(r.source, r.line) for r in rows] == [(str(path), 2), (str(path), 3)]
+    with pytest.raises(DataError, match=f"^{path}: line 3: label 'meh' is not one of: neg, pos$"):
+        encode_classification(rows, bert_tok, ["neg", "pos"], 16)
+
+
 def _target_text(tok, row: Tokenized) -> str:
     return tok.decode([t for t in row.labels if t != IGNORE_INDEX])
 

@@ -305,3 +305,34 @@ def test_commands_are_registered_by_the_plugin():
     assert any("workflow" in n for n in names) or get_registry().pm.get_plugin("workflow") is not None
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"train", "eval", "gates", "merge", "export"} <= set(sub.choices)
+
+
+# ------------------------------------------------------------------------------------------
+# found by using the workflow as a new user would, on CSV/TSV/JSONL files of their own
+# ------------------------------------------------------------------------------------------
+SENTIMENT = [("I loved this movie", "positive"), ("terrible experience", "negative"), ("it was okay", "neutral"),
+             ("what a great day", "positive"), ("rude staff and slow", "negative"), ("nothing special", "neutral")]
+
+
+def write_table(path, header, rows, delimiter=","):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+def test_train_refuses_an_eval_label_not_in_the_training_data(tmp_path, capsys, spec_file):
+    """Regression: the label set was taken from train + eval, so a label seen only in --eval became a
+    class the model could never learn (and silently lowered accuracy); now exit 5 naming the file and line."""
+    spec = spec_file({"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 2}}})
+    train_csv = write_table(tmp_path / "train.csv", ["sentence", "sentiment"], SENTIMENT * 2)
+    dev_csv = write_table(tmp_path / "dev.csv", ["sentence", "sentiment"], SENTIMENT[:3] + [("so so", "mixed")])
+    code, _, err = run(capsys, "train", spec, "tiny-bert", "--data", train_csv, "--eval", dev_csv, "--out",
+                       tmp_path / "run", "--text-field", "sentence", "--label-field", "sentiment", "--no-progress")
+    assert code == 5, err
+    assert err.strip().splitlines() == [
+        f"error: {dev_csv}: line 5: label 'mixed' does not occur in the training data (negative, neutral, positive)"]
+    assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ import io
 import json
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -45,7 +45,8 @@ BUILTIN_DATASETS: dict[str, str] = {
 class Example:
     """One row: ``text``+``label`` for classification, ``prompt``+``response`` or ``text`` for LM.
 
-    ``line`` is the 1-based line of the file where the row starts (for chatterbot: the pair's ordinal).
+    ``line`` is the 1-based line of the file where the row starts (for chatterbot: the pair's ordinal);
+    ``source`` the file (or built-in data set) it came from, for error messages.
     """
 
     text: str | None = None
@@ -53,6 +54,11 @@ class Example:
     prompt: str | None = None
     response: str | None = None
     line: int = 0
+    source: str | None = field(default=None, compare=False, repr=False)  # provenance, not content
+
+    def where(self) -> str:
+        """``FILE: line N`` (or ``line N`` when the source is unknown), the prefix of an error message."""
+        return f"{self.source}: line {self.line}" if self.source else f"line {self.line}"
 
 
 @dataclass
@@ -207,12 +213,12 @@ def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]],
             label = _value(row, f.label, line, source, noun)
             if allowed is not None and label not in allowed:
                 raise DataError(f"{source}: line {line}: label {label!r} is not one of: {', '.join(labels)}")
-            out.append(Example(text=_value(row, f.text, line, source, noun), label=label, line=line))
+            out.append(Example(text=_value(row, f.text, line, source, noun), label=label, line=line, source=source))
         elif f.prompt in row and f.response in row:
             out.append(Example(prompt=_value(row, f.prompt, line, source, noun),
-                               response=_value(row, f.response, line, source, noun), line=line))
+                               response=_value(row, f.response, line, source, noun), line=line, source=source))
         else:
-            out.append(Example(text=_value(row, f.text, line, source, noun), line=line))
+            out.append(Example(text=_value(row, f.text, line, source, noun), line=line, source=source))
     return out
 
 
@@ -341,7 +347,7 @@ def _chatterbot(split: str) -> list[Example]:
                     continue
                 held_out = _stable_hash(prompt.lower()) % 10 == 0
                 if held_out == (split == "test"):
-                    out.append(Example(prompt=prompt, response=response, line=ordinal))
+                    out.append(Example(prompt=prompt, response=response, line=ordinal, source=f"chatterbot:{split}"))
     return out
 
 
@@ -361,9 +367,9 @@ def encode_classification(examples: Sequence[Example], tokenizer: PreTrainedToke
     out = []
     for ex in examples:
         if ex.text is None or ex.label is None:
-            raise DataError(f"line {ex.line}: a classification example needs text and label")
+            raise DataError(f"{ex.where()}: a classification example needs text and label")
         if ex.label not in index:
-            raise DataError(f"line {ex.line}: label {ex.label!r} is not one of: {', '.join(labels)}")
+            raise DataError(f"{ex.where()}: label {ex.label!r} is not one of: {', '.join(labels)}")
         enc = tokenizer(ex.text, truncation=True, max_length=max_length)
         out.append(Tokenized(list(enc["input_ids"]), list(enc["attention_mask"]), index[ex.label], ex.line))
     return out
@@ -400,7 +406,7 @@ def encode_lm(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, m
             ids = _with_eos(_ids(tokenizer, ex.text, special=True), eos)
             targets = list(ids)
         else:
-            raise DataError(f"line {ex.line}: an LM example needs prompt and response, or text")
+            raise DataError(f"{ex.where()}: an LM example needs prompt and response, or text")
         ids, targets = ids[:max_length], targets[:max_length]
         out.append(Tokenized(ids, [1] * len(ids), targets, ex.line))
     return out

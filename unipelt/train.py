@@ -101,7 +101,8 @@ class TrainConfig:
     save_total_limit: keep only the newest N checkpoints. resume: True (newest checkpoint in
     out_dir) or a checkpoint directory. overwrite: delete an earlier run's checkpoints, adapter
     and report in out_dir instead of refusing.
-    labels: the class labels in index order (default: sorted labels of train and eval data).
+    labels: the class labels in index order (default: the sorted labels of the training data; an
+    evaluation row with a label outside them is a DataError).
     model_name: recorded in the report and the adapter (set automatically when a name is given).
     """
 
@@ -184,7 +185,7 @@ def load_data(value: str | os.PathLike, *, kind: Literal["classification", "lm",
             raise DataError(f"{text}: the built-in data set {name!r} has no labels (it is LM data)")
         if kind == "lm" and any(ex.label is not None for ex in examples):
             # a labelled set used for LM: train on the texts
-            examples = [Example(text=ex.text, line=ex.line) for ex in examples]
+            examples = [Example(text=ex.text, line=ex.line, source=ex.source) for ex in examples]
         return examples
     return read_examples(text, format=format, text_field=text_field, label_field=label_field,
                          prompt_field=prompt_field, response_field=response_field, kind=kind)
@@ -638,11 +639,18 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
     eval_examples = list(eval_examples or [])
     task = cfg.task or detect_task(train_examples)
     if task == "classification":
-        if any(ex.label is None for ex in train_examples):
-            raise DataError("classification needs a label on every training example")
-        labels = list(cfg.labels) if cfg.labels else label_set(train_examples + eval_examples)
+        for ex in train_examples + eval_examples:
+            if ex.label is None:
+                raise DataError(f"{ex.where()}: no label (classification needs one on every row)")
+        labels = list(cfg.labels) if cfg.labels else label_set(train_examples)
         if len(labels) < 2:
             raise DataError(f"classification needs at least two labels; the data has {labels}")
+        known = set(labels)
+        for ex in train_examples + eval_examples:  # an eval label never trained on cannot be predicted
+            if ex.label not in known:
+                said = "the given labels" if cfg.labels else "the training data"
+                raise DataError(f"{ex.where()}: label {ex.label!r} does not occur in {said} "
+                                f"({', '.join(labels)})")
     else:
         labels = None
 
