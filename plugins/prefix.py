@@ -126,13 +126,17 @@ class PrefixBranch(nn.Module):
     def attach(self, *, model, state, site, entry) -> None:
         from unipelt.compiler import attach_kv
 
-        attach_kv(model, state, site, entry)
+        # recorded first: if attaching fails (e.g. an attention implementation that cannot carry
+        # prefixes), compile's rollback still detaches this branch
         self.__dict__["_site"] = site
+        attach_kv(model, state, site, entry)
 
     def detach_from(self, *, model, state, entry) -> None:
         from unipelt.compiler import detach_kv
 
-        detach_kv(model, state, self.__dict__["_site"], entry)
+        site = self.__dict__.pop("_site", None)
+        if site is not None:
+            detach_kv(model, state, site, entry)
 
     def kv_prefix(self, *, ctx, entry, batch: int, site_key: str, dtype):
         from unipelt.attention import KVPrefix

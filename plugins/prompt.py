@@ -2,14 +2,20 @@
 arXiv 2103.10385): L virtual tokens at the input embeddings.
 
 Prompt tuning trains the L embeddings directly (random init, or the embeddings of given words /
-token ids). P-tuning produces them with a prompt encoder: BiLSTM + MLP (the paper) or an MLP.
+token ids). P-tuning produces them with a prompt encoder: BiLSTM + MLP (the paper) or an MLP,
+and may place them at template positions: ``template: [3, input, 3]`` puts the first three
+virtual tokens before the input and the other three after it (the paper's "[P] x [P]").
 
 The virtual tokens are inserted by one forward pre-hook on the model, which rewrites the call:
 ``input_ids`` become ``inputs_embeds`` with the prompt inserted, and ``attention_mask``,
 ``token_type_ids``, ``position_ids``, ``cache_position`` and ``labels`` are extended to match.
-Decoders get the prompt in front; encoders right after their first token, so the pooled token of
-a classifier stays the model's own ``[CLS]``. During cached generation only the mask and
-positions are extended: the prompt sits in the cache from the first step.
+The tokens before the input go in front on decoders and right after the first token on
+encoders, so the pooled token of a classifier stays the model's own ``[CLS]``. The tokens after
+the input go right after each example's last real token (before its right padding) on decoders,
+and right before it on encoders, so an encoder's closing ``[SEP]``/``</s>`` stays last as in the
+P-tuning reference (``[CLS] P x P [SEP]``). During cached generation only the mask and positions
+are extended: the prompt sits in the cache from the first step, and generated tokens follow the
+tokens placed after the input.
 """
 from __future__ import annotations
 
@@ -48,14 +54,48 @@ class PromptConfig:
 
 @dataclass
 class PTuningConfig:
-    """length: L virtual tokens. encoder: ``lstm`` (BiLSTM + MLP, the paper) or ``mlp``.
-    hidden: the encoder width."""
+    """length: L virtual tokens (default 20; with a template, the template's count).
+    encoder: ``lstm`` (BiLSTM + MLP, the paper) or ``mlp``. hidden: the encoder width.
+    template: where the virtual tokens sit around the input, as segments: counts of virtual
+    tokens and ``input`` once, e.g. ``[3, input, 3]`` (3 before, 3 after), ``[input, 4]`` or
+    ``[5, input]`` (the default placement: all in front). The encoder runs over all L tokens in
+    template order, so the tokens after the input are conditioned on those before it."""
 
-    length: int = field(default=20, metadata={"min": 1})
+    length: int | None = field(default=None, metadata={"min": 1})
     encoder: Literal["lstm", "mlp"] = "lstm"
     hidden: int = field(default=512, metadata={"min": 2})
     init_std: float = field(default=1.0, metadata={"min": 0})
+    template: list[int | Literal["input"]] | None = None
     default_sites = ("embed",)
+
+    def __post_init__(self):
+        self._given_length = self.length
+        counts = [x for x in self.template or [] if not isinstance(x, str)]
+        if self.length is None:
+            self.length = sum(counts) if self.template else 20
+
+    def validate(self):
+        if self.template is None:
+            return None
+        if self.template.count("input") != 1:
+            return "template", (f"expected the input exactly once among the segments, e.g. [3, input, 3]; "
+                                f"got {self.template!r}")
+        if any(x < 0 for x in self.template if not isinstance(x, str)):
+            return "template", f"virtual token counts must be >= 0, got {self.template!r}"
+        total = sum(x for x in self.template if not isinstance(x, str))
+        if total == 0:
+            return "template", f"the template places no virtual token: {self.template!r}"
+        if self._given_length is not None and self._given_length != total:
+            return "length", (f"length {self._given_length} disagrees with the template's {total} virtual tokens "
+                              f"({self.template!r}); leave length out or set it to {total}")
+        return None
+
+    def split(self) -> tuple[int, int]:
+        """(virtual tokens before the input, virtual tokens after it)."""
+        if self.template is None:
+            return self.length, 0
+        i = self.template.index("input")
+        return sum(self.template[:i]), sum(self.template[i + 1:])
 
 
 class PromptBranch(nn.Module):
@@ -64,9 +104,10 @@ class PromptBranch(nn.Module):
     reads = "embed"
     mergeable = False
 
-    def __init__(self, length: int):
+    def __init__(self, length: int, after: int = 0):
         super().__init__()
         self.length = length
+        self.after = after  # the last `after` of the L virtual tokens go after the input
 
     def num_params(self, kept: bool) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -104,7 +145,7 @@ class PromptTuning(PromptBranch):
 
 class PTuning(PromptBranch):
     def __init__(self, cfg: PTuningConfig, d: int):
-        super().__init__(cfg.length)
+        super().__init__(cfg.length, after=cfg.split()[1])
         self.encoder_kind = cfg.encoder
         self.embedding = nn.Parameter(torch.randn(cfg.length, d) * cfg.init_std)
         if cfg.encoder == "lstm":
@@ -150,6 +191,49 @@ def _cache_length(past) -> int:
         return 0
 
 
+def _after_input(mask: Tensor | None, batch: int, length: int, encoder: bool, first: int, device) -> Tensor:
+    """Per example, the token index the virtual tokens placed after the input go in front of.
+
+    Decoders: right after the last real token of the text, i.e. at the first padding position
+    that follows a real token (right padding), else at the end (no or left padding; in a cached
+    step the tokens generated so far are all real, so this is still where the prefill put them).
+    Encoders: in front of the last real token (their closing ``[SEP]``/``</s>``).
+    """
+    if mask is None or mask.dim() != 2:
+        at = torch.full((batch,), length - 1 if encoder else length, dtype=torch.long, device=device)
+        return at.clamp_min(first)
+    real = mask != 0
+    idx = torch.arange(length, device=device).expand(batch, length)
+    if encoder:
+        last = torch.where(real, idx, torch.full_like(idx, -1)).amax(1)
+        return torch.where(last >= 0, last, torch.full_like(last, length)).clamp_min(first)
+    started = real.cumsum(1) > 0
+    hole = started & ~real  # padding after the first real token
+    first_hole = torch.where(hole, idx, torch.full_like(idx, length)).amin(1)
+    return first_hole.clamp_min(first)
+
+
+class _Layout:
+    """Where ``before`` + ``after`` virtual tokens go in a (B, T) sequence: ``before`` at index
+    ``first`` (0, or 1 after an encoder's [CLS]), ``after`` in front of token ``at[b]``."""
+
+    def __init__(self, first: int, at: Tensor, before: int, after: int, length: int):
+        B, device = at.shape[0], at.device
+        self.first, self.at, self.before, self.after = first, at, before, after
+        j = torch.arange(length, device=device).expand(B, length)
+        self.token_pos = j + before * (j >= first) + after * (j >= at[:, None])
+        vb = (first + torch.arange(before, device=device)).expand(B, before)
+        va = at[:, None] + before + torch.arange(after, device=device)
+        # gathering from [virtual before, virtual after, tokens] with this index gives the new order
+        self.order = torch.cat([vb, va, self.token_pos], 1).argsort(1)
+
+    def insert(self, t: Tensor, before: Tensor, after: Tensor) -> Tensor:
+        """t (B, T, ...) with before (B, Lb, ...) and after (B, La, ...) inserted -> (B, T + L, ...)."""
+        src = torch.cat([before, after, t], 1)
+        idx = self.order.view(*self.order.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+        return src.gather(1, idx)
+
+
 def attach_embed(model: nn.Module, state, entry) -> None:
     entries = state.__dict__.setdefault("embed_entries", [])
     entries.append(entry)
@@ -159,8 +243,18 @@ def attach_embed(model: nn.Module, state, entry) -> None:
     encoder = not state.info.causal
     ctx = state.ctx
     embed_fn = model.get_input_embeddings()
+    # A decoder's sequence classifier (GPT-2's and transformers' generic one, both named `score`)
+    # pools the last token that is not padding, found from input_ids; given inputs_embeds it pools
+    # the last position, a pad on right-padded batches. The pre-hook works out the right index
+    # from the ids and the score hook moves that token's logits to the last position.
+    pool: dict[str, Tensor | None] = {"at": None}
+    score = model._modules.get("score") if not encoder else None
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    pad_id = getattr(text_cfg, "pad_token_id", None)
 
     def pre(module, args, kwargs):
+        pool["at"] = None
         active = [e for e in entries if e.adapter in ctx.active]
         if not active:
             return None
@@ -173,40 +267,73 @@ def attach_embed(model: nn.Module, state, entry) -> None:
                 return None
             embeds = embed_fn(ids)
         B, T = embeds.shape[:2]
-        prompt = torch.cat([e.branch.prompt() for e in active], dim=0).to(embeds.dtype)
-        L = prompt.shape[0]
+        # template order: every module's tokens before the input, then every module's tokens after it
+        prompts = [(e.branch.prompt(), e.branch.length - e.branch.after) for e in active]
+        p_before = torch.cat([p[:n] for p, n in prompts], 0).to(embeds.dtype)
+        p_after = torch.cat([p[n:] for p, n in prompts], 0).to(embeds.dtype)
+        Lb, La = p_before.shape[0], p_after.shape[0]
+        L = Lb + La
         past_len = _cache_length(call.get("past_key_values"))
-        at = 1 if encoder else 0  # encoders keep their first ([CLS]) token first
+        first = min(1, T) if encoder and past_len == 0 else 0  # encoders keep their first ([CLS]) token first
         mask = call.get("attention_mask")
         if mask is not None and mask.dim() == 2:
-            ones = mask.new_ones(B, L)
-            # in a cached step the mask covers past tokens: the prompt sits in front of them
-            call["attention_mask"] = torch.cat([mask[:, :at], ones, mask[:, at:]], 1) if past_len == 0 else torch.cat([ones, mask], 1)
+            # in a cached step the mask covers the past tokens too: the virtual columns go where the
+            # prefill put them (the cache holds them there)
+            m_at = _after_input(mask, B, mask.shape[1], encoder, first, mask.device)
+            ml = _Layout(first, m_at, Lb, La, mask.shape[1])
+            call["attention_mask"] = ml.insert(mask, mask.new_ones(B, Lb), mask.new_ones(B, La))
         if call.get("cache_position") is not None:
             cp = call["cache_position"]
-            call["cache_position"] = torch.cat([torch.arange(L, device=cp.device, dtype=cp.dtype), cp + L]) if past_len == 0 else cp + L
-        if call.get("position_ids") is not None:
-            pid = call["position_ids"]
-            if past_len == 0:
-                head = torch.arange(L, device=pid.device, dtype=pid.dtype).expand(pid.shape[0], L)
-                call["position_ids"] = torch.cat([pid[:, :at], head + (pid[:, :at].max() + 1 if at else 0), pid[:, at:] + L], 1)
-            else:
-                call["position_ids"] = pid + L
-        if past_len == 0:
-            p = prompt.unsqueeze(0).expand(B, L, -1)
-            embeds = torch.cat([embeds[:, :at], p, embeds[:, at:]], 1)
-            if call.get("token_type_ids") is not None:
-                tt = call["token_type_ids"]
-                call["token_type_ids"] = torch.cat([tt[:, :at], tt.new_zeros(B, L), tt[:, at:]], 1)
-            labels = call.get("labels")
-            if labels is not None and labels.dim() == 2 and labels.shape[1] == T:
-                call["labels"] = torch.cat([labels[:, :at], labels.new_full((B, L), -100), labels[:, at:]], 1)
+            call["cache_position"] = torch.arange(T + L, device=cp.device, dtype=cp.dtype) + cp[:1] if past_len == 0 else cp + L
+        if past_len > 0:
+            if call.get("position_ids") is not None:
+                call["position_ids"] = call["position_ids"] + L
+            call["inputs_embeds"] = embeds
+            call.pop("input_ids", None)
+            return (), call
+        at = _after_input(mask if mask is not None and mask.dim() == 2 and mask.shape[1] == T else None,
+                          B, T, encoder, first, embeds.device)
+        layout = _Layout(first, at, Lb, La, T)
+        rows = torch.arange(B, device=embeds.device)
+        pid = call.get("position_ids")
+        if pid is not None:
+            pid = pid.expand(B, -1) if pid.shape[0] == 1 else pid
+            shifted = pid + Lb * (torch.arange(T, device=pid.device) >= first) + La * (torch.arange(T, device=pid.device) >= at[:, None])
+            # virtual tokens continue the numbering of the token they follow
+            start_b = (pid[:, first - 1] + 1) if first else pid.new_zeros(B)
+            prev = (at - 1).clamp_min(0)
+            start_a = torch.where(at > 0, shifted[rows, prev] + 1, pid.new_full((B,), Lb))
+            vb = start_b[:, None] + torch.arange(Lb, device=pid.device, dtype=pid.dtype)
+            va = start_a[:, None] + torch.arange(La, device=pid.device, dtype=pid.dtype)
+            call["position_ids"] = torch.cat([vb, va, shifted], 1).gather(1, layout.order)
+        embeds = layout.insert(embeds, p_before.unsqueeze(0).expand(B, Lb, -1), p_after.unsqueeze(0).expand(B, La, -1))
+        tt = call.get("token_type_ids")
+        if tt is not None and tt.shape[:2] == (B, T):
+            # after the input, the segment of the token they follow (a sentence pair's second segment)
+            tt_after = tt[rows, (at - 1).clamp_min(0)][:, None].expand(B, La)
+            call["token_type_ids"] = layout.insert(tt, tt.new_zeros(B, Lb), tt_after)
+        if score is not None and pad_id is not None and ids is not None and ids.shape == (B, T):
+            real = layout.insert(ids != pad_id, ids.new_ones(B, Lb, dtype=torch.bool), ids.new_ones(B, La, dtype=torch.bool))
+            positions = torch.arange(T + L, device=ids.device)
+            pool["at"] = (positions * real).argmax(-1)  # the rightmost non-pad token, as transformers finds it
+        labels = call.get("labels")
+        if labels is not None and labels.dim() == 2 and labels.shape == (B, T):
+            call["labels"] = layout.insert(labels, labels.new_full((B, Lb), -100), labels.new_full((B, La), -100))
         call["inputs_embeds"] = embeds
         call.pop("input_ids", None)
         return (), call
 
+    def pooled_last(module, args, out):
+        at, pool["at"] = pool["at"], None
+        if at is None or not isinstance(out, Tensor) or out.dim() != 3 or out.shape[0] != at.shape[0]:
+            return None
+        picked = out[torch.arange(out.shape[0], device=out.device), at.to(out.device)]
+        return torch.cat([out[:, :-1], picked.unsqueeze(1)], 1)
+
     # prepend: the rewrite runs before unipelt's own pre-hook reads the attention mask
     state.hooks["embed:root"] = [model.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)]
+    if score is not None:
+        state.hooks["embed:root"].append(score.register_forward_hook(pooled_last))
 
 
 def detach_embed(model: nn.Module, state, entry) -> None:

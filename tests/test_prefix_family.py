@@ -349,3 +349,218 @@ def test_separate_kv_gates_on_decoder_are_causal_and_cache_consistent(kind):
     assert torch.allclose(a[:, :6], b[:, :6], atol=1e-5)
     assert not torch.allclose(a[:, 6:], b[:, 6:], atol=1e-3)
     _check_generate(m, x[:1, :5])
+
+
+# ---------------------------------------------------------------------------------------------
+# P-tuning at template positions: template [2, input, 3] -> [P0 P1] x [P2 P3 P4]
+# ---------------------------------------------------------------------------------------------
+TEMPLATE = {"modules": {"pt": {"method": "p_tuning", "encoder": "mlp", "hidden": 16, "template": [2, "input", 3]}}}
+
+
+def _templated(kind, attn="sdpa"):
+    m = tiny(kind, attn)
+    base = copy.deepcopy(m)
+    h = unipelt.compile(m, TEMPLATE)
+    liven(h, std=0.3)
+    return m, base, h.branch_modules["pt.embed"].prompt().detach()
+
+
+def _by_hand(base, ids, mask, prompt, encoder, token_type_ids=None, labels=None):
+    """The sequence P-tuning should build, written out per example from the template: the base
+    model's embeddings with the virtual tokens inserted, and mask / positions / types / labels to
+    match (positions count the real and virtual tokens of each example, padding excluded)."""
+    emb = base.get_input_embeddings()(ids)
+    rows = {"emb": [], "mask": [], "pos": [], "tt": [], "labels": []}
+    for b in range(ids.shape[0]):
+        hi = mask[b].nonzero().max().item() + 1  # after the last real token, before any right padding
+        # decoders: the first block in front (of any left padding too); encoders keep [CLS] first, [SEP] last
+        cut = [1, hi - 1] if encoder else [0, hi]
+        pieces = [("tok", 0, cut[0]), ("p", 0, 2), ("tok", cut[0], cut[1]), ("p", 2, 5), ("tok", cut[1], ids.shape[1])]
+        e, mk, tt, lb = [], [], [], []
+        for kind, i, j in pieces:
+            if kind == "p":
+                e.append(prompt[i:j])
+                mk += [1] * (j - i)
+                tt += [0 if i == 0 else (token_type_ids[b, cut[1] - 1].item() if token_type_ids is not None else 0)] * (j - i)
+                lb += [-100] * (j - i)
+            else:
+                e.append(emb[b, i:j])
+                mk += mask[b, i:j].tolist()
+                tt += token_type_ids[b, i:j].tolist() if token_type_ids is not None else [0] * (j - i)
+                lb += labels[b, i:j].tolist() if labels is not None else [0] * (j - i)
+        mk = torch.tensor(mk)
+        rows["emb"].append(torch.cat(e))
+        rows["mask"].append(mk)
+        rows["pos"].append((mk.cumsum(0) - 1).clamp_min(0))
+        rows["tt"].append(torch.tensor(tt))
+        rows["labels"].append(torch.tensor(lb))
+    return {k: torch.stack(v) for k, v in rows.items()}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_p_tuning_template_decoder_equals_hand_inserted(kind, attn):
+    m, base, prompt = _templated(kind, attn)
+    x = torch.randint(1, 100, (3, 6))
+    mask = torch.ones_like(x)
+    mask[1, 4:] = 0  # right padding: the tokens after the input go before it
+    mask[2, :2] = 0  # left padding
+    x = x.masked_fill(mask == 0, 0)
+    pid = (mask.cumsum(-1) - 1).clamp_min(0)
+    labels = x.masked_fill(mask == 0, -100)
+    labels[2, 2] = -100  # left padding: a pad position would predict the first real token
+    out = m(input_ids=x, attention_mask=mask, position_ids=pid, labels=labels)
+    hand = _by_hand(base, x, mask, prompt, encoder=False, labels=labels)
+    want = base(inputs_embeds=hand["emb"], attention_mask=hand["mask"], position_ids=hand["pos"], labels=hand["labels"])
+    real = hand["mask"].bool()
+    torch.testing.assert_close(out.logits[real], want.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, want.loss, atol=1e-5, rtol=1e-5)
+    # the loss counts the real tokens only: the virtual ones carry label -100
+    assert (hand["labels"] != -100).sum() == (labels != -100).sum()
+
+
+def test_p_tuning_template_encoder_keeps_cls_first_and_sep_last():
+    m, base, prompt = _templated("bert")
+    x = torch.randint(5, 100, (2, 7))
+    x[:, 0], x[0, -1], x[1, 4] = 1, 2, 2  # [CLS] ... [SEP], the second example right-padded after its [SEP]
+    mask = torch.ones_like(x)
+    mask[1, 5:] = 0
+    tt = torch.zeros_like(x)
+    tt[:, 3:5] = 1  # a sentence pair: the virtual tokens after the input take the second segment's type
+    seen = {}
+    hook = m.bert.embeddings.register_forward_hook(lambda mod, a, kw, o: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        out = m(input_ids=x, attention_mask=mask, token_type_ids=tt).logits
+    hook.remove()
+    hand = _by_hand(base, x, mask, prompt, encoder=True, token_type_ids=tt)
+    assert torch.equal(seen["token_type_ids"], hand["tt"])
+    assert torch.equal(seen["inputs_embeds"][0, -1], base.get_input_embeddings()(x[0, -1]))  # [SEP] last
+    assert torch.equal(seen["inputs_embeds"][1, 9], base.get_input_embeddings()(x[1, 4]))  # before the padding
+    with torch.no_grad():
+        want = base(inputs_embeds=hand["emb"], attention_mask=hand["mask"], token_type_ids=hand["tt"]).logits
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_p_tuning_template_generate_with_cache_equals_recompute(kind):
+    """Generated tokens follow the virtual tokens placed after the prompt; the reference decodes
+    greedily by rerunning the base model on the hand-built sequence [P0 P1] x [P2 P3 P4] y."""
+    m, base, prompt = _templated(kind)
+    m.generation_config.eos_token_id = None
+    x = torch.randint(1, 100, (2, 5))
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0  # batched generation pads on the left
+    x = x.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        out = m.generate(input_ids=x, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        hand = _by_hand(base, x, mask, prompt, encoder=False)
+        emb, mk = hand["emb"], hand["mask"]
+        seq = x
+        for _ in range(6):
+            nxt = base(inputs_embeds=emb, attention_mask=mk, position_ids=(mk.cumsum(-1) - 1).clamp_min(0),
+                       use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            emb = torch.cat([emb, base.get_input_embeddings()(nxt)], 1)
+            mk = torch.cat([mk, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("template,length,field,message", [
+    (["input"], None, "template", "no virtual token"),
+    ([3, 3], None, "template", "exactly once"),
+    ([1, "input", 2, "input"], None, "template", "exactly once"),
+    ([-1, "input", 3], None, "template", ">= 0"),
+    ([3, "input", 3], 5, "length", "disagrees with the template's 6"),
+    ([3, "prompt", 3], None, "template", "expected a list of"),
+    ("3,input,3", None, "template", "expected a list of"),
+])
+def test_p_tuning_template_errors_name_the_field(tmp_path, template, length, field, message):
+    node = {"method": "p_tuning", "template": template}
+    if length is not None:
+        node["length"] = length
+    path = tmp_path / "bad.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"version": 1, "modules": {"pt": node}}))
+    with pytest.raises(unipelt.SpecError, match=message) as e:
+        unipelt.parse_spec(path)
+    assert e.value.path == f"modules.pt.{field}" and str(path) in str(e.value)
+
+
+def test_p_tuning_template_length_defaults_to_the_template_count():
+    m = tiny("llama")
+    h = unipelt.compile(m, {"modules": {"pt": {"method": "p_tuning", "encoder": "mlp", "template": [3, "input", 3]}}})
+    assert h.branch_modules["pt.embed"].prompt().shape[0] == 6
+    with torch.no_grad():
+        assert m(input_ids=torch.randint(1, 100, (1, 4))).logits.shape[1] == 10
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_p_tuning_template_cached_step_after_right_padding(kind):
+    """A cached step's mask covers the past: the virtual columns must go where the prefill put them,
+    after the last real token and before the right padding, not at the end."""
+    m, base, prompt = _templated(kind)
+    x = torch.randint(1, 100, (2, 6))
+    mask = torch.ones_like(x)
+    mask[0, 4:] = 0
+    x = x.masked_fill(mask == 0, 0)
+    nxt = torch.randint(1, 100, (2, 1))
+    with torch.no_grad():
+        first = m(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+        mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
+        step = m(input_ids=nxt, attention_mask=mask2, position_ids=mask.sum(-1, keepdim=True),
+                 past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
+        hand = _by_hand(base, torch.cat([x, nxt], 1), mask2, prompt, encoder=False)
+        # _by_hand puts the second block after the new token; the prefill put it before: move it back
+        emb, mk = hand["emb"], hand["mask"]
+        end = emb.shape[1]
+        for b in range(2):
+            r = 2 + mask[b].nonzero().max().item() + 1  # the first block and the prefill's real tokens
+            order = list(range(r)) + list(range(end - 3, end)) + list(range(r, end - 3))
+            emb[b], mk[b] = emb[b, order], mk[b, order]
+        want = base(inputs_embeds=emb, attention_mask=mk, position_ids=(mk.cumsum(-1) - 1).clamp_min(0)).logits[:, -1]
+    torch.testing.assert_close(step, want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions found by trying the prefix family on models and cases outside the repository
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("spec", ["prompt.yaml", "template"])
+def test_decoder_classifier_pools_the_last_real_token_under_a_prompt(kind, spec):
+    """A decoder's sequence classifier finds its pooled token from input_ids; the prompt rewrite
+    passes inputs_embeds, which made it pool the last position: a pad on right-padded batches."""
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        m = t.Qwen2ForSequenceClassification(t.Qwen2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=100, pad_token_id=0, num_labels=3))
+    else:
+        m = t.GPT2ForSequenceClassification(t.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100,
+                                                         pad_token_id=0, num_labels=3, bos_token_id=1, eos_token_id=2))
+    m.eval()
+    h = unipelt.compile(m, SPECS / spec if spec != "template" else TEMPLATE)
+    liven(h)
+    x = torch.randint(3, 100, (2, 7))
+    mask = torch.ones_like(x)
+    mask[0, 5:] = 0
+    x = x.masked_fill(mask == 0, 0)
+    batch = logits(m, input_ids=x, attention_mask=mask)
+    torch.testing.assert_close(batch[0], logits(m, input_ids=x[:1, :5])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch[1], logits(m, input_ids=x[1:])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_is_refused_clearly_and_leaves_the_model_untouched():
+    """flash-attn is not installable here: this checks the refusal only. Attaching used to fail with a
+    KeyError in the rollback, leaving unipelt's state on the model."""
+    from conftest import Snapshot
+
+    from unipelt.errors import ModelError
+
+    m = tiny("llama")
+    m.config._attn_implementation_internal = "flash_attention_2"  # as if loaded with it
+    snap = Snapshot(m)
+    with pytest.raises(ModelError, match=r"attn_implementation='flash_attention_2'.*'sdpa'"):
+        unipelt.compile(m, SPECS / "unipelt.yaml")
+    snap.assert_same()
+    assert m.config._attn_implementation == "flash_attention_2"
