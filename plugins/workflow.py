@@ -1,21 +1,21 @@
 """The training workflow on the command line: ``train``, ``eval``, ``gates``, ``merge``, ``export``.
 
     unipelt train SPEC MODEL --data TRAIN [--eval EVAL] --out DIR [options]
-    unipelt eval ADAPTER MODEL --data DATA [--json]
-    unipelt gates ADAPTER MODEL --data DATA [--plot gates.png] [--json]
-    unipelt merge ADAPTER MODEL --out DIR
+    unipelt eval ADAPTER [MODEL] --data DATA [--json]
+    unipelt gates ADAPTER [MODEL] --data DATA [--plot gates.png] [--json]
+    unipelt merge ADAPTER [MODEL] --out DIR
     unipelt export ADAPTER --format peft --out DIR [--model MODEL]
 
 DATA is a ``.jsonl``/``.csv``/``.tsv`` file (fields chosen with ``--text-field``, ``--label-field``,
 ``--prompt-field``, ``--response-field``) or a built-in data set, ``NAME`` or ``NAME:SPLIT``
 (``drugreview``, ``drugreview:dev``, ``drugreview:test``, ``chatterbot``, ``chatterbot:test``).
 The task follows from the data (labels: classification; prompt/response or text: causal LM)
-unless ``--task`` says it. ``eval``, ``gates`` and ``merge`` take the label order and task that
-training recorded in the adapter (``unipelt.json``, key ``workflow``); ``export`` also takes the
-recorded model name when ``--model`` is not given.
+unless ``--task`` says it. ``eval``, ``gates``, ``merge`` and ``export`` take the model, label
+order, task, field names, chat-template choice and max length that training recorded in the
+adapter (``unipelt.json``, key ``workflow``) unless a flag or MODEL says otherwise.
 
 This plugin also records, on every save of an adapter trained by :func:`unipelt.train.train`, the
-training facts (model, task, labels, max length) under ``workflow`` in ``unipelt.json``.
+training facts (model, task, labels, max length, fields) under ``workflow`` in ``unipelt.json``.
 """
 from __future__ import annotations
 
@@ -37,25 +37,37 @@ def unipelt_adapter_saved(handle, path, metadata):
 # ------------------------------------------------------------------------------------------
 # shared options
 # ------------------------------------------------------------------------------------------
-def _data_options(p: argparse.ArgumentParser) -> None:
+FIELDS = {"text": "text", "label": "label", "prompt": "prompt", "response": "response"}  # the defaults
+
+
+def _data_options(p: argparse.ArgumentParser, *, trained: bool = False) -> None:
     g = p.add_argument_group("data")
+    default = "the one used in training, else {}" if trained else "{}"
     g.add_argument("--format", choices=("jsonl", "csv", "tsv"), help="file format (default: from the extension)")
-    g.add_argument("--text-field", default="text", help="field holding the text (default: text)")
-    g.add_argument("--label-field", default="label", help="field holding the class label (default: label)")
-    g.add_argument("--prompt-field", default="prompt", help="field holding the prompt of a pair (default: prompt)")
-    g.add_argument("--response-field", default="response", help="field holding the response (default: response)")
+    g.add_argument("--text-field", help=f"field (column) holding the text (default: {default.format('text')})")
+    g.add_argument("--label-field", help=f"field holding the class label (default: {default.format('label')})")
+    g.add_argument("--prompt-field", help=f"field holding the prompt of a pair (default: {default.format('prompt')})")
+    g.add_argument("--response-field", help=f"field holding the response (default: {default.format('response')})")
     g.add_argument("--task", choices=("classification", "causal-lm"),
-                   help="default: from the data (labels: classification; prompt/response or text: causal-lm)")
-    g.add_argument("--no-chat-template", dest="chat_template", action="store_false",
-                   help="format prompt/response pairs as 'prompt\\nresponse' even if the tokenizer has a chat template")
+                   help="the one used in training" if trained else
+                   "default: from the data (a label field: classification; prompt/response or text: causal-lm)")
+    g.add_argument("--no-chat-template", dest="chat_template", action="store_false", default=None,
+                   help="format prompt/response pairs as 'prompt\\nresponse' even if the tokenizer has a chat template"
+                        + (" (default: as in training)" if trained else ""))
 
 
-def _read(value: str, args, task: str | None):
+def _fields(args, recorded: dict | None = None) -> dict[str, str]:
+    """Field names: the flags, else the ones recorded at training, else the defaults."""
+    recorded = recorded or {}
+    return {k: getattr(args, f"{k}_field") or recorded.get(k) or v for k, v in FIELDS.items()}
+
+
+def _read(value: str, args, task: str | None, fields: dict[str, str]):
     from unipelt.train import load_data
 
     kind = {"classification": "classification", "causal-lm": "lm"}.get(task or "", "auto")
-    return load_data(value, kind=kind, format=args.format, text_field=args.text_field, label_field=args.label_field,
-                     prompt_field=args.prompt_field, response_field=args.response_field)
+    return load_data(value, kind=kind, format=args.format, text_field=fields["text"], label_field=fields["label"],
+                     prompt_field=fields["prompt"], response_field=fields["response"])
 
 
 def _print_metrics(metrics: dict, task: str) -> None:
@@ -79,8 +91,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from unipelt.train import TrainConfig, train
 
     spec = parse_spec(args.spec)  # spec errors first
-    train_rows = _read(args.data, args, args.task)
-    eval_rows = _read(args.eval, args, args.task) if args.eval else []
+    fields = _fields(args)
+    train_rows = _read(args.data, args, args.task, fields)
+    eval_rows = _read(args.eval, args, args.task, fields) if args.eval else []
     cfg = TrainConfig(
         out_dir=args.out, task=args.task, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
@@ -89,7 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None, gate_lr=args.gate_lr,
         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, resume=args.resume or False, overwrite=args.overwrite,
-        use_chat_template=args.chat_template, progress=not args.no_progress, device=args.device,
+        use_chat_template=args.chat_template is not False, progress=not args.no_progress, device=args.device,
+        data_fields=fields,
     )
     report = train(spec, args.model, train_rows, eval_rows, cfg)
     if args.json:
@@ -103,6 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     p = report["params"]
     print(f"trainable     {p['trainable']:,} parameters ({p['kept']:,} kept after training, "
           f"{p['percent_of_base']:.3f}% of the base)")
+    if report["resumed_from"]:
+        print(f"resumed from  {report['resumed_from']}")
     print(f"steps         {report['steps']} ({report['time']['per_step_median_s'] or 0:.3f} s/step median)")
     for e in report["epochs"]:
         m = e["eval"]
@@ -145,15 +161,30 @@ def _adapted(args, data):
     return model, tok, handle, info
 
 
+def _read_for_adapter(args):
+    """The data of ``eval``/``gates``, read with the field names and task recorded at training unless
+    the flags say otherwise."""
+    from unipelt.errors import AdapterFileError
+    from unipelt.train import training_info
+
+    try:
+        info = training_info(args.adapter)
+    except AdapterFileError:
+        info = {}  # reported when the adapter is loaded
+    data = _read(args.data, args, args.task or info.get("task"), _fields(args, info.get("fields")))
+    chat = args.chat_template if args.chat_template is not None else info.get("use_chat_template", True) is not False
+    return data, chat
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from unipelt.train import evaluate
 
-    data = _read(args.data, args, args.task)
+    data, chat = _read_for_adapter(args)
     model, tok, handle, info = _adapted(args, data)
     task = info["task"]
     metrics = evaluate(model, tok, data, task=task, labels=info.get("labels"), batch_size=args.batch_size,
                        max_length=args.max_length or info.get("max_length") or 256,
-                       use_chat_template=args.chat_template)
+                       use_chat_template=chat)
     if args.json:
         print(json.dumps({"adapter": args.adapter, "model": info.get("model"), "task": task, **metrics}, indent=2))
     else:
@@ -167,10 +198,10 @@ def cmd_gates(args: argparse.Namespace) -> int:
     from unipelt.errors import UnipeltError
     from unipelt.train import _pad_id, encode, gate_means, gate_table_text, plot_gates
 
-    data = _read(args.data, args, args.task)
+    data, chat = _read_for_adapter(args)
     model, tok, handle, info = _adapted(args, data)
     rows = encode(data, tok, info["task"], labels=info.get("labels"),
-                  max_length=args.max_length or info.get("max_length") or 256, use_chat_template=args.chat_template)
+                  max_length=args.max_length or info.get("max_length") or 256, use_chat_template=chat)
     table = gate_means(handle, rows, pad_id=_pad_id(tok), batch_size=args.batch_size)
     if not table:
         raise UnipeltError(f"{args.adapter}: the adapter has no gated module, so there are no gate values")
@@ -257,34 +288,35 @@ def unipelt_add_commands(subparsers):
 
     def adapter_cmd(name, help, description):
         p = subparsers.add_parser(name, help=help, description=description)
-        p.add_argument("adapter", help="adapter directory (adapter.safetensors + unipelt.json)")
-        p.add_argument("model", help=models_help)
+        p.add_argument("adapter", help="adapter directory (adapter.safetensors + unipelt.json), e.g. RUN/adapter")
+        p.add_argument("model", nargs="?", help=models_help + " (default: the model recorded at train time)")
         return p
 
     e = adapter_cmd("eval", "evaluate a trained adapter on a data set",
                     "Accuracy and macro-F1 (classification) or loss and perplexity (causal LM).")
     e.add_argument("--data", required=True, help=data_help)
-    _data_options(e)
-    e.add_argument("--batch-size", type=int, default=16)
+    _data_options(e, trained=True)
+    e.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
     e.add_argument("--max-length", type=int, help="default: the one used in training, else 256")
-    e.add_argument("--device")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
 
     g = adapter_cmd("gates", "gate values per layer and module over a data set (table, heat map)",
                     "Mean gate value of every gated module at every layer over the examples of a data set.")
     g.add_argument("--data", required=True, help=data_help)
-    _data_options(g)
+    _data_options(g, trained=True)
     g.add_argument("--plot", metavar="PNG", help="write a heat map (layers x modules, values annotated)")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
     g.add_argument("--max-length", type=int, help="default: the one used in training, else 256")
-    g.add_argument("--device")
-    g.add_argument("--json", action="store_true")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_gates)
 
     m = adapter_cmd("merge", "merge an adapter into its base model and save a plain transformers model",
                     "Fold every ungated LoRA (and in-place trained parameters) into the weights and save_pretrained "
-                    "the result with its tokenizer. Refuses adapters with gated or non-linear modules.")
+                    "the result with its tokenizer. Refuses adapters with gated or non-linear modules "
+                    "(adapters, prefixes, prompts), naming the module.")
     m.add_argument("--out", required=True, help="output model directory")
     m.set_defaults(func=cmd_merge)
 

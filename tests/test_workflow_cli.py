@@ -336,3 +336,40 @@ def test_train_refuses_an_eval_label_not_in_the_training_data(tmp_path, capsys, 
     assert err.strip().splitlines() == [
         f"error: {dev_csv}: line 5: label 'mixed' does not occur in the training data (negative, neutral, positive)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_gates_merge_reuse_the_recorded_fields_and_model(tmp_path, capsys, spec_file):
+    """A run trained on `sentence,sentiment` columns: eval and gates used to need the field flags
+    (and MODEL) again, else 'cannot tell the task'; now they default to what training recorded."""
+    train_csv = write_table(tmp_path / "train.csv", ["sentence", "sentiment"], SENTIMENT * 2)
+    dev_tsv = write_table(tmp_path / "dev.tsv", ["sentence", "sentiment"], SENTIMENT, delimiter="\t")
+    spec = spec_file({"version": 1, "modules": {
+        "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 2, "gate": True}}})
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", spec, "tiny-bert", "--data", train_csv, "--eval", dev_tsv, "--out", out,
+                       "--text-field", "sentence", "--label-field", "sentiment", "--epochs", "1", "--no-progress")
+    assert code == 0, err
+    meta = json.loads((out / "adapter" / "unipelt.json").read_text())
+    assert meta["workflow"]["fields"] == {"text": "sentence", "label": "sentiment", "prompt": "prompt",
+                                          "response": "response"}
+    code, stdout, err = run(capsys, "eval", out / "adapter", "--data", dev_tsv, "--json")
+    assert code == 0, err
+    final = json.loads((out / "report.json").read_text())["final_eval"]
+    assert json.loads(stdout)["accuracy"] == final["accuracy"] and json.loads(stdout)["examples"] == 6
+    code, stdout, err = run(capsys, "gates", out / "adapter", "--data", dev_tsv, "--json")
+    assert code == 0, err
+    assert set(json.loads(stdout)["gates"]) == {"lora"}
+    # the flags still win over the record
+    code, _, err = run(capsys, "eval", out / "adapter", "--data", dev_tsv, "--label-field", "nope")
+    assert code == 5 and "'nope'" in err
+
+
+def test_lm_taken_from_the_data_on_an_encoder_says_why(tmp_path, capsys, spec_file):
+    """A classification file whose label column is not named `label` reads as LM text; the model
+    error on an encoder now says the task came from the data and which flag to give."""
+    train_csv = write_table(tmp_path / "train.csv", ["text", "sentiment"], SENTIMENT)
+    spec = spec_file({"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 2}}})
+    code, _, err = run(capsys, "train", spec, "tiny-bert", "--data", train_csv, "--out", tmp_path / "run")
+    assert code == 3
+    (line,) = err.strip().splitlines()
+    assert "no causal-LM head" in line and "--label-field" in line and "--task" in line

@@ -104,6 +104,8 @@ class TrainConfig:
     labels: the class labels in index order (default: the sorted labels of the training data; an
     evaluation row with a label outside them is a DataError).
     model_name: recorded in the report and the adapter (set automatically when a name is given).
+    data_fields: the field names the data was read with (``text``, ``label``, ``prompt``,
+    ``response``), recorded with the adapter so ``unipelt eval``/``gates`` read files the same way.
     """
 
     out_dir: str | None = None
@@ -133,6 +135,7 @@ class TrainConfig:
     device: str | None = None
     adapter_name: str = "default"
     model_name: str | None = None
+    data_fields: dict[str, str] | None = None
 
     def check(self) -> None:
         def positive(name, allow_none=False):
@@ -662,7 +665,13 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
     # model ------------------------------------------------------------------------------
     if isinstance(model, (str, os.PathLike)):
         model_name = cfg.model_name or _model_name(str(model))
-        net, tok = load_model(str(model), task=task, num_labels=len(labels) if labels else None)
+        try:
+            net, tok = load_model(str(model), task=task, num_labels=len(labels) if labels else None)
+        except ModelError as e:
+            if cfg.task is None and task == "causal-lm":  # say why the task is LM: no label field was found
+                raise ModelError(f"{e}; the task was taken as causal-lm because the training data has no label "
+                                 "field: name the label field (--label-field) or the task (--task)") from None
+            raise
     else:
         model_name = cfg.model_name or getattr(getattr(model, "config", None), "name_or_path", None) or None
         net, tok = model, tokenizer
@@ -709,6 +718,8 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
     handle = _compile(net, spec, cfg.adapter_name)
     info = {"model": model_name, "task": task, "labels": labels, "max_length": cfg.max_length,
             "use_chat_template": cfg.use_chat_template}
+    if cfg.data_fields:
+        info["fields"] = dict(cfg.data_fields)
     record_training_info(handle, info)
 
     # optimizer, controllers ---------------------------------------------------------------
