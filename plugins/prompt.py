@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from unipelt.errors import ModelError
+from unipelt.errors import ModelError, SpecError
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
 
@@ -49,6 +49,11 @@ class PromptConfig:
             return "init_text", "init: text needs init_text (the words whose embeddings start the prompt)"
         if self.init == "token_ids" and not self.token_ids:
             return "token_ids", "init: token_ids needs a list of token ids"
+        # given but unused would silently start from another init than the one written
+        if self.token_ids is not None and self.init != "token_ids":
+            return "token_ids", f"token_ids is used only with init: token_ids (init is {self.init!r})"
+        if self.init_text is not None and self.init != "text":
+            return "init_text", f"init_text is used only with init: text (init is {self.init!r})"
         return None
 
 
@@ -134,7 +139,9 @@ class PromptTuning(PromptBranch):
                 else:
                     ids = torch.tensor(_tokenize(model_info, cfg.init_text))
                 if int(ids.max()) >= embedding.weight.shape[0] or int(ids.min()) < 0:
-                    raise ModelError(f"prompt init token ids out of the vocabulary (size {embedding.weight.shape[0]})")
+                    bad = [int(i) for i in ids if not 0 <= int(i) < embedding.weight.shape[0]]
+                    raise SpecError(f"token ids {bad} are outside the model's vocabulary "
+                                    f"(0..{embedding.weight.shape[0] - 1})", path="token_ids")
                 ids = ids.repeat((cfg.length + len(ids) - 1) // len(ids))[: cfg.length]
                 init = embedding.weight[ids].detach().float().cpu().clone()
         self.embedding = nn.Parameter(init)
@@ -172,7 +179,9 @@ def _tokenize(model_info, text: str) -> list[int]:
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means: no local tokenizer
-        raise ModelError(f"init: text needs the model's tokenizer in its local directory ({path or 'unknown'}): {e}") from None
+        # the first line only: hub errors append several lines of advice about connectivity
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"init: text needs the model's tokenizer in its local directory ({path or 'unknown'}): {first}") from None
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ModelError("init_text tokenizes to nothing")

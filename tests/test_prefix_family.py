@@ -564,3 +564,42 @@ def test_flash_attention_is_refused_clearly_and_leaves_the_model_untouched():
         unipelt.compile(m, SPECS / "unipelt.yaml")
     snap.assert_same()
     assert m.config._attn_implementation == "flash_attention_2"
+
+
+def _spec_file(tmp_path, node):
+    import yaml
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "modules": {"p": node}}))
+    return path
+
+
+@pytest.mark.parametrize("node,field", [
+    ({"method": "prompt", "token_ids": [1, 2]}, "token_ids"),       # was silently a random init
+    ({"method": "prompt", "init": "vocab", "init_text": "hi"}, "init_text"),
+])
+def test_prompt_init_values_without_their_init_are_errors(tmp_path, node, field):
+    path = _spec_file(tmp_path, node)
+    with pytest.raises(unipelt.SpecError, match="used only with init") as e:
+        unipelt.parse_spec(path)
+    assert e.value.path == f"modules.p.{field}" and e.value.source == str(path)
+
+
+def test_prompt_token_ids_outside_the_vocabulary_name_file_and_field(tmp_path):
+    """Was a ModelError naming neither the spec file nor the field."""
+    from conftest import Snapshot
+
+    path = _spec_file(tmp_path, {"method": "prompt", "length": 2, "init": "token_ids", "token_ids": [3, 100]})
+    m = tiny("gpt2")
+    snap = Snapshot(m)
+    with pytest.raises(unipelt.SpecError, match=r"token ids \[100\] are outside the model's vocabulary \(0\.\.99\)") as e:
+        unipelt.compile(m, path)
+    assert e.value.path == "modules.p.token_ids" and e.value.source == str(path)
+    snap.assert_same()
+
+
+def test_report_labels_of_global_hook_points_have_no_layer():
+    m = tiny("llama")
+    h = unipelt.compile(m, {"modules": {"p": {"method": "prompt", "length": 2}, "q": {"method": "p_tuning", "length": 2}}})
+    labels = [d.get("label", "") for _, d in h.graph.graph.nodes(data=True)]
+    assert "p (prompt) embed" in labels and not any("LNone" in label for label in labels)

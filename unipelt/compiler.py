@@ -196,10 +196,18 @@ def compile(
             shared_modules[node.name] = shared
             container.shared[node.name] = shared
     for bp in graph.branches:
-        mod = registry.hook.unipelt_build_branch(
-            method=bp.method, config=bp.node.config, node=bp.node, site=bp.site, model=info,
-            shared=shared_modules.get(bp.node.name),
-        )
+        try:
+            mod = registry.hook.unipelt_build_branch(
+                method=bp.method, config=bp.node.config, node=bp.node, site=bp.site, model=info,
+                shared=shared_modules.get(bp.node.name),
+            )
+        except SpecError as e:
+            if e.source is not None:
+                raise
+            # a builder knows the field, not the file or the node: name all three (STYLE.md, 15)
+            field_path = f"modules.{bp.node.name}" + (f".{e.path}" if e.path else "")
+            message = str(e).removeprefix(f"{e.path}: ") if e.path else str(e)
+            raise SpecError(message, source=spec.source, path=field_path) from None
         if mod is None:
             raise PluginError(f"no plugin built method {bp.method.name!r} (declared by {bp.method.plugin!r}) for {bp.key}")
         if getattr(mod, "reads", None) not in ("input", "output", "kv", "embed", "params"):

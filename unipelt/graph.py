@@ -193,14 +193,15 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
     site_nodes: dict[str, list[BranchPlan]] = {}
     for bp in branches:
         layer = bp.site.layer
+        at = f"L{layer} " if layer is not None else ""  # global hook points (embed, head) have no layer
         b = f"B:{bp.node.name}:{layer}:{bp.site.site}"
-        g.add_node(b, type="branch", label=f"{bp.node.name} ({bp.method.name}) L{layer} {bp.site.site}", plan=bp)
+        g.add_node(b, type="branch", label=f"{bp.node.name} ({bp.method.name}) {at}{bp.site.site}", plan=bp)
         g.add_edge(tnode(layer, bp.reads_tensor), b, role="reads")
         c = f"C:{layer}:{bp.site.site}"
         if c not in g:
-            g.add_node(c, type="combine", label=f"+ L{layer} {bp.site.site}", site=bp.site.key)
+            g.add_node(c, type="combine", label=f"+ {at}{bp.site.site}", site=bp.site.key)
             o = f"O:{layer}:{bp.site.site}"
-            g.add_node(o, type="output", label=f"L{layer} {bp.site.site} out", layer=layer)
+            g.add_node(o, type="output", label=f"{at}{bp.site.site} out", layer=layer)
             g.add_edge(c, o)
             if bp.site.kind in ("linear", "io"):
                 g.add_edge(tnode(layer, bp.reads_tensor), c, role="base")

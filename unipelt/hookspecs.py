@@ -96,6 +96,8 @@ def unipelt_build_branch(
     :return: an ``nn.Module`` following :class:`unipelt.runtime.Branch`, or None if this
         implementation does not build this method.
 
+    A config value that does not fit this model (a token id beyond its vocabulary) raises
+    ``SpecError(message, path=<field>)``: the compiler adds the spec file and the node's path.
     The first non-None result wins. Implementations check ``method.name`` and return None for
     methods they do not own; a plugin that handles a special base (4-bit, 8-bit) marks itself
     ``tryfirst``. Called after the spec validated against the model, before anything is attached.
