@@ -113,7 +113,8 @@ class PrefixBranch(nn.Module):
 
     # -- after training: keep only P ---------------------------------------------------------
     @torch.no_grad()
-    def materialize(self) -> None:
+    def materialize(self) -> dict:
+        """Keep only P; returns the spec fields that describe the branch from now on."""
         was_training = self.training
         self.eval()  # prefix dropout must not be baked into the kept prefix
         pk, pv = self.prefix()
@@ -121,6 +122,7 @@ class PrefixBranch(nn.Module):
         self.prefix_kv = nn.Parameter(torch.stack([pk, pv]).detach().clone())
         self.own_mlp = None
         self.__dict__["shared"] = None
+        return {"reparam": "none", "reparam_hidden": None, "reparam_shared": None}
 
     # -- attention-level injection -------------------------------------------------------------
     def attach(self, *, model, state, site, entry) -> None:

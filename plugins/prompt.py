@@ -60,14 +60,15 @@ class PromptConfig:
 @dataclass
 class PTuningConfig:
     """length: L virtual tokens (default 20; with a template, the template's count).
-    encoder: ``lstm`` (BiLSTM + MLP, the paper) or ``mlp``. hidden: the encoder width.
+    encoder: ``lstm`` (BiLSTM + MLP, the paper), ``mlp``, or ``none`` (the L vectors themselves:
+    what ``drop_reparameterization`` leaves after training). hidden: the encoder width.
     template: where the virtual tokens sit around the input, as segments: counts of virtual
     tokens and ``input`` once, e.g. ``[3, input, 3]`` (3 before, 3 after), ``[input, 4]`` or
     ``[5, input]`` (the default placement: all in front). The encoder runs over all L tokens in
     template order, so the tokens after the input are conditioned on those before it."""
 
     length: int | None = field(default=None, metadata={"min": 1})
-    encoder: Literal["lstm", "mlp"] = "lstm"
+    encoder: Literal["lstm", "mlp", "none"] = "lstm"
     hidden: int = field(default=512, metadata={"min": 2})
     init_std: float = field(default=1.0, metadata={"min": 0})
     template: list[int | Literal["input"]] | None = None
@@ -158,14 +159,28 @@ class PTuning(PromptBranch):
         if cfg.encoder == "lstm":
             self.lstm = nn.LSTM(d, cfg.hidden // 2, num_layers=2, bidirectional=True, batch_first=True)
             self.mlp = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, d))
-        else:
+        elif cfg.encoder == "mlp":
             self.mlp = nn.Sequential(nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, d))
 
     def prompt(self) -> Tensor:
         x = self.embedding
+        if self.encoder_kind == "none":
+            return x
         if self.encoder_kind == "lstm":
             x = self.lstm(x.unsqueeze(0))[0].squeeze(0)
         return self.mlp(x)
+
+    @torch.no_grad()
+    def materialize(self) -> dict:
+        """Keep only the L produced vectors (the encoder is a training-time reparameterisation)."""
+        if self.encoder_kind == "none":
+            return {}
+        self.embedding = nn.Parameter(self.prompt().detach().clone())
+        for name in ("lstm", "mlp"):
+            if name in self._modules:
+                del self._modules[name]
+        self.encoder_kind = "none"
+        return {"encoder": "none", "hidden": None}
 
     def num_params(self, kept: bool) -> int:
         # after training only the L produced vectors need keeping

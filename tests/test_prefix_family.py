@@ -195,10 +195,14 @@ def test_bert_base_counts_prefix_kept_and_total():
     assert s.training == s.kept - 184_320 + mlp
 
 
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_drop_reparameterization_keeps_outputs_and_reloads(kind, tmp_path):
+def test_drop_reparameterization_keeps_outputs_and_reloads(kind, shared, tmp_path):
     m = tiny(kind)
-    h = unipelt.compile(m, SPECS / "unipelt.yaml")
+    spec = copy.deepcopy(unipelt.parse_spec(SPECS / "unipelt.yaml").raw)
+    # per-layer MLPs (reparam_shared: false) used to stay in the saved adapter, which then did not reload
+    spec["modules"]["prefix"]["reparam_shared"] = shared
+    h = unipelt.compile(m, spec)
     liven(h)
     x = torch.randint(1, 100, (2, 8))
     ref = logits(m, input_ids=x)
@@ -603,3 +607,25 @@ def test_report_labels_of_global_hook_points_have_no_layer():
     h = unipelt.compile(m, {"modules": {"p": {"method": "prompt", "length": 2}, "q": {"method": "p_tuning", "length": 2}}})
     labels = [d.get("label", "") for _, d in h.graph.graph.nodes(data=True)]
     assert "p (prompt) embed" in labels and not any("LNone" in label for label in labels)
+
+
+@pytest.mark.parametrize("encoder", ["lstm", "mlp"])
+def test_p_tuning_drop_reparameterization_keeps_only_the_prompt(encoder, tmp_path):
+    """The summary always counted L·d kept parameters for P-tuning, but the encoder was kept and
+    saved: now drop_reparameterization keeps the produced vectors, and the adapter reloads."""
+    m = tiny("llama")
+    spec = {"modules": {"pt": {"method": "p_tuning", "encoder": encoder, "hidden": 16, "template": [2, "input", 1]}}}
+    h = unipelt.compile(m, spec)
+    liven(h)
+    x = torch.randint(1, 100, (2, 5))
+    ref = logits(m, input_ids=x)
+    kept, training = h.summary().kept, h.summary().training
+    assert kept == 3 * 64 < training
+    assert h.drop_reparameterization() == training - kept
+    assert h.summary().kept == h.summary().training == kept
+    assert torch.allclose(ref, logits(m, input_ids=x), atol=1e-6)
+    assert h.spec.raw["modules"]["pt"]["encoder"] == "none" and "hidden" not in h.spec.raw["modules"]["pt"]
+    h.save(tmp_path / "a")
+    fresh = tiny("llama")
+    unipelt.load(fresh, tmp_path / "a")
+    assert torch.allclose(ref, logits(fresh, input_ids=x), atol=1e-6)

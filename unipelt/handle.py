@@ -276,29 +276,39 @@ class AdapterHandle:
     # -- after training ---------------------------------------------------------------------
     def drop_reparameterization(self) -> int:
         """Keep only what inference needs: branches with a training-time reparameterisation
-        (the prefix MLP) compute their final tensors once and drop the rest. The stored spec
-        is updated (``reparam: none``), so the saved adapter reloads as it is. Returns the
-        number of parameters dropped."""
+        (the prefix MLP, P-tuning's prompt encoder) compute their final tensors once and drop
+        the rest (``materialize()``, which returns the spec fields that now describe the
+        branch). The stored spec is updated (``reparam: none``, ``encoder: none``), so the saved
+        adapter reloads as it is. Returns the number of parameters dropped."""
         before = sum(p.numel() for p in self._params.values())
-        changed = set()
+        changed: dict[str, dict] = {}
+        materialized: list[str] = []
         for key, mod in self.branch_modules.items():
             if hasattr(mod, "materialize"):
-                mod.materialize()
-                changed.add(key.split(".", 1)[0])
+                # the branch says which spec fields now describe it ({field: value, or None: drop it})
+                changed[key.split(".", 1)[0]] = mod.materialize() or {}
+                materialized.append(key)
         for node in list(self.shared_modules):
             del self.container.shared[node]
             del self.shared_modules[node]
-        for node in changed:
+        for node, fields in changed.items():
             raw = self.spec.raw.get("modules", {}).get(node)
-            if isinstance(raw, dict):
-                raw["reparam"] = "none"
-                raw.pop("reparam_hidden", None)
-                raw.pop("reparam_shared", None)
-            self.spec.modules[node].config.reparam = "none"
+            config = self.spec.modules[node].config
+            for name, value in fields.items():
+                if isinstance(raw, dict):
+                    if value is None:
+                        raw.pop(name, None)
+                    else:
+                        raw[name] = value
+                if value is not None:
+                    setattr(config, name, value)
         self._params = {k: p for k, p in self._params.items() if ".shared." not in k}
-        for key, mod in self.branch_modules.items():
-            for pname, p in mod.named_parameters():
-                self._params.setdefault(f"{key}.{pname}", p)
+        # a materialized branch's parameters are new objects, and its own reparameterisation (a
+        # per-layer prefix MLP, P-tuning's encoder) is gone: track exactly what it holds now
+        self._params = {k: p for k, p in self._params.items() if not any(k.startswith(f"{m}.") for m in materialized)}
+        for key in materialized:
+            for pname, p in self.branch_modules[key].named_parameters():
+                self._params[f"{key}.{pname}"] = p
                 p.requires_grad_(True)
         return before - sum(p.numel() for p in self._params.values())
 

@@ -29,7 +29,9 @@ class Branch(Protocol):
     forward(x, gate): the delta to add, shaped like the hook point's output; ``gate`` is None or
         a tensor broadcastable to (batch, tokens, 1).
     Optional: ``mergeable`` and ``delta_weight()`` (an (out, in) matrix added to the base weight),
-    ``num_params(kept: bool)`` (parameters kept after training vs. used in training).
+    ``num_params(kept: bool)`` (parameters kept after training vs. used in training),
+    ``materialize()`` (drop a training-time reparameterisation; returns the spec fields that
+    describe the branch afterwards, ``{field: value}``, ``None`` to remove a field).
     """
 
     reads: str
