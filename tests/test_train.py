@@ -282,3 +282,77 @@ def test_trainer_with_unipelt_callback(tmp_path):
     unipelt.load(fresh, out / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, ref)
+
+
+def test_drop_reparameterization_leaves_the_callers_spec_alone():
+    """Regression (found resuming under Trainer): drop_reparameterization rewrote the caller's spec
+    dict (reparam: none), so the next compile from the same dict had no prefix MLP and Trainer's
+    optimizer state no longer fitted. The same held for a parsed Spec passed to compile."""
+    from unipelt.spec import parse_spec
+
+    spec = {"version": 1, "modules": {"prefix": {"method": "prefix", "sites": "attn.kv", "length": 3,
+                                                 "reparam": "mlp", "reparam_hidden": 16}}}
+    for given in (spec, parse_spec(spec)):
+        first = unipelt.compile(load_model("tiny-bert")[0], given)
+        n_params = sum(p.numel() for p in first.parameters())
+        assert first.drop_reparameterization() > 0
+        assert spec["modules"]["prefix"]["reparam"] == "mlp" and spec["modules"]["prefix"]["reparam_hidden"] == 16
+        second = unipelt.compile(load_model("tiny-bert")[0], given)
+        assert sum(p.numel() for p in second.parameters()) == n_params
+        assert second.spec.modules["prefix"].config.reparam == "mlp"
+
+
+def test_trainer_classifier_gated_prefix_callback_and_resume(tmp_path):
+    """Trainer (transformers 5) trains a compiled classifier (gated LoRA + prefix MLP + head): the
+    callback's adapters reload with unipelt.load to the same logits, the final one without the
+    prefix MLP; Trainer's own resume_from_checkpoint ends with the same adapter bit for bit."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from unipelt.data import encode_classification
+
+    spec = {"version": 1, "modules": {
+        "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": True},
+        "prefix": {"method": "prefix", "sites": "attn.kv", "length": 3, "reparam": "mlp", "reparam_hidden": 16,
+                   "gate": True},
+        "head": {"method": "train", "sites": "head"}}}
+
+    def run(out, resume=None):
+        model, tok = load_model("tiny-bert", task="classification", num_labels=2)
+        torch.manual_seed(0)
+        handle = unipelt.compile(model, spec)
+        rows = [vars(r) for r in encode_classification(cls_rows(), tok, ["neg", "pos"], 32)]
+        args = TrainingArguments(str(out), report_to=[], use_cpu=True, num_train_epochs=2, save_steps=2,
+                                 per_device_train_batch_size=4, learning_rate=1e-2, disable_tqdm=True,
+                                 logging_strategy="no", seed=5)
+        cb = UnipeltCallback(handle, out, drop_reparameterization=True)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=lambda b: collate(b, tok.pad_token_id),
+                          optimizers=(torch.optim.AdamW(param_groups(handle, 1e-2, gate_lr=5e-2)), None), callbacks=[cb])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, tok, handle, cb, rows
+
+    out = tmp_path / "full"
+    model, tok, handle, cb, rows = run(out)
+    assert [p.relative_to(out).as_posix() for p in cb.saved] == [
+        "checkpoint-2/adapter", "checkpoint-4/adapter", "checkpoint-6/adapter", "adapter"]
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()  # Trainer's own files sit beside it
+    final = adapter_tensors(out / "adapter")
+    assert not any(".shared." in k for k in final) and any(k.endswith("prefix_kv") for k in final)
+    assert any(".shared." in k for k in adapter_tensors(out / "checkpoint-2" / "adapter"))  # the MLP, to go on
+
+    batch = collate(rows[:4], tok.pad_token_id)
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        ref = model(**batch).logits
+    fresh, _ = load_model("tiny-bert", task="classification", num_labels=2)
+    unipelt.load(fresh, out / "adapter")
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, ref)
+
+    part = tmp_path / "part"
+    shutil.copytree(out / "checkpoint-2", part / "checkpoint-2")
+    run(part, resume=str(part / "checkpoint-2"))
+    again = adapter_tensors(part / "adapter")
+    assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)

@@ -5,6 +5,7 @@ built and the budget holds; a failure before that point leaves the model exactly
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,7 +174,9 @@ def compile(
     from unipelt.handle import AdapterHandle  # handle imports this module
 
     registry = registry or get_registry()
-    spec = parse_spec(spec, registry)
+    # the handle owns its spec: drop_reparameterization() rewrites it, and must not rewrite the
+    # caller's dict or Spec (a second compile from it would silently lose the prefix MLP)
+    spec = copy.deepcopy(parse_spec(spec, registry))
     state = get_state(model)
     info = state.info if state is not None else resolve_model(model, registry.architectures)
     if state is not None and name in state.handles:

@@ -22,6 +22,7 @@ Format (YAML or JSON)::
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -217,7 +218,7 @@ def _parse_gate(value: Any, *, source: str | None, path: str, name: str | None =
 def load_spec_data(spec: str | os.PathLike | dict) -> tuple[dict, str | None]:
     """Read a spec file (YAML or JSON) or accept a dict; returns (data, source name)."""
     if isinstance(spec, dict):
-        return spec, None
+        return copy.deepcopy(spec), None  # a Spec never aliases the caller's dict
     path = Path(spec)
     source = str(spec)
     try:
