@@ -169,3 +169,26 @@ def test_separate_kv_prefix_gates_are_causal(arch, pooling):
             past = out.past_key_values
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), base, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("spec", ["al", "prefix"])
+def test_running_mean_through_generate_equals_recompute_logits(arch, spec):
+    """generate() drops an all-ones attention mask, so the mask could not tell a cached step from a
+    fresh call: the running mean restarted at every decoding step (off by ~1e-3 in the logits, rarely
+    enough to flip a greedy token). The cache length now says how many tokens came before."""
+    gate = {"pooling": "running_mean"}
+    model = DECODERS[arch]()
+    h = unipelt.compile(model, unipelt_al(gate) if spec == "al" else _gated_prefix("separate", "running_mean"))
+    randomize(h, seed=5, std=0.5)
+    ids = _ids(b=2, t=5)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+        seq, want = ids, []
+        for _ in range(4):
+            step = run(model, seq)[:, -1]
+            want.append(step)
+            seq = torch.cat([seq, step.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, seq)
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(want, 1), atol=ATOL, rtol=0)

@@ -18,7 +18,8 @@ from unipelt.arch import ModelInfo, ResolvedSite, resolve_model
 from unipelt.errors import ModelError, PluginError, SpecError
 from unipelt.graph import CompiledGraph, build_graph
 from unipelt.registry import Registry, get_registry
-from unipelt.runtime import Entry, ForwardContext, Host, LeafWrapper, first_tensor_arg, mask_from_call
+from unipelt.runtime import (Entry, ForwardContext, Host, LeafWrapper, cache_length_from_call, first_tensor_arg,
+                             mask_from_call)
 from unipelt.spec import Spec, parse_spec
 
 CONTAINER = "unipelt"  # attribute under which adapter parameters live in the model
@@ -77,6 +78,7 @@ def _ensure_state(model: nn.Module, info: ModelInfo) -> ModelState:
 
     def root_pre(module, args, kwargs):
         ctx.attention_mask = mask_from_call(forward, args, kwargs)
+        ctx.cache_length = cache_length_from_call(forward, args, kwargs)
         ctx.layer_inputs.clear()
         ctx.stash.clear()
 

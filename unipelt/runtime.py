@@ -69,6 +69,9 @@ class ForwardContext:
     # running-mean gate state: gate key -> {position the state ends at: (sum, count)}
     running: dict[int, dict[int, tuple[Tensor, Tensor]]] = field(default_factory=dict)
     active: set[str] = field(default_factory=set)
+    # tokens already in the KV cache when the call began (None: no cache, or unknown). transformers'
+    # generate() drops an all-ones attention mask, so the mask alone cannot tell a cached step.
+    cache_length: int | None = None
 
     def token_mask(self, batch: int, length: int, device, dtype) -> Tensor | None:
         """The padding mask for the last ``length`` positions, shaped (B, T, 1), or None."""
@@ -78,6 +81,8 @@ class ForwardContext:
         return m[:, -length:].to(device=device, dtype=dtype).unsqueeze(-1)
 
     def past_length(self, length: int) -> int:
+        if self.cache_length is not None:
+            return self.cache_length
         m = self.attention_mask
         if m is None or m.dim() != 2:
             return 0
@@ -312,6 +317,25 @@ def first_tensor_arg(args: tuple, kwargs: dict, index: int = 0, kwarg: str | Non
         if isinstance(kwargs.get(name), Tensor):
             return kwargs[name]
     return None
+
+
+def cache_length_from_call(forward, args: tuple, kwargs: dict) -> int | None:
+    """How many tokens the call's ``past_key_values`` already hold, or None without a cache."""
+    past = kwargs.get("past_key_values")
+    if past is None and len(args) > 1:
+        try:
+            past = inspect.signature(forward).bind_partial(*args, **kwargs).arguments.get("past_key_values")
+        except TypeError:
+            past = None
+    if past is None:
+        return None
+    try:
+        return int(past.get_seq_length())
+    except (AttributeError, TypeError):  # a legacy tuple cache: (layers) of (key, value), keys (B, H, T, D)
+        try:
+            return int(past[0][0].shape[-2])
+        except (IndexError, TypeError, AttributeError):
+            return None
 
 
 def mask_from_call(forward, args: tuple, kwargs: dict) -> Tensor | None:
