@@ -15,7 +15,9 @@ the input go right after each example's last real token (before its right paddin
 and right before it on encoders, so an encoder's closing ``[SEP]``/``</s>`` stays last as in the
 P-tuning reference (``[CLS] P x P [SEP]``). During cached generation only the mask and positions
 are extended: the prompt sits in the cache from the first step, and generated tokens follow the
-tokens placed after the input.
+tokens placed after the input. A call without a cache cannot tell generated text from the input:
+it wraps all of it, so ``generate(use_cache=False)`` differs from ``generate()`` when tokens go
+after the input.
 """
 from __future__ import annotations
 
