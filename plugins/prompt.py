@@ -208,6 +208,21 @@ def _tokenize(model_info, text: str) -> list[int]:
 # ------------------------------------------------------------------------------------------
 # the call rewrite
 # ------------------------------------------------------------------------------------------
+def _check_cache_room(past) -> None:
+    """Refuse a fixed-size (static) KV cache: generate() sizes it for the text alone, so the L
+    virtual tokens would overflow it mid-generation (an IndexError deep inside the cache)."""
+    try:
+        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+    except ImportError:  # a transformers without these classes has no such cache either
+        return
+    layers = getattr(past, "layers", None) or []
+    if any(isinstance(la, StaticLayer) and not isinstance(la, StaticSlidingWindowLayer) for la in layers):
+        raise ModelError(
+            "prompt tuning / P-tuning insert virtual tokens that a static KV cache (sized for the text "
+            "alone) has no room for: generate with the default dynamic cache (no cache_implementation='static')"
+        )
+
+
 def _cache_length(past) -> int:
     if past is None:
         return 0
@@ -300,6 +315,8 @@ def attach_embed(model: nn.Module, state, entry) -> None:
         Lb, La = p_before.shape[0], p_after.shape[0]
         L = Lb + La
         past_len = _cache_length(call.get("past_key_values"))
+        if past_len == 0 and call.get("past_key_values") is not None:
+            _check_cache_room(call["past_key_values"])
         first = min(1, T) if encoder and past_len == 0 else 0  # encoders keep their first ([CLS]) token first
         mask = call.get("attention_mask")
         if mask is not None and mask.dim() == 2:

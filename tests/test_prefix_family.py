@@ -629,3 +629,17 @@ def test_p_tuning_drop_reparameterization_keeps_only_the_prompt(encoder, tmp_pat
     fresh = tiny("llama")
     unipelt.load(fresh, tmp_path / "a")
     assert torch.allclose(ref, logits(fresh, input_ids=x), atol=1e-6)
+
+
+def test_prompt_with_a_static_cache_is_refused_clearly():
+    """generate() sizes a static cache for the text alone: the virtual tokens overflowed it with an
+    IndexError from inside the cache. The dynamic cache (the default) works."""
+    from unipelt.errors import ModelError
+
+    m = tiny("llama")
+    h = unipelt.compile(m, {"modules": {"p": {"method": "prompt", "length": 4}}})
+    liven(h)
+    x = torch.randint(1, 100, (1, 5))
+    with torch.no_grad(), pytest.raises(ModelError, match="static KV cache"):
+        m.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    _check_generate(m, x, n=3)
