@@ -198,7 +198,9 @@ def _tokenize(model_info, text: str) -> list[int]:
     except Exception as e:  # noqa: BLE001 - any failure means: no local tokenizer
         # the first line only: hub errors append several lines of advice about connectivity
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"init: text needs the model's tokenizer in its local directory ({path or 'unknown'}): {first}") from None
+        raise ModelError(
+            f"init: text needs the model's tokenizer in its local directory ({path or 'unknown'}): {first}"
+        ) from None
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ModelError("init_text tokenizes to nothing")
@@ -327,7 +329,10 @@ def attach_embed(model: nn.Module, state, entry) -> None:
             call["attention_mask"] = ml.insert(mask, mask.new_ones(B, Lb), mask.new_ones(B, La))
         if call.get("cache_position") is not None:
             cp = call["cache_position"]
-            call["cache_position"] = torch.arange(T + L, device=cp.device, dtype=cp.dtype) + cp[:1] if past_len == 0 else cp + L
+            if past_len == 0:
+                call["cache_position"] = torch.arange(T + L, device=cp.device, dtype=cp.dtype) + cp[:1]
+            else:
+                call["cache_position"] = cp + L
         if past_len > 0:
             if call.get("position_ids") is not None:
                 call["position_ids"] = call["position_ids"] + L
@@ -341,11 +346,13 @@ def attach_embed(model: nn.Module, state, entry) -> None:
         pid = call.get("position_ids")
         if pid is not None:
             pid = pid.expand(B, -1) if pid.shape[0] == 1 else pid
-            shifted = pid + Lb * (torch.arange(T, device=pid.device) >= first) + La * (torch.arange(T, device=pid.device) >= at[:, None])
+            j = torch.arange(T, device=pid.device)
+            shifted = pid + Lb * (j >= first) + La * (j >= at[:, None])
             # virtual tokens continue the numbering of the token they follow
             start_b = (pid[:, first - 1] + 1) if first else pid.new_zeros(B)
             prev = (at - 1).clamp_min(0)
-            start_a = torch.where(at > 0, shifted[rows, prev] + 1, pid.new_full((B,), Lb))
+            # (with nothing between the blocks, the second starts right after the first)
+            start_a = torch.where(at > first, shifted[rows, prev] + 1, start_b + Lb)
             vb = start_b[:, None] + torch.arange(Lb, device=pid.device, dtype=pid.dtype)
             va = start_a[:, None] + torch.arange(La, device=pid.device, dtype=pid.dtype)
             call["position_ids"] = torch.cat([vb, va, shifted], 1).gather(1, layout.order)
@@ -356,7 +363,8 @@ def attach_embed(model: nn.Module, state, entry) -> None:
             tt_after = tt[rows, (at - 1).clamp_min(0)][:, None].expand(B, La)
             call["token_type_ids"] = layout.insert(tt, tt.new_zeros(B, Lb), tt_after)
         if score is not None and pad_id is not None and ids is not None and ids.shape == (B, T):
-            real = layout.insert(ids != pad_id, ids.new_ones(B, Lb, dtype=torch.bool), ids.new_ones(B, La, dtype=torch.bool))
+            virtual = ids.new_ones(B, L, dtype=torch.bool)
+            real = layout.insert(ids != pad_id, virtual[:, :Lb], virtual[:, Lb:])
             positions = torch.arange(T + L, device=ids.device)
             pool["at"] = (positions * real).argmax(-1)  # the rightmost non-pad token, as transformers finds it
         labels = call.get("labels")
