@@ -344,3 +344,22 @@ def test_collate_errors():
         collate([], pad_id=0)
     with pytest.raises(ValueError, match="no pad token"):
         collate([Tokenized([1], [1], 0)], pad_id=None)
+
+
+def test_empty_label_cell_is_an_error_not_a_class(tmp_path):
+    """Regression: `some text,` (label cell left empty) made "" a class of its own."""
+    p = write(tmp_path / "d.csv", "sentence,sentiment\ngood,pos\nbad,neg\nmeh,\nfine,pos\n")
+    with pytest.raises(DataError, match=rf"^{p}: line 4: column 'sentiment' is empty \(every row needs a label\)$"):
+        read_examples(p, text_field="sentence", label_field="sentiment")
+    q = jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "  "}])
+    with pytest.raises(DataError, match=r"line 2: field 'label' is empty"):
+        read_examples(q)
+
+
+def test_labels_are_stripped_and_integral_json_floats_are_integers(tmp_path):
+    """Regression: `text, pos` gave the class " pos" next to "pos"; JSON 1.0 and 1 were two classes."""
+    p = write(tmp_path / "d.csv", "text,label\na, pos\nb,pos\nc,neg \n")
+    assert label_set(read_examples(p)) == ["neg", "pos"]
+    q = jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 1.0},
+                                     {"text": "c", "label": 0}, {"text": "d", "label": 2.5}])
+    assert [r.label for r in read_examples(q)] == ["1", "1", "0", "2.5"]

@@ -110,7 +110,7 @@ def _format(path: Path, format: str | None) -> str:
     fmt = _EXTENSIONS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: cannot tell the format from the extension {path.suffix!r}; "
-                        f"use .jsonl, .csv or .tsv, or pass the format ({', '.join(FORMATS)})")
+                        f"use .jsonl, .csv or .tsv, or give the format (--format / format=: {', '.join(FORMATS)})")
     return fmt
 
 
@@ -210,7 +210,12 @@ def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]],
     out = []
     for line, row in rows:
         if kind == "classification":
-            label = _value(row, f.label, line, source, noun)
+            label = _value(row, f.label, line, source, noun).strip()  # "a, pos": the label is "pos"
+            raw = row[f.label]
+            if isinstance(raw, float) and not isinstance(raw, bool) and raw.is_integer():
+                label = str(int(raw))  # JSON 1.0 and 1 are one class
+            if not label:
+                raise DataError(f"{source}: line {line}: {noun} {f.label!r} is empty (every row needs a label)")
             if allowed is not None and label not in allowed:
                 raise DataError(f"{source}: line {line}: label {label!r} is not one of: {', '.join(labels)}")
             out.append(Example(text=_value(row, f.text, line, source, noun), label=label, line=line, source=source))
