@@ -210,6 +210,16 @@ def _tokenize(model_info, text: str) -> list[int]:
 # ------------------------------------------------------------------------------------------
 # the call rewrite
 # ------------------------------------------------------------------------------------------
+def _position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with learned absolute position embeddings (BERT, RoBERTa,
+    GPT-2) can number; None for rotary models, which have no such table."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe"):
+            pad = module.padding_idx  # RoBERTa numbers positions from padding_idx + 1
+            return module.num_embeddings - (pad + 1 if pad is not None else 0)
+    return None
+
+
 def _check_cache_room(past) -> None:
     """Refuse a fixed-size (static) KV cache: generate() sizes it for the text alone, so the L
     virtual tokens would overflow it mid-generation (an IndexError deep inside the cache)."""
@@ -286,6 +296,7 @@ def attach_embed(model: nn.Module, state, entry) -> None:
     encoder = not state.info.causal
     ctx = state.ctx
     embed_fn = model.get_input_embeddings()
+    limit = _position_limit(model)
     # A decoder's sequence classifier (GPT-2's and transformers' generic one, both named `score`)
     # pools the last token that is not padding, found from input_ids; given inputs_embeds it pools
     # the last position, a pad on right-padded batches. The pre-hook works out the right index
@@ -319,6 +330,12 @@ def attach_embed(model: nn.Module, state, entry) -> None:
         past_len = _cache_length(call.get("past_key_values"))
         if past_len == 0 and call.get("past_key_values") is not None:
             _check_cache_room(call["past_key_values"])
+        if limit is not None and past_len + T + L > limit:
+            # else an index error deep in the embeddings (a device-side assert on CUDA)
+            raise ModelError(
+                f"{T} tokens{f' after {past_len} cached' if past_len else ''} + {L} virtual tokens exceed the "
+                f"{limit} positions of {type(model).__name__}: truncate the input to {limit - L - past_len} tokens"
+            )
         first = min(1, T) if encoder and past_len == 0 else 0  # encoders keep their first ([CLS]) token first
         mask = call.get("attention_mask")
         if mask is not None and mask.dim() == 2:

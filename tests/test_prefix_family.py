@@ -643,3 +643,17 @@ def test_prompt_with_a_static_cache_is_refused_clearly():
     with torch.no_grad(), pytest.raises(ModelError, match="static KV cache"):
         m.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
     _check_generate(m, x, n=3)
+
+
+@pytest.mark.parametrize("kind,limit", [("bert", 512), ("gpt2", 1024)])
+def test_prompt_beyond_the_position_table_is_a_clear_error(kind, limit):
+    """Input + virtual tokens beyond a learned position table failed deep in the embeddings (a shape
+    error on BERT, an index error on GPT-2); now one message says how far to truncate."""
+    from unipelt.errors import ModelError
+
+    m = tiny(kind)
+    unipelt.compile(m, {"modules": {"p": {"method": "prompt", "length": 4}}})
+    with torch.no_grad():
+        assert m(input_ids=torch.randint(1, 100, (1, limit - 4))).logits.shape[0] == 1  # exactly fits
+        with pytest.raises(ModelError, match=f"exceed the {limit} positions.*truncate the input to {limit - 4} tokens"):
+            m(input_ids=torch.randint(1, 100, (1, limit - 3)))
