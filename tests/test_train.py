@@ -356,3 +356,17 @@ def test_trainer_classifier_gated_prefix_callback_and_resume(tmp_path):
     run(part, resume=str(part / "checkpoint-2"))
     again = adapter_tensors(part / "adapter")
     assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
+
+
+def test_gate_table_text_of_a_deep_model_fits_a_terminal():
+    """A 30-layer model (smollm2) printed 30 columns, a 230-character line; deep tables now have
+    one row per layer, shallow ones stay one row per module."""
+    from unipelt.train import gate_table_text
+
+    deep = {"lora": {l: l / 30 for l in range(30)}, "adapter": {l: 0.5 for l in range(30) if l != 3}}
+    lines = gate_table_text(deep).splitlines()
+    assert len(lines) == 31 and max(len(x) for x in lines) <= 80
+    assert lines[0].split() == ["layer", "lora", "adapter"]
+    assert lines[4].split() == ["L3", "0.100"] and lines[30].split() == ["L29", "0.967", "0.500"]
+    shallow = gate_table_text({"lora": {0: 0.25, 1: 0.75}}).splitlines()
+    assert shallow[0].split() == ["module", "L0", "L1"] and shallow[1].split() == ["lora", "0.250", "0.750"]

@@ -326,11 +326,20 @@ def gate_means(handle, rows: Sequence[Tokenized], *, pad_id: int, batch_size: in
     return table
 
 
-def gate_table_text(table: dict[str, dict[int, float]]) -> str:
-    """The gate table as text: one row per module, one column per layer."""
+def gate_table_text(table: dict[str, dict[int, float]], max_columns: int = 12) -> str:
+    """The gate table as text: one row per module, one column per layer; with more than
+    ``max_columns`` layers (a 30-layer model would not fit a terminal) one row per layer instead."""
     if not table:
         return "(the adapter has no gates)"
     layers = sorted({l for d in table.values() for l in d})
+    if len(layers) > max_columns:
+        names = list(table)
+        widths = [max(len(n), 6) for n in names]
+        lines = ["layer   " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+        for l in layers:
+            cells = [f"{table[n][l]:>{w}.3f}" if l in table[n] else " " * w for n, w in zip(names, widths)]
+            lines.append(f"{('L' + str(l)) if l >= 0 else 'global':<7} " + " ".join(cells))
+        return "\n".join(lines)
     w = max([len(n) for n in table] + [6])
     lines = [f"{'module':<{w}}  " + " ".join(f"{('L' + str(l)) if l >= 0 else 'global':>6}" for l in layers)]
     for node, d in table.items():
