@@ -657,3 +657,22 @@ def test_prompt_beyond_the_position_table_is_a_clear_error(kind, limit):
         assert m(input_ids=torch.randint(1, 100, (1, limit - 4))).logits.shape[0] == 1  # exactly fits
         with pytest.raises(ModelError, match=f"exceed the {limit} positions.*truncate the input to {limit - 4} tokens"):
             m(input_ids=torch.randint(1, 100, (1, limit - 3)))
+
+
+def test_gate_report_under_a_prompt_skips_padding_and_splits_separate_kv_gates():
+    """handle.gates compared the caller's mask with gate values that also cover the virtual tokens,
+    so it fell back to an unmasked mean; and separate K/V gates were shown as one averaged row."""
+    m = tiny("bert")
+    spec = {"modules": {"p": {"method": "prompt", "length": 2},
+                        "prefix": {"method": "prefix", "length": 2, "gate": {"kv": "separate"}}}}
+    h = unipelt.compile(m, spec)
+    liven(h, std=0.5)
+    x = torch.randint(1, 100, (2, 7))
+    mask = torch.ones_like(x)
+    mask[0, 4:] = 0
+    batch = h.gates({"input_ids": x, "attention_mask": mask}).values
+    alone = h.gates({"input_ids": x[:1, :4]}).values
+    assert {k[0] for k in batch} == {"prefix[k]", "prefix[v]"}
+    for key in batch:
+        torch.testing.assert_close(batch[key][0], alone[key][0], atol=1e-6, rtol=0)
+    assert not torch.allclose(batch[("prefix[k]", 0)], batch[("prefix[v]", 0)])

@@ -256,21 +256,25 @@ class AdapterHandle:
             else:
                 self.model(**batch)
             rec = ctx.record
+            # the mask the model saw: a prompt's rewrite extends the caller's by its virtual tokens
+            mask = ctx.attention_mask
         finally:
             ctx.record = None
         values: dict[tuple[str, int], Tensor] = {}
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         for (adapter, node, layer), gs in rec.items():
             if adapter != self.name:
                 continue
             g = gs[-1].float()  # shape (B, T or 1, k)
-            g = g.mean(-1)
-            if g.shape[1] > 1 and mask is not None and mask.shape[1] >= g.shape[1]:
-                m = mask[:, -g.shape[1]:].to(g.dtype)
-                v = (g * m).sum(1) / m.sum(1).clamp_min(1)
-            else:
-                v = g.mean(1)
-            values[(node, layer)] = v
+            # separate K/V prefix gates (k = 2) are two gates: one row each
+            names = [f"{node}[k]", f"{node}[v]"] if g.shape[-1] == 2 else [node]
+            for i, name in enumerate(names):
+                gi = g[..., i] if len(names) > 1 else g.mean(-1)
+                if gi.shape[1] > 1 and mask is not None and mask.dim() == 2 and mask.shape[1] >= gi.shape[1]:
+                    m = mask[:, -gi.shape[1]:].to(gi.device, gi.dtype)
+                    v = (gi * m).sum(1) / m.sum(1).clamp_min(1)
+                else:
+                    v = gi.mean(1)
+                values[(name, layer)] = v
         return GateReport(values)
 
     # -- after training ---------------------------------------------------------------------
