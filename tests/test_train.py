@@ -370,3 +370,10 @@ def test_gate_table_text_of_a_deep_model_fits_a_terminal():
     assert lines[4].split() == ["L3", "0.100"] and lines[30].split() == ["L29", "0.967", "0.500"]
     shallow = gate_table_text({"lora": {0: 0.25, 1: 0.75}}).splitlines()
     assert shallow[0].split() == ["module", "L0", "L1"] and shallow[1].split() == ["lora", "0.250", "0.750"]
+
+
+def test_progress_throughput_of_a_slow_model_is_not_zero():
+    """Regression: smollm2 on CPU (4 examples in 85 s) showed ex_s=0.0 in the progress bar."""
+    from unipelt.train import _rate
+
+    assert _rate(4, 85.0) == "0.0471" and _rate(4000, 2.0) == "2000" and _rate(48, 0.1) == "480"

@@ -802,7 +802,7 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
                 epoch_loss += step_loss
                 epoch_steps += 1
                 elapsed = time.perf_counter() - t_start
-                bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=f"{examples_seen / max(elapsed, 1e-9):.1f}",
+                bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=_rate(examples_seen, elapsed),
                                 epoch=epoch + 1, refresh=False)
                 bar.update(1)
                 if out is not None and cfg.save_steps and step % cfg.save_steps == 0 and gi < len(accum_groups):
@@ -878,6 +878,13 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
         _atomic_json(out / REPORT_FILE, report)
     report.handle, report.model, report.tokenizer = handle, net, tok
     return report
+
+
+def _rate(count: int, seconds: float) -> str:
+    """Throughput for the progress bar, three significant digits: a slow real model on CPU
+    (0.05 examples/s) must not read 0.0."""
+    r = count / max(seconds, 1e-9)
+    return f"{r:.0f}" if r >= 100 else f"{r:.3g}"
 
 
 def _state_json(step, epoch, group, history, fingerprint, total_steps, epoch_loss, epoch_steps) -> dict:
