@@ -417,7 +417,8 @@ METHODS = [
     MethodDef(name="prompt", config=PromptConfig, site_kinds=frozenset({"embed"}),
               summary="prompt tuning: L trainable virtual token embeddings at the input", gateable=False),
     MethodDef(name="p_tuning", config=PTuningConfig, site_kinds=frozenset({"embed"}),
-              summary="P-tuning: virtual tokens produced by a prompt encoder (BiLSTM + MLP, or MLP)", gateable=False),
+              summary="P-tuning: virtual tokens produced by a prompt encoder (BiLSTM + MLP, or MLP), optionally at template positions",
+              gateable=False),
 ]
 
 
