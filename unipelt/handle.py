@@ -160,6 +160,21 @@ class AdapterHandle:
     def parameters(self) -> list[nn.Parameter]:
         return list(self._params.values())
 
+    def lr_scales(self) -> dict[int, float]:
+        """``id(parameter) -> lr_scale`` for the parameters of nodes whose spec sets ``lr_scale``
+        (branches and their shared modules, such as a prefix MLP; gates are not included)."""
+        out: dict[int, float] = {}
+        for bp in self.graph.branches:
+            if bp.node.lr_scale != 1.0:
+                for _, p in self._branch_params(self.branch_modules[bp.key]):
+                    out[id(p)] = bp.node.lr_scale
+        for node, mod in self.shared_modules.items():
+            scale = self.spec.modules[node].lr_scale
+            if scale != 1.0:
+                for p in mod.parameters():
+                    out[id(p)] = scale
+        return out
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters grouped by role (``lora_A``, ``lora_B``, ``gate``, ``other``), as
         branch modules label them through an optional ``param_roles()``; trainers use this for

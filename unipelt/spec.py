@@ -37,7 +37,7 @@ from unipelt.registry import Registry, build_config, get_registry
 
 FORMAT_VERSION = 1
 TOP_KEYS = ("version", "name", "description", "modules", "gates", "combine", "budget")
-NODE_KEYS = ("method", "site", "sites", "layers", "gate")
+NODE_KEYS = ("method", "site", "sites", "layers", "gate", "lr_scale")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 COMBINE_MODES = ("parallel", "sequential", "average")
 
@@ -151,6 +151,10 @@ class ModuleSpec:
     params: dict[str, Any]
     gate: GateSpec | None = None
     gate_ref: str | None = None  # name of a shared gate
+    # this node's parameters learn at lr_scale x the run's learning rate (its gates keep the gate
+    # rate): methods differ in how far one optimizer step moves them — a prefix MLP multiplies its
+    # step by its fan-in — so one shared rate suits LoRA and the adapter or the prefix, not both
+    lr_scale: float = 1.0
     # the field path of each site as written (``modules.x.site``, ``modules.x.sites[1]``), so
     # that errors found later, against a model, name the field the user wrote
     site_paths: list[str] = field(default_factory=list)
@@ -294,7 +298,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
             if k not in valid_params:
                 raise SpecError(
                     f"unknown key {k!r} for method {method_name!r}; valid keys: "
-                    f"{', '.join(list(NODE_KEYS[:1]) + ['sites', 'layers', 'gate'] + valid_params)}",
+                    f"{', '.join(list(NODE_KEYS[:1]) + ['sites', 'layers', 'gate', 'lr_scale'] + valid_params)}",
                     source=source, path=f"{p}.{k}",
                 )
         config = build_config(method.config, params, source=source, path=p)
@@ -327,6 +331,10 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
             raise SpecError("a hook point is listed twice", source=source, path=f"{p}.{site_key}")
 
         layers = _parse_layers(node.get("layers", "all"), source=source, path=f"{p}.layers")
+        lr_scale = node.get("lr_scale", 1.0)
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale < float("inf"):
+            raise SpecError(f"expected a positive number (this module's learning rate = lr_scale x the run's), "
+                            f"got {lr_scale!r}", source=source, path=f"{p}.lr_scale")
 
         gate = None
         gate_ref = None
@@ -344,7 +352,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
         modules[name] = ModuleSpec(
             name=name, method=method_name, sites=list(site_list), layers=layers, config=config,
             params=params, gate=gate, gate_ref=gate_ref,
-            site_paths=site_paths,
+            site_paths=site_paths, lr_scale=float(lr_scale),
         )
 
     combine: dict[str, CombineSpec] = {}

@@ -393,7 +393,8 @@ def param_groups(handle, lr: float, *, gate_lr: float | None = None, weight_deca
 
     Gates learn at ``gate_lr`` (default ``lr``). LoRA+: the ``lora_B`` of every branch whose
     node sets ``lr_ratio`` learns at ``lr_ratio × lr`` (its ``lora_A`` at ``lr``). Everything else
-    at ``lr``. Each group carries a ``name`` (``default``, ``gate``, ``lora_B x16``); parameters
+    at ``lr``. A node's ``lr_scale`` multiplies the rate of its non-gate parameters. Each group
+    carries a ``name`` (``default``, ``gate``, ``lora_B x16``, ``lr_scale x0.1``); parameters
     keep the adapter's canonical order within a group, so an optimizer state dict reloads.
     """
     groups_by_role = handle.parameter_groups()
@@ -407,6 +408,7 @@ def param_groups(handle, lr: float, *, gate_lr: float | None = None, weight_deca
         for pname, role in roles.items():
             if role == "lora_B":
                 b_ratio[id(getattr(mod, pname))] = float(ratio)
+    scales = handle.lr_scales()
     groups: dict[str, dict] = {}
     for p in handle.parameters():
         if not p.requires_grad:
@@ -417,6 +419,8 @@ def param_groups(handle, lr: float, *, gate_lr: float | None = None, weight_deca
             name, plr = f"lora_B x{b_ratio[id(p)]:g}", lr * b_ratio[id(p)]
         else:
             name, plr = "default", lr
+        if id(p) in scales and name != "gate":
+            name, plr = ("" if name == "default" else name + " ") + f"lr_scale x{scales[id(p)]:g}", plr * scales[id(p)]
         g = groups.setdefault(name, {"name": name, "params": [], "lr": plr, "weight_decay": weight_decay})
         g["params"].append(p)
     return list(groups.values())
