@@ -1,22 +1,32 @@
 """Quality benchmark: does the gated combination (UniPELT) match or beat the best single method?
 
-Classification: MiniLM (real BERT encoder, 6 layers, d=384) on the drug-review sentiment task
-(3 classes). Training data: ``train-nodev`` (540 rows) or a K-example sample of it per seed;
-the learning rate of every method is chosen on ``dev`` (60 rows carved from train) with seed 0;
-the ``test`` split (379 rows) is read only for the final table. Every method gets the same
+Classification (``--task cls``): MiniLM (real BERT encoder, 6 layers, d=384) on the drug-review
+sentiment task (3 classes). Training data: ``train-nodev`` (540 rows) or a K-example sample of it
+per seed; the learning rate of every method is chosen on ``dev`` (60 rows carved from train) with
+seed 0; the ``test`` split (379 rows) is read only for the final table. Every method gets the same
 number of optimizer steps. Methods: head only, full fine-tuning, LoRA, prefix, Pfeiffer adapter,
-UniPELT (AP), UniPELT (APL), MAM — the specs in ``specs/`` plus a trained head.
+UniPELT (AP), UniPELT (APL), MAM — the specs in ``specs/`` plus a trained head — and the
+investigation variants of UniPELT (``VARIANTS``: one published choice changed at a time).
 
-    python benchmarks/quality.py --out benchmarks/quality-cls.json              # CPU or GPU
-    python benchmarks/quality.py --model DIR --data-dir DIR ...                  # a copied model / data
+Causal LM (``--task lm``): SmolLM2-135M-Instruct (real Llama, grouped-query attention) on the
+chatterbot dialogue pairs, loss on the response tokens (chat template). The learning rate is
+chosen on a dev split carved from train (every 10th prompt by a stable hash); the table reports
+held-out test perplexity. Methods: no training, LoRA, prefix, Pfeiffer adapter, UniPELT (APL).
 
-``--data-dir`` holds train-nodev.jsonl, dev.jsonl, test.jsonl ({"text", "label"} rows); without
-it the bundled data set is read through unipelt.data.
+    python benchmarks/quality.py --task cls --out benchmarks/quality-cls.json       # CPU or GPU
+    python benchmarks/quality.py --task lm --out benchmarks/quality-lm.json
+    python benchmarks/quality.py --report a.json b.json ...                          # markdown tables
+    python benchmarks/quality.py --export-data DIR                                   # JSONL copies for a machine without the data packages
+
+``--model`` is a built-in name or a model directory; ``--data-dir`` holds JSONL copies of the splits
+(``--export-data`` writes them: train-nodev/dev/test for cls, lm-train/lm-test for lm); without it
+the bundled data sets are read through unipelt.data, the readers users get.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -32,10 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import unipelt  # noqa: E402
+from unipelt.data import Example, collate, encode_lm  # noqa: E402
 from unipelt.spec import load_spec_data  # noqa: E402
+from unipelt.train import param_groups  # noqa: E402
 
 HEAD = {"method": "train", "sites": "head"}
-METHODS: dict[str, dict | None] = {
+CLS_METHODS: dict[str, str | dict | None] = {
     "head only": {"modules": {"head": HEAD}},
     "full fine-tuning": None,
     "LoRA": "lora.yaml",
@@ -45,36 +57,133 @@ METHODS: dict[str, dict | None] = {
     "UniPELT (APL)": "unipelt.yaml",
     "MAM": "mam.yaml",
 }
-LR_GRID = {
-    "full fine-tuning": [2e-5, 5e-5, 1e-4],
-    "head only": [1e-3, 3e-3, 1e-2],
+LM_METHODS: dict[str, str | None] = {
+    "no training": None,
+    "LoRA": "lora.yaml",
+    "prefix": "prefix.yaml",
+    "Pfeiffer adapter": "pfeiffer.yaml",
+    "UniPELT (APL)": "unipelt.yaml",
 }
-DEFAULT_GRID = [1e-3, 3e-3, 1e-2]
 
 
-def spec_for(name: str) -> dict | None:
-    s = METHODS[name]
-    if s is None or isinstance(s, dict):
-        return copy.deepcopy(s)
-    data, _ = load_spec_data(ROOT / "specs" / s)
-    data = copy.deepcopy(data)
-    data["modules"]["head"] = HEAD
+# The investigation of why UniPELT trails (issue 4): each variant changes one published choice of
+# specs/unipelt.yaml, so a difference is attributable to it.
+def _gates(**fields):
+    def edit(spec: dict) -> dict:
+        for node in spec["modules"].values():
+            if isinstance(node.get("gate"), dict):
+                node["gate"].update(fields)
+        return spec
+    return edit
+
+
+def _lora_gate(**fields):
+    def edit(spec: dict) -> dict:
+        spec["modules"]["lora"]["gate"].update(fields)
+        return spec
+    return edit
+
+
+def _scale(node: str, scale: float):
+    def edit(spec: dict) -> dict:
+        spec["modules"][node]["lr_scale"] = scale
+        return spec
+    return edit
+
+
+# name: (spec file, spec edit or None, gate learning-rate multiplier or None)
+VARIANTS: dict[str, tuple[str, object, float | None]] = {
+    "UniPELT (AL)": ("unipelt-al.yaml", None, None),
+    "UniPELT (APL) lora_scale=multiply": ("unipelt.yaml", _lora_gate(lora_scale="multiply"), None),
+    "UniPELT (APL) gate bias +2": ("unipelt.yaml", _gates(init_bias=2.0), None),
+    "UniPELT (APL) gate lr x10": ("unipelt.yaml", None, 10.0),
+    "UniPELT (APL) unmasked mean": ("unipelt.yaml", _gates(pooling="mean"), None),
+    # the prefix MLP multiplies each optimizer step by its fan-in, so at the rates that suit LoRA
+    # and the adapter the prefix swamps attention: give it a smaller rate (spec ``lr_scale``)
+    "prefix lr_scale=0.1": ("prefix.yaml", _scale("prefix", 0.1), None),
+    "prefix lr_scale=0.03": ("prefix.yaml", _scale("prefix", 0.03), None),
+    "UniPELT (APL) prefix lr_scale=0.1": ("unipelt.yaml", _scale("prefix", 0.1), None),
+    "UniPELT (APL) prefix lr_scale=0.03": ("unipelt.yaml", _scale("prefix", 0.03), None),
+    "UniPELT (AP) prefix lr_scale=0.1": ("unipelt-ap.yaml", _scale("prefix", 0.1), None),
+    "MAM prefix lr_scale=0.1": ("mam.yaml", _scale("prefix", 0.1), None),
+}
+LR_GRID = {
+    "cls": {"full fine-tuning": [2e-5, 5e-5, 1e-4], "head only": [1e-3, 3e-3, 1e-2], None: [1e-3, 3e-3, 1e-2]},
+    "lm": {None: [3e-4, 1e-3, 3e-3]},
+}
+
+
+def spec_for(name: str, task: str) -> dict | None:
+    edit = None
+    if name in VARIANTS:
+        source, edit, _ = VARIANTS[name]
+    else:
+        source = (CLS_METHODS if task == "cls" else LM_METHODS)[name]
+    if source is None or isinstance(source, dict):
+        return copy.deepcopy(source)
+    data = copy.deepcopy(load_spec_data(ROOT / "specs" / source)[0])
+    if edit is not None:
+        data = edit(data)
+    if task == "cls":
+        data["modules"]["head"] = HEAD  # a new classifier head is trained by every PEFT method
     return data
 
 
-def read_split(data_dir: Path | None, split: str) -> list[tuple[str, str]]:
+# ------------------------------------------------------------------------------------------ data
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
+
+
+def read_split(data_dir: Path | None, task: str, split: str) -> list[Example]:
+    """cls: train-nodev / dev / test of drugreview; lm: train / dev / test of chatterbot, where dev
+    is carved from train by a stable hash of the prompt (test is the package split's held-out 10%)."""
+    if task == "lm":
+        source = "test" if split == "test" else "train"
+        if data_dir is not None:
+            rows = _read_jsonl(data_dir / f"lm-{source}.jsonl")
+            exs = [Example(prompt=r["prompt"], response=r["response"], line=i + 1) for i, r in enumerate(rows)]
+        else:
+            from unipelt.data import builtin_dataset
+
+            exs = builtin_dataset("chatterbot", source)
+        if split == "test":
+            return exs
+        # salted so dev is not correlated with the package's own train/test cut
+        return [e for e in exs if (_stable_hash("dev:" + e.prompt.lower()) % 10 == 0) == (split == "dev")]
     if data_dir is not None:
-        rows = [json.loads(l) for l in (data_dir / f"{split}.jsonl").read_text().splitlines() if l.strip()]
-        return [(r["text"], r["label"]) for r in rows]
+        rows = _read_jsonl(data_dir / f"{split}.jsonl")
+        return [Example(text=r["text"], label=r["label"], line=i + 1) for i, r in enumerate(rows)]
     from unipelt.data import builtin_dataset
 
-    return [(e.text, e.label) for e in builtin_dataset("drugreview", split)]
+    return builtin_dataset("drugreview", split)
 
 
-def encode(tok, rows, labels, max_len):
-    enc = tok([t for t, _ in rows], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
-    y = torch.tensor([labels.index(l) for _, l in rows])
-    return enc["input_ids"], enc["attention_mask"], y
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def export_data(out: Path) -> None:
+    from unipelt.data import builtin_dataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train-nodev", "dev", "test"):
+        rows = [{"text": e.text, "label": e.label} for e in builtin_dataset("drugreview", split)]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for split in ("train", "test"):
+        rows = [{"prompt": e.prompt, "response": e.response} for e in builtin_dataset("chatterbot", split)]
+        (out / f"lm-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    print(f"written {out}")
+
+
+def encode_cls(tok, rows: list[Example], labels, max_len):
+    enc = tok([e.text for e in rows], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([labels.index(e.label) for e in rows])}
+
+
+def encode_lm_tensors(tok, rows: list[Example], max_len):
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return collate(encode_lm(rows, tok, max_len), pad, padding_side="right")
 
 
 def macro_f1(pred: torch.Tensor, gold: torch.Tensor, n: int) -> float:
@@ -87,54 +196,78 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor, n: int) -> float:
     return sum(f1s) / n
 
 
-def evaluate(model, data, device, bs=64):
-    ids, mask, y = data
+@torch.no_grad()
+def evaluate(model, data: dict, task: str, n_labels: int, device, bs=64) -> dict:
     model.eval()
-    preds = []
-    with torch.no_grad():
-        for i in range(0, len(y), bs):
-            out = model(input_ids=ids[i:i + bs].to(device), attention_mask=mask[i:i + bs].to(device))
+    n = len(data["input_ids"])
+    if task == "cls":
+        preds = []
+        for i in range(0, n, bs):
+            out = model(input_ids=data["input_ids"][i:i + bs].to(device),
+                        attention_mask=data["attention_mask"][i:i + bs].to(device))
             preds.append(out.logits.argmax(-1).cpu())
-    p = torch.cat(preds)
-    return (p == y).float().mean().item(), macro_f1(p, y, int(y.max().item()) + 1 if len(y) else 1)
+        p, y = torch.cat(preds), data["labels"]
+        return {"acc": (p == y).float().mean().item(), "f1": macro_f1(p, y, n_labels)}
+    nll, tokens = 0.0, 0
+    for i in range(0, n, bs):
+        ids, mask = data["input_ids"][i:i + bs].to(device), data["attention_mask"][i:i + bs].to(device)
+        labels = data["labels"][i:i + bs].to(device)
+        width = int(mask.sum(1).max())  # the batch was padded to the longest row of the whole split
+        logits = model(input_ids=ids[:, :width], attention_mask=mask[:, :width]).logits.float()
+        target = labels[:, 1:width]
+        nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=-100, reduction="sum").item()
+        tokens += int((target != -100).sum())
+    loss = nll / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(loss)}
 
 
-def run(method, lr, seed, train, evalset, args, device, tok_labels):
+# ------------------------------------------------------------------------------------------ runs
+def run(method: str, lr: float, seed: int, train: dict | None, evalsets: list[dict], args, device, n_labels: int) -> list[dict]:
+    """Train ``method`` once and return its metrics on each of ``evalsets``."""
     from unipelt.models import load_model
 
     torch.manual_seed(seed)
     random.seed(seed)
-    model, _ = load_model(args.model, task="classification", num_labels=len(tok_labels))
+    task = "classification" if args.task == "cls" else "causal-lm"
+    model, _ = load_model(args.model, task=task, num_labels=n_labels if args.task == "cls" else None)
     model.to(device)
-    spec = spec_for(method)
-    if spec is None:
-        params = [p for p in model.parameters()]
+    spec = spec_for(method, args.task)
+    if spec is None and (method == "no training"):
+        return [{**evaluate(model, e, args.task, n_labels, device), "params": 0, "s_per_step": 0.0} for e in evalsets]
+    if spec is None:  # full fine-tuning
+        params = list(model.parameters())
         for p in params:
             p.requires_grad_(True)
         n_train = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     else:
         handle = unipelt.compile(model, spec)
         params = handle.parameters()
         n_train = handle.summary().kept
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        mult = VARIANTS[method][2] if method in VARIANTS else None
+        opt = torch.optim.AdamW(param_groups(handle, lr, gate_lr=lr * mult if mult else None), lr=lr, weight_decay=0.0)
     warm = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (args.steps - s) / max(1, args.steps - warm)) if s >= warm else (s + 1) / warm)
-    ids, mask, y = train
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / max(1, args.steps - warm)))
+    n = len(train["input_ids"])
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     model.train()
     t0 = None
     for step in range(args.steps):
         if len(order) < args.batch_size:
-            order += torch.randperm(len(y), generator=g).tolist()
+            order += torch.randperm(n, generator=g).tolist()
         idx = torch.tensor(order[:args.batch_size])
         order = order[args.batch_size:]
         if step == 5:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        out = model(input_ids=ids[idx].to(device), attention_mask=mask[idx].to(device), labels=y[idx].to(device))
+        mask = train["attention_mask"][idx]
+        width = int(mask.sum(1).max())  # right-padded: drop the columns no row of this batch uses
+        out = model(input_ids=train["input_ids"][idx, :width].to(device), attention_mask=mask[:, :width].to(device),
+                    labels=(train["labels"][idx] if args.task == "cls" else train["labels"][idx, :width]).to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -143,22 +276,74 @@ def run(method, lr, seed, train, evalset, args, device, tok_labels):
     if device.type == "cuda":
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / max(1, args.steps - 5) if t0 else float("nan")
-    acc, f1 = evaluate(model, evalset, device)
-    return {"acc": acc, "f1": f1, "params": n_train, "s_per_step": per_step}
+    return [{**evaluate(model, e, args.task, n_labels, device), "params": n_train, "s_per_step": per_step}
+            for e in evalsets]
+
+
+def _score(task: str, r: dict) -> tuple:
+    # cls: dev macro-F1 (with 64% of one class, dev accuracy ties at the majority rate), then accuracy;
+    # lm: lower dev loss is better
+    return (r["f1"], r["acc"]) if task == "cls" else (-r["loss"],)
+
+
+def _summary(task: str, runs: list[dict]) -> dict:
+    keys = ("acc", "f1") if task == "cls" else ("ppl",)
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in runs]
+        out[f"{k}_mean"], out[f"{k}_std"] = statistics.mean(vals), statistics.pstdev(vals)
+    out["params"] = runs[0]["params"]
+    out["ms_per_step"] = 1000 * statistics.median(r["s_per_step"] for r in runs)
+    return out
+
+
+def _line(task: str, k: str, m: str, lr, r: dict) -> str:
+    head = f"K={k:<4} {m:<36} lr={lr!s:<7}"
+    if task == "cls":
+        body = f"acc {100*r['acc_mean']:.1f}±{100*r['acc_std']:.1f}  F1 {100*r['f1_mean']:.1f}±{100*r['f1_std']:.1f}"
+    else:
+        body = f"test ppl {r['ppl_mean']:.2f}±{r['ppl_std']:.2f}"
+    return f"{head} {body}  params {r['params']:,}  {r['ms_per_step']:.1f} ms/step"
+
+
+def report(paths: list[Path]) -> None:
+    """Markdown tables (one per task and K) from result files of this script."""
+    for path in paths:
+        res = json.loads(path.read_text())
+        task = res.get("task", "cls")
+        for k, kres in res["k"].items():
+            print(f"\n{path.name} — {res['device']}, {res['steps']} steps × batch {res['batch_size']}, K={k}\n")
+            if task == "cls":
+                print("| method | lr | accuracy % | macro-F1 % | kept params | ms/step |\n|---|---|---|---|---|---|")
+                for m, r in kres.items():
+                    print(f"| {m} | {r['lr']:g} | {100*r['acc_mean']:.1f} ± {100*r['acc_std']:.1f} | "
+                          f"{100*r['f1_mean']:.1f} ± {100*r['f1_std']:.1f} | {r['params']:,} | {r['ms_per_step']:.1f} |")
+            else:
+                print("| method | lr | test perplexity | kept params | ms/step |\n|---|---|---|---|---|")
+                for m, r in kres.items():
+                    lr = "—" if r["lr"] is None else f"{r['lr']:g}"
+                    print(f"| {m} | {lr} | {r['ppl_mean']:.2f} ± {r['ppl_std']:.2f} | {r['params']:,} | {r['ms_per_step']:.1f} |")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--task", choices=("cls", "lm"), default="cls")
+    ap.add_argument("--model", help="built-in name or model directory (default: minilm for cls, smollm2 for lm)")
     ap.add_argument("--data-dir", type=Path)
-    ap.add_argument("--ks", default="100,all")
+    ap.add_argument("--ks", default="100,all", help="cls only: training-set sizes")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=128)
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quality-cls.json")
+    ap.add_argument("--methods", help="comma-separated; default: every method of the task (variants: see VARIANTS)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--report", type=Path, nargs="+", help="print markdown tables of these result files and exit")
+    ap.add_argument("--export-data", type=Path, help="write the JSONL splits into this directory and exit")
     args = ap.parse_args()
+    if args.report:
+        return report(args.report)
+    if args.export_data:
+        return export_data(args.export_data)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
@@ -166,43 +351,52 @@ def main():
     hf_logging.disable_progress_bar()
     from unipelt.models import load_model
 
+    task = args.task
+    args.model = args.model or ("minilm" if task == "cls" else "smollm2")
+    args.out = args.out or ROOT / "benchmarks" / f"quality-{task}.json"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, tok = load_model(args.model, task="classification", num_labels=3)
-    full = read_split(args.data_dir, "train-nodev")
-    dev = read_split(args.data_dir, "dev")
-    test = read_split(args.data_dir, "test")
-    labels = sorted({l for _, l in full})
-    dev_enc, test_enc = encode(tok, dev, labels, args.max_len), encode(tok, test, labels, args.max_len)
-    methods = [m.strip() for m in args.methods.split(",")]
+    catalog = CLS_METHODS if task == "cls" else LM_METHODS
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(catalog)
+    unknown = [m for m in methods if m not in catalog and m not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {list(catalog) + list(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = {"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
-               "steps": args.steps, "batch_size": args.batch_size, "labels": labels, "k": {}}
-    for k in args.ks.split(","):
+    _, tok = load_model(args.model, task="classification" if task == "cls" else "causal-lm",
+                        num_labels=3 if task == "cls" else None)
+    full, dev, test = (read_split(args.data_dir, task, s) for s in
+                       (("train-nodev", "dev", "test") if task == "cls" else ("train", "dev", "test")))
+    labels = sorted({e.label for e in full}) if task == "cls" else []
+    enc = (lambda rows: encode_cls(tok, rows, labels, args.max_len)) if task == "cls" else \
+          (lambda rows: encode_lm_tensors(tok, rows, args.max_len))
+    dev_enc, test_enc = enc(dev), enc(test)
+    results = {"task": task, "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+               "torch": torch.__version__, "model": args.model, "steps": args.steps, "batch_size": args.batch_size,
+               "sizes": {"train": len(full), "dev": len(dev), "test": len(test)}, "labels": labels, "k": {}}
+    for k in (args.ks.split(",") if task == "cls" else ["all"]):
         def sample(seed):
             rows = full if k == "all" else random.Random(seed).sample(full, int(k))
-            return encode(tok, rows, labels, args.max_len)
+            return enc(rows)
         kres = {}
         for m in methods:
-            grid = LR_GRID.get(m, DEFAULT_GRID)
-            # selected on dev macro-F1: with 64% of one class, dev accuracy ties at the majority rate
-            dev_runs = {lr: run(m, lr, 0, sample(0), dev_enc, args, device, labels) for lr in grid}
-            dev_scores = {lr: r["f1"] for lr, r in dev_runs.items()}
-            best = max(grid, key=lambda lr: (dev_scores[lr], dev_runs[lr]["acc"]))
-            runs = [run(m, best, s, sample(s), test_enc, args, device, labels) for s in seeds]
-            kres[m] = {
-                "lr": best, "dev_f1_by_lr": dev_scores, "runs": runs,
-                "acc_mean": statistics.mean(r["acc"] for r in runs), "acc_std": statistics.pstdev(r["acc"] for r in runs),
-                "f1_mean": statistics.mean(r["f1"] for r in runs), "f1_std": statistics.pstdev(r["f1"] for r in runs),
-                "params": runs[0]["params"], "ms_per_step": 1000 * statistics.median(r["s_per_step"] for r in runs),
-            }
-            r = kres[m]
-            print(f"K={k:<4} {m:<18} lr={best:<7g} acc {100*r['acc_mean']:.1f}±{100*r['acc_std']:.1f}  "
-                  f"F1 {100*r['f1_mean']:.1f}±{100*r['f1_std']:.1f}  params {r['params']:,}  {r['ms_per_step']:.1f} ms/step", flush=True)
-        results["k"][k] = kres
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, args.out)
+            if m == "no training":
+                runs = run(m, 0.0, 0, None, [test_enc], args, device, len(labels))
+                best, dev_scores = None, {}
+            else:
+                grid = LR_GRID[task].get(m, LR_GRID[task][None])
+                # the selection runs (seed 0) are also scored on test, but only the chosen rate's
+                # test score is used: it is the seed-0 run of the table, not trained twice
+                both = {lr: run(m, lr, 0, sample(0), [dev_enc, test_enc], args, device, len(labels)) for lr in grid}
+                dev_scores = {lr: r[0] for lr, r in both.items()}
+                best = max(grid, key=lambda lr: _score(task, dev_scores[lr]))
+                runs = [both[best][1] if s == 0 else run(m, best, s, sample(s), [test_enc], args, device, len(labels))[0]
+                        for s in seeds]
+            kres[m] = {"lr": best, "dev_by_lr": dev_scores, "runs": runs, **_summary(task, runs)}
+            print(_line(task, k, m, best, kres[m]), flush=True)
+            results["k"][k] = kres
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=2))
+            os.replace(tmp, args.out)  # after every method, so a run cut short keeps what it finished
     print(f"written {args.out}")
 
 
