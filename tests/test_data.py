@@ -144,6 +144,7 @@ def test_missing_column_lists_the_columns_found(tmp_path):
 def test_auto_cannot_tell_the_task(tmp_path):
     msg = error(write(tmp_path / "d.csv", "review,stars\na,5\n"))
     assert "cannot tell the task" in msg and "columns found: review, stars" in msg
+    assert msg.endswith("name yours with --text-field/--label-field or --prompt-field/--response-field")
     msg = error(jsonl(tmp_path / "d.jsonl", [{"review": "a"}]))
     assert "line 1: cannot tell the task" in msg and "fields found: review" in msg
 

@@ -199,7 +199,8 @@ def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]],
             kind = "lm"
         else:
             raise DataError(f"{source}: {where}cannot tell the task: no {f.label!r} {noun} (classification), "
-                            f"no {f.prompt!r}+{f.response!r} or {f.text!r} {noun}s (LM) {found}")
+                            f"no {f.prompt!r}+{f.response!r} or {f.text!r} {noun}s (LM) {found}; name yours with "
+                            "--text-field/--label-field or --prompt-field/--response-field")
     if header is not None:  # a table has one set of columns: check them once, at the header
         need = [f.text, f.label] if kind == "classification" else (
             [] if (f.prompt in header and f.response in header) else [f.text])
