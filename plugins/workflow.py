@@ -119,7 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{p['percent_of_base']:.3f}% of the base)")
     if report["resumed_from"]:
         print(f"resumed from  {report['resumed_from']}")
-    print(f"steps         {report['steps']} ({report['time']['per_step_median_s'] or 0:.3f} s/step median)")
+    median = report["time"]["per_step_median_s"]
+    print(f"steps         {report['steps']} " + (f"({median:.3f} s/step median)" if median is not None
+                                                 else "(none run now: the checkpoint was already at the end)"))
     for e in report["epochs"]:
         m = e["eval"]
         line = f"epoch {e['epoch']:<3}     train loss {e['train_loss']:.4f}" if e["train_loss"] is not None else f"epoch {e['epoch']}"

@@ -373,3 +373,20 @@ def test_lm_taken_from_the_data_on_an_encoder_says_why(tmp_path, capsys, spec_fi
     assert code == 3
     (line,) = err.strip().splitlines()
     assert "no causal-LM head" in line and "--label-field" in line and "--task" in line
+
+
+def test_resuming_a_finished_run_says_so_and_keeps_the_adapter(tmp_path, capsys, spec_file):
+    """Resuming a run that had already finished printed '0.000 s/step median' as if steps ran."""
+    train_csv = write_table(tmp_path / "train.csv", ["text", "label"], SENTIMENT)
+    spec = spec_file({"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 2}}})
+    common = ["train", spec, "tiny-bert", "--data", train_csv, "--out", tmp_path / "run", "--epochs", "1",
+              "--batch-size", "3", "--no-progress"]
+    code, _, err = run(capsys, *common)
+    assert code == 0, err
+    before = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
+    code, stdout, err = run(capsys, *common, "--resume")
+    assert code == 0, err
+    assert "steps         2 (none run now: the checkpoint was already at the end)" in stdout
+    assert f"resumed from  {tmp_path / 'run' / 'checkpoint-2'}" in stdout
+    after = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
