@@ -377,3 +377,17 @@ def test_progress_throughput_of_a_slow_model_is_not_zero():
     from unipelt.train import _rate
 
     assert _rate(4, 85.0) == "0.0471" and _rate(4000, 2.0) == "2000" and _rate(48, 0.1) == "480"
+
+
+def test_report_lists_the_learning_rate_of_every_group(tmp_path):
+    """The report shows the per-group learning rates actually used (LoRA+ B at lr_ratio x lr, gates
+    at gate_lr), so a user can see that the spec's lr_ratio and --gate-lr took effect."""
+    spec = {"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4,
+                                               "lr_ratio": 16, "gate": True}}}
+    report = train(spec, "tiny-llama", lm_rows(4), None, TrainConfig(out_dir=str(tmp_path / "r"), epochs=1,
+                                                                     batch_size=4, lr=1e-3, gate_lr=5e-2,
+                                                                     warmup_steps=1, progress=False))
+    groups = {g["name"]: (g["lr"], g["parameters"]) for g in report["param_groups"]}
+    assert groups == {"default": (1e-3, 2 * 2 * 4 * 64), "lora_B x16": (1.6e-2, 2 * (4 * 64 + 4 * 32)),
+                      "gate": (5e-2, 2 * 65)}  # one gate per layer for the node
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["param_groups"] == report["param_groups"]

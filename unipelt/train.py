@@ -34,7 +34,8 @@ What ``train`` does, in order:
   (optimizer, scheduler and RNG states). ``resume=True`` continues from the newest checkpoint and
   ends with the same adapter, bit for bit, as an uninterrupted run with the same seed;
 - at the end ``out_dir/adapter`` (after :meth:`AdapterHandle.drop_reparameterization`) and
-  ``out_dir/report.json``: metrics per epoch, parameter counts, wall time per step, the gate table.
+  ``out_dir/report.json``: metrics per epoch, parameter counts, the optimizer groups with their learning rates
+  (``param_groups``), wall time per step, the gate table.
 
 Training under ``transformers.Trainer`` instead: a compiled model is an ordinary ``nn.Module``
 whose only trainable parameters are the adapter's, so Trainer trains it as it is; save the adapter
@@ -872,6 +873,9 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
         "gates": {m: {str(l): v for l, v in d.items()} for m, d in gates.items()},
         "gate_data": "eval" if eval_rows else "train",
         "resumed_from": str(resume_from) if resume_from else None,
+        "param_groups": [{"name": g.get("name", f"group {i}"), "lr": g["initial_lr"] if "initial_lr" in g else g["lr"],
+                          "parameters": sum(p.numel() for p in g["params"])}
+                         for i, g in enumerate(optimizer.param_groups)],
         "adapter": None,
         "last_checkpoint": str(out / f"checkpoint-{last_saved}") if out is not None and last_saved else None,
     })
