@@ -171,6 +171,8 @@ def test_invalid_utf8_names_line_and_byte(tmp_path):
     p.write_bytes(b"text,label\nok,1\ncaf\xe9,2\n")
     msg = error(p)
     assert "line 3: not valid UTF-8 (byte 0xe9 at offset 19)" in msg and "d.csv" in msg
+    # a Latin-1 file: the message shows the line as Windows-1252 and how to convert it
+    assert "(as Windows-1252 the line reads 'café,2')" in msg and "iconv -f cp1252 -t utf-8" in msg
 
 
 def test_malformed_json_line(tmp_path):

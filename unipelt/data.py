@@ -119,8 +119,17 @@ def _decode(data: bytes, source: str) -> str:
         return data.decode("utf-8-sig")  # -sig: files saved by Excel/Notepad start with a BOM
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"{source}: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                        "save the file as UTF-8") from e
+        guess = ""
+        if b"\x00" not in data:  # no NUL: text in a legacy encoding, most often Windows-1252/Latin-1
+            start = data.rfind(b"\n", 0, e.start) + 1
+            end = data.find(b"\n", e.start)
+            row = data[start:end if end >= 0 else len(data)].rstrip(b"\r")
+            try:
+                guess = f" (as Windows-1252 the line reads {row.decode('cp1252')[:60]!r})"
+            except UnicodeDecodeError:
+                pass
+        raise DataError(f"{source}: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+                        f"{guess}; save the file as UTF-8, e.g. iconv -f cp1252 -t utf-8 FILE > FILE.utf8") from e
 
 
 def _rows(data: bytes, fmt: str, source: str) -> tuple[list[str] | None, list[tuple[int, dict[str, Any]]]]:
