@@ -219,9 +219,11 @@ def test_compiles_and_counts(case, batch):
     assert outputs(model, batch).isfinite().all()
 
 
+IDENTITY_CASES = [c for c in CASES if c.identity_at_init]  # prefix and prompt methods promise none
+
+
+@pytest.mark.parametrize("case", IDENTITY_CASES, ids=[c.name for c in IDENTITY_CASES])
 def test_identity_at_init(case, batch):
-    if not case.identity_at_init:
-        pytest.skip(f"{case.name}: the method does not promise an identity at init")
     model = build(case)
     ref = outputs(model, batch)
     unipelt.compile(model, case.spec)
