@@ -67,6 +67,7 @@ GPT2 = Architecture(
         "head": SiteTarget("params", "score|lm_head", select="all"),
     },
     layer_input="ln_1",
+    input_norm="ln_1",
     causal=True,
 )
 
@@ -95,6 +96,7 @@ LLAMA = Architecture(
         "head": SiteTarget("params", "score|lm_head", select="all"),
     },
     layer_input="input_layernorm",
+    input_norm="input_layernorm",
     causal=True,
 )
 

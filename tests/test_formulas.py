@@ -280,8 +280,10 @@ def test_masked_mean_differs_from_mean_with_padding():
 @pytest.mark.parametrize("lora_scale", ["replace", "multiply"])
 @pytest.mark.parametrize("pooling", ["token", "running_mean"])
 def test_lora_gate_llama(lora_scale, pooling):
-    """G_L = sigmoid(w·x_layer + b) from the block input (not the q projection's input, which is
-    normalised); ``replace``: h = W0x + G·B·A·x (alpha ignored), ``multiply``: W0x + G·s·B·A·x."""
+    """G_L = sigmoid(w·x_layer + b) from the block input; on this pre-LN block that is the input
+    norm's output (the q projection's input), not the raw residual stream, whose norm grows with
+    depth and would saturate the gate; ``replace``: h = W0x + G·B·A·x (alpha ignored),
+    ``multiply``: W0x + G·s·B·A·x."""
     model = make_llama()
     h = unipelt.compile(model, {"modules": {"l": {
         "method": "lora", "site": "attn.q", "r": 4, "alpha": 12, "gate": {"lora_scale": lora_scale, "pooling": pooling},
@@ -295,7 +297,8 @@ def test_lora_gate_llama(lora_scale, pooling):
     p = h.named_parameters()
     A, B = p["l.1.attn.q.lora_A"], p["l.1.attn.q.lora_B"]
     w, b = p["gate.l.1.linear.weight"], p["gate.l.1.linear.bias"]
-    g = pooled(torch.sigmoid(cap_layer.x @ w.T + b), batch["attention_mask"], pooling)
+    normed = model.model.layers[1].input_layernorm(cap_layer.x)  # computed here from the block input
+    g = pooled(torch.sigmoid(normed @ w.T + b), batch["attention_mask"], pooling)
     s = 1.0 if lora_scale == "replace" else 12 / 4
     x = cap_q.x
     expected = x @ layer.self_attn.q_proj.base_layer.weight.T + g * s * ((x @ A.T) @ B.T)
@@ -322,6 +325,25 @@ def test_lora_gate_bert_masked_mean_layer_input():
         A, B = p[f"l.0.{site}.lora_A"], p[f"l.0.{site}.lora_B"]
         expected = lin.base_layer(x) + g * ((x @ A.T) @ B.T)  # replace: alpha/r is ignored
         torch.testing.assert_close(cap.y, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_layer_gate_reads_the_normalised_block_input_on_pre_ln(family):
+    """On pre-LN decoders the layer-input gate reads norm(x_block), computed here by the block's
+    own norm from the captured block input; the gate report averages it over the real tokens."""
+    model = make_gpt2() if family == "gpt2" else make_llama()
+    h = unipelt.compile(model, {"modules": {"l": {"method": "lora", "site": "attn.v", "r": 2, "gate": {"pooling": "token"}}}})
+    randomize(h)
+    batch = make_batch(lengths=(7, 5, 3))
+    layer = (model.transformer.h if family == "gpt2" else model.model.layers)[1]
+    norm = layer.ln_1 if family == "gpt2" else layer.input_layernorm
+    cap = Capture(layer)
+    report = h.gates(batch)
+    p = h.named_parameters()
+    with torch.no_grad():
+        g = torch.sigmoid(norm(cap.x) @ p["gate.l.1.linear.weight"].T + p["gate.l.1.linear.bias"])[..., 0]
+    m = batch["attention_mask"].float()
+    torch.testing.assert_close(report.values[("l", 1)], (g * m).sum(1) / m.sum(1), atol=ATOL, rtol=0)
 
 
 def test_gate_init_bias():

@@ -74,6 +74,12 @@ class Architecture:
     # transformers checkpoints a block's ``forward``, so hooks on the block itself do not run
     # again when gradient checkpointing recomputes it, while hooks on its submodules do.
     layer_input: str = ""
+    # Pre-LN blocks (GPT-2, Llama): the block's input norm. Layer-input gates read its output, the
+    # normalised block input that attention reads, not the raw residual stream: on a pre-LN model
+    # that stream grows to norms in the hundreds or thousands (SmolLM2: ~1,000 by layer 12), so a
+    # Linear(d, 1) gate on it starts saturated at random 0s and 1s per layer. On post-LN encoders
+    # (BERT) the block input is already a LayerNorm output, as in the paper; leave this empty.
+    input_norm: str = ""
 
     def canonical_tensor(self, name: str) -> str:
         seen = set()

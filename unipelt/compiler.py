@@ -91,6 +91,13 @@ def _ensure_state(model: nn.Module, info: ModelInfo) -> ModelState:
     state.global_hooks.append(model.register_forward_pre_hook(root_pre, with_kwargs=True))
     state.global_hooks.append(model.register_forward_hook(root_post, with_kwargs=True))
     for i, layer in enumerate(info.layers):
+        if info.arch.input_norm:
+            def norm_post(module, args, out, i=i):
+                ctx.layer_inputs[i] = out if isinstance(out, torch.Tensor) else out[0]
+            norm = layer.get_submodule(info.arch.input_norm)
+            state.global_hooks.append(norm.register_forward_hook(norm_post))
+            continue
+
         def layer_pre(module, args, kwargs, i=i):
             h = first_tensor_arg(args, kwargs)
             if h is not None:
