@@ -100,6 +100,10 @@ VARIANTS: dict[str, tuple[str, object, float | None]] = {
     "UniPELT (APL) unmasked mean": ("unipelt.yaml", _gates(pooling="mean"), None),
     # the prefix MLP multiplies each optimizer step by its fan-in, so at the rates that suit LoRA
     # and the adapter the prefix swamps attention: give it a smaller rate (spec ``lr_scale``)
+    # the shipped specs now set lr_scale on the prefix; these rows keep the published single rate
+    "prefix (published rate)": ("prefix.yaml", _scale("prefix", 1.0), None),
+    "UniPELT (AP) (published rate)": ("unipelt-ap.yaml", _scale("prefix", 1.0), None),
+    "UniPELT (APL) (published rate)": ("unipelt.yaml", _scale("prefix", 1.0), None),
     "prefix lr_scale=0.1": ("prefix.yaml", _scale("prefix", 0.1), None),
     "prefix lr_scale=0.03": ("prefix.yaml", _scale("prefix", 0.03), None),
     "UniPELT (APL) prefix lr_scale=0.1": ("unipelt.yaml", _scale("prefix", 0.1), None),
