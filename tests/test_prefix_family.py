@@ -304,7 +304,7 @@ def test_real_smollm2_unipelt_forward_backward_generate():
 @pytest.mark.parametrize("pooling", ["token", "running_mean"])
 def test_separate_kv_gates_per_token_match_hand_computed_attention(attn, pooling):
     """G_k scales each query's logits to P_k, G_v its share of P_v: both computed here by hand from
-    the gate's own Linear(d, 2) on the block input, pooled per token or as a running mean."""
+    the gate's own Linear(d, 2) on the (normalised) block input, pooled per token or as a running mean."""
     from test_attention import reference_attention
 
     m = tiny("llama", attn)
@@ -324,7 +324,8 @@ def test_separate_kv_gates_per_token_match_hand_computed_attention(attn, pooling
     pid = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         m(input_ids=x, attention_mask=mask, position_ids=pid)
-        g = torch.sigmoid(h.gate_modules["prefix.1"].linear(seen["block"]))  # (B, T, 2)
+        # pre-LN block: the layer-input gate reads the normalised block input
+        g = torch.sigmoid(h.gate_modules["prefix.1"].linear(layer.input_layernorm(seen["block"])))  # (B, T, 2)
         if pooling == "running_mean":
             w = mask[..., None].float()
             g = (g * w).cumsum(1) / w.cumsum(1).clamp_min(1.0)
