@@ -125,17 +125,21 @@ def test_cached_generation_matches_recomputation(arch, gate):
     model, _ = adapted(DECODERS[arch], gate)
     ids = _ids(b=2, t=9)
     full = run(model, ids)
-    n = 4
+    torch.testing.assert_close(_decode_stepwise(model, ids), full, atol=ATOL, rtol=0)
+
+
+def _decode_stepwise(model, ids, n: int = 4):
+    """Logits of ``ids`` from a prompt of ``n`` tokens, then one token at a time through the KV cache."""
+    b = ids.shape[0]
     with torch.no_grad():
-        out = model(input_ids=ids[:, :n], attention_mask=torch.ones(2, n, dtype=torch.long), use_cache=True)
-        steps = [out.logits]
-        past = out.past_key_values
+        out = model(input_ids=ids[:, :n], attention_mask=torch.ones(b, n, dtype=torch.long), use_cache=True)
+        steps, past = [out.logits], out.past_key_values
         for t in range(n, ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], attention_mask=torch.ones(2, t + 1, dtype=torch.long),
+            out = model(input_ids=ids[:, t:t + 1], attention_mask=torch.ones(b, t + 1, dtype=torch.long),
                         past_key_values=past, use_cache=True)
             past = out.past_key_values
             steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
+    return torch.cat(steps, 1)
 
 
 def _gated_prefix(kv, pooling):
@@ -159,16 +163,7 @@ def test_separate_kv_prefix_gates_are_causal(arch, pooling):
         out = run(model, changed)
         torch.testing.assert_close(out[:, :t], base[:, :t], atol=ATOL, rtol=0)
         assert not torch.allclose(out[:, t:], base[:, t:], atol=1e-4)
-    n = 4
-    with torch.no_grad():
-        out = model(input_ids=ids[:, :n], attention_mask=torch.ones(2, n, dtype=torch.long), use_cache=True)
-        steps, past = [out.logits], out.past_key_values
-        for t in range(n, ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], attention_mask=torch.ones(2, t + 1, dtype=torch.long),
-                        past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), base, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_decode_stepwise(model, ids), base, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

