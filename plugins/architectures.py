@@ -66,6 +66,8 @@ GPT2 = Architecture(
         "embed": SiteTarget("embed", "wte", reads="embed"),
         "head": SiteTarget("params", "score|lm_head", select="all"),
     },
+    # pre-LN: the gates' layer input is ln_1's output, which is exactly what attention reads
+    aliases={"layer.in": "attn.in"},
     layer_input="ln_1",
     input_norm="ln_1",
     causal=True,
@@ -95,6 +97,8 @@ LLAMA = Architecture(
         "embed": SiteTarget("embed", "embed_tokens", reads="embed"),
         "head": SiteTarget("params", "score|lm_head", select="all"),
     },
+    # pre-LN: the gates' layer input is the input norm's output, which is what attention reads
+    aliases={"layer.in": "attn.in"},
     layer_input="input_layernorm",
     input_norm="input_layernorm",
     causal=True,

@@ -22,6 +22,7 @@ import networkx as nx
 
 from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.errors import ModelError, SpecError
+from unipelt.plan import FusionGroup, GroupMember
 from unipelt.registry import MethodDef, Registry
 from unipelt.spec import GateSpec, ModuleSpec, Spec
 
@@ -63,7 +64,7 @@ class CompiledGraph:
     gates: dict[str, GatePlan]
     combine: dict[str, str]  # site key -> mode
     order: dict[str, list[str]]  # site key -> node order (sequential)
-    fusion_groups: list[tuple[str, list[str]]]
+    fusion_groups: list[FusionGroup]
 
     def to_dot(self) -> str:
         lines = ["digraph unipelt {", "  rankdir=LR;"]
@@ -242,14 +243,20 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
             raise SpecError(f"branches at {key} disagree on widths {sorted(widths)}", source=src, path=f"combine.{site}")
 
     # fusion groups: tensors read by two or more branches / gates -----------------------------
-    groups: list[tuple[str, list[str]]] = []
+    groups: list[FusionGroup] = []
     for n, d in g.nodes(data=True):
         if d["type"] != "tensor":
             continue
-        readers = [
-            m for m in g.successors(n)
-            if g.nodes[m]["type"] in ("branch", "gate")
-        ]
-        if len(readers) >= 2:
-            groups.append((d["label"], [g.nodes[m]["label"] for m in readers]))
+        members = []
+        for m in g.successors(n):
+            md = g.nodes[m]
+            if md["type"] == "branch":
+                bp = md["plan"]
+                at = f" {bp.site.site}"
+                members.append(GroupMember("branch", bp.key, f"{bp.node.name} ({bp.method.name}){at}"))
+            elif md["type"] == "gate":
+                gp = md["plan"]
+                members.append(GroupMember("gate", gp.key, f"gate {gp.gate_id} ({gp.spec.pooling})"))
+        if len(members) >= 2:
+            groups.append(FusionGroup(tensor=n.split(":", 2)[2], layer=d["layer"], members=members))
     return CompiledGraph(graph=g, branches=branches, gates=gates, combine=combine, order=order, fusion_groups=groups)

@@ -66,7 +66,7 @@ def report_dict(handle: AdapterHandle, base_params: int | None = None) -> dict:
         "combine": {k: v for k, v in graph.combine.items() if v != "parallel"},
         "parameters": summary.to_dict(),
         "budget": budget,
-        "fusion_groups": [{"tensor": t, "readers": r} for t, r in graph.fusion_groups],
+        "fusion_groups": [fg.to_dict() for fg in graph.fusion_groups],
     }
 
 
@@ -105,13 +105,12 @@ def report_text(handle: AdapterHandle, base_params: int | None = None) -> str:
     out += ["", "fusion groups (branches and gates reading one tensor: one launch each)"]
     if not r["fusion_groups"]:
         out.append("  none (no tensor is read by more than one branch)")
-    by_shape: dict[tuple, list[str]] = defaultdict(list)
+    # groups of the same shape on several layers print as one line
+    by_shape: dict[tuple, list] = defaultdict(list)
     for g in r["fusion_groups"]:
-        layer, _, tensor = g["tensor"].partition(" ")
-        readers = tuple(re.sub(r"\bL\d+\b ?", "", x).strip() for x in g["readers"])
-        by_shape[(tensor, readers)].append(layer)
+        by_shape[(g["tensor"], tuple(x["label"] for x in g["readers"]))].append(g["layer"])
     for (tensor, readers), layers in by_shape.items():
-        nums = sorted(int(l[1:]) for l in layers if l.startswith("L") and l[1:].isdigit())
-        where = f"layers {_layers_text(nums)}" if nums else ", ".join(layers)
+        nums = sorted(l for l in layers if l is not None)
+        where = f"layers {_layers_text(nums)}" if nums else "global"
         out.append(f"  {tensor} ({where}): " + " | ".join(readers))
     return "\n".join(out)
