@@ -73,6 +73,15 @@ class AdapterBranch(nn.Module):
         d = d * self.scale
         return d if gate is None else d * gate
 
+    # -- the group protocol (unipelt.types.Shrinkable): the down-projection is computed with
+    # the other readers of the adapter's input (its gate), its bias added here
+    def shrink_params(self):
+        return None if isinstance(self.dropout, nn.Dropout) else (self.down.weight, None)
+
+    def expand(self, u: Tensor, gate: Tensor | None = None) -> Tensor:
+        d = self.up(self.act(u + self.down.bias)) * self.scale
+        return d if gate is None else d * gate
+
     mergeable = False
 
 

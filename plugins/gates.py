@@ -30,6 +30,16 @@ class Gate(nn.Module):
             g = g.unsqueeze(1)
         return pool_gate(g, self.spec.pooling, ctx, key=id(self))
 
+    # -- the group protocol (unipelt.types.GroupGate): logits computed with the other readers of x
+    def logit_params(self):
+        return self.linear.weight, self.linear.bias
+
+    def activate(self, logits: Tensor, ctx: ForwardContext) -> Tensor:
+        g = torch.sigmoid(logits + self.linear.bias)
+        if g.dim() == 2:
+            g = g.unsqueeze(1)
+        return pool_gate(g, self.spec.pooling, ctx, key=id(self))
+
 
 @hookimpl(trylast=True)
 def unipelt_build_gate(spec: GateSpec, in_features: int, model):

@@ -66,6 +66,18 @@ class LoraBranch(nn.Module):
             return h * self.scale
         return h * gate if self.gate_scale == "replace" else h * (gate * self.scale)
 
+    # -- the group protocol (unipelt.types.Shrinkable): a group executor computes x·Aᵀ together
+    # with the other readers of x; the gate or scale multiplies the r-wide u, not the d_out-wide h
+    def shrink_params(self):
+        return None if isinstance(self.dropout, nn.Dropout) else (self.lora_A, None)
+
+    def expand(self, u: Tensor, gate: Tensor | None = None) -> Tensor:
+        if gate is None:
+            u = u * self.scale
+        else:
+            u = u * gate if self.gate_scale == "replace" else u * (gate * self.scale)
+        return F.linear(u, self.lora_B)
+
     mergeable = True
 
     def delta_weight(self) -> Tensor:

@@ -126,7 +126,7 @@ class PrefixBranch(nn.Module):
 
     # -- attention-level injection -------------------------------------------------------------
     def attach(self, *, model, state, site, entry) -> None:
-        from unipelt.compiler import attach_kv
+        from unipelt.state import attach_kv
 
         # recorded first: if attaching fails (e.g. an attention implementation that cannot carry
         # prefixes), compile's rollback still detaches this branch
@@ -134,7 +134,7 @@ class PrefixBranch(nn.Module):
         attach_kv(model, state, site, entry)
 
     def detach_from(self, *, model, state, entry) -> None:
-        from unipelt.compiler import detach_kv
+        from unipelt.state import detach_kv
 
         site = self.__dict__.pop("_site", None)
         if site is not None:
@@ -142,16 +142,14 @@ class PrefixBranch(nn.Module):
 
     def kv_prefix(self, *, ctx, entry, batch: int, site_key: str, dtype):
         from unipelt.attention import KVPrefix
+        from unipelt.runtime import gate_value
 
         pk, pv = self.prefix()
         pk, pv = pk.to(dtype).unsqueeze(0), pv.to(dtype).unsqueeze(0)  # (1, H_kv, L, D)
         query_gate = value_gate = None
         if entry.gate is not None:
-            gx = ctx.layer_inputs.get(entry.layer) if entry.gate_input == "layer" else ctx.stash.get(site_key)
-            g = entry.gate(gx, ctx)  # (B, T or 1, k)
-            if ctx.record is not None:
-                ctx.record.setdefault((entry.adapter, entry.node, entry.layer), []).append(g.detach())
-            g = g.to(dtype)
+            # from the layer's group executor when one computes it (with LoRA's x·A on attn.in)
+            g = gate_value(entry, ctx.stash.get(site_key), ctx).to(dtype)  # (B, T or 1, k)
             if g.shape[1] == 1:  # one value per example: scale P_k and P_v directly
                 gk = g[:, 0, 0].view(-1, 1, 1, 1)
                 gv = g[:, 0, -1].view(-1, 1, 1, 1)  # == gk for a shared K/V gate

@@ -142,6 +142,19 @@ def set_kv_provider(attn_module: nn.Module, provider: KVProvider) -> None:
     object.__setattr__(attn_module, _PROVIDER_ATTR, provider)
 
 
+def get_kv_provider(attn_module: nn.Module) -> KVProvider | None:
+    return attn_module.__dict__.get(_PROVIDER_ATTR)
+
+
+def ensure_registered(model: nn.Module) -> None:
+    """Register the unipelt attention functions an installed model names (a model unpickled in a
+    fresh process carries the name in its config, but the function registry is per process)."""
+    for root in _pretrained_roots(model):
+        current = root.config._attn_implementation
+        if isinstance(current, str) and current.startswith(_NAME_PREFIX):
+            _register(current[len(_NAME_PREFIX):])
+
+
 def clear_kv_provider(attn_module: nn.Module) -> None:
     """Remove the provider of ``attn_module`` (no-op when none is set)."""
     attn_module.__dict__.pop(_PROVIDER_ATTR, None)

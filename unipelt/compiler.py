@@ -7,150 +7,20 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from unipelt.arch import ModelInfo, ResolvedSite, resolve_model
+from unipelt.arch import resolve_model
 from unipelt.errors import ModelError, PluginError, SpecError
+from unipelt.executor import EXECUTORS, GroupExecutor
 from unipelt.graph import CompiledGraph, build_graph
 from unipelt.registry import Registry, get_registry
-from unipelt.runtime import (Entry, ForwardContext, Host, LeafWrapper, cache_length_from_call, first_tensor_arg,
-                             mask_from_call)
+from unipelt.runtime import Entry
 from unipelt.spec import Spec, parse_spec
-
-CONTAINER = "unipelt"  # attribute under which adapter parameters live in the model
-
-
-class AdapterSet(nn.Module):
-    """Owns one named adapter's modules, so they move with ``model.to()`` and reach optimizers."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.adapter_name = name
-        self.branches = nn.ModuleDict()
-        self.gates = nn.ModuleDict()
-        self.shared = nn.ModuleDict()
-
-    @staticmethod
-    def slot(key: str) -> str:
-        return key.replace(".", "__")
-
-
-@dataclass
-class ModelState:
-    """What unipelt keeps on an adapted model (as ``model._unipelt_state``)."""
-
-    info: ModelInfo
-    ctx: ForwardContext
-    hosts: dict[str, Host] = field(default_factory=dict)
-    wrappers: dict[str, tuple[nn.Module, str, nn.Module]] = field(default_factory=dict)  # path -> (parent, attr, original)
-    hooks: dict[str, list[RemovableHandle]] = field(default_factory=dict)  # path -> handles
-    global_hooks: list[RemovableHandle] = field(default_factory=list)
-    requires_grad: dict[int, tuple[nn.Parameter, bool]] = field(default_factory=dict)
-    handles: dict[str, Any] = field(default_factory=dict)  # adapter name -> AdapterHandle
-    kv: dict[str, list[Entry]] = field(default_factory=dict)  # attention path -> kv entries
-    attention_installed: bool = False
-
-
-def get_state(model: nn.Module) -> ModelState | None:
-    return model.__dict__.get("_unipelt_state")
-
-
-def _set_parent(model: nn.Module, path: str, new: nn.Module) -> tuple[nn.Module, str]:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, new)
-    return parent, attr
-
-
-def _ensure_state(model: nn.Module, info: ModelInfo) -> ModelState:
-    state = get_state(model)
-    if state is not None:
-        return state
-    state = ModelState(info=info, ctx=ForwardContext(causal=info.causal))
-    model.__dict__["_unipelt_state"] = state
-    ctx = state.ctx
-    forward = model.forward
-
-    def root_pre(module, args, kwargs):
-        ctx.attention_mask = mask_from_call(forward, args, kwargs)
-        ctx.cache_length = cache_length_from_call(forward, args, kwargs)
-        ctx.layer_inputs.clear()
-        ctx.stash.clear()
-
-    def root_post(module, args, kwargs, out):
-        # Drop references to activations; gradient-checkpointing recomputation refills them
-        # through the layer pre-hooks, which run again inside the recomputed block.
-        ctx.layer_inputs.clear()
-        ctx.stash.clear()
-
-    state.global_hooks.append(model.register_forward_pre_hook(root_pre, with_kwargs=True))
-    state.global_hooks.append(model.register_forward_hook(root_post, with_kwargs=True))
-    for i, layer in enumerate(info.layers):
-        if info.arch.input_norm:
-            def norm_post(module, args, out, i=i):
-                ctx.layer_inputs[i] = out if isinstance(out, torch.Tensor) else out[0]
-            norm = layer.get_submodule(info.arch.input_norm)
-            state.global_hooks.append(norm.register_forward_hook(norm_post))
-            continue
-
-        def layer_pre(module, args, kwargs, i=i):
-            h = first_tensor_arg(args, kwargs)
-            if h is not None:
-                ctx.layer_inputs[i] = h
-        first = layer.get_submodule(info.arch.layer_input) if info.arch.layer_input else layer
-        state.global_hooks.append(first.register_forward_pre_hook(layer_pre, with_kwargs=True))
-    # the base is frozen; remember the flags so detach restores them exactly
-    for p in model.parameters():
-        state.requires_grad[id(p)] = (p, p.requires_grad)
-        p.requires_grad_(False)
-    return state
-
-
-def _host_for(model: nn.Module, state: ModelState, path: str, site: ResolvedSite, registry: Registry) -> Host:
-    host = state.hosts.get(path)
-    if host is not None:
-        return host
-    host = Host(path, state.ctx)
-    module = model.get_submodule(path)
-    wrapper = None
-    if site.kind in ("linear", "output", "io"):
-        wrapper = registry.hook.unipelt_wrap_leaf(module=module, site=site)
-    if wrapper is not None:
-        object.__setattr__(wrapper, "host", host)
-        parent, attr = _set_parent(model, path, wrapper)
-        state.wrappers[path] = (parent, attr, module)
-    elif site.kind == "linear":
-        raise ModelError(f"{path}: no plugin can wrap a {type(module).__name__} for hook point {site.site!r}")
-    else:
-        def post(mod, args, kwargs, out, host=host):
-            x = first_tensor_arg(args, kwargs)
-            if isinstance(out, tuple):
-                return (host.run(x, out[0]),) + tuple(out[1:])
-            return host.run(x, out)
-        state.hooks.setdefault(path, []).append(module.register_forward_hook(post, with_kwargs=True))
-    state.hosts[path] = host
-    return host
-
-
-def _stash_hook(model: nn.Module, state: ModelState, site: ResolvedSite) -> None:
-    """Capture the input of a parallel (io) hook point for its branches."""
-    key = f"stash:{site.key}"
-    if key in state.hooks:
-        return
-    module = model.get_submodule(site.input_path)
-    ctx = state.ctx
-
-    def pre(mod, args, kwargs, k=site.key):
-        x = first_tensor_arg(args, kwargs, site.input_arg, site.input_kwarg)
-        if x is not None:
-            ctx.stash[k] = x
-
-    state.hooks[key] = [module.register_forward_pre_hook(pre, with_kwargs=True)]
+from unipelt.state import (CONTAINER, AdapterSet, ModelState, ensure_state, get_state, host_for, require_state,
+                           stash_input)
+from unipelt.types import BRANCH_READS
 
 
 def _count(module: nn.Module, kept: bool) -> int:
@@ -222,7 +92,7 @@ def compile(
             raise SpecError(message, source=spec.source, path=field_path) from None
         if mod is None:
             raise PluginError(f"no plugin built method {bp.method.name!r} (declared by {bp.method.plugin!r}) for {bp.key}")
-        if getattr(mod, "reads", None) not in ("input", "output", "kv", "embed", "params"):
+        if getattr(mod, "reads", None) not in BRANCH_READS:
             raise PluginError(f"plugin {bp.method.plugin!r}: branch for {bp.method.name!r} has no valid 'reads' attribute")
         branch_modules[bp.key] = mod
         container.branches[AdapterSet.slot(bp.key)] = mod
@@ -244,7 +114,7 @@ def compile(
     handle.check_budget(base_param_count(model))
 
     # attach -----------------------------------------------------------------------------
-    state = _ensure_state(model, info)
+    state = ensure_state(model, info)
     try:
         if CONTAINER not in model._modules:
             model.add_module(CONTAINER, nn.ModuleDict())
@@ -264,7 +134,7 @@ def compile(
             if attach is not None:  # kv, embed and params branches attach themselves
                 attach(model=model, state=state, site=bp.site, entry=entry)
                 continue
-            host = _host_for(model, state, bp.site.path, bp.site, registry)
+            host = host_for(model, state, bp.site, registry)
             width = None
             if bp.site.out_slice is not None:
                 width = bp.site.out_features * bp.site.part[1]
@@ -278,7 +148,8 @@ def compile(
                 mine = sorted((e for e in rt.entries if e.adapter == name), key=lambda e: order.index(e.node))
                 rt.entries = [e for e in rt.entries if e.adapter != name] + mine
             if bp.site.kind == "io":
-                _stash_hook(model, state, bp.site)
+                stash_input(model, state, bp.site)
+        _build_groups(state, handle, graph)
         for p in container.parameters():
             p.requires_grad_(True)
     except Exception:
@@ -288,82 +159,54 @@ def compile(
         raise
     state.handles[name] = handle
     handle._attached = True
-    if activate:
-        state.ctx.active = {name}
-    else:
-        state.ctx.active.add(name)
+    state.set_active({name} if activate else state.ctx.active | {name})
     return handle
 
 
+def _build_groups(state: ModelState, handle, graph: CompiledGraph) -> None:
+    """One executor per fusion group of this adapter (plan.FusionGroup -> executor.GroupExecutor)."""
+    entries = handle.entries
+    for fg in graph.fusion_groups:
+        members = []
+        for key in fg.branch_keys:
+            e = entries[key]
+            # a sequential stack's later branches read the previous branch's output, not this tensor
+            if graph.combine.get(next(b.site.key for b in graph.branches if b.key == key)) == "sequential":
+                continue
+            if e.branch.reads in ("input", "output"):
+                members.append(e)
+        gates = {k: handle.gate_modules[k] for k in fg.gate_keys}
+        ex = GroupExecutor(handle.name, fg, members, gates)
+        state.ctx.groups[ex.key] = ex
+        for e in members:
+            e.group = ex
+        for e in entries.values():
+            if e.gate_key in gates:
+                e.gate_group = ex
+
+
+def set_executor(model: nn.Module, executor: str) -> None:
+    """Choose how branch groups run: ``grouped`` (one executor per fusion group, the default) or
+    ``reference`` (every branch and gate on its own; the executors are checked against it)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    state = require_state(model)
+    state.executor = executor
+    state.refresh()
+
+
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Make the named adapter(s) active; the others stay attached but do not run."""
-    state = get_state(model)
-    if state is None:
-        raise ModelError("this model carries no unipelt adapter")
+    """Make the named adapter(s) active; the others stay attached but do not run.
+
+    An adapter merged into the base weights that becomes inactive is unmerged first (as PEFT
+    does): its delta would otherwise keep changing the outputs from inside the weights.
+    """
+    state = require_state(model)
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         if n not in state.handles:
             raise ModelError(f"no adapter named {n!r}; attached: {', '.join(state.handles)}")
-    state.ctx.active = set(names)
-
-
-def ensure_attention(model: nn.Module, state: ModelState) -> None:
-    """Route attention through unipelt's attention function (prefix injection), once."""
-    if not state.attention_installed:
-        from unipelt import attention
-
-        attention.install(model)
-        state.attention_installed = True
-
-
-# ------------------------------------------------------------------------------------------
-# key/value injection (prefix tuning, P-tuning v2): one provider per attention module
-# ------------------------------------------------------------------------------------------
-def attach_kv(model: nn.Module, state: ModelState, site: ResolvedSite, entry: Entry) -> None:
-    """Register ``entry`` (a branch with ``kv_prefix(ctx, entry, batch)``) at an attention module.
-
-    Every kv branch of every adapter at this module is served by one provider that transformers'
-    attention function calls after RoPE and the cache update (see :mod:`unipelt.attention`).
-    """
-    from unipelt import attention
-
-    ensure_attention(model, state)
-    entries = state.kv.setdefault(site.path, [])
-    entries.append(entry)
-    if len(entries) > 1:
-        return
-    ctx = state.ctx
-    key = site.key
-
-    def provider(module, query, key_states, value_states):
-        out = []
-        for e in entries:
-            if e.adapter not in ctx.active:
-                continue
-            p = e.branch.kv_prefix(ctx=ctx, entry=e, batch=query.shape[0], site_key=key, dtype=key_states.dtype)
-            if p is not None:
-                out.append(p)
-        return out or None
-
-    attention.set_kv_provider(site.module, provider)
-
-    # the gate may read the attention module's own input (its ``site`` input)
-    def pre(mod, args, kwargs):
-        x = first_tensor_arg(args, kwargs)
-        if x is not None:
-            ctx.stash[key] = x
-
-    state.hooks[f"kv:{site.path}"] = [site.module.register_forward_pre_hook(pre, with_kwargs=True)]
-
-
-def detach_kv(model: nn.Module, state: ModelState, site: ResolvedSite, entry: Entry) -> None:
-    from unipelt import attention
-
-    entries = state.kv.get(site.path, [])
-    if entry in entries:
-        entries.remove(entry)
-    if not entries:
-        attention.clear_kv_provider(site.module)
-        for h in state.hooks.pop(f"kv:{site.path}", []):
-            h.remove()
-        state.kv.pop(site.path, None)
+    for n, h in state.handles.items():
+        if n not in names and any(e.merged for e in h.entries.values()):
+            h.unmerge()
+    state.set_active(set(names))

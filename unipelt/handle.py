@@ -18,6 +18,7 @@ from unipelt.errors import AdapterFileError, ModelError, SpecError
 from unipelt.graph import CompiledGraph
 from unipelt.registry import Registry
 from unipelt.runtime import Entry
+from unipelt.state import CONTAINER, get_state, restore_model
 from unipelt.spec import FORMAT_VERSION, Spec, parse_spec
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -260,7 +261,6 @@ class AdapterHandle:
     @torch.no_grad()
     def gates(self, batch: dict[str, Tensor] | Tensor) -> GateReport:
         """Run one forward on ``batch`` and return each gated module's gate values per layer."""
-        from unipelt.compiler import get_state
 
         state = get_state(self.model)
         ctx = state.ctx
@@ -355,12 +355,11 @@ class AdapterHandle:
                 merged.append(bp.key)
             else:
                 live.append(bp.key)
+        get_state(self.model).refresh()
         return {"merged": merged, "live": live}
 
     def unmerge(self) -> None:
         """Undo ``merge`` exactly (the original weights were kept)."""
-        from unipelt.compiler import get_state
-
         state = get_state(self.model)
         paths = {bp.site.path for bp in self.graph.branches if self.entries[bp.key].merged}
         for path in paths:
@@ -374,11 +373,10 @@ class AdapterHandle:
                     e = other.entries[bp.key]
                     if e.merged and bp.site.path in paths:
                         self.model.get_submodule(bp.site.path).merge_delta(e.branch.delta_weight(), bp.site.out_slice)
+        state.refresh()
 
     def detach(self) -> None:
         """Remove this adapter; when it was the last one, restore the exact original modules."""
-        from unipelt.compiler import CONTAINER, get_state
-
         state = get_state(self.model)
         if state is None or not self._attached:
             return
@@ -396,10 +394,13 @@ class AdapterHandle:
         if container is not None and self.name in container:
             del container[self.name]
         state.handles.pop(self.name, None)
-        state.ctx.active.discard(self.name)
+        for key in [k for k, g in state.ctx.groups.items() if g.adapter == self.name]:
+            del state.ctx.groups[key]
         self._attached = False
         if not state.handles:
-            _restore_model(self.model, state)
+            restore_model(self.model, state)
+        else:
+            state.set_active(state.ctx.active - {self.name})
 
     # -- save / load -----------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -471,31 +472,6 @@ def swap_in_dir(tmp: Path, dest: Path) -> None:
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
-
-
-def _restore_model(model: nn.Module, state) -> None:
-    """Undo everything compile did to the model: wrappers, hooks, frozen flags, container."""
-    from unipelt.compiler import CONTAINER
-
-    for path, (parent, attr, original) in state.wrappers.items():
-        wrapper = getattr(parent, attr)
-        if hasattr(wrapper, "restore_weight"):
-            wrapper.restore_weight()
-        setattr(parent, attr, original)
-    for handles in state.hooks.values():
-        for h in handles:
-            h.remove()
-    for h in state.global_hooks:
-        h.remove()
-    for p, flag in state.requires_grad.values():
-        p.requires_grad_(flag)
-    if state.attention_installed:
-        from unipelt import attention
-
-        attention.uninstall(model)
-    if CONTAINER in model._modules:
-        del model._modules[CONTAINER]
-    del model.__dict__["_unipelt_state"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ multiplies alpha/r; an adapter gate multiplies its delta).
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -72,6 +71,19 @@ class ForwardContext:
     # tokens already in the KV cache when the call began (None: no cache, or unknown). transformers'
     # generate() drops an all-ones attention mask, so the mask alone cannot tell a cached step.
     cache_length: int | None = None
+    # bumped whenever what runs changes (attach, switch, merge, detach)
+    version: int = 0
+    # group executors (plan.FusionGroup) by "adapter/group key", and their results in this forward
+    groups: dict[str, Any] = field(default_factory=dict)
+    group_out: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # the prompt-style entries of active adapters (decided at refresh, not per call)
+    embed_live: list = field(default_factory=list)
+
+    def clear(self) -> None:
+        """Forget the tensors of the last call."""
+        self.layer_inputs.clear()
+        self.stash.clear()
+        self.group_out.clear()
 
     def token_mask(self, batch: int, length: int, device, dtype) -> Tensor | None:
         """The padding mask for the last ``length`` positions, shaped (B, T, 1), or None."""
@@ -145,6 +157,35 @@ class Entry:
     gate_input: Literal["layer", "site"] = "site"
     layer: int | None = None
     merged: bool = False
+    # the group executors that compute this branch's input projection and this entry's gate
+    # (None: computed alone, the reference path)
+    group: Any = None
+    gate_group: Any = None
+
+
+def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | None:
+    """The gate of ``e`` for this forward: read from its group when one computes it (once per
+    layer, shared by every branch using it), else computed from the tensor the gate reads."""
+    if e.gate is None:
+        return None
+    gx = ctx.layer_inputs.get(e.layer) if e.gate_input == "layer" else src
+    if gx is None:
+        raise RuntimeError(f"gate {e.gate_key}: the input of layer {e.layer} was not captured")
+    grp = e.gate_group
+    g = grp.gate(e.gate_key, gx, ctx) if grp is not None and grp.on else e.gate(gx, ctx)
+    if ctx.record is not None:
+        ctx.record.setdefault((e.adapter, e.node, e.layer if e.layer is not None else -1), []).append(g.detach())
+    return g
+
+
+def branch_delta(e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor:
+    """The delta of branch ``e`` reading ``src``: from its group's shared input projection when
+    a group executor runs it, else the branch's own forward (the reference)."""
+    g = gate_value(e, src, ctx)
+    grp = e.group
+    if grp is not None and grp.on and grp.has(e):
+        return e.branch.expand(grp.shrunk(e, src, ctx), g)
+    return e.branch(src, gate=g)
 
 
 class SiteRuntime:
@@ -158,41 +199,39 @@ class SiteRuntime:
         self.entries: list[Entry] = []
         self.mode: dict[str, str] = {}  # adapter -> parallel | sequential | average
 
-    def _gate(self, e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor | None:
-        if e.gate is None:
-            return None
-        gx = ctx.layer_inputs.get(e.layer) if e.gate_input == "layer" else src
-        if gx is None:
-            raise RuntimeError(f"gate {e.gate_key}: the input of layer {e.layer} was not captured")
-        g = e.gate(gx, ctx)
-        if ctx.record is not None:
-            ctx.record.setdefault((e.adapter, e.node, e.layer if e.layer is not None else -1), []).append(g.detach())
-        return g
+    def refresh(self, active: set[str]) -> None:
+        """Decide what runs here (called on attach, switch, merge and detach, never per call)."""
+        self.live = [e for e in self.entries if not e.merged and e.adapter in active]
+        self.live_mode = self.mode.get(self.live[0].adapter, "parallel") if self.live else "parallel"
+
+    live: list[Entry] = []
+    live_mode: str = "parallel"
+
+    def delta(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor | None:
+        """The combined delta of the live branches (parallel or average), on the slice; None if none."""
+        delta = None
+        for e in self.live:
+            d = branch_delta(e, x if e.branch.reads == "input" else y, ctx)
+            delta = d if delta is None else delta + d
+        if delta is not None and self.live_mode == "average" and len(self.live) > 1:
+            delta = delta / len(self.live)
+        return delta
 
     def apply(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor:
-        entries = [e for e in self.entries if not e.merged and e.adapter in ctx.active]
-        if not entries:
+        if not self.live:
             return y
         full = y
         if self.out_slice is not None:
             y = full[..., self.out_slice[0]:self.out_slice[1]]
-        mode = self.mode.get(entries[0].adapter, "parallel")
-        if mode == "sequential":
+        if self.live_mode == "sequential":
             cur = y
-            for e in entries:
-                src = x if e.branch.reads == "input" else cur
-                cur = cur + e.branch(src, gate=self._gate(e, src, ctx))
-            delta = cur - y if self.out_slice is not None else None
-            if delta is None:
+            for e in self.live:
+                cur = cur + branch_delta(e, x if e.branch.reads == "input" else cur, ctx)
+            if self.out_slice is None:
                 return cur
+            delta = cur - y
         else:
-            delta = None
-            for e in entries:
-                src = x if e.branch.reads == "input" else y
-                d = e.branch(src, gate=self._gate(e, src, ctx))
-                delta = d if delta is None else delta + d
-            if mode == "average" and len(entries) > 1:
-                delta = delta / len(entries)
+            delta = self.delta(x, y, ctx)
             if self.out_slice is None:
                 return y + delta
         s0, s1 = self.out_slice
@@ -221,12 +260,46 @@ class Host:
 
     def run(self, x: Tensor | None, y: Tensor) -> Tensor:
         ctx = self.ctx
-        for rt in self.runtimes.values():
+        sliced = self._sliced
+        if sliced is not None:
+            # a fused projection (GPT-2's c_attn): the slices' deltas are concatenated (zeros where
+            # no branch is live) and added once, as one stacked LoRA, instead of a zero-padded add
+            # per slice
+            parts, at, any_live = [], 0, False
+            for rt in sliced:
+                s0, s1 = rt.out_slice
+                d = rt.delta(x, y[..., s0:s1], ctx) if rt.live else None
+                if d is None:
+                    continue
+                if s0 > at:
+                    parts.append(y.new_zeros(*y.shape[:-1], s0 - at))
+                parts.append(d)
+                at, any_live = s1, True
+            if any_live:
+                if at < y.shape[-1]:
+                    parts.append(y.new_zeros(*y.shape[:-1], y.shape[-1] - at))
+                y = y + torch.cat(parts, -1)
+            rest = self._unsliced
+        else:
+            rest = self.runtimes.values()
+        for rt in rest:
             if rt.kind == "io":
                 y = rt.apply(ctx.stash.get(rt.site_key), y, ctx)
             else:
                 y = rt.apply(x, y, ctx)
         return y
+
+    _sliced: list[SiteRuntime] | None = None
+    _unsliced: list[SiteRuntime] = []
+
+    def refresh(self) -> None:
+        """Plan the fused-projection path: the parallel runtimes on slices of one output."""
+        lin = [rt for rt in self.runtimes.values() if rt.kind == "linear" and rt.out_slice is not None]
+        self._sliced = None
+        self._unsliced = list(self.runtimes.values())
+        if lin and all(rt.live_mode != "sequential" for rt in lin):
+            self._sliced = sorted(lin, key=lambda rt: rt.out_slice[0])
+            self._unsliced = [rt for rt in self.runtimes.values() if rt not in lin]
 
     @property
     def empty(self) -> bool:
@@ -317,33 +390,3 @@ def first_tensor_arg(args: tuple, kwargs: dict, index: int = 0, kwarg: str | Non
         if isinstance(kwargs.get(name), Tensor):
             return kwargs[name]
     return None
-
-
-def cache_length_from_call(forward, args: tuple, kwargs: dict) -> int | None:
-    """How many tokens the call's ``past_key_values`` already hold, or None without a cache."""
-    past = kwargs.get("past_key_values")
-    if past is None and len(args) > 1:
-        try:
-            past = inspect.signature(forward).bind_partial(*args, **kwargs).arguments.get("past_key_values")
-        except TypeError:
-            past = None
-    if past is None:
-        return None
-    try:
-        return int(past.get_seq_length())
-    except (AttributeError, TypeError):  # a legacy tuple cache: (layers) of (key, value), keys (B, H, T, D)
-        try:
-            return int(past[0][0].shape[-2])
-        except (IndexError, TypeError, AttributeError):
-            return None
-
-
-def mask_from_call(forward, args: tuple, kwargs: dict) -> Tensor | None:
-    """The ``attention_mask`` argument of a model call, positional or keyword."""
-    if "attention_mask" in kwargs:
-        return kwargs["attention_mask"]
-    try:
-        bound = inspect.signature(forward).bind_partial(*args, **kwargs)
-    except TypeError:
-        return None
-    return bound.arguments.get("attention_mask")

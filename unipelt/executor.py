@@ -1,0 +1,88 @@
+"""Group executors: one :class:`unipelt.plan.FusionGroup` run as one unit.
+
+Every branch and gate of a layer that reads one tensor x — LoRA on q and v, their gates, the
+prefix gate; an adapter and its gate — starts with a matrix product of x. The grouped executor
+does all of them in one skinny product z = x·[A_q | A_v | w_g1 | w_g2 | ...]ᵀ per forward
+(and so one accumulated dX in backward), evaluates each gate once, and hands every member its
+columns of z. The per-branch path (each branch's own ``forward``) stays the reference; the
+Triton kernels will be another executor behind the same two calls (``shrunk`` and ``gate``).
+
+A member joins when its module offers the group protocol (:class:`unipelt.types.Shrinkable`,
+:class:`unipelt.types.GroupGate`) and its ``shrink_params()`` is not None (LoRA with dropout > 0
+reads a dropped-out x of its own, so it computes alone).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from unipelt.plan import FusionGroup
+from unipelt.runtime import Entry, ForwardContext
+
+EXECUTORS = ("grouped", "reference")
+
+
+class GroupExecutor:
+    """Runs the members of one fusion group of one adapter."""
+
+    def __init__(self, adapter: str, group: FusionGroup, branches: list[Entry], gates: dict[str, torch.nn.Module]):
+        self.adapter = adapter
+        self.group = group
+        self.key = f"{adapter}/{group.key}"
+        self.branches = branches  # entries whose branch computes from this tensor
+        self.gate_modules = gates  # gate key -> gate module reading this tensor
+        self.on = False
+        self._cols: dict[object, tuple[int, int]] = {}
+        self._live_branches: list[Entry] = []
+        self._live_gates: list[str] = []
+
+    # -- planning (attach, switch, merge, detach) -------------------------------------------
+    def refresh(self, active: set[str], executor: str) -> None:
+        self._live_branches = [
+            e for e in self.branches
+            if not e.merged and callable(getattr(e.branch, "shrink_params", None)) and e.branch.shrink_params() is not None
+        ]
+        self._live_gates = [k for k, g in self.gate_modules.items() if callable(getattr(g, "logit_params", None))]
+        self.on = (
+            executor == "grouped" and self.adapter in active
+            and len(self._live_branches) + len(self._live_gates) >= 2
+        )
+        self._cols = {}
+        at = 0
+        for e in self._live_branches:
+            n = e.branch.shrink_params()[0].shape[0]
+            self._cols[id(e)] = (at, at + n)
+            at += n
+        for k in self._live_gates:
+            n = self.gate_modules[k].logit_params()[0].shape[0]
+            self._cols[k] = (at, at + n)
+            at += n
+
+    def has(self, e: Entry) -> bool:
+        return id(e) in self._cols
+
+    # -- running (once per forward) -----------------------------------------------------------
+    def _z(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        cached = ctx.group_out.get(self.key)
+        if cached is not None and cached[0] is x:
+            return cached[1]
+        weights = [e.branch.shrink_params()[0] for e in self._live_branches]
+        weights += [self.gate_modules[k].logit_params()[0] for k in self._live_gates]
+        z = F.linear(x, torch.cat(weights, 0).to(x.dtype))
+        ctx.group_out[self.key] = (x, z)
+        return z
+
+    def shrunk(self, e: Entry, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """The branch's input projection of x (its columns of z)."""
+        a, b = self._cols[id(e)]
+        return self._z(x, ctx)[..., a:b]
+
+    def gate(self, gate_key: str, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """The gate's pooled values, from its logit columns of z."""
+        cols = self._cols.get(gate_key)
+        module = self.gate_modules[gate_key]
+        if cols is None:
+            return module(x, ctx)
+        a, b = cols
+        return module.activate(self._z(x, ctx)[..., a:b], ctx)

@@ -1,0 +1,387 @@
+"""The adapted model's state, owned in one place (STYLE.md, 17).
+
+Everything ``compile`` does to a model — the forward hooks, the leaf wrappers, the frozen flags,
+the adapter container, the attention routing — is installed and removed here; the compiler and
+the handle call these functions and read :class:`ModelState`, neither reaches into the other.
+
+Every hook is an instance of a module-level class (no closures), so an adapted model can be
+deep-copied (reference models, EMA), pickled and ``torch.save``-d: the copy is an independent
+adapted model, its hooks pointing at its own state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from unipelt.arch import ModelInfo, ResolvedSite
+from unipelt.errors import ModelError
+from unipelt.inputs import CallBinder
+from unipelt.runtime import Entry, ForwardContext, Host, first_tensor_arg
+
+CONTAINER = "unipelt"  # attribute under which adapter parameters live in the model
+STATE_ATTR = "_unipelt_state"
+
+
+class AdapterSet(nn.Module):
+    """Owns one named adapter's modules, so they move with ``model.to()`` and reach optimizers."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.adapter_name = name
+        self.branches = nn.ModuleDict()
+        self.gates = nn.ModuleDict()
+        self.shared = nn.ModuleDict()
+
+    @staticmethod
+    def slot(key: str) -> str:
+        return key.replace(".", "__")
+
+
+@dataclass
+class ModelState:
+    """What unipelt keeps on an adapted model (as ``model._unipelt_state``)."""
+
+    info: ModelInfo
+    ctx: ForwardContext
+    hosts: dict[str, Host] = field(default_factory=dict)
+    wrappers: dict[str, tuple[nn.Module, str, nn.Module]] = field(default_factory=dict)  # path -> (parent, attr, original)
+    hooks: dict[str, list[RemovableHandle]] = field(default_factory=dict)  # path -> handles
+    global_hooks: list[RemovableHandle] = field(default_factory=list)
+    requires_grad: dict[int, tuple[nn.Parameter, bool]] = field(default_factory=dict)
+    handles: dict[str, Any] = field(default_factory=dict)  # adapter name -> AdapterHandle
+    kv: dict[str, list[Entry]] = field(default_factory=dict)  # attention path -> kv entries
+    embed: list[Entry] = field(default_factory=list)  # prompt-style entries (one call rewrite)
+    attention_installed: bool = False
+    executor: str = "grouped"  # "grouped" (plan.FusionGroup executors) or "reference" (per branch)
+
+    # -- copies ----------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        # parameters are keyed by id(): ids do not survive a copy; rebuild them afterwards
+        d["requires_grad"] = list(self.requires_grad.values())
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        d = dict(d)
+        flags = d.pop("requires_grad")
+        self.__dict__.update(d)
+        self.requires_grad = {id(p): (p, flag) for p, flag in flags}
+        if self.attention_installed:
+            # a fresh process has not registered unipelt's attention functions yet
+            from unipelt import attention
+
+            attention.ensure_registered(self.info.model)
+
+    # -- activity --------------------------------------------------------------------------
+    def set_active(self, names: set[str]) -> None:
+        self.ctx.active = set(names)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute what runs: called whenever adapters are attached, switched, merged or
+        removed, so that no forward filters entries or decides on executors per call."""
+        ctx = self.ctx
+        ctx.version += 1
+        for host in self.hosts.values():
+            for rt in host.runtimes.values():
+                rt.refresh(ctx.active)
+            host.refresh()
+        for p in list(self.kv):
+            provider = _provider_of(self.info, p)
+            if provider is not None:
+                provider.refresh(ctx.active)
+        live = [e for e in self.embed if e.adapter in ctx.active]
+        ctx.embed_live = live
+        for group in ctx.groups.values():
+            group.refresh(ctx.active, self.executor)
+
+
+def get_state(model: nn.Module) -> ModelState | None:
+    return model.__dict__.get(STATE_ATTR)
+
+
+def require_state(model: nn.Module) -> ModelState:
+    state = get_state(model)
+    if state is None:
+        raise ModelError("this model carries no unipelt adapter")
+    return state
+
+
+def set_parent(model: nn.Module, path: str, new: nn.Module) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+    return parent, attr
+
+
+# ------------------------------------------------------------------------------------------
+# the hooks (classes, not closures: picklable and deep-copyable)
+# ------------------------------------------------------------------------------------------
+class RootPreHook:
+    """Start of a model call: read the mask and cache length, forget the last call's tensors."""
+
+    def __init__(self, ctx: ForwardContext, binder: CallBinder):
+        self.ctx, self.binder = ctx, binder
+
+    def __call__(self, module, args, kwargs):
+        ctx = self.ctx
+        ctx.attention_mask = self.binder.get(args, kwargs, "attention_mask")
+        ctx.cache_length = cache_length(self.binder.get(args, kwargs, "past_key_values"))
+        ctx.clear()
+
+
+class RootPostHook:
+    """End of a model call: drop references to activations. Gradient-checkpointing recomputation
+    refills them through the layer pre-hooks, which run again inside the recomputed block."""
+
+    def __init__(self, ctx: ForwardContext):
+        self.ctx = ctx
+
+    def __call__(self, module, args, kwargs, out):
+        self.ctx.clear()
+
+
+class NormPostHook:
+    """Pre-LN blocks: the gates' layer input is the input norm's output."""
+
+    def __init__(self, ctx: ForwardContext, layer: int):
+        self.ctx, self.layer = ctx, layer
+
+    def __call__(self, module, args, out):
+        self.ctx.layer_inputs[self.layer] = out if isinstance(out, torch.Tensor) else out[0]
+
+
+class LayerPreHook:
+    """Post-LN blocks: the gates' layer input is the block input, captured at its first submodule."""
+
+    def __init__(self, ctx: ForwardContext, layer: int):
+        self.ctx, self.layer = ctx, layer
+
+    def __call__(self, module, args, kwargs):
+        h = first_tensor_arg(args, kwargs)
+        if h is not None:
+            self.ctx.layer_inputs[self.layer] = h
+
+
+class OutputHook:
+    """Serial and parallel hook points on a module's output: the host transforms it."""
+
+    def __init__(self, host: Host):
+        self.host = host
+
+    def __call__(self, mod, args, kwargs, out):
+        x = first_tensor_arg(args, kwargs)
+        if isinstance(out, tuple):
+            return (self.host.run(x, out[0]),) + tuple(out[1:])
+        return self.host.run(x, out)
+
+
+class StashHook:
+    """Capture a module's input for the branches (or gates) that read it elsewhere."""
+
+    def __init__(self, ctx: ForwardContext, key: str, arg: int = 0, kwarg: str | None = None):
+        self.ctx, self.key, self.arg, self.kwarg = ctx, key, arg, kwarg
+
+    def __call__(self, mod, args, kwargs):
+        x = first_tensor_arg(args, kwargs, self.arg, self.kwarg)
+        if x is not None:
+            self.ctx.stash[self.key] = x
+
+
+def cache_length(past) -> int | None:
+    """How many tokens ``past_key_values`` already hold, or None without a cache."""
+    if past is None:
+        return None
+    try:
+        return int(past.get_seq_length())
+    except (AttributeError, TypeError):  # a legacy tuple cache: (layers) of (key, value), keys (B, H, T, D)
+        try:
+            return int(past[0][0].shape[-2])
+        except (IndexError, TypeError, AttributeError):
+            return None
+
+
+# ------------------------------------------------------------------------------------------
+# installing and removing
+# ------------------------------------------------------------------------------------------
+def ensure_state(model: nn.Module, info: ModelInfo) -> ModelState:
+    """The model's state, created (global hooks installed, base frozen) on first use."""
+    state = get_state(model)
+    if state is not None:
+        return state
+    state = ModelState(info=info, ctx=ForwardContext(causal=info.causal))
+    model.__dict__[STATE_ATTR] = state
+    ctx = state.ctx
+    binder = CallBinder(model.forward)
+    state.global_hooks.append(model.register_forward_pre_hook(RootPreHook(ctx, binder), with_kwargs=True))
+    state.global_hooks.append(model.register_forward_hook(RootPostHook(ctx), with_kwargs=True))
+    for i, layer in enumerate(info.layers):
+        if info.arch.input_norm:
+            norm = layer.get_submodule(info.arch.input_norm)
+            state.global_hooks.append(norm.register_forward_hook(NormPostHook(ctx, i)))
+            continue
+        first = layer.get_submodule(info.arch.layer_input) if info.arch.layer_input else layer
+        state.global_hooks.append(first.register_forward_pre_hook(LayerPreHook(ctx, i), with_kwargs=True))
+    # the base is frozen; remember the flags so detach restores them exactly
+    for p in model.parameters():
+        state.requires_grad[id(p)] = (p, p.requires_grad)
+        p.requires_grad_(False)
+    return state
+
+
+def host_for(model: nn.Module, state: ModelState, site: ResolvedSite, registry) -> Host:
+    """The host of the module at ``site.path``: a leaf wrapper for projections, an output hook
+    for sublayer outputs; created the first time a site needs it."""
+    path = site.path
+    host = state.hosts.get(path)
+    if host is not None:
+        return host
+    host = Host(path, state.ctx)
+    module = model.get_submodule(path)
+    wrapper = None
+    if site.kind in ("linear", "output", "io"):
+        wrapper = registry.hook.unipelt_wrap_leaf(module=module, site=site)
+    if wrapper is not None:
+        object.__setattr__(wrapper, "host", host)
+        parent, attr = set_parent(model, path, wrapper)
+        state.wrappers[path] = (parent, attr, module)
+    elif site.kind == "linear":
+        raise ModelError(f"{path}: no plugin can wrap a {type(module).__name__} for hook point {site.site!r}")
+    else:
+        state.hooks.setdefault(path, []).append(module.register_forward_hook(OutputHook(host), with_kwargs=True))
+    state.hosts[path] = host
+    return host
+
+
+def stash_input(model: nn.Module, state: ModelState, site: ResolvedSite) -> None:
+    """Capture the input of a parallel (io) hook point for its branches."""
+    key = f"stash:{site.key}"
+    if key in state.hooks:
+        return
+    module = model.get_submodule(site.input_path)
+    hook = StashHook(state.ctx, site.key, site.input_arg, site.input_kwarg)
+    state.hooks[key] = [module.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
+def ensure_attention(model: nn.Module, state: ModelState) -> None:
+    """Route attention through unipelt's attention function (prefix injection), once."""
+    if not state.attention_installed:
+        from unipelt import attention
+
+        attention.install(model)
+        state.attention_installed = True
+
+
+# ------------------------------------------------------------------------------------------
+# key/value injection (prefix tuning, P-tuning v2): one provider per attention module
+# ------------------------------------------------------------------------------------------
+class KVProvider:
+    """Supplies the prefixes of every kv branch of every adapter at one attention module;
+    transformers' attention function calls it after RoPE and the cache update
+    (see :mod:`unipelt.attention`)."""
+
+    def __init__(self, ctx: ForwardContext, site_key: str, entries: list[Entry]):
+        self.ctx, self.site_key, self.entries = ctx, site_key, entries
+        self.live: list[Entry] = []
+
+    def refresh(self, active: set[str]) -> None:
+        self.live = [e for e in self.entries if e.adapter in active]
+
+    def __call__(self, module, query, key_states, value_states):
+        out = []
+        for e in self.live:
+            p = e.branch.kv_prefix(ctx=self.ctx, entry=e, batch=query.shape[0], site_key=self.site_key,
+                                   dtype=key_states.dtype)
+            if p is not None:
+                out.append(p)
+        return out or None
+
+
+def _provider_of(info: ModelInfo, path: str) -> KVProvider | None:
+    from unipelt import attention
+
+    p = attention.get_kv_provider(info.model.get_submodule(path))
+    return p if isinstance(p, KVProvider) else None
+
+
+def attach_kv(model: nn.Module, state: ModelState, site: ResolvedSite, entry: Entry) -> None:
+    """Register ``entry`` (a branch with ``kv_prefix(ctx, entry, batch, ...)``) at an attention module."""
+    from unipelt import attention
+
+    ensure_attention(model, state)
+    entries = state.kv.setdefault(site.path, [])
+    entries.append(entry)
+    if len(entries) > 1:
+        return
+    attention.set_kv_provider(site.module, KVProvider(state.ctx, site.key, entries))
+    # the gate may read the attention module's own input (its ``site`` input)
+    state.hooks[f"kv:{site.path}"] = [
+        site.module.register_forward_pre_hook(StashHook(state.ctx, site.key), with_kwargs=True)
+    ]
+
+
+def detach_kv(model: nn.Module, state: ModelState, site: ResolvedSite, entry: Entry) -> None:
+    from unipelt import attention
+
+    entries = state.kv.get(site.path, [])
+    if entry in entries:
+        entries.remove(entry)
+    if not entries:
+        attention.clear_kv_provider(site.module)
+        for h in state.hooks.pop(f"kv:{site.path}", []):
+            h.remove()
+        state.kv.pop(site.path, None)
+
+
+# ------------------------------------------------------------------------------------------
+# prompt-style entries (virtual tokens at the input): one call rewrite in the core
+# ------------------------------------------------------------------------------------------
+def attach_embed(model: nn.Module, state: ModelState, entry: Entry) -> None:
+    """Register a branch with ``prompt()`` and ``length``/``after``: its virtual tokens are inserted
+    into every model call by :class:`unipelt.inputs.PromptRewrite` (mask, positions, cache
+    positions, token types and labels extended consistently)."""
+    from unipelt.inputs import PromptRewrite
+
+    state.embed.append(entry)
+    if len(state.embed) > 1:
+        return
+    rewrite = PromptRewrite(model, state.ctx, state.info.causal)
+    handles = [model.register_forward_pre_hook(rewrite, with_kwargs=True, prepend=True)]
+    if rewrite.score is not None:
+        handles.append(rewrite.score.register_forward_hook(rewrite.pooled_last))
+    state.hooks["embed:root"] = handles
+
+
+def detach_embed(model: nn.Module, state: ModelState, entry: Entry) -> None:
+    if entry in state.embed:
+        state.embed.remove(entry)
+    if not state.embed:
+        for h in state.hooks.pop("embed:root", []):
+            h.remove()
+
+
+def restore_model(model: nn.Module, state: ModelState) -> None:
+    """Undo everything compile did to the model: wrappers, hooks, frozen flags, container."""
+    for path, (parent, attr, original) in state.wrappers.items():
+        wrapper = getattr(parent, attr)
+        if hasattr(wrapper, "restore_weight"):
+            wrapper.restore_weight()
+        setattr(parent, attr, original)
+    for handles in state.hooks.values():
+        for h in handles:
+            h.remove()
+    for h in state.global_hooks:
+        h.remove()
+    for p, flag in state.requires_grad.values():
+        p.requires_grad_(flag)
+    if state.attention_installed:
+        from unipelt import attention
+
+        attention.uninstall(model)
+    if CONTAINER in model._modules:
+        del model._modules[CONTAINER]
+    del model.__dict__[STATE_ATTR]

@@ -1,0 +1,85 @@
+"""What the engine reads off the objects plugins give it: one dependency-free module of protocols.
+
+A method plugin builds modules; the compiler, the runtime, the handle, the trainer and the
+exporters read the attributes declared here and nothing else (STYLE.md, 16). Everything marked
+optional has a documented default, which is what the engine assumes when it is absent.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+# The kinds of hook point (arch.SiteTarget.kind), and what a branch reads at each.
+SiteKind = Literal["linear", "output", "io", "kv", "embed", "params"]
+SITE_KINDS: tuple[str, ...] = ("linear", "output", "io", "kv", "embed", "params")
+BranchReads = Literal["input", "output", "kv", "embed", "params"]
+BRANCH_READS: tuple[str, ...] = ("input", "output", "kv", "embed", "params")
+
+
+@runtime_checkable
+class Branch(Protocol):
+    """A trainable branch at one hook point of one layer.
+
+    Required:
+      reads: what the branch computes from (``BRANCH_READS``): the hook point's ``input`` (LoRA,
+        a parallel adapter) or ``output`` (a serial adapter); ``kv``/``embed``/``params`` branches
+        attach themselves (``attach``) instead of running at a host.
+      forward(x, gate=None): the delta to add, shaped like the hook point's output; ``gate`` is None
+        or a tensor broadcastable to (batch, tokens, 1). The reference executor calls this.
+
+    Optional (default when absent):
+      mergeable (False) and delta_weight(): an (out, in) matrix added to the base weight by merge().
+      num_params(kept) (all parameters): parameters kept after training (``kept=True``) or used in it.
+      materialize() (nothing to drop): drop a training-time reparameterisation; returns the spec
+        fields that describe the branch afterwards (``{field: value}``, None removes a field).
+      configure_gate(gate_spec) (ignored): told the gate options of the gate that scales it.
+      param_roles() ({}): ``{parameter attribute: role}`` (``lora_A``, ``lora_B``) for trainer rules.
+      lr_ratio (None): LoRA+ ratio of the ``lora_B`` role's learning rate.
+      external_parameters() (none): base-model parameters the branch trains in place (BitFit).
+      persistent_buffers (True): whether buffers are saved with the adapter.
+      attach(model, state, site, entry) / detach_from(model, state, entry): self-attaching kinds.
+      kv_prefix(ctx, entry, batch, site_key, dtype): kv branches, the prefix for one attention call.
+      prompt(), length, after: embed branches, the virtual tokens and where they go.
+      shrink_params()/expand(u, gate): the group protocol, :class:`Shrinkable`.
+    """
+
+    reads: str
+
+    def forward(self, x: Any, gate: Any = None) -> Any: ...
+
+
+@runtime_checkable
+class Shrinkable(Protocol):
+    """A branch whose delta starts with a bias-free matrix product of its input (LoRA's A, an
+    adapter's down-projection): a group executor computes that product for all members at once.
+
+    shrink_params(): ``(W, None)`` with W of shape (k, d_in), or None when the branch cannot join
+      a group now (input dropout: it reads a dropped-out copy of x of its own).
+    expand(u, gate): the delta from u = x·Wᵀ (shape (..., k)); equal to ``forward(x, gate)``.
+    """
+
+    def shrink_params(self) -> tuple[Any, Any] | None: ...
+
+    def expand(self, u: Any, gate: Any = None) -> Any: ...
+
+
+@runtime_checkable
+class GateModule(Protocol):
+    """A gate: ``forward(x, ctx)`` returns values in (0, 1), shaped (B, T, k) or (B, 1, k).
+
+    spec: the validated ``GateSpec`` (input, pooling, lora_scale, kv, ...).
+    Optional group protocol (:class:`GroupGate`): logit_params() and activate(logits, ctx).
+    """
+
+    spec: Any
+
+    def forward(self, x: Any, ctx: Any) -> Any: ...
+
+
+@runtime_checkable
+class GroupGate(Protocol):
+    """A gate whose logits are a matrix product of its input: ``logit_params() -> (W, b)`` with W
+    (k, d); ``activate(x·Wᵀ, ctx)`` adds b, applies the nonlinearity and pools, equal to ``forward``."""
+
+    def logit_params(self) -> tuple[Any, Any]: ...
+
+    def activate(self, logits: Any, ctx: Any) -> Any: ...
