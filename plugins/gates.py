@@ -31,6 +31,11 @@ class Gate(nn.Module):
         return pool_gate(g, self.spec.pooling, ctx, key=id(self))
 
     # -- the group protocol (unipelt.types.GroupGate): logits computed with the other readers of x
+    @property
+    def joint_pooling(self) -> str:
+        """This gate is sigmoid(x·wᵀ + b) pooled by ``spec.pooling``: a group may pool it with others."""
+        return self.spec.pooling
+
     def logit_params(self):
         return self.linear.weight, self.linear.bias
 

@@ -172,7 +172,8 @@ class PTuning(PromptBranch):
         if self.encoder_kind == "none":
             return x
         if self.encoder_kind == "lstm":
-            x = self.lstm(x.unsqueeze(0))[0].squeeze(0)
+            # torch.compile cannot trace nn.LSTM (a graph break): the same parameters, unrolled
+            x = _bilstm_unrolled(self.lstm, x) if torch.compiler.is_compiling() else self.lstm(x.unsqueeze(0))[0].squeeze(0)
         return self.mlp(x)
 
     @torch.no_grad()
@@ -190,6 +191,31 @@ class PTuning(PromptBranch):
     def num_params(self, kept: bool) -> int:
         # after training only the L produced vectors need keeping
         return self.length * self.embedding.shape[1] if kept else sum(p.numel() for p in self.parameters())
+
+
+def _bilstm_unrolled(lstm: nn.LSTM, x: Tensor) -> Tensor:
+    """``lstm(x[None])[0][0]`` for a bidirectional, batch-first, bias-carrying ``nn.LSTM`` computed
+    step by step from its own parameters (gate order i, f, g, o as nn.LSTM documents)."""
+    for layer in range(lstm.num_layers):
+        outs = []
+        for suffix in ("", "_reverse"):
+            w_ih = getattr(lstm, f"weight_ih_l{layer}{suffix}")
+            w_hh = getattr(lstm, f"weight_hh_l{layer}{suffix}")
+            b = getattr(lstm, f"bias_ih_l{layer}{suffix}") + getattr(lstm, f"bias_hh_l{layer}{suffix}")
+            xs = x.flip(0) if suffix else x
+            gx = xs @ w_ih.T + b  # (L, 4H)
+            h = x.new_zeros(lstm.hidden_size)
+            c = x.new_zeros(lstm.hidden_size)
+            hs = []
+            for t in range(xs.shape[0]):
+                i, f, g, o = (gx[t] + w_hh @ h).chunk(4)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                hs.append(h)
+            out = torch.stack(hs)
+            outs.append(out.flip(0) if suffix else out)
+        x = torch.cat(outs, -1)
+    return x
 
 
 def _tokenize(model_info, text: str) -> list[int]:

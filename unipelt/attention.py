@@ -146,13 +146,11 @@ def get_kv_provider(attn_module: nn.Module) -> KVProvider | None:
     return attn_module.__dict__.get(_PROVIDER_ATTR)
 
 
-def ensure_registered(model: nn.Module) -> None:
-    """Register the unipelt attention functions an installed model names (a model unpickled in a
-    fresh process carries the name in its config, but the function registry is per process)."""
-    for root in _pretrained_roots(model):
-        current = root.config._attn_implementation
-        if isinstance(current, str) and current.startswith(_NAME_PREFIX):
-            _register(current[len(_NAME_PREFIX):])
+def register_all() -> None:
+    """Register the unipelt attention functions for every supported base (idempotent): a model
+    unpickled in a fresh process names one in its config, but the function registry is per process."""
+    for base in _SUPPORTED_BASES:
+        _register(base)
 
 
 def clear_kv_provider(attn_module: nn.Module) -> None:

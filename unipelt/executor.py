@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from unipelt.plan import FusionGroup
-from unipelt.runtime import Entry, ForwardContext
+from unipelt.runtime import Entry, ForwardContext, pool_gate
 
 EXECUTORS = ("grouped", "reference")
 
@@ -33,6 +33,7 @@ class GroupExecutor:
         self.branches = branches  # entries whose branch computes from this tensor
         self.gate_modules = gates  # gate key -> gate module reading this tensor
         self.on = False
+        # columns of z per member: keyed by the entry itself (ids do not survive a copy) or gate key
         self._cols: dict[object, tuple[int, int]] = {}
         self._live_branches: list[Entry] = []
         self._live_gates: list[str] = []
@@ -49,18 +50,26 @@ class GroupExecutor:
             and len(self._live_branches) + len(self._live_gates) >= 2
         )
         self._cols = {}
+        # gates that are exactly sigmoid-then-pool with one pooling (not the stateful running mean)
+        # are activated and pooled together: one add, one sigmoid, one pooling for all of them
+        poolings = {getattr(self.gate_modules[k], "joint_pooling", None) for k in self._live_gates}
+        self._joint = poolings.pop() if len(poolings) == 1 and len(self._live_gates) > 1 else None
+        if self._joint == "running_mean":
+            self._joint = None
         at = 0
         for e in self._live_branches:
             n = e.branch.shrink_params()[0].shape[0]
-            self._cols[id(e)] = (at, at + n)
+            self._cols[e] = (at, at + n)
             at += n
+        self._gate_start = at
         for k in self._live_gates:
             n = self.gate_modules[k].logit_params()[0].shape[0]
             self._cols[k] = (at, at + n)
             at += n
+        self._gate_end = at
 
     def has(self, e: Entry) -> bool:
-        return id(e) in self._cols
+        return e in self._cols
 
     # -- running (once per forward) -----------------------------------------------------------
     def _z(self, x: Tensor, ctx: ForwardContext) -> Tensor:
@@ -75,7 +84,7 @@ class GroupExecutor:
 
     def shrunk(self, e: Entry, x: Tensor, ctx: ForwardContext) -> Tensor:
         """The branch's input projection of x (its columns of z)."""
-        a, b = self._cols[id(e)]
+        a, b = self._cols[e]
         return self._z(x, ctx)[..., a:b]
 
     def gate(self, gate_key: str, x: Tensor, ctx: ForwardContext) -> Tensor:
@@ -85,4 +94,21 @@ class GroupExecutor:
         if cols is None:
             return module(x, ctx)
         a, b = cols
-        return module.activate(self._z(x, ctx)[..., a:b], ctx)
+        if self._joint is None:
+            return module.activate(self._z(x, ctx)[..., a:b], ctx)
+        g0 = self._gate_start
+        return self._pooled(x, ctx)[..., a - g0:b - g0]
+
+    def _pooled(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        key = self.key + "/gates"
+        cached = ctx.group_out.get(key)
+        if cached is not None and cached[0] is x:
+            return cached[1]
+        logits = self._z(x, ctx)[..., self._gate_start:self._gate_end]
+        bias = torch.cat([self.gate_modules[k].logit_params()[1] for k in self._live_gates]).to(logits.dtype)
+        g = torch.sigmoid(logits + bias)
+        if g.dim() == 2:
+            g = g.unsqueeze(1)
+        pooled = pool_gate(g, self._joint, ctx, key=id(self))
+        ctx.group_out[key] = (x, pooled)
+        return pooled

@@ -146,6 +146,20 @@ class AdapterHandle:
             for pname, p in mod.named_parameters():
                 self._params[f"gate.{key}.{pname}"] = p
 
+    # -- copies (copy.deepcopy, pickle, torch.save of the adapted model) ---------------------
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        # the plugin registry holds the plugin modules (not picklable); a copy uses the process's
+        d["registry"] = None
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        if self.registry is None:
+            from unipelt.registry import get_registry
+
+            self.registry = get_registry()
+
     @staticmethod
     def _branch_params(mod: nn.Module):
         extra = getattr(mod, "external_parameters", None)

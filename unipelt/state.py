@@ -72,9 +72,10 @@ class ModelState:
         self.requires_grad = {id(p): (p, flag) for p, flag in flags}
         if self.attention_installed:
             # a fresh process has not registered unipelt's attention functions yet
+            # (the model itself may not be restored yet: register every base unipelt wraps)
             from unipelt import attention
 
-            attention.ensure_registered(self.info.model)
+            attention.register_all()
 
     # -- activity --------------------------------------------------------------------------
     def set_active(self, names: set[str]) -> None:

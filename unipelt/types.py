@@ -78,7 +78,9 @@ class GateModule(Protocol):
 @runtime_checkable
 class GroupGate(Protocol):
     """A gate whose logits are a matrix product of its input: ``logit_params() -> (W, b)`` with W
-    (k, d); ``activate(x·Wᵀ, ctx)`` adds b, applies the nonlinearity and pools, equal to ``forward``."""
+    (k, d); ``activate(x·Wᵀ, ctx)`` adds b, applies the nonlinearity and pools, equal to ``forward``.
+    Optional ``joint_pooling`` (a pooling name): the gate is exactly sigmoid(x·Wᵀ + b) pooled that
+    way, so a group activates and pools all such gates of one pooling together."""
 
     def logit_params(self) -> tuple[Any, Any]: ...
 
