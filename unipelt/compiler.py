@@ -90,6 +90,10 @@ def _ensure_state(model: nn.Module, info: ModelInfo) -> ModelState:
 
     state.global_hooks.append(model.register_forward_pre_hook(root_pre, with_kwargs=True))
     state.global_hooks.append(model.register_forward_hook(root_post, with_kwargs=True))
+    # save_pretrained writes the base checkpoint without the adapter container (issue 14)
+    from unipelt.io import install_clean_save
+
+    state.global_hooks.append(install_clean_save(model))
     for i, layer in enumerate(info.layers):
         if info.arch.input_norm:
             def norm_post(module, args, out, i=i):

@@ -33,5 +33,18 @@ class DataError(UnipeltError):
     """A data file that cannot be read: names the file and the line."""
 
 
+class OutputError(UnipeltError, OSError):
+    """An output path that cannot be written: under a file, an existing file or folder of another
+    kind, a read-only or full disk. Names the path; nothing is half-written. An ``OSError`` too,
+    so code that caught the disk error before still catches it."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class PluginError(UnipeltError):
     """A plugin that does not honour the hook contract: names the plugin and the hook."""
