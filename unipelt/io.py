@@ -236,6 +236,21 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _apply_umask(root: Path) -> None:
+    """Give the staged tree the modes a plain ``open``/``mkdir`` would have: ``mkdtemp`` makes
+    the folder 0700, and some writers (safetensors) create private 0600 files."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for q in root.rglob("*"):
+        if q.is_symlink():
+            continue
+        if q.is_dir():
+            os.chmod(q, 0o777 & ~mask)
+        else:
+            executable = q.stat().st_mode & 0o111
+            os.chmod(q, (0o777 if executable else 0o666) & ~mask)
+
+
 def swap_in_dir(tmp: Path, dest: Path) -> None:
     """Replace directory ``dest`` by the complete directory ``tmp``: the old one is renamed
     away first and removed only once the new one is in place."""
@@ -291,9 +306,8 @@ def atomic_output(path: str | os.PathLike, *, kind: Literal["file", "dir"], what
         if not staged.exists():
             raise OutputError(f"{dest}: nothing was written", path=str(dest))
         _fsync_tree(staged)
-        mask = _umask()
+        _apply_umask(tmp)
         if kind == "dir":
-            os.chmod(tmp, 0o777 & ~mask)
             swap_in_dir(tmp, dest)
         else:
             os.replace(staged, dest)
