@@ -626,38 +626,41 @@ def test_stale_staging_folders_are_cleaned_at_the_next_save(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         time.sleep(0.05)
-        entries = {
+        entries = {  # name: (removed?, a folder?)
             # written by processes that are gone: removed
-            f".adapter.tmp-{dead}-abcd1234": True,
-            f".checkpoint-3.tmp-{dead}-x1y2z3w4": True,
-            f".report.json.tmp-{dead}": True,
-            f".adapter.old-{dead}": True,  # the swap finished (adapter exists)
-            ".checkpoint-2.tmp-k3j4h5g6": True,  # no pid, untouched for two hours: aged below
+            f".adapter.tmp-{dead}-abcd1234": (True, True),
+            f".checkpoint-3.tmp-{dead}-x1y2z3w4": (True, True),
+            f".report.json.tmp-{dead}": (True, False),
+            f".adapter.old-{dead}": (True, True),  # the swap finished (adapter exists)
+            ".checkpoint-2.tmp-k3j4h5g6": (True, True),  # no pid, untouched for two hours: aged below
             # a live writer's (another process, and this one): kept
-            f".checkpoint-4.tmp-{sleeper.pid}-q1w2e3r4": False,
-            f".adapter.tmp-{os.getpid()}-zzzzzzzz": False,
-            ".checkpoint-5.tmp-a1b2c3d4": False,  # no pid and fresh: may be a writer's
-            f".merged.old-{dead}": False,  # no "merged": it may be the only copy
-            "notes.tmp-123": False,  # not a staging name
-            ".hidden": False,
+            f".checkpoint-4.tmp-{sleeper.pid}-q1w2e3r4": (False, True),
+            f".adapter.tmp-{os.getpid()}-zzzzzzzz": (False, True),
+            ".checkpoint-5.tmp-a1b2c3d4": (False, True),  # no pid and fresh: may be a writer's
+            f".merged.old-{dead}": (False, True),  # no "merged": it may be the only copy
+            # look-alikes not in the form unipelt writes them, and other names: kept
+            f".notes.tmp-{dead}": (False, True),
+            f".notes.tmp-{dead}-abcdefgh": (False, False),
+            "notes.tmp-123": (False, False),
+            ".hidden": (False, True),
         }
-        for name in entries:
+        for name, (_, folder) in entries.items():
             p = tmp_path / name
-            if name.endswith(".json.tmp-" + str(dead)) or name == "notes.tmp-123":
-                p.write_text("half", encoding="utf-8")
-            else:
+            if folder:
                 p.mkdir()
                 (p / "adapter.safetensors").write_bytes(b"x" * 1000)
+            else:
+                p.write_text("half", encoding="utf-8")
         _age(tmp_path / ".checkpoint-2.tmp-k3j4h5g6", 7200)
         # a reused pid: the live sleeper started after this entry was made
         reused = tmp_path / f".adapter.tmp-{sleeper.pid}-oldoldol"
         reused.mkdir()
         _age(reused, 7200)
-        entries[reused.name] = True
+        entries[reused.name] = (True, True)
 
         h.save(tmp_path / "adapter")
         left = {p.name for p in tmp_path.iterdir()}
-        for name, stale in entries.items():
+        for name, (stale, _) in entries.items():
             assert (name not in left) == stale, name
         assert "adapter" in left
     finally:

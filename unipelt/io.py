@@ -193,19 +193,22 @@ def clean_stale(parent: str | os.PathLike) -> list[Path]:
             continue
         try:
             created = p.lstat().st_mtime
-            m = _OURS_RE.match(name) or _PID_ONLY_RE.match(name)
+            is_dir = p.is_dir() and not p.is_symlink()
+            # each older pattern only in the form its writer made (a file, a folder), so that
+            # another program's look-alike is left alone
+            m = _OURS_RE.match(name) if is_dir else _PID_ONLY_RE.match(name)
             if m:
                 stale = not _owner_alive(int(m.group("pid")), created)
-            elif (m := _OLD_RE.match(name)) is not None:
+            elif (m := _OLD_RE.match(name)) is not None and is_dir:
                 stale = (d / m.group("name")).exists() and not _owner_alive(int(m.group("pid")), created)
-            elif _NO_PID_RE.match(name):
+            elif is_dir and _NO_PID_RE.match(name):
                 newest = _newest_mtime(p)
                 stale = newest < me_start and now - newest > NO_PID_STALE_S
             else:
                 continue
             if not stale:
                 continue
-            if p.is_dir() and not p.is_symlink():
+            if is_dir:
                 shutil.rmtree(p)
             else:
                 p.unlink()
