@@ -286,7 +286,7 @@ def _as_version_1(d):
 def test_version_1_adapter_loads_with_a_warning(saved):
     ref = load_file(str(saved / "adapter.safetensors"))
     _as_version_1(saved)
-    with pytest.warns(UserWarning, match="no checksums"):
+    with pytest.warns(unipelt.UnipeltWarning, match="no checksums"):
         h = unipelt.load(make_bert(), saved)
     assert all(torch.equal(h.state_dict()[k], v) for k, v in ref.items())
 
@@ -299,6 +299,17 @@ def test_version_1_adapter_still_refuses_nan_and_int(saved):
     _with(saved, _set(KEY, lambda t: torch.zeros_like(t, dtype=torch.int64)), records=False)
     with pytest.warns(UserWarning):
         expect_error(saved, repr(KEY), "dtype int64")
+
+
+def test_version_1_warning_is_one_line_on_the_command_line(trained, capsys):
+    path, data = trained
+    _as_version_1(path)
+    code, out, err = run(capsys, "eval", path, "--data", data)
+    assert code == 0, err
+    lines = [l for l in err.splitlines() if "checksums" in l]
+    assert lines == [f"warning: {path / 'unipelt.json'}: format version 1 records no checksums: the integrity of "
+                     "adapter.safetensors is not verified (save the adapter again to add them)"]
+    assert "UserWarning" not in err and "accuracy" in out
 
 
 # ------------------------------------------------------------------------------------------

@@ -155,8 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warnings():
+    """unipelt's own warnings (an adapter without checksums) as one ``warning:`` line, like the
+    errors, instead of Python's two lines with a source path; other libraries' are left as they are."""
+    import warnings
+
+    from unipelt.errors import UnipeltWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UnipeltWarning):
+            print(f"warning: {message}", file=file or sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    return original, show
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     _quiet_transformers()
+    original, warnings.showwarning = _one_line_warnings()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -170,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # pragma: no cover
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = original
 
 
 if __name__ == "__main__":  # pragma: no cover

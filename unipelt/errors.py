@@ -48,3 +48,7 @@ class OutputError(UnipeltError, OSError):
 
 class PluginError(UnipeltError):
     """A plugin that does not honour the hook contract: names the plugin and the hook."""
+
+
+class UnipeltWarning(UserWarning):
+    """Something unipelt accepts but cannot vouch for (an adapter saved without checksums)."""

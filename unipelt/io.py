@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from unipelt.errors import AdapterFileError, ModelError, OutputError, SpecError
+from unipelt.errors import AdapterFileError, ModelError, OutputError, SpecError, UnipeltWarning
 
 if TYPE_CHECKING:  # pragma: no cover
     from unipelt.handle import AdapterHandle
@@ -272,10 +272,12 @@ def swap_in_dir(tmp: Path, dest: Path) -> None:
         os.rename(tmp, dest)
 
 
-def _os_error(dest: Path, e: OSError) -> OutputError:
+def _os_error(dest: Path, e: OSError, staging: Path | None = None) -> OutputError:
     reason = e.strerror or str(e) or type(e).__name__
-    where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) != str(dest) else ""
-    return OutputError(f"{dest}: cannot write: {reason}{where}", path=str(dest))
+    name = getattr(e, "filename", None)
+    # the file that failed, unless it is the target itself or inside the (removed) staging folder
+    shown = name is not None and str(name) != str(dest) and not (staging is not None and str(name).startswith(str(staging)))
+    return OutputError(f"{dest}: cannot write: {reason}{f' ({name})' if shown else ''}", path=str(dest))
 
 
 @contextmanager
@@ -320,7 +322,7 @@ def atomic_output(path: str | os.PathLike, *, kind: Literal["file", "dir"], what
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OutputError):
             raise
-        raise _os_error(dest, e) from None
+        raise _os_error(dest, e, tmp) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -530,7 +532,7 @@ def read_weights(path: str | os.PathLike, meta: dict | None = None) -> dict[str,
         verify_tensors(tensors, meta.get("tensors"), weights=weights, meta_path=d / META_FILE)
     else:
         warnings.warn(f"{d / META_FILE}: format version 1 records no checksums: the integrity of {weights.name} "
-                      "is not verified (save the adapter again to add them)", UserWarning, stacklevel=3)
+                      "is not verified (save the adapter again to add them)", UnipeltWarning, stacklevel=3)
     return tensors
 
 
