@@ -541,10 +541,16 @@ def test_out_on_a_read_only_disk(tmp_path, capsys, spec_path, lora_adapter, gate
     assert list((tmp_path / "ro").iterdir()) == []
 
 
-def _partial_then_enospc(write_into):
-    """A writer that writes half a file and then finds the disk full."""
+def _partial_then_enospc(write_into, *, rust: bool = False):
+    """A writer that writes half a file and then finds the disk full. ``rust``: as safetensors
+    reports it (also from inside save_pretrained), a SafetensorError and not an OSError; seen on
+    a real full tmpfs."""
+    from safetensors import SafetensorError
+
     def boom(*args, **kwargs):
         write_into(args, kwargs).write_bytes(b"half")
+        if rust:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return boom
 
@@ -559,16 +565,17 @@ def test_out_on_a_full_disk_leaves_nothing_half_written(tmp_path, capsys, spec_p
     import transformers
 
     out = tmp_path / "full" / "out"
+    new = tmp_path / "new" / "deeper" / "out"  # folders the failed write creates are removed again
     argv = _argv(command, tmp_path, spec_path, lora_adapter, gated, out)
     # a previous output of the same kind: it must survive the failed write intact
     assert run(capsys, *argv)[0] == 0
     old = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.is_dir() else {out: out.read_bytes()}
     if command in ("compile", "export"):
         monkeypatch.setattr(safetensors.torch, "save_file",
-                            _partial_then_enospc(lambda a, k: pathlib.Path(a[1])))
+                            _partial_then_enospc(lambda a, k: pathlib.Path(a[1]), rust=True))
     elif command == "merge":
         monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained",
-                            _partial_then_enospc(lambda a, k: pathlib.Path(a[1]) / "model.safetensors"))
+                            _partial_then_enospc(lambda a, k: pathlib.Path(a[1]) / "model.safetensors", rust=True))
     elif command == "gates-plot":
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
                             _partial_then_enospc(lambda a, k: pathlib.Path(a[1])))
@@ -577,7 +584,7 @@ def test_out_on_a_full_disk_leaves_nothing_half_written(tmp_path, capsys, spec_p
         boom = _partial_then_enospc(lambda a, k: a[0])
 
         def write_text(self, *a, **k):  # only the graph: loading the model may write files too
-            return (boom if self.name == "out" else real)(self, *a, **k)
+            return (boom if self.name == "out" and self.parent.name.startswith(".out.tmp-") else real)(self, *a, **k)
 
         monkeypatch.setattr(pathlib.Path, "write_text", write_text)
     code, _, err = run(capsys, *argv)
@@ -586,6 +593,9 @@ def test_out_on_a_full_disk_leaves_nothing_half_written(tmp_path, capsys, spec_p
     now = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.is_dir() else {out: out.read_bytes()}
     assert now == old
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["out"]  # no staging folder left
+    code, _, err = run(capsys, *argv[:-1], new)
+    assert code == 7 and f"{new}: cannot write: No space left on device" in err, err
+    assert not (tmp_path / "new").exists()
 
 
 def test_output_error_is_an_oserror_naming_the_path(tmp_path):

@@ -239,6 +239,14 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    for d in folders:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def _apply_umask(root: Path) -> None:
     """Give the staged tree the modes a plain ``open``/``mkdir`` would have: ``mkdtemp`` makes
     the folder 0700, and some writers (safetensors) create private 0600 files."""
@@ -272,11 +280,31 @@ def swap_in_dir(tmp: Path, dest: Path) -> None:
         os.rename(tmp, dest)
 
 
+_RUST_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _disk_error(e: BaseException) -> OSError | None:
+    """The ``OSError`` behind a failed write: ``e`` itself, one it was raised from, or the one a
+    Rust writer reports in its message (safetensors raises ``SafetensorError: ... I/O error: No
+    space left on device (os error 28)``, also from inside ``save_pretrained``)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        if type(e).__name__ == "SafetensorError" and (m := _RUST_OS_ERROR.search(str(e))):
+            code = int(m.group(1))
+            return OSError(code, os.strerror(code))
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
 def _os_error(dest: Path, e: OSError, staging: Path | None = None) -> OutputError:
     reason = e.strerror or str(e) or type(e).__name__
     name = getattr(e, "filename", None)
-    # the file that failed, unless it is the target itself or inside the (removed) staging folder
-    shown = name is not None and str(name) != str(dest) and not (staging is not None and str(name).startswith(str(staging)))
+    # the file that failed, unless it is the target itself or a staging folder (removed by now)
+    shown = name is not None and str(name) != str(dest) and f"{os.sep}.{dest.name}{_TMP_TAG}" not in str(name) \
+        and not (staging is not None and str(name).startswith(str(staging)))
     return OutputError(f"{dest}: cannot write: {reason}{f' ({name})' if shown else ''}", path=str(dest))
 
 
@@ -296,14 +324,14 @@ def atomic_output(path: str | os.PathLike, *, kind: Literal["file", "dir"], what
     permissions) is raised as :class:`OutputError` naming ``path``.
     """
     dest = check_output_path(path, kind=kind, what=what, replaces=replaces)
+    # the folders this write creates, removed again (when empty) if it fails
+    created = [a for a in [dest.parent, *dest.parent.parents] if not a.exists()]
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _os_error(dest, e) from None
-    clean_stale(dest.parent)
-    try:
+        clean_stale(dest.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}{_TMP_TAG}{os.getpid()}-", dir=dest.parent))
     except OSError as e:
+        _remove_empty(created)
         raise _os_error(dest, e) from None
     staged = tmp if kind == "dir" else tmp / dest.name
     try:
@@ -318,14 +346,15 @@ def atomic_output(path: str | os.PathLike, *, kind: Literal["file", "dir"], what
             os.replace(staged, dest)
             shutil.rmtree(tmp, ignore_errors=True)
         _fsync_dir(dest.parent)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         if isinstance(e, OutputError):
             raise
-        raise _os_error(dest, e, tmp) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        cause = _disk_error(e)
+        if cause is None:
+            raise
+        raise _os_error(dest, cause, tmp) from None
 
 
 def write_text(path: str | os.PathLike, text: str, *, what: str,
