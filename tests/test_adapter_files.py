@@ -598,6 +598,23 @@ def test_out_on_a_full_disk_leaves_nothing_half_written(tmp_path, capsys, spec_p
     assert not (tmp_path / "new").exists()
 
 
+def test_exit_codes_are_the_ones_the_readme_documents():
+    """The README's table and errors.EXIT_CODES say the same, for every error class."""
+    import pathlib
+    import re
+
+    from unipelt import errors
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = dict((name, int(code)) for code, name in re.findall(r"^\| (\d) \| `(\w+)` \|", readme, re.M))
+    rows["UnipeltError"] = int(re.search(r"^\| (\d) \| any other `UnipeltError` \|", readme, re.M).group(1))
+    assert rows == {cls.__name__: code for cls, code in errors.EXIT_CODES}
+    assert len(set(rows.values())) == len(rows)
+    for cls, code in errors.EXIT_CODES:
+        e = cls("x", path="p") if cls in (errors.SpecError, errors.OutputError) else cls("x")
+        assert errors.exit_code(e) == code
+
+
 def test_output_error_is_an_oserror_naming_the_path(tmp_path):
     h = unipelt.compile(make_bert(), SPEC)
     f = tmp_path / "f"

@@ -15,13 +15,10 @@ import argparse
 import json
 import os
 import sys
-
 from pathlib import Path
 
-from unipelt.errors import AdapterFileError, DataError, ModelError, OutputError, PluginError, SpecError, UnipeltError
+from unipelt.errors import EXIT_CODES, UnipeltError, exit_code  # noqa: F401 (EXIT_CODES: importable from here)
 
-EXIT_CODES = ((SpecError, 2), (ModelError, 3), (AdapterFileError, 4), (DataError, 5), (PluginError, 6),
-              (OutputError, 7), (UnipeltError, 1))
 GRAPH_FILE = "graph file (DOT or Mermaid)"
 
 
@@ -183,11 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except UnipeltError as e:
-        for cls, code in EXIT_CODES:
-            if isinstance(e, cls):
-                print(f"error: {e}", file=sys.stderr)
-                return code
-        return 1  # pragma: no cover
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code(e)
     except KeyboardInterrupt:  # pragma: no cover
         print("interrupted", file=sys.stderr)
         return 130
