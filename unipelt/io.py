@@ -1,13 +1,14 @@
 """Files on disk: the one atomic-write helper, output-path checks, and adapter files.
 
-**Writing.** Every file or folder unipelt writes goes through :func:`atomic_output`: the content is
-staged in a private sibling folder ``.NAME.tmp-PID-XXXXXXXX``, flushed to disk, given the modes
-the umask allows (``mkdtemp`` makes 0700), and renamed onto ``NAME`` only once complete. A failed
-or interrupted write leaves ``NAME`` as it was; the staging folder is removed on failure and, if
-the process was killed, by the next write into the same folder (:func:`clean_stale`). A target
-that exists and is not of the kind being written (an adapter directory, a PNG, a graph file) is
-refused, never replaced; so is a target under a file, and any ``OSError`` (read-only disk, full
-disk, no permission) becomes one :class:`~unipelt.errors.OutputError` naming the path.
+**Writing.** A file or folder written with :func:`atomic_output` (adapters, ``compile --out``
+and ``--graph``, ``merge``, ``export``, ``gates --plot``) is staged in a private sibling folder
+``.NAME.tmp-PID-XXXXXXXX``, flushed to disk, given the modes the umask allows (``mkdtemp`` makes
+0700), and renamed onto ``NAME`` only once complete. A failed or interrupted write leaves ``NAME``
+as it was; the staging folder is removed on failure and, if the process was killed, by the next
+write into the same folder (:func:`clean_stale`). A target that exists and is not of the kind
+being written (an adapter directory, a PNG, a graph file) is refused, never replaced; so is a
+target under a file, and any ``OSError`` (read-only disk, full disk, no permission) becomes one
+:class:`~unipelt.errors.OutputError` naming the path.
 
 **Adapter files.** ``DIR/adapter.safetensors`` holds the tensors under canonical keys;
 ``DIR/unipelt.json`` the spec, the base fingerprint and, since format version 2, the dtype,
