@@ -166,13 +166,11 @@ def _adapted(args, data):
 def _read_for_adapter(args):
     """The data of ``eval``/``gates``, read with the field names and task recorded at training unless
     the flags say otherwise."""
-    from unipelt.errors import AdapterFileError
     from unipelt.train import training_info
 
-    try:
-        info = training_info(args.adapter)
-    except AdapterFileError:
-        info = {}  # reported when the adapter is loaded
+    # the adapter's unipelt.json first: a missing, empty or unreadable one is an adapter error
+    # (exit 4), not a "field 'text' missing" data error from reading with the default field names
+    info = training_info(args.adapter)
     data = _read(args.data, args, args.task or info.get("task"), _fields(args, info.get("fields")))
     chat = args.chat_template if args.chat_template is not None else info.get("use_chat_template", True) is not False
     return data, chat
@@ -196,10 +194,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+PLOT_FILE = "PNG file"
+
+
 def cmd_gates(args: argparse.Namespace) -> int:
+    from unipelt import io
     from unipelt.errors import UnipeltError
     from unipelt.train import _pad_id, encode, gate_means, gate_table_text, plot_gates
 
+    if args.plot:  # refused before any model is loaded; an existing PNG is replaced, any other file kept
+        io.check_output_path(args.plot, kind="file", what=PLOT_FILE, replaces=io.is_png)
     data, chat = _read_for_adapter(args)
     model, tok, handle, info = _adapted(args, data)
     rows = encode(data, tok, info["task"], labels=info.get("labels"),
@@ -208,7 +212,8 @@ def cmd_gates(args: argparse.Namespace) -> int:
     if not table:
         raise UnipeltError(f"{args.adapter}: the adapter has no gated module, so there are no gate values")
     if args.plot:
-        plot_gates(table, args.plot, title=f"gate values, mean over {len(rows)} examples")
+        with io.atomic_output(args.plot, kind="file", what=PLOT_FILE, replaces=io.is_png) as staged:
+            plot_gates(table, staged, title=f"gate values, mean over {len(rows)} examples")
     if args.json:
         print(json.dumps({"examples": len(rows), "gates": {m: {str(l): v for l, v in d.items()} for m, d in table.items()},
                           "plot": args.plot}, indent=2))

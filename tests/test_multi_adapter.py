@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import unipelt
+from unipelt.errors import OutputError
 from conftest import Snapshot, make_batch, make_bert, make_gpt2, make_llama, randomize
 
 SPEC_A = {"modules": {
@@ -271,12 +272,12 @@ def test_save_refuses_a_foreign_directory(tmp_path):
     d = tmp_path / "results"
     d.mkdir()
     (d / "notes.txt").write_text("keep me", encoding="utf-8")
-    with pytest.raises(unipelt.AdapterFileError, match="not a unipelt adapter"):
+    with pytest.raises(OutputError, match="not a unipelt adapter"):
         h.save(d)
     assert _files(d) == {"notes.txt": b"keep me"}
     f = tmp_path / "afile"
     f.write_text("x", encoding="utf-8")
-    with pytest.raises(unipelt.AdapterFileError):
+    with pytest.raises(OutputError, match="exists and is a file"):
         h.save(f)
     assert f.read_text() == "x"
     # an empty directory is fine

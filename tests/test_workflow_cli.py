@@ -172,7 +172,9 @@ def test_missing_data_file_and_unknown_builtin_split(tmp_path, capsys, spec_file
     spec = spec_file({"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 2}}})
     code, _, err = run(capsys, "train", spec, "tiny-bert", "--data", tmp_path / "nope.jsonl", "--out", tmp_path / "r")
     assert code == 5 and "nope.jsonl: file not found" in err
-    code, _, err = run(capsys, "eval", tmp_path / "r", "tiny-bert", "--data", "drugreview:nosuch")
+    # eval reads the adapter's record before the data (issue 14): give it a real adapter
+    assert run(capsys, "compile", spec, "tiny-bert", "--out", tmp_path / "init")[0] == 0
+    code, _, err = run(capsys, "eval", tmp_path / "init", "tiny-bert", "--data", "drugreview:nosuch")
     assert code == 5 and "nosuch" in err
 
 

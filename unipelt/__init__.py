@@ -6,7 +6,8 @@
 """
 from __future__ import annotations
 
-from unipelt.errors import AdapterFileError, DataError, ModelError, PluginError, SpecError, UnipeltError
+from unipelt.errors import (AdapterFileError, DataError, ModelError, OutputError, PluginError, SpecError, UnipeltError,
+                            UnipeltWarning)
 from unipelt.spec import Spec, parse_spec
 
 __version__ = "0.1.0"
@@ -40,5 +41,6 @@ def validate(spec):
 
 __all__ = [
     "compile", "load", "set_adapter", "validate", "parse_spec", "Spec",
-    "UnipeltError", "SpecError", "ModelError", "AdapterFileError", "DataError", "PluginError",
+    "UnipeltError", "SpecError", "ModelError", "AdapterFileError", "DataError", "PluginError", "OutputError",
+    "UnipeltWarning",
 ]

@@ -5,7 +5,9 @@
     unipelt plugins
 
 Errors print one message without a traceback. Exit codes: 2 spec error, 3 model error,
-4 adapter file error, 5 data error, 1 any other unipelt error.
+4 adapter file error, 5 data error, 6 plugin error, 7 output path error (an ``--out``, ``--graph``
+or ``--plot`` that cannot be written: under a file, an existing file or folder of another kind, a
+read-only or full disk), 1 any other unipelt error.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from unipelt.errors import AdapterFileError, DataError, ModelError, PluginError, SpecError, UnipeltError
+from unipelt.errors import EXIT_CODES, UnipeltError, exit_code  # noqa: F401 (EXIT_CODES: importable from here)
 
-EXIT_CODES = ((SpecError, 2), (ModelError, 3), (AdapterFileError, 4), (DataError, 5), (PluginError, 6), (UnipeltError, 1))
+GRAPH_FILE = "graph file (DOT or Mermaid)"
 
 
 def _quiet_transformers() -> None:
@@ -39,7 +42,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from unipelt.report import report_dict, report_text
     from unipelt.spec import parse_spec
 
+    from unipelt import io
+
     spec = parse_spec(args.spec)  # spec errors first, before loading any model
+    # then the output paths: refused before the model is loaded and compiled
+    if args.out:
+        io.check_output_path(args.out, kind="dir", what="unipelt adapter directory", replaces=io.is_adapter_dir)
+    if args.graph:
+        io.check_output_path(args.graph, kind="file", what=GRAPH_FILE, replaces=is_graph_file)
     model, _ = load_model(args.model)
     base = base_param_count(model)
     handle = _compile(model, spec, args.name, registry=get_registry())
@@ -51,7 +61,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(report_text(handle, base))
     if args.graph:
         text = handle.graph.to_mermaid() if args.graph.endswith((".mmd", ".mermaid", ".md")) else handle.graph.to_dot()
-        _atomic_write(args.graph, text)
+        io.write_text(args.graph, text, what=GRAPH_FILE, replaces=is_graph_file)
         if not args.json:
             print(f"\ngraph written to {args.graph}")
     if args.out:
@@ -61,11 +71,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def is_graph_file(path: Path) -> bool:
+    """A graph written by ``--graph`` before (replaced; any other file is refused)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return False
+    return head.startswith((b"digraph unipelt {", b"flowchart LR"))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -139,21 +152,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warnings():
+    """unipelt's own warnings (an adapter without checksums) as one ``warning:`` line, like the
+    errors, instead of Python's two lines with a source path; other libraries' are left as they are."""
+    import warnings
+
+    from unipelt.errors import UnipeltWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UnipeltWarning):
+            print(f"warning: {message}", file=file or sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    return original, show
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     _quiet_transformers()
+    original, warnings.showwarning = _one_line_warnings()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except UnipeltError as e:
-        for cls, code in EXIT_CODES:
-            if isinstance(e, cls):
-                print(f"error: {e}", file=sys.stderr)
-                return code
-        return 1  # pragma: no cover
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code(e)
     except KeyboardInterrupt:  # pragma: no cover
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = original
 
 
 if __name__ == "__main__":  # pragma: no cover

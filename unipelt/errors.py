@@ -1,4 +1,9 @@
-"""The exceptions unipelt raises: one class per kind of bad input, each with one clear message."""
+"""The exceptions unipelt raises: one class per kind of bad input, each with one clear message.
+
+The command line exits with the code of the first class in :data:`EXIT_CODES` that the error is
+an instance of (the README's table lists them): 2 spec, 3 model, 4 adapter file, 5 data,
+6 plugin, 7 output path, 1 any other unipelt error.
+"""
 from __future__ import annotations
 
 
@@ -33,5 +38,34 @@ class DataError(UnipeltError):
     """A data file that cannot be read: names the file and the line."""
 
 
+class OutputError(UnipeltError, OSError):
+    """An output path that cannot be written: under a file, an existing file or folder of another
+    kind, a read-only or full disk. Names the path; nothing is half-written. An ``OSError`` too,
+    so code that caught the disk error before still catches it."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class PluginError(UnipeltError):
     """A plugin that does not honour the hook contract: names the plugin and the hook."""
+
+
+class UnipeltWarning(UserWarning):
+    """Something unipelt accepts but cannot vouch for (an adapter saved without checksums)."""
+
+
+# most specific first: OutputError before the UnipeltError catch-all
+EXIT_CODES: tuple[tuple[type[UnipeltError], int], ...] = (
+    (SpecError, 2), (ModelError, 3), (AdapterFileError, 4), (DataError, 5), (PluginError, 6), (OutputError, 7),
+    (UnipeltError, 1),
+)
+
+
+def exit_code(error: UnipeltError) -> int:
+    """The command line's exit code for ``error``."""
+    return next(code for cls, code in EXIT_CODES if isinstance(error, cls))

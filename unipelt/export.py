@@ -33,15 +33,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 
 from unipelt.errors import UnipeltError
-from unipelt.handle import swap_in_dir
+from unipelt.io import atomic_output, check_output_path
+
+PEFT_DIR = "PEFT adapter directory"
+MODEL_DIR = "model directory"
+
+
+def _is_peft_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
 
 
 class ExportError(UnipeltError):
@@ -72,10 +81,12 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
     ``model`` names the base (default: the one recorded at train time). See the module docstring."""
     from safetensors.torch import save_file
 
-    from unipelt.handle import read_adapter_meta
+    from unipelt.io import read_adapter_meta
     from unipelt.spec import parse_spec
     from unipelt.train import load_adapted, training_info
 
+    # the output first: a path that cannot take the result is refused before any model is loaded
+    check_output_path(out_dir, kind="dir", what=PEFT_DIR, replaces=_is_peft_dir)
     meta = read_adapter_meta(adapter_dir)
     spec = parse_spec(meta["spec"])
     problems = _node_problems(spec)
@@ -194,11 +205,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         handle.detach()
 
     dest = Path(out_dir)
-    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / "adapter_config.json").exists())):
-        raise ExportError(f"{dest}: exists and is not a PEFT adapter directory; refusing to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_output(dest, kind="dir", what=PEFT_DIR, replaces=_is_peft_dir) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(tmp / "adapter_config.json", "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
@@ -206,10 +213,6 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         with open(tmp / "unipelt-export.json", "w", encoding="utf-8") as f:  # provenance, ignored by PEFT
             json.dump(provenance, f, indent=2, default=str)
             f.write("\n")
-        swap_in_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
@@ -257,6 +260,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, model: str | None, out_dir: st
     be merged. The result loads with ``AutoModelFor...from_pretrained`` without unipelt."""
     from unipelt.train import load_adapted
 
+    check_output_path(out_dir, kind="dir", what=MODEL_DIR, replaces=_is_model_dir)
     net, tok, handle, info = load_adapted(adapter_dir, model, device="cpu")
     handle.merge()
     problems = merge_problems(handle)
@@ -269,11 +273,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, model: str | None, out_dir: st
     handle.detach()  # restores the original modules (and the original weights)
     net.load_state_dict(merged, strict=True)
     dest = Path(out_dir)
-    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / "config.json").exists())):
-        raise ExportError(f"{dest}: exists and is not a model directory; refusing to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_output(dest, kind="dir", what=MODEL_DIR, replaces=_is_model_dir) as tmp:
         net.save_pretrained(tmp)
         if tok is not None:
             tok.save_pretrained(tmp)
@@ -281,10 +281,6 @@ def merge_adapter(adapter_dir: str | os.PathLike, model: str | None, out_dir: st
             json.dump({"adapter": str(Path(adapter_dir).resolve()), "base_model": info.get("model"),
                        "task": info.get("task"), "labels": info.get("labels")}, f, indent=2)
             f.write("\n")
-        swap_in_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

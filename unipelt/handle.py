@@ -1,10 +1,7 @@
 """The handle returned by ``unipelt.compile``: save, load, merge, detach, summary, gate values."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,17 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from unipelt.arch import ModelInfo
-from unipelt.errors import AdapterFileError, ModelError, SpecError
+from unipelt.errors import AdapterFileError, SpecError
 from unipelt.graph import CompiledGraph
 from unipelt.registry import Registry
 from unipelt.runtime import Entry
+from unipelt.spec import Spec
 from unipelt.state import CONTAINER, get_state, restore_model
-from unipelt.spec import FORMAT_VERSION, Spec, parse_spec
 
-WEIGHTS_FILE = "adapter.safetensors"
-META_FILE = "unipelt.json"
-FILE_FORMAT = "unipelt-adapter"
-FILE_FORMAT_VERSION = 1
+# the file format moved to unipelt.io; these names stay importable from here
+from unipelt.io import FILE_FORMAT, FILE_FORMAT_VERSION, META_FILE, WEIGHTS_FILE, read_adapter_meta, swap_in_dir  # noqa: F401
 
 
 def _fmt(n: int) -> str:
@@ -216,8 +211,9 @@ class AdapterHandle:
         return out
 
     def load_state_dict(self, tensors: dict[str, Tensor], *, source: str = "<state dict>") -> None:
-        """Copy tensors into the adapter; missing, unexpected or misshaped keys are errors and
-        nothing is copied unless everything fits."""
+        """Copy tensors into the adapter; missing, unexpected or misshaped keys, integer or boolean
+        tensors for floating-point parameters, and non-finite values are errors, and nothing is
+        copied unless everything fits."""
         own = self.state_dict()
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
@@ -231,6 +227,10 @@ class AdapterHandle:
         for k, t in tensors.items():
             if tuple(own[k].shape) != tuple(t.shape):
                 raise AdapterFileError(f"{source}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
+        # no silent cast of an int/bool tensor, and no NaN or infinity copied into the model
+        from unipelt.io import check_values
+
+        check_values(tensors, own, source=source)
         with torch.no_grad():
             for k, t in tensors.items():
                 own[k].copy_(t.to(device=own[k].device, dtype=own[k].dtype))
@@ -416,152 +416,42 @@ class AdapterHandle:
         else:
             state.set_active(state.ctx.active - {self.name})
 
-    # -- save / load -----------------------------------------------------------------------
+    # -- save / load (the file format lives in unipelt.io) ------------------------------------
     def metadata(self) -> dict:
-        return {
-            "format": FILE_FORMAT,
-            "format_version": FILE_FORMAT_VERSION,
-            "spec_format_version": FORMAT_VERSION,
-            "name": self.name,
-            "spec": _jsonable(self.spec.raw) if self.spec.raw else None,
-            "base": self.fingerprint(),
-        }
+        from unipelt import io
+
+        return io.metadata(self)
 
     def fingerprint(self) -> dict:
         """Architecture and the shapes of every hook point this adapter attaches to."""
-        sites = {}
-        for bp in self.graph.branches:
-            sites[bp.site.key] = [bp.site.in_features, bp.site.out_features]
-        return {
-            "architecture": self.info.arch.name, "model_type": self.info.model_type,
-            "num_layers": self.info.num_layers, "hidden_size": self.info.hidden_size, "sites": sites,
-        }
+        from unipelt import io
+
+        return io.fingerprint(self)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``adapter.safetensors`` and ``unipelt.json`` atomically into directory ``path``.
+        """Write ``adapter.safetensors`` and ``unipelt.json`` atomically into directory ``path``
+        (:func:`unipelt.io.save_adapter`): an existing adapter there is never half-overwritten, and
+        anything else there (a file, a non-empty directory that is not an adapter) is refused with
+        :class:`~unipelt.errors.OutputError`. ``unipelt.json`` records every tensor's dtype, shape
+        and sha256."""
+        from unipelt import io
 
-        The files go to a temporary sibling directory first and replace ``path`` only once
-        complete: an existing adapter there is never half-overwritten. A non-empty directory
-        that is not a unipelt adapter is refused rather than replaced.
-        """
-        from safetensors.torch import save_file
-
-        dest = Path(path)
-        if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / META_FILE).exists())):
-            raise AdapterFileError(f"{dest}: exists and is not a unipelt adapter directory; refusing to replace it")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        meta = self.metadata()
-        self.registry.hook.unipelt_adapter_saved(handle=self, path=str(dest), metadata=meta)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        try:
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FILE_FORMAT})
-            with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2, sort_keys=False)
-                f.write("\n")
-            for name in (WEIGHTS_FILE, META_FILE):
-                with open(tmp / name, "rb") as f:
-                    os.fsync(f.fileno())
-            swap_in_dir(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return dest
+        return io.save_adapter(self, path)
 
     def __repr__(self) -> str:
         return f"AdapterHandle(name={self.name!r}, architecture={self.info.arch.name!r}, modules={list(self.spec.modules)})"
 
 
-def swap_in_dir(tmp: Path, dest: Path) -> None:
-    """Replace directory ``dest`` by the complete directory ``tmp``: the old one is renamed
-    away first and removed only once the new one is in place."""
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
-
-
-# ------------------------------------------------------------------------------------------
-# loading
-# ------------------------------------------------------------------------------------------
-def read_adapter_meta(path: str | os.PathLike) -> dict:
-    d = Path(path)
-    meta_path = d / META_FILE
-    if not d.exists():
-        raise AdapterFileError(f"{d}: no such adapter directory")
-    if not meta_path.exists():
-        raise AdapterFileError(f"{meta_path}: missing (not a unipelt adapter directory)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{meta_path}: corrupt JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
-        raise AdapterFileError(f"{meta_path}: field 'format': expected {FILE_FORMAT!r}")
-    if meta.get("format_version") != FILE_FORMAT_VERSION:
-        raise AdapterFileError(
-            f"{meta_path}: field 'format_version': {meta.get('format_version')!r} is not supported (this unipelt reads {FILE_FORMAT_VERSION})"
-        )
-    for k in ("spec", "base"):
-        if not isinstance(meta.get(k), dict):
-            raise AdapterFileError(f"{meta_path}: field {k!r}: missing or not a mapping")
-    return meta
 
 
 def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, registry: Registry | None = None) -> AdapterHandle:
-    """Attach a saved adapter to ``model`` (compiling its stored spec) and load its weights.
+    """Attach a saved adapter to ``model`` and load its verified weights (:func:`unipelt.io.load_adapter`).
 
-    A base model the adapter was not made for, a corrupt file, or missing/unexpected tensors
-    raise :class:`AdapterFileError` naming the file and the field; the model is left as it was.
+    A base model the adapter was not made for, a corrupt file (bytes that do not match their
+    checksum, NaN values, unexpected dtypes) or missing/unexpected tensors raise
+    :class:`AdapterFileError` naming the file and the field; a name already attached raises
+    :class:`ModelError`. The model is left as it was.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from unipelt import io
 
-    from unipelt.compiler import compile as _compile
-
-    d = Path(path)
-    meta = read_adapter_meta(d)
-    name = name or meta.get("name") or "default"
-    try:
-        spec = parse_spec(meta["spec"], registry)
-    except SpecError as e:
-        raise AdapterFileError(f"{d / META_FILE}: field 'spec': {e}") from None
-    spec.source = str(d / META_FILE)
-    weights = d / WEIGHTS_FILE
-    if not weights.exists():
-        raise AdapterFileError(f"{weights}: missing")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
-    try:
-        handle = _compile(model, spec, name, registry=registry)
-    except (SpecError, ModelError) as e:
-        raise AdapterFileError(f"{d}: the adapter does not fit this model: {e}") from None
-    try:
-        _check_fingerprint(meta["base"], handle.fingerprint(), d / META_FILE)
-        handle.load_state_dict(tensors, source=str(weights))
-    except BaseException:
-        handle.detach()
-        raise
-    return handle
-
-
-def _check_fingerprint(saved: dict, current: dict, source: Path) -> None:
-    diffs = []
-    for k in ("architecture", "model_type", "num_layers", "hidden_size"):
-        if saved.get(k) != current.get(k):
-            diffs.append(f"base.{k}: adapter {saved.get(k)!r}, model {current.get(k)!r}")
-    ss, cs = saved.get("sites", {}), current.get("sites", {})
-    for k in sorted(set(ss) | set(cs)):
-        if ss.get(k) != cs.get(k):
-            diffs.append(f"base.sites.{k}: adapter {ss.get(k)!r}, model {cs.get(k)!r}")
-    if diffs:
-        shown = "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
-        raise AdapterFileError(f"{source}: the adapter was made for another base model ({shown})")
+    return io.load_adapter(model, path, name, registry=registry)

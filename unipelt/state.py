@@ -220,6 +220,10 @@ def ensure_state(model: nn.Module, info: ModelInfo) -> ModelState:
     binder = CallBinder(model.forward)
     state.global_hooks.append(model.register_forward_pre_hook(RootPreHook(ctx, binder), with_kwargs=True))
     state.global_hooks.append(model.register_forward_hook(RootPostHook(ctx), with_kwargs=True))
+    # save_pretrained writes the base checkpoint without the adapter container (issue 14)
+    from unipelt.io import install_clean_save
+
+    state.global_hooks.append(install_clean_save(model))
     for i, layer in enumerate(info.layers):
         if info.arch.input_norm:
             norm = layer.get_submodule(info.arch.input_norm)
