@@ -50,27 +50,12 @@ class ParamSelection(nn.Module):
         super().__init__()
         # plain attributes, not registered: the parameters belong to the base model
         self.__dict__["_selected"] = _select(module, select)
-        self.__dict__["_originals"] = None
 
     def external_parameters(self):
         return iter(self._selected)
 
     def num_params(self, kept: bool) -> int:
         return sum(p.numel() for _, p in self._selected)
-
-    def attach(self, *, model, state, site, entry) -> None:
-        self.__dict__["_originals"] = [(p, p.detach().clone()) for _, p in self._selected]
-        for _, p in self._selected:
-            p.requires_grad_(True)
-
-    def detach_from(self, *, model, state, entry) -> None:
-        if self._originals is None:
-            return
-        with torch.no_grad():
-            for p, orig in self._originals:
-                p.copy_(orig)
-                p.requires_grad_(False)
-        self.__dict__["_originals"] = None
 
     def forward(self, x, gate=None):  # pragma: no cover - never called: the branch has no forward
         raise RuntimeError("a parameter selection has no forward")

@@ -124,22 +124,7 @@ class PrefixBranch(nn.Module):
         self.__dict__["shared"] = None
         return {"reparam": "none", "reparam_hidden": None, "reparam_shared": None}
 
-    # -- attention-level injection -------------------------------------------------------------
-    def attach(self, *, model, state, site, entry) -> None:
-        from unipelt.state import attach_kv
-
-        # recorded first: if attaching fails (e.g. an attention implementation that cannot carry
-        # prefixes), compile's rollback still detaches this branch
-        self.__dict__["_site"] = site
-        attach_kv(model, state, site, entry)
-
-    def detach_from(self, *, model, state, entry) -> None:
-        from unipelt.state import detach_kv
-
-        site = self.__dict__.pop("_site", None)
-        if site is not None:
-            detach_kv(model, state, site, entry)
-
+    # -- attention-level injection (attached by the core: unipelt.sites, kind kv) ----------
     def kv_prefix(self, *, ctx, entry, batch: int, site_key: str, dtype):
         from unipelt.attention import KVPrefix
         from unipelt.runtime import gate_value

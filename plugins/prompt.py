@@ -119,16 +119,6 @@ class PromptBranch(nn.Module):
     def num_params(self, kept: bool) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def attach(self, *, model, state, site, entry) -> None:
-        from unipelt.state import attach_embed
-
-        attach_embed(model, state, entry)
-
-    def detach_from(self, *, model, state, entry) -> None:
-        from unipelt.state import detach_embed
-
-        detach_embed(model, state, entry)
-
 
 class PromptTuning(PromptBranch):
     def __init__(self, cfg: PromptConfig, embedding: nn.Embedding, model_info):

@@ -18,8 +18,7 @@ from unipelt.graph import CompiledGraph, build_graph
 from unipelt.registry import Registry, get_registry
 from unipelt.runtime import Entry
 from unipelt.spec import Spec, parse_spec
-from unipelt.state import (CONTAINER, AdapterSet, ModelState, ensure_state, get_state, host_for, require_state,
-                           stash_input)
+from unipelt.state import CONTAINER, AdapterSet, ModelState, ensure_state, get_state, require_state
 from unipelt.types import BRANCH_READS
 
 
@@ -130,25 +129,11 @@ def compile(
             handle.entries[bp.key] = entry
             if gp is not None and hasattr(mod, "configure_gate"):
                 mod.configure_gate(gp.spec)
-            attach = getattr(mod, "attach", None)
-            if attach is not None:  # kv, embed and params branches attach themselves
-                attach(model=model, state=state, site=bp.site, entry=entry)
-                continue
-            host = host_for(model, state, bp.site, registry)
-            width = None
-            if bp.site.out_slice is not None:
-                width = bp.site.out_features * bp.site.part[1]
-            rt = host.runtime(bp.site.key, bp.site.kind, bp.site.out_slice, width)
-            rt.mode[name] = graph.combine.get(bp.site.key, "parallel")
-            rt.entries.append(entry)
-            order = graph.order.get(bp.site.key)
-            if order:
-                # sequential stacking runs in the spec's `combine.<site>.order`, not in the order
-                # the nodes happen to be written under `modules:`
-                mine = sorted((e for e in rt.entries if e.adapter == name), key=lambda e: order.index(e.node))
-                rt.entries = [e for e in rt.entries if e.adapter != name] + mine
-            if bp.site.kind == "io":
-                stash_input(model, state, bp.site)
+            attached = registry.hook.unipelt_attach_branch(
+                model=model, state=state, site=bp.site, entry=entry, graph=graph, registry=registry
+            )
+            if not attached:
+                raise PluginError(f"no plugin attaches a {bp.site.kind!r} hook point ({bp.key}, method {bp.method.name!r})")
         _build_groups(state, handle, graph)
         for p in container.parameters():
             p.requires_grad_(True)

@@ -396,14 +396,10 @@ class AdapterHandle:
             return
         if any(e.merged for e in self.entries.values()):
             self.unmerge()
-        for e in self.entries.values():
-            detach = getattr(e.branch, "detach_from", None)
-            if detach is not None:
-                detach(model=self.model, state=state, entry=e)
-        for host in state.hosts.values():
-            for rt in host.runtimes.values():
-                rt.entries = [e for e in rt.entries if e.adapter != self.name]
-                rt.mode.pop(self.name, None)
+        for bp in self.graph.branches:
+            e = self.entries.get(bp.key)
+            if e is not None:
+                self.registry.hook.unipelt_detach_branch(model=self.model, state=state, site=bp.site, entry=e)
         container = self.model._modules.get(CONTAINER)
         if container is not None and self.name in container:
             del container[self.name]

@@ -135,6 +135,44 @@ def unipelt_wrap_leaf(module: nn.Module, site: ResolvedSite) -> nn.Module | None
     """
 
 
+@hookspec(firstresult=True)
+def unipelt_attach_branch(
+    model: nn.Module, state: Any, site: ResolvedSite, entry: Any, graph: Any, registry: Any
+) -> bool | None:
+    """Attach one built branch at its resolved hook point.
+
+    :param model: the model being adapted.
+    :param state: the model's :class:`unipelt.state.ModelState`; an implementation attaches through
+        the functions of :mod:`unipelt.state` (``host_for``, ``attach_kv``, ``attach_embed``, ...),
+        never by writing the state's fields or calling the compiler's internals.
+    :param site: the resolved hook point (its ``kind`` says which mechanism serves it).
+    :param entry: the :class:`unipelt.runtime.Entry` of the branch (adapter, node, branch module,
+        gate, layer).
+    :param graph: the adapter's :class:`unipelt.graph.CompiledGraph` (combination mode and order
+        at the site).
+    :param registry: the registry compiling the adapter (for ``unipelt_wrap_leaf``).
+    :return: True when this implementation attached the branch; None to leave it to another.
+
+    The first non-None result wins. The core serves the host kinds (``linear``, ``output``,
+    ``io``, ``renorm``: branches run by a leaf wrapper or an output hook) ``trylast``; a plugin
+    owning a kind with a mechanism of its own (``kv`` prefixes, ``embed`` virtual tokens,
+    ``params`` trained in place) implements it for that kind. Called once per branch after every
+    module was built and the budget checked; if any call fails, everything attached is undone.
+    """
+
+
+@hookspec(firstresult=True)
+def unipelt_detach_branch(model: nn.Module, state: Any, site: ResolvedSite, entry: Any) -> bool | None:
+    """Undo :func:`unipelt_attach_branch` for one branch.
+
+    :return: True when this implementation detached it; None to leave it to another.
+
+    The first non-None result wins; the same implementation that attached a kind detaches it.
+    Called by ``AdapterHandle.detach`` (after an unmerge) for every branch of the adapter, before
+    the model's original modules are restored.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # state dict and merge
 # --------------------------------------------------------------------------------------------

@@ -101,6 +101,10 @@ def make_plugin_manager(extra_plugins: tuple[Any, ...] = (), load_entrypoints: b
     # Validate at registration: a hookimpl with a wrong signature (register) or a typo in its
     # name (check_pending) fails here, naming the plugin and the hook.
     try:
+        # the core's own plugin: the host kinds of hook point (trylast, so a plugin may take over)
+        from unipelt import sites
+
+        pm.register(sites, name="unipelt.sites")
         if load_entrypoints:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         for p in extra_plugins:

@@ -161,6 +161,7 @@ class Entry:
     # (None: computed alone, the reference path)
     group: Any = None
     gate_group: Any = None
+    saved: Any = None  # what attaching replaced, for detach (a ``params`` kind's original tensors)
 
 
 def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | None:

@@ -22,7 +22,8 @@ class Branch(Protocol):
     Required:
       reads: what the branch computes from (``BRANCH_READS``): the hook point's ``input`` (LoRA,
         a parallel adapter) or ``output`` (a serial adapter); ``kv``/``embed``/``params`` branches
-        attach themselves (``attach``) instead of running at a host.
+        are served by their kind's mechanism instead of running at a host (the hook
+        ``unipelt_attach_branch``; the core's implementations are in :mod:`unipelt.sites`).
       forward(x, gate=None): the delta to add, shaped like the hook point's output; ``gate`` is None
         or a tensor broadcastable to (batch, tokens, 1). The reference executor calls this.
 
@@ -34,11 +35,13 @@ class Branch(Protocol):
       configure_gate(gate_spec) (ignored): told the gate options of the gate that scales it.
       param_roles() ({}): ``{parameter attribute: role}`` (``lora_A``, ``lora_B``) for trainer rules.
       lr_ratio (None): LoRA+ ratio of the ``lora_B`` role's learning rate.
-      external_parameters() (none): base-model parameters the branch trains in place (BitFit).
       persistent_buffers (True): whether buffers are saved with the adapter.
-      attach(model, state, site, entry) / detach_from(model, state, entry): self-attaching kinds.
-      kv_prefix(ctx, entry, batch, site_key, dtype): kv branches, the prefix for one attention call.
-      prompt(), length, after: embed branches, the virtual tokens and where they go.
+      kv_prefix(ctx, entry, batch, site_key, dtype): required of ``kv`` branches, the prefix of one
+        attention call (a :class:`unipelt.attention.KVPrefix`).
+      prompt(), length, after: required of ``embed`` branches: the (length, d) virtual tokens, of
+        which the last ``after`` go after the input.
+      external_parameters(): required of ``params`` branches: ``(name, parameter)`` pairs of the
+        base tensors trained in place.
       shrink_params()/expand(u, gate): the group protocol, :class:`Shrinkable`.
     """
 

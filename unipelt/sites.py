@@ -1,0 +1,82 @@
+"""The core's own plugin: attaching branches at every kind of hook point.
+
+- ``linear`` (a wrapped leaf projection), ``output`` (a sublayer's output), ``io`` (parallel to a
+  sublayer: its input, added to its output) and ``renorm`` (a residual sum re-normalised after
+  the branches) are served by a :class:`unipelt.runtime.Host` at one module: the branch's entry
+  joins the site runtime there.
+- ``kv``: the branch's ``kv_prefix(...)`` is served inside attention (:mod:`unipelt.attention`).
+- ``embed``: the branch's ``prompt()`` tokens are inserted into every call (:mod:`unipelt.inputs`).
+- ``params``: the base tensors of the branch's ``external_parameters()`` are trained in place;
+  detaching restores their values and flags.
+Nothing here names a method: a third-party method whose branch follows the kind's protocol
+(:mod:`unipelt.types`) attaches the same way. Registered by the registry before any entry-point
+plugin, and ``trylast``, so a plugin may take over a kind (a 4-bit base, a kernel).
+"""
+from __future__ import annotations
+
+from unipelt.hookspecs import hookimpl
+import torch
+
+from unipelt.state import attach_embed, attach_kv, detach_embed, detach_kv, host_for, stash_input
+
+HOST_KINDS = ("linear", "output", "io", "renorm")
+
+
+@hookimpl(trylast=True)
+def unipelt_attach_branch(model, state, site, entry, graph, registry):
+    if site.kind == "kv":
+        attach_kv(model, state, site, entry)
+        return True
+    if site.kind == "embed":
+        attach_embed(model, state, entry)
+        return True
+    if site.kind == "params":
+        selected = [p for _, p in entry.branch.external_parameters()]
+        entry.saved = [(p, p.detach().clone()) for p in selected]
+        for p in selected:
+            p.requires_grad_(True)
+        return True
+    if site.kind not in HOST_KINDS:
+        return None
+    host = host_for(model, state, site, registry)
+    width = site.out_features * site.part[1] if site.out_slice is not None else None
+    rt = host.runtime(site.key, site.kind, site.out_slice, width)
+    rt.mode[entry.adapter] = graph.combine.get(site.key, "parallel")
+    rt.entries.append(entry)
+    order = graph.order.get(site.key)
+    if order:
+        # sequential stacking runs in the spec's `combine.<site>.order`, not in the order the
+        # nodes happen to be written under `modules:`
+        mine = sorted((e for e in rt.entries if e.adapter == entry.adapter), key=lambda e: order.index(e.node))
+        rt.entries = [e for e in rt.entries if e.adapter != entry.adapter] + mine
+    if site.kind == "io":
+        stash_input(model, state, site)
+    return True
+
+
+@hookimpl(trylast=True)
+def unipelt_detach_branch(model, state, site, entry):
+    if site.kind == "kv":
+        detach_kv(model, state, site, entry)
+        return True
+    if site.kind == "embed":
+        detach_embed(model, state, entry)
+        return True
+    if site.kind == "params":
+        if entry.saved is not None:
+            with torch.no_grad():
+                for p, orig in entry.saved:
+                    p.copy_(orig)
+                    p.requires_grad_(False)
+            entry.saved = None
+        return True
+    if site.kind not in HOST_KINDS:
+        return None
+    host = state.hosts.get(site.path)
+    if host is not None:
+        rt = host.runtimes.get(site.key)
+        if rt is not None:
+            rt.entries = [e for e in rt.entries if e is not entry]
+            if not any(e.adapter == entry.adapter for e in rt.entries):
+                rt.mode.pop(entry.adapter, None)
+    return True
