@@ -42,21 +42,24 @@ with its error and the run goes on; the JSONL file is rewritten atomically after
 so a run killed at its time limit keeps everything measured so far. ``--budget-s`` skips the remaining
 variants of a block (recorded as skipped) when the end floor would no longer fit.
 
-Commands (on the GPU machine, from the repo root; compilation takes 20-40 s per model and phase, so
-a compiled block of 6 variants + 2 floors is ~5-10 min: split by scenario and mode):
+Commands (on the GPU machine, from the repo root). Eager costs seconds per measurement; a compiled
+measurement costs its compilation, 20-40 s per model and phase (a block = 2 + 2 floors + 2 per
+variant; the end floor mostly hits the on-disk compile caches), so compiled blocks are split to stay
+within a 10-minute call; ``--budget-s`` stops starting variants in time for the end floor:
 
-    PYTHONPATH=. python benchmarks/speed.py --modes eager --out $OUT/eager-1.jsonl              # ~2-3 min, both scenarios
-    PYTHONPATH=. python benchmarks/speed.py --modes eager --out $OUT/eager-2.jsonl              # the second run
-    PYTHONPATH=. python benchmarks/speed.py --scenarios llama --modes compiled --budget-s 540 --out $OUT/llama-compiled-1.jsonl
-    PYTHONPATH=. python benchmarks/speed.py --scenarios bert --modes compiled --budget-s 540 --out $OUT/bert-compiled-1.jsonl
-    PYTHONPATH=. python benchmarks/speed.py --scenarios llama --modes reduce-overhead --variants unipelt,lora-r16-all,peft-lora-r16-all --budget-s 540 --out $OUT/llama-ro-1.jsonl
+    PYTHONPATH=. python benchmarks/speed.py --modes eager --out $OUT/eager-1.jsonl        # ~2-3 min: both scenarios, 6 variants
+    PYTHONPATH=. python benchmarks/speed.py --modes eager --out $OUT/eager-2.jsonl        # the second run
+    PYTHONPATH=. python benchmarks/speed.py --scenarios llama --modes compiled --variants unipelt,lora-r16-all,peft-lora-r16-all --budget-s 540 --out $OUT/llama-compiled-a.jsonl
+    PYTHONPATH=. python benchmarks/speed.py --scenarios llama --modes compiled --variants lora-r8-qv,peft-lora-r8-qv,full --budget-s 540 --out $OUT/llama-compiled-b.jsonl
+    PYTHONPATH=. python benchmarks/speed.py --scenarios bert --modes compiled --variants unipelt,lora-r16-all,peft-lora-r16-all --budget-s 540 --out $OUT/bert-compiled-a.jsonl
+    PYTHONPATH=. python benchmarks/speed.py --scenarios llama --modes reduce-overhead --variants unipelt,lora-r16-all,peft-lora-r16-all --budget-s 540 --out $OUT/llama-ro-a.jsonl
     PYTHONPATH=. python benchmarks/speed.py --variants all --modes eager --out $OUT/eager-all.jsonl   # + prefix, pfeiffer, mam, unipelt-al
-    PYTHONPATH=. python benchmarks/speed.py                                                     # everything (both scenarios, 3 modes): ~30+ min
-    python benchmarks/speed.py --report eager-1.jsonl eager-2.jsonl                             # markdown, "run 1 / run 2", targets met/missed
-    python benchmarks/speed.py --report eager-1.jsonl llama-compiled-1.jsonl ...                # runs are matched by file order: give
-                                                                                                # two runs as --report a.jsonl b.jsonl; one run
-                                                                                                # split over several files as a.jsonl,c.jsonl b.jsonl,d.jsonl
-    python benchmarks/speed.py --tiny --modes eager                                             # tiny configs on CPU in seconds (the test)
+    PYTHONPATH=. python benchmarks/speed.py       # everything (both scenarios, 3 modes, 6 variants): 30+ min, more than one call allows
+
+    python benchmarks/speed.py --report eager-1.jsonl eager-2.jsonl           # markdown: "run 1 / run 2", targets met / missed
+    python benchmarks/speed.py --report eager-1.jsonl,llama-compiled-a.jsonl eager-2.jsonl,llama-compiled-a2.jsonl
+                                                  # one run split over several files: join them with commas
+    python benchmarks/speed.py --tiny --modes eager --out /tmp/tiny.jsonl     # tiny configs on CPU in seconds (what the test runs)
 
 ``--tiny`` runs the same code path with 2-layer, 64-wide models, 2 warm-up and 3 timed iterations.
 """
@@ -117,8 +120,11 @@ _BERT_PEFT_ALL = ("query", "key", "value", "output.dense", "intermediate.dense")
 _LLAMA_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down")
 _LLAMA_PEFT_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# problem_type: BERT's forward sets it on its first call with labels (to the value given here), and
+# under torch.compile that write fails a guard and compiles the whole model a second time
+_BERT_CLS = {"num_labels": 2, "problem_type": "single_label_classification"}
 SCENARIOS: dict[str, Scenario] = {
-    "bert": Scenario("bert", "bert", {"num_labels": 2}, (32, 128), (32, 128),
+    "bert": Scenario("bert", "bert", _BERT_CLS, (32, 128), (32, 128),
                      _BERT_LINEARS, _BERT_PEFT_ALL, ("query", "value")),
     "llama": Scenario("llama", "llama",
                       {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8,
@@ -128,7 +134,7 @@ SCENARIOS: dict[str, Scenario] = {
 }
 TINY: dict[str, Scenario] = {
     "bert": Scenario("bert", "bert",
-                     {"num_labels": 2, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     {**_BERT_CLS, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                       "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 64},
                      (2, 16), (2, 16), _BERT_LINEARS, _BERT_PEFT_ALL, ("query", "value")),
     "llama": Scenario("llama", "llama",
@@ -150,7 +156,7 @@ def build_base(scn: Scenario, device: torch.device, dtype: torch.dtype, seed: in
             model = BertForSequenceClassification(BertConfig(**scn.config))
         else:
             model = LlamaForCausalLM(LlamaConfig(**scn.config))
-    return model.to(dtype)
+    return model.to(device=device, dtype=dtype)  # device too: a buffer made with an explicit device must follow
 
 
 def make_batch(scn: Scenario, phase: str, vocab: int, device: torch.device, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -341,9 +347,14 @@ def _dynamo_stats() -> dict[str, int]:
     from torch._dynamo import utils as dutils
 
     c = dutils.counters
-    stats = {"graph_breaks": int(sum(c["graph_break"].values())),
-             "unique_graphs": int(c["stats"].get("unique_graphs", 0)),
-             "recompiles": int(sum(len(v) for v in getattr(dutils, "guard_failures", {}).values()))}
+    failures = [reason for reasons in getattr(dutils, "guard_failures", {}).values() for reason in reasons]
+    stats: dict[str, Any] = {"graph_breaks": int(sum(c["graph_break"].values())),
+                             "unique_graphs": int(c["stats"].get("unique_graphs", 0)),
+                             "recompiles": len(failures)}
+    if failures:  # the guard that failed, first line of each (the rest is a stack trace)
+        stats["recompile_reasons"] = [str(f).splitlines()[0][:300] for f in failures[:3]]
+    if c["graph_break"]:
+        stats["graph_break_reasons"] = [str(k)[:300] for k in list(c["graph_break"])[:3]]
     skips = c["inductor"].get("cudagraph_skips", 0)
     if skips:
         stats["cudagraph_skips"] = int(skips)
@@ -804,6 +815,8 @@ def report(specs: Sequence[str]) -> str:
         fpk = [join(_fmt(run.floor_peak(scn, mode, "train")) for run in runs) for scn in ("llama", "bert")]
         lines.append("| floor (start → end) | " + " | ".join(fl) + f" | {fpk[0]} | {fpk[1]} |")
         for v in variants:
+            if not any(run.get(scn, mode, phase, v) for run in runs for scn, phase in COLUMNS):
+                continue
             cells = [join(_cell(run.get(scn, mode, phase, v)) for run in runs) for scn, phase in COLUMNS]
             pk = [join(_cell(run.get(scn, mode, "train", v), "peak_gib") for run in runs) for scn in ("llama", "bert")]
             lines.append(f"| {v} | " + " | ".join(cells) + f" | {pk[0]} | {pk[1]} |")

@@ -7,6 +7,7 @@ start and the end, ratios against their mean, errors recorded, nothing overwritt
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -137,3 +138,58 @@ def test_existing_output_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         speed.main(["--tiny", "--variants", "unipelt,nope", "--out", str(tmp_path / "n.jsonl")])
     assert "nope" in capsys.readouterr().err
+
+
+
+def _cpu_settings(backend: str = "eager"):
+    import torch
+
+    # backend "eager": graph capture (fullgraph, breaks, recompiles) is dynamo's; no need to lower it
+    return speed.Settings(device=torch.device("cpu"), dtype=torch.float32, warmup=1, iters=1, backend=backend,
+                          variant_timeout=0, gpu_warmup_s=0)
+
+
+def _one_layer_bert():
+    tiny = speed.TINY["bert"]
+    return dataclasses.replace(tiny, config={**tiny.config, "num_hidden_layers": 1})  # half the tracing
+
+
+def test_compiled_floor_is_one_graph():
+    """The compiled train floor captures with fullgraph=True: no graph break, no recompilation. The
+    protocol's enable_input_require_grads() hook cannot (dynamo refuses requires_grad_() on an
+    intermediate), which is why compiled modes use the traceable form."""
+    import torch
+
+    scn = _one_layer_bert()
+    r = speed.measure(speed.FLOOR, scn, "compiled", "train", _cpu_settings(), floor_at="start")
+    assert r["error"] is None, r
+    assert r["fullgraph"] is True and "fullgraph_error" not in r
+    assert r["graph_breaks"] == 0 and r["recompiles"] == 0 and r["compile_s"] > 0
+    assert r["floor_form"] == speed.FLOOR_FORMS["compiled"]
+
+    torch._dynamo.reset()
+    model = speed.prepare(speed.FLOOR, scn, "train", torch.device("cpu"), torch.float32).model
+    assert speed.FLOOR_FORMS["eager"] == "enable_input_require_grads()"
+    batch = speed.make_batch(scn, "train", scn.config["vocab_size"], torch.device("cpu"))
+    with pytest.raises(Exception, match="requires_grad_"):
+        torch.compile(model, fullgraph=True, backend="eager")(**batch)
+    torch._dynamo.reset()
+
+
+def test_fullgraph_failure_is_recorded_and_falls_back(monkeypatch):
+    attempt = speed._attempt
+    calls = []
+
+    def failing_fullgraph(variant, scn, mode, phase, s, fullgraph, rec):
+        calls.append(fullgraph)
+        if fullgraph:
+            exc = RuntimeError("simulated capture failure\nsecond line")
+            exc.first_step = True
+            raise exc
+        return attempt(variant, scn, mode, phase, s, fullgraph, rec)
+
+    monkeypatch.setattr(speed, "_attempt", failing_fullgraph)
+    r = speed.measure(speed.FLOOR, _one_layer_bert(), "compiled", "train", _cpu_settings(), floor_at="start")
+    assert calls == [True, False]
+    assert r["error"] is None and r["median_ms"] > 0
+    assert r["fullgraph"] is False and r["fullgraph_error"] == "RuntimeError: simulated capture failure"
