@@ -193,3 +193,22 @@ def test_fullgraph_failure_is_recorded_and_falls_back(monkeypatch):
     assert calls == [True, False]
     assert r["error"] is None and r["median_ms"] > 0
     assert r["fullgraph"] is False and r["fullgraph_error"] == "RuntimeError: simulated capture failure"
+
+
+@pytest.mark.skipif(not HAVE_PEFT, reason="peft not installed")
+@pytest.mark.parametrize("scenario", ["bert", "llama"])
+def test_peft_reference_adapts_the_same_layers(scenario):
+    """PEFT's target names cover exactly unipelt's sites (BERT's pooler, which PEFT's "all-linear"
+    would add, is left out): the same number of LoRA parameters for the same r."""
+    import torch
+
+    scn = speed.TINY[scenario]
+    for ours, theirs in (("lora-r16-all", "peft-lora-r16-all"), ("lora-r8-qv", "peft-lora-r8-qv")):
+        counts = [speed.prepare(speed.VARIANTS[v], scn, "train", torch.device("cpu"), torch.float32).trainable
+                  for v in (ours, theirs)]
+        assert counts[0] == counts[1] > 0, (ours, counts)
+    d, f, layers = scn.config["hidden_size"], scn.config["intermediate_size"], scn.config["num_hidden_layers"]
+    # r16 on every linear of a block: q, k, v, o (d -> d), up (d -> f), down (f -> d), and Llama's gate (d -> f)
+    per_layer = 4 * 16 * 2 * d + 2 * 16 * (d + f) + (16 * (d + f) if scenario == "llama" else 0)
+    assert speed.prepare(speed.VARIANTS["lora-r16-all"], scn, "train", torch.device("cpu"),
+                         torch.float32).trainable == layers * per_layer
