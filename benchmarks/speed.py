@@ -17,7 +17,10 @@ forward under ``no_grad``. 10 warm-up iterations (the first one compiles, and is
 no optimizer (train); the plain base forward (inference). It is measured at the start and at the end
 of every (scenario, mode) block, after a few seconds of GPU warm-up at process start; every ratio is
 ``median_ms / floor_ms`` with ``floor_ms`` the mean of the two floors of the same scenario, mode and
-phase (only the start floor while a block is still running, ``ratio_basis`` says which).
+phase (only the start floor while a block is still running, ``ratio_basis`` says which). In the
+compiled modes the train floor reaches the embedding output through a 0-d zero parameter added to
+it instead of ``enable_input_require_grads()``, whose ``requires_grad_()`` hook breaks the graph
+(the graph-broken floor would be slower and flatter every compiled ratio); ``floor_form`` says which.
 
 Variants (``--variants``; default: the first six): ``unipelt`` (specs/unipelt.yaml, APL, gates live),
 ``lora-r16-all`` (unipelt LoRA r16, alpha 32, on every linear of the blocks), ``lora-r8-qv`` (r8,
@@ -61,7 +64,8 @@ within a 10-minute call; ``--budget-s`` stops starting variants in time for the 
                                                   # one run split over several files: join them with commas
     python benchmarks/speed.py --tiny --modes eager --out /tmp/tiny.jsonl     # tiny configs on CPU in seconds (what the test runs)
 
-``--tiny`` runs the same code path with 2-layer, 64-wide models, 2 warm-up and 3 timed iterations.
+``--tiny`` runs the same code path with 2-layer, 64-wide models, 2 warm-up and 3 timed iterations
+(``--dtype bfloat16 --backend eager`` also exercise the GPU run's dtype and the compiled path on CPU).
 """
 from __future__ import annotations
 
@@ -586,7 +590,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
     if args.tiny and device.type == "cpu":
         # tiny models on a shared CPU: one thread avoids OpenMP stalls of 100 ms that drown the step
         torch.set_num_threads(1)
-    settings = Settings(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    settings = Settings(device=device, dtype=dtype,
                         warmup=args.warmup, iters=args.iters, backend=args.backend,
                         variant_timeout=args.variant_timeout, gpu_warmup_s=args.gpu_warmup_s)
     records: list[dict] = [header(argv, settings, args)]
@@ -885,6 +891,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="stop starting variants when the end floor would finish after this many seconds (0 = none)")
     p.add_argument("--gpu-warmup-s", type=float, default=5.0, help="seconds of GEMMs before the first measurement")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="auto: bfloat16 on CUDA (the protocol), float32 on CPU")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager tests the compiled path on CPU)")
     args = p.parse_args(argv)
     if args.report is not None:
