@@ -738,9 +738,13 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 def _cell(rec: dict | None, what: str = "ratio") -> str:
     if rec is None:
         return "—"
-    if rec.get("error"):
-        return "skipped" if rec["error"].startswith("skipped") else ("timeout" if "time limit" in rec["error"]
-                                                                     else ("OOM" if rec["error"].startswith("OOM") else "error"))
+    err = rec.get("error")
+    if err:  # one word in the table; the Details table has the message
+        if err.startswith("skipped"):
+            return "skipped"
+        if "time limit" in err:
+            return "timeout"
+        return "OOM" if err.startswith("OOM") else "error"
     return _fmt(rec.get(what))
 
 
@@ -805,9 +809,8 @@ def report(specs: Sequence[str]) -> str:
 
     # every mode ------------------------------------------------------------------------
     modes = [m for m in MODES if any(m in run.modes() for run in runs)]
-    variants: list[str] = []
-    for run in runs:
-        variants += [v for v in run.variants() if v not in variants]
+    seen = {v for run in runs for v in run.variants()}
+    variants = [v for v in VARIANTS if v in seen] + sorted(seen - set(VARIANTS))
     for mode in modes:
         lines.append(f"### {mode}: ratio to the floor (train peak GiB)")
         lines.append("")
