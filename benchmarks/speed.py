@@ -407,6 +407,9 @@ def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings
     vocab = model.get_input_embeddings().num_embeddings
     batch = make_batch(scn, phase, vocab, s.device)
     mark = mode == "reduce-overhead"  # CUDA graphs: a new step begins, earlier outputs may be overwritten
+    # without an optimizer (the floor) nobody clears the probe's .grad; under CUDA graphs a gradient
+    # kept alive across steps would live in the graph's memory pool and force a new recording
+    loose = [p for p in model.parameters() if p.requires_grad] if opt is None else []
 
     if phase == "train":
         def step() -> None:
@@ -417,6 +420,8 @@ def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings
             if opt is not None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            for p in loose:
+                p.grad = None
     else:
         def step() -> None:
             if mark:
