@@ -4,7 +4,8 @@ Two scenarios, random weights, bf16 on one GPU (float32 on CPU), ``torch.optim.A
 trainable parameters:
 
 - **bert**: ``BertForSequenceClassification(BertConfig(num_labels=2))`` (BERT-base), train and
-  inference batch 32 x 128 (attention mask of ones, random labels).
+  inference batch 32 x 128 (attention mask of ones, random labels; ``problem_type`` preset to the
+  value BERT's first forward writes, a write that would recompile the whole model under torch.compile).
 - **llama**: ``LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=5632,
   num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, vocab_size=32000))``, SDPA,
   train batch 4 x 1024 (labels = inputs), inference batch 8 x 512.
@@ -37,8 +38,9 @@ step). Compiled modes try ``fullgraph=True`` first; if the first step fails, the
 (``fullgraph_error``) and the model is rebuilt and compiled with ``fullgraph=False``.
 ``torch._dynamo.reset()`` runs before each model: without it the recompile limit silently sends later
 models to eager. Train and inference are measured on separate model instances (same seed, same
-weights), so that each phase's peak memory (``torch.cuda.max_memory_allocated`` after
-``reset_peak_memory_stats``, weights included) is its own.
+weights), so that each phase's peak memory is its own: ``torch.cuda.max_memory_allocated`` over the
+timed steps, ``reset_peak_memory_stats`` after the warm-up (weights, optimizer state and CUDA-graph
+pools count; compilation's one-off allocations do not).
 
 Robust by construction: a measurement that fails (exception, OOM, ``--variant-timeout``) is recorded
 with its error and the run goes on; the JSONL file is rewritten atomically after every measurement,
