@@ -182,6 +182,45 @@ def make_batch(scn: Scenario, phase: str, vocab: int, device: torch.device, seed
 # ------------------------------------------------------------------------------------------
 # variants
 # ------------------------------------------------------------------------------------------
+def ensure_plugins() -> str:
+    """Make the in-tree plugins available; returns where they came from.
+
+    unipelt finds its methods through the ``unipelt`` entry points of an installed package. On a
+    machine where the repository is only on ``PYTHONPATH`` (the GPU machine: ``PYTHONPATH=.``) there
+    are none, and every unipelt variant would fail with an unknown method; then the modules that
+    pyproject.toml names are loaded from ``plugins/`` (as the package ``unipelt_plugins``, the name
+    they are installed under) and registered explicitly.
+    """
+    import importlib
+    import importlib.util
+
+    from unipelt import registry as reg
+
+    if "lora" in reg.get_registry().methods:
+        return "entry points"
+    import tomllib
+
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["entry-points"]["unipelt"]
+    for package, folder in (("unipelt_plugins", "plugins"), ("unipelt_kernels", "kernels")):
+        init = ROOT / folder / "__init__.py"
+        if package in sys.modules or not init.is_file():
+            continue
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            spec = importlib.util.spec_from_file_location(package, init, submodule_search_locations=[str(init.parent)])
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[package] = mod
+            spec.loader.exec_module(mod)
+    plugins = []
+    for target in eps.values():
+        module, _, attr = target.partition(":")
+        obj = importlib.import_module(module.strip())
+        plugins.append(getattr(obj, attr.strip()) if attr else obj)
+    reg.use_registry(reg.Registry(reg.make_plugin_manager(tuple(plugins), load_entrypoints=False)))
+    return f"{ROOT / 'plugins'} (no installed entry points)"
+
+
 @dataclass
 class Prepared:
     """A model ready to measure: what the step calls, and what the optimizer updates."""
@@ -630,6 +669,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
     # only the objects created since, not the whole of torch and transformers
     import transformers  # noqa: F401
     import unipelt.train  # noqa: F401
+    records[0]["plugins"] = ensure_plugins()
+    write_jsonl(out, records)
+    log(f"unipelt {Path(unipelt.train.__file__).parent}, plugins from {records[0]['plugins']}")
     if any(VARIANTS[v].kind == "peft" for v in args.variants):
         try:
             import peft  # noqa: F401

@@ -7,10 +7,13 @@ start and the end, ratios against their mean, errors recorded, nothing overwritt
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,7 +52,7 @@ def test_tiny_run_writes_every_measurement(tiny_run):
     lines = _lines(tiny_run)
     head, recs = lines[0], lines[1:]
     assert head["kind"] == "header"
-    for key in ("date", "gpu", "torch", "transformers", "peft", "command"):
+    for key in ("date", "gpu", "torch", "transformers", "peft", "command", "plugins"):
         assert key in head
     assert head["command"].startswith("python benchmarks/speed.py --tiny")
     assert head["tiny"] is True and head["warmup"] == 2 and head["iters"] == 3
@@ -212,3 +215,32 @@ def test_peft_reference_adapts_the_same_layers(scenario):
     per_layer = 4 * 16 * 2 * d + 2 * 16 * (d + f) + (16 * (d + f) if scenario == "llama" else 0)
     assert speed.prepare(speed.VARIANTS["lora-r16-all"], scn, "train", torch.device("cpu"),
                          torch.float32).trainable == layers * per_layer
+
+
+def test_plugins_load_from_the_tree_without_an_installed_package(tmp_path):
+    """On the GPU machine the repository is only on PYTHONPATH: no entry points, and the package
+    name unipelt_plugins does not exist there. speed.py then registers plugins/ itself."""
+    script = tmp_path / "probe.py"
+    script.write_text(f"""
+import importlib.abc, sys
+class Blocker(importlib.abc.MetaPathFinder):  # the installed package is not there
+    def find_spec(self, name, path=None, target=None):
+        if name == "unipelt_plugins":
+            raise ImportError("not installed")
+sys.meta_path.insert(0, Blocker())
+from unipelt import registry
+registry.use_registry(registry.Registry(registry.make_plugin_manager(load_entrypoints=False)))  # no entry points
+assert not registry.get_registry().methods
+sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+import speed
+print(speed.ensure_plugins())
+print(sorted(registry.get_registry().methods))
+print(sys.modules["unipelt_plugins.lora"].__file__)
+""")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    source, methods, lora_file = out.stdout.strip().splitlines()[-3:]
+    assert source.endswith("(no installed entry points)")
+    assert {"lora", "prefix", "adapter"} <= set(ast.literal_eval(methods))
+    assert Path(lora_file) == ROOT / "plugins" / "lora.py"
