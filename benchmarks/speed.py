@@ -1,0 +1,978 @@
+"""Speed benchmark: unipelt's train and inference step against the frozen floor (PERFORMANCE.md's protocol).
+
+Two scenarios, random weights, bf16 on one GPU (float32 on CPU), ``torch.optim.AdamW`` over the
+trainable parameters:
+
+- **bert**: ``BertForSequenceClassification(BertConfig(num_labels=2))`` (BERT-base), train and
+  inference batch 32 x 128 (attention mask of ones, random labels; ``problem_type`` preset to the
+  value BERT's first forward writes, a write that would recompile the whole model under torch.compile).
+- **llama**: ``LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=5632,
+  num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, vocab_size=32000))``, SDPA,
+  train batch 4 x 1024 (labels = inputs), inference batch 8 x 512.
+
+One train step = forward + ``loss.backward()`` + ``optimizer.step()`` + ``zero_grad``; inference =
+forward under ``no_grad``. 10 warm-up iterations (the first one compiles, and is reported as
+``compile_s``), the median of 30 timed ones, each timed by CUDA events (``perf_counter`` on CPU).
+
+**Frozen floor**: the base model with every weight frozen and ``model.enable_input_require_grads()``,
+no optimizer (train); the plain base forward (inference). It is measured at the start and at the end
+of every (scenario, mode) block, after a few seconds of GPU warm-up at process start; every ratio is
+``median_ms / floor_ms`` with ``floor_ms`` the mean of the two floors of the same scenario, mode and
+phase (only the start floor while a block is still running, ``ratio_basis`` says which). In the
+compiled modes the train floor reaches the embedding output through a 0-d zero parameter added to
+it instead of ``enable_input_require_grads()``, whose ``requires_grad_()`` hook breaks the graph
+(the graph-broken floor would be slower and flatter every compiled ratio); ``floor_form`` says which.
+
+Variants (``--variants``; default: the first six): ``unipelt`` (specs/unipelt.yaml, APL, gates live),
+``lora-r16-all`` (unipelt LoRA r16, alpha 32, on every linear of the blocks), ``lora-r8-qv`` (r8,
+alpha 16, on q and v), ``full`` (full fine-tuning), ``peft-lora-r16-all`` / ``peft-lora-r8-qv``
+(HF PEFT's LoRA on the same modules, same r/alpha, adapter weights in the model's dtype:
+``autocast_adapter_dtype=False``, as unipelt's); optional: ``prefix``, ``pfeiffer``, ``mam``,
+``unipelt-al`` (the spec files of the same names). The classifier head stays frozen for every
+variant but ``full``: the same work for unipelt and PEFT. On llama the UniPELT gates are causal
+(``pooling: auto`` -> per token); on BERT they pool with the padding-masked mean.
+
+Modes (``--modes``): ``eager``; ``compiled`` (``torch.compile(model)``, default mode);
+``reduce-overhead`` (``mode="reduce-overhead"``, CUDA graphs, ``cudagraph_mark_step_begin()`` per
+step). Compiled modes try ``fullgraph=True`` first; if the first step fails, the error is recorded
+(``fullgraph_error``) and the model is rebuilt and compiled with ``fullgraph=False``.
+``torch._dynamo.reset()`` runs before each model: without it the recompile limit silently sends later
+models to eager. Train and inference are measured on separate model instances (same seed, same
+weights), so that each phase's peak memory is its own: ``torch.cuda.max_memory_allocated`` over the
+timed steps, ``reset_peak_memory_stats`` after the warm-up (weights, optimizer state and CUDA-graph
+pools count; compilation's one-off allocations do not).
+
+Robust by construction: a measurement that fails (exception, OOM, ``--variant-timeout``) is recorded
+with its error and the run goes on; the JSONL file is rewritten atomically after every measurement,
+so a run killed at its time limit keeps everything measured so far. ``--budget-s`` skips the remaining
+variants of a block (recorded as skipped) when the end floor would no longer fit.
+
+Commands (on the GPU machine, from the repo root). Eager costs seconds per measurement; a compiled
+measurement costs its compilation, 20-40 s per model and phase (a block = 2 + 2 floors + 2 per
+variant; the end floor mostly hits the on-disk compile caches), so compiled blocks are split to stay
+within a 10-minute call; ``--budget-s`` stops starting variants in time for the end floor:
+
+    PYTHONPATH=. python benchmarks/speed.py --modes eager --out $OUT/eager-1.jsonl        # ~2-3 min: both scenarios, 6 variants
+    PYTHONPATH=. python benchmarks/speed.py --modes eager --out $OUT/eager-2.jsonl        # the second run
+    PYTHONPATH=. python benchmarks/speed.py --scenarios llama --modes compiled --variants unipelt,lora-r16-all,peft-lora-r16-all --budget-s 540 --out $OUT/llama-compiled-a.jsonl
+    PYTHONPATH=. python benchmarks/speed.py --scenarios llama --modes compiled --variants lora-r8-qv,peft-lora-r8-qv,full --budget-s 540 --out $OUT/llama-compiled-b.jsonl
+    PYTHONPATH=. python benchmarks/speed.py --scenarios bert --modes compiled --variants unipelt,lora-r16-all,peft-lora-r16-all --budget-s 540 --out $OUT/bert-compiled-a.jsonl
+    PYTHONPATH=. python benchmarks/speed.py --scenarios llama --modes reduce-overhead --variants unipelt,lora-r16-all,peft-lora-r16-all --budget-s 540 --out $OUT/llama-ro-a.jsonl
+    PYTHONPATH=. python benchmarks/speed.py --variants all --modes eager --out $OUT/eager-all.jsonl   # + prefix, pfeiffer, mam, unipelt-al
+    PYTHONPATH=. python benchmarks/speed.py       # everything (both scenarios, 3 modes, 6 variants): 30+ min, more than one call allows
+
+    python benchmarks/speed.py --report eager-1.jsonl eager-2.jsonl           # markdown: "run 1 / run 2", targets met / missed
+    python benchmarks/speed.py --report eager-1.jsonl,llama-compiled-a.jsonl eager-2.jsonl,llama-compiled-a2.jsonl
+                                                  # one run split over several files: join them with commas
+    python benchmarks/speed.py --tiny --modes eager --out /tmp/tiny.jsonl     # tiny configs on CPU in seconds (what the test runs)
+
+``--tiny`` runs the same code path with 2-layer, 64-wide models, 2 warm-up and 3 timed iterations
+(``--dtype bfloat16 --backend eager`` also exercise the GPU run's dtype and the compiled path on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODES = ("eager", "compiled", "reduce-overhead")
+PHASES = ("train", "infer")
+LR = 1e-4  # the value does not change the cost of a step
+
+
+# ------------------------------------------------------------------------------------------
+# scenarios
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scenario:
+    """One model and its batch shapes; ``linears`` are unipelt's sites for "all linears" and
+    ``peft_*`` the module-name suffixes PEFT targets for the same layers."""
+
+    name: str
+    family: str  # "bert" | "llama"
+    config: dict
+    train_shape: tuple[int, int]  # batch, tokens
+    infer_shape: tuple[int, int]
+    linears: tuple[str, ...]
+    peft_all: tuple[str, ...]
+    peft_qv: tuple[str, ...]
+
+
+_BERT_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")
+# "output.dense" matches attention.output.dense and the layer's output.dense, not pooler.dense
+# (PEFT's "all-linear" would also take the pooler, which unipelt's sites do not cover)
+_BERT_PEFT_ALL = ("query", "key", "value", "output.dense", "intermediate.dense")
+_LLAMA_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down")
+_LLAMA_PEFT_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# problem_type: BERT's forward sets it on its first call with labels (to the value given here), and
+# under torch.compile that write fails a guard and compiles the whole model a second time
+_BERT_CLS = {"num_labels": 2, "problem_type": "single_label_classification"}
+SCENARIOS: dict[str, Scenario] = {
+    "bert": Scenario("bert", "bert", _BERT_CLS, (32, 128), (32, 128),
+                     _BERT_LINEARS, _BERT_PEFT_ALL, ("query", "value")),
+    "llama": Scenario("llama", "llama",
+                      {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8,
+                       "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000,
+                       "attn_implementation": "sdpa"},
+                      (4, 1024), (8, 512), _LLAMA_LINEARS, _LLAMA_PEFT_ALL, ("q_proj", "v_proj")),
+}
+TINY: dict[str, Scenario] = {
+    "bert": Scenario("bert", "bert",
+                     {**_BERT_CLS, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 64},
+                     (2, 16), (2, 16), _BERT_LINEARS, _BERT_PEFT_ALL, ("query", "value")),
+    "llama": Scenario("llama", "llama",
+                      {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512,
+                       "max_position_embeddings": 128, "attn_implementation": "sdpa"},
+                      (2, 32), (2, 32), _LLAMA_LINEARS, _LLAMA_PEFT_ALL, ("q_proj", "v_proj")),
+}
+
+
+def build_base(scn: Scenario, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """The random base model, the same weights for every variant (seeded), on ``device`` in ``dtype``."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    # initialising on the GPU takes a fraction of a second; the 0.5B llama on the CPU takes many
+    with torch.device(device):
+        if scn.family == "bert":
+            model = BertForSequenceClassification(BertConfig(**scn.config))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(**scn.config))
+    return model.to(device=device, dtype=dtype)  # device too: a buffer made with an explicit device must follow
+
+
+def make_batch(scn: Scenario, phase: str, vocab: int, device: torch.device, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b, t = scn.train_shape if phase == "train" else scn.infer_shape
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    batch = {"input_ids": ids}
+    if scn.family == "bert":
+        # a real classification batch carries its mask; the masked-mean gates read it
+        batch["attention_mask"] = torch.ones_like(ids)
+        if phase == "train":
+            batch["labels"] = torch.randint(0, scn.config.get("num_labels", 2), (b,), generator=g)
+    elif phase == "train":
+        batch["labels"] = ids.clone()
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# variants
+# ------------------------------------------------------------------------------------------
+def ensure_plugins() -> str:
+    """Make the in-tree plugins available; returns where they came from.
+
+    unipelt finds its methods through the ``unipelt`` entry points of an installed package. On a
+    machine where the repository is only on ``PYTHONPATH`` (the GPU machine: ``PYTHONPATH=.``) there
+    are none, and every unipelt variant would fail with an unknown method; then the modules that
+    pyproject.toml names are loaded from ``plugins/`` (as the package ``unipelt_plugins``, the name
+    they are installed under) and registered explicitly.
+    """
+    import importlib
+    import importlib.util
+
+    from unipelt import registry as reg
+
+    if "lora" in reg.get_registry().methods:
+        return "entry points"
+    import tomllib
+
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["entry-points"]["unipelt"]
+    for package, folder in (("unipelt_plugins", "plugins"), ("unipelt_kernels", "kernels")):
+        init = ROOT / folder / "__init__.py"
+        if package in sys.modules or not init.is_file():
+            continue
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            spec = importlib.util.spec_from_file_location(package, init, submodule_search_locations=[str(init.parent)])
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[package] = mod
+            spec.loader.exec_module(mod)
+    plugins = []
+    for target in eps.values():
+        module, _, attr = target.partition(":")
+        obj = importlib.import_module(module.strip())
+        plugins.append(getattr(obj, attr.strip()) if attr else obj)
+    reg.use_registry(reg.Registry(reg.make_plugin_manager(tuple(plugins), load_entrypoints=False)))
+    return f"{ROOT / 'plugins'} (no installed entry points)"
+
+
+@dataclass
+class Prepared:
+    """A model ready to measure: what the step calls, and what the optimizer updates."""
+
+    model: nn.Module
+    params: list[nn.Parameter] | list[dict]  # AdamW's argument; empty = no optimizer
+    trainable: int
+    keep: Any = None  # the unipelt handle / PEFT wrapper: alive as long as the model
+
+
+def _lora_all(scn: Scenario) -> dict:
+    return {"version": 1, "name": "lora-r16-all", "modules": {"lora": {
+        "method": "lora", "sites": list(scn.linears), "r": 16, "alpha": 32, "dropout": 0.0}}}
+
+
+def _lora_qv(scn: Scenario) -> dict:
+    return {"version": 1, "name": "lora-r8-qv", "modules": {"lora": {
+        "method": "lora", "sites": ["attn.q", "attn.v"], "r": 8, "alpha": 16, "dropout": 0.0}}}
+
+
+def _spec_file(name: str) -> Callable[[Scenario], Path]:
+    return lambda scn: ROOT / "specs" / name
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str  # "floor" | "unipelt" | "peft" | "full"
+    description: str
+    spec: Callable[[Scenario], dict | Path] | None = None
+    peft: Callable[[Scenario], dict] | None = None
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in [
+    Variant("unipelt", "unipelt", "specs/unipelt.yaml (APL, gates live)", spec=_spec_file("unipelt.yaml")),
+    Variant("lora-r16-all", "unipelt", "unipelt LoRA r16 on all linears", spec=_lora_all),
+    Variant("lora-r8-qv", "unipelt", "unipelt LoRA r8 on q,v", spec=_lora_qv),
+    Variant("full", "full", "full fine-tuning"),
+    Variant("peft-lora-r16-all", "peft", "PEFT LoRA r16 on all linears",
+            peft=lambda scn: {"r": 16, "lora_alpha": 32, "target_modules": list(scn.peft_all)}),
+    Variant("peft-lora-r8-qv", "peft", "PEFT LoRA r8 on q,v",
+            peft=lambda scn: {"r": 8, "lora_alpha": 16, "target_modules": list(scn.peft_qv)}),
+    Variant("prefix", "unipelt", "specs/prefix.yaml", spec=_spec_file("prefix.yaml")),
+    Variant("pfeiffer", "unipelt", "specs/pfeiffer.yaml", spec=_spec_file("pfeiffer.yaml")),
+    Variant("mam", "unipelt", "specs/mam.yaml", spec=_spec_file("mam.yaml")),
+    Variant("unipelt-al", "unipelt", "specs/unipelt-al.yaml", spec=_spec_file("unipelt-al.yaml")),
+]}
+DEFAULT_VARIANTS = ("unipelt", "lora-r16-all", "lora-r8-qv", "full", "peft-lora-r16-all", "peft-lora-r8-qv")
+FLOOR = Variant("floor", "floor", "frozen base (train: gradients to the embedding output, no optimizer; infer: base forward)")
+
+
+FLOOR_FORMS = {
+    "eager": "enable_input_require_grads()",
+    "compiled": "embedding output + a 0-d zero parameter (traceable)",
+}
+
+
+def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, dtype: torch.dtype,
+            traceable_floor: bool = False) -> Prepared:
+    model = build_base(scn, device, dtype)
+    if variant.kind == "floor":
+        model.requires_grad_(False)
+        if phase == "train" and not traceable_floor:
+            model.enable_input_require_grads()  # gradients flow to the embeddings' output: the backward any PEFT pays
+        elif phase == "train":
+            # enable_input_require_grads' hook (output.requires_grad_()) breaks the graph under
+            # torch.compile ("returning intermediate with requires_grad_()"), which would leave the
+            # compiled floor slower than it can be and flatter every compiled ratio. Adding a 0-d zero
+            # parameter makes the same backward flow into the embedding output; inductor fuses the add
+            # into the gather, and its gradient is one reduction over the embedding output.
+            emb = model.get_input_embeddings()
+            emb.register_parameter("floor_probe", nn.Parameter(torch.zeros((), device=device, dtype=dtype)))
+            emb.register_forward_hook(lambda mod, args, out: out + mod.floor_probe)
+        return Prepared(model, [], 0)
+    if variant.kind == "full":
+        params = [p for p in model.parameters() if p.requires_grad]
+        return Prepared(model, params, sum(p.numel() for p in params))
+    if variant.kind == "unipelt":
+        import unipelt
+        from unipelt.train import param_groups
+
+        handle = unipelt.compile(model, variant.spec(scn))
+        groups = param_groups(handle, LR)
+        return Prepared(model, groups, sum(p.numel() for g in groups for p in g["params"]), handle)
+    if variant.kind == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(lora_dropout=0.0, bias="none", **variant.peft(scn))
+        # adapter weights in the base dtype, as unipelt's (PEFT's default upcasts them to float32)
+        wrapped = get_peft_model(model, cfg, autocast_adapter_dtype=False)
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        return Prepared(wrapped, params, sum(p.numel() for p in params), wrapped)
+    raise ValueError(f"variant {variant.name!r}: unknown kind {variant.kind!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# measurement
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    warmup: int
+    iters: int
+    backend: str
+    variant_timeout: float  # seconds per measurement, 0 = none
+    gpu_warmup_s: float
+
+
+class MeasurementTimeout(BaseException):
+    """Raised by the alarm; a BaseException so that no ``except Exception`` inside dynamo or
+    inductor swallows it."""
+
+
+class _alarm:
+    """``--variant-timeout`` for one measurement (SIGALRM: main thread, POSIX; a no-op elsewhere)."""
+
+    def __init__(self, seconds: float):
+        import threading
+
+        self.seconds = seconds
+        self.active = (seconds > 0 and hasattr(signal, "setitimer")
+                       and threading.current_thread() is threading.main_thread())
+
+    def _fire(self, signum, frame):
+        raise MeasurementTimeout(f"time limit of {self.seconds:g} s reached")
+
+    def __enter__(self):
+        if self.active:
+            self.previous = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+        return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], n: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``n`` calls: CUDA events around each step (no sync in between, so
+    a host-bound step shows its host time and a GPU-bound one its GPU time), else perf_counter."""
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends):
+            s.record()
+            step()
+            e.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _dynamo_stats() -> dict[str, int]:
+    """Graph breaks, recompilations and captured graphs since the last reset (cheap counters)."""
+    from torch._dynamo import utils as dutils
+
+    c = dutils.counters
+    failures = [reason for reasons in getattr(dutils, "guard_failures", {}).values() for reason in reasons]
+    stats: dict[str, Any] = {"graph_breaks": int(sum(c["graph_break"].values())),
+                             "unique_graphs": int(c["stats"].get("unique_graphs", 0)),
+                             "recompiles": len(failures)}
+    if failures:  # the guard that failed, first line of each (the rest is a stack trace)
+        stats["recompile_reasons"] = [str(f).splitlines()[0][:300] for f in failures[:3]]
+    if c["graph_break"]:
+        stats["graph_break_reasons"] = [str(k)[:300] for k in list(c["graph_break"])[:3]]
+    skips = c["inductor"].get("cudagraph_skips", 0)
+    if skips:
+        stats["cudagraph_skips"] = int(skips)
+    return stats
+
+
+def _reset_compiler() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() leaves the counters
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _short(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:400]
+
+
+def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings, fullgraph: bool | None,
+             rec: dict) -> None:
+    """Build, (compile), warm up and time one model; fills ``rec``. An exception in the first step is
+    tagged ``first_step`` so that the caller can retry without fullgraph."""
+    if mode != "eager":
+        _reset_compiler()
+        _free(s.device)  # the caches just dropped may have held the previous model
+    prep = prepare(variant, scn, phase, s.device, s.dtype, traceable_floor=mode != "eager")
+    rec["trainable_params"] = prep.trainable
+    if variant.kind == "floor" and phase == "train":
+        rec["floor_form"] = FLOOR_FORMS["eager" if mode == "eager" else "compiled"]
+    model = prep.model
+    model.train(phase == "train")
+    fn: Callable[..., Any] = model
+    if mode != "eager":
+        kwargs: dict[str, Any] = {"fullgraph": bool(fullgraph), "backend": s.backend}
+        if mode == "reduce-overhead":
+            if s.backend != "inductor":
+                raise RuntimeError("reduce-overhead needs the inductor backend")
+            kwargs["mode"] = "reduce-overhead"
+        fn = torch.compile(model, **kwargs)
+    opt = torch.optim.AdamW(prep.params, lr=LR) if phase == "train" and prep.params else None
+    vocab = model.get_input_embeddings().num_embeddings
+    batch = make_batch(scn, phase, vocab, s.device)
+    mark = mode == "reduce-overhead"  # CUDA graphs: a new step begins, earlier outputs may be overwritten
+    # without an optimizer (the floor) nobody clears the probe's .grad; under CUDA graphs a gradient
+    # kept alive across steps would live in the graph's memory pool and force a new recording
+    loose = [p for p in model.parameters() if p.requires_grad] if opt is None else []
+
+    if phase == "train":
+        def step() -> None:
+            if mark:
+                torch.compiler.cudagraph_mark_step_begin()
+            loss = fn(**batch).loss
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for p in loose:
+                p.grad = None
+    else:
+        def step() -> None:
+            if mark:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.no_grad():
+                fn(**batch)
+
+    _sync(s.device)
+    t0 = time.perf_counter()
+    try:
+        step()
+        _sync(s.device)
+    except Exception as exc:
+        exc.first_step = True  # type: ignore[attr-defined]
+        raise
+    first = time.perf_counter() - t0
+    rec["compile_s" if mode != "eager" else "first_step_s"] = round(first, 3)
+    for _ in range(max(s.warmup - 1, 0)):
+        step()
+    if s.device.type == "cuda":
+        # the steady state's peak: weights, optimizer state and CUDA-graph pools are in place (they
+        # count); what compilation and the first step allocated once does not
+        _sync(s.device)
+        torch.cuda.reset_peak_memory_stats(s.device)
+    times = time_steps(step, s.iters, s.device)
+    rec["times_ms"] = [round(t, 4) for t in times]
+    rec["median_ms"] = round(statistics.median(times), 4)
+    if s.device.type == "cuda":
+        rec["peak_gib"] = round(torch.cuda.max_memory_allocated(s.device) / 2**30, 4)
+    if mode != "eager":
+        rec.update(_dynamo_stats())
+
+
+def _record(scn: Scenario, mode: str, phase: str, variant: str, **extra) -> dict:
+    return {"kind": "measurement", "scenario": scn.name, "mode": mode, "phase": phase, "variant": variant,
+            **extra, "median_ms": None, "ratio": None, "floor_ms": None, "peak_gib": None, "compile_s": None,
+            "error": None}
+
+
+def _skipped(scn: Scenario, mode: str, phase: str, variant: str, why: str) -> dict:
+    rec = _record(scn, mode, phase, variant)
+    rec["error"] = why
+    return rec
+
+
+def measure(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings, **extra) -> dict:
+    """One JSONL record: the median of the timed steps, or the error that stopped it."""
+    rec = _record(scn, mode, phase, variant.name, **extra)
+    t0 = time.perf_counter()
+    fullgraph: bool | None = True if mode != "eager" else None
+    with _alarm(s.variant_timeout):
+        try:
+            retry = False
+            try:
+                _attempt(variant, scn, mode, phase, s, fullgraph, rec)
+            except Exception as exc:
+                retry = bool(fullgraph and getattr(exc, "first_step", False)
+                             and not isinstance(exc, torch.cuda.OutOfMemoryError))
+                if not retry:
+                    raise
+                rec["fullgraph_error"] = _short(exc)
+                rec["fullgraph_attempt_s"] = round(time.perf_counter() - t0, 3)
+            if retry:
+                # outside the except block: its traceback holds the first model, which must be
+                # freed before the second is built (it would count in the peak memory)
+                fullgraph = False
+                _free(s.device)
+                _attempt(variant, scn, mode, phase, s, fullgraph, rec)
+        except MeasurementTimeout as exc:
+            rec["error"] = str(exc)
+        except torch.cuda.OutOfMemoryError as exc:
+            rec["error"] = "OOM: " + _short(exc)
+        except Exception as exc:
+            rec["error"] = _short(exc)
+            rec["traceback_tail"] = traceback.format_exc(limit=-4)[-2000:]
+    rec["fullgraph"] = fullgraph
+    rec["wall_s"] = round(time.perf_counter() - t0, 3)
+    if rec["error"] is not None:
+        rec["median_ms"] = rec["times_ms"] = None
+    _free(s.device)  # the model is gone once the attempt returned: its memory must not count in the next peak
+    return rec
+
+
+def gpu_warmup(seconds: float, device: torch.device) -> None:
+    """Bring the GPU's clocks up: the first measurement in a cold process came out up to 40% slow."""
+    if device.type != "cuda" or seconds <= 0:
+        return
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize(device)
+    del a
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------
+# records and the run
+# ------------------------------------------------------------------------------------------
+def write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    """The whole file, atomically: a run killed mid-write keeps the previous complete file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, allow_nan=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{i}: not a JSON line ({e.msg})") from None
+    return out
+
+
+def apply_floor(block: list[dict]) -> None:
+    """Ratios of one (scenario, mode) block against the mean of its start and end floors per phase."""
+    for phase in PHASES:
+        floors = {r["floor_at"]: r["median_ms"] for r in block
+                  if r["variant"] == "floor" and r["phase"] == phase and r["median_ms"]}
+        if not floors:
+            continue
+        basis = "mean of start and end floor" if len(floors) == 2 else f"{next(iter(floors))} floor only"
+        floor_ms = statistics.fmean(floors.values())
+        for r in block:
+            if r["phase"] != phase:
+                continue
+            r["floor_start_ms"] = floors.get("start")
+            r["floor_end_ms"] = floors.get("end")
+            r["floor_ms"] = round(floor_ms, 4)
+            r["ratio_basis"] = basis
+            r["ratio"] = round(r["median_ms"] / floor_ms, 4) if r["median_ms"] else None
+
+
+def header(argv: Sequence[str], settings: Settings, args: argparse.Namespace) -> dict:
+    def version(mod: str) -> str | None:
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        commit = None
+    dev = settings.device
+    return {"kind": "header", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "device": str(dev), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "transformers": version("transformers"), "peft": version("peft"),
+            "git_commit": commit, "command": "python benchmarks/speed.py " + shlex.join(argv),
+            "dtype": str(settings.dtype).replace("torch.", ""), "warmup": settings.warmup, "iters": settings.iters,
+            "backend": settings.backend, "variant_timeout_s": settings.variant_timeout,
+            "budget_s": args.budget_s, "tiny": args.tiny,
+            "scenarios": {n: {"config": s.config, "train": s.train_shape, "infer": s.infer_shape}
+                          for n, s in (TINY if args.tiny else SCENARIOS).items() if n in args.scenarios}}
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.tiny and device.type == "cpu":
+        # tiny models on a shared CPU: one thread avoids OpenMP stalls of 100 ms that drown the step
+        torch.set_num_threads(1)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    settings = Settings(device=device, dtype=dtype,
+                        warmup=args.warmup, iters=args.iters, backend=args.backend,
+                        variant_timeout=args.variant_timeout, gpu_warmup_s=args.gpu_warmup_s)
+    records: list[dict] = [header(argv, settings, args)]
+    out: Path = args.out
+    write_jsonl(out, records)
+    scenarios = TINY if args.tiny else SCENARIOS
+    t_run = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_run:7.1f}s] {msg}", flush=True)
+
+    def note(r: dict) -> None:
+        if r["error"]:
+            log(f"{r['scenario']} {r['mode']} {r['variant']} {r['phase']}: ERROR {r['error']}")
+            return
+        extra = f" compile {r['compile_s']:.1f}s" if r.get("compile_s") is not None else ""
+        if r.get("fullgraph_error"):
+            extra += " (fullgraph failed: fell back)"
+        if r.get("graph_breaks"):
+            extra += f" graph breaks {r['graph_breaks']}"
+        peak = f" peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else ""
+        ratio = f" x{r['ratio']:.2f}" if r.get("ratio") else ""
+        log(f"{r['scenario']} {r['mode']} {r['variant']} {r['phase']}: {r['median_ms']:.2f} ms{ratio}{peak}{extra}")
+
+    log(f"device {device} ({records[0]['gpu'] or records[0]['cpu']}), torch {torch.__version__}; out {out}")
+    # import what the variants use now, then freeze the heap: the gc.collect() after every
+    # measurement (which must run, or a dead model's tensors count in the next peak) then walks
+    # only the objects created since, not the whole of torch and transformers
+    import transformers  # noqa: F401
+    import unipelt.train  # noqa: F401
+    records[0]["plugins"] = ensure_plugins()
+    write_jsonl(out, records)
+    log(f"unipelt {Path(unipelt.train.__file__).parent}, plugins from {records[0]['plugins']}")
+    if any(VARIANTS[v].kind == "peft" for v in args.variants):
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            pass  # the PEFT variants will record the ImportError
+    gc.collect()
+    gc.freeze()
+    try:
+        gpu_warmup(settings.gpu_warmup_s, device)
+        for scn_name in args.scenarios:
+            for mode in args.modes:
+                block: list[dict] = []
+
+                def add(r: dict) -> dict:
+                    block.append(r)
+                    records.append(r)
+                    apply_floor(block)
+                    note(r)
+                    write_jsonl(out, records)
+                    return r
+
+                scn = scenarios[scn_name]
+                floor_cost = sum(add(measure(FLOOR, scn, mode, phase, settings, floor_at="start"))["wall_s"]
+                                 for phase in PHASES)
+                for vname in args.variants:
+                    for phase in PHASES:
+                        elapsed = time.perf_counter() - t_run
+                        if args.budget_s and elapsed + floor_cost > args.budget_s:
+                            add(_skipped(scn, mode, phase, vname, f"skipped: --budget-s {args.budget_s:g} (at "
+                                         f"{elapsed:.0f} s, the end floor needs ~{floor_cost:.0f} s)"))
+                        else:
+                            add(measure(VARIANTS[vname], scn, mode, phase, settings))
+                for phase in PHASES:
+                    add(measure(FLOOR, scn, mode, phase, settings, floor_at="end"))
+                for phase in PHASES:
+                    ms = " -> ".join(f"{r['median_ms']:.2f}" if r["median_ms"] else "error"
+                                     for r in block if r["variant"] == "floor" and r["phase"] == phase)
+                    log(f"{scn.name} {mode} floor {phase} start -> end: {ms} ms")
+    finally:
+        gc.unfreeze()
+    log(f"done: {len(records) - 1} measurements in {out}")
+    return records
+
+
+# ------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------
+# issue 8's targets: ratio to the floor of the same mode, the best mode per scenario counts
+TARGETS: dict[str, dict[tuple[str, str], float]] = {
+    "unipelt": {("llama", "train"): 1.15, ("bert", "train"): 1.30, ("llama", "infer"): 1.10, ("bert", "infer"): 1.25},
+    "lora-r16-all": {("llama", "train"): 1.25, ("bert", "train"): 1.50, ("llama", "infer"): 1.15, ("bert", "infer"): 1.30},
+    "lora-r8-qv": {("llama", "train"): 1.05, ("bert", "train"): 1.15, ("llama", "infer"): 1.05, ("bert", "infer"): 1.10},
+}
+# memory: (reference variant, factor): peak of the train step <= factor x the reference's, same mode
+MEMORY_TARGETS: dict[str, tuple[str, float]] = {"unipelt": ("floor", 1.25), "lora-r16-all": ("peft-lora-r16-all", 1.0)}
+COLUMNS = (("llama", "train"), ("bert", "train"), ("llama", "infer"), ("bert", "infer"))
+
+
+@dataclass
+class Run:
+    """One run (one or more JSONL files): its headers and its measurements by key."""
+
+    files: list[str]
+    headers: list[dict] = field(default_factory=list)
+    by_key: dict[tuple[str, str, str, str], dict] = field(default_factory=dict)  # scenario, mode, phase, variant
+    floors: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, spec: str) -> "Run":
+        run = cls(files=spec.split(","))
+        for name in run.files:
+            path = Path(name)
+            if not path.is_file():
+                raise SystemExit(f"--report: {path}: no such file")
+            for r in read_jsonl(path):
+                if r.get("kind") == "header":
+                    run.headers.append(r)
+                elif r.get("kind") == "measurement":
+                    for k in ("scenario", "mode", "phase", "variant"):
+                        if k not in r:
+                            raise SystemExit(f"--report: {path}: a measurement without the field {k!r}")
+                    if r["variant"] == "floor":
+                        run.floors.setdefault((r["scenario"], r["mode"], r["phase"]), []).append(r)
+                    else:
+                        run.by_key[(r["scenario"], r["mode"], r["phase"], r["variant"])] = r
+        return run
+
+    def get(self, scenario: str, mode: str, phase: str, variant: str) -> dict | None:
+        return self.by_key.get((scenario, mode, phase, variant))
+
+    def floor_peak(self, scenario: str, mode: str, phase: str) -> float | None:
+        peaks = [r["peak_gib"] for r in self.floors.get((scenario, mode, phase), []) if r.get("peak_gib")]
+        return statistics.fmean(peaks) if peaks else None
+
+    def modes(self) -> list[str]:
+        seen = {k[1] for k in self.by_key} | {k[1] for k in self.floors}
+        return [m for m in MODES if m in seen]
+
+    def variants(self) -> list[str]:
+        seen = {k[3] for k in self.by_key}
+        return [v for v in VARIANTS if v in seen] + sorted(seen - set(VARIANTS))
+
+    def best(self, scenario: str, phase: str, variant: str) -> dict | None:
+        """The mode a user would get: the lowest median time among the modes measured."""
+        cands = [r for m in MODES if (r := self.get(scenario, m, phase, variant)) and r.get("ratio")]
+        return min(cands, key=lambda r: r["median_ms"]) if cands else None
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _cell(rec: dict | None, what: str = "ratio") -> str:
+    if rec is None:
+        return "—"
+    err = rec.get("error")
+    if err:  # one word in the table; the Details table has the message
+        if err.startswith("skipped"):
+            return "skipped"
+        if "time limit" in err:
+            return "timeout"
+        return "OOM" if err.startswith("OOM") else "error"
+    return _fmt(rec.get(what))
+
+
+def report(specs: Sequence[str]) -> str:
+    runs = [Run.load(s) for s in specs]
+    n = len(runs)
+    join = " / ".join
+    lines: list[str] = []
+    lines.append(f"Speed, {'runs ' + ' / '.join(str(i + 1) for i in range(n)) if n > 1 else 'one run'}"
+                 " (ratios to the frozen floor of the same mode and phase, measured in the same process).")
+    lines.append("")
+    for i, run in enumerate(runs, 1):
+        for h in run.headers:
+            lines.append(f"- run {i}: {h.get('date')}, {h.get('gpu') or h.get('device')}, torch {h.get('torch')}, "
+                         f"transformers {h.get('transformers')}, peft {h.get('peft')}, {h.get('dtype')}"
+                         f"{', TINY configs' if h.get('tiny') else ''}; `{h.get('command')}`")
+    lines.append("")
+
+    # targets --------------------------------------------------------------------------
+    lines.append("### Targets (issue 8): the fastest mode measured for each cell (lowest median ms), its ratio to that mode's floor")
+    lines.append("")
+    lines.append("| variant | " + " | ".join(f"{s} {p}" for s, p in COLUMNS) + " | memory (train peak) |")
+    lines.append("|---|" + "---|" * (len(COLUMNS) + 1))
+    for vname, targets in TARGETS.items():
+        cells = []
+        for scn, phase in COLUMNS:
+            limit = targets[(scn, phase)]
+            parts = []
+            for run in runs:
+                r = run.best(scn, phase, vname)
+                if r is None:
+                    parts.append("—")
+                else:
+                    parts.append(f"{r['ratio']:.2f} {r['mode']} {'met' if r['ratio'] <= limit else 'missed'}")
+            cells.append(f"{join(parts)} (≤ {limit:.2f})")
+        mem = "—"
+        if vname in MEMORY_TARGETS:
+            ref, factor = MEMORY_TARGETS[vname]
+            mparts = []
+            for scn in ("llama", "bert"):
+                parts = []
+                for run in runs:
+                    r = run.best(scn, "train", vname)
+                    if r is None or r.get("peak_gib") is None:
+                        parts.append("—")
+                        continue
+                    if ref == "floor":
+                        refpk = run.floor_peak(scn, r["mode"], "train")
+                    else:
+                        rr = run.get(scn, r["mode"], "train", ref)
+                        refpk = rr.get("peak_gib") if rr and not rr.get("error") else None
+                    if not refpk:
+                        parts.append(f"{r['peak_gib']:.2f} GiB (no {ref})")
+                        continue
+                    ok = r["peak_gib"] <= factor * refpk
+                    parts.append(f"{r['peak_gib']:.2f} vs {refpk:.2f} GiB {'met' if ok else 'missed'}")
+                mparts.append(f"{scn} {join(parts)}")
+            limit_txt = f"≤ floor + {round((factor - 1) * 100)}%" if ref == "floor" else f"≤ {ref}"
+            mem = "; ".join(mparts) + f" ({limit_txt})"
+        lines.append(f"| {vname} | " + " | ".join(cells) + f" | {mem} |")
+    lines.append("")
+
+    # every mode ------------------------------------------------------------------------
+    modes = [m for m in MODES if any(m in run.modes() for run in runs)]
+    seen = {v for run in runs for v in run.variants()}
+    variants = [v for v in VARIANTS if v in seen] + sorted(seen - set(VARIANTS))
+    for mode in modes:
+        lines.append(f"### {mode}: ratio to the floor (train peak GiB)")
+        lines.append("")
+        lines.append("| variant | " + " | ".join(f"{s} {p}" for s, p in COLUMNS) + " | llama train peak | bert train peak |")
+        lines.append("|---|" + "---|" * (len(COLUMNS) + 2))
+        fl = []
+        for scn, phase in COLUMNS:
+            parts = []
+            for run in runs:
+                fs = run.floors.get((scn, mode, phase), [])
+                parts.append(" → ".join(_fmt(r.get("median_ms")) if not r.get("error") else "error" for r in fs) or "—")
+            fl.append(join(parts) + " ms")
+        fpk = [join(_fmt(run.floor_peak(scn, mode, "train")) for run in runs) for scn in ("llama", "bert")]
+        lines.append("| floor (start → end) | " + " | ".join(fl) + f" | {fpk[0]} | {fpk[1]} |")
+        for v in variants:
+            if not any(run.get(scn, mode, phase, v) for run in runs for scn, phase in COLUMNS):
+                continue
+            cells = [join(_cell(run.get(scn, mode, phase, v)) for run in runs) for scn, phase in COLUMNS]
+            pk = [join(_cell(run.get(scn, mode, "train", v), "peak_gib") for run in runs) for scn in ("llama", "bert")]
+            lines.append(f"| {v} | " + " | ".join(cells) + f" | {pk[0]} | {pk[1]} |")
+        lines.append("")
+
+    # details ---------------------------------------------------------------------------
+    lines.append("### Details")
+    lines.append("")
+    lines.append("| run | scenario | mode | phase | variant | median ms | ratio | peak GiB | compile s | fullgraph | graph breaks | recompiles | error |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for i, run in enumerate(runs, 1):
+        recs = [r for fs in run.floors.values() for r in fs] + list(run.by_key.values())
+        order = {m: j for j, m in enumerate(MODES)}
+        recs.sort(key=lambda r: (r["scenario"], order.get(r["mode"], 9), r["phase"], r["variant"] != "floor"))
+        for r in recs:
+            name = r["variant"] + (f" ({r['floor_at']})" if r.get("floor_at") else "")
+            fg = "" if r.get("fullgraph") is None else ("yes" if r["fullgraph"] else "no: " + (r.get("fullgraph_error") or "")[:80])
+            err = (r.get("error") or "").replace("|", "/")[:120]
+            lines.append(f"| {i} | {r['scenario']} | {r['mode']} | {r['phase']} | {name} | {_fmt(r.get('median_ms'))} | "
+                         f"{_fmt(r.get('ratio'))} | {_fmt(r.get('peak_gib'))} | {_fmt(r.get('compile_s'), 1)} | "
+                         f"{fg.replace('|', '/')} | {r.get('graph_breaks', '')} | {r.get('recompiles', '')} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------
+def _choices(value: str, allowed: Sequence[str], flag: str, aliases: dict[str, Sequence[str]] | None = None) -> list[str]:
+    out: list[str] = []
+    for item in (x.strip() for x in value.split(",")):
+        if not item:
+            continue
+        expanded = (aliases or {}).get(item, [item])
+        for x in expanded:
+            if x not in allowed:
+                raise argparse.ArgumentTypeError(f"{flag}: unknown {x!r}; expected one of {', '.join(allowed)}")
+            if x not in out:
+                out.append(x)
+    if not out:
+        raise argparse.ArgumentTypeError(f"{flag}: empty list")
+    return out
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks/speed.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenarios", default="bert,llama",
+                   type=lambda v: _choices(v, list(SCENARIOS), "--scenarios"))
+    p.add_argument("--modes", default=",".join(MODES), type=lambda v: _choices(v, MODES, "--modes"))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   type=lambda v: _choices(v, list(VARIANTS), "--variants",
+                                           {"all": list(VARIANTS), "default": DEFAULT_VARIANTS}),
+                   help=f"comma-separated, 'default' or 'all'; known: {', '.join(VARIANTS)}")
+    p.add_argument("--out", type=Path, help="JSONL file (default speed-<UTC time>.jsonl)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--report", nargs="+", metavar="RUN",
+                   help="print the markdown tables of 1 or 2 runs (each a JSONL file or a comma-separated list)")
+    p.add_argument("--tiny", action="store_true", help="tiny configs, 2 warm-up / 3 timed iterations (CPU, seconds)")
+    p.add_argument("--warmup", type=int, help="warm-up iterations, the first compiles (default 10; tiny 2)")
+    p.add_argument("--iters", type=int, help="timed iterations (default 30; tiny 3)")
+    p.add_argument("--variant-timeout", type=float, default=300.0,
+                   help="seconds per measurement (one variant, one phase, compilation included); 0 = none")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="stop starting variants when the end floor would finish after this many seconds (0 = none)")
+    p.add_argument("--gpu-warmup-s", type=float, default=5.0, help="seconds of GEMMs before the first measurement")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="auto: bfloat16 on CUDA (the protocol), float32 on CPU")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager tests the compiled path on CPU)")
+    args = p.parse_args(argv)
+    if args.report is not None:
+        if not 1 <= len(args.report) <= 2:
+            p.error("--report: give one or two runs (a run may be several files joined by commas)")
+        return args
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 10)
+    args.iters = args.iters if args.iters is not None else (3 if args.tiny else 30)
+    if args.warmup < 1 or args.iters < 1:
+        p.error("--warmup and --iters must be at least 1")
+    if args.out is None:
+        args.out = Path(f"speed-{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}.jsonl")
+    if args.out.exists() and not args.overwrite:
+        p.error(f"--out: {args.out} exists; choose another file or pass --overwrite")
+    if not args.out.parent.is_dir():
+        p.error(f"--out: directory {args.out.parent} does not exist")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.report is not None:
+        sys.stdout.write(report(args.report))
+        return 0
+    records = run(args, argv)
+    return 0 if all(r.get("error") is None for r in records[1:] if r.get("variant") == "floor") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
