@@ -153,6 +153,8 @@ class PTuning(PromptBranch):
         self.embedding = nn.Parameter(torch.randn(cfg.length, d) * cfg.init_std)
         if cfg.encoder == "lstm":
             self.lstm = nn.LSTM(d, cfg.hidden // 2, num_layers=2, bidirectional=True, batch_first=True)
+            self.__dict__["_lstm_params"] = dict(self.lstm.named_parameters())
+            self._lstm_shape = (self.lstm.num_layers, self.lstm.hidden_size)
             self.mlp = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, d))
         elif cfg.encoder == "mlp":
             self.mlp = nn.Sequential(nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, d))
@@ -163,7 +165,12 @@ class PTuning(PromptBranch):
             return x
         if self.encoder_kind == "lstm":
             # torch.compile cannot trace nn.LSTM (a graph break): the same parameters, unrolled
-            x = _bilstm_unrolled(self.lstm, x) if torch.compiler.is_compiling() else self.lstm(x.unsqueeze(0))[0].squeeze(0)
+            # (dynamo refuses even to touch an nn.LSTM module: the unrolled path reads its
+            # parameters through a plain dict kept beside it)
+            if torch.compiler.is_compiling():
+                x = _bilstm_unrolled(self.__dict__["_lstm_params"], self._lstm_shape, x)
+            else:
+                x = self.lstm(x.unsqueeze(0))[0].squeeze(0)
         return self.mlp(x)
 
     @torch.no_grad()
@@ -175,6 +182,7 @@ class PTuning(PromptBranch):
         for name in ("lstm", "mlp"):
             if name in self._modules:
                 del self._modules[name]
+        self.__dict__.pop("_lstm_params", None)
         self.encoder_kind = "none"
         return {"encoder": "none", "hidden": None}
 
@@ -183,19 +191,21 @@ class PTuning(PromptBranch):
         return self.length * self.embedding.shape[1] if kept else sum(p.numel() for p in self.parameters())
 
 
-def _bilstm_unrolled(lstm: nn.LSTM, x: Tensor) -> Tensor:
-    """``lstm(x[None])[0][0]`` for a bidirectional, batch-first, bias-carrying ``nn.LSTM`` computed
-    step by step from its own parameters (gate order i, f, g, o as nn.LSTM documents)."""
-    for layer in range(lstm.num_layers):
+def _bilstm_unrolled(params: dict[str, Tensor], shape: tuple[int, int], x: Tensor) -> Tensor:
+    """``lstm(x[None])[0][0]`` for a bidirectional, batch-first, bias-carrying ``nn.LSTM`` with
+    ``params = dict(lstm.named_parameters())`` and ``shape = (num_layers, hidden_size)``, computed
+    step by step (gate order i, f, g, o as nn.LSTM documents)."""
+    num_layers, hidden = shape
+    for layer in range(num_layers):
         outs = []
         for suffix in ("", "_reverse"):
-            w_ih = getattr(lstm, f"weight_ih_l{layer}{suffix}")
-            w_hh = getattr(lstm, f"weight_hh_l{layer}{suffix}")
-            b = getattr(lstm, f"bias_ih_l{layer}{suffix}") + getattr(lstm, f"bias_hh_l{layer}{suffix}")
+            w_ih = params[f"weight_ih_l{layer}{suffix}"]
+            w_hh = params[f"weight_hh_l{layer}{suffix}"]
+            b = params[f"bias_ih_l{layer}{suffix}"] + params[f"bias_hh_l{layer}{suffix}"]
             xs = x.flip(0) if suffix else x
             gx = xs @ w_ih.T + b  # (L, 4H)
-            h = x.new_zeros(lstm.hidden_size)
-            c = x.new_zeros(lstm.hidden_size)
+            h = x.new_zeros(hidden)
+            c = x.new_zeros(hidden)
             hs = []
             for t in range(xs.shape[0]):
                 i, f, g, o = (gx[t] + w_hh @ h).chunk(4)

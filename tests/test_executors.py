@@ -128,12 +128,15 @@ def test_no_recompilation_across_lengths_and_batches(name):
     randomize(h)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
     with torch.no_grad():
         for b, t in [(3, 9), (2, 12), (4, 7)]:
             batch = make_batch(seed=t, batch=b, length=t)
             out = compiled(**batch).logits
+            frames.append(counter.frame_count)
             assert torch.allclose(out, model(**batch).logits, atol=EXEC_ATOL)
-    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
+    # whatever the first call compiled, a new length or batch size compiles nothing more
+    assert frames[0] >= 1 and frames == [frames[0]] * 3, f"recompiled: frames after each call {frames}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,7 +181,7 @@ def test_unrolled_bilstm_equals_nn_lstm():
     lstm = torch.nn.LSTM(12, 5, num_layers=2, bidirectional=True, batch_first=True)
     x = torch.randn(7, 12, requires_grad=True)
     ref = lstm(x[None])[0][0]
-    got = _bilstm_unrolled(lstm, x)
+    got = _bilstm_unrolled(dict(lstm.named_parameters()), (lstm.num_layers, lstm.hidden_size), x)
     assert torch.allclose(got, ref, atol=1e-6)
     (gr,) = torch.autograd.grad(ref.square().sum(), x)
     (gg,) = torch.autograd.grad(got.square().sum(), x)
