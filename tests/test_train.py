@@ -43,7 +43,8 @@ def test_lm_training_lowers_loss_and_reloads(tmp_path):
     rows = lm_rows()
     base, tok = load_model("tiny-llama")
     before = evaluate(base, tok, rows[:4], task="causal-lm")
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), epochs=3, batch_size=4, lr=1e-2, progress=False)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), epochs=3, batch_size=4, lr=1e-2, progress=False,
+                      save_total_limit=None)  # keep every checkpoint (the default keeps 2 plus the best)
     report = train(LORA_QV, "tiny-llama", rows, rows[:4], cfg)
 
     assert report["task"] == "causal-lm" and report["added_head"] is None
@@ -105,7 +106,7 @@ def test_resume_reaches_the_same_adapter(tmp_path):
         "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "lr_ratio": 4, "dropout": 0.1},
         "head": {"method": "train", "sites": "head"}}}
     kw = dict(epochs=2, batch_size=2, grad_accum=2, lr=5e-3, warmup_steps=2, schedule="cosine", seed=7,
-              save_steps=2, progress=False)
+              save_steps=2, save_total_limit=None, progress=False)  # all checkpoints, to resume from each
     full = train(spec, "tiny-bert", rows, rows[:4], TrainConfig(out_dir=str(tmp_path / "full"), **kw))
     assert full["steps"] == 6
     names = [p.name for p in list_checkpoints(tmp_path / "full")]
