@@ -16,6 +16,7 @@ import html
 import importlib.util
 import io
 import json
+import re
 import zipfile
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -136,6 +137,10 @@ def _decode(data: bytes, source: str) -> str:
 def _rows(data: bytes, fmt: str, source: str) -> tuple[list[str] | None, list[tuple[int, dict[str, Any]]]]:
     """Decode and split into ``(header or None, [(line, row)])``; header is None for JSONL."""
     text = _decode(data, source)
+    nul = text.find("\x00")
+    if nul >= 0:  # valid UTF-8 but not text: a binary file, or UTF-16 without its BOM
+        raise DataError(f"{source}: line {text.count(chr(10), 0, nul) + 1}: contains a NUL byte (\\x00): not a text "
+                        "file, or saved as UTF-16; save it as UTF-8 text")
     if not text.strip():
         raise DataError(f"{source}: file is empty")
     if fmt == "jsonl":
@@ -149,16 +154,34 @@ def _rows(data: bytes, fmt: str, source: str) -> tuple[list[str] | None, list[tu
 
 
 def _jsonl_rows(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # JSON Lines: one JSON value per line, lines end at "\n" (or "\r\n"). Not str.splitlines(),
+    # which also breaks at U+2028, U+0085, \x0c ... that JSON allows unescaped inside strings.
+    for n, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue  # blank lines (a trailing newline, a separator) are not rows
         try:
-            row = json.loads(raw)
+            row = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise DataError(f"{source}: line {n}: malformed JSON: {e.msg} (column {e.colno})") from e
+        except ValueError as e:  # from the two hooks
+            raise DataError(f"{source}: line {n}: {e}") from e
         if not isinstance(row, dict):
             raise DataError(f"{source}: line {n}: expected a JSON object, got {type(row).__name__}")
         yield n, row
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (Python's json module accepts it; the JSON standard does not)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"field {key!r} appears twice in one object (which one is meant?)")
+        seen[key] = value
+    return seen
 
 
 def _table_rows(text: str, delimiter: str, source: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
@@ -174,6 +197,10 @@ def _table_rows(text: str, delimiter: str, source: str) -> tuple[list[str], list
                 continue
             if header is None:
                 header = [cell.strip() for cell in record]
+                dup = sorted({c for c in header if header.count(c) > 1})
+                if dup:
+                    raise DataError(f"{source}: line {line}: the header names column {dup[0]!r} twice "
+                                    "(which one is meant?)")
                 continue
             if len(record) != len(header):
                 raise DataError(f"{source}: line {line}: {len(record)} columns but the header has {len(header)}"
@@ -221,7 +248,7 @@ def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]],
     out = []
     for line, row in rows:
         if kind == "classification":
-            label = _value(row, f.label, line, source, noun).strip()  # "a, pos": the label is "pos"
+            label = canonical_label(_value(row, f.label, line, source, noun))
             raw = row[f.label]
             if isinstance(raw, float) and not isinstance(raw, bool) and raw.is_integer():
                 label = str(int(raw))  # JSON 1.0 and 1 are one class
@@ -229,13 +256,37 @@ def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]],
                 raise DataError(f"{source}: line {line}: {noun} {f.label!r} is empty (every row needs a label)")
             if allowed is not None and label not in allowed:
                 raise DataError(f"{source}: line {line}: label {label!r} is not one of: {', '.join(labels)}")
-            out.append(Example(text=_value(row, f.text, line, source, noun), label=label, line=line, source=source))
+            out.append(Example(text=_text(row, f.text, line, source, noun), label=label, line=line, source=source))
         elif f.prompt in row and f.response in row:
             out.append(Example(prompt=_value(row, f.prompt, line, source, noun),
-                               response=_value(row, f.response, line, source, noun), line=line, source=source))
+                               response=_text(row, f.response, line, source, noun), line=line, source=source))
         else:
-            out.append(Example(text=_value(row, f.text, line, source, noun), line=line, source=source))
+            out.append(Example(text=_text(row, f.text, line, source, noun), line=line, source=source))
     return out
+
+
+_DECIMAL = re.compile(r"([+-]?\d+)\.(\d*)")
+
+
+def canonical_label(text: str) -> str:
+    """A label as one class name: surrounding spaces dropped ("a, pos" labels "pos"), and a decimal
+    number written with trailing fractional zeros spelled without them: ``1.0`` is ``1`` and
+    ``2.50`` is ``2.5``, as JSON's ``1.0`` and ``1`` are one number. Nothing else is rewritten."""
+    text = text.strip()
+    m = _DECIMAL.fullmatch(text)
+    if m:
+        frac = m.group(2).rstrip("0")
+        return m.group(1) + ("." + frac if frac else "")
+    return text
+
+
+def _text(row: Mapping[str, Any], name: str, line: int, source: str, noun: str) -> str:
+    """A text field that carries the training signal: empty or whitespace-only text is refused
+    (it would train on nothing but special tokens)."""
+    value = _value(row, name, line, source, noun)
+    if not value.strip():
+        raise DataError(f"{source}: line {line}: {noun} {name!r} is empty" + (" (only whitespace)" if value else ""))
+    return value
 
 
 def _value(row: Mapping[str, Any], name: str, line: int, source: str, noun: str) -> str:
@@ -248,6 +299,8 @@ def _value(row: Mapping[str, Any], name: str, line: int, source: str, noun: str)
         raise DataError(f"{source}: line {line}: {noun} {name!r} must be a string, got {type(value).__name__}")
     if isinstance(value, bool):
         return json.dumps(value)  # "true", as the file spells it, not Python's "True"
+    if isinstance(value, str) and "\x00" in value:  # a JSON "\u0000": no tokenizer treats it as text
+        raise DataError(f"{source}: line {line}: {noun} {name!r} contains a NUL character (\\u0000)")
     return value if isinstance(value, str) else str(value)
 
 
