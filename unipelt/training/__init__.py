@@ -70,8 +70,8 @@ from unipelt.training.inputs import (check_max_length, detect_task, encode, epoc
                                      position_limit)
 from unipelt.training.loop import TrainPlan, train
 from unipelt.training.optim import make_schedule, param_groups
-from unipelt.training.options import (COMPILE_MODES, SCHEDULES, TASKS, TrainConfig, TrainingError, choose_compile_mode,
-                                      resolve_device)
+from unipelt.training.options import (COMPILE_MODES, DEFAULT_SAVE_TOTAL_LIMIT, SCHEDULES, TASKS, TrainConfig, TrainingError,
+                                      choose_compile_mode, resolve_device)
 from unipelt.training.record import (REPORT_FILE, TrainReport, load_adapted, record_training_info,
                                      recorded_training_info, training_info)
 
@@ -81,5 +81,5 @@ __all__ = [
     "UnipeltCallback", "load_adapted", "training_info", "record_training_info", "recorded_training_info",
     "list_checkpoints", "macro_f1", "choose_compile_mode", "resolve_device", "check_max_length", "position_limit",
     "pad_id", "run_fingerprint", "RunState", "TrainPlan", "TASKS", "SCHEDULES", "COMPILE_MODES", "STATE_JSON",
-    "STATE_PT", "REPORT_FILE",
+    "STATE_PT", "REPORT_FILE", "DEFAULT_SAVE_TOTAL_LIMIT",
 ]
