@@ -464,13 +464,29 @@ def test_packed_rows_read_back_as_the_list_encoding(bert_tok, llama_tok):
     assert TokenizedRows(lm)._ids.itemsize == 4  # 4 bytes a token
 
 
-def test_tokenizing_a_long_file_shows_progress(bert_tok, monkeypatch, capsys):
+def test_tokenizing_a_long_lm_file_shows_progress(llama_tok, monkeypatch, capsys):
     from unipelt.training import inputs
 
     monkeypatch.setattr(inputs, "PROGRESS_MIN_ROWS", 3)
-    ex = [Example(text=f"row {i}", label="a" if i % 2 else "b", line=i + 1) for i in range(4)]
-    rows = inputs.encode(ex, bert_tok, "classification", labels=["a", "b"], progress="tokenize train")
-    assert list(rows) == encode_classification(ex, bert_tok, ["a", "b"], 256)
+    ex = [Example(prompt=f"question {i}", response=f"answer {i}", line=i + 1) for i in range(4)]
+    rows = inputs.encode(ex, llama_tok, "causal-lm", progress="tokenize train")
+    assert list(rows) == encode_lm(ex, llama_tok, 256)
     assert "tokenize train" in capsys.readouterr().err
-    inputs.encode(ex[:2], bert_tok, "classification", labels=["a", "b"], progress="tokenize train")
+    inputs.encode(ex[:2], llama_tok, "causal-lm", progress="tokenize train")
     assert capsys.readouterr().err == ""  # short data: no bar
+
+
+def test_classification_rows_tokenize_lazily_and_are_checked_up_front(bert_tok, monkeypatch):
+    """Regression: a 50 MB CSV was tokenized in full, silently, before the first step (115 s, 1.8 GB)."""
+    from unipelt.training import inputs
+
+    ex = [Example(text=f"row {i}", label="a" if i % 2 else "b", line=i + 1) for i in range(5)]
+    calls = []
+    real = inputs.iter_classification
+    monkeypatch.setattr(inputs, "iter_classification", lambda exs, *a: (calls.append(len(list(exs))) or real(exs, *a)))
+    rows = inputs.encode(ex, bert_tok, "classification", labels=["a", "b"])
+    assert calls == [] and len(rows) == 5  # nothing tokenized yet
+    assert rows[3] == encode_classification([ex[3]], bert_tok, ["a", "b"], 256)[0] and calls == [1]
+    assert rows[1:4] == encode_classification(ex[1:4], bert_tok, ["a", "b"], 256)
+    with pytest.raises(DataError, match=r"line 9: label 'c' is not one of: a, b"):
+        inputs.encode(ex + [Example(text="x", label="c", line=9)], bert_tok, "classification", labels=["a", "b"])

@@ -17,7 +17,7 @@ from unipelt.data import (BUILTIN_DATASETS, IGNORE_INDEX, Example, Tokenized, To
 from unipelt.errors import DataError, ModelError
 from unipelt.training.options import TrainingError
 
-PROGRESS_MIN_ROWS = 5000  # below this, tokenizing takes about a second: no bar
+PROGRESS_MIN_ROWS = 5000  # below this, tokenizing takes a few seconds: no bar
 
 
 def load_data(value: str | os.PathLike, *, kind: Literal["classification", "lm", "auto"] = "auto",
@@ -66,13 +66,22 @@ def class_labels(train_examples: Sequence[Example], eval_examples: Sequence[Exam
 
 
 def encode(examples: Sequence[Example], tokenizer, task: str, *, labels: Sequence[str] | None = None,
-           max_length: int = 256, use_chat_template: bool = True, progress: str | None = None) -> TokenizedRows:
-    """Tokenize for ``task`` into a packed :class:`~unipelt.data.TokenizedRows` (4 bytes a token);
-    LM rows left without any target token (a prompt filling ``max_length``) are dropped, since
-    they carry no loss. ``progress``: a label for a progress bar on stderr, shown for data sets of
-    ``PROGRESS_MIN_ROWS`` rows or more (a long file takes a while to tokenize; None: silent)."""
+           max_length: int = 256, use_chat_template: bool = True,
+           progress: str | None = None) -> Sequence[Tokenized]:
+    """The rows of ``examples`` encoded for ``task``, as a sequence of :class:`Tokenized`.
+
+    Classification rows are tokenized lazily, when a batch asks for them
+    (:class:`LazyClassificationRows`): training starts at once, whatever the size of the file,
+    and memory holds the texts only. LM rows are tokenized in one pass into packed arrays
+    (:class:`~unipelt.data.TokenizedRows`, 4 bytes a token), because rows left without any
+    target token (a prompt filling ``max_length``) are dropped and the number of rows fixes the
+    number of steps; ``progress`` labels a progress bar on stderr for that pass, shown from
+    ``PROGRESS_MIN_ROWS`` rows on (None: silent).
+    """
     from tqdm.auto import tqdm
 
+    if task == "classification":
+        return LazyClassificationRows(examples, tokenizer, labels or label_set(examples), max_length)
     show = progress is not None and len(examples) >= PROGRESS_MIN_ROWS
     with tqdm(total=len(examples), desc=progress, unit="row", disable=not show, mininterval=1.0,
               dynamic_ncols=True) as bar:
@@ -80,10 +89,34 @@ def encode(examples: Sequence[Example], tokenizer, task: str, *, labels: Sequenc
             for ex in examples:
                 bar.update(1)
                 yield ex
-        if task == "classification":
-            return TokenizedRows(iter_classification(counted(), tokenizer, labels or label_set(examples), max_length))
         return TokenizedRows(r for r in iter_lm(counted(), tokenizer, max_length, use_chat_template)
                              if any(t != IGNORE_INDEX for t in r.labels[1:]))
+
+
+class LazyClassificationRows(Sequence):
+    """Classification examples that tokenize when indexed: ``rows[i]`` is the :class:`Tokenized`
+    that :func:`~unipelt.data.encode_classification` gives for ``examples[i]``. Every row is
+    checked (text present, label known) when the sequence is made, so a bad row is refused
+    before the first step, not in the middle of the run."""
+
+    def __init__(self, examples: Sequence[Example], tokenizer, labels: Sequence[str], max_length: int):
+        known = set(labels)
+        for ex in examples:
+            if ex.text is None or ex.label is None:
+                raise DataError(f"{ex.where()}: a classification example needs text and label")
+            if ex.label not in known:
+                raise DataError(f"{ex.where()}: label {ex.label!r} is not one of: {', '.join(labels)}")
+        if tokenizer is None:
+            raise ModelError("this model has no tokenizer; use a model directory that includes tokenizer files")
+        self.examples, self.tokenizer, self.labels, self.max_length = examples, tokenizer, list(labels), max_length
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        chosen = self.examples[i] if isinstance(i, slice) else [self.examples[i]]
+        rows = list(iter_classification(chosen, self.tokenizer, self.labels, self.max_length))
+        return rows if isinstance(i, slice) else rows[0]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
