@@ -137,7 +137,8 @@ class RunLock:
         self._file = None
 
     def acquire(self) -> bool:
-        """True when held; False where ``fcntl`` does not exist (Windows): then nothing is cleaned."""
+        """True when held; False where there is no ``flock`` (Windows, a filesystem without locks):
+        then the run goes on unlocked and nothing is cleaned. Held by another process: an error."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
@@ -148,7 +149,10 @@ class RunLock:
             raise write_error(self.path, e) from e
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                f.close()  # a filesystem without locks (some network mounts): run unlocked, clean nothing
+                return False
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
