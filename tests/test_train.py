@@ -613,3 +613,23 @@ def test_compile_failure_is_an_error_when_asked_and_a_note_under_auto(tmp_path, 
     report = _one_epoch(tmp_path / "auto", compile="auto")
     assert report["steps"] == 3 and report["compile"]["fallback"].startswith("Unsupported: graph break")
     assert any("training eagerly" in n for n in report["notes"])
+
+
+def test_a_checkpoint_from_before_the_fingerprint_resumes_with_one_note(tmp_path):
+    """Checkpoints written before the fingerprint covered the spec and data recorded only the
+    shape of the run; they still resume (what they record is checked), with one note saying what
+    could not be checked."""
+    _one_epoch(tmp_path, epochs=2, save_total_limit=None)
+    state_file = tmp_path / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    old_keys = ("examples", "batch_size", "grad_accum", "seed", "total_steps", "task", "labels")
+    state["fingerprint"] = {k: state["fingerprint"][k] for k in old_keys}
+    state_file.write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "checkpoint-6")
+    report = _one_epoch(tmp_path, epochs=2, resume=True, save_total_limit=None)
+    assert report["resumed_from"].endswith("checkpoint-3") and report["steps"] == 6
+    (note,) = [n for n in report["notes"] if "not recorded" in n]
+    assert note.endswith("so not checked: spec, model, data, max_length, use_chat_template, lr, gate_lr, weight_decay, "
+                         "schedule, warmup_steps, warmup_ratio, max_grad_norm, eval_data")
+    with pytest.raises(TrainingError, match=r"changed: seed \(0 in the checkpoint, 3 now\)"):
+        _one_epoch(tmp_path, epochs=2, resume=str(tmp_path / "checkpoint-3"), seed=3)

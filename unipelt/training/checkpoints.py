@@ -367,10 +367,10 @@ def read_checkpoint_state(ckpt: Path, fingerprint: dict) -> tuple[dict, list[str
     except (OSError, json.JSONDecodeError) as e:
         raise TrainingError(f"{ckpt / STATE_JSON}: unreadable ({e})") from None
     saved = state.get("fingerprint") or {}
-    refused, notes = [], []
+    refused, notes, unrecorded = [], [], []
     for key, now in fingerprint.items():
         if key not in saved:
-            notes.append(f"{key}: not recorded by this checkpoint (an older unipelt), not checked")
+            unrecorded.append(key)
             continue
         was = saved[key]
         if was == now:
@@ -380,6 +380,8 @@ def read_checkpoint_state(ckpt: Path, fingerprint: dict) -> tuple[dict, list[str
             notes.append(f"{change}: {MAY_CHANGE[key]}")
         else:
             refused.append(change)
+    if unrecorded:
+        notes.append(f"not recorded by this checkpoint (an older unipelt), so not checked: {', '.join(unrecorded)}")
     if refused:
         raise TrainingError(f"{ckpt}: this checkpoint belongs to a different run; changed: {'; '.join(refused)}. "
                             "Resume with the same spec, model, data and options, or start again with --overwrite")
