@@ -19,10 +19,9 @@ from torch import nn
 
 from unipelt.data import Example, Tokenized, collate
 from unipelt.errors import DataError, ModelError
-from unipelt.training.checkpoints import (RunLock, RunState, best_step, check_output_dir, list_checkpoints,
-                                          load_checkpoint, prepare_out_dir, read_checkpoint_state, remove_stale,
-                                          resume_point, run_fingerprint, save_adapter, save_checkpoint)
-from unipelt.training.checkpoints import atomic_json
+from unipelt.training.checkpoints import (RunLock, RunState, atomic_json, best_step, check_output_dir, load_checkpoint,
+                                          prepare_out_dir, read_checkpoint_state, remove_stale, resume_point,
+                                          run_fingerprint, save_adapter, save_checkpoint)
 from unipelt.training.evaluation import evaluate_encoded, gate_means
 from unipelt.training.inputs import (check_max_length, class_labels, data_digest, detect_task, encode, epoch_order,
                                      pad_id)
@@ -113,15 +112,7 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
     labels = class_labels(train_examples, eval_examples, cfg.labels) if task == "classification" else None
 
     out = Path(cfg.out_dir) if cfg.out_dir else None
-    lock = RunLock(out) if out is not None else None
-    notes: list[str] = []
-    if out is not None:
-        check_output_dir(out)
-        if lock.acquire():
-            removed = remove_stale(out)
-            if removed:
-                notes.append(f"removed {len(removed)} temporary folder(s) left by an interrupted save: "
-                             + ", ".join(removed))
+    lock, notes = _open_run_dir(out)
     try:
         resume_from = resume_point(out, cfg.resume) if cfg.resume else None
         if out is not None:
@@ -172,6 +163,21 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
     finally:
         if lock is not None:
             lock.release()
+
+
+def _open_run_dir(out: Path | None) -> tuple[RunLock | None, list[str]]:
+    """Check that ``out`` can be written, take its lock, and remove what interrupted saves left
+    there (safe under the lock: no live run owns it). Returns the lock and the notes to print."""
+    if out is None:
+        return None, []
+    check_output_dir(out)
+    lock = RunLock(out)
+    if not lock.acquire():
+        return lock, []
+    removed = remove_stale(out)
+    if not removed:
+        return lock, []
+    return lock, [f"removed {len(removed)} temporary folder(s) left by an interrupted save: {', '.join(removed)}"]
 
 
 def _load_base(model, tokenizer, task: str, labels: list[str] | None, cfg: TrainConfig):
