@@ -50,3 +50,12 @@ def test_environment_notes_exist_where_the_code_points():
     for path in ("pyproject.toml", ".ci/setup", "unipelt/models.py"):
         text = (ROOT / path).read_text(encoding="utf-8")
         assert "docs/ENVIRONMENT.md" in text and "(ENVIRONMENT.md)" not in text, path
+
+
+def test_importing_the_training_api_prints_no_kernels_hub_warning():
+    """Regression: `from unipelt.training import ...` imports transformers' Trainer, which imports
+    bitsandbytes, before any model is loaded: the filter must already be installed then."""
+    done = subprocess.run([sys.executable, "-c", "import unipelt.training"], cwd=ROOT / "tests", capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gemm_4bit_forward" not in done.stderr and "pip install kernels" not in done.stderr

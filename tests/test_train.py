@@ -633,3 +633,34 @@ def test_a_checkpoint_from_before_the_fingerprint_resumes_with_one_note(tmp_path
                          "schedule, warmup_steps, warmup_ratio, max_grad_norm, eval_data")
     with pytest.raises(TrainingError, match=r"changed: seed \(0 in the checkpoint, 3 now\)"):
         _one_epoch(tmp_path, epochs=2, resume=str(tmp_path / "checkpoint-3"), seed=3)
+
+
+def test_compile_failure_in_the_backward_falls_back_under_auto(tmp_path, monkeypatch):
+    """The backward is compiled lazily, at its first call: a failure there is caught the same way."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from unipelt.training import loop
+
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
+
+    def half_compiled(model, **kwargs):
+        def forward(**batch):
+            out = model(**batch)
+            out.loss = FailingBackward.apply(out.loss)
+            return out
+        return forward
+
+    monkeypatch.setattr(torch, "compile", half_compiled)
+    monkeypatch.setattr(loop, "choose_compile_mode", lambda device, requested: None if requested == "off" else "default")
+    report = _one_epoch(tmp_path / "auto", compile="auto", save_total_limit=None)
+    eager = _one_epoch(tmp_path / "eager", compile="off", save_total_limit=None)
+    assert report["compile"]["fallback"].startswith("BackendCompilerFailed") and "no C++ compiler" in report["compile"]["fallback"]
+    a, b = adapter_tensors(tmp_path / "auto" / "adapter"), adapter_tensors(tmp_path / "eager" / "adapter")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the failed first try left no gradient behind

@@ -63,6 +63,9 @@ choices), :mod:`~unipelt.training.inputs` (data, task, tokenization, epoch order
 """
 from __future__ import annotations
 
+# First: unipelt.models installs the filter for bitsandbytes' kernels-hub warning, which must be in
+# place before the callback module imports transformers' Trainer (and with it bitsandbytes).
+import unipelt.models  # noqa: F401  # isort: skip
 from unipelt.training.callback import UnipeltCallback
 from unipelt.training.checkpoints import STATE_JSON, STATE_PT, RunState, list_checkpoints, run_fingerprint
 from unipelt.training.evaluation import evaluate, evaluate_encoded, gate_means, gate_table_text, macro_f1, plot_gates

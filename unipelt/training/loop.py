@@ -333,9 +333,7 @@ def _optimizer_step(run: Run, micro_batches: list[list[int]], t_start: float) ->
     step_loss = 0.0
     for idx in micro_batches:
         batch = {k: v.to(run.device) for k, v in collate([run.train_rows[i] for i in idx], run.pad).items()}
-        loss = opt.regularised(_forward_loss(run, batch))
-        (loss / len(micro_batches)).backward()
-        step_loss += float(loss.detach()) / len(micro_batches)
+        step_loss += _micro_step(run, batch, len(micro_batches))
         run.examples_seen += len(idx)
     if run.cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(opt.trainable, run.cfg.max_grad_norm)
@@ -353,27 +351,50 @@ def _optimizer_step(run: Run, micro_batches: list[list[int]], t_start: float) ->
     run.bar.update(1)
 
 
-def _forward_loss(run: Run, batch: dict) -> torch.Tensor:
-    """The training loss of one micro-batch. A compiled forward that cannot be compiled (a graph
-    break under ``fullgraph=True``, a backend failure) fails before it computes anything: with
-    ``--compile auto`` the run says so and continues eagerly; an explicit mode is an error."""
+def _micro_step(run: Run, batch: dict, n_micro: int) -> float:
+    """Forward and backward of one micro-batch (its loss scaled by ``1/n_micro`` for accumulation);
+    returns its share of the step loss.
+
+    A compiled forward that cannot be compiled (a graph break under ``fullgraph=True``, a backend
+    failure, in the forward or in the lazily compiled backward) fails before it computes anything:
+    with ``--compile auto`` the run says so and redoes the micro-batch eagerly for good; an
+    explicit mode is an error.
+    """
+    def eager() -> torch.Tensor:
+        return run.opt.regularised(run.net(**batch).loss)
+
     if run.forward is run.net:
-        return run.net(**batch).loss
+        loss = eager()
+        (loss / n_micro).backward()
+        return float(loss.detach()) / n_micro
     from torch._dynamo.exc import TorchDynamoException
 
+    # the RNG state before the try: the eager redo draws the same dropout masks as an eager run would
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
     try:
-        return run.forward(**batch).loss
+        loss = run.opt.regularised(run.forward(**batch).loss)
+        (loss / n_micro).backward()
     except TorchDynamoException as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        mode = run.compile_info["mode"]
-        if run.cfg.compile != "auto":
-            raise TrainingError(f"--compile {mode}: torch.compile(fullgraph=True) cannot compile the adapted model's "
-                                f"training forward ({type(e).__name__}: {reason}); train with --compile off") from e
-        run.compile_info["fallback"] = f"{type(e).__name__}: {reason}"
-        run.note(f"torch.compile (mode {mode}) failed on the training forward ({type(e).__name__}: {reason}); "
-                 "training eagerly")
-        run.forward = run.net
-        return run.net(**batch).loss
+        _compile_failed(run, e)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, run.device)
+        loss = eager()
+        (loss / n_micro).backward()
+    return float(loss.detach()) / n_micro
+
+
+def _compile_failed(run: Run, e: Exception) -> None:
+    reason = " ".join(str(e).split())[:300] or type(e).__name__  # dynamo's messages span lines; keep one
+    mode = run.compile_info["mode"]
+    if run.cfg.compile != "auto":
+        raise TrainingError(f"--compile {mode}: torch.compile(fullgraph=True) cannot compile the adapted model's "
+                            f"training forward ({type(e).__name__}: {reason}); train with --compile off") from e
+    run.compile_info["fallback"] = f"{type(e).__name__}: {reason}"
+    run.note(f"torch.compile (mode {mode}) failed on the training forward ({type(e).__name__}: {reason}); "
+             "training eagerly")
+    run.forward = run.net
 
 
 def _checkpoint_due(run: Run, groups_in_epoch: int) -> bool:
