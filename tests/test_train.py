@@ -635,6 +635,12 @@ def test_a_checkpoint_from_before_the_fingerprint_resumes_with_one_note(tmp_path
         _one_epoch(tmp_path, epochs=2, resume=str(tmp_path / "checkpoint-3"), seed=3)
 
 
+def test_compile_backend_that_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIPELT_COMPILE_BACKEND", "nonsense")
+    with pytest.raises(TrainingError, match=r"^UNIPELT_COMPILE_BACKEND='nonsense': not a torch.compile backend"):
+        _one_epoch(tmp_path, compile="default")
+
+
 def test_compile_failure_in_the_backward_falls_back_under_auto(tmp_path, monkeypatch):
     """The backward is compiled lazily, at its first call: a failure there is caught the same way."""
     from torch._dynamo.exc import BackendCompilerFailed

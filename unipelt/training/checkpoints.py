@@ -158,10 +158,13 @@ class RunLock:
             f.close()
             raise TrainingError(f"{self.path.parent}: another training run (process {holder}) is using this "
                                 "directory; wait for it or choose another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
+        try:  # the holder's pid, for the message a second run gets; a full disk only loses that
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+        except OSError:
+            pass
         self._file = f
         return True
 

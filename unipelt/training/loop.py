@@ -26,8 +26,8 @@ from unipelt.training.evaluation import evaluate_encoded, gate_means
 from unipelt.training.inputs import (check_max_length, class_labels, data_digest, detect_task, encode, epoch_order,
                                      pad_id)
 from unipelt.training.optim import Optimisation, build_optimisation
-from unipelt.training.options import (TrainConfig, TrainingError, choose_compile_mode, compile_backend,
-                                      resolve_device)
+from unipelt.training.options import (COMPILE_BACKEND_ENV, TrainConfig, TrainingError, choose_compile_mode,
+                                      compile_backend, resolve_device)
 from unipelt.training.record import REPORT_FILE, TrainReport, name_labels, record_training_info
 
 
@@ -271,7 +271,13 @@ def _set_training_forward(run: Run) -> None:
         run.forward = run.net
         return
     kwargs = {"mode": mode} if backend == "inductor" else {}
-    run.forward = torch.compile(run.net, fullgraph=True, backend=backend, **kwargs)
+    from torch._dynamo.exc import InvalidBackend
+
+    try:
+        run.forward = torch.compile(run.net, fullgraph=True, backend=backend, **kwargs)
+    except InvalidBackend:
+        raise TrainingError(f"{COMPILE_BACKEND_ENV}={backend!r}: not a torch.compile backend "
+                            f"(torch._dynamo.list_backends() lists them)") from None
 
 
 class _training_mode:
