@@ -24,8 +24,9 @@ class BitFitConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Train the parameters at the hook point in full (``norm``, ``head``)."""
+class TrainParamsConfig:
+    """Train the parameters at the hook point in full (``norm``, ``head``). (Not
+    :class:`unipelt.training.TrainConfig`, the options of a training run.)"""
 
 
 def _select(module: nn.Module, select: str | None) -> list[tuple[str, nn.Parameter]]:
@@ -64,7 +65,7 @@ class ParamSelection(nn.Module):
 METHODS = [
     MethodDef(name="bitfit", config=BitFitConfig, site_kinds=frozenset({"params"}),
               summary="BitFit: train only the biases (hook point `bias`)", gateable=False),
-    MethodDef(name="train", config=TrainConfig, site_kinds=frozenset({"params"}),
+    MethodDef(name="train", config=TrainParamsConfig, site_kinds=frozenset({"params"}),
               summary="train existing parameters in full: `norm` (LN tuning) or `head` (the task head)", gateable=False),
 ]
 

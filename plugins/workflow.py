@@ -101,9 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         schedule=args.schedule, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None, gate_lr=args.gate_lr,
         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, resume=args.resume or False, overwrite=args.overwrite,
+        save_total_limit=args.save_total_limit or None, resume=args.resume or False, overwrite=args.overwrite,
         use_chat_template=args.chat_template is not False, progress=not args.no_progress, device=args.device,
-        data_fields=fields,
+        compile=args.compile, data_fields=fields,
     )
     report = train(spec, args.model, train_rows, eval_rows, cfg)
     if args.json:
@@ -111,14 +111,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"task          {report['task']}" + (f" ({len(report['labels'])} labels: {', '.join(report['labels'])})"
                                                 if report["labels"] else ""))
-    if report["added_head"]:
-        print(f"note          the spec trains no head: added module {report['added_head']!r} "
-              "(method train at head) so the classifier learns")
+    if args.no_progress:  # with progress on, train() printed its notes as they came
+        for text in report["notes"]:
+            print(f"note          {text}")
     p = report["params"]
     print(f"trainable     {p['trainable']:,} parameters ({p['kept']:,} kept after training, "
           f"{p['percent_of_base']:.3f}% of the base)")
     if report["resumed_from"]:
         print(f"resumed from  {report['resumed_from']}")
+    if report["compile"]["mode"]:
+        c = report["compile"]
+        print(f"compiled      torch.compile mode {c['mode']} (backend {c['backend']})"
+              + (f"; fell back to eager: {c['fallback']}" if c["fallback"] else ""))
     median = report["time"]["per_step_median_s"]
     print(f"steps         {report['steps']} " + (f"({median:.3f} s/step median)" if median is not None
                                                  else "(none run now: the checkpoint was already at the end)"))
@@ -283,11 +287,16 @@ def unipelt_add_commands(subparsers):
     o.add_argument("--seed", type=int, default=0, help="seeds the adapter's initialisation and the data order (default: 0)")
     o.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     o.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    o.add_argument("--compile", choices=("auto", "off", "default", "reduce-overhead"), default="auto",
+                   help="torch.compile(fullgraph=True) the training forward in this mode; auto: off on CPU, "
+                        "'default' on CUDA, and eager with a note if the model cannot be compiled (default: auto)")
     c = t.add_argument_group("checkpoints")
     c.add_argument("--save-steps", type=int, help="also checkpoint every N optimizer steps (always: every epoch end)")
-    c.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
+    c.add_argument("--save-total-limit", type=int, default=2,
+                   help="keep the newest N checkpoints plus the best-evaluated one; 0 keeps all (default: 2)")
     c.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
-                   help="continue from the newest checkpoint in --out, or from CHECKPOINT")
+                   help="continue from the newest checkpoint in --out, or from CHECKPOINT; refused when the spec, "
+                        "model, data or an option changed (only --epochs/--max-steps and --eval may change)")
     c.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -366,3 +366,127 @@ def test_labels_are_stripped_and_integral_json_floats_are_integers(tmp_path):
     q = jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 1.0},
                                      {"text": "c", "label": 0}, {"text": "d", "label": 2.5}])
     assert [r.label for r in read_examples(q)] == ["1", "1", "0", "2.5"]
+
+
+# ---------------------------------------------------------------- issue 14: formats exactly, labels, empty/NUL
+
+def test_csv_decimal_labels_are_one_class_with_their_integer(tmp_path):
+    """Regression: labels 1 and 1.0 were one class in JSONL but two in CSV (the README says one)."""
+    p = write(tmp_path / "d.csv", "text,label\na,1\nb,1.0\nc, 1.00 \nd,2.50\ne,2.5\nf,-3.0\ng,1e0\nh,01\n")
+    assert [e.label for e in read_examples(p)] == ["1", "1", "1", "2.5", "2.5", "-3", "1e0", "01"]
+    q = jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "1.0"}, {"text": "b", "label": 1}, {"text": "c", "label": 1.0}])
+    assert {e.label for e in read_examples(q)} == {"1"}
+    assert data.canonical_label("pos") == "pos" and data.canonical_label("1.") == "1"
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("e.csv", "text,label\ngood,pos\n,neg\n", "line 3: column 'text' is empty"),
+    ("w.csv", "text,label\ngood,pos\n   ,neg\n", "line 3: column 'text' is empty (only whitespace)"),
+    ("e.jsonl", '{"prompt": "q", "response": ""}\n', "line 1: field 'response' is empty"),
+    ("t.jsonl", '{"text": "fine"}\n{"text": " \\t "}\n', "line 2: field 'text' is empty (only whitespace)"),
+])
+def test_empty_texts_are_refused_naming_the_line(tmp_path, name, content, needle):
+    p = write(tmp_path / name, content)
+    assert error(p) == f"{p}: {needle}"
+
+
+def test_an_empty_prompt_is_allowed(tmp_path):
+    p = jsonl(tmp_path / "d.jsonl", [{"prompt": "", "response": "an answer"}])
+    assert read_examples(p) == [Example(prompt="", response="an answer", line=1)]
+
+
+def test_nul_bytes_are_refused_naming_the_line(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_bytes(b"text,label\ngood,pos\nba\x00d,neg\n")
+    assert error(p).startswith(f"{p}: line 3: contains a NUL byte")
+    u16 = tmp_path / "u16.csv"
+    u16.write_bytes("text,label\ngood,pos\n".encode("utf-16-le"))  # UTF-16 without its BOM decodes as UTF-8
+    assert "line 1: contains a NUL byte" in error(u16) and "UTF-16" in error(u16)
+    j = write(tmp_path / "d.jsonl", '{"text": "ok", "label": "a"}\n{"text": "a\\u0000b", "label": "b"}\n')
+    assert error(j) == f"{j}: line 2: field 'text' contains a NUL character (\\u0000)"
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid unescaped inside a JSON string (only U+0000-U+001F must
+    be escaped): str.splitlines() split such a row in two. CRLF files and a last line without a
+    newline read as usual."""
+    p = write(tmp_path / "d.jsonl", '{"text": "one\u2028two\u0085three\u2029four", "label": "a"}\r\n{"text": "b", "label": "b"}')
+    ex = read_examples(p)
+    assert [e.text for e in ex] == ["one\u2028two\u0085three\u2029four", "b"] and [e.line for e in ex] == [1, 2]
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"text": "a", "label": NaN}', "NaN is not JSON"),
+    ('{"text": "a", "label": -Infinity}', "-Infinity is not JSON"),
+    ('{"text": "a", "text": "b", "label": "x"}', "field 'text' appears twice in one object"),
+])
+def test_jsonl_refuses_what_json_does_not_allow(tmp_path, line, needle):
+    p = write(tmp_path / "d.jsonl", '{"text": "ok", "label": "x"}\n' + line + "\n")
+    msg = error(p)
+    assert msg.startswith(f"{p}: line 2: ") and needle in msg
+
+
+def test_csv_duplicate_header_is_refused(tmp_path):
+    p = write(tmp_path / "d.csv", "text,label,text\na,b,c\n")
+    assert error(p) == f"{p}: line 1: the header names column 'text' twice (which one is meant?)"
+
+
+def test_csv_rfc4180_edges(tmp_path):
+    """CRLF records, a quoted field holding CRLF, a delimiter and doubled quotes, an empty quoted
+    label refused, spaces kept in text (RFC 4180: they are part of the field), no final newline."""
+    p = tmp_path / "d.csv"
+    p.write_bytes(b'\xef\xbb\xbftext,label\r\n"multi\r\nline, ""quoted""",pos\r\n  spaced  ,neg\r\nlast,"pos"')
+    ex = read_examples(p)
+    assert [e.text for e in ex] == ['multi\r\nline, "quoted"', "  spaced  ", "last"]
+    assert [e.label for e in ex] == ["pos", "neg", "pos"] and [e.line for e in ex] == [2, 4, 5]
+    q = write(tmp_path / "q.csv", 'text,label\na,""\n')
+    assert "line 2: column 'label' is empty" in error(q)
+
+
+def test_tsv_follows_the_excel_tab_dialect(tmp_path):
+    p = write(tmp_path / "d.tsv", 'text\tlabel\n"a\ttab inside"\tpos\nplain "quote" mid-field\tneg\n')
+    assert [e.text for e in read_examples(p)] == ["a\ttab inside", 'plain "quote" mid-field']
+
+
+def test_packed_rows_read_back_as_the_list_encoding(bert_tok, llama_tok):
+    from unipelt.data import TokenizedRows
+
+    cls = encode_classification([Example(text=t, label=l) for t, l in (("good", "pos"), ("bad one", "neg"))],
+                                bert_tok, ["neg", "pos"], 16)
+    lm = encode_lm([Example(prompt="hi", response="hello", line=1), Example(text="plain", line=2)], llama_tok, 64)
+    odd = [Tokenized([5, 6, 7], [1, 1, 0], [IGNORE_INDEX, 9, IGNORE_INDEX], 3)]  # nothing implicit about it
+    for rows in (cls, lm, odd):
+        packed = TokenizedRows(rows)
+        assert len(packed) == len(rows) and list(packed) == rows
+        assert packed[-1] == rows[-1] and packed[0:5] == rows[0:5]
+        with pytest.raises(IndexError):
+            packed[len(rows)]
+    assert TokenizedRows(lm)._ids.itemsize == 4  # 4 bytes a token
+
+
+def test_tokenizing_a_long_lm_file_shows_progress(llama_tok, monkeypatch, capsys):
+    from unipelt.training import inputs
+
+    monkeypatch.setattr(inputs, "PROGRESS_MIN_ROWS", 3)
+    ex = [Example(prompt=f"question {i}", response=f"answer {i}", line=i + 1) for i in range(4)]
+    rows = inputs.encode(ex, llama_tok, "causal-lm", progress="tokenize train")
+    assert list(rows) == encode_lm(ex, llama_tok, 256)
+    assert "tokenize train" in capsys.readouterr().err
+    inputs.encode(ex[:2], llama_tok, "causal-lm", progress="tokenize train")
+    assert capsys.readouterr().err == ""  # short data: no bar
+
+
+def test_classification_rows_tokenize_lazily_and_are_checked_up_front(bert_tok, monkeypatch):
+    """Regression: a 50 MB CSV was tokenized in full, silently, before the first step (115 s, 1.8 GB)."""
+    from unipelt.training import inputs
+
+    ex = [Example(text=f"row {i}", label="a" if i % 2 else "b", line=i + 1) for i in range(5)]
+    calls = []
+    real = inputs.iter_classification
+    monkeypatch.setattr(inputs, "iter_classification", lambda exs, *a: (calls.append(len(list(exs))) or real(exs, *a)))
+    rows = inputs.encode(ex, bert_tok, "classification", labels=["a", "b"])
+    assert calls == [] and len(rows) == 5  # nothing tokenized yet
+    assert rows[3] == encode_classification([ex[3]], bert_tok, ["a", "b"], 256)[0] and calls == [1]
+    assert rows[1:4] == encode_classification(ex[1:4], bert_tok, ["a", "b"], 256)
+    with pytest.raises(DataError, match=r"line 9: label 'c' is not one of: a, b"):
+        inputs.encode(ex + [Example(text="x", label="c", line=9)], bert_tok, "classification", labels=["a", "b"])

@@ -260,7 +260,7 @@ def test_prompt_keeps_cls_first_and_extends_labels():
 
 
 # ---------------------------------------------------------------------------------------------
-# the real packaged models (ENVIRONMENT.md)
+# the real packaged models (docs/ENVIRONMENT.md)
 # ---------------------------------------------------------------------------------------------
 def _real(name):
     from unipelt.errors import ModelError

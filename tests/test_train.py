@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import unipelt
 from unipelt.data import Example, collate, encode_lm
+from unipelt.errors import OutputError
 from unipelt.models import load_model
 from unipelt.train import (TrainConfig, TrainingError, UnipeltCallback, epoch_order, evaluate, list_checkpoints,
                            load_adapted, load_data, macro_f1, make_schedule, param_groups, train, training_info)
@@ -43,7 +44,8 @@ def test_lm_training_lowers_loss_and_reloads(tmp_path):
     rows = lm_rows()
     base, tok = load_model("tiny-llama")
     before = evaluate(base, tok, rows[:4], task="causal-lm")
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), epochs=3, batch_size=4, lr=1e-2, progress=False)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), epochs=3, batch_size=4, lr=1e-2, progress=False,
+                      save_total_limit=None)  # keep every checkpoint (the default keeps 2 plus the best)
     report = train(LORA_QV, "tiny-llama", rows, rows[:4], cfg)
 
     assert report["task"] == "causal-lm" and report["added_head"] is None
@@ -105,7 +107,7 @@ def test_resume_reaches_the_same_adapter(tmp_path):
         "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "lr_ratio": 4, "dropout": 0.1},
         "head": {"method": "train", "sites": "head"}}}
     kw = dict(epochs=2, batch_size=2, grad_accum=2, lr=5e-3, warmup_steps=2, schedule="cosine", seed=7,
-              save_steps=2, progress=False)
+              save_steps=2, save_total_limit=None, progress=False)  # all checkpoints, to resume from each
     full = train(spec, "tiny-bert", rows, rows[:4], TrainConfig(out_dir=str(tmp_path / "full"), **kw))
     assert full["steps"] == 6
     names = [p.name for p in list_checkpoints(tmp_path / "full")]
@@ -391,3 +393,281 @@ def test_report_lists_the_learning_rate_of_every_group(tmp_path):
     assert groups == {"default": (1e-3, 2 * 2 * 4 * 64), "lora_B x16": (1.6e-2, 2 * (4 * 64 + 4 * 32)),
                       "gate": (5e-2, 2 * 65)}  # one gate per layer for the node
     assert json.loads((tmp_path / "r" / "report.json").read_text())["param_groups"] == report["param_groups"]
+
+
+# ------------------------------------------------------------------------------------------
+# issue 14: the run fingerprint, checkpoint retention, stale folders, output paths, devices,
+# position limits, torch.compile
+# ------------------------------------------------------------------------------------------
+def _one_epoch(tmp_path, rows=None, spec=LORA_QV, **kw):
+    cfg = dict(epochs=1, batch_size=4, lr=1e-2, progress=False)
+    cfg.update(kw)
+    return train(spec, "tiny-bert", rows or cls_rows(), None, TrainConfig(out_dir=str(tmp_path), **cfg))
+
+
+def test_resume_refuses_a_changed_spec_data_or_lr_and_lists_every_change(tmp_path):
+    """Regression: --resume accepted a checkpoint after the spec or the data changed (same row
+    count) and kept the checkpoint's learning rate over a new --lr."""
+    _one_epoch(tmp_path, epochs=2)
+    resume = dict(resume=True, epochs=2)
+    wider = {"version": 1, "modules": {"lora": {**LORA_QV["modules"]["lora"], "r": 8}}}
+    with pytest.raises(TrainingError, match=r"changed: spec \(sha256 [0-9a-f]{12} in the checkpoint"):
+        _one_epoch(tmp_path, spec=wider, **resume)
+    edited = cls_rows()
+    edited[5] = Example(text="an edited row", label=edited[5].label, line=6)  # same count, other content
+    with pytest.raises(TrainingError, match=r"changed: data \(sha256"):
+        _one_epoch(tmp_path, rows=edited, **resume)
+    with pytest.raises(TrainingError) as e:
+        _one_epoch(tmp_path, spec=wider, lr=3e-2, seed=1, **resume)
+    msg = str(e.value)
+    assert "spec (" in msg and "lr (0.01 in the checkpoint, 0.03 now)" in msg and "seed (0 in the checkpoint, 1 now)" in msg
+    assert len(msg.splitlines()) == 1
+    # unchanged: it resumes (here at the end: nothing left to run)
+    assert _one_epoch(tmp_path, **resume)["resumed_from"].endswith("checkpoint-6")
+
+
+def test_resume_may_extend_the_run_and_says_so(tmp_path):
+    """More epochs is an allowed change, stated in the notes. With a constant schedule the
+    learning rate does not depend on the total, so 1 epoch + 1 resumed equals 2 epochs exactly."""
+    kw = dict(schedule="constant", save_total_limit=None)
+    whole = _one_epoch(tmp_path / "whole", epochs=2, **kw)
+    _one_epoch(tmp_path / "part", epochs=1, **kw)
+    extended = _one_epoch(tmp_path / "part", epochs=2, resume=True, **kw)
+    assert extended["steps"] == whole["steps"] == 6
+    assert any(n.startswith("resuming with a change: total_steps (3 in the checkpoint, 6 now)")
+               for n in extended["notes"])
+    a, b = adapter_tensors(tmp_path / "whole" / "adapter"), adapter_tensors(tmp_path / "part" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_retention_keeps_the_newest_two_and_the_best(tmp_path):
+    from unipelt.training import DEFAULT_SAVE_TOTAL_LIMIT
+
+    assert TrainConfig().save_total_limit == DEFAULT_SAVE_TOTAL_LIMIT == 2
+    rows = cls_rows()
+    report = train(LORA_QV, "tiny-bert", rows, rows[:6], TrainConfig(out_dir=str(tmp_path), epochs=5, batch_size=4,
+                                                                      lr=2e-2, progress=False))
+    # the best epoch, computed here from the report: highest accuracy, then macro-F1, earliest on a tie
+    best = max(report["epochs"], key=lambda e: (e["eval"]["accuracy"], e["eval"]["macro_f1"], -e["step"]))["step"]
+    kept = {p.name for p in list_checkpoints(tmp_path)}
+    assert kept == {"checkpoint-12", "checkpoint-15", f"checkpoint-{best}"}
+    assert report["best_checkpoint"].endswith(f"checkpoint-{best}")
+
+
+def test_retention_unit_keeps_the_best_even_when_old(tmp_path):
+    from unipelt.training.checkpoints import save_checkpoint
+
+    handle = unipelt.compile(load_model("tiny-bert")[0], LORA_QV)
+    opt = torch.optim.AdamW([p for p in handle.parameters()], lr=1e-3)
+    sched = make_schedule(opt, "constant", 10, 0)
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, handle, opt, sched, {"step": step}, limit=2, keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-4", "checkpoint-5"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_stale_temporary_folders_are_removed_at_the_next_start(tmp_path):
+    """Regression: interrupted saves left .checkpoint-N.tmp-* and .adapter.tmp-* folders forever."""
+    stale = [tmp_path / ".checkpoint-3.tmp-k2j4", tmp_path / ".adapter.tmp-9x", tmp_path / ".checkpoint-6.old-123"]
+    for d in stale:
+        (d / "adapter").mkdir(parents=True)
+        (d / "adapter" / "adapter.safetensors").write_bytes(b"half")
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    report = _one_epoch(tmp_path)
+    assert not any(d.exists() for d in stale) and keep.read_text() == "mine"
+    assert any("removed 3 temporary folder(s)" in n for n in report["notes"])
+
+
+def test_a_live_run_holds_its_directory(tmp_path):
+    """The folders are removed only under the run lock: while another run holds the directory, a
+    second run is refused and touches nothing."""
+    from unipelt.training.checkpoints import RunLock
+
+    tmp = tmp_path / ".checkpoint-3.tmp-live"
+    tmp.mkdir()
+    lock = RunLock(tmp_path)
+    assert lock.acquire()
+    try:
+        with pytest.raises(TrainingError, match=r"another training run \(process \d+\) is using this directory"):
+            _one_epoch(tmp_path)
+        assert tmp.is_dir()
+    finally:
+        lock.release()
+    _one_epoch(tmp_path)
+    assert not tmp.exists()
+
+
+def test_out_that_is_a_file_or_under_a_file_is_one_error_naming_it(tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    with pytest.raises(OutputError, match=rf"^{f}: exists and is not a directory"):
+        _one_epoch(f)
+    with pytest.raises(OutputError, match=rf"^{f}: is a file, so the run directory {f}/run cannot be created"):
+        _one_epoch(f / "run")
+    assert f.read_text() == "x"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes into read-only directories")
+def test_out_in_a_read_only_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match=rf"^{ro}/run: cannot create the run directory: Permission denied"):
+            _one_epoch(ro / "run")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_out_unwritable_and_full_disk_are_one_error_naming_the_path(tmp_path, monkeypatch):
+    import errno
+
+    from unipelt.training import checkpoints
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.tempfile, "mkstemp", read_only)
+        with pytest.raises(OutputError, match=rf"^{tmp_path}/ro: cannot write in the run directory: Read-only"):
+            _one_epoch(tmp_path / "ro")
+
+    def full(obj, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", full)
+    with pytest.raises(OutputError) as e:
+        _one_epoch(tmp_path / "full")
+    assert str(e.value) == (f"{tmp_path}/full/checkpoint-3: cannot write the checkpoint: No space left on device "
+                            "(the disk is full)")
+    assert list_checkpoints(tmp_path / "full") == []
+    assert [p.name for p in (tmp_path / "full").iterdir()] == [".unipelt-run.lock"]  # no half-written folder
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_that_is_not_there(tmp_path):
+    with pytest.raises(TrainingError, match=r"^--device cuda: no CUDA GPU is available here"):
+        _one_epoch(tmp_path, device="cuda")
+    with pytest.raises(TrainingError, match=r"not a device name"):
+        _one_epoch(tmp_path, device="gpu")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_max_length_beyond_the_position_table(tmp_path):
+    from unipelt.training import position_limit
+
+    bert, tok = load_model("tiny-bert")
+    assert position_limit(bert) == bert.config.max_position_embeddings == 512
+    assert position_limit(load_model("tiny-gpt2")[0]) == 512
+    assert position_limit(load_model("tiny-llama")[0]) is None  # rotary: no table to run past
+    with pytest.raises(TrainingError, match=r"^--max-length 513: tiny-bert has 512 positions; give --max-length 512"):
+        _one_epoch(tmp_path, max_length=513)
+    with pytest.raises(TrainingError, match=r"513: BertForSequenceClassification has 512 positions"):
+        evaluate(bert, tok, cls_rows(), max_length=513)
+    assert _one_epoch(tmp_path / "ok", max_length=512)["steps"] == 3
+
+
+def test_choose_compile_mode():
+    from unipelt.training import choose_compile_mode
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_compile_mode(cpu, "auto") is None and choose_compile_mode(cuda, "auto") == "default"
+    assert choose_compile_mode(cuda, "off") is None
+    assert choose_compile_mode(cpu, "reduce-overhead") == "reduce-overhead"
+    with pytest.raises(TrainingError, match="unknown compile mode 'fast'"):
+        TrainConfig(compile="fast").check()
+
+
+def test_compile_default_trains_like_eager_on_cpu(tmp_path, monkeypatch):
+    """--compile default with fullgraph=True on specs/lora.yaml runs (backend aot_eager: inductor's
+    code generation is too slow for a CPU test) and takes the same step as the eager forward."""
+    monkeypatch.setenv("UNIPELT_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    kw = dict(max_steps=1, batch_size=12, save_total_limit=None)
+    compiled = _one_epoch(tmp_path / "c", spec="specs/lora.yaml", compile="default", **kw)
+    eager = _one_epoch(tmp_path / "e", spec="specs/lora.yaml", compile="off", **kw)
+    assert compiled["compile"] == {"requested": "default", "mode": "default", "backend": "aot_eager", "fallback": None}
+    assert eager["compile"]["mode"] is None
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["compile"]["mode"] == "default"
+    a, b = adapter_tensors(tmp_path / "c" / "adapter"), adapter_tensors(tmp_path / "e" / "adapter")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_failure_is_an_error_when_asked_and_a_note_under_auto(tmp_path, monkeypatch):
+    from torch._dynamo.exc import Unsupported
+
+    from unipelt.training import loop
+
+    def uncompilable(model, **kwargs):
+        def forward(**batch):
+            raise Unsupported("graph break: a data-dependent branch")
+        return forward
+
+    monkeypatch.setattr(torch, "compile", uncompilable)
+    with pytest.raises(TrainingError, match=r"^--compile default: torch.compile\(fullgraph=True\) cannot compile"):
+        _one_epoch(tmp_path / "asked", compile="default")
+    monkeypatch.setattr(loop, "choose_compile_mode", lambda device, requested: "default")  # auto picks a mode
+    report = _one_epoch(tmp_path / "auto", compile="auto")
+    assert report["steps"] == 3 and report["compile"]["fallback"].startswith("Unsupported: graph break")
+    assert any("training eagerly" in n for n in report["notes"])
+
+
+def test_a_checkpoint_from_before_the_fingerprint_resumes_with_one_note(tmp_path):
+    """Checkpoints written before the fingerprint covered the spec and data recorded only the
+    shape of the run; they still resume (what they record is checked), with one note saying what
+    could not be checked."""
+    _one_epoch(tmp_path, epochs=2, save_total_limit=None)
+    state_file = tmp_path / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    old_keys = ("examples", "batch_size", "grad_accum", "seed", "total_steps", "task", "labels")
+    state["fingerprint"] = {k: state["fingerprint"][k] for k in old_keys}
+    state_file.write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "checkpoint-6")
+    report = _one_epoch(tmp_path, epochs=2, resume=True, save_total_limit=None)
+    assert report["resumed_from"].endswith("checkpoint-3") and report["steps"] == 6
+    (note,) = [n for n in report["notes"] if "not recorded" in n]
+    assert note.endswith("so not checked: spec, model, data, max_length, use_chat_template, lr, gate_lr, weight_decay, "
+                         "schedule, warmup_steps, warmup_ratio, max_grad_norm, eval_data")
+    with pytest.raises(TrainingError, match=r"changed: seed \(0 in the checkpoint, 3 now\)"):
+        _one_epoch(tmp_path, epochs=2, resume=str(tmp_path / "checkpoint-3"), seed=3)
+
+
+def test_compile_backend_that_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIPELT_COMPILE_BACKEND", "nonsense")
+    with pytest.raises(TrainingError, match=r"^UNIPELT_COMPILE_BACKEND='nonsense': not a torch.compile backend"):
+        _one_epoch(tmp_path, compile="default")
+
+
+def test_compile_failure_in_the_backward_falls_back_under_auto(tmp_path, monkeypatch):
+    """The backward is compiled lazily, at its first call: a failure there is caught the same way."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from unipelt.training import loop
+
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
+
+    def half_compiled(model, **kwargs):
+        def forward(**batch):
+            out = model(**batch)
+            out.loss = FailingBackward.apply(out.loss)
+            return out
+        return forward
+
+    monkeypatch.setattr(torch, "compile", half_compiled)
+    monkeypatch.setattr(loop, "choose_compile_mode", lambda device, requested: None if requested == "off" else "default")
+    report = _one_epoch(tmp_path / "auto", compile="auto", save_total_limit=None)
+    eager = _one_epoch(tmp_path / "eager", compile="off", save_total_limit=None)
+    assert report["compile"]["fallback"].startswith("BackendCompilerFailed") and "no C++ compiler" in report["compile"]["fallback"]
+    a, b = adapter_tensors(tmp_path / "auto" / "adapter"), adapter_tensors(tmp_path / "eager" / "adapter")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the failed first try left no gradient behind

@@ -16,7 +16,9 @@ import html
 import importlib.util
 import io
 import json
+import re
 import zipfile
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +137,10 @@ def _decode(data: bytes, source: str) -> str:
 def _rows(data: bytes, fmt: str, source: str) -> tuple[list[str] | None, list[tuple[int, dict[str, Any]]]]:
     """Decode and split into ``(header or None, [(line, row)])``; header is None for JSONL."""
     text = _decode(data, source)
+    nul = text.find("\x00")
+    if nul >= 0:  # valid UTF-8 but not text: a binary file, or UTF-16 without its BOM
+        raise DataError(f"{source}: line {text.count(chr(10), 0, nul) + 1}: contains a NUL byte (\\x00): not a text "
+                        "file, or saved as UTF-16; save it as UTF-8 text")
     if not text.strip():
         raise DataError(f"{source}: file is empty")
     if fmt == "jsonl":
@@ -148,16 +154,34 @@ def _rows(data: bytes, fmt: str, source: str) -> tuple[list[str] | None, list[tu
 
 
 def _jsonl_rows(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # JSON Lines: one JSON value per line, lines end at "\n" (or "\r\n"). Not str.splitlines(),
+    # which also breaks at U+2028, U+0085, \x0c ... that JSON allows unescaped inside strings.
+    for n, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue  # blank lines (a trailing newline, a separator) are not rows
         try:
-            row = json.loads(raw)
+            row = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise DataError(f"{source}: line {n}: malformed JSON: {e.msg} (column {e.colno})") from e
+        except ValueError as e:  # from the two hooks
+            raise DataError(f"{source}: line {n}: {e}") from e
         if not isinstance(row, dict):
             raise DataError(f"{source}: line {n}: expected a JSON object, got {type(row).__name__}")
         yield n, row
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (Python's json module accepts it; the JSON standard does not)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"field {key!r} appears twice in one object (which one is meant?)")
+        seen[key] = value
+    return seen
 
 
 def _table_rows(text: str, delimiter: str, source: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
@@ -173,6 +197,10 @@ def _table_rows(text: str, delimiter: str, source: str) -> tuple[list[str], list
                 continue
             if header is None:
                 header = [cell.strip() for cell in record]
+                dup = sorted({c for c in header if header.count(c) > 1})
+                if dup:
+                    raise DataError(f"{source}: line {line}: the header names column {dup[0]!r} twice "
+                                    "(which one is meant?)")
                 continue
             if len(record) != len(header):
                 raise DataError(f"{source}: line {line}: {len(record)} columns but the header has {len(header)}"
@@ -220,7 +248,7 @@ def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]],
     out = []
     for line, row in rows:
         if kind == "classification":
-            label = _value(row, f.label, line, source, noun).strip()  # "a, pos": the label is "pos"
+            label = canonical_label(_value(row, f.label, line, source, noun))
             raw = row[f.label]
             if isinstance(raw, float) and not isinstance(raw, bool) and raw.is_integer():
                 label = str(int(raw))  # JSON 1.0 and 1 are one class
@@ -228,13 +256,37 @@ def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]],
                 raise DataError(f"{source}: line {line}: {noun} {f.label!r} is empty (every row needs a label)")
             if allowed is not None and label not in allowed:
                 raise DataError(f"{source}: line {line}: label {label!r} is not one of: {', '.join(labels)}")
-            out.append(Example(text=_value(row, f.text, line, source, noun), label=label, line=line, source=source))
+            out.append(Example(text=_text(row, f.text, line, source, noun), label=label, line=line, source=source))
         elif f.prompt in row and f.response in row:
             out.append(Example(prompt=_value(row, f.prompt, line, source, noun),
-                               response=_value(row, f.response, line, source, noun), line=line, source=source))
+                               response=_text(row, f.response, line, source, noun), line=line, source=source))
         else:
-            out.append(Example(text=_value(row, f.text, line, source, noun), line=line, source=source))
+            out.append(Example(text=_text(row, f.text, line, source, noun), line=line, source=source))
     return out
+
+
+_DECIMAL = re.compile(r"([+-]?\d+)\.(\d*)")
+
+
+def canonical_label(text: str) -> str:
+    """A label as one class name: surrounding spaces dropped ("a, pos" labels "pos"), and a decimal
+    number written with trailing fractional zeros spelled without them: ``1.0`` is ``1`` and
+    ``2.50`` is ``2.5``, as JSON's ``1.0`` and ``1`` are one number. Nothing else is rewritten."""
+    text = text.strip()
+    m = _DECIMAL.fullmatch(text)
+    if m:
+        frac = m.group(2).rstrip("0")
+        return m.group(1) + ("." + frac if frac else "")
+    return text
+
+
+def _text(row: Mapping[str, Any], name: str, line: int, source: str, noun: str) -> str:
+    """A text field that carries the training signal: empty or whitespace-only text is refused
+    (it would train on nothing but special tokens)."""
+    value = _value(row, name, line, source, noun)
+    if not value.strip():
+        raise DataError(f"{source}: line {line}: {noun} {name!r} is empty" + (" (only whitespace)" if value else ""))
+    return value
 
 
 def _value(row: Mapping[str, Any], name: str, line: int, source: str, noun: str) -> str:
@@ -247,6 +299,8 @@ def _value(row: Mapping[str, Any], name: str, line: int, source: str, noun: str)
         raise DataError(f"{source}: line {line}: {noun} {name!r} must be a string, got {type(value).__name__}")
     if isinstance(value, bool):
         return json.dumps(value)  # "true", as the file spells it, not Python's "True"
+    if isinstance(value, str) and "\x00" in value:  # a JSON "\u0000": no tokenizer treats it as text
+        raise DataError(f"{source}: line {line}: {noun} {name!r} contains a NUL character (\\u0000)")
     return value if isinstance(value, str) else str(value)
 
 
@@ -377,17 +431,21 @@ def _need_tokenizer(tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedToke
 def encode_classification(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
                           labels: Sequence[str], max_length: int) -> list[Tokenized]:
     """Tokenize ``text`` (truncated to ``max_length``) and map ``label`` to its index in ``labels``."""
+    return list(iter_classification(examples, tokenizer, labels, max_length))
+
+
+def iter_classification(examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase,
+                        labels: Sequence[str], max_length: int) -> Iterator[Tokenized]:
+    """:func:`encode_classification` one row at a time (for :class:`TokenizedRows`)."""
     tokenizer = _need_tokenizer(tokenizer)
     index = {label: i for i, label in enumerate(labels)}
-    out = []
     for ex in examples:
         if ex.text is None or ex.label is None:
             raise DataError(f"{ex.where()}: a classification example needs text and label")
         if ex.label not in index:
             raise DataError(f"{ex.where()}: label {ex.label!r} is not one of: {', '.join(labels)}")
         enc = tokenizer(ex.text, truncation=True, max_length=max_length)
-        out.append(Tokenized(list(enc["input_ids"]), list(enc["attention_mask"]), index[ex.label], ex.line))
-    return out
+        yield Tokenized(list(enc["input_ids"]), list(enc["attention_mask"]), index[ex.label], ex.line)
 
 
 def encode_lm(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int,
@@ -402,10 +460,15 @@ def encode_lm(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, m
     every token, EOS appended. Rows are cut to ``max_length`` from the right, so a prompt of
     ``max_length`` tokens or more leaves a row without targets.
     """
+    return list(iter_lm(examples, tokenizer, max_length, use_chat_template))
+
+
+def iter_lm(examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, max_length: int,
+            use_chat_template: bool = True) -> Iterator[Tokenized]:
+    """:func:`encode_lm` one row at a time (for :class:`TokenizedRows`)."""
     tokenizer = _need_tokenizer(tokenizer)
     chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
     eos = tokenizer.eos_token_id
-    out = []
     for ex in examples:
         if ex.prompt is not None and ex.response is not None:
             if chat:
@@ -423,8 +486,73 @@ def encode_lm(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, m
         else:
             raise DataError(f"{ex.where()}: an LM example needs prompt and response, or text")
         ids, targets = ids[:max_length], targets[:max_length]
-        out.append(Tokenized(ids, [1] * len(ids), targets, ex.line))
-    return out
+        yield Tokenized(ids, [1] * len(ids), targets, ex.line)
+
+
+class TokenizedRows(Sequence):
+    """Encoded rows packed into flat integer arrays (4 bytes a token instead of a Python list of
+    ints: a 50 MB CSV stays near 100 MB instead of 1.8 GB), read back as :class:`Tokenized`.
+
+    The usual shapes are stored implicitly: an all-ones attention mask, and LM targets equal to
+    the ids after ``k`` leading ``IGNORE_INDEX`` (the prompt). Anything else is kept as given.
+    """
+
+    def __init__(self, rows: Iterable[Tokenized]):
+        self._ids = array("i")
+        self._offsets = array("q", [0])
+        self._lines = array("q")
+        self._labels = array("q")      # class index, or the number of leading IGNORE_INDEX targets
+        self._token_labels: bool | None = None
+        self._odd_masks: dict[int, list[int]] = {}
+        self._odd_targets: dict[int, list[int]] = {}
+        for row in rows:
+            self.append(row)
+
+    def append(self, row: Tokenized) -> None:
+        i = len(self._lines)
+        ids = row.input_ids
+        self._ids.extend(ids)
+        self._offsets.append(len(self._ids))
+        self._lines.append(row.line)
+        if any(m != 1 for m in row.attention_mask) or len(row.attention_mask) != len(ids):
+            self._odd_masks[i] = list(row.attention_mask)
+        token_labels = not isinstance(row.labels, int)
+        if self._token_labels is None:
+            self._token_labels = token_labels
+        elif self._token_labels != token_labels:
+            raise ValueError("rows mix class labels and token labels")
+        if not token_labels:
+            self._labels.append(int(row.labels))
+            return
+        targets = list(row.labels)
+        k = 0
+        while k < len(targets) and targets[k] == IGNORE_INDEX:
+            k += 1
+        self._labels.append(k)
+        if len(targets) != len(ids) or targets[k:] != list(ids[k:]):
+            self._odd_targets[i] = targets
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def _row(self, i: int) -> Tokenized:
+        ids = self._ids[self._offsets[i]:self._offsets[i + 1]].tolist()
+        mask = self._odd_masks.get(i) or [1] * len(ids)
+        if not self._token_labels:
+            labels: int | list[int] = self._labels[i]
+        else:
+            k = self._labels[i]
+            labels = self._odd_targets.get(i) or [IGNORE_INDEX] * k + ids[k:]
+        return Tokenized(ids, list(mask), labels, self._lines[i])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._row(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._row(i)
 
 
 def _chat_parts(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[str, str]:

@@ -266,8 +266,12 @@ class AdapterHandle:
         limit = b.max_params if b.max_params is not None else int(b.fraction * base_params)
         if used > limit:
             what = f"max_params {_fmt(limit)}" if b.max_params is not None else f"fraction {b.fraction} of {_fmt(base_params)} = {_fmt(limit)}"
+            # one paragraph: the total, the limit, and each module's share, largest first
+            shares = sorted(((c[b.count], name) for name, c in s.per_module().items()), reverse=True)
+            parts = ", ".join(f"{name} {_fmt(n)}" for n, name in shares)
             raise SpecError(
-                f"the spec needs {_fmt(used)} parameters ({b.count}), over the budget ({what}).\n{s}",
+                f"the spec needs {_fmt(used)} parameters ({b.count}), over the budget ({what}); per module: {parts}. "
+                "Shrink the largest modules or raise the budget",
                 source=self.spec.source, path="budget",
             )
 

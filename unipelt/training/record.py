@@ -1,0 +1,102 @@
+"""The training record: the report of a run (``report.json``), and what an adapter records about
+its training (model, task, labels, max length, fields) so that ``eval``, ``gates``, ``merge`` and
+``export`` load it the same way (:func:`load_adapted`)."""
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from unipelt.errors import ModelError
+from unipelt.training.options import resolve_device
+
+REPORT_FILE = "report.json"
+
+
+class TrainReport(dict):
+    """The JSON report (a dict); ``handle``, ``model`` and ``tokenizer`` ride along as attributes."""
+
+    handle: Any = None
+    model: Any = None
+    tokenizer: Any = None
+
+
+_INFO: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def record_training_info(handle, info: dict) -> None:
+    """Attach workflow facts (model name, task, labels, max_length) to ``handle``: the ``workflow``
+    plugin writes them into ``unipelt.json`` under ``"workflow"`` whenever the adapter is saved."""
+    _INFO[handle] = dict(info)
+
+
+def recorded_training_info(handle) -> dict | None:
+    return _INFO.get(handle)
+
+
+def training_info(adapter_dir: str | os.PathLike) -> dict:
+    """What training recorded about an adapter: ``unipelt.json``'s ``workflow`` entry, else the
+    ``report.json`` of the run directory that holds it (``DIR/adapter`` or ``DIR/checkpoint-N/adapter``).
+    Empty when neither exists (an adapter written by ``unipelt compile``)."""
+    from unipelt.handle import read_adapter_meta
+
+    d = Path(adapter_dir)
+    meta = read_adapter_meta(d)
+    info = meta.get("workflow")
+    if isinstance(info, dict):
+        return dict(info)
+    for report in (d.parent / REPORT_FILE, d.parent.parent / REPORT_FILE):
+        if report.is_file():
+            try:
+                data = json.loads(report.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
+            return {k: data.get(k) for k in ("model", "task", "labels", "max_length") if k in data}
+    return {}
+
+
+def load_adapted(adapter_dir: str | os.PathLike, model: str | None = None, *, task: str | None = None,
+                 labels: Sequence[str] | None = None, device: str | None = None):
+    """Load the base model an adapter was trained on and attach the adapter.
+
+    ``model``: a built-in name or a local directory (default: the one recorded at train time).
+    ``task`` and ``labels`` default to the recorded ones; an adapter without a record (from
+    ``unipelt compile``) takes ``labels`` from the caller (e.g. the data's label set).
+    Returns ``(model, tokenizer, handle, info)`` where info has the resolved task and labels.
+    """
+    import unipelt
+    from unipelt.models import load_model
+
+    dev = resolve_device(device)  # before loading anything: --device cuda without a GPU fails at once
+    info = training_info(adapter_dir)
+    name = model or info.get("model")
+    if not name:
+        raise ModelError(f"{adapter_dir}: no base model recorded with this adapter; name the model")
+    task = task or info.get("task")
+    labels = list(info.get("labels") or labels or []) or None
+    if task == "classification" and labels is None:
+        raise ModelError(f"{adapter_dir}: the number of classes is unknown: pass data with labels")
+    m, tok = load_model(str(name), task=task, num_labels=len(labels) if labels else None)
+    if task == "classification" and labels:
+        name_labels(m, labels)
+    m.to(dev)
+    handle = unipelt.load(m, adapter_dir)
+    if task is None:
+        task = "causal-lm" if type(m).__name__.endswith(("ForCausalLM", "LMHeadModel")) else "classification"
+        if task == "classification" and labels is None:
+            n = int(getattr(m.config, "num_labels", 2))
+            labels = [str(i) for i in range(n)]
+    resolved = {**info, "model": str(name), "task": task, "labels": labels}
+    return m, tok, handle, resolved
+
+
+def name_labels(model: nn.Module, labels: Sequence[str]) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg.id2label = {i: str(l) for i, l in enumerate(labels)}
+        cfg.label2id = {str(l): i for i, l in enumerate(labels)}
