@@ -78,6 +78,17 @@ class LoraBranch(nn.Module):
             u = u * gate if self.gate_scale == "replace" else u * (gate * self.scale)
         return F.linear(u, self.lora_B)
 
+    def expand_into(self, out: Tensor, u: Tensor, gate: Tensor | None = None) -> Tensor:
+        """``out + expand(u, gate)`` with the addition inside the matrix product (addmm)."""
+        if gate is None:
+            u = u * self.scale
+        else:
+            u = u * gate if self.gate_scale == "replace" else u * (gate * self.scale)
+        if out.dim() < 2 or not out.is_contiguous():
+            return out + F.linear(u, self.lora_B)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), u.reshape(-1, u.shape[-1]), self.lora_B.t())
+        return flat.view(out.shape)
+
     mergeable = True
 
     def delta_weight(self) -> Tensor:

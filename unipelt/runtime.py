@@ -78,6 +78,7 @@ class ForwardContext:
     group_out: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # the prompt-style entries of active adapters (decided at refresh, not per call)
     embed_live: list = field(default_factory=list)
+    executor: str = "grouped"  # mirrored from the state at refresh
 
     def clear(self) -> None:
         """Forget the tensors of the last call."""
@@ -179,14 +180,40 @@ def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | No
     return g
 
 
-def branch_delta(e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor:
-    """The delta of branch ``e`` reading ``src``: from its group's shared input projection when
-    a group executor runs it, else the branch's own forward (the reference)."""
-    g = gate_value(e, src, ctx)
+def _shrunk(e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor | None:
+    """u = src·Wᵀ of a Shrinkable branch under the grouped executor (from its group, or alone:
+    the same protocol, so the gate or scale multiplies the narrow u); None on the reference path."""
+    if ctx.executor != "grouped":
+        return None
     grp = e.group
     if grp is not None and grp.on and grp.has(e):
-        return e.branch.expand(grp.shrunk(e, src, ctx), g)
+        return grp.shrunk(e, src, ctx)
+    shrink = getattr(e.branch, "shrink_params", None)
+    w = shrink() if shrink is not None else None
+    return None if w is None else nn.functional.linear(src, w[0].to(src.dtype))
+
+
+def branch_delta(e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor:
+    """The delta of branch ``e`` reading ``src``: from its (group's) input projection under the
+    grouped executor, else the branch's own forward (the reference)."""
+    g = gate_value(e, src, ctx)
+    u = _shrunk(e, src, ctx)
+    if u is not None:
+        return e.branch.expand(u, g)
     return e.branch(src, gate=g)
+
+
+def accumulate(e: Entry, src: Tensor, out: Tensor, ctx: ForwardContext) -> Tensor:
+    """``out + delta`` of branch ``e``; a branch with ``expand_into`` (LoRA) accumulates into
+    ``out`` inside its last matrix product (addmm: one pass less over the output)."""
+    into = getattr(e.branch, "expand_into", None)
+    if into is not None:
+        g = gate_value(e, src, ctx)
+        u = _shrunk(e, src, ctx)
+        if u is not None:
+            return into(out, u, g)
+        return out + e.branch(src, gate=g)
+    return out + branch_delta(e, src, ctx)
 
 
 class SiteRuntime:
@@ -231,6 +258,11 @@ class SiteRuntime:
             if self.out_slice is None:
                 return cur
             delta = cur - y
+        elif self.out_slice is None and self.live_mode == "parallel":
+            out = y
+            for e in self.live:  # every branch reads the hook point's input or its (original) output
+                out = accumulate(e, x if e.branch.reads == "input" else y, out, ctx)
+            return out
         else:
             delta = self.delta(x, y, ctx)
             if self.out_slice is None:

@@ -87,6 +87,7 @@ class ModelState:
         removed, so that no forward filters entries or decides on executors per call."""
         ctx = self.ctx
         ctx.version += 1
+        ctx.executor = self.executor
         for host in self.hosts.values():
             for rt in host.runtimes.values():
                 rt.refresh(ctx.active)
