@@ -39,6 +39,19 @@ class AdapterConfig:
     init_std: float = field(default=0.01, metadata={"min": 0})
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
 
+    def check_site(self, site, model):
+        # a bottleneck is narrower than the d-wide tensor it reads; m < 1 used to be clamped to 1
+        # without a word (reduction_factor 64 on a 32-wide model)
+        d = site.out_features
+        where = site.site if site.layer is None else f"{site.site} of layer {site.layer}"
+        if self.width is not None:
+            if self.width > d:
+                return "width", f"width {self.width} is wider than the {d}-wide {where}; a bottleneck is at most {d}"
+        elif int(d // self.reduction_factor) < 1:
+            return "reduction_factor", (f"reduction_factor {self.reduction_factor:g} leaves no width on the {d}-wide "
+                                        f"{where} (m = d // reduction_factor = 0); at most {d}")
+        return None
+
     def bottleneck(self, d: int) -> int:
         return self.width if self.width is not None else max(1, int(d // self.reduction_factor))
 

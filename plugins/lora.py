@@ -32,6 +32,16 @@ class LoraConfig:
     init: Literal["kaiming", "gaussian"] = "kaiming"
     lr_ratio: float | None = field(default=None, metadata={"min": 0})
 
+    def check_site(self, site, model):
+        # rank(B·A) <= min(d_in, d_out): a larger r adds parameters and no capacity, and an
+        # unchecked r (a typo, an edited unipelt.json) once allocated until the machine ran out
+        limit = min(site.in_features, site.out_features)
+        if self.r > limit:
+            where = site.site if site.layer is None else f"{site.site} of layer {site.layer}"
+            return "r", (f"rank {self.r} is more than min(d_in, d_out) = {limit} of {where} "
+                         f"({site.in_features} -> {site.out_features}); at most {limit}")
+        return None
+
     @property
     def scale(self) -> float:
         alpha = self.alpha if self.alpha is not None else 2.0 * self.r

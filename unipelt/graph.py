@@ -124,11 +124,17 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
                     f"it attaches to: {', '.join(fitting) or '(none on this architecture)'}",
                     source=src, path=_site_path(node, i),
                 )
+            check_site = getattr(node.config, "check_site", None)
             for layer in ([None] if site in global_sites else layers):
                 try:
                     rs = info.resolve(site, layer)
                 except ModelError as e:
                     raise SpecError(str(e), source=src, path=_site_path(node, i)) from None
+                # sizes against the model, before anything is built (see MethodDef.config)
+                problem = check_site(rs, info) if check_site is not None else None
+                if problem:
+                    field_name, message = problem
+                    raise SpecError(message, source=src, path=f"modules.{node.name}" + (f".{field_name}" if field_name else ""))
                 # kv and embed branches compute from their own parameters, not from a tensor of
                 # the forward pass: they get a node of their own (their gates may read attn.in)
                 reads = rs.reads if rs.kind in ("linear", "io") and rs.reads else f"{site}"
@@ -253,3 +259,137 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
         if len(readers) >= 2:
             groups.append((d["label"], [g.nodes[m]["label"] for m in readers]))
     return CompiledGraph(graph=g, branches=branches, gates=gates, combine=combine, order=order, fusion_groups=groups)
+
+
+# ------------------------------------------------------------------------------------------
+# count before allocating
+# ------------------------------------------------------------------------------------------
+# Without a budget nothing else stops a spec from asking for more memory than the machine has
+# (an adapter width of 10,000,000 grew to 24 GB before the kernel killed it, issue 14). Sizes
+# with a meaning on the model are checked field by field (MethodDef.config.check_site); the rest
+# (a prefix MLP's or a prompt encoder's width) only by what they add up to: a PEFT spec that
+# allocates more parameters than the base model itself is a typo, not a fine-tuning method.
+# The floor keeps tiny test models (tens of thousands of parameters) usable with the shipped specs.
+MAX_PARAMS_FLOOR = 50_000_000
+
+
+def _available_bytes(device) -> int | None:
+    """Memory free for new tensors: on a CUDA device its free memory, else the host's."""
+    import torch
+
+    if getattr(device, "type", None) == "cuda" and torch.cuda.is_available():
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):  # pragma: no cover - a device that cannot answer
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+def check_resources(spec: Spec, graph: CompiledGraph, info: ModelInfo, registry: Registry, *,
+                    base_params: int, name: str) -> None:
+    """Build every module of ``graph`` on the meta device (no memory), count what the real build
+    would allocate, and refuse before anything is allocated: the spec's budget (the same check,
+    and the same message, as after the build), more parameters than the base model (or
+    MAX_PARAMS_FLOOR), or more bytes than the memory free on the model's device.
+
+    A builder that cannot run on meta (one whose initialisation reads data, as prompt tuning
+    from vocabulary embeddings) is left to the real build: its sizes are bounded field by field."""
+    import torch
+    from torch import nn
+
+    from unipelt.handle import AdapterHandle
+
+    device = next((p.device for p in info.model.parameters()), None)
+    dtype = next((p.dtype for p in info.model.parameters() if p.is_floating_point()), None)
+    shared: dict[str, nn.Module] = {}
+    branches: dict[str, nn.Module] = {}
+    gates: dict[str, nn.Module] = {}
+    complete = True
+    with torch.device("meta"):
+        for node in spec.modules.values():
+            try:
+                mod = registry.hook.unipelt_build_shared(
+                    method=registry.methods[node.method], config=node.config, node=node, model=info)
+            except Exception:  # noqa: BLE001 - the real build runs the builder again and reports
+                complete = False
+                continue
+            if mod is not None:
+                shared[node.name] = mod
+        for bp in graph.branches:
+            try:
+                mod = registry.hook.unipelt_build_branch(
+                    method=bp.method, config=bp.node.config, node=bp.node, site=bp.site, model=info,
+                    shared=shared.get(bp.node.name))
+            except Exception:  # noqa: BLE001 - as above
+                mod = None
+            if mod is None:
+                complete = False
+                continue
+            branches[bp.key] = mod
+        for key, gp in graph.gates.items():
+            try:
+                mod = registry.hook.unipelt_build_gate(spec=gp.spec, in_features=gp.in_features, model=info)
+            except Exception:  # noqa: BLE001 - as above
+                mod = None
+            if mod is None:
+                complete = False
+                continue
+            gates[key] = mod
+
+    # what the build allocates: registered parameters (BitFit's and the head's are the base's own)
+    allocated: dict[str, int] = {}
+    for bp in graph.branches:
+        if bp.key in branches:
+            n = sum(p.numel() for p in branches[bp.key].parameters())
+            allocated[bp.node.name] = allocated.get(bp.node.name, 0) + n
+    for node_name, mod in shared.items():
+        allocated[node_name] = allocated.get(node_name, 0) + sum(p.numel() for p in mod.parameters())
+    for key, mod in gates.items():
+        users = graph.gates[key].users
+        owner = users[0].split(".", 1)[0] if users else key
+        allocated[owner] = allocated.get(owner, 0) + sum(p.numel() for p in mod.parameters())
+    total = sum(allocated.values())
+    if total:
+        largest = max(allocated, key=allocated.get)
+        node = spec.modules.get(largest)
+        sizes = {k: v for k, v in (node.params if node else {}).items() if type(v) is int}
+        field_path = f"modules.{largest}" + (f".{max(sizes, key=sizes.get)}" if sizes else "")
+        written = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        culprit = f"the largest is {largest!r} with {allocated[largest]:,}" + (
+            f" ({written})" if written else "")
+        cap = max(base_params, MAX_PARAMS_FLOOR)
+        if total > cap:
+            raise SpecError(
+                f"the spec's modules would allocate {total:,} parameters, more than the base model's {base_params:,} "
+                f"(at most max(base, {MAX_PARAMS_FLOOR:,}) = {cap:,}); {culprit}",
+                source=spec.source, path=field_path,
+            )
+        # built in torch's default dtype (float32) on the host, then moved to the model's device
+        sizes_bytes = [(None, total * torch.get_default_dtype().itemsize)]
+        if device is not None and getattr(device, "type", "cpu") != "cpu":
+            item = dtype.itemsize if dtype is not None and dtype.is_floating_point else 4
+            sizes_bytes.append((device, total * item))
+        for dev, need in sizes_bytes:
+            free = _available_bytes(dev)
+            if free is not None and need > free:
+                where = f"on {dev}" if dev is not None else "in host memory"
+                raise SpecError(
+                    f"the spec's modules would allocate {total:,} parameters ({need / 2**30:.1f} GiB), more than the "
+                    f"{free / 2**30:.1f} GiB free {where}; {culprit}", source=spec.source, path=field_path,
+                )
+    if complete:
+        dry = AdapterHandle(name=name, model=info.model, spec=spec, info=info, graph=graph, container=nn.Module(),
+                            branch_modules=branches, gate_modules=gates, registry=registry, shared_modules=shared)
+        dry.check_budget(base_params)
