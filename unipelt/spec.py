@@ -219,6 +219,11 @@ class Spec:
         return node.gate
 
 
+def _seg(key: Any) -> str:
+    """A key as a field-path segment: the empty key is written ``""``, so that a path is never empty."""
+    return str(key) if key != "" else '""'
+
+
 def _expect_mapping(value: Any, *, source: str | None, path: str, what: str = "a mapping") -> dict:
     if not isinstance(value, dict):
         raise SpecError(f"expected {what}, got {type(value).__name__} {excerpt(value)}", source=source, path=path)
@@ -232,7 +237,7 @@ def _unknown(keys, valid, *, source, path) -> None:
     for k in keys:
         if k not in valid:
             raise SpecError(
-                f"unknown key {excerpt(k)}; valid keys: {', '.join(valid)}", source=source, path=f"{path}.{k}" if path else k
+                f"unknown key {excerpt(k)}; valid keys: {', '.join(valid)}", source=source, path=f"{path}.{_seg(k)}" if path else _seg(k)
             )
 
 
@@ -326,7 +331,7 @@ class SpecLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, y
         elif isinstance(parent, yaml.SequenceNode):
             seg = f"[{index}]"
         elif isinstance(index, yaml.ScalarNode):
-            seg = str(index.value)
+            seg = _seg(str(index.value))
         else:
             seg = "<key>" if index is None else "<complex key>"
         if seg is not None:
@@ -567,7 +572,7 @@ def _check_document(data: Any, *, source: str | None) -> None:
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for k, v in items:
                 if isinstance(value, dict):
-                    sub = f"{path}.{k}" if path else str(k)
+                    sub = f"{path}.{_seg(k)}" if path else _seg(k)
                 else:
                     sub = f"{path}[{k}]"
                 stack.append((v, sub, depth + 1, False))
@@ -626,7 +631,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     gates: dict[str, GateSpec] = {}
     for gname, gval in _expect_mapping(data.get("gates", {}) or {}, source=source, path="gates").items():
         if not NAME_RE.fullmatch(gname):
-            raise SpecError("gate names are letters, digits, '_' and '-'", source=source, path=f"gates.{gname}")
+            raise SpecError("gate names are letters, digits, '_' and '-'", source=source, path=f"gates.{_seg(gname)}")
         gates[gname] = _parse_gate(gval, source=source, path=f"gates.{gname}", name=gname)
 
     if "modules" not in data:
@@ -637,7 +642,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     all_sites = registry.site_names()
     modules: dict[str, ModuleSpec] = {}
     for name, node in mods.items():
-        p = f"modules.{name}"
+        p = f"modules.{_seg(name)}"
         if not NAME_RE.fullmatch(name):
             raise SpecError("module names are letters, digits, '_' and '-' (starting with a letter)", source=source, path=p)
         node = _expect_mapping(node, source=source, path=p)
@@ -646,7 +651,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
                 f"missing 'method'; available methods: {', '.join(sorted(registry.methods))}", source=source, path=f"{p}.method"
             )
         method_name = node["method"]
-        if method_name not in registry.methods:
+        if not isinstance(method_name, str) or method_name not in registry.methods:
             raise SpecError(
                 f"unknown method {excerpt(method_name)}; available methods: {', '.join(sorted(registry.methods))}",
                 source=source, path=f"{p}.method",
