@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
 
@@ -39,7 +40,7 @@ class AdapterConfig:
     init_std: float = field(default=0.01, metadata={"min": 0})
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
 
-    def check_site(self, site, model):
+    def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
         # a bottleneck is narrower than the d-wide tensor it reads; m < 1 used to be clamped to 1
         # without a word (reduction_factor 64 on a 32-wide model)
         d = site.out_features

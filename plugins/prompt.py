@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.errors import ModelError, SpecError, excerpt
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
@@ -58,7 +59,7 @@ class PromptConfig:
             return "init_text", f"init_text is used only with init: text (init is {self.init!r})"
         return None
 
-    def check_site(self, site, model):
+    def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
         problem = _check_length(self.length, model)
         if problem is not None:
             return "length", problem
@@ -70,7 +71,7 @@ class PromptConfig:
         return None
 
 
-def _check_length(length: int, model) -> str | None:
+def _check_length(length: int, model: ModelInfo) -> str | None:
     """Virtual tokens take positions: L of them must leave room for at least one input token in
     the position table (BERT, RoBERTa, GPT-2) or the trained context (rotary models)."""
     limit = _position_limit(model.model)
@@ -125,9 +126,12 @@ class PTuningConfig:
                               f"({excerpt(self.template)}); leave length out or set it to {total}")
         return None
 
-    def check_site(self, site, model):
+    def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
         problem = _check_length(self.length, model)
-        return ("template" if self.template is not None and self._given_length is None else "length", problem) if problem else None
+        if problem is None:
+            return None
+        # the length is the template's when only the template was written
+        return ("template" if self.template is not None and self._given_length is None else "length"), problem
 
     def split(self) -> tuple[int, int]:
         """(virtual tokens before the input, virtual tokens after it)."""

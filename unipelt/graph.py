@@ -15,10 +15,13 @@ execute in one launch (one read of the shared input, one skinny GEMM for all of 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 import networkx as nx
+import torch
+from torch import nn
 
 from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.errors import ModelError, SpecError
@@ -273,11 +276,9 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
 MAX_PARAMS_FLOOR = 50_000_000
 
 
-def _available_bytes(device) -> int | None:
+def _available_bytes(device: torch.device | None) -> int | None:
     """Memory free for new tensors: on a CUDA device its free memory, else the host's."""
-    import torch
-
-    if getattr(device, "type", None) == "cuda" and torch.cuda.is_available():
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
         try:
             return int(torch.cuda.mem_get_info(device)[0])
         except (RuntimeError, AssertionError):  # pragma: no cover - a device that cannot answer
@@ -290,85 +291,94 @@ def _available_bytes(device) -> int | None:
     except OSError:  # not Linux
         pass
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover
         return None
 
 
-def check_resources(spec: Spec, graph: CompiledGraph, info: ModelInfo, registry: Registry, *,
-                    base_params: int, name: str) -> None:
-    """Build every module of ``graph`` on the meta device (no memory), count what the real build
-    would allocate, and refuse before anything is allocated: the spec's budget (the same check,
-    and the same message, as after the build), more parameters than the base model (or
-    MAX_PARAMS_FLOOR), or more bytes than the memory free on the model's device.
+@dataclass
+class MetaBuild:
+    """The spec's modules built on the meta device: shapes without memory."""
 
-    A builder that cannot run on meta (one whose initialisation reads data, as prompt tuning
-    from vocabulary embeddings) is left to the real build: its sizes are bounded field by field."""
-    import torch
-    from torch import nn
+    shared: dict[str, nn.Module] = field(default_factory=dict)
+    branches: dict[str, nn.Module] = field(default_factory=dict)
+    gates: dict[str, nn.Module] = field(default_factory=dict)
+    complete: bool = True  # False when a builder could not run on meta (see check_resources)
+    allocated: dict[str, int] = field(default_factory=dict)  # spec node -> parameters the build allocates
 
-    from unipelt.handle import AdapterHandle
 
-    device = next((p.device for p in info.model.parameters()), None)
-    dtype = next((p.dtype for p in info.model.parameters() if p.is_floating_point()), None)
-    shared: dict[str, nn.Module] = {}
-    branches: dict[str, nn.Module] = {}
-    gates: dict[str, nn.Module] = {}
-    complete = True
+def meta_build(spec: Spec, graph: CompiledGraph, info: ModelInfo, registry: Registry) -> MetaBuild:
+    """Run every builder of ``graph`` under ``torch.device("meta")`` and count, per spec node,
+    the parameters a real build would allocate (registered parameters: BitFit's and the head's
+    are the base's own and allocate nothing; a gate counts for the node of its first user)."""
+    out = MetaBuild()
     with torch.device("meta"):
         for node in spec.modules.values():
             try:
                 mod = registry.hook.unipelt_build_shared(
                     method=registry.methods[node.method], config=node.config, node=node, model=info)
-            except Exception:  # noqa: BLE001 - the real build runs the builder again and reports
-                complete = False
+            except Exception:  # noqa: BLE001 - the real build runs this builder again and reports
+                out.complete = False
                 continue
             if mod is not None:
-                shared[node.name] = mod
+                out.shared[node.name] = mod
         for bp in graph.branches:
             try:
                 mod = registry.hook.unipelt_build_branch(
                     method=bp.method, config=bp.node.config, node=bp.node, site=bp.site, model=info,
-                    shared=shared.get(bp.node.name))
+                    shared=out.shared.get(bp.node.name))
             except Exception:  # noqa: BLE001 - as above
                 mod = None
             if mod is None:
-                complete = False
+                out.complete = False
                 continue
-            branches[bp.key] = mod
+            out.branches[bp.key] = mod
         for key, gp in graph.gates.items():
             try:
                 mod = registry.hook.unipelt_build_gate(spec=gp.spec, in_features=gp.in_features, model=info)
             except Exception:  # noqa: BLE001 - as above
                 mod = None
             if mod is None:
-                complete = False
+                out.complete = False
                 continue
-            gates[key] = mod
+            out.gates[key] = mod
 
-    # what the build allocates: registered parameters (BitFit's and the head's are the base's own)
-    allocated: dict[str, int] = {}
+    def add(node_name: str, mod: nn.Module) -> None:
+        out.allocated[node_name] = out.allocated.get(node_name, 0) + sum(p.numel() for p in mod.parameters())
+
     for bp in graph.branches:
-        if bp.key in branches:
-            n = sum(p.numel() for p in branches[bp.key].parameters())
-            allocated[bp.node.name] = allocated.get(bp.node.name, 0) + n
-    for node_name, mod in shared.items():
-        allocated[node_name] = allocated.get(node_name, 0) + sum(p.numel() for p in mod.parameters())
-    for key, mod in gates.items():
+        if bp.key in out.branches:
+            add(bp.node.name, out.branches[bp.key])
+    for node_name, mod in out.shared.items():
+        add(node_name, mod)
+    for key, mod in out.gates.items():
         users = graph.gates[key].users
-        owner = users[0].split(".", 1)[0] if users else key
-        allocated[owner] = allocated.get(owner, 0) + sum(p.numel() for p in mod.parameters())
-    total = sum(allocated.values())
+        add(users[0].split(".", 1)[0] if users else key, mod)
+    return out
+
+
+def check_resources(spec: Spec, graph: CompiledGraph, info: ModelInfo, registry: Registry, *,
+                    base_params: int, name: str) -> MetaBuild:
+    """Count what compiling ``graph`` would allocate, on the meta device, and refuse before any
+    allocation: more parameters than the base model (or MAX_PARAMS_FLOOR), more bytes than the
+    memory free on the model's device, or over the spec's budget (the same check and message as
+    ``AdapterHandle.check_budget`` after the build).
+
+    A builder that cannot run on meta (one whose initialisation reads data: prompt tuning from
+    vocabulary embeddings) is left to the real build, whose sizes are bounded field by field
+    (``check_site``); the budget is then checked after the build only, as before."""
+    from unipelt.handle import AdapterHandle  # handle imports this module
+
+    built = meta_build(spec, graph, info, registry)
+    total = sum(built.allocated.values())
     if total:
-        largest = max(allocated, key=allocated.get)
+        largest = max(built.allocated, key=built.allocated.get)
         node = spec.modules.get(largest)
+        # the integer fields the node sets: the likeliest culprit is the largest
         sizes = {k: v for k, v in (node.params if node else {}).items() if type(v) is int}
         field_path = f"modules.{largest}" + (f".{max(sizes, key=sizes.get)}" if sizes else "")
-        written = ", ".join(f"{k}: {v}" for k, v in sizes.items())
-        culprit = f"the largest is {largest!r} with {allocated[largest]:,}" + (
-            f" ({written})" if written else "")
+        culprit = f"the largest is {largest!r} with {built.allocated[largest]:,}" + (
+            f" ({', '.join(f'{k}: {v}' for k, v in sizes.items())})" if sizes else "")
         cap = max(base_params, MAX_PARAMS_FLOOR)
         if total > cap:
             raise SpecError(
@@ -376,20 +386,23 @@ def check_resources(spec: Spec, graph: CompiledGraph, info: ModelInfo, registry:
                 f"(at most max(base, {MAX_PARAMS_FLOOR:,}) = {cap:,}); {culprit}",
                 source=spec.source, path=field_path,
             )
-        # built in torch's default dtype (float32) on the host, then moved to the model's device
-        sizes_bytes = [(None, total * torch.get_default_dtype().itemsize)]
-        if device is not None and getattr(device, "type", "cpu") != "cpu":
-            item = dtype.itemsize if dtype is not None and dtype.is_floating_point else 4
-            sizes_bytes.append((device, total * item))
-        for dev, need in sizes_bytes:
+        # the modules are built in torch's default dtype on the host, then moved to the model's device
+        device = next((p.device for p in info.model.parameters()), torch.device("cpu"))
+        dtype = next((p.dtype for p in info.model.parameters() if p.is_floating_point()), torch.float32)
+        needs: list[tuple[torch.device | None, int]] = [(None, total * torch.get_default_dtype().itemsize)]
+        if device.type not in ("cpu", "meta"):
+            needs.append((device, total * dtype.itemsize))
+        for dev, need in needs:
             free = _available_bytes(dev)
             if free is not None and need > free:
                 where = f"on {dev}" if dev is not None else "in host memory"
                 raise SpecError(
-                    f"the spec's modules would allocate {total:,} parameters ({need / 2**30:.1f} GiB), more than the "
-                    f"{free / 2**30:.1f} GiB free {where}; {culprit}", source=spec.source, path=field_path,
+                    f"the spec's modules would allocate {total:,} parameters ({need / 2**30:.2f} GiB), more than the "
+                    f"{free / 2**30:.2f} GiB free {where}; {culprit}", source=spec.source, path=field_path,
                 )
-    if complete:
+    if built.complete:
         dry = AdapterHandle(name=name, model=info.model, spec=spec, info=info, graph=graph, container=nn.Module(),
-                            branch_modules=branches, gate_modules=gates, registry=registry, shared_modules=shared)
+                            branch_modules=built.branches, gate_modules=built.gates, registry=registry,
+                            shared_modules=built.shared)
         dry.check_budget(base_params)
+    return built
