@@ -40,6 +40,11 @@ class AdapterConfig:
     init_std: float = field(default=0.01, metadata={"min": 0})
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
 
+    def validate(self) -> tuple[str, str] | None:
+        if self.width is None and self.reduction_factor is None:  # null for both: no width at all
+            return "reduction_factor", "give reduction_factor (m = d // reduction_factor) or width (m itself)"
+        return None
+
     def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
         # a bottleneck is narrower than the d-wide tensor it reads; m < 1 used to be clamped to 1
         # without a word (reduction_factor 64 on a 32-wide model)

@@ -58,6 +58,8 @@ CORPUS = [
     Bad("out_of_range", mods(x={**LORA, "r": 0}), "modules.x.r", (">= 1", "0")),
     Bad("dropout_too_big", mods(x={**LORA, "dropout": 1.5}), "modules.x.dropout", ("<= 0.99",)),
     Bad("bad_choice", mods(x={**LORA, "init": "xavier"}), "modules.x.init", ("'kaiming'", "'gaussian'", "'xavier'")),
+    Bad("adapter_without_width", mods(a={**ADAPTER, "reduction_factor": None}), "modules.a.reduction_factor",
+        ("give reduction_factor",)),  # found by the fuzz: a TypeError at build
     Bad("adapter_bad_activation", mods(a={**ADAPTER, "activation": "softmax"}), "modules.a.activation", ("'relu'",)),
     # sites -------------------------------------------------------------------------------
     Bad("missing_sites", mods(x={"method": "lora", "r": 4}), "modules.x.sites", ("missing 'sites'", "attn.q")),
