@@ -180,6 +180,7 @@ CORPUS = [
     Bad("version_bool", {**mods(l=LORA), "version": True}, "version", ("unsupported format version True",)),
     Bad("gate_zero_is_not_false", mods(x={**LORA, "gate": 0}), "modules.x.gate", ("shared gate", "got int 0")),
     Bad("node_name_with_newline", mods(**{"l\n": LORA}), "modules.l\n", ("module names",)),
+    Bad("node_name_too_long", mods(**{"l" * 65: LORA}), "modules." + "l" * 65, ("at most 64",)),
     Bad("combine_order_repeats", {**mods(a1=ADAPTER), "combine": {"ffn.out": {"mode": "average", "order": ["a1", "a1"]}}},
         "combine.ffn.out.order", ("listed twice",)),
     # layer ranges: a zero step crashed compile, a range selecting nothing passed validate -------

@@ -39,7 +39,8 @@ from unipelt.registry import Registry, build_config, get_registry
 FORMAT_VERSION = 1
 TOP_KEYS = ("version", "name", "description", "modules", "gates", "combine", "budget")
 NODE_KEYS = ("method", "site", "sites", "layers", "gate", "lr_scale")
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+# names become parameter keys, file keys and report rows: short, and safe in all three
+NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 COMBINE_MODES = ("parallel", "sequential", "average")
 
 
@@ -632,7 +633,8 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     gates: dict[str, GateSpec] = {}
     for gname, gval in _expect_mapping(data.get("gates", {}) or {}, source=source, path="gates").items():
         if not NAME_RE.fullmatch(gname):
-            raise SpecError("gate names are letters, digits, '_' and '-'", source=source, path=f"gates.{_seg(gname)}")
+            raise SpecError("gate names are letters, digits, '_' and '-', at most 64", source=source,
+                            path=f"gates.{_seg(gname)}")
         gates[gname] = _parse_gate(gval, source=source, path=f"gates.{gname}", name=gname)
 
     if "modules" not in data:
@@ -645,7 +647,8 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     for name, node in mods.items():
         p = f"modules.{_seg(name)}"
         if not NAME_RE.fullmatch(name):
-            raise SpecError("module names are letters, digits, '_' and '-' (starting with a letter)", source=source, path=p)
+            raise SpecError("module names are letters, digits, '_' and '-' (starting with a letter), at most 64",
+                            source=source, path=p)
         node = _expect_mapping(node, source=source, path=p)
         if "method" not in node:
             raise SpecError(
