@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
 
@@ -38,6 +39,24 @@ class AdapterConfig:
     init: Literal["near_identity", "bert"] = "near_identity"
     init_std: float = field(default=0.01, metadata={"min": 0})
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.width is None and self.reduction_factor is None:  # null for both: no width at all
+            return "reduction_factor", "give reduction_factor (m = d // reduction_factor) or width (m itself)"
+        return None
+
+    def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
+        # a bottleneck is narrower than the d-wide tensor it reads; m < 1 used to be clamped to 1
+        # without a word (reduction_factor 64 on a 32-wide model)
+        d = site.out_features
+        where = site.site if site.layer is None else f"{site.site} of layer {site.layer}"
+        if self.width is not None:
+            if self.width > d:
+                return "width", f"width {self.width} is wider than the {d}-wide {where}; a bottleneck is at most {d}"
+        elif int(d // self.reduction_factor) < 1:
+            return "reduction_factor", (f"reduction_factor {self.reduction_factor:g} leaves no width on the {d}-wide "
+                                        f"{where} (m = d // reduction_factor = 0); at most {d}")
+        return None
 
     def bottleneck(self, d: int) -> int:
         return self.width if self.width is not None else max(1, int(d // self.reduction_factor))

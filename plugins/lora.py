@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
 
@@ -31,6 +32,16 @@ class LoraConfig:
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
     init: Literal["kaiming", "gaussian"] = "kaiming"
     lr_ratio: float | None = field(default=None, metadata={"min": 0})
+
+    def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
+        # rank(B·A) <= min(d_in, d_out): a larger r adds parameters and no capacity, and an
+        # unchecked r (a typo, an edited unipelt.json) once allocated until the machine ran out
+        limit = min(site.in_features, site.out_features)
+        if self.r > limit:
+            where = site.site if site.layer is None else f"{site.site} of layer {site.layer}"
+            return "r", (f"rank {self.r} is more than min(d_in, d_out) = {limit} of {where} "
+                         f"({site.in_features} -> {site.out_features}); at most {limit}")
+        return None
 
     @property
     def scale(self) -> float:

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
 
@@ -36,6 +37,27 @@ class PrefixConfig:
     init_std: float = field(default=1.0, metadata={"min": 0})
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
     default_sites = ("attn.kv",)
+
+    def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
+        # The prefix takes no position, but every query attends to its L keys: the published
+        # lengths are 10-200, and one longer than the model's context is a typo that would
+        # allocate L x d per layer and L more keys for every query
+        context = context_length(model)
+        if context is not None and self.length > context:
+            return "length", (f"length {self.length} is longer than the {context} positions of the model's context; "
+                              f"at most {context}")
+        return None
+
+
+def context_length(model: ModelInfo) -> int | None:
+    """The context the model was trained for (``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("max_position_embeddings", "n_positions"):
+        v = getattr(text, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
 
 
 @dataclass

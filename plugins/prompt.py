@@ -27,7 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from unipelt.errors import ModelError, SpecError
+from unipelt.arch import ModelInfo, ResolvedSite
+from unipelt.errors import ModelError, SpecError, excerpt
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
 
@@ -56,6 +57,33 @@ class PromptConfig:
         if self.init_text is not None and self.init != "text":
             return "init_text", f"init_text is used only with init: text (init is {self.init!r})"
         return None
+
+    def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
+        problem = _check_length(self.length, model)
+        if problem is not None:
+            return "length", problem
+        vocab = site.module.weight.shape[0] if hasattr(site.module, "weight") else None
+        if self.token_ids and vocab is not None:
+            bad = [i for i in self.token_ids if not 0 <= i < vocab]
+            if bad:
+                return "token_ids", f"token ids {excerpt(bad)} are outside the model's vocabulary (0..{vocab - 1})"
+        return None
+
+
+def _check_length(length: int, model: ModelInfo) -> str | None:
+    """Virtual tokens take positions: L of them must leave room for at least one input token in
+    the position table (BERT, RoBERTa, GPT-2) or the trained context (rotary models)."""
+    limit = _position_limit(model.model)
+    if limit is None:
+        cfg = model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            return None
+    if length >= limit:
+        return (f"{length} virtual tokens leave no room for the input in the {limit} positions of "
+                f"{type(model.model).__name__}; at most {limit - 1}")
+    return None
 
 
 @dataclass
@@ -86,16 +114,23 @@ class PTuningConfig:
             return None
         if self.template.count("input") != 1:
             return "template", (f"expected the input exactly once among the segments, e.g. [3, input, 3]; "
-                                f"got {self.template!r}")
+                                f"got {excerpt(self.template)}")
         if any(x < 0 for x in self.template if not isinstance(x, str)):
-            return "template", f"virtual token counts must be >= 0, got {self.template!r}"
+            return "template", f"virtual token counts must be >= 0, got {excerpt(self.template)}"
         total = sum(x for x in self.template if not isinstance(x, str))
         if total == 0:
-            return "template", f"the template places no virtual token: {self.template!r}"
+            return "template", f"the template places no virtual token: {excerpt(self.template)}"
         if self._given_length is not None and self._given_length != total:
             return "length", (f"length {self._given_length} disagrees with the template's {total} virtual tokens "
-                              f"({self.template!r}); leave length out or set it to {total}")
+                              f"({excerpt(self.template)}); leave length out or set it to {total}")
         return None
+
+    def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
+        problem = _check_length(self.length, model)
+        if problem is None:
+            return None
+        # the length is the template's when only the template was written
+        return ("template" if self.template is not None and self._given_length is None else "length"), problem
 
     def split(self) -> tuple[int, int]:
         """(virtual tokens before the input, virtual tokens after it)."""

@@ -14,7 +14,7 @@ from torch import nn
 from unipelt.arch import resolve_model
 from unipelt.errors import ModelError, PluginError, SpecError
 from unipelt.executor import EXECUTORS, GroupExecutor
-from unipelt.graph import CompiledGraph, build_graph
+from unipelt.graph import CompiledGraph, build_graph, check_resources
 from unipelt.registry import Registry, get_registry
 from unipelt.runtime import Entry
 from unipelt.spec import Spec, parse_spec
@@ -60,6 +60,8 @@ def compile(
     if state is not None and name in state.handles:
         raise ModelError(f"an adapter named {name!r} is already attached; detach it or choose another name")
     graph: CompiledGraph = build_graph(spec, info, registry)
+    # count on the meta device first: the budget and the memory are checked before any allocation
+    check_resources(spec, graph, info, registry, base_params=base_param_count(model), name=name)
 
     # build every module off the model ----------------------------------------------------
     container = AdapterSet(name)

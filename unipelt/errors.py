@@ -6,6 +6,42 @@ an instance of (the README's table lists them): 2 spec, 3 model, 4 adapter file,
 """
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+# A message quotes at most this much of a value the user wrote: a YAML alias bomb expands a few
+# hundred bytes into gigabytes, and a message that printed the whole value would write them all
+# to stderr (issue 14). Errors are one line to read, not a dump.
+EXCERPT_CHARS = 80
+MAX_MESSAGE_CHARS = 4000
+MAX_PATH_CHARS = 200
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxdict = _repr.maxlist = _repr.maxtuple = _repr.maxset = _repr.maxfrozenset = 6
+_repr.maxstring = EXCERPT_CHARS
+_repr.maxother = EXCERPT_CHARS
+_repr.maxlong = 40
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)``, cut to about ``limit`` characters without ever building the whole repr.
+
+    reprlib stops at a few items per level and three levels deep, so a value that refers to the
+    same list a million times costs as little as a short one. Integers too long to print (Python
+    refuses ``repr`` beyond 4,300 digits) are described by their size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    try:
+        text = _repr.repr(value)
+    except (ValueError, RecursionError):  # a nested huge integer, or a pathological __repr__
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 30] + f"... [{len(text) - limit + 30:,} characters cut]"
+
 
 class UnipeltError(Exception):
     """Base class of every error unipelt raises on purpose."""
@@ -15,6 +51,10 @@ class SpecError(UnipeltError):
     """A spec that cannot be used: names the file, the field path and what was expected."""
 
     def __init__(self, message: str, *, source: str | None = None, path: str | None = None):
+        # last guard: every message quotes values through excerpt(), but a path is made of the
+        # user's keys and a plugin's message may quote anything
+        path = _cut(path, MAX_PATH_CHARS) if path else path
+        message = _cut(message, MAX_MESSAGE_CHARS)
         self.source = source
         self.path = path
         where = []

@@ -15,10 +15,13 @@ execute in one launch (one read of the shared input, one skinny GEMM for all of 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 import networkx as nx
+import torch
+from torch import nn
 
 from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.errors import ModelError, SpecError
@@ -125,11 +128,17 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
                     f"it attaches to: {', '.join(fitting) or '(none on this architecture)'}",
                     source=src, path=_site_path(node, i),
                 )
+            check_site = getattr(node.config, "check_site", None)
             for layer in ([None] if site in global_sites else layers):
                 try:
                     rs = info.resolve(site, layer)
                 except ModelError as e:
                     raise SpecError(str(e), source=src, path=_site_path(node, i)) from None
+                # sizes against the model, before anything is built (see MethodDef.config)
+                problem = check_site(rs, info) if check_site is not None else None
+                if problem:
+                    field_name, message = problem
+                    raise SpecError(message, source=src, path=f"modules.{node.name}" + (f".{field_name}" if field_name else ""))
                 # kv and embed branches compute from their own parameters, not from a tensor of
                 # the forward pass: they get a node of their own (their gates may read attn.in)
                 reads = rs.reads if rs.kind in ("linear", "io") and rs.reads else f"{site}"
@@ -260,3 +269,147 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
         if len(members) >= 2:
             groups.append(FusionGroup(tensor=n.split(":", 2)[2], layer=d["layer"], members=members))
     return CompiledGraph(graph=g, branches=branches, gates=gates, combine=combine, order=order, fusion_groups=groups)
+
+
+# ------------------------------------------------------------------------------------------
+# count before allocating
+# ------------------------------------------------------------------------------------------
+# Without a budget nothing else stops a spec from asking for more memory than the machine has
+# (an adapter width of 10,000,000 grew to 24 GB before the kernel killed it, issue 14). Sizes
+# with a meaning on the model are checked field by field (MethodDef.config.check_site); the rest
+# (a prefix MLP's or a prompt encoder's width) only by what they add up to: a PEFT spec that
+# allocates more parameters than the base model itself is a typo, not a fine-tuning method.
+# The floor keeps tiny test models (tens of thousands of parameters) usable with the shipped specs.
+MAX_PARAMS_FLOOR = 50_000_000
+
+
+def _available_bytes(device: torch.device | None) -> int | None:
+    """Memory free for new tensors: on a CUDA device its free memory, else the host's."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):  # pragma: no cover - a device that cannot answer
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+@dataclass
+class MetaBuild:
+    """The spec's modules built on the meta device: shapes without memory."""
+
+    shared: dict[str, nn.Module] = field(default_factory=dict)
+    branches: dict[str, nn.Module] = field(default_factory=dict)
+    gates: dict[str, nn.Module] = field(default_factory=dict)
+    complete: bool = True  # False when a builder could not run on meta (see check_resources)
+    allocated: dict[str, int] = field(default_factory=dict)  # spec node -> parameters the build allocates
+
+
+def meta_build(spec: Spec, graph: CompiledGraph, info: ModelInfo, registry: Registry) -> MetaBuild:
+    """Run every builder of ``graph`` under ``torch.device("meta")`` and count, per spec node,
+    the parameters a real build would allocate (registered parameters: BitFit's and the head's
+    are the base's own and allocate nothing; a gate counts for the node of its first user)."""
+    out = MetaBuild()
+    with torch.device("meta"):
+        for node in spec.modules.values():
+            try:
+                mod = registry.hook.unipelt_build_shared(
+                    method=registry.methods[node.method], config=node.config, node=node, model=info)
+            except Exception:  # noqa: BLE001 - the real build runs this builder again and reports
+                out.complete = False
+                continue
+            if mod is not None:
+                out.shared[node.name] = mod
+        for bp in graph.branches:
+            try:
+                mod = registry.hook.unipelt_build_branch(
+                    method=bp.method, config=bp.node.config, node=bp.node, site=bp.site, model=info,
+                    shared=out.shared.get(bp.node.name))
+            except Exception:  # noqa: BLE001 - as above
+                mod = None
+            if mod is None:
+                out.complete = False
+                continue
+            out.branches[bp.key] = mod
+        for key, gp in graph.gates.items():
+            try:
+                mod = registry.hook.unipelt_build_gate(spec=gp.spec, in_features=gp.in_features, model=info)
+            except Exception:  # noqa: BLE001 - as above
+                mod = None
+            if mod is None:
+                out.complete = False
+                continue
+            out.gates[key] = mod
+
+    def add(node_name: str, mod: nn.Module) -> None:
+        out.allocated[node_name] = out.allocated.get(node_name, 0) + sum(p.numel() for p in mod.parameters())
+
+    for bp in graph.branches:
+        if bp.key in out.branches:
+            add(bp.node.name, out.branches[bp.key])
+    for node_name, mod in out.shared.items():
+        add(node_name, mod)
+    for key, mod in out.gates.items():
+        users = graph.gates[key].users
+        add(users[0].split(".", 1)[0] if users else key, mod)
+    return out
+
+
+def check_resources(spec: Spec, graph: CompiledGraph, info: ModelInfo, registry: Registry, *,
+                    base_params: int, name: str) -> MetaBuild:
+    """Count what compiling ``graph`` would allocate, on the meta device, and refuse before any
+    allocation: more parameters than the base model (or MAX_PARAMS_FLOOR), more bytes than the
+    memory free on the model's device, or over the spec's budget (the same check and message as
+    ``AdapterHandle.check_budget`` after the build).
+
+    A builder that cannot run on meta (one whose initialisation reads data: prompt tuning from
+    vocabulary embeddings) is left to the real build, whose sizes are bounded field by field
+    (``check_site``); the budget is then checked after the build only, as before."""
+    from unipelt.handle import AdapterHandle  # handle imports this module
+
+    built = meta_build(spec, graph, info, registry)
+    total = sum(built.allocated.values())
+    if total:
+        largest = max(built.allocated, key=built.allocated.get)
+        node = spec.modules.get(largest)
+        # the integer fields the node sets: the likeliest culprit is the largest
+        sizes = {k: v for k, v in (node.params if node else {}).items() if type(v) is int}
+        field_path = f"modules.{largest}" + (f".{max(sizes, key=sizes.get)}" if sizes else "")
+        culprit = f"the largest is {largest!r} with {built.allocated[largest]:,}" + (
+            f" ({', '.join(f'{k}: {v}' for k, v in sizes.items())})" if sizes else "")
+        cap = max(base_params, MAX_PARAMS_FLOOR)
+        if total > cap:
+            raise SpecError(
+                f"the spec's modules would allocate {total:,} parameters, more than the base model's {base_params:,} "
+                f"(at most max(base, {MAX_PARAMS_FLOOR:,}) = {cap:,}); {culprit}",
+                source=spec.source, path=field_path,
+            )
+        # the modules are built in torch's default dtype on the host, then moved to the model's device
+        device = next((p.device for p in info.model.parameters()), torch.device("cpu"))
+        dtype = next((p.dtype for p in info.model.parameters() if p.is_floating_point()), torch.float32)
+        needs: list[tuple[torch.device | None, int]] = [(None, total * torch.get_default_dtype().itemsize)]
+        if device.type not in ("cpu", "meta"):
+            needs.append((device, total * dtype.itemsize))
+        for dev, need in needs:
+            free = _available_bytes(dev)
+            if free is not None and need > free:
+                where = f"on {dev}" if dev is not None else "in host memory"
+                raise SpecError(
+                    f"the spec's modules would allocate {total:,} parameters ({need / 2**30:.2f} GiB), more than the "
+                    f"{free / 2**30:.2f} GiB free {where}; {culprit}", source=spec.source, path=field_path,
+                )
+    if built.complete:
+        dry = AdapterHandle(name=name, model=info.model, spec=spec, info=info, graph=graph, container=nn.Module(),
+                            branch_modules=built.branches, gate_modules=built.gates, registry=registry,
+                            shared_modules=built.shared)
+        dry.check_budget(base_params)
+    return built

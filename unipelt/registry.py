@@ -3,6 +3,7 @@ they declare (methods, architectures)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import pluggy
 
 from unipelt import hookspecs
-from unipelt.errors import PluginError, SpecError
+from unipelt.errors import PluginError, SpecError, excerpt
 
 ENTRY_POINT_GROUP = "unipelt"
 
@@ -26,7 +27,15 @@ class MethodDef:
 
     name: what a spec writes in ``method:``.
     config: a dataclass; its fields are the spec keys the method accepts (validated by type,
-        ``Literal`` choices and the ``min``/``max`` field metadata).
+        ``Literal`` choices and the ``min``/``max`` field metadata, with no coercion: ``"8"``,
+        ``8.0`` and ``true`` are not integers; an integer is accepted as a float). Two optional
+        methods of the config class take part in validation, each returning ``None`` or a pair
+        ``(field, message)`` that becomes a SpecError at ``modules.<node>.<field>``:
+        ``validate()`` (model-free rules between fields, checked by ``unipelt validate``) and
+        ``check_site(site, model)`` (bounds against the model: a rank against the projection's
+        widths, a length against the position table), called by the graph for every hook point
+        the node resolves to, before any module is built, so that no size a spec or an edited
+        ``unipelt.json`` gives is ever allocated unchecked.
     site_kinds: the hook-point kinds the method can attach to (``linear``, ``output``, ...).
     summary: one line for ``unipelt plugins``.
     default_gate_input: where this method's gate reads by default: ``layer`` (the block input,
@@ -188,8 +197,13 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
+        # an integer is a number (`alpha: 16`); a bool, a string or a non-finite float is not
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
+            try:
+                f = float(value)
+            except OverflowError:
+                return False, value
+            return math.isfinite(f), f
         return False, value
     if tp is str:
         return isinstance(value, str), value
@@ -219,19 +233,19 @@ def build_config(config_cls: type, values: dict[str, Any], *, source: str | None
     for key, value in values.items():
         if key not in fields:
             valid = ", ".join(sorted(fields)) or "(none)"
-            raise SpecError(f"unknown field {key!r}; valid fields here: {valid}", source=source, path=f"{path}.{key}")
+            raise SpecError(f"unknown field {excerpt(key)}; valid fields here: {valid}", source=source, path=f"{path}.{key}")
         ok, coerced = _coerce(value, hints[key])
         if not ok:
             raise SpecError(
-                f"expected {_describe(hints[key])}, got {value!r}", source=source, path=f"{path}.{key}"
+                f"expected {_describe(hints[key])}, got {excerpt(value)}", source=source, path=f"{path}.{key}"
             )
         meta = fields[key].metadata
         if isinstance(coerced, (int, float)) and not isinstance(coerced, bool):
             lo, hi = meta.get("min"), meta.get("max")
             if lo is not None and coerced < lo:
-                raise SpecError(f"expected a value >= {lo}, got {value!r}", source=source, path=f"{path}.{key}")
+                raise SpecError(f"expected a value >= {lo}, got {excerpt(value)}", source=source, path=f"{path}.{key}")
             if hi is not None and coerced > hi:
-                raise SpecError(f"expected a value <= {hi}, got {value!r}", source=source, path=f"{path}.{key}")
+                raise SpecError(f"expected a value <= {hi}, got {excerpt(value)}", source=source, path=f"{path}.{key}")
         kwargs[key] = coerced
     try:
         cfg = config_cls(**kwargs)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,13 +33,14 @@ from typing import Any, Literal
 
 import yaml
 
-from unipelt.errors import SpecError
+from unipelt.errors import SpecError, excerpt
 from unipelt.registry import Registry, build_config, get_registry
 
 FORMAT_VERSION = 1
 TOP_KEYS = ("version", "name", "description", "modules", "gates", "combine", "budget")
 NODE_KEYS = ("method", "site", "sites", "layers", "gate", "lr_scale")
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+# names become parameter keys, file keys and report rows: short, and safe in all three
+NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 COMBINE_MODES = ("parallel", "sequential", "average")
 
 
@@ -102,11 +104,10 @@ class LayerSel:
                     )
                 out.append(item % num_layers)
             else:
-                parts = [int(p) if p.strip() else None for p in item.split(":")]
-                idx = list(range(num_layers))[slice(*parts)]
+                idx = list(range(num_layers)[slice(*_slice_parts(item))])
                 if not idx:
                     raise SpecError(
-                        f"range {item!r} selects no layer of a {num_layers}-layer model", source=source, path=where
+                        f"range {excerpt(item)} selects no layer of a {num_layers}-layer model", source=source, path=where
                     )
                 out.extend(idx)
         if len(set(out)) != len(out):
@@ -114,7 +115,29 @@ class LayerSel:
         return sorted(out)
 
 
-_SLICE_RE = re.compile(r"^\s*-?\d*\s*:\s*-?\d*\s*(:\s*-?\d+\s*)?$")
+# start:stop or start:stop:step, Python's slice syntax on the layer list; at most 18 digits a number
+_SLICE_RE = re.compile(r"\s*(-?\d{1,18})?\s*:\s*(-?\d{1,18})?\s*(?::\s*(-?\d{1,18})?\s*)?")
+
+
+def _slice_parts(text: str) -> tuple[int | None, int | None, int | None]:
+    m = _SLICE_RE.fullmatch(text)
+    assert m is not None, text  # parsed by _parse_layers
+    start, stop, step = (int(g) if g is not None else None for g in m.groups())
+    return start, stop, step
+
+
+def _selects_nothing_anywhere(start: int | None, stop: int | None, step: int | None) -> bool:
+    """Whether ``range(n)[start:stop:step]`` is empty for every layer count n >= 1.
+
+    The length of the selection is piecewise linear in n, with breaks only where n crosses
+    |start| or |stop| (where Python's slice clamping changes): checking n = 1, 2, each break and
+    its neighbours, and one n past all of them (the last piece may grow without bound) covers
+    every piece at its ends."""
+    ends = [abs(v) for v in (start, stop) if v is not None]
+    counts = {1, 2, 2 * sum(ends) + 8}
+    for a in ends:
+        counts.update(n for n in (a - 1, a, a + 1, a + 2) if n >= 1)
+    return all(len(range(n)[start:stop:step]) == 0 for n in counts)
 
 
 def _parse_layers(value: Any, *, source: str | None, path: str) -> LayerSel:
@@ -129,10 +152,15 @@ def _parse_layers(value: Any, *, source: str | None, path: str) -> LayerSel:
             items.append("all")
         elif isinstance(v, int) and not isinstance(v, bool):
             items.append(v)
-        elif isinstance(v, str) and _SLICE_RE.match(v):
+        elif isinstance(v, str) and _SLICE_RE.fullmatch(v):
+            start, stop, step = _slice_parts(v)
+            if step == 0:
+                raise SpecError(f"range {excerpt(v)} has step 0; a step is a non-zero integer", source=source, path=where)
+            if _selects_nothing_anywhere(start, stop, step):
+                raise SpecError(f"range {excerpt(v)} selects no layer of any model", source=source, path=where)
             items.append(v)
         else:
-            raise SpecError(f"{expected}, got {v!r}", source=source, path=where)
+            raise SpecError(f"{expected}, got {excerpt(v)}", source=source, path=where)
     return LayerSel(tuple(items), path)
 
 
@@ -192,12 +220,17 @@ class Spec:
         return node.gate
 
 
+def _seg(key: Any) -> str:
+    """A key as a field-path segment: the empty key is written ``""``, so that a path is never empty."""
+    return str(key) if key != "" else '""'
+
+
 def _expect_mapping(value: Any, *, source: str | None, path: str, what: str = "a mapping") -> dict:
     if not isinstance(value, dict):
-        raise SpecError(f"expected {what}, got {type(value).__name__} {value!r}", source=source, path=path)
+        raise SpecError(f"expected {what}, got {type(value).__name__} {excerpt(value)}", source=source, path=path)
     for k in value:
         if not isinstance(k, str):
-            raise SpecError(f"keys must be strings, got {k!r}", source=source, path=path)
+            raise SpecError(f"keys must be strings, got {excerpt(k)}", source=source, path=path)
     return value
 
 
@@ -205,7 +238,7 @@ def _unknown(keys, valid, *, source, path) -> None:
     for k in keys:
         if k not in valid:
             raise SpecError(
-                f"unknown key {k!r}; valid keys: {', '.join(valid)}", source=source, path=f"{path}.{k}" if path else k
+                f"unknown key {excerpt(k)}; valid keys: {', '.join(valid)}", source=source, path=f"{path}.{_seg(k)}" if path else _seg(k)
             )
 
 
@@ -219,32 +252,367 @@ def _parse_gate(value: Any, *, source: str | None, path: str, name: str | None =
     return spec
 
 
+# ------------------------------------------------------------------------------------------
+# reading a spec file: YAML 1.2 core schema or strict JSON, with bounds on what a document costs
+# ------------------------------------------------------------------------------------------
+# What a spec document may cost before anything else looks at it. A spec is a few dozen values
+# (the largest shipped one, unipelt.yaml: 33, nested 4 deep); these bounds are generous for
+# hand-written files and stop hostile ones early: a 395-byte YAML alias bomb once expanded to
+# 2 GB of error message.
+MAX_SPEC_BYTES = 1 << 20  # the file
+MAX_DEPTH = 32  # levels of nesting below the top
+MAX_VALUES = 100_000  # values in the document with every YAML alias expanded
+MAX_TEXT = 1_000_000  # characters of strings in the document, aliases expanded
+MAX_INT = 2**63 - 1  # numbers beyond int64 are no size, rank or count any model has
+MAX_INT_DIGITS = 4000  # below Python's 4,300-digit limit on reading integers
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A document the loader will not read, with the field path where it stopped."""
+
+    def __init__(self, problem: str, mark, field_path: str | None):
+        super().__init__(problem=problem, problem_mark=mark)
+        self.field_path = field_path
+
+
+def _join(parts: list[str]) -> str:
+    out = ""
+    for p in parts:
+        out += p if p.startswith("[") or not out else f".{p}"
+    return out
+
+
+class _CoreResolver(yaml.resolver.BaseResolver):
+    """YAML 1.2's core schema, not PyYAML's YAML 1.1 one.
+
+    YAML 1.1 reads ``2:4`` as the base-60 number 124 (which turned the layer range
+    ``layers: 2:4`` into layer 124), ``010`` as 8, ``yes``/``no``/``on``/``off`` as booleans and
+    ``1e-3`` as a string. The core schema (the YAML spec since 2009) has none of these: plain
+    scalars are null, ``true``/``false``, decimal/``0o``/``0x`` integers, floats with an optional
+    exponent, ``.inf``/``.nan``, or strings. Nothing else is guessed."""
+
+
+_CORE = [
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
+    ("tag:yaml.org,2002:float",
+     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+     list("-+0123456789.")),
+    ("tag:yaml.org,2002:merge", r"^(?:<<)$", ["<"]),  # YAML 1.1's merge key: `<<: *defaults`
+]
+for _tag, _regexp, _first in _CORE:
+    _CoreResolver.add_implicit_resolver(_tag, re.compile(_regexp), _first)
+
+
+class SpecLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, yaml.composer.Composer,
+                 yaml.constructor.SafeConstructor, _CoreResolver):
+    """PyYAML's safe loader with the core schema, reading only JSON-like values, and refusing
+    duplicate keys, recursive aliases, nesting deeper than MAX_DEPTH and documents that expand
+    (through aliases) beyond MAX_VALUES values or MAX_TEXT characters.
+
+    The bounds are checked while the document is composed, before any Python object is built:
+    each node's expanded size is the sum of its children's, computed once per node, so an alias
+    bomb is refused at the first level that exceeds them, in time proportional to the file."""
+
+    def __init__(self, stream):
+        # as yaml.SafeLoader does: PyYAML's mixins do not chain their __init__
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        _CoreResolver.__init__(self)
+        self._path: list[str] = []
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, characters), expanded
+        self._paths: dict[int, str] = {}  # id(node) -> the field path where it was first written
+
+    def compose_node(self, parent, index):
+        if parent is None:
+            seg = None
+        elif isinstance(parent, yaml.SequenceNode):
+            seg = f"[{index}]"
+        elif isinstance(index, yaml.ScalarNode):
+            seg = _seg(str(index.value))
+        else:
+            seg = "<key>" if index is None else "<complex key>"
+        if seg is not None:
+            self._path.append(seg)
+        try:
+            event = self.peek_event()
+            if len(self._path) > MAX_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_DEPTH} levels", event.start_mark, _join(self._path))
+            if isinstance(event, yaml.AliasEvent):
+                target = self.anchors.get(event.anchor)
+                if target is not None and id(target) not in self._sizes:
+                    raise _Refused(f"alias *{event.anchor} refers to a value that contains it (a recursive alias)",
+                                   event.start_mark, _join(self._path))
+                return super().compose_node(parent, index)  # an undefined alias is PyYAML's error
+            node = super().compose_node(parent, index)
+            self._measure(node)
+            if isinstance(node, yaml.MappingNode):
+                self._unique_keys(node)
+            return node
+        finally:
+            if seg is not None:
+                self._path.pop()
+
+    def _measure(self, node) -> None:
+        path = _join(self._path)
+        self._paths[id(node)] = path
+        if isinstance(node, yaml.ScalarNode):
+            self._sizes[id(node)] = (1, len(node.value))
+            return
+        children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+        values, chars = 1, 0
+        for c in children:
+            v, t = self._sizes[id(c)]
+            values, chars = values + v, chars + t
+        if values > MAX_VALUES or chars > MAX_TEXT:
+            what = f"{MAX_VALUES:,} values" if values > MAX_VALUES else f"{MAX_TEXT:,} characters"
+            raise _Refused(f"this value holds more than {what} with its aliases expanded (a YAML alias bomb?); "
+                           "a spec is a few dozen values", node.start_mark, path or None)
+        self._sizes[id(node)] = (values, chars)
+
+    def _unique_keys(self, node) -> None:
+        # the YAML spec requires unique keys; PyYAML keeps the last one without a word, which let
+        # two modules of the same name silently become one
+        seen: dict[tuple[str, str], Any] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue
+            first = seen.setdefault((key.tag, key.value), key)
+            if first is not key:
+                path = _join(self._path + [str(key.value)])
+                raise _Refused(f"duplicate key {excerpt(key.value)} (first at line {first.start_mark.line + 1}): "
+                               "each key may appear once in a mapping", key.start_mark, path)
+
+    # -- scalars: the core schema's values and nothing else ---------------------------------
+    def construct_core_int(self, node):
+        text = self.construct_scalar(node)
+        digits = text.lstrip("+-")
+        if len(digits) > MAX_INT_DIGITS:
+            raise _Refused(f"an integer of {len(digits):,} digits", node.start_mark, self._paths.get(id(node)))
+        try:
+            if digits.startswith(("0o", "0x")):
+                value = int(digits[2:], 8 if digits[1] == "o" else 16)
+            else:
+                value = int(digits, 10)
+        except ValueError:
+            raise _Refused(f"{excerpt(text)} is not an integer", node.start_mark, self._paths.get(id(node))) from None
+        return -value if text.startswith("-") else value
+
+    def construct_core_float(self, node):
+        text = self.construct_scalar(node)
+        special = {".inf": math.inf, ".nan": math.nan}.get(text.lstrip("+-").lower())
+        if special is not None:
+            return -special if text.startswith("-") else special
+        try:
+            return float(text)
+        except ValueError:
+            raise _Refused(f"{excerpt(text)} is not a number", node.start_mark, self._paths.get(id(node))) from None
+
+    def construct_core_bool(self, node):
+        text = self.construct_scalar(node)
+        if text not in ("true", "True", "TRUE", "false", "False", "FALSE"):
+            raise _Refused(f"{excerpt(text)} is not true or false", node.start_mark, self._paths.get(id(node)))
+        return text[0] in "tT"
+
+
+# only the values a spec can hold: no timestamps, binary, sets or Python objects
+SpecLoader.yaml_constructors = {
+    "tag:yaml.org,2002:null": yaml.constructor.SafeConstructor.construct_yaml_null,
+    "tag:yaml.org,2002:bool": SpecLoader.construct_core_bool,
+    "tag:yaml.org,2002:int": SpecLoader.construct_core_int,
+    "tag:yaml.org,2002:float": SpecLoader.construct_core_float,
+    "tag:yaml.org,2002:str": yaml.constructor.SafeConstructor.construct_yaml_str,
+    "tag:yaml.org,2002:seq": yaml.constructor.SafeConstructor.construct_yaml_seq,
+    "tag:yaml.org,2002:map": yaml.constructor.SafeConstructor.construct_yaml_map,
+    None: yaml.constructor.SafeConstructor.construct_undefined,
+}
+
+
+class _JSONRefused(ValueError):
+    def __init__(self, problem: str, text: str, pos: int | None):
+        self.problem = problem
+        self.lineno = text.count("\n", 0, pos) + 1 if pos is not None else None
+        self.colno = pos - text.rfind("\n", 0, pos) if pos is not None else None
+        super().__init__(problem)
+
+
+class _StrictJSON(json.JSONDecoder):
+    """The standard decoder, but refusing duplicate keys (naming the key and its line), integers
+    too long to read, and nesting deeper than MAX_DEPTH, and never recursing past it.
+
+    Python's scanner written in Python is used because its object and array parsers are
+    attributes that can be wrapped (the C scanner calls its own); a spec is small."""
+
+    def __init__(self):
+        super().__init__(parse_int=self._int)
+        self.depth = 0
+        self.parse_object = self._object
+        self.parse_array = self._array
+        self.scan_once = json.scanner.py_make_scanner(self)
+
+    def _int(self, text: str) -> int:
+        if len(text.lstrip("-")) > MAX_INT_DIGITS:
+            raise _JSONRefused(f"an integer of {len(text.lstrip('-')):,} digits", "", None)
+        return int(text)
+
+    def _enter(self, s: str, pos: int) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _JSONRefused(f"nested deeper than {MAX_DEPTH} levels", s, pos - 1)
+
+    def _array(self, s_and_end, scan_once, *args):
+        self._enter(*s_and_end)
+        try:
+            return json.decoder.JSONArray(s_and_end, scan_once, *args)
+        finally:
+            self.depth -= 1
+
+    def _object(self, s_and_end, strict, scan_once, object_hook, object_pairs_hook, memo=None, *args):
+        self._enter(*s_and_end)
+        try:
+            pairs, end = json.decoder.JSONObject(s_and_end, strict, scan_once, None, list, memo, *args)
+        finally:
+            self.depth -= 1
+        out: dict = {}
+        for k, v in pairs:
+            if k in out:
+                self._duplicate(s_and_end[0], s_and_end[1], k, strict, scan_once)
+            out[k] = v
+        return out, end
+
+    def _duplicate(self, s: str, pos: int, key: str, strict: bool, scan_once) -> None:
+        """Find where ``key`` was written twice in the object that starts at ``pos`` (after its
+        ``{``): walk its members again with the scanner's own primitives (on this error path only)."""
+        ws = json.decoder.WHITESPACE.match
+        seen: list[int] = []
+        while True:
+            pos = ws(s, pos).end()
+            if s[pos] == "}":
+                break
+            start = pos
+            k, pos = json.decoder.scanstring(s, pos + 1, strict)
+            if k == key:
+                seen.append(start)
+                if len(seen) == 2:
+                    break
+            pos = ws(s, pos).end() + 1  # the ':'
+            _, pos = scan_once(s, ws(s, pos).end())  # parsed once already: no error here
+            pos = ws(s, pos).end()
+            if s[pos] == ",":
+                pos += 1
+        first = s.count("\n", 0, seen[0]) + 1
+        raise _JSONRefused(f"duplicate key {excerpt(key)} (first at line {first}): each key may appear once in "
+                           "an object", s, seen[-1])
+
+
+def loads_json(text: str) -> Any:
+    """Strict JSON for specs (and any reader that wants the same rules): see :class:`_StrictJSON`.
+    Raises ``json.JSONDecodeError`` for syntax errors and ``ValueError`` for refused documents."""
+    return _StrictJSON().decode(text)
+
+
+def _read_text(path: Path, source: str) -> str:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)  # bounded even for /dev/zero or a FIFO
+    except FileNotFoundError:
+        raise SpecError("spec file not found", source=source) from None
+    except OSError as e:
+        raise SpecError(f"cannot read the spec file ({e.strerror or e})", source=source) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"the spec file is larger than {MAX_SPEC_BYTES:,} bytes; a spec is a few hundred",
+                        source=source)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"cannot read the spec file (not UTF-8: byte {e.start} is {raw[e.start]:#04x})",
+                        source=source) from None
+
+
+def _check_document(data: Any, *, source: str | None) -> None:
+    """Bounds and values every spec must respect, whatever it came from (YAML, JSON, a dict, a
+    saved adapter's ``unipelt.json``): nesting, size with shared parts counted each time, no
+    value containing itself, finite numbers, integers within int64. Iterative, so that depth
+    itself cannot raise RecursionError."""
+    values = chars = 0
+    stack: list[tuple[Any, str, int, bool]] = [(data, "", 0, False)]
+    open_ids: set[int] = set()  # containers on the current path: a value inside itself is a cycle
+    while stack:
+        value, path, depth, leaving = stack.pop()
+        if leaving:
+            open_ids.discard(id(value))
+            continue
+        if depth > MAX_DEPTH:
+            raise SpecError(f"nested deeper than {MAX_DEPTH} levels", source=source, path=path or None)
+        values += 1
+        if values > MAX_VALUES:
+            raise SpecError(f"the spec holds more than {MAX_VALUES:,} values (a spec is a few dozen)",
+                            source=source, path=path or None)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, str):
+            chars += len(value)
+            if chars > MAX_TEXT:
+                raise SpecError(f"the spec holds more than {MAX_TEXT:,} characters of text", source=source,
+                                path=path or None)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise SpecError(f"expected a finite number, got {excerpt(value)}", source=source, path=path or None)
+        elif isinstance(value, int):
+            if not -MAX_INT - 1 <= value <= MAX_INT:
+                raise SpecError(f"the number {excerpt(value)} is out of range (a spec's numbers fit in 64 bits)",
+                                source=source, path=path or None)
+        elif isinstance(value, (dict, list, tuple)):
+            if id(value) in open_ids:
+                raise SpecError("this value contains itself", source=source, path=path or None)
+            open_ids.add(id(value))
+            stack.append((value, path, depth, True))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                if isinstance(value, dict):
+                    sub = f"{path}.{_seg(k)}" if path else _seg(k)
+                else:
+                    sub = f"{path}[{k}]"
+                stack.append((v, sub, depth + 1, False))
+
+
 def load_spec_data(spec: str | os.PathLike | dict) -> tuple[dict, str | None]:
-    """Read a spec file (YAML or JSON) or accept a dict; returns (data, source name)."""
+    """Read a spec file (YAML or JSON) or accept a dict; returns (data, source name).
+
+    YAML is read with the core schema (:class:`SpecLoader`), JSON strictly (:func:`loads_json`);
+    both, and dicts, are then held to :func:`_check_document`'s bounds."""
     if isinstance(spec, dict):
+        _check_document(spec, source=None)  # before deepcopy, which would recurse into any depth
         return copy.deepcopy(spec), None  # a Spec never aliases the caller's dict
     path = Path(spec)
     source = str(spec)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError("spec file not found", source=source) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"cannot read the spec file ({e})", source=source) from None
+    text = _read_text(path, source)
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = loads_json(text)
         else:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=SpecLoader)  # noqa: S506 - SpecLoader is a safe loader
     except json.JSONDecodeError as e:
         raise SpecError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", source=source) from None
+    except _JSONRefused as e:
+        where = f" at line {e.lineno}, column {e.colno}" if e.lineno is not None else ""
+        raise SpecError(f"refused JSON{where}: {e.problem}", source=source) from None
+    except _Refused as e:
+        mark = e.problem_mark
+        raise SpecError(f"{e.problem} (line {mark.line + 1}, column {mark.column + 1})", source=source,
+                        path=e.field_path) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"invalid YAML{where}: {problem}", source=source) from None
+        raise SpecError(f"invalid YAML{where}: {problem[:300]}", source=source) from None
     if data is None:
         raise SpecError("the spec file is empty", source=source)
+    _check_document(data, source=source)
     return data, source
 
 
@@ -258,13 +626,15 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     _unknown(data, TOP_KEYS, source=source, path="")
 
     version = data.get("version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise SpecError(f"unsupported format version {version!r}; this unipelt reads version {FORMAT_VERSION}", source=source, path="version")
+    # `1.0` and `true` compare equal to 1 in Python; neither is the integer the format names
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise SpecError(f"unsupported format version {excerpt(version)}; this unipelt reads version {FORMAT_VERSION}", source=source, path="version")
 
     gates: dict[str, GateSpec] = {}
     for gname, gval in _expect_mapping(data.get("gates", {}) or {}, source=source, path="gates").items():
-        if not NAME_RE.match(gname):
-            raise SpecError("gate names are letters, digits, '_' and '-'", source=source, path=f"gates.{gname}")
+        if not NAME_RE.fullmatch(gname):
+            raise SpecError("gate names are letters, digits, '_' and '-', at most 64", source=source,
+                            path=f"gates.{_seg(gname)}")
         gates[gname] = _parse_gate(gval, source=source, path=f"gates.{gname}", name=gname)
 
     if "modules" not in data:
@@ -275,18 +645,19 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     all_sites = registry.site_names()
     modules: dict[str, ModuleSpec] = {}
     for name, node in mods.items():
-        p = f"modules.{name}"
-        if not NAME_RE.match(name):
-            raise SpecError("module names are letters, digits, '_' and '-' (starting with a letter)", source=source, path=p)
+        p = f"modules.{_seg(name)}"
+        if not NAME_RE.fullmatch(name):
+            raise SpecError("module names are letters, digits, '_' and '-' (starting with a letter), at most 64",
+                            source=source, path=p)
         node = _expect_mapping(node, source=source, path=p)
         if "method" not in node:
             raise SpecError(
                 f"missing 'method'; available methods: {', '.join(sorted(registry.methods))}", source=source, path=f"{p}.method"
             )
         method_name = node["method"]
-        if method_name not in registry.methods:
+        if not isinstance(method_name, str) or method_name not in registry.methods:
             raise SpecError(
-                f"unknown method {method_name!r}; available methods: {', '.join(sorted(registry.methods))}",
+                f"unknown method {excerpt(method_name)}; available methods: {', '.join(sorted(registry.methods))}",
                 source=source, path=f"{p}.method",
             )
         method = registry.methods[method_name]
@@ -297,7 +668,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
         for k in params:
             if k not in valid_params:
                 raise SpecError(
-                    f"unknown key {k!r} for method {method_name!r}; valid keys: "
+                    f"unknown key {excerpt(k)} for method {excerpt(method_name)}; valid keys: "
                     f"{', '.join(list(NODE_KEYS[:1]) + ['sites', 'layers', 'gate', 'lr_scale'] + valid_params)}",
                     source=source, path=f"{p}.{k}",
                 )
@@ -325,7 +696,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
             site_paths.append(f"{p}.sites" if defaulted else where)  # defaulted: the field to write
             if s not in all_sites:
                 raise SpecError(
-                    f"unknown hook point {s!r}; hook points: {', '.join(all_sites)}", source=source, path=where
+                    f"unknown hook point {excerpt(s)}; hook points: {', '.join(all_sites)}", source=source, path=where
                 )
         if len(set(site_list)) != len(site_list):
             raise SpecError("a hook point is listed twice", source=source, path=f"{p}.{site_key}")
@@ -334,18 +705,18 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
         lr_scale = node.get("lr_scale", 1.0)
         if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale < float("inf"):
             raise SpecError(f"expected a positive number (this module's learning rate = lr_scale x the run's), "
-                            f"got {lr_scale!r}", source=source, path=f"{p}.lr_scale")
+                            f"got {excerpt(lr_scale)}", source=source, path=f"{p}.lr_scale")
 
         gate = None
         gate_ref = None
         graw = node.get("gate")
-        if graw not in (None, False):
+        if graw is not None and graw is not False:  # `gate: 0` is not `gate: false`
             if not method.gateable:
-                raise SpecError(f"method {method_name!r} cannot be gated", source=source, path=f"{p}.gate")
+                raise SpecError(f"method {excerpt(method_name)} cannot be gated", source=source, path=f"{p}.gate")
             if isinstance(graw, str):
                 if graw not in gates:
                     shared = ", ".join(sorted(gates)) or "(no shared gates defined under 'gates:')"
-                    raise SpecError(f"unknown shared gate {graw!r}; shared gates: {shared}", source=source, path=f"{p}.gate")
+                    raise SpecError(f"unknown shared gate {excerpt(graw)}; shared gates: {shared}", source=source, path=f"{p}.gate")
                 gate_ref = graw
             else:
                 gate = _parse_gate(graw, source=source, path=f"{p}.gate")
@@ -359,22 +730,24 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     for site, cval in _expect_mapping(data.get("combine", {}) or {}, source=source, path="combine").items():
         p = f"combine.{site}"
         if site not in all_sites:
-            raise SpecError(f"unknown hook point {site!r}; hook points: {', '.join(all_sites)}", source=source, path=p)
+            raise SpecError(f"unknown hook point {excerpt(site)}; hook points: {', '.join(all_sites)}", source=source, path=p)
         if isinstance(cval, str):
             cval = {"mode": cval}
         cval = _expect_mapping(cval, source=source, path=p)
         _unknown(cval, ("mode", "order"), source=source, path=p)
         mode = cval.get("mode", "parallel")
         if mode not in COMBINE_MODES:
-            raise SpecError(f"expected one of {', '.join(COMBINE_MODES)}, got {mode!r}", source=source, path=f"{p}.mode")
+            raise SpecError(f"expected one of {', '.join(COMBINE_MODES)}, got {excerpt(mode)}", source=source, path=f"{p}.mode")
         order = cval.get("order", [])
         if not isinstance(order, list) or not all(isinstance(o, str) for o in order):
             raise SpecError("expected a list of module names", source=source, path=f"{p}.order")
+        if len(set(order)) != len(order):
+            raise SpecError("a module is listed twice", source=source, path=f"{p}.order")
         at_site = [n for n, m in modules.items() if site in m.sites]
         for i, o in enumerate(order):
             if o not in at_site:
                 raise SpecError(
-                    f"{o!r} is not a module at {site}; modules there: {', '.join(at_site) or '(none)'}",
+                    f"{excerpt(o)} is not a module at {site}; modules there: {', '.join(at_site) or '(none)'}",
                     source=source, path=f"{p}.order[{i}]",
                 )
         if mode == "sequential" and sorted(order) != sorted(at_site):
@@ -395,11 +768,11 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
             if isinstance(mp, str):
                 mp = _parse_count(mp, source=source)
             if not isinstance(mp, int) or isinstance(mp, bool) or mp <= 0:
-                raise SpecError(f"expected a positive integer (or '1.5M', '300K'), got {b['max_params']!r}", source=source, path="budget.max_params")
+                raise SpecError(f"expected a positive integer (or '1.5M', '300K'), got {excerpt(b['max_params'])}", source=source, path="budget.max_params")
         if fr is not None and (not isinstance(fr, (int, float)) or isinstance(fr, bool) or not 0 < fr <= 1):
-            raise SpecError(f"expected a fraction in (0, 1], got {fr!r}", source=source, path="budget.fraction")
+            raise SpecError(f"expected a fraction in (0, 1], got {excerpt(fr)}", source=source, path="budget.fraction")
         if count not in ("kept", "training"):
-            raise SpecError(f"expected 'kept' or 'training', got {count!r}", source=source, path="budget.count")
+            raise SpecError(f"expected 'kept' or 'training', got {excerpt(count)}", source=source, path="budget.count")
         budget = BudgetSpec(max_params=mp, fraction=float(fr) if fr is not None else None, count=count)
 
     for k in ("name", "description"):
@@ -414,6 +787,9 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
 def _parse_count(text: str, *, source: str | None) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", text)
     if not m:
-        raise SpecError(f"expected a positive integer (or '1.5M', '300K'), got {text!r}", source=source, path="budget.max_params")
+        raise SpecError(f"expected a positive integer (or '1.5M', '300K'), got {excerpt(text)}", source=source, path="budget.max_params")
     mult = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
-    return int(round(float(m.group(1)) * mult))
+    value = float(m.group(1)) * mult
+    if not value <= MAX_INT:  # a thousand nines read as a float are inf
+        raise SpecError(f"{excerpt(text)} is out of range (at most {MAX_INT:,})", source=source, path="budget.max_params")
+    return int(round(value))
