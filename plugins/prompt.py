@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.errors import ModelError, SpecError, excerpt
 from unipelt.hookspecs import hookimpl
+from unipelt.inputs import _position_limit
 from unipelt.registry import MethodDef
 
 
