@@ -79,12 +79,15 @@ class ForwardContext:
     # the prompt-style entries of active adapters (decided at refresh, not per call)
     embed_live: list = field(default_factory=list)
     executor: str = "grouped"  # mirrored from the state at refresh
+    # masked-mean pooling weights (mask / real-token count) of this forward, (B, T, 1)
+    mean_weights: Tensor | None = None
 
     def clear(self) -> None:
         """Forget the tensors of the last call."""
         self.layer_inputs.clear()
         self.stash.clear()
         self.group_out.clear()
+        self.mean_weights = None
 
     def token_mask(self, batch: int, length: int, device, dtype) -> Tensor | None:
         """The padding mask for the last ``length`` positions, shaped (B, T, 1), or None."""
@@ -119,7 +122,12 @@ def pool_gate(g: Tensor, pooling: str, ctx: ForwardContext, key: int) -> Tensor:
     if pooling == "masked_mean":
         if mask is None:
             return g.mean(dim=1, keepdim=True)
-        return (g * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        # the weights mask/count are the same for every masked-mean gate of this forward: made once
+        w = ctx.mean_weights
+        if w is None or w.shape[1] != T or w.dtype != g.dtype or w.shape[0] != B:
+            w = mask / mask.sum(1, keepdim=True).clamp_min(1.0)
+            ctx.mean_weights = w
+        return (g * w).sum(1, keepdim=True)
     if pooling == "running_mean":
         if mask is None:
             mask = g.new_ones(B, T, 1)
