@@ -71,6 +71,9 @@ class ForwardContext:
     # tokens already in the KV cache when the call began (None: no cache, or unknown). transformers'
     # generate() drops an all-ones attention mask, so the mask alone cannot tell a cached step.
     cache_length: int | None = None
+    # whether this call continues or returns a KV cache (past_key_values given, or use_cache):
+    # only then do running-mean gates keep their state for the next call
+    continued: bool = True
     # bumped whenever what runs changes (attach, switch, merge, detach)
     version: int = 0
     # group executors (plan.FusionGroup) by "adapter/group key", and their results in this forward
@@ -134,6 +137,12 @@ def pool_gate(g: Tensor, pooling: str, ctx: ForwardContext, key: int) -> Tensor:
         csum = torch.cumsum(g * mask, dim=1)
         ccount = torch.cumsum(mask, dim=1)
         past = ctx.past_length(T)
+        if not ctx.continued and past == 0:
+            # a call that neither continues a KV cache nor returns one (use_cache=False, or a
+            # model without a cache) starts from nothing and will not be continued: no state to
+            # read or keep (states keyed by length would make a compiled model recompile at
+            # every new sequence length)
+            return csum / ccount.clamp_min(1.0)
         # States are kept by the position they end at: a gate applied several times in one step
         # (one layer-input gate serving q and v, a shared gate) reads the same state each time.
         states = ctx.running.setdefault(key, {})

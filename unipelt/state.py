@@ -126,13 +126,17 @@ def set_parent(model: nn.Module, path: str, new: nn.Module) -> tuple[nn.Module, 
 class RootPreHook:
     """Start of a model call: read the mask and cache length, forget the last call's tensors."""
 
-    def __init__(self, ctx: ForwardContext, binder: CallBinder):
+    def __init__(self, ctx: ForwardContext, binder: CallBinder, config_use_cache: bool):
         self.ctx, self.binder = ctx, binder
+        self.config_use_cache = config_use_cache
 
     def __call__(self, module, args, kwargs):
         ctx = self.ctx
         ctx.attention_mask = self.binder.get(args, kwargs, "attention_mask")
-        ctx.cache_length = cache_length(self.binder.get(args, kwargs, "past_key_values"))
+        past = self.binder.get(args, kwargs, "past_key_values")
+        ctx.cache_length = cache_length(past)
+        use_cache = self.binder.get(args, kwargs, "use_cache")
+        ctx.continued = past is not None or bool(self.config_use_cache if use_cache is None else use_cache)
         ctx.clear()
 
 
@@ -219,7 +223,10 @@ def ensure_state(model: nn.Module, info: ModelInfo) -> ModelState:
     model.__dict__[STATE_ATTR] = state
     ctx = state.ctx
     binder = CallBinder(model.forward)
-    state.global_hooks.append(model.register_forward_pre_hook(RootPreHook(ctx, binder), with_kwargs=True))
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    use_cache = bool(getattr(text_config, "use_cache", False)) and info.causal
+    state.global_hooks.append(model.register_forward_pre_hook(RootPreHook(ctx, binder, use_cache), with_kwargs=True))
     state.global_hooks.append(model.register_forward_hook(RootPostHook(ctx), with_kwargs=True))
     # save_pretrained writes the base checkpoint without the adapter container (issue 14)
     from unipelt.io import install_clean_save
