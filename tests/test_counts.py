@@ -23,7 +23,7 @@ def bert_base():
 
 
 LORA = {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 8}
-PFEIFFER = {"method": "adapter", "site": "ffn.out", "reduction_factor": 16}
+PFEIFFER = {"method": "adapter", "site": "ffn.res", "reduction_factor": 16}
 
 
 def test_lora_qv_r8(bert_base):
@@ -40,7 +40,7 @@ def test_pfeiffer_m48(bert_base):
     s = h.summary()
     # m = 768 / 16 = 48: down (768x48 + 48) + up (48x768 + 768) per layer
     assert s.kept == 894_528 == LAYERS * (D * 48 + 48 + 48 * D + D)
-    assert h.named_parameters()["adapter.0.ffn.out.down.weight"].shape == (48, D)
+    assert h.named_parameters()["adapter.0.ffn.res.down.weight"].shape == (48, D)
 
 
 def test_three_gates(bert_base):

@@ -138,7 +138,7 @@ def _host_for(model: nn.Module, state: ModelState, path: str, site: ResolvedSite
 
 
 def _stash_hook(model: nn.Module, state: ModelState, site: ResolvedSite) -> None:
-    """Capture the input of a parallel (io) hook point for its branches."""
+    """Capture the input of a parallel (io) hook point, or a pre-LN renorm site's residual."""
     key = f"stash:{site.key}"
     if key in state.hooks:
         return
@@ -270,6 +270,8 @@ def compile(
                 width = bp.site.out_features * bp.site.part[1]
             rt = host.runtime(bp.site.key, bp.site.kind, bp.site.out_slice, width)
             rt.mode[name] = graph.combine.get(bp.site.key, "parallel")
+            if bp.site.kind == "renorm" and not bp.site.input_path:
+                rt.norm = bp.site.module  # post-LN: the hooked module is the sublayer's norm
             rt.entries.append(entry)
             order = graph.order.get(bp.site.key)
             if order:
@@ -277,8 +279,8 @@ def compile(
                 # the nodes happen to be written under `modules:`
                 mine = sorted((e for e in rt.entries if e.adapter == name), key=lambda e: order.index(e.node))
                 rt.entries = [e for e in rt.entries if e.adapter != name] + mine
-            if bp.site.kind == "io":
-                _stash_hook(model, state, bp.site)
+            if bp.site.kind == "io" or (bp.site.kind == "renorm" and bp.site.input_path):
+                _stash_hook(model, state, bp.site)  # the FFN input / a pre-LN sublayer's residual
         for p in container.parameters():
             p.requires_grad_(True)
     except Exception:

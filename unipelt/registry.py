@@ -17,7 +17,7 @@ from unipelt.errors import PluginError, SpecError
 ENTRY_POINT_GROUP = "unipelt"
 
 # Every hook-point kind a branch can attach to (see unipelt.arch.SiteTarget.kind).
-SITE_KINDS = ("linear", "output", "io", "kv", "embed", "params")
+SITE_KINDS = ("linear", "output", "io", "renorm", "kv", "embed", "params")
 
 
 @dataclass(frozen=True)

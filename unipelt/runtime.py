@@ -157,6 +157,14 @@ class SiteRuntime:
         self.out_width = out_width  # full width of the host output when sliced
         self.entries: list[Entry] = []
         self.mode: dict[str, str] = {}  # adapter -> parallel | sequential | average
+        # ``renorm`` sites: the post-LN sublayer norm applied again after the branches; None on a
+        # pre-LN block, where the residual is captured separately (``reads_stash``) and N = identity
+        self.norm: nn.Module | None = None
+
+    @property
+    def reads_stash(self) -> bool:
+        """Whether this site's ``x`` is a captured tensor (the FFN input, a pre-LN residual)."""
+        return self.kind == "io" or (self.kind == "renorm" and self.norm is None)
 
     def _gate(self, e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor | None:
         if e.gate is None:
@@ -177,6 +185,8 @@ class SiteRuntime:
         if self.out_slice is not None:
             y = full[..., self.out_slice[0]:self.out_slice[1]]
         mode = self.mode.get(entries[0].adapter, "parallel")
+        if self.kind == "renorm":
+            return self._renorm(x, y, ctx, entries, mode)
         if mode == "sequential":
             cur = y
             for e in entries:
@@ -199,12 +209,41 @@ class SiteRuntime:
         return full + nn.functional.pad(delta, (s0, full.shape[-1] - s1))
 
 
-_PHASE = {"linear": 0, "io": 1, "output": 2}
+    def _renorm(self, x: Tensor | None, y: Tensor, ctx: ForwardContext, entries: list[Entry], mode: str) -> Tensor:
+        """Pfeiffer's placement (AdapterHub ``seq_bn``): with s = h + x the residual sum and N the
+        sublayer's norm, branches read a = N(s) and the result is N(s + Delta(a)).
+
+        Post-LN (``norm`` set; this runs in the norm's forward hook): x = s, y = a. Pre-LN
+        (N = identity): x = the captured residual, y = the sublayer output h; branches read
+        s = h + x and the sublayer returns h + Delta(s), to which the block adds x.
+        """
+        if self.norm is not None:
+            s, src = x, y
+            if s is None:
+                raise RuntimeError(f"{self.site_key}: the norm's input (the residual sum) was not captured")
+        else:
+            if x is None:
+                raise RuntimeError(f"{self.site_key}: the sublayer's residual input was not captured")
+            s = src = y + x
+        delta = None
+        for e in entries:
+            d = e.branch(src, gate=self._gate(e, src, ctx))
+            delta = d if delta is None else delta + d
+        if mode == "average" and len(entries) > 1:
+            delta = delta / len(entries)
+        if self.norm is not None:
+            # ``forward``, not ``__call__``: we are inside the norm's own forward hook
+            return self.norm.forward(s + delta)
+        return y + delta
+
+
+_PHASE = {"linear": 0, "io": 1, "output": 2, "renorm": 3}
 
 
 class Host:
     """Everything attached at one module path: runs its site runtimes in a fixed order
-    (projections first, then parallel branches, then serial transforms of the output)."""
+    (projections first, then parallel branches, then serial transforms of the output, then
+    re-normalised residual sums)."""
 
     def __init__(self, path: str, ctx: ForwardContext):
         self.path = path
@@ -222,7 +261,7 @@ class Host:
     def run(self, x: Tensor | None, y: Tensor) -> Tensor:
         ctx = self.ctx
         for rt in self.runtimes.values():
-            if rt.kind == "io":
+            if rt.reads_stash:
                 y = rt.apply(ctx.stash.get(rt.site_key), y, ctx)
             else:
                 y = rt.apply(x, y, ctx)
