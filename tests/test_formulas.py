@@ -309,25 +309,52 @@ def test_lora_gate_llama(lora_scale, pooling):
 
 
 def test_lora_gate_bert_masked_mean_layer_input():
-    """On the post-LN encoder the block input is the attention input; one gate per layer is
-    shared by the node's q and v branches (input: layer)."""
+    """On the post-LN encoder the block input is the attention input. As in the UniPELT reference,
+    every LoRA-wrapped projection has its own gate: q and v one each, both reading the layer input."""
     model = make_bert()
     h = unipelt.compile(model, {"modules": {"l": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": True}}})
     randomize(h)
-    assert sorted(k for k in h.named_parameters() if k.startswith("gate.")) == [
-        "gate.l.0.linear.bias", "gate.l.0.linear.weight", "gate.l.1.linear.bias", "gate.l.1.linear.weight",
+    assert sorted(k for k in h.named_parameters() if k.startswith("gate.") and ".0.linear" in k) == [
+        "gate.l@attn.q.0.linear.bias", "gate.l@attn.q.0.linear.weight",
+        "gate.l@attn.v.0.linear.bias", "gate.l@attn.v.0.linear.weight",
     ]
     batch = make_batch(lengths=(7, 4, 1))
     attn = model.bert.encoder.layer[0].attention.self
     cap_q, cap_v = Capture(attn.query), Capture(attn.value)
-    run(model, batch)
+    report = h.gates(batch)
     p = h.named_parameters()
     x = cap_q.x
-    g = pooled(torch.sigmoid(x @ p["gate.l.0.linear.weight"].T + p["gate.l.0.linear.bias"]), batch["attention_mask"], "masked_mean")
+    m = batch["attention_mask"]
     for cap, site, lin in ((cap_q, "attn.q", attn.query), (cap_v, "attn.v", attn.value)):
+        w, b = p[f"gate.l@{site}.0.linear.weight"], p[f"gate.l@{site}.0.linear.bias"]
+        g = pooled(torch.sigmoid(x @ w.T + b), m, "masked_mean")
         A, B = p[f"l.0.{site}.lora_A"], p[f"l.0.{site}.lora_B"]
         expected = lin.base_layer(x) + g * ((x @ A.T) @ B.T)  # replace: alpha/r is ignored
         torch.testing.assert_close(cap.y, expected, atol=ATOL, rtol=0)
+        # the gate report has one row per projection
+        torch.testing.assert_close(report.values[(f"l@{site}", 0)], g[:, 0, 0], atol=ATOL, rtol=0)
+    assert not torch.allclose(report.values[("l@attn.q", 0)], report.values[("l@attn.v", 0)])
+
+
+def test_lora_gate_shared_by_q_and_v_is_an_explicit_option():
+    """One gate for both projections: a shared gate named under ``gates:``."""
+    model = make_bert()
+    h = unipelt.compile(model, {"modules": {"l": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": "g"}},
+                                "gates": {"g": {"input": "layer"}}})
+    randomize(h)
+    assert sorted(k for k in h.named_parameters() if k.startswith("gate.")) == [
+        "gate.g.0.linear.bias", "gate.g.0.linear.weight", "gate.g.1.linear.bias", "gate.g.1.linear.weight",
+    ]
+    batch = make_batch(lengths=(7, 4, 1))
+    attn = model.bert.encoder.layer[1].attention.self
+    cap_q, cap_v = Capture(attn.query), Capture(attn.value)
+    run(model, batch)
+    p = h.named_parameters()
+    x = cap_q.x
+    g = pooled(torch.sigmoid(x @ p["gate.g.1.linear.weight"].T + p["gate.g.1.linear.bias"]), batch["attention_mask"], "masked_mean")
+    for cap, site, lin in ((cap_q, "attn.q", attn.query), (cap_v, "attn.v", attn.value)):
+        A, B = p[f"l.1.{site}.lora_A"], p[f"l.1.{site}.lora_B"]
+        torch.testing.assert_close(cap.y, lin.base_layer(x) + g * ((x @ A.T) @ B.T), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -1,4 +1,4 @@
-"""The prefix family through the whole engine, with specs/unipelt.yaml's three gates live."""
+"""The prefix family through the whole engine, with specs/unipelt.yaml's gates live (LoRA q, LoRA v, prefix, adapter)."""
 from __future__ import annotations
 
 import copy

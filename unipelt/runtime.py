@@ -174,7 +174,11 @@ class SiteRuntime:
             raise RuntimeError(f"gate {e.gate_key}: the input of layer {e.layer} was not captured")
         g = e.gate(gx, ctx)
         if ctx.record is not None:
-            ctx.record.setdefault((e.adapter, e.node, e.layer if e.layer is not None else -1), []).append(g.detach())
+            # a node's per-site gates (``lora@attn.q``, ``lora@attn.v``) are reported one row each;
+            # a shared gate, under each node that uses it
+            gate_id = e.gate_key.rsplit(".", 1)[0] if e.gate_key else e.node
+            label = gate_id if gate_id.startswith(e.node + "@") else e.node
+            ctx.record.setdefault((e.adapter, label, e.layer if e.layer is not None else -1), []).append(g.detach())
         return g
 
     def apply(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor:
