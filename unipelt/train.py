@@ -297,6 +297,31 @@ def evaluate(model: nn.Module, tokenizer, examples: Sequence[Example], *, task: 
     return evaluate_encoded(model, rows, task, pad_id=_pad_id(tokenizer), batch_size=batch_size)
 
 
+def trivial_baseline(task: str, train_rows: Sequence[Tokenized], eval_rows: Sequence[Tokenized], *,
+                     model: nn.Module | None = None, pad_id: int = 0, batch_size: int = 16) -> dict:
+    """What a trained adapter's eval result should beat, on the same eval rows (empty without any).
+
+    classification: always answering the training data's most frequent label (``majority``, its
+    class index): its ``accuracy`` and ``macro_f1``, computed as :func:`evaluate_encoded` does.
+    causal-lm: the base ``model`` before any adapter is attached (``loss``, ``perplexity``); call
+    it before compiling.
+    """
+    if not eval_rows:
+        return {}
+    if task == "classification":
+        counts: dict[int, int] = {}
+        for r in train_rows:
+            counts[r.labels] = counts.get(r.labels, 0) + 1
+        majority = max(sorted(counts), key=lambda c: counts[c])  # ties: the lowest index
+        gold = [r.labels for r in eval_rows]
+        pred = [majority] * len(gold)
+        return {"kind": "majority class", "majority": majority,
+                "accuracy": sum(g == majority for g in gold) / len(gold), "macro_f1": macro_f1(gold, pred)}
+    if model is None:
+        return {}
+    return {"kind": "untrained", **evaluate_encoded(model, eval_rows, task, pad_id=pad_id, batch_size=batch_size)}
+
+
 @torch.no_grad()
 def gate_means(handle, rows: Sequence[Tokenized], *, pad_id: int, batch_size: int = 16) -> dict[str, dict[int, float]]:
     """Mean gate value of every gated module at every layer over a data set: ``{module: {layer: mean}}``.
@@ -720,6 +745,10 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
     if cfg.gradient_checkpointing and not getattr(net, "supports_gradient_checkpointing", False):
         raise ModelError(f"{type(net).__name__} does not support gradient checkpointing")
 
+    # what the result is compared with: the majority class, or the base model before training
+    baseline = trivial_baseline(task, train_rows, eval_rows, model=net, pad_id=pad_id,
+                                batch_size=cfg.eval_batch_size or cfg.batch_size)
+
     # the adapter ---------------------------------------------------------------------------
     added_head = None
     if task == "classification" and not _has_head_node(spec):
@@ -855,6 +884,7 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
         "steps_per_epoch": steps_per_epoch,
         "epochs": history,
         "final_eval": history[-1]["eval"] if history else {},
+        "baseline": baseline,
         "params": {
             "trainable": sum(p.numel() for p in trainable),
             "kept": summary.kept,
@@ -1021,6 +1051,6 @@ class UnipeltCallback(_CallbackBase):
 
 __all__ = [
     "TrainConfig", "TrainReport", "TrainingError", "train", "evaluate", "evaluate_encoded", "load_data", "encode",
-    "detect_task", "epoch_order", "param_groups", "make_schedule", "gate_means", "gate_table_text", "plot_gates",
+    "detect_task", "epoch_order", "param_groups", "trivial_baseline", "make_schedule", "gate_means", "gate_table_text", "plot_gates",
     "UnipeltCallback", "load_adapted", "training_info", "record_training_info", "list_checkpoints", "macro_f1",
 ]
