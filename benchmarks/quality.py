@@ -53,6 +53,7 @@ CLS_METHODS: dict[str, str | dict | None] = {
     "LoRA": "lora.yaml",
     "prefix": "prefix.yaml",
     "Pfeiffer adapter": "pfeiffer.yaml",
+    "Houlsby adapter": "houlsby.yaml",
     "UniPELT (AP)": "unipelt-ap.yaml",
     "UniPELT (APL)": "unipelt.yaml",
     "MAM": "mam.yaml",
@@ -84,6 +85,12 @@ def _lora_gate(**fields):
     return edit
 
 
+def _shared_lora_gate(spec: dict) -> dict:
+    spec.setdefault("gates", {})["g_lora"] = dict(spec["modules"]["lora"]["gate"])
+    spec["modules"]["lora"]["gate"] = "g_lora"
+    return spec
+
+
 def _scale(node: str, scale: float):
     def edit(spec: dict) -> dict:
         spec["modules"][node]["lr_scale"] = scale
@@ -110,6 +117,16 @@ VARIANTS: dict[str, tuple[str, object, float | None]] = {
     "UniPELT (APL) prefix lr_scale=0.03": ("unipelt.yaml", _scale("prefix", 0.03), None),
     "UniPELT (AP) prefix lr_scale=0.1": ("unipelt-ap.yaml", _scale("prefix", 0.1), None),
     "MAM prefix lr_scale=0.1": ("mam.yaml", _scale("prefix", 0.1), None),
+    # issue 13: the reference gives q and v a LoRA gate each (now the default); this row shares one
+    "UniPELT (APL) shared LoRA gate": ("unipelt.yaml", _shared_lora_gate, None),
+    "UniPELT (APL) adapter lr_scale=3": ("unipelt.yaml", _scale("adapter", 3.0), None),
+}
+# Variants whose grid is the learning rate times per-node lr_scale values, chosen jointly on dev
+# (issue 13: "an lr_scale grid for the prefix chosen on dev"): name -> (spec file, {node: scales}).
+GRID_VARIANTS: dict[str, tuple[str, dict[str, list[float]]]] = {
+    "UniPELT (APL) prefix lr_scale grid": ("unipelt.yaml", {"prefix": [0.03, 0.1, 0.3]}),
+    "UniPELT (AP) prefix lr_scale grid": ("unipelt-ap.yaml", {"prefix": [0.03, 0.1, 0.3]}),
+    "prefix lr_scale grid": ("prefix.yaml", {"prefix": [0.03, 0.1, 0.3]}),
 }
 LR_GRID = {
     "cls": {"full fine-tuning": [2e-5, 5e-5, 1e-4], "head only": [1e-3, 3e-3, 1e-2], None: [1e-3, 3e-3, 1e-2]},
@@ -117,10 +134,17 @@ LR_GRID = {
 }
 
 
-def spec_for(name: str, task: str) -> dict | None:
+def spec_for(name: str, task: str, scales: dict[str, float] | None = None) -> dict | None:
     edit = None
     if name in VARIANTS:
         source, edit, _ = VARIANTS[name]
+    elif name in GRID_VARIANTS:
+        source = GRID_VARIANTS[name][0]
+
+        def edit(spec: dict) -> dict:
+            for node, value in (scales or {}).items():
+                spec["modules"][node]["lr_scale"] = value
+            return spec
     else:
         source = (CLS_METHODS if task == "cls" else LM_METHODS)[name]
     if source is None or isinstance(source, dict):
@@ -227,8 +251,19 @@ def evaluate(model, data: dict, task: str, n_labels: int, device, bs=64) -> dict
 
 
 # ------------------------------------------------------------------------------------------ runs
-def run(method: str, lr: float, seed: int, train: dict | None, evalsets: list[dict], args, device, n_labels: int) -> list[dict]:
-    """Train ``method`` once and return its metrics on each of ``evalsets``."""
+def _config(point) -> tuple[float, dict[str, float] | None]:
+    """A grid point: a learning rate, or (learning rate, {node: lr_scale}) for GRID_VARIANTS."""
+    return (point[0], dict(point[1])) if isinstance(point, tuple) else (point, None)
+
+
+def _key(point) -> str:
+    lr, scales = _config(point)
+    return f"{lr:g}" + "".join(f" {n}x{v:g}" for n, v in (scales or {}).items())
+
+
+def run(method: str, point, seed: int, train: dict | None, evalsets: list[dict], args, device, n_labels: int) -> list[dict]:
+    """Train ``method`` once at grid point ``point`` and return its metrics on each of ``evalsets``."""
+    lr, scales = _config(point)
     from unipelt.models import load_model
 
     torch.manual_seed(seed)
@@ -236,7 +271,7 @@ def run(method: str, lr: float, seed: int, train: dict | None, evalsets: list[di
     task = "classification" if args.task == "cls" else "causal-lm"
     model, _ = load_model(args.model, task=task, num_labels=n_labels if args.task == "cls" else None)
     model.to(device)
-    spec = spec_for(method, args.task)
+    spec = spec_for(method, args.task, scales)
     if spec is None and (method == "no training"):
         return [{**evaluate(model, e, args.task, n_labels, device), "params": 0, "s_per_step": 0.0} for e in evalsets]
     if spec is None:  # full fine-tuning
@@ -320,12 +355,13 @@ def report(paths: list[Path]) -> None:
             if task == "cls":
                 print("| method | lr | accuracy % | macro-F1 % | kept params | ms/step |\n|---|---|---|---|---|---|")
                 for m, r in kres.items():
-                    print(f"| {m} | {r['lr']:g} | {100*r['acc_mean']:.1f} ± {100*r['acc_std']:.1f} | "
+                    lr = r["lr"] if isinstance(r["lr"], str) else f"{r['lr']:g}"
+                    print(f"| {m} | {lr} | {100*r['acc_mean']:.1f} ± {100*r['acc_std']:.1f} | "
                           f"{100*r['f1_mean']:.1f} ± {100*r['f1_std']:.1f} | {r['params']:,} | {r['ms_per_step']:.1f} |")
             else:
                 print("| method | lr | test perplexity | kept params | ms/step |\n|---|---|---|---|---|")
                 for m, r in kres.items():
-                    lr = "—" if r["lr"] is None else f"{r['lr']:g}"
+                    lr = "—" if r["lr"] is None else r["lr"] if isinstance(r["lr"], str) else f"{r['lr']:g}"
                     print(f"| {m} | {lr} | {r['ppl_mean']:.2f} ± {r['ppl_std']:.2f} | {r['params']:,} | {r['ms_per_step']:.1f} |")
 
 
@@ -361,9 +397,9 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     catalog = CLS_METHODS if task == "cls" else LM_METHODS
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(catalog)
-    unknown = [m for m in methods if m not in catalog and m not in VARIANTS]
+    unknown = [m for m in methods if m not in catalog and m not in VARIANTS and m not in GRID_VARIANTS]
     if unknown:
-        ap.error(f"unknown methods {unknown}; choose from {list(catalog) + list(VARIANTS)}")
+        ap.error(f"unknown methods {unknown}; choose from {list(catalog) + list(VARIANTS) + list(GRID_VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     _, tok = load_model(args.model, task="classification" if task == "cls" else "causal-lm",
                         num_labels=3 if task == "cls" else None)
@@ -387,12 +423,18 @@ def main():
                 best, dev_scores = None, {}
             else:
                 grid = LR_GRID[task].get(m, LR_GRID[task][None])
+                if m in GRID_VARIANTS:  # learning rate x every combination of the nodes' lr_scales
+                    import itertools
+
+                    nodes = GRID_VARIANTS[m][1]
+                    grid = [(lr, tuple(zip(nodes, combo))) for lr in grid for combo in itertools.product(*nodes.values())]
                 # the selection runs (seed 0) are also scored on test, but only the chosen rate's
                 # test score is used: it is the seed-0 run of the table, not trained twice
-                both = {lr: run(m, lr, 0, sample(0), [dev_enc, test_enc], args, device, len(labels)) for lr in grid}
-                dev_scores = {lr: r[0] for lr, r in both.items()}
-                best = max(grid, key=lambda lr: _score(task, dev_scores[lr]))
-                runs = [both[best][1] if s == 0 else run(m, best, s, sample(s), [test_enc], args, device, len(labels))[0]
+                both = {pt: run(m, pt, 0, sample(0), [dev_enc, test_enc], args, device, len(labels)) for pt in grid}
+                dev_scores = {_key(pt): r[0] for pt, r in both.items()}
+                best_pt = max(grid, key=lambda pt: _score(task, dev_scores[_key(pt)]))
+                best = _key(best_pt) if isinstance(best_pt, tuple) else best_pt
+                runs = [both[best_pt][1] if s == 0 else run(m, best_pt, s, sample(s), [test_enc], args, device, len(labels))[0]
                         for s in seeds]
             kres[m] = {"lr": best, "dev_by_lr": dev_scores, "runs": runs, **_summary(task, runs)}
             print(_line(task, k, m, best, kres[m]), flush=True)

@@ -1,9 +1,12 @@
 """Bottleneck adapters (Houlsby et al., 2019, arXiv 1902.00751; Pfeiffer et al., 2021,
 arXiv 2005.00247; parallel: He et al., 2022, arXiv 2110.04366).
 
-Delta = s · W_up·f(W_down·x + b_down) + b_up, m ≪ d. Serial (``attn.out``, ``ffn.out``): the
-branch reads the sublayer output h and the result is h + Delta(h). Parallel (``ffn``): the branch
-reads the FFN input x and the result is FFN(x) + s·Delta(x) (scaled PA: s = 4, or a learned s).
+Delta = s · W_up·f(W_down·x + b_down) + b_up, m ≪ d. Serial, Houlsby (``attn.out``, ``ffn.out``):
+the branch reads the sublayer's output projection h and the sublayer computes N(x + h + Delta(h)).
+Serial, Pfeiffer (``ffn.res``, ``attn.res``): the branch reads a = N(h + x) and the sublayer
+computes N(h + x + Delta(a)) (N: the post-LN sublayer's LayerNorm, the identity on pre-LN blocks).
+Parallel (``ffn``): the branch reads the FFN input x and the result is FFN(x) + s·Delta(x) (scaled
+PA: s = 4, or a learned s).
 W_up = 0 and b_up = 0 at init (``near_identity``), so the block starts as the identity.
 """
 from __future__ import annotations
@@ -105,8 +108,8 @@ class AdapterBranch(nn.Module):
 
 
 METHOD = MethodDef(
-    name="adapter", config=AdapterConfig, site_kinds=frozenset({"output", "io"}),
-    summary="bottleneck adapter: serial at attn.out/ffn.out (Houlsby, Pfeiffer), parallel at ffn (PA, scaled PA)",
+    name="adapter", config=AdapterConfig, site_kinds=frozenset({"output", "io", "renorm"}),
+    summary="bottleneck adapter: serial at attn.out/ffn.out (Houlsby) or ffn.res (Pfeiffer), parallel at ffn (PA, scaled PA)",
     default_gate_input="site",
 )
 

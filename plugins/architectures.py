@@ -1,9 +1,17 @@
 """Architecture catalogs for BERT/RoBERTa, GPT-2 and the Llama family (Llama, Mistral, Qwen2, Qwen3).
 
 Where each model-independent hook point lives in each family (see METHODS.md, "Hook points").
-Post-LN encoders (BERT) and pre-LN decoders differ in one place: ``ffn.out`` on BERT is the FFN
-sublayer output after its residual add and LayerNorm (Pfeiffer's placement), on pre-LN decoders
-the MLP output before the residual add.
+The serial adapter positions, as AdapterHub ``adapters`` 1.3 computes them (x the sublayer's input,
+h its output projection, N its norm after the residual add: LayerNorm on post-LN encoders, the
+identity on pre-LN decoders):
+
+- ``attn.out`` / ``ffn.out``: h itself, before the residual add (and before BERT's dropout and
+  LayerNorm): a serial adapter there gives N(x + h + Delta(h)), Houlsby's placement.
+- ``attn.res`` / ``ffn.res``: the re-normalised residual sum (a ``renorm`` site): the adapter reads
+  a = N(h + x) and the result is N(h + x + Delta(a)), Pfeiffer's (``seq_bn``). On pre-LN decoders
+  that is h + x + Delta(h + x): the adapter reads the residual stream after the add, as
+  ``adapters``' seq_bn does on GPT-2 and Llama (``original_ln_before``/``original_ln_after`` with
+  no layer norm passed: only the residual adds remain).
 """
 from __future__ import annotations
 
@@ -21,15 +29,19 @@ BERT = Architecture(
         "attn.v": SiteTarget("linear", "attention.self.value", reads="attn.in"),
         "attn.o": SiteTarget("linear", "attention.output.dense", reads="attn.ctx"),
         "attn.kv": SiteTarget("kv", "attention.self", reads="attn.in"),
-        # Houlsby position 1: the attention projection's output, before dropout, residual and LN
+        # Houlsby: the attention projection's output, before dropout, residual and LN
         "attn.out": SiteTarget("output", "attention.output.dense"),
+        # Pfeiffer at the attention sublayer: its LayerNorm reads s = h + x; out = LN(s + Delta(LN(s)))
+        "attn.res": SiteTarget("renorm", "attention.output.LayerNorm"),
         "ffn.up": SiteTarget("linear", "intermediate.dense", reads="ffn.in"),
         "ffn.down": SiteTarget("linear", "output.dense", reads="ffn.mid"),
         # parallel to the whole FFN: reads the FFN input, adds to the down projection's output
         # (before the residual add and LN)
         "ffn": SiteTarget("io", "output.dense", input_path="intermediate", reads="ffn.in"),
-        # Pfeiffer / UniPELT: after the FFN sublayer's residual add and LayerNorm
-        "ffn.out": SiteTarget("output", "output"),
+        # Houlsby: the FFN's output projection, before dropout, residual and LN
+        "ffn.out": SiteTarget("output", "output.dense"),
+        # Pfeiffer / UniPELT: the FFN sublayer's LayerNorm reads s = h + x; out = LN(s + Delta(LN(s)))
+        "ffn.res": SiteTarget("renorm", "output.LayerNorm"),
         "bias": SiteTarget("params", "", select="bias"),
         "norm": SiteTarget("params", "", select="norm"),
     },
@@ -55,10 +67,13 @@ GPT2 = Architecture(
         "attn.o": SiteTarget("linear", "attn.c_proj", reads="attn.ctx"),
         "attn.kv": SiteTarget("kv", "attn", reads="attn.in"),
         "attn.out": SiteTarget("output", "attn"),
+        # pre-LN: the residual is ln_1's input; the adapter reads h + x, the block adds x
+        "attn.res": SiteTarget("renorm", "attn", input_path="ln_1"),
         "ffn.up": SiteTarget("linear", "mlp.c_fc", reads="ffn.in"),
         "ffn.down": SiteTarget("linear", "mlp.c_proj", reads="ffn.mid"),
         "ffn": SiteTarget("io", "mlp", input_path="mlp", reads="ffn.in"),
         "ffn.out": SiteTarget("output", "mlp"),
+        "ffn.res": SiteTarget("renorm", "mlp", input_path="ln_2"),
         "bias": SiteTarget("params", "", select="bias"),
         "norm": SiteTarget("params", "", select="norm"),
     },
@@ -85,11 +100,13 @@ LLAMA = Architecture(
         "attn.o": SiteTarget("linear", "self_attn.o_proj", reads="attn.ctx"),
         "attn.kv": SiteTarget("kv", "self_attn", reads="attn.in"),
         "attn.out": SiteTarget("output", "self_attn"),
+        "attn.res": SiteTarget("renorm", "self_attn", input_path="input_layernorm"),
         "ffn.up": SiteTarget("linear", "mlp.up_proj", reads="ffn.in"),
         "ffn.gate": SiteTarget("linear", "mlp.gate_proj", reads="ffn.in"),
         "ffn.down": SiteTarget("linear", "mlp.down_proj", reads="ffn.mid"),
         "ffn": SiteTarget("io", "mlp", input_path="mlp", reads="ffn.in"),
         "ffn.out": SiteTarget("output", "mlp"),
+        "ffn.res": SiteTarget("renorm", "mlp", input_path="post_attention_layernorm"),
         "bias": SiteTarget("params", "", select="bias"),
         "norm": SiteTarget("params", "", select="norm"),
     },

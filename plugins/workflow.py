@@ -134,6 +134,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif m:
             line += f"  eval loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}"
         print(line)
+    b = report.get("baseline") or {}
+    if b.get("kind") == "majority class":
+        print(f"baseline      always {report['labels'][b['majority']]!r} (the training majority): "
+              f"eval accuracy {b['accuracy']:.4f}  macro-F1 {b['macro_f1']:.4f}")
+    elif b:
+        print(f"baseline      the model before training: eval loss {b['loss']:.4f}  perplexity {b['perplexity']:.3f}")
     if report["gates"]:
         from unipelt.train import gate_table_text
 

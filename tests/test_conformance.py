@@ -63,32 +63,32 @@ ALL_LINEARS = {
 LORA_RS = {"modules": {"lora": {
     "method": "lora", "sites": ["attn.q", "attn.k", "attn.v"], "r": 4, "alpha": 16, "rslora": True, "init": "gaussian",
 }}}
-PFEIFFER = {"modules": {"adapter": {"method": "adapter", "site": "ffn.out", "reduction_factor": 4}}}
+PFEIFFER = {"modules": {"adapter": {"method": "adapter", "site": "ffn.res", "reduction_factor": 4}}}
 HOULSBY = {"modules": {"adapter": {"method": "adapter", "sites": ["attn.out", "ffn.out"], "width": 6, "activation": "gelu"}}}
 PARALLEL = {"modules": {"pa": {"method": "adapter", "site": "ffn", "width": 8, "scale": 4.0}}}
 PARALLEL_LEARNED = {"modules": {"pa": {"method": "adapter", "site": "ffn", "width": 8, "scale": 4.0, "learned_scale": True}}}
 # UniPELT without prefix (AL): gated LoRA on q, v and a gated Pfeiffer adapter
 UNIPELT_AL = {"modules": {
     "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": True},
-    "adapter": {"method": "adapter", "site": "ffn.out", "reduction_factor": 4, "gate": True},
+    "adapter": {"method": "adapter", "site": "ffn.res", "reduction_factor": 4, "gate": True},
 }}
 UNIPELT_AL_OPTIONS_ENC = {"modules": {
     "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4,
              "gate": {"input": "site", "pooling": "mean", "lora_scale": "multiply", "init_bias": 1.0}},
-    "adapter": {"method": "adapter", "site": "ffn.out", "reduction_factor": 4,
+    "adapter": {"method": "adapter", "site": "ffn.res", "reduction_factor": 4,
                 "gate": {"input": "layer", "pooling": "token", "init_bias": -1.0}},
 }}
 UNIPELT_AL_OPTIONS_DEC = {"modules": {
     "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4,
              "gate": {"input": "site", "pooling": "running_mean", "lora_scale": "multiply", "init_bias": 1.0}},
-    "adapter": {"method": "adapter", "site": "ffn.out", "reduction_factor": 4,
+    "adapter": {"method": "adapter", "site": "ffn.res", "reduction_factor": 4,
                 "gate": {"pooling": "masked_mean", "allow_noncausal": True}},
 }}
 SHARED_GATE = {
     "gates": {"g": {"input": "layer"}},
     "modules": {
         "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": "g"},
-        "adapter": {"method": "adapter", "site": "ffn.out", "reduction_factor": 4, "gate": "g"},
+        "adapter": {"method": "adapter", "site": "ffn.res", "reduction_factor": 4, "gate": "g"},
     },
 }
 SEQUENTIAL = {
@@ -103,7 +103,9 @@ AVERAGE = {
         "l1": {"method": "lora", "site": "attn.q", "r": 2},
         "l2": {"method": "lora", "site": "attn.q", "r": 4},
         "a1": {"method": "adapter", "site": "ffn.out", "width": 4},
-        "a2": {"method": "adapter", "site": "ffn.out", "width": 4, "gate": True},
+        # tanh, not relu: at ffn.out the adapter reads the output projection of a tiny random BERT
+        # (norm ~0.05), where all four relu units of one seed start dead and never train
+        "a2": {"method": "adapter", "site": "ffn.out", "width": 4, "gate": True, "activation": "tanh"},
     },
     "combine": {"attn.q": "average", "ffn.out": {"mode": "average"}},
 }
@@ -116,7 +118,7 @@ P_TUNING_V2 = {"modules": {"deep": {"method": "p_tuning_v2", "length": 4, "layer
 UNIPELT_APL = {"modules": {
     "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": True},
     "prefix": {"method": "prefix", "length": 3, "reparam_hidden": 16, "gate": True},
-    "adapter": {"method": "adapter", "site": "ffn.out", "reduction_factor": 4, "gate": True},
+    "adapter": {"method": "adapter", "site": "ffn.res", "reduction_factor": 4, "gate": True},
 }}
 MAM = {"modules": {
     "prefix": {"method": "prefix", "length": 3, "reparam_hidden": 16},

@@ -23,7 +23,7 @@ def bert_base():
 
 
 LORA = {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 8}
-PFEIFFER = {"method": "adapter", "site": "ffn.out", "reduction_factor": 16}
+PFEIFFER = {"method": "adapter", "site": "ffn.res", "reduction_factor": 16}
 
 
 def test_lora_qv_r8(bert_base):
@@ -40,33 +40,57 @@ def test_pfeiffer_m48(bert_base):
     s = h.summary()
     # m = 768 / 16 = 48: down (768x48 + 48) + up (48x768 + 768) per layer
     assert s.kept == 894_528 == LAYERS * (D * 48 + 48 + 48 * D + D)
-    assert h.named_parameters()["adapter.0.ffn.out.down.weight"].shape == (48, D)
+    assert h.named_parameters()["adapter.0.ffn.res.down.weight"].shape == (48, D)
 
 
-def test_three_gates(bert_base):
-    """UniPELT's gates: one Linear(768, 1) per gated module and layer: 12·3·769."""
+def test_four_gates(bert_base):
+    """UniPELT's gates as the reference counts them (``adapters``' UniPELTConfig): one
+    Linear(768, 1) per gated module, and every LoRA-wrapped projection is a module of its own:
+    LoRA q, LoRA v, prefix and adapter, 12·4·769 = 36,912."""
     h = unipelt.compile(bert_base, {"modules": {
         "lora": {**LORA, "gate": True},
+        "prefix": {"method": "prefix", "length": 10, "gate": True},
         "adapter": {**PFEIFFER, "gate": True},
-        "adapter_attn": {"method": "adapter", "site": "attn.out", "reduction_factor": 16, "gate": True},
     }})
     s = h.summary()
     gate_total = sum(g["params"] for g in s.gates)
-    assert gate_total == 27_684 == LAYERS * 3 * (D + 1)
+    assert gate_total == 36_912 == LAYERS * 4 * (D + 1)
     modules = s.per_module()
     assert {k: v["kept"] for k, v in modules.items() if k.startswith("gate:")} == {
-        "gate:lora": 9_228, "gate:adapter": 9_228, "gate:adapter_attn": 9_228,
+        "gate:lora@attn.q": 9_228, "gate:lora@attn.v": 9_228, "gate:prefix": 9_228, "gate:adapter": 9_228,
     }
-    # the lora gate reads the layer input: one gate per layer serves both q and v
-    assert len(s.gates) == 36
-    assert s.kept == 294_912 + 2 * 894_528 + 27_684
+    assert len(s.gates) == 48
+    # APL kept total (METHODS.md): LoRA 294,912 + adapter 894,528 + prefix 184,320 + gates 36,912
+    assert s.kept == 1_410_672 == 294_912 + 894_528 + LAYERS * 2 * 10 * D + 36_912
+
+
+def test_shared_lora_gate_is_an_option(bert_base):
+    """Sharing one gate between q and v (a named shared gate): 12·3·769 = 27,684 gate parameters."""
+    h = unipelt.compile(bert_base, {
+        "modules": {"lora": {**LORA, "gate": "g_lora"}, "prefix": {"method": "prefix", "length": 10, "gate": True},
+                    "adapter": {**PFEIFFER, "gate": True}},
+        "gates": {"g_lora": {"input": "layer"}},
+    })
+    s = h.summary()
+    assert sum(g["params"] for g in s.gates) == 27_684 == LAYERS * 3 * (D + 1)
+    assert s.kept == 1_401_444
+
+
+def test_shipped_unipelt_spec_counts(bert_base):
+    """specs/unipelt.yaml on BERT-base: the reference's 1,410,672 kept (the prefix MLP dropped)."""
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[1] / "specs" / "unipelt.yaml"
+    s = unipelt.compile(bert_base, spec).summary()
+    assert s.kept == 1_410_672
+    assert sum(g["params"] for g in s.gates) == 36_912
 
 
 def test_summary_text(bert_base):
     h = unipelt.compile(bert_base, {"modules": {"lora": {**LORA, "gate": True}}})
     text = str(h.summary())
-    assert "294,912" in text and "9,228" in text and "gate:lora" in text
-    assert f"L0={8 * D * 4 + D + 1:,}" in text
+    assert "294,912" in text and "9,228" in text and "gate:lora@attn.q" in text and "gate:lora@attn.v" in text
+    assert f"L0={8 * D * 4 + 2 * (D + 1):,}" in text  # LoRA q and v, and a gate for each
 
 
 def _assert_budget_error(model, spec, *needles):

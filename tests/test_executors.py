@@ -69,14 +69,14 @@ def test_grouped_executor_equals_reference(case, batch):
 
 def test_groups_run_where_the_plan_has_them():
     # UniPELT on a 2-layer BERT: per layer, attn.in feeds LoRA q, LoRA v and the LoRA and prefix
-    # gates (one product), and ffn.out feeds the adapter and its gate
+    # gates (one product), and ffn.res (the renormalised residual sum) feeds the adapter and its gate
     from conftest import make_bert
 
     model = make_bert()
     h = unipelt.compile(model, "specs/unipelt.yaml")
     groups = get_state(model).ctx.groups
     on = sorted(g.group.key for g in groups.values() if g.on)
-    assert on == ["0:attn.in", "0:ffn.out", "1:attn.in", "1:ffn.out"]
+    assert on == ["0:attn.in", "0:ffn.res", "1:attn.in", "1:ffn.res"]
     assert [len(fg.members) for fg in h.graph.fusion_groups] == [len(groups[f"default/{fg.key}"].group.members) for fg in h.graph.fusion_groups]
     # the gate is evaluated once per layer per forward, not once per branch using it
     calls = []

@@ -124,7 +124,8 @@ def test_lora_on_gpt2_fused_v_slice():
 # bottleneck adapters
 # ------------------------------------------------------------------------------------------
 def test_serial_adapter_bert_ffn_out():
-    """Pfeiffer: after the FFN sublayer's residual add and LayerNorm: out = h + Delta(h)."""
+    """Houlsby's FFN position: the adapter reads the output projection h = dense(mid), before the
+    residual add and LayerNorm: out = LN(h + Delta(h) + x). (Pfeiffer's ffn.res: test_placements.py.)"""
     model = make_bert()
     h = unipelt.compile(model, {"modules": {"a": {"method": "adapter", "site": "ffn.out", "width": 5, "scale": 2.0}}})
     randomize(h)
@@ -132,10 +133,11 @@ def test_serial_adapter_bert_ffn_out():
     cap = Capture(out_mod)
     run(model, make_batch())
     (mid, residual), _ = cap.inputs[-1]
-    base = out_mod.LayerNorm(out_mod.dense(mid) + residual)
+    proj = out_mod.dense.base_layer(mid)
     p = branch_params(h, "a.0.ffn.out")
     assert p["down.weight"].shape == (5, 32)
-    torch.testing.assert_close(cap.y, base + adapter_delta(p, base, scale=2.0), atol=ATOL, rtol=0)
+    expected = out_mod.LayerNorm(proj + adapter_delta(p, proj, scale=2.0) + residual)
+    torch.testing.assert_close(cap.y, expected, atol=ATOL, rtol=0)
 
 
 def test_serial_adapter_llama_attn_out_gelu():
@@ -194,10 +196,10 @@ def test_sequential_combine_order():
     cap = Capture(out_mod)
     run(model, make_batch())
     (mid, residual), _ = cap.inputs[-1]
-    y = out_mod.LayerNorm(out_mod.dense(mid) + residual)
+    y = out_mod.dense.base_layer(mid)  # ffn.out: the output projection, before residual and LN
     y = y + adapter_delta(branch_params(h, "a2.0.ffn.out"), y)
     y = y + adapter_delta(branch_params(h, "a1.0.ffn.out"), y)
-    torch.testing.assert_close(cap.y, y, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cap.y, out_mod.LayerNorm(y + residual), atol=ATOL, rtol=0)
 
 
 def test_average_combine():
@@ -235,7 +237,8 @@ def pooled(g, mask, pooling):
 
 @pytest.mark.parametrize("pooling", ["masked_mean", "mean", "token"])
 def test_adapter_gate_pooling_bert(pooling):
-    """G_A = sigmoid(w·h + b) from the adapter's input h (the FFN output); out = h + G_A·Delta(h)."""
+    """G_A = sigmoid(w·h + b) from the adapter's input h (the FFN's output projection at ffn.out);
+    out = LN(h + G_A·Delta(h) + x)."""
     model = make_bert()
     h = unipelt.compile(model, {"modules": {"a": {"method": "adapter", "site": "ffn.out", "width": 4, "gate": {"pooling": pooling}}}})
     randomize(h)
@@ -244,12 +247,12 @@ def test_adapter_gate_pooling_bert(pooling):
     cap = Capture(out_mod)
     run(model, batch)
     (mid, residual), _ = cap.inputs[-1]
-    y = out_mod.LayerNorm(out_mod.dense(mid) + residual)
+    y = out_mod.dense.base_layer(mid)
     p = h.named_parameters()
     w, b = p["gate.a.1.linear.weight"], p["gate.a.1.linear.bias"]
     assert w.shape == (1, 32) and b.shape == (1,)
     g = pooled(torch.sigmoid(y @ w.T + b), batch["attention_mask"], pooling)
-    expected = y + g * adapter_delta(branch_params(h, "a.1.ffn.out"), y)
+    expected = out_mod.LayerNorm(y + g * adapter_delta(branch_params(h, "a.1.ffn.out"), y) + residual)
     torch.testing.assert_close(cap.y, expected, atol=ATOL, rtol=0)
 
     # the gate report: one value per example, averaged over its real tokens
@@ -306,25 +309,52 @@ def test_lora_gate_llama(lora_scale, pooling):
 
 
 def test_lora_gate_bert_masked_mean_layer_input():
-    """On the post-LN encoder the block input is the attention input; one gate per layer is
-    shared by the node's q and v branches (input: layer)."""
+    """On the post-LN encoder the block input is the attention input. As in the UniPELT reference,
+    every LoRA-wrapped projection has its own gate: q and v one each, both reading the layer input."""
     model = make_bert()
     h = unipelt.compile(model, {"modules": {"l": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": True}}})
     randomize(h)
-    assert sorted(k for k in h.named_parameters() if k.startswith("gate.")) == [
-        "gate.l.0.linear.bias", "gate.l.0.linear.weight", "gate.l.1.linear.bias", "gate.l.1.linear.weight",
+    assert sorted(k for k in h.named_parameters() if k.startswith("gate.") and ".0.linear" in k) == [
+        "gate.l@attn.q.0.linear.bias", "gate.l@attn.q.0.linear.weight",
+        "gate.l@attn.v.0.linear.bias", "gate.l@attn.v.0.linear.weight",
     ]
     batch = make_batch(lengths=(7, 4, 1))
     attn = model.bert.encoder.layer[0].attention.self
     cap_q, cap_v = Capture(attn.query), Capture(attn.value)
-    run(model, batch)
+    report = h.gates(batch)
     p = h.named_parameters()
     x = cap_q.x
-    g = pooled(torch.sigmoid(x @ p["gate.l.0.linear.weight"].T + p["gate.l.0.linear.bias"]), batch["attention_mask"], "masked_mean")
+    m = batch["attention_mask"]
     for cap, site, lin in ((cap_q, "attn.q", attn.query), (cap_v, "attn.v", attn.value)):
+        w, b = p[f"gate.l@{site}.0.linear.weight"], p[f"gate.l@{site}.0.linear.bias"]
+        g = pooled(torch.sigmoid(x @ w.T + b), m, "masked_mean")
         A, B = p[f"l.0.{site}.lora_A"], p[f"l.0.{site}.lora_B"]
         expected = lin.base_layer(x) + g * ((x @ A.T) @ B.T)  # replace: alpha/r is ignored
         torch.testing.assert_close(cap.y, expected, atol=ATOL, rtol=0)
+        # the gate report has one row per projection
+        torch.testing.assert_close(report.values[(f"l@{site}", 0)], g[:, 0, 0], atol=ATOL, rtol=0)
+    assert not torch.allclose(report.values[("l@attn.q", 0)], report.values[("l@attn.v", 0)])
+
+
+def test_lora_gate_shared_by_q_and_v_is_an_explicit_option():
+    """One gate for both projections: a shared gate named under ``gates:``."""
+    model = make_bert()
+    h = unipelt.compile(model, {"modules": {"l": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": "g"}},
+                                "gates": {"g": {"input": "layer"}}})
+    randomize(h)
+    assert sorted(k for k in h.named_parameters() if k.startswith("gate.")) == [
+        "gate.g.0.linear.bias", "gate.g.0.linear.weight", "gate.g.1.linear.bias", "gate.g.1.linear.weight",
+    ]
+    batch = make_batch(lengths=(7, 4, 1))
+    attn = model.bert.encoder.layer[1].attention.self
+    cap_q, cap_v = Capture(attn.query), Capture(attn.value)
+    run(model, batch)
+    p = h.named_parameters()
+    x = cap_q.x
+    g = pooled(torch.sigmoid(x @ p["gate.g.1.linear.weight"].T + p["gate.g.1.linear.bias"]), batch["attention_mask"], "masked_mean")
+    for cap, site, lin in ((cap_q, "attn.q", attn.query), (cap_v, "attn.v", attn.value)):
+        A, B = p[f"l.1.{site}.lora_A"], p[f"l.1.{site}.lora_B"]
+        torch.testing.assert_close(cap.y, lin.base_layer(x) + g * ((x @ A.T) @ B.T), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

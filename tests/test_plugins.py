@@ -144,7 +144,8 @@ def test_third_party_method(installed):
     with torch.no_grad():
         assert not torch.allclose(model(**batch).logits, ref)
 
-    # the formula: the block's FFN output is multiplied by s
+    # the formula: the FFN's output projection (ffn.out, before the residual add and LayerNorm)
+    # is multiplied by s
     out_mod = model.bert.encoder.layer[1].output
     seen = []
     hooks = [out_mod.register_forward_pre_hook(lambda m, a: seen.append(a)),
@@ -152,8 +153,8 @@ def test_third_party_method(installed):
     with torch.no_grad():
         model(**batch)
         (mid, residual), y = seen
-        base = out_mod.LayerNorm(out_mod.dense(mid) + residual)
-        torch.testing.assert_close(y, base * s, atol=1e-6, rtol=0)
+        expected = out_mod.LayerNorm(out_mod.dense.base_layer(mid) * s + residual)
+        torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
     for hk in hooks:
         hk.remove()
     h.detach()

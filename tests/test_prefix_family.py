@@ -1,4 +1,4 @@
-"""The prefix family through the whole engine, with specs/unipelt.yaml's three gates live."""
+"""The prefix family through the whole engine, with specs/unipelt.yaml's gates live (LoRA q, LoRA v, prefix, adapter)."""
 from __future__ import annotations
 
 import copy
@@ -188,8 +188,9 @@ def test_bert_base_counts_prefix_kept_and_total():
     per = s.per_module()
     assert per["prefix"]["kept"] == 184_320
     assert per["lora"]["kept"] == 294_912 and per["adapter"]["kept"] == 894_528
-    assert sum(v["kept"] for k, v in per.items() if k.startswith("gate:")) == 27_684
-    assert s.kept == 184_320 + 294_912 + 894_528 + 27_684 == 1_401_444
+    # four gates per layer, as the reference: LoRA q, LoRA v, prefix, adapter (12·4·769)
+    assert sum(v["kept"] for k, v in per.items() if k.startswith("gate:")) == 36_912
+    assert s.kept == 184_320 + 294_912 + 894_528 + 36_912 == 1_410_672
     # training adds the shared prefix MLP: Linear(768,512) + Linear(512, 12*2*768) + E (10x768)
     mlp = 768 * 512 + 512 + 512 * 12 * 2 * 768 + 12 * 2 * 768 + 10 * 768
     assert s.training == s.kept - 184_320 + mlp

@@ -349,8 +349,9 @@ def test_auto_pooling_per_architecture(bert, llama):
     dec = unipelt.compile(llama, spec)
     assert {gp.spec.pooling for gp in enc.graph.gates.values()} == {"masked_mean"}
     assert {gp.spec.pooling for gp in dec.graph.gates.values()} == {"token"}
-    # and the published gate inputs: LoRA from the layer input, the adapter from its own input
-    assert {k.split(".")[0]: gp.input for k, gp in enc.graph.gates.items()} == {"x": "layer", "a": "site"}
+    # and the published gate inputs: LoRA from the layer input (one gate per projection, as the
+    # reference), the adapter from its own input
+    assert {gp.gate_id: gp.input for gp in enc.graph.gates.values()} == {"x@attn.q": "layer", "x@attn.v": "layer", "a": "site"}
 
 
 def test_valid_layer_syntax(bert):

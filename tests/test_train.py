@@ -79,7 +79,7 @@ def test_classification_adds_head_gates_prefix_and_reloads(tmp_path):
     assert report["added_head"] == "head" and "head" in report["spec"]["modules"]
     final = report["final_eval"]
     assert set(final) >= {"accuracy", "macro_f1", "loss"}
-    assert set(report["gates"]) == {"lora", "prefix", "adapter"}
+    assert set(report["gates"]) == {"lora@attn.q", "lora@attn.v", "prefix", "adapter"}
     assert all(0.0 < v < 1.0 for d in report["gates"].values() for v in d.values())
     assert report["params"]["dropped_reparameterization"] > 0
     meta = json.loads((tmp_path / "run" / "adapter" / "unipelt.json").read_text())
@@ -391,7 +391,7 @@ def test_report_lists_the_learning_rate_of_every_group(tmp_path):
                                                                      warmup_steps=1, progress=False))
     groups = {g["name"]: (g["lr"], g["parameters"]) for g in report["param_groups"]}
     assert groups == {"default": (1e-3, 2 * 2 * 4 * 64), "lora_B x16": (1.6e-2, 2 * (4 * 64 + 4 * 32)),
-                      "gate": (5e-2, 2 * 65)}  # one gate per layer for the node
+                      "gate": (5e-2, 2 * 2 * 65)}  # one gate per projection (q, v) and layer
     assert json.loads((tmp_path / "r" / "report.json").read_text())["param_groups"] == report["param_groups"]
 
 

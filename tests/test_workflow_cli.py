@@ -89,7 +89,7 @@ def test_train_eval_gates_plot(tmp_path, capsys, cls_file, spec_file):
     assert "train" in err  # the progress bar (stderr)
     report = json.loads((out / "report.json").read_text())
     assert report["labels"] == ["neg", "pos"] and report["model"] == "tiny-bert"
-    assert len(report["epochs"]) == 2 and set(report["gates"]) == {"lora", "adapter"}
+    assert len(report["epochs"]) == 2 and set(report["gates"]) == {"lora@attn.q", "lora@attn.v", "adapter"}
     assert report["config"]["gate_lr"] == 1e-2
     final = report["final_eval"]
 
@@ -361,7 +361,7 @@ def test_eval_gates_merge_reuse_the_recorded_fields_and_model(tmp_path, capsys, 
     assert json.loads(stdout)["accuracy"] == final["accuracy"] and json.loads(stdout)["examples"] == 6
     code, stdout, err = run(capsys, "gates", out / "adapter", "--data", dev_tsv, "--json")
     assert code == 0, err
-    assert set(json.loads(stdout)["gates"]) == {"lora"}
+    assert set(json.loads(stdout)["gates"]) == {"lora@attn.q", "lora@attn.v"}  # one gate per projection
     # the flags still win over the record
     code, _, err = run(capsys, "eval", out / "adapter", "--data", dev_tsv, "--label-field", "nope")
     assert code == 5 and "'nope'" in err

@@ -13,7 +13,7 @@ from torch import nn
 
 from unipelt.errors import ModelError
 
-SiteKind = Literal["linear", "output", "io", "kv", "embed", "params"]
+from unipelt.types import SiteKind  # noqa: E402  (the one definition of hook-point kinds)
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,13 @@ class SiteTarget:
         and transform it (serial adapters).
       - ``io``: branches read the input of ``input_path`` (positional argument ``input_arg``, or
         keyword ``input_kwarg``) and add to the output of ``path`` (parallel adapters).
+      - ``renorm``: a sublayer's residual sum s = h + x, re-normalised after the branches
+        (Pfeiffer's placement, AdapterHub's ``seq_bn``): branches read a = N(s) and the result is
+        N(s + Delta(a)), N the sublayer's own norm. On a post-LN block ``path`` is that norm (its
+        input is s, its output a; it is applied again to s + Delta). On a pre-LN block there is no
+        norm after the residual add (N = identity): ``path`` is the sublayer (output h) and
+        ``input_path`` the module whose input is the residual x (the sublayer's input norm), so
+        branches read s = h + x and the sublayer returns h + Delta(s); the block adds x.
       - ``kv``: the attention module at ``path``; branches inject key/value vectors inside it.
       - ``embed``: the token embedding at ``path``.
       - ``params``: parameters of the modules under ``path`` selected by ``select``

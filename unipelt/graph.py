@@ -177,8 +177,11 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
             in_f = bp.site.in_features if bp.site.kind in ("linear", "io", "kv", "embed") else bp.site.out_features
             reads = bp.site.reads if bp.site.kind in ("kv", "embed") and bp.site.reads else bp.reads_tensor
         gate_id = node.gate_ref or node.name
-        if node.gate_ref is None and gate_input == "site" and len(node.sites) > 1:
-            # a node's own gate reading its site's tensor: one gate per site (Houlsby's two adapters)
+        if node.gate_ref is None and len(node.sites) > 1:
+            # a node's own gate is one gate per site, whatever it reads: the UniPELT reference gives
+            # every LoRA-wrapped projection its own gate (q and v: two per layer, even though both
+            # read the layer input), and Houlsby's two adapters read different tensors. One gate
+            # for several sites is a shared gate, named under `gates:` and referenced by name.
             gate_id = f"{node.name}@{bp.site.site}"
         gp = GatePlan(gate_id=gate_id, layer=bp.site.layer, spec=resolved, in_features=in_f, input=gate_input, reads_tensor=reads)
         existing = gates.get(gp.key)

@@ -18,7 +18,7 @@ from unipelt.errors import PluginError, SpecError, excerpt
 ENTRY_POINT_GROUP = "unipelt"
 
 # Every hook-point kind a branch can attach to (see unipelt.arch.SiteTarget.kind).
-SITE_KINDS = ("linear", "output", "io", "kv", "embed", "params")
+from unipelt.types import SITE_KINDS  # noqa: E402  (the one list of hook-point kinds)
 
 
 @dataclass(frozen=True)

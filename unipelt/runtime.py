@@ -193,7 +193,11 @@ def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | No
     grp = e.gate_group
     g = grp.gate(e.gate_key, gx, ctx) if grp is not None and grp.on else e.gate(gx, ctx)
     if ctx.record is not None:
-        ctx.record.setdefault((e.adapter, e.node, e.layer if e.layer is not None else -1), []).append(g.detach())
+        # a node's per-site gates (``lora@attn.q``, ``lora@attn.v``) are reported one row each;
+        # a shared gate, under each node that uses it
+        gate_id = e.gate_key.rsplit(".", 1)[0] if e.gate_key else e.node
+        label = gate_id if gate_id.startswith(e.node + "@") else e.node
+        ctx.record.setdefault((e.adapter, label, e.layer if e.layer is not None else -1), []).append(g.detach())
     return g
 
 
@@ -243,6 +247,14 @@ class SiteRuntime:
         self.out_width = out_width  # full width of the host output when sliced
         self.entries: list[Entry] = []
         self.mode: dict[str, str] = {}  # adapter -> parallel | sequential | average
+        # ``renorm`` sites: the post-LN sublayer norm applied again after the branches; None on a
+        # pre-LN block, where the residual is captured separately (``reads_stash``) and N = identity
+        self.norm: nn.Module | None = None
+
+    @property
+    def reads_stash(self) -> bool:
+        """Whether this site's ``x`` is a captured tensor (the FFN input, a pre-LN residual)."""
+        return self.kind == "io" or (self.kind == "renorm" and self.norm is None)
 
     def refresh(self, active: set[str]) -> None:
         """Decide what runs here (called on attach, switch, merge and detach, never per call)."""
@@ -265,6 +277,8 @@ class SiteRuntime:
     def apply(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor:
         if not self.live:
             return y
+        if self.kind == "renorm":
+            return self._renorm(x, y, ctx)
         full = y
         if self.out_slice is not None:
             y = full[..., self.out_slice[0]:self.out_slice[1]]
@@ -288,7 +302,30 @@ class SiteRuntime:
         return full + nn.functional.pad(delta, (s0, full.shape[-1] - s1))
 
 
-_PHASE = {"linear": 0, "io": 1, "output": 2}
+    def _renorm(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor:
+        """Pfeiffer's placement (AdapterHub ``seq_bn``): with s = h + x the residual sum and N the
+        sublayer's norm, branches read a = N(s) and the result is N(s + Delta(a)).
+
+        Post-LN (``norm`` set; this runs in the norm's forward hook): x = s, y = a. Pre-LN
+        (N = identity): x = the captured residual, y = the sublayer output h; branches read
+        s = h + x and the sublayer returns h + Delta(s), to which the block adds x.
+        """
+        if self.norm is not None:
+            s, src = x, y
+            if s is None:
+                raise RuntimeError(f"{self.site_key}: the norm's input (the residual sum) was not captured")
+        else:
+            if x is None:
+                raise RuntimeError(f"{self.site_key}: the sublayer's residual input was not captured")
+            s = src = y + x
+        delta = self.delta(src, src, ctx)
+        if self.norm is not None:
+            # ``forward``, not ``__call__``: we are inside the norm's own forward hook
+            return self.norm.forward(s + delta)
+        return y + delta
+
+
+_PHASE = {"linear": 0, "io": 1, "output": 2, "renorm": 3}
 
 
 class Host:
@@ -333,7 +370,7 @@ class Host:
         else:
             rest = self.runtimes.values()
         for rt in rest:
-            if rt.kind == "io":
+            if rt.reads_stash:
                 y = rt.apply(ctx.stash.get(rt.site_key), y, ctx)
             else:
                 y = rt.apply(x, y, ctx)

@@ -42,6 +42,8 @@ def unipelt_attach_branch(model, state, site, entry, graph, registry):
     width = site.out_features * site.part[1] if site.out_slice is not None else None
     rt = host.runtime(site.key, site.kind, site.out_slice, width)
     rt.mode[entry.adapter] = graph.combine.get(site.key, "parallel")
+    if site.kind == "renorm" and not site.input_path:
+        rt.norm = site.module  # post-LN: the hooked module is the sublayer's norm
     rt.entries.append(entry)
     order = graph.order.get(site.key)
     if order:
@@ -49,8 +51,8 @@ def unipelt_attach_branch(model, state, site, entry, graph, registry):
         # nodes happen to be written under `modules:`
         mine = sorted((e for e in rt.entries if e.adapter == entry.adapter), key=lambda e: order.index(e.node))
         rt.entries = [e for e in rt.entries if e.adapter != entry.adapter] + mine
-    if site.kind == "io":
-        stash_input(model, state, site)
+    if site.kind == "io" or (site.kind == "renorm" and site.input_path):
+        stash_input(model, state, site)  # the FFN input / a pre-LN sublayer's residual
     return True
 
 

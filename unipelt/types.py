@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any, Literal, Protocol, runtime_checkable
 
 # The kinds of hook point (arch.SiteTarget.kind), and what a branch reads at each.
-SiteKind = Literal["linear", "output", "io", "kv", "embed", "params"]
-SITE_KINDS: tuple[str, ...] = ("linear", "output", "io", "kv", "embed", "params")
+SiteKind = Literal["linear", "output", "io", "renorm", "kv", "embed", "params"]
+SITE_KINDS: tuple[str, ...] = ("linear", "output", "io", "renorm", "kv", "embed", "params")
 BranchReads = Literal["input", "output", "kv", "embed", "params"]
 BRANCH_READS: tuple[str, ...] = ("input", "output", "kv", "embed", "params")
 

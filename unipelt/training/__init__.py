@@ -68,7 +68,8 @@ from __future__ import annotations
 import unipelt.models  # noqa: F401  # isort: skip
 from unipelt.training.callback import UnipeltCallback
 from unipelt.training.checkpoints import STATE_JSON, STATE_PT, RunState, list_checkpoints, run_fingerprint
-from unipelt.training.evaluation import evaluate, evaluate_encoded, gate_means, gate_table_text, macro_f1, plot_gates
+from unipelt.training.evaluation import (evaluate, evaluate_encoded, gate_means, gate_table_text, macro_f1, plot_gates,
+                                         trivial_baseline)
 from unipelt.training.inputs import (check_max_length, detect_task, encode, epoch_order, load_data, pad_id,
                                      position_limit)
 from unipelt.training.loop import TrainPlan, train
@@ -80,7 +81,8 @@ from unipelt.training.record import (REPORT_FILE, TrainReport, load_adapted, rec
 
 __all__ = [
     "TrainConfig", "TrainReport", "TrainingError", "train", "evaluate", "evaluate_encoded", "load_data", "encode",
-    "detect_task", "epoch_order", "param_groups", "make_schedule", "gate_means", "gate_table_text", "plot_gates",
+    "detect_task", "epoch_order", "param_groups", "trivial_baseline", "make_schedule", "gate_means", "gate_table_text",
+    "plot_gates",
     "UnipeltCallback", "load_adapted", "training_info", "record_training_info", "recorded_training_info",
     "list_checkpoints", "macro_f1", "choose_compile_mode", "resolve_device", "check_max_length", "position_limit",
     "pad_id", "run_fingerprint", "RunState", "TrainPlan", "TASKS", "SCHEDULES", "COMPILE_MODES", "STATE_JSON",

@@ -68,6 +68,31 @@ def evaluate_encoded(model: nn.Module, rows: Sequence[Tokenized], task: str, *, 
     finally:
         model.train(was_training)
 
+def trivial_baseline(task: str, train_rows: Sequence[Tokenized], eval_rows: Sequence[Tokenized], *,
+                     model: nn.Module | None = None, pad_id: int = 0, batch_size: int = 16) -> dict:
+    """What a trained adapter's eval result should beat, on the same eval rows (empty without any).
+
+    classification: always answering the training data's most frequent label (``majority``, its
+    class index): its ``accuracy`` and ``macro_f1``, computed as :func:`evaluate_encoded` does.
+    causal-lm: the base ``model`` before any adapter is attached (``loss``, ``perplexity``); call
+    it before compiling.
+    """
+    if not eval_rows:
+        return {}
+    if task == "classification":
+        counts: dict[int, int] = {}
+        for r in train_rows:
+            counts[r.labels] = counts.get(r.labels, 0) + 1
+        majority = max(sorted(counts), key=lambda c: counts[c])  # ties: the lowest index
+        gold = [r.labels for r in eval_rows]
+        pred = [majority] * len(gold)
+        return {"kind": "majority class", "majority": majority,
+                "accuracy": sum(g == majority for g in gold) / len(gold), "macro_f1": macro_f1(gold, pred)}
+    if model is None:
+        return {}
+    return {"kind": "untrained", **evaluate_encoded(model, eval_rows, task, pad_id=pad_id, batch_size=batch_size)}
+
+
 
 def evaluate(model: nn.Module, tokenizer, examples: Sequence[Example], *, task: str | None = None,
              labels: Sequence[str] | None = None, batch_size: int = 16, max_length: int = 256,

@@ -22,7 +22,7 @@ from unipelt.errors import DataError, ModelError
 from unipelt.training.checkpoints import (RunLock, RunState, atomic_json, best_step, check_output_dir, load_checkpoint,
                                           prepare_out_dir, read_checkpoint_state, remove_stale, resume_point,
                                           run_fingerprint, save_adapter, save_checkpoint)
-from unipelt.training.evaluation import evaluate_encoded, gate_means
+from unipelt.training.evaluation import evaluate_encoded, gate_means, trivial_baseline
 from unipelt.training.inputs import (check_max_length, class_labels, data_digest, detect_task, encode, epoch_order,
                                      pad_id)
 from unipelt.training.optim import Optimisation, build_optimisation
@@ -134,6 +134,9 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
         if cfg.gradient_checkpointing and not getattr(net, "supports_gradient_checkpointing", False):
             raise ModelError(f"{type(net).__name__} does not support gradient checkpointing")
 
+        # what the result is compared with: the majority class, or the base model before training
+        baseline = trivial_baseline(task, train_rows, eval_rows, model=net, pad_id=pad_id(tok),
+                                    batch_size=cfg.eval_batch_size or cfg.batch_size)
         spec, added_head = _with_trainable_head(spec, task)
         if added_head:
             notes.append(f"the spec trains no head; added module {added_head!r} (method train at head) "
@@ -157,6 +160,7 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
         wall = time.perf_counter() - t_start
 
         report = _report(run, spec, model_name, labels, added_head, len(train_examples), wall, resume_from)
+        report["baseline"] = baseline
         _save_final(run, report)
         report.handle, report.model, report.tokenizer = handle, net, tok
         return report
