@@ -83,6 +83,13 @@ class LoraBranch(nn.Module):
         return None if isinstance(self.dropout, nn.Dropout) else (self.lora_A, None)
 
     def expand(self, u: Tensor, gate: Tensor | None = None) -> Tensor:
+        if torch.compiler.is_compiling():
+            # compiled: scale the output as the reference does, so inductor fuses it with the
+            # addition into the base output (and whatever pointwise op follows) in one kernel
+            h = F.linear(u, self.lora_B)
+            if gate is None:
+                return h * self.scale
+            return h * gate if self.gate_scale == "replace" else h * (gate * self.scale)
         if gate is None:
             u = u * self.scale
         else:
@@ -90,7 +97,11 @@ class LoraBranch(nn.Module):
         return F.linear(u, self.lora_B)
 
     def expand_into(self, out: Tensor, u: Tensor, gate: Tensor | None = None) -> Tensor:
-        """``out + expand(u, gate)`` with the addition inside the matrix product (addmm)."""
+        """``out + expand(u, gate)`` with the addition inside the matrix product (addmm) in eager
+        mode, where every kernel costs a launch; compiled, the plain sum (inductor fuses it with
+        the following pointwise ops, which an addmm output would prevent)."""
+        if torch.compiler.is_compiling():
+            return out + self.expand(u, gate)
         if gate is None:
             u = u * self.scale
         else:
