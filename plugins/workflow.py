@@ -216,8 +216,12 @@ def cmd_gates(args: argparse.Namespace) -> int:
         io.check_output_path(args.plot, kind="file", what=PLOT_FILE, replaces=io.is_png)
     data, chat = _read_for_adapter(args)
     model, tok, handle, info = _adapted(args, data)
+    from unipelt.training.inputs import check_max_length
+
+    max_length = args.max_length or info.get("max_length") or 256
+    check_max_length(model, max_length)  # else an IndexError inside the position embeddings
     rows = encode(data, tok, info["task"], labels=info.get("labels"),
-                  max_length=args.max_length or info.get("max_length") or 256, use_chat_template=chat)
+                  max_length=max_length, use_chat_template=chat)
     table = gate_means(handle, rows, pad_id=_pad_id(tok), batch_size=args.batch_size)
     if not table:
         raise UnipeltError(f"{args.adapter}: the adapter has no gated module, so there are no gate values")

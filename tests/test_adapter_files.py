@@ -777,3 +777,18 @@ def test_save_pretrained_writes_a_clean_base(tmp_path, case):
     h.detach()
     assert io.drop_adapter_keys not in model._state_dict_hooks.values()
     assert list(model.state_dict()) == base_keys
+
+
+def test_unipelt_json_with_duplicate_keys_or_deep_nesting_is_an_adapter_error(tmp_path):
+    # unipelt.json is read with the spec loader's strict JSON: a key given twice is refused (it was
+    # last-wins) and a deeply nested file is one error (it was a RecursionError traceback)
+    from unipelt.errors import AdapterFileError
+    from unipelt.io import read_adapter_meta
+
+    for name, text in (("dup", '{"format": "unipelt-adapter", "format": "x"}'),
+                       ("deep", "[" * 100000 + "]" * 100000)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "unipelt.json").write_text(text)
+        with pytest.raises(AdapterFileError, match="unipelt.json"):
+            read_adapter_meta(d)

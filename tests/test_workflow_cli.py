@@ -423,6 +423,9 @@ def test_max_length_and_device_errors_in_train_and_eval(tmp_path, capsys, cls_fi
     assert code == 0, err
     code, _, err = run(capsys, "eval", out / "adapter", "--data", cls_file, "--max-length", "2000")
     assert code == 1 and "--max-length 2000" in err and "512 positions" in err and "Traceback" not in err
+    # gates too (it encoded without the check: an IndexError inside the position embeddings)
+    code, _, err = run(capsys, "gates", out / "adapter", "--data", cls_file, "--max-length", "2000")
+    assert code == 1 and "--max-length 2000" in err and "512 positions" in err and "Traceback" not in err
     if not torch.cuda.is_available():
         for argv in (["train", spec, "tiny-bert", "--data", cls_file, "--out", tmp_path / "gpu", *TINY_TRAIN],
                      ["eval", out / "adapter", "--data", cls_file]):

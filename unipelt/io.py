@@ -518,12 +518,17 @@ def read_adapter_meta(path: str | os.PathLike) -> dict:
         raise AdapterFileError(f"{meta_path}: corrupt JSON (not UTF-8: {e.reason} at byte {e.start})") from None
     if not text.strip():
         raise AdapterFileError(f"{meta_path}: empty (not a unipelt adapter file)")
+    from unipelt.spec import loads_json
+
     try:
-        meta = json.loads(text)
+        # the spec loader's strict JSON: duplicate keys, non-finite numbers and deep nesting refused
+        meta = loads_json(text)
     except json.JSONDecodeError as e:
         raise AdapterFileError(f"{meta_path}: corrupt JSON ({e})") from None
     except RecursionError:
         raise AdapterFileError(f"{meta_path}: corrupt JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise AdapterFileError(f"{meta_path}: corrupt JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
         raise AdapterFileError(f"{meta_path}: field 'format': expected {FILE_FORMAT!r}")
     version = meta.get("format_version")
