@@ -320,3 +320,29 @@ def test_gradient_checkpointing_same_gradients(factory, reentrant):
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     assert any(g.abs().sum() > 0 for k, g in g0.items() if k.startswith("gate."))
+
+
+def test_switching_away_from_a_merged_adapter_unmerges_it():
+    """Regression: a merged adapter made inactive by set_adapter kept changing the outputs from
+    inside the base weights; switching away unmerges it (as PEFT does)."""
+    model = make_bert()
+    batch = make_batch()
+    with torch.no_grad():
+        base = model(**batch).logits
+    lora = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 2}}}
+    a = unipelt.compile(model, lora, name="a")
+    randomize(a)
+    unipelt.compile(model, {"modules": {"ad": {"method": "adapter", "site": "ffn.out", "width": 4}}}, name="b",
+                    activate=False)
+    with torch.no_grad():
+        only_a = model(**batch).logits
+    assert a.merge()["merged"]
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, only_a, atol=1e-5)
+    unipelt.set_adapter(model, "b")  # b starts as the identity: the outputs are the base's again
+    assert not any(e.merged for e in a.entries.values())
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, base, atol=1e-6)
+    unipelt.set_adapter(model, "a")
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, only_a, atol=1e-5)
