@@ -346,3 +346,18 @@ def test_switching_away_from_a_merged_adapter_unmerges_it():
     unipelt.set_adapter(model, "a")
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, only_a, atol=1e-5)
+
+
+@pytest.mark.parametrize("factory", [make_bert, make_llama], ids=["bert", "llama"])
+def test_an_unknown_keyword_in_a_model_call_is_an_error(factory):
+    """Regression: transformers drops keywords its typed **kwargs does not declare, so a typo or
+    another library's keyword (PEFT's adapter_names=) changed nothing without a word."""
+    from unipelt.errors import ModelError
+
+    model = factory()
+    unipelt.compile(model, {"modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 2}}})
+    batch = make_batch()
+    with torch.no_grad():
+        model(**batch, output_hidden_states=True, return_dict=True)  # declared ones pass
+        with pytest.raises(ModelError, match="'adapter_names'"):
+            model(**batch, adapter_names=["default"])

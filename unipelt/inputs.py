@@ -9,11 +9,15 @@ positions, token types and labels consistently; cached generation steps stay con
 from __future__ import annotations
 
 import inspect
+import typing
 
 import torch
 from torch import Tensor, nn
 
 from unipelt.errors import ModelError
+
+
+DECORATOR_KWARGS = ("return_dict", "use_cache", "output_attentions", "output_hidden_states")
 
 
 class CallBinder:
@@ -25,13 +29,33 @@ class CallBinder:
             params = inspect.signature(forward).parameters.values()
         except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
             params = []
+        keyword_only = []
+        # the keywords ``**kwargs`` takes: a transformers model types it Unpack[TransformersKwargs]
+        # (a TypedDict), and silently drops any other name; None = anything (an untyped **kwargs)
+        self.extra: frozenset[str] | None = None
         for p in params:
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
                 names.append(p.name)
+            elif p.kind == p.KEYWORD_ONLY:
+                keyword_only.append(p.name)
             elif p.kind == p.VAR_KEYWORD:
                 self.var_kwargs = p.name
+                typed = [a for a in typing.get_args(p.annotation) if isinstance(getattr(a, "__annotations__", None), dict)
+                         and hasattr(a, "__total__")]
+                if typed:
+                    self.extra = frozenset(k for t in typed for k in t.__annotations__)
         self.positional = tuple(names)
         self.index = {n: i for i, n in enumerate(names)}
+        # transformers' forward decorators (can_return_tuple, check_model_inputs) consume these
+        # before the typed **kwargs
+        self.known = frozenset(names) | frozenset(keyword_only) | frozenset(DECORATOR_KWARGS)
+        self.name = getattr(forward, "__qualname__", "forward")
+
+    def unknown(self, kwargs: dict) -> list[str]:
+        """Keyword arguments the forward would ignore without a word (none when it says nothing)."""
+        if self.var_kwargs is None or self.extra is None:
+            return []
+        return [k for k in kwargs if k not in self.known and k not in self.extra]
 
     def get(self, args: tuple, kwargs: dict, name: str):
         if name in kwargs:

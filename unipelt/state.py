@@ -131,6 +131,14 @@ class RootPreHook:
         self.config_use_cache = config_use_cache
 
     def __call__(self, module, args, kwargs):
+        unknown = self.binder.unknown(kwargs)
+        if unknown:
+            # transformers drops keywords its **kwargs does not declare: a typo or a keyword of
+            # another library (PEFT's adapter_names=) would change nothing without a word
+            raise ModelError(
+                f"{self.binder.name}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                "the model would ignore them silently"
+            )
         ctx = self.ctx
         ctx.attention_mask = self.binder.get(args, kwargs, "attention_mask")
         past = self.binder.get(args, kwargs, "past_key_values")
