@@ -383,6 +383,10 @@ def _micro_step(run: Run, batch: dict, n_micro: int) -> float:
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
     try:
+        if run.compile_info.get("mode") == "reduce-overhead" and run.device.type == "cuda":
+            # CUDA graphs: each micro-step is a new iteration of the recorded graphs (the previous
+            # step's outputs are no longer read), as benchmarks/speed.py does
+            torch.compiler.cudagraph_mark_step_begin()
         loss = run.opt.regularised(run.forward(**batch).loss)
         (loss / n_micro).backward()
     except TorchDynamoException as e:
