@@ -214,16 +214,12 @@ class AdapterHandle:
         """Copy tensors into the adapter; missing, unexpected or misshaped keys, integer or boolean
         tensors for floating-point parameters, and non-finite values are errors, and nothing is
         copied unless everything fits."""
+        from unipelt.io import key_mismatch
+
         own = self.state_dict()
-        missing = sorted(set(own) - set(tensors))
-        unexpected = sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-            if unexpected:
-                parts.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-            raise AdapterFileError(f"{source}: the adapter does not match its spec ({'; '.join(parts)})")
+        mismatch = key_mismatch(own, tensors)
+        if mismatch:
+            raise AdapterFileError(f"{source}: the adapter does not match its spec ({mismatch})")
         for k, t in tensors.items():
             if tuple(own[k].shape) != tuple(t.shape):
                 raise AdapterFileError(f"{source}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")

@@ -395,22 +395,28 @@ def tensor_records(tensors: dict[str, Tensor]) -> dict[str, dict]:
             for k, t in tensors.items()}
 
 
+def key_mismatch(expected: Any, got: Any) -> str | None:
+    """``"missing keys: ...; unexpected keys: ..."`` (eight of each at most) or None when the key
+    sets agree."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        parts.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    return "; ".join(parts) or None
+
+
 def verify_tensors(tensors: dict[str, Tensor], records: Any, *, weights: Path, meta_path: Path) -> None:
     """Compare the tensors read from ``weights`` with the records of ``unipelt.json``: the same
     keys, and per tensor the same dtype, shape and sha256. Raises AdapterFileError naming the file
     and the tensor."""
     if not isinstance(records, dict):
         raise AdapterFileError(f"{meta_path}: field 'tensors': missing or not a mapping")
-    missing = sorted(set(records) - set(tensors))
-    unexpected = sorted(set(tensors) - set(records))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-        raise AdapterFileError(f"{weights}: the tensors do not match those recorded in {meta_path.name} "
-                               f"({'; '.join(parts)})")
+    mismatch = key_mismatch(records, tensors)
+    if mismatch:
+        raise AdapterFileError(f"{weights}: the tensors do not match those recorded in {meta_path.name} ({mismatch})")
     for k, t in tensors.items():
         rec = records[k]
         if not isinstance(rec, dict) or not all(f in rec for f in ("dtype", "shape", "sha256")):
