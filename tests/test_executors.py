@@ -21,7 +21,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import unipelt
 from conftest import make_batch, randomize
-from test_conformance import CASES, IDS, build, loss_fn
+from test_conformance import CASES, batch, build, case, loss_fn  # noqa: F401 (fixtures)
 from unipelt.compiler import get_state, set_executor
 
 # float32, tiny models: concatenated GEMMs and the reassociated scale agree to rounding
@@ -43,16 +43,6 @@ def _compare(a, b, atol):
     assert ga.keys() == gb.keys()
     for k in ga:
         assert torch.allclose(ga[k], gb[k], atol=atol, rtol=1e-4), (k, (ga[k] - gb[k]).abs().max())
-
-
-@pytest.fixture(params=CASES, ids=IDS)
-def case(request):
-    return request.param
-
-
-@pytest.fixture
-def batch():
-    return make_batch(seed=7, batch=3, length=9)
 
 
 def test_grouped_executor_equals_reference(case, batch):

@@ -18,22 +18,9 @@ from unipelt.graph import CompiledGraph, build_graph, check_resources
 from unipelt.registry import Registry, get_registry
 from unipelt.runtime import Entry
 from unipelt.spec import Spec, parse_spec
-from unipelt.state import CONTAINER, AdapterSet, ModelState, ensure_state, get_state, require_state
+from unipelt.state import (CONTAINER, AdapterSet, ModelState, base_param_count, ensure_state, get_state,  # noqa: F401
+                           require_state)
 from unipelt.types import BRANCH_READS
-
-
-def _count(module: nn.Module, kept: bool) -> int:
-    fn = getattr(module, "num_params", None)
-    if fn is not None:
-        return int(fn(kept=kept))
-    return sum(p.numel() for p in module.parameters())
-
-
-def base_param_count(model: nn.Module) -> int:
-    return sum(
-        p.numel() for n, p in model.named_parameters()
-        if not (n.startswith(CONTAINER + ".") or f".{CONTAINER}." in n)
-    )
 
 
 def compile(

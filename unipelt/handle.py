@@ -16,7 +16,7 @@ from unipelt.graph import CompiledGraph
 from unipelt.registry import Registry
 from unipelt.runtime import Entry
 from unipelt.spec import Spec
-from unipelt.state import CONTAINER, get_state, restore_model
+from unipelt.state import CONTAINER, base_param_count, get_state, module_param_count, restore_model
 
 # the file format moved to unipelt.io; these names stay importable from here
 from unipelt.io import FILE_FORMAT, FILE_FORMAT_VERSION, META_FILE, WEIGHTS_FILE, read_adapter_meta, swap_in_dir  # noqa: F401
@@ -233,21 +233,19 @@ class AdapterHandle:
 
     # -- budget and summary ----------------------------------------------------------------
     def summary(self, base_params: int | None = None) -> Summary:
-        from unipelt.compiler import base_param_count
 
         s = Summary(adapter=self.name, base_params=base_params if base_params is not None else base_param_count(self.model))
-        from unipelt.compiler import _count
 
         for bp in self.graph.branches:
             mod = self.branch_modules[bp.key]
             s.rows.append({
                 "module": bp.node.name, "method": bp.method.name, "layer": bp.site.layer, "site": bp.site.site,
-                "kept": _count(mod, kept=True), "training": _count(mod, kept=False),
+                "kept": module_param_count(mod, kept=True), "training": module_param_count(mod, kept=False),
             })
         for node, mod in self.shared_modules.items():
             s.rows.append({
                 "module": node, "method": self.spec.modules[node].method, "layer": None, "site": "shared",
-                "kept": _count(mod, kept=True), "training": _count(mod, kept=False),
+                "kept": module_param_count(mod, kept=True), "training": module_param_count(mod, kept=False),
             })
         for key, gp in self.graph.gates.items():
             s.gates.append({"gate": gp.gate_id, "layer": gp.layer, "params": sum(p.numel() for p in self.gate_modules[key].parameters())})

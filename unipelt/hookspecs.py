@@ -93,7 +93,7 @@ def unipelt_build_branch(
     :param site: the resolved hook point (module, kind, input and output widths).
     :param model: the resolved model (architecture, layers, hidden size, dtype).
     :param shared: what ``unipelt_build_shared`` returned for this node, or None.
-    :return: an ``nn.Module`` following :class:`unipelt.runtime.Branch`, or None if this
+    :return: an ``nn.Module`` following :class:`unipelt.types.Branch`, or None if this
         implementation does not build this method.
 
     A config value that does not fit this model (a token id beyond its vocabulary) raises
@@ -111,7 +111,7 @@ def unipelt_build_gate(spec: GateSpec, in_features: int, model: ModelInfo) -> nn
     :param spec: the validated gate options (input site, pooling, scale mode, ...).
     :param in_features: the width of the tensor the gate reads.
     :param model: the resolved model.
-    :return: an ``nn.Module`` following :class:`unipelt.runtime.GateModule`, or None.
+    :return: an ``nn.Module`` following :class:`unipelt.types.GateModule`, or None.
 
     The first non-None result wins. Called after the branches are built.
     """

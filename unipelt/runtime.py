@@ -10,41 +10,14 @@ multiplies alpha/r; an adapter gate multiplies its delta).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 
-# ------------------------------------------------------------------------------------------
-# protocols a plugin's modules follow
-# ------------------------------------------------------------------------------------------
-@runtime_checkable
-class Branch(Protocol):
-    """A trainable branch at one hook point of one layer.
-
-    reads: ``"input"`` (the hook point's input, e.g. LoRA) or ``"output"`` (its output, e.g. a
-        serial adapter).
-    forward(x, gate): the delta to add, shaped like the hook point's output; ``gate`` is None or
-        a tensor broadcastable to (batch, tokens, 1).
-    Optional: ``mergeable`` and ``delta_weight()`` (an (out, in) matrix added to the base weight),
-    ``num_params(kept: bool)`` (parameters kept after training vs. used in training),
-    ``materialize()`` (drop a training-time reparameterisation; returns the spec fields that
-    describe the branch afterwards, ``{field: value}``, ``None`` to remove a field).
-    """
-
-    reads: str
-
-    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor: ...
-
-
-@runtime_checkable
-class GateModule(Protocol):
-    """A gate: ``forward(x, ctx)`` returns values in (0, 1), shaped (B, T, k) or (B, 1, k)."""
-
-    spec: Any
-
-    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor: ...
+# the protocols a plugin's modules follow live in unipelt.types (re-exported here for older imports)
+from unipelt.types import Branch, GateModule  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------

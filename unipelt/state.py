@@ -102,6 +102,23 @@ class ModelState:
             group.refresh(ctx.active, self.executor)
 
 
+def base_param_count(model: nn.Module) -> int:
+    """Parameters of the base model: everything but the adapter container's."""
+    return sum(
+        p.numel() for n, p in model.named_parameters()
+        if not (n.startswith(CONTAINER + ".") or f".{CONTAINER}." in n)
+    )
+
+
+def module_param_count(module: nn.Module, kept: bool) -> int:
+    """A branch's or shared module's parameters, kept after training (``kept``) or used in it:
+    its ``num_params(kept)`` where it declares one (unipelt.types.Branch), else all of them."""
+    fn = getattr(module, "num_params", None)
+    if fn is not None:
+        return int(fn(kept=kept))
+    return sum(p.numel() for p in module.parameters())
+
+
 def get_state(model: nn.Module) -> ModelState | None:
     return model.__dict__.get(STATE_ATTR)
 
