@@ -671,3 +671,108 @@ def test_compile_failure_in_the_backward_falls_back_under_auto(tmp_path, monkeyp
     assert report["compile"]["fallback"].startswith("BackendCompilerFailed") and "no C++ compiler" in report["compile"]["fallback"]
     a, b = adapter_tensors(tmp_path / "auto" / "adapter"), adapter_tensors(tmp_path / "eager" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the failed first try left no gradient behind
+
+
+# ------------------------------------------------------------------------------------------
+# training controllers (unipelt.types.TrainingController), as AdaLoRA and pruning use them
+# ------------------------------------------------------------------------------------------
+class _Recorder:
+    """A controller that records the order of its calls and whether gradients were readable."""
+
+    name = "recorder"
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.calls: list[tuple] = []
+        self.pending: list[dict] = []
+        self.seen = 0
+
+    def before_step(self, step):
+        self.calls.append(("before", step))
+
+    def on_step(self, step, loss):
+        grads = [p.grad for p in self.handle.parameters() if p.requires_grad]
+        self.calls.append(("on_step", step, all(g is not None for g in grads)))
+        self.seen += 1
+        if step % 2 == 0:
+            self.pending.append({"step": step, "event": "even", "seen": self.seen})
+
+    def events(self):
+        out, self.pending = self.pending, []
+        return out
+
+    def report(self):
+        return {"seen": self.seen}
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, d):
+        self.seen = d["seen"]
+
+
+class _ControllerPlugin:
+    def __init__(self):
+        self.made: list[_Recorder] = []
+
+    @unipelt.hookspecs.hookimpl
+    def unipelt_training_controllers(self, handle):
+        c = _Recorder(handle)
+        self.made.append(c)
+        return [c]
+
+
+@pytest.fixture
+def recorder_plugin():
+    from unipelt.registry import Registry, make_plugin_manager, use_registry
+
+    plugin = _ControllerPlugin()
+    use_registry(Registry(make_plugin_manager(extra_plugins=(plugin,))))
+    yield plugin
+    use_registry(None)
+
+
+def test_controllers_run_in_order_with_gradients_and_reach_report_and_resume(tmp_path, recorder_plugin):
+    rows = lm_rows()
+    kw = dict(epochs=1, batch_size=2, grad_accum=2, lr=1e-2, save_steps=2, save_total_limit=None, progress=False)
+    report = train(LORA_QV, "tiny-llama", rows, None, TrainConfig(out_dir=str(tmp_path / "full"), **kw))
+    c = recorder_plugin.made[-1]
+    assert report["steps"] == 3
+    # before_step sees the steps done so far; on_step the step just taken, with gradients still there
+    assert c.calls == [("before", 0), ("on_step", 1, True), ("before", 1), ("on_step", 2, True),
+                       ("before", 2), ("on_step", 3, True)]
+    rep = json.loads((tmp_path / "full" / "report.json").read_text())["controllers"]["recorder"]
+    assert rep["seen"] == 3
+    assert [(e["step"], e["event"], e["controller"]) for e in rep["events"]] == [(2, "even", "recorder")]
+    state = json.loads((tmp_path / "full" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["controllers"] == {"recorder": {"seen": 2}}
+
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", part / "checkpoint-2")
+    resumed = train(LORA_QV, "tiny-llama", rows, None, TrainConfig(out_dir=str(part), resume=True, **kw))
+    c2 = recorder_plugin.made[-1]
+    assert c2.calls == [("before", 2), ("on_step", 3, True)]
+    assert resumed["controllers"]["recorder"]["seen"] == 3  # the state came back from the checkpoint
+    assert [e["step"] for e in resumed["controllers"]["recorder"]["events"]] == [2]
+
+
+def test_controllers_under_trainer_callback(tmp_path, recorder_plugin):
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model, tok = load_model("tiny-llama")
+    handle = unipelt.compile(model, LORA_QV)
+    rows = [vars(r) for r in encode_lm(lm_rows(), tok, 64)]
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, max_steps=3, save_strategy="no",
+                             per_device_train_batch_size=4, learning_rate=1e-2, disable_tqdm=True,
+                             logging_strategy="no")
+    cb = UnipeltCallback(handle, tmp_path)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=lambda b: collate(b, tok.pad_token_id),
+            callbacks=[cb]).train()
+    c = recorder_plugin.made[-1]
+    assert c is cb.controllers[0]
+    assert [x for x in c.calls if x[0] == "on_step"] == [("on_step", 1, True), ("on_step", 2, True),
+                                                         ("on_step", 3, True)]
+    assert [x for x in c.calls if x[0] == "before"] == [("before", 0), ("before", 1), ("before", 2)]
+    assert [(e["step"], e["controller"]) for e in cb.events] == [(2, "recorder")]

@@ -88,3 +88,26 @@ class GroupGate(Protocol):
     def logit_params(self) -> tuple[Any, Any]: ...
 
     def activate(self, logits: Any, ctx: Any) -> Any: ...
+
+
+@runtime_checkable
+class TrainingController(Protocol):
+    """A training-time controller a plugin contributes (``unipelt_training_controllers``): AdaLoRA's
+    rank budget, gate pruning, AdapterDrop. ``unipelt train`` and :class:`unipelt.training.callback.
+    UnipeltCallback` (``transformers.Trainer``) drive the same members, in this order per
+    optimizer step; every member is optional.
+
+      name (the class name): the key of its report and checkpoint state.
+      param_groups(handle, lr): extra optimizer groups (their parameters leave the default groups).
+      before_step(step): before the step's first forward (``step`` = optimizer steps done so far).
+      regularizer() -> Tensor: added to every micro-batch's loss (``unipelt train``; under Trainer
+        add :func:`unipelt.training.controller_loss` in ``compute_loss``).
+      on_step(step, loss): after ``optimizer.step()`` and before ``zero_grad``, so gradients are
+        still readable (AdaLoRA's sensitivity); ``step`` counts the step just taken (1-based).
+      events() -> list[dict]: what happened since the last call (``{"step", "event", ...}``), for the
+        progress output and ``report.json``'s ``controllers.<name>.events``.
+      report() -> dict: the controller's final summary in ``report.json`` (``controllers.<name>``).
+      state_dict() / load_state_dict(d): JSON-able state kept in checkpoints, for ``--resume``.
+    """
+
+    name: str

@@ -73,7 +73,7 @@ from unipelt.training.evaluation import (evaluate, evaluate_encoded, gate_means,
 from unipelt.training.inputs import (check_max_length, detect_task, encode, epoch_order, load_data, pad_id,
                                      position_limit)
 from unipelt.training.loop import TrainPlan, train
-from unipelt.training.optim import make_schedule, param_groups
+from unipelt.training.optim import collect_controllers, controller_loss, make_schedule, param_groups
 from unipelt.training.options import (COMPILE_MODES, DEFAULT_SAVE_TOTAL_LIMIT, SCHEDULES, TASKS, TrainConfig, TrainingError,
                                       choose_compile_mode, resolve_device)
 from unipelt.training.record import (REPORT_FILE, TrainReport, load_adapted, record_training_info,
@@ -86,5 +86,5 @@ __all__ = [
     "UnipeltCallback", "load_adapted", "training_info", "record_training_info", "recorded_training_info",
     "list_checkpoints", "macro_f1", "choose_compile_mode", "resolve_device", "check_max_length", "position_limit",
     "pad_id", "run_fingerprint", "RunState", "TrainPlan", "TASKS", "SCHEDULES", "COMPILE_MODES", "STATE_JSON",
-    "STATE_PT", "REPORT_FILE", "DEFAULT_SAVE_TOTAL_LIMIT",
+    "STATE_PT", "REPORT_FILE", "DEFAULT_SAVE_TOTAL_LIMIT", "collect_controllers", "controller_loss",
 ]

@@ -30,9 +30,34 @@ class UnipeltCallback(_CallbackBase):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.drop = drop_reparameterization
         self.saved: list[Path] = []
+        # the plugins' training controllers (unipelt.types.TrainingController): AdaLoRA, pruning,
+        # AdapterDrop run under Trainer as under ``unipelt train``. Their regularizers need the
+        # loss: a Trainer subclass adds ``controller_loss(callback.controllers, loss)`` in compute_loss.
+        from unipelt.training.optim import collect_controllers
+
+        self.controllers = collect_controllers(handle)
+        self.events: list[dict] = []
 
     def _root(self, args) -> Path:
         return self.out_dir if self.out_dir is not None else Path(args.output_dir)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        for c in self.controllers:
+            if hasattr(c, "before_step"):
+                c.before_step(state.global_step)
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Trainer calls this after optimizer.step() and before zero_grad (gradients readable);
+        # global_step is incremented after it, so the step just taken is global_step + 1
+        from unipelt.training.optim import controller_name
+
+        for c in self.controllers:
+            if hasattr(c, "on_step"):
+                c.on_step(state.global_step + 1, None)
+            if hasattr(c, "events"):
+                self.events += [dict(e, controller=controller_name(c)) for e in c.events() or []]
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         if getattr(state, "is_world_process_zero", True):

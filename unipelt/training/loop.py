@@ -83,6 +83,7 @@ class Run:
     examples_seen: int = 0
     last_saved: int | None = None
     bar: Any = None
+    controller_events: list[dict] = field(default_factory=list)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -152,6 +153,8 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
             run.note(text)
         if resume_from is not None:
             run.state = load_checkpoint(resume_from, resume_state, handle, opt.optimizer, opt.scheduler)
+            opt.load_controller_state(resume_state.get("controllers") or {})
+            run.controller_events = list(resume_state.get("controller_events") or [])
         _set_training_forward(run)
 
         t_start = time.perf_counter()
@@ -341,6 +344,7 @@ def _optimizer_step(run: Run, micro_batches: list[list[int]], t_start: float) ->
     st, opt = run.state, run.opt
     t0 = time.perf_counter()
     step_loss = 0.0
+    opt.before_step(st.step)
     for idx in micro_batches:
         batch = {k: v.to(run.device) for k, v in collate([run.train_rows[i] for i in idx], run.pad).items()}
         step_loss += _micro_step(run, batch, len(micro_batches))
@@ -349,10 +353,14 @@ def _optimizer_step(run: Run, micro_batches: list[list[int]], t_start: float) ->
         torch.nn.utils.clip_grad_norm_(opt.trainable, run.cfg.max_grad_norm)
     opt.optimizer.step()
     opt.scheduler.step()
-    opt.optimizer.zero_grad(set_to_none=True)
     st.step += 1
     st.group_in_epoch += 1
-    opt.on_step(st.step, step_loss)
+    opt.on_step(st.step, step_loss)  # gradients still readable (AdaLoRA's sensitivity)
+    opt.optimizer.zero_grad(set_to_none=True)
+    for ev in opt.events():
+        run.controller_events.append(ev)
+        if run.cfg.progress:
+            run.bar.write(_event_line(ev))
     run.step_times.append(time.perf_counter() - t0)
     st.epoch_loss += step_loss
     st.epoch_steps += 1
@@ -440,6 +448,9 @@ def _end_epoch(run: Run, *, complete: bool) -> None:
 
 
 def _save(run: Run, state: dict) -> None:
+    # the controllers' state (AdaLoRA's importance averages, pruning counters) and their events
+    # so far travel with the checkpoint, for --resume
+    state = dict(state, controllers=run.opt.controller_state(), controller_events=list(run.controller_events))
     save_checkpoint(run.out, run.handle, run.opt.optimizer, run.opt.scheduler, state,
                     limit=run.cfg.save_total_limit, keep=best_step(run.state.history, run.task))
     run.last_saved = state["step"]
@@ -494,6 +505,8 @@ def _report(run: Run, spec, model_name, labels, added_head, n_examples: int, wal
         "resumed_from": str(resume_from) if resume_from else None,
         "notes": list(run.notes),
         "param_groups": run.opt.group_table(),
+        "controllers": {name: dict(rep, events=[e for e in run.controller_events if e["controller"] == name])
+                        for name, rep in run.opt.controller_report().items()},
         "adapter": None,
         "last_checkpoint": str(out / f"checkpoint-{run.last_saved}") if out is not None and run.last_saved else None,
         "best_checkpoint": (str(out / f"checkpoint-{best}")
@@ -515,6 +528,11 @@ def _rate(count: int, seconds: float) -> str:
     (0.05 examples/s) must not read 0.0."""
     r = count / max(seconds, 1e-9)
     return f"{r:.0f}" if r >= 100 else f"{r:.3g}"
+
+
+def _event_line(ev: dict) -> str:
+    rest = ", ".join(f"{k}={v}" for k, v in ev.items() if k not in ("controller", "event", "step"))
+    return f"step {ev.get('step')}: {ev.get('controller')} {ev.get('event', '')}" + (f" ({rest})" if rest else "")
 
 
 def _epoch_line(entry: dict, task: str) -> str:

@@ -76,15 +76,37 @@ class Optimisation:
     trainable: list = field(default_factory=list)
 
     def regularised(self, loss: torch.Tensor) -> torch.Tensor:
+        return controller_loss(self.controllers, loss)
+
+    def before_step(self, step: int) -> None:
         for c in self.controllers:
-            if hasattr(c, "regularizer"):
-                loss = loss + c.regularizer()
-        return loss
+            if hasattr(c, "before_step"):
+                c.before_step(step)
 
     def on_step(self, step: int, loss: float) -> None:
+        """After ``optimizer.step()``, before ``zero_grad``: gradients are still readable."""
         for c in self.controllers:
             if hasattr(c, "on_step"):
                 c.on_step(step, loss)
+
+    def events(self) -> list[dict]:
+        """The controllers' new events, each tagged with its controller's name."""
+        out = []
+        for c in self.controllers:
+            if hasattr(c, "events"):
+                out += [dict(e, controller=controller_name(c)) for e in c.events() or []]
+        return out
+
+    def controller_report(self) -> dict:
+        return {controller_name(c): (c.report() if hasattr(c, "report") else {}) for c in self.controllers}
+
+    def controller_state(self) -> dict:
+        return {controller_name(c): c.state_dict() for c in self.controllers if hasattr(c, "state_dict")}
+
+    def load_controller_state(self, state: dict) -> None:
+        for c in self.controllers:
+            if hasattr(c, "load_state_dict") and controller_name(c) in state:
+                c.load_state_dict(state[controller_name(c)])
 
     def group_table(self) -> list[dict]:
         """Each optimizer group's name, (initial) learning rate and size, for the report."""
@@ -93,13 +115,30 @@ class Optimisation:
                 for i, g in enumerate(self.optimizer.param_groups)]
 
 
+def controller_name(c) -> str:
+    return getattr(c, "name", None) or type(c).__name__
+
+
+def collect_controllers(handle) -> list:
+    """The plugins' training controllers for ``handle`` (:class:`unipelt.types.TrainingController`)."""
+    return [c for res in handle.registry.hook.unipelt_training_controllers(handle=handle) or []
+            for c in (res or [])]
+
+
+def controller_loss(controllers, loss):
+    """``loss`` plus every controller's regularizer (for a ``Trainer.compute_loss`` override)."""
+    for c in controllers:
+        if hasattr(c, "regularizer"):
+            loss = loss + c.regularizer()
+    return loss
+
+
 def build_optimisation(handle, *, lr: float, gate_lr: float | None, weight_decay: float, schedule: str,
                        total_steps: int, warmup_steps: int) -> Optimisation:
     """AdamW over :func:`param_groups`; a controller's own groups (``param_groups(handle, lr)``)
     take its parameters out of the default ones."""
     groups = param_groups(handle, lr, gate_lr=gate_lr, weight_decay=weight_decay)
-    controllers = [c for res in handle.registry.hook.unipelt_training_controllers(handle=handle) or []
-                   for c in (res or [])]
+    controllers = collect_controllers(handle)
     for c in controllers:
         extra = c.param_groups(handle, lr) if hasattr(c, "param_groups") else None
         if extra:
