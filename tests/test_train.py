@@ -573,7 +573,10 @@ def test_choose_compile_mode():
     from unipelt.training import choose_compile_mode
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_compile_mode(cpu, "auto") is None and choose_compile_mode(cuda, "auto") == "default"
+    # auto on CUDA is reduce-overhead (CUDA graphs, with length buckets), the fastest mode measured
+    # in every cell of benchmarks/RESULTS.md; default where padding changes the result
+    assert choose_compile_mode(cpu, "auto") is None and choose_compile_mode(cuda, "auto") == "reduce-overhead"
+    assert choose_compile_mode(cuda, "auto", width_sensitive="gate g averages over padding") == "default"
     assert choose_compile_mode(cuda, "off") is None
     assert choose_compile_mode(cpu, "reduce-overhead") == "reduce-overhead"
     with pytest.raises(TrainingError, match="unknown compile mode 'fast'"):
@@ -588,13 +591,62 @@ def test_compile_default_trains_like_eager_on_cpu(tmp_path, monkeypatch):
     kw = dict(max_steps=1, batch_size=12, save_total_limit=None)
     compiled = _one_epoch(tmp_path / "c", spec="specs/lora.yaml", compile="default", **kw)
     eager = _one_epoch(tmp_path / "e", spec="specs/lora.yaml", compile="off", **kw)
-    assert compiled["compile"] == {"requested": "default", "mode": "default", "backend": "aot_eager", "fallback": None}
+    assert compiled["compile"] == {"requested": "default", "mode": "default", "backend": "aot_eager", "fallback": None,
+                                   "bucketed": False}
     assert eager["compile"]["mode"] is None
     assert json.loads((tmp_path / "c" / "report.json").read_text())["compile"]["mode"] == "default"
     a, b = adapter_tensors(tmp_path / "c" / "adapter"), adapter_tensors(tmp_path / "e" / "adapter")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bucket_width():
+    from unipelt.training.options import bucket_width
+
+    assert [bucket_width(w, 512) for w in (1, 16, 17, 33, 64, 65, 300, 512)] == [16, 16, 32, 64, 64, 128, 512, 512]
+    assert bucket_width(100, 120) == 120 and bucket_width(9, 10) == 10 and bucket_width(70, None) == 128
+
+
+def test_reduce_overhead_pads_to_buckets_and_trains_like_eager(tmp_path, monkeypatch):
+    """Under reduce-overhead every training batch is padded to a bucket width (a CUDA graph per
+    bucket instead of per batch length); padding is masked, so the step equals the eager one. A
+    gate pooled by the unmasked mean would see the padding: then there are no buckets, and a note."""
+    import unipelt.training.loop as loop
+
+    monkeypatch.setenv("UNIPELT_COMPILE_BACKEND", "aot_eager")  # the mode is inductor's; the path is ours
+    widths = []
+    real = loop.collate
+
+    def spy(rows, pad, padding_side="right", width=None):
+        out = real(rows, pad, padding_side, width)
+        widths.append((max(len(r.input_ids) for r in rows), out["input_ids"].shape[1]))
+        return out
+
+    monkeypatch.setattr(loop, "collate", spy)
+    # the model's dropout draws a mask the size of the (padded) batch: p = 0, so the steps compare
+    dropout_init = torch.nn.Dropout.__init__
+    monkeypatch.setattr(torch.nn.Dropout, "__init__", lambda self, p=0.5, inplace=False: dropout_init(self, 0.0, inplace))
+    torch._dynamo.reset()
+    rows = [Example(text="x" * (3 + 3 * i), label="pos" if i % 2 else "neg", line=i + 1) for i in range(8)]
+    kw = dict(max_steps=2, batch_size=4, save_total_limit=None, max_length=40)  # rows of 5 to 26 tokens
+    ro = _one_epoch(tmp_path / "ro", rows=rows, compile="reduce-overhead", **kw)
+    assert ro["compile"]["bucketed"] is True
+    assert widths and all(w == (16 if n <= 16 else 32 if n <= 32 else 40) for n, w in widths), widths
+    assert any(w != n for n, w in widths)
+    widths.clear()
+    eager = _one_epoch(tmp_path / "e", rows=rows, compile="off", **kw)
+    assert all(n == w for n, w in widths)
+    a, b = adapter_tensors(tmp_path / "ro" / "adapter"), adapter_tensors(tmp_path / "e" / "adapter")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+    mean_gate = {"version": 1, "modules": {"lora": {**LORA_QV["modules"]["lora"], "gate": {"pooling": "mean"}}}}
+    torch._dynamo.reset()
+    widths.clear()
+    report = _one_epoch(tmp_path / "mean", rows=rows, spec=mean_gate, compile="reduce-overhead", **kw)
+    assert report["compile"]["bucketed"] is False and all(n == w for n, w in widths)
+    assert any("without length buckets: gate" in n and "pooling: mean" in n for n in report["notes"])
 
 
 def test_compile_failure_is_an_error_when_asked_and_a_note_under_auto(tmp_path, monkeypatch):

@@ -441,7 +441,7 @@ def test_resume_with_a_new_lr_is_refused(tmp_path, capsys, cls_file, spec_file):
     code, _, err = run(capsys, *base, "--lr", "1e-3", "--compile", "off")
     assert code == 0, err
     assert json.loads((out / "report.json").read_text())["compile"] == {
-        "requested": "off", "mode": None, "backend": None, "fallback": None}
+        "requested": "off", "mode": None, "backend": None, "fallback": None, "bucketed": False}
     code, _, err = run(capsys, *base, "--lr", "5e-3", "--resume")
     assert code == 1 and "lr (0.001 in the checkpoint, 0.005 now)" in err
     code, stdout, err = run(capsys, *base, "--lr", "1e-3", "--resume", "--epochs", "2")

@@ -577,12 +577,12 @@ def _with_eos(ids: list[int], eos: int | None) -> list[int]:
 
 
 def collate(batch: Sequence[Tokenized | Mapping[str, Any]], pad_id: int,
-            padding_side: Literal["right", "left"] = "right") -> dict[str, torch.Tensor]:
+            padding_side: Literal["right", "left"] = "right", width: int | None = None) -> dict[str, torch.Tensor]:
     """Pad a batch into ``input_ids``, ``attention_mask`` and ``labels`` tensors (long).
 
     Padding uses ``pad_id`` for ids, 0 for the mask and ``IGNORE_INDEX`` for token labels; class
     labels become a ``(batch,)`` tensor. Left padding is for decoders that generate or classify
-    from the last position.
+    from the last position. ``width`` pads to that many positions (at least the longest row's).
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -591,7 +591,7 @@ def collate(batch: Sequence[Tokenized | Mapping[str, Any]], pad_id: int,
     rows = [b if isinstance(b, Mapping) else vars(b) for b in batch]
     if not rows:
         raise ValueError("cannot collate an empty batch")
-    width = max(len(r["input_ids"]) for r in rows)
+    width = max([len(r["input_ids"]) for r in rows] + [width or 0])
 
     def pad(seq: Sequence[int], value: int) -> list[int]:
         fill = [value] * (width - len(seq))

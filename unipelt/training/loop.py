@@ -26,7 +26,8 @@ from unipelt.training.evaluation import evaluate_encoded, gate_means, trivial_ba
 from unipelt.training.inputs import (check_max_length, class_labels, data_digest, detect_task, encode, epoch_order,
                                      pad_id)
 from unipelt.training.optim import Optimisation, build_optimisation
-from unipelt.training.options import (COMPILE_BACKEND_ENV, TrainConfig, TrainingError, choose_compile_mode,
+from unipelt.training.options import (COMPILE_BACKEND_ENV, TrainConfig, TrainingError, bucket_width,
+                                      choose_compile_mode, width_sensitivity,
                                       compile_backend, resolve_device)
 from unipelt.training.record import REPORT_FILE, TrainReport, name_labels, record_training_info
 
@@ -84,6 +85,7 @@ class Run:
     last_saved: int | None = None
     bar: Any = None
     controller_events: list[dict] = field(default_factory=list)
+    bucketed: bool = False              # training batches padded to bucket widths (CUDA graphs)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -270,10 +272,17 @@ def _attach_adapter(net: nn.Module, spec, cfg: TrainConfig, info: dict):
 def _set_training_forward(run: Run) -> None:
     """The training forward: the model itself, or ``torch.compile(model, fullgraph=True)`` in the
     mode :func:`choose_compile_mode` picks. Evaluation always runs the model eagerly."""
-    mode = choose_compile_mode(run.device, run.cfg.compile)
+    sensitive = width_sensitivity(run.handle)
+    mode = choose_compile_mode(run.device, run.cfg.compile, width_sensitive=sensitive)
     backend = compile_backend()
+    # CUDA graphs record one graph per input shape: pad each batch to a bucket width, unless the
+    # padding would change what the adapter computes (then each new width records a new graph)
+    run.bucketed = mode == "reduce-overhead" and sensitive is None
     run.compile_info = {"requested": run.cfg.compile, "mode": mode, "backend": backend if mode else None,
-                        "fallback": None}
+                        "fallback": None, "bucketed": run.bucketed}
+    if mode == "reduce-overhead" and sensitive is not None:
+        run.note(f"--compile reduce-overhead without length buckets: {sensitive}; every new batch width "
+                 "records a new CUDA graph")
     if mode is None:
         run.forward = run.net
         return
@@ -346,7 +355,9 @@ def _optimizer_step(run: Run, micro_batches: list[list[int]], t_start: float) ->
     step_loss = 0.0
     opt.before_step(st.step)
     for idx in micro_batches:
-        batch = {k: v.to(run.device) for k, v in collate([run.train_rows[i] for i in idx], run.pad).items()}
+        rows = [run.train_rows[i] for i in idx]
+        width = bucket_width(max(len(r.input_ids) for r in rows), run.cfg.max_length) if run.bucketed else None
+        batch = {k: v.to(run.device) for k, v in collate(rows, run.pad, width=width).items()}
         step_loss += _micro_step(run, batch, len(micro_batches))
         run.examples_seen += len(idx)
     if run.cfg.max_grad_norm:

@@ -128,18 +128,49 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def choose_compile_mode(device: torch.device, requested: str = "auto") -> str | None:
+def choose_compile_mode(device: torch.device, requested: str = "auto", *, width_sensitive: str | None = None) -> str | None:
     """The ``torch.compile`` mode for the training forward, or None for eager.
 
     ``off``: eager. ``default`` / ``reduce-overhead``: that mode, on any device. ``auto``: eager on
-    CPU (compiling a small CPU step costs more than it saves), ``default`` on CUDA. This one
+    CPU (compiling a small CPU step costs more than it saves); on CUDA ``reduce-overhead`` (CUDA
+    graphs: the fastest mode in every cell of benchmarks/RESULTS.md), whose batches are padded to
+    a few bucket widths (:func:`bucket_width`) so that it records a graph per bucket, not per batch.
+    When padding changes what the adapter computes (``width_sensitive`` says why: a gate pooled by
+    the unmasked ``mean``) ``auto`` takes ``default`` instead, which needs no bucketing. This one
     function holds the ``auto`` choice so that GPU benchmarks can change it in one place.
     """
     if requested == "off":
         return None
     if requested != "auto":
         return requested
-    return "default" if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    return "default" if width_sensitive else "reduce-overhead"
+
+
+# the smallest bucket: below it, padding costs nothing measurable and saves graphs
+MIN_BUCKET = 16
+
+
+def bucket_width(width: int, max_length: int | None) -> int:
+    """The padded width of a batch whose longest row has ``width`` tokens: the next power of two
+    (at least :data:`MIN_BUCKET`), never beyond ``max_length`` (rows are cut there already). A CUDA-
+    graph run then sees at most log2(max_length) widths instead of one per distinct batch length."""
+    b = MIN_BUCKET
+    while b < width:
+        b *= 2
+    if max_length is not None and b > max_length:
+        b = max(max_length, width)
+    return b
+
+
+def width_sensitivity(handle) -> str | None:
+    """Why padding a batch wider would change the adapter's output, or None: a gate pooled by the
+    reference's unmasked ``mean`` averages over padding too."""
+    for gp in handle.graph.gates.values():
+        if gp.spec.pooling == "mean":
+            return f"gate {gp.gate_id} averages over padding (pooling: mean)"
+    return None
 
 
 def compile_backend() -> str:
