@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit or None, resume=args.resume or False, overwrite=args.overwrite,
         use_chat_template=args.chat_template is not False, progress=not args.no_progress, device=args.device,
-        compile=args.compile, data_fields=fields,
+        compile=args.compile, precision=args.precision, data_fields=fields,
     )
     report = train(spec, args.model, train_rows, eval_rows, cfg)
     if args.json:
@@ -123,6 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         c = report["compile"]
         print(f"compiled      torch.compile mode {c['mode']} (backend {c['backend']})"
               + (f"; fell back to eager: {c['fallback']}" if c["fallback"] else ""))
+    if report.get("precision") == "bf16":
+        print("precision     bf16 autocast (weights, adapter and optimizer state in fp32)")
     median = report["time"]["per_step_median_s"]
     print(f"steps         {report['steps']} " + (f"({median:.3f} s/step median)" if median is not None
                                                  else "(none run now: the checkpoint was already at the end)"))
@@ -299,7 +301,11 @@ def unipelt_add_commands(subparsers):
     o.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     o.add_argument("--compile", choices=("auto", "off", "default", "reduce-overhead"), default="auto",
                    help="torch.compile(fullgraph=True) the training forward in this mode; auto: off on CPU, "
-                        "'default' on CUDA, and eager with a note if the model cannot be compiled (default: auto)")
+                        "'reduce-overhead' with length buckets on CUDA ('default' when a gate pools by the "
+                        "unmasked mean), and eager with a note if the model cannot be compiled (default: auto)")
+    o.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the training forward's arithmetic: bf16 autocast (weights, adapter and optimizer stay "
+                        "fp32) or fp32; auto: bf16 on a GPU that supports it, fp32 on CPU (default: auto)")
     c = t.add_argument_group("checkpoints")
     c.add_argument("--save-steps", type=int, help="also checkpoint every N optimizer steps (always: every epoch end)")
     c.add_argument("--save-total-limit", type=int, default=2,

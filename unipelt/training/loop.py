@@ -3,6 +3,7 @@ function; the state that moves through the loop is a :class:`RunState`, the plan
 :class:`TrainPlan`, and the pieces the steps share a :class:`Run`."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -27,7 +28,7 @@ from unipelt.training.inputs import (check_max_length, class_labels, data_digest
                                      pad_id)
 from unipelt.training.optim import Optimisation, build_optimisation
 from unipelt.training.options import (COMPILE_BACKEND_ENV, TrainConfig, TrainingError, bucket_width,
-                                      choose_compile_mode, width_sensitivity,
+                                      choose_compile_mode, choose_precision, width_sensitivity,
                                       compile_backend, resolve_device)
 from unipelt.training.record import REPORT_FILE, TrainReport, name_labels, record_training_info
 
@@ -86,6 +87,7 @@ class Run:
     bar: Any = None
     controller_events: list[dict] = field(default_factory=list)
     bucketed: bool = False              # training batches padded to bucket widths (CUDA graphs)
+    autocast: torch.dtype | None = None  # the training forward's autocast dtype (None: fp32)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -157,6 +159,7 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
             run.state = load_checkpoint(resume_from, resume_state, handle, opt.optimizer, opt.scheduler)
             opt.load_controller_state(resume_state.get("controllers") or {})
             run.controller_events = list(resume_state.get("controller_events") or [])
+        run.autocast = choose_precision(device, cfg.precision)
         _set_training_forward(run)
 
         t_start = time.perf_counter()
@@ -390,7 +393,8 @@ def _micro_step(run: Run, batch: dict, n_micro: int) -> float:
     explicit mode is an error.
     """
     def eager() -> torch.Tensor:
-        return run.opt.regularised(run.net(**batch).loss)
+        with _autocast(run):
+            return run.opt.regularised(run.net(**batch).loss)
 
     if run.forward is run.net:
         loss = eager()
@@ -406,7 +410,8 @@ def _micro_step(run: Run, batch: dict, n_micro: int) -> float:
             # CUDA graphs: each micro-step is a new iteration of the recorded graphs (the previous
             # step's outputs are no longer read), as benchmarks/speed.py does
             torch.compiler.cudagraph_mark_step_begin()
-        loss = run.opt.regularised(run.forward(**batch).loss)
+        with _autocast(run):
+            loss = run.opt.regularised(run.forward(**batch).loss)
         (loss / n_micro).backward()
     except TorchDynamoException as e:
         _compile_failed(run, e)
@@ -416,6 +421,13 @@ def _micro_step(run: Run, batch: dict, n_micro: int) -> float:
         loss = eager()
         (loss / n_micro).backward()
     return float(loss.detach()) / n_micro
+
+
+def _autocast(run: Run):
+    """bf16 autocast around the forward and the loss (backward runs outside, as autocast asks)."""
+    if run.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=run.device.type, dtype=run.autocast)
 
 
 def _compile_failed(run: Run, e: Exception) -> None:
@@ -491,6 +503,7 @@ def _report(run: Run, spec, model_name, labels, added_head, n_examples: int, wal
         "data": {"train": run.plan.rows, "train_dropped": n_examples - run.plan.rows, "eval": len(run.eval_rows)},
         "config": dict(asdict(cfg)),
         "compile": dict(run.compile_info),
+        "precision": "bf16" if run.autocast == torch.bfloat16 else "fp32",
         "steps": st.step,
         "total_steps": run.plan.total_steps,
         "steps_per_epoch": run.plan.steps_per_epoch,

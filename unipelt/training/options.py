@@ -13,6 +13,7 @@ from unipelt.errors import UnipeltError
 TASKS = ("classification", "causal-lm")
 SCHEDULES = ("linear", "cosine", "constant")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_SAVE_TOTAL_LIMIT = 2
 COMPILE_BACKEND_ENV = "UNIPELT_COMPILE_BACKEND"  # e.g. "aot_eager" for CPU tests; default inductor
 
@@ -39,6 +40,8 @@ class TrainConfig:
     instead of refusing.
     compile: ``torch.compile`` the adapted model for the training forward: ``off``, ``default``,
     ``reduce-overhead`` or ``auto`` (:func:`choose_compile_mode`).
+    precision: the training forward's arithmetic: ``fp32``, ``bf16`` (autocast: matrix products in
+    bfloat16, weights, adapter and optimizer state stay fp32) or ``auto`` (:func:`choose_precision`).
     labels: the class labels in index order (default: the sorted labels of the training data; an
     evaluation row with a label outside them is a DataError).
     model_name: recorded in the report and the adapter (set automatically when a name is given).
@@ -72,6 +75,7 @@ class TrainConfig:
     progress: bool = True
     device: str | None = None
     compile: Literal["auto", "off", "default", "reduce-overhead"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     adapter_name: str = "default"
     model_name: str | None = None
     data_fields: dict[str, str] | None = None
@@ -94,6 +98,8 @@ class TrainConfig:
             raise TrainingError(f"unknown schedule {self.schedule!r}; expected one of: {', '.join(SCHEDULES)}")
         if self.compile not in COMPILE_MODES:
             raise TrainingError(f"unknown compile mode {self.compile!r}; expected one of: {', '.join(COMPILE_MODES)}")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"unknown precision {self.precision!r}; expected one of: {', '.join(PRECISIONS)}")
         if not self.lr > 0 or (self.gate_lr is not None and not self.gate_lr > 0):
             raise TrainingError("learning rates must be positive")
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
@@ -146,6 +152,19 @@ def choose_compile_mode(device: torch.device, requested: str = "auto", *, width_
     if device.type != "cuda":
         return None
     return "default" if width_sensitive else "reduce-overhead"
+
+
+def choose_precision(device: torch.device, requested: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of the training forward, or None for fp32. ``auto``: bf16 on a GPU that
+    supports it (what Trainer's ``--bf16`` does; the floor of benchmarks/speed.py is bf16 too),
+    fp32 on CPU, where bf16 matrix products are slower."""
+    if requested == "fp32":
+        return None
+    if requested == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 # the smallest bucket: below it, padding costs nothing measurable and saves graphs
