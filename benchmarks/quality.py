@@ -380,6 +380,12 @@ def main():
     ap.add_argument("--report", type=Path, nargs="+", help="print markdown tables of these result files and exit")
     ap.add_argument("--export-data", type=Path, help="write the JSONL splits into this directory and exit")
     args = ap.parse_args()
+    # on a machine where the repository is only on PYTHONPATH (the GPU machine) there are no
+    # installed entry points: register the in-tree plugins as the speed benchmark does
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed import ensure_plugins
+
+    ensure_plugins()
     if args.report:
         return report(args.report)
     if args.export_data:
