@@ -626,8 +626,10 @@ def test_precision_bf16_autocast_trains_fp32_adapter(tmp_path):
 def test_bucket_width():
     from unipelt.training.options import bucket_width
 
-    assert [bucket_width(w, 512) for w in (1, 16, 17, 33, 64, 65, 300, 512)] == [16, 16, 32, 64, 64, 128, 512, 512]
+    assert [bucket_width(w, 2048) for w in (1, 16, 17, 33, 64, 65, 200, 257, 600, 1000, 1025)] == \
+        [16, 16, 32, 64, 64, 128, 256, 512, 768, 1024, 1280]
     assert bucket_width(100, 120) == 120 and bucket_width(9, 10) == 10 and bucket_width(70, None) == 128
+    assert bucket_width(600, 700) == 700
 
 
 def test_reduce_overhead_pads_to_buckets_and_trains_like_eager(tmp_path, monkeypatch):

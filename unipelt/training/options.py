@@ -171,13 +171,21 @@ def choose_precision(device: torch.device, requested: str = "auto") -> torch.dty
 MIN_BUCKET = 16
 
 
+# up to here the buckets are powers of two; above, multiples of it (a 600-token batch pads to 768,
+# not 1024: padding is compute, and a recorded graph per bucket is cheap next to it)
+BUCKET_STEP = 256
+
+
 def bucket_width(width: int, max_length: int | None) -> int:
     """The padded width of a batch whose longest row has ``width`` tokens: the next power of two
-    (at least :data:`MIN_BUCKET`), never beyond ``max_length`` (rows are cut there already). A CUDA-
-    graph run then sees at most log2(max_length) widths instead of one per distinct batch length."""
+    (at least :data:`MIN_BUCKET`) up to :data:`BUCKET_STEP`, the next multiple of it above, never
+    beyond ``max_length`` (rows are cut there already). A CUDA-graph run then sees a handful of
+    widths (16, 32, 64, 128, 256, 512, 768, 1024, ...) instead of one per distinct batch length."""
     b = MIN_BUCKET
-    while b < width:
+    while b < width and b < BUCKET_STEP:
         b *= 2
+    if b < width:
+        b = -(-width // BUCKET_STEP) * BUCKET_STEP
     if max_length is not None and b > max_length:
         b = max(max_length, width)
     return b
