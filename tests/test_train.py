@@ -686,7 +686,7 @@ def test_compile_failure_is_an_error_when_asked_and_a_note_under_auto(tmp_path, 
     monkeypatch.setattr(torch, "compile", uncompilable)
     with pytest.raises(TrainingError, match=r"^--compile default: torch.compile\(fullgraph=True\) cannot compile"):
         _one_epoch(tmp_path / "asked", compile="default")
-    monkeypatch.setattr(loop, "choose_compile_mode", lambda device, requested: "default")  # auto picks a mode
+    monkeypatch.setattr(loop, "choose_compile_mode", lambda device, requested, **kw: "default")  # auto picks a mode
     report = _one_epoch(tmp_path / "auto", compile="auto")
     assert report["steps"] == 3 and report["compile"]["fallback"].startswith("Unsupported: graph break")
     assert any("training eagerly" in n for n in report["notes"])
@@ -741,7 +741,7 @@ def test_compile_failure_in_the_backward_falls_back_under_auto(tmp_path, monkeyp
         return forward
 
     monkeypatch.setattr(torch, "compile", half_compiled)
-    monkeypatch.setattr(loop, "choose_compile_mode", lambda device, requested: None if requested == "off" else "default")
+    monkeypatch.setattr(loop, "choose_compile_mode", lambda device, requested, **kw: None if requested == "off" else "default")
     report = _one_epoch(tmp_path / "auto", compile="auto", save_total_limit=None)
     eager = _one_epoch(tmp_path / "eager", compile="off", save_total_limit=None)
     assert report["compile"]["fallback"].startswith("BackendCompilerFailed") and "no C++ compiler" in report["compile"]["fallback"]
