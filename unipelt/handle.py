@@ -14,7 +14,7 @@ from unipelt.arch import ModelInfo
 from unipelt.errors import AdapterFileError, SpecError
 from unipelt.graph import CompiledGraph
 from unipelt.registry import Registry
-from unipelt.runtime import Entry
+from unipelt.runtime import Entry, merge_branch
 from unipelt.spec import Spec
 from unipelt.state import CONTAINER, base_param_count, get_state, module_param_count, restore_model
 
@@ -208,6 +208,12 @@ class AdapterHandle:
             for bname, b in mod.named_buffers():
                 if getattr(mod, "persistent_buffers", True) and bname not in getattr(mod, "_non_persistent_buffers_set", set()):
                     out[f"{key}.{bname}"] = b.detach()
+        # a shared module's persistent buffers (VeRA's frozen projections, when saved)
+        for node, mod in self.shared_modules.items():
+            for mname, m in mod.named_modules():
+                for bname, b in m.named_buffers(recurse=False):
+                    if bname not in m._non_persistent_buffers_set:
+                        out[f"{node}.shared.{mname + '.' if mname else ''}{bname}"] = b.detach()
         return out
 
     def load_state_dict(self, tensors: dict[str, Tensor], *, source: str = "<state dict>") -> None:
@@ -320,6 +326,8 @@ class AdapterHandle:
                 changed[key.split(".", 1)[0]] = mod.materialize() or {}
                 materialized.append(key)
         for node in list(self.shared_modules):
+            if getattr(self.shared_modules[node], "inference", False):
+                continue  # used at inference too (VeRA's shared projections): kept
             del self.container.shared[node]
             del self.shared_modules[node]
         for node, fields in changed.items():
@@ -362,7 +370,7 @@ class AdapterHandle:
             if e.merged:
                 merged.append(bp.key)
             elif can:
-                host_module.merge_delta(mod.delta_weight(), bp.site.out_slice)
+                merge_branch(host_module, mod, bp.site.out_slice)
                 e.merged = True
                 merged.append(bp.key)
             else:
@@ -384,7 +392,7 @@ class AdapterHandle:
                 for bp in other.graph.branches:
                     e = other.entries[bp.key]
                     if e.merged and bp.site.path in paths:
-                        self.model.get_submodule(bp.site.path).merge_delta(e.branch.delta_weight(), bp.site.out_slice)
+                        merge_branch(self.model.get_submodule(bp.site.path), e.branch, bp.site.out_slice)
         state.refresh()
 
     def detach(self) -> None:
