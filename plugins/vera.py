@@ -39,13 +39,15 @@ class VeraConfig:
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
 
     def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
-        # the projections are (r, d_in) and (d_out, r): an r beyond the widths adds nothing but
-        # memory, and an unchecked one (a typo) once allocated until the machine ran out
-        limit = max(site.in_features, site.out_features)
-        if self.r > limit:
+        # r may exceed the widths (the paper uses r = 1024 on d = 768), but the frozen projections
+        # are buffers, which the meta-device count of parameters does not see: bound them by the
+        # base model's size, so a typo (r: 2560000) is refused before it is allocated
+        need = self.r * (site.in_features + site.out_features)
+        base = sum(p.numel() for p in model.model.parameters())
+        if need > base:
             where = site.site if site.layer is None else f"{site.site} of layer {site.layer}"
-            return "r", (f"rank {self.r} is more than max(d_in, d_out) = {limit} of {where} "
-                         f"({site.in_features} -> {site.out_features}); at most {limit}")
+            return "r", (f"rank {self.r} makes the shared projections at {where} ({site.in_features} -> "
+                         f"{site.out_features}) {need:,} values, more than the base model's {base:,} parameters")
         return None
 
 
