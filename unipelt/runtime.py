@@ -206,9 +206,13 @@ def accumulate(e: Entry, src: Tensor, out: Tensor, ctx: ForwardContext, base: Te
     """``out + delta`` of branch ``e``; a branch with ``expand_into`` (LoRA) accumulates into
     ``out`` inside its last matrix product (addmm: one pass less over the output)."""
     into = getattr(e.branch, "expand_into", None)
-    if into is not None and not getattr(e.branch, "reads_base", False):
+    if into is not None:
         g = gate_value(e, src, ctx)
         u = _shrunk(e, src, ctx)
+        if getattr(e.branch, "reads_base", False):
+            if u is not None:
+                return into(out, u, g, base=base)
+            return out + e.branch(src, gate=g, base=base)
         if u is not None:
             return into(out, u, g)
         return out + e.branch(src, gate=g)
