@@ -134,6 +134,15 @@ LN_HEAD = {"modules": {"ln": {"method": "train", "site": "norm", "layers": [1]},
 IA3 = {"modules": {"ia3": {"method": "ia3", "sites": ["attn.k", "attn.v", "ffn.down"]}}}
 DORA = {"modules": {"dora": {"method": "dora", "sites": ["attn.q", "attn.v", "ffn.down"], "r": 4, "alpha": 8}}}
 VERA = {"modules": {"vera": {"method": "vera", "sites": ["attn.q", "attn.v", "ffn.up", "ffn.down"], "r": 8, "seed": 3}}}
+# the new methods beside LoRA at shared hook points: every branch reads the base output y (or, at an
+# IA3-scaled ffn.down, the original input); merged, their deltas are all taken from the weights as
+# they were before the adapter merged, in whatever order the nodes come
+MIXED = {"modules": {
+    "lora": {"method": "lora", "sites": ["attn.v", "ffn.down"], "r": 2},
+    "dora": {"method": "dora", "sites": ["attn.v", "attn.q"], "r": 2},
+    "ia3": {"method": "ia3", "sites": ["attn.k", "attn.v", "ffn.down"]},
+    "vera": {"method": "vera", "sites": ["attn.q", "ffn.down"], "r": 4},
+}}
 VERA_NO_PROJECTION = {"modules": {"vera": {"method": "vera", "sites": ["attn.q", "attn.v"], "r": 8, "save_projection": False}}}
 
 
@@ -172,6 +181,7 @@ CASES: list[Case] = [
     *(lora_case(f"dora-{a}", a, DORA, ("dora",)) for a in ("bert", "gpt2", "llama", "qwen2")),
     *(lora_case(f"vera-{a}", a, VERA, ("vera",)) for a in ("bert", "gpt2", "llama", "qwen2")),
     *(lora_case(f"vera_no_projection-{a}", a, VERA_NO_PROJECTION, ("vera",)) for a in ("bert", "llama")),
+    *(lora_case(f"mixed_lora_dora_ia3_vera-{a}", a, MIXED, ("lora", "dora", "ia3", "vera")) for a in ("bert", "gpt2", "llama")),
 ]
 IDS = [c.name for c in CASES]
 

@@ -14,7 +14,7 @@ from unipelt.arch import ModelInfo
 from unipelt.errors import AdapterFileError, SpecError
 from unipelt.graph import CompiledGraph
 from unipelt.registry import Registry
-from unipelt.runtime import Entry, merge_branch
+from unipelt.runtime import Entry, merge_branches
 from unipelt.spec import Spec
 from unipelt.state import CONTAINER, base_param_count, get_state, module_param_count, restore_model
 
@@ -355,7 +355,7 @@ class AdapterHandle:
     def merge(self) -> dict[str, list[str]]:
         """Fold every mergeable branch into the base weights; returns which were merged and
         which stay live (gated or non-linear branches cannot be merged)."""
-        merged, live = [], []
+        merged, live, todo = [], [], []
         for bp in self.graph.branches:
             e = self.entries[bp.key]
             mod = e.branch
@@ -370,11 +370,12 @@ class AdapterHandle:
             if e.merged:
                 merged.append(bp.key)
             elif can:
-                merge_branch(host_module, mod, bp.site.out_slice)
+                todo.append((host_module, mod, bp.site.out_slice))
                 e.merged = True
                 merged.append(bp.key)
             else:
                 live.append(bp.key)
+        merge_branches(todo)
         get_state(self.model).refresh()
         return {"merged": merged, "live": live}
 
@@ -389,10 +390,11 @@ class AdapterHandle:
         # another adapter's merges on the same weights were undone too: re-apply them
         for other in state.handles.values():
             if other is not self:
-                for bp in other.graph.branches:
-                    e = other.entries[bp.key]
-                    if e.merged and bp.site.path in paths:
-                        merge_branch(self.model.get_submodule(bp.site.path), e.branch, bp.site.out_slice)
+                merge_branches([
+                    (self.model.get_submodule(bp.site.path), other.entries[bp.key].branch, bp.site.out_slice)
+                    for bp in other.graph.branches
+                    if other.entries[bp.key].merged and bp.site.path in paths
+                ])
         state.refresh()
 
     def detach(self) -> None:

@@ -464,15 +464,21 @@ class LeafWrapper(nn.Module):
             self._bias_backup = None
 
 
-def merge_branch(host_module: nn.Module, branch: nn.Module, out_slice: tuple[int, int] | None) -> None:
-    """Fold a mergeable branch into its host: ``delta_weight()``, and ``delta_bias()`` where the
-    branch has one (IA3 rescales the bias with the rows)."""
-    delta_bias = getattr(branch, "delta_bias", None)
-    bias = delta_bias() if delta_bias is not None else None
-    if bias is None:
-        host_module.merge_delta(branch.delta_weight(), out_slice)
-    else:
-        host_module.merge_delta(branch.delta_weight(), out_slice, bias=bias)
+def merge_branches(items: list[tuple[nn.Module, nn.Module, tuple[int, int] | None]]) -> None:
+    """Fold mergeable branches ``(host module, branch, out_slice)`` into their hosts: every
+    ``delta_weight()`` (and ``delta_bias()``, where a branch has one: IA3 rescales the bias with
+    the rows) is computed first, from the weights as the live branches saw them, then all are
+    added. A branch whose delta depends on the base weight (IA3, DoRA) would otherwise see the
+    deltas merged before it at the same projection, and the result would depend on node order."""
+    deltas = []
+    for host_module, branch, out_slice in items:
+        delta_bias = getattr(branch, "delta_bias", None)
+        deltas.append((host_module, branch.delta_weight(), delta_bias() if delta_bias is not None else None, out_slice))
+    for host_module, dw, db, out_slice in deltas:
+        if db is None:
+            host_module.merge_delta(dw, out_slice)
+        else:
+            host_module.merge_delta(dw, out_slice, bias=db)
 
 
 def _strip_base_layer(module, state_dict, prefix, local_metadata):
