@@ -378,3 +378,38 @@ def test_vera_seed_changes_the_projections():
     a = unipelt.compile(make_llama(), _vera(seed=1)).shared_modules["vera"].vera_A
     b = unipelt.compile(make_llama(), _vera(seed=2)).shared_modules["vera"].vera_A
     assert not torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# merged into a plain model (`unipelt merge`)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+def test_merge_adapter_writes_a_plain_model(tmp_path, name):
+    """IA3, DoRA and VeRA merged by ``unipelt merge``: the saved model loads without unipelt and
+    gives the adapted outputs."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from unipelt.export import merge_adapter
+    from unipelt.models import load_model
+    from unipelt.train import record_training_info
+
+    task = "classification" if name == "tiny-bert" else "causal-lm"
+    labels = ["a", "b"] if task == "classification" else None
+    model, tok = load_model(name, task=task, num_labels=2 if labels else None)
+    h = unipelt.compile(model, {"modules": {
+        "ia3": {"method": "ia3", "sites": ["attn.k", "attn.v", "ffn.down"]},
+        "dora": {"method": "dora", "sites": ["attn.q"], "r": 4},
+        "vera": {"method": "vera", "sites": ["attn.o", "ffn.up"], "r": 8},
+    }})
+    randomize(h, std=0.1)
+    record_training_info(h, {"model": name, "task": task, "labels": labels})
+    h.save(tmp_path / "a")
+    batch = dict(tok(["hello there", "a longer sentence"], return_tensors="pt", padding=True))
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    out = merge_adapter(tmp_path / "a", None, tmp_path / "merged")
+    auto = AutoModelForSequenceClassification if labels else AutoModelForCausalLM
+    plain = auto.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=1e-5)
