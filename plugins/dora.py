@@ -77,14 +77,16 @@ class DoraBranch(nn.Module):
         # the base projection, not a submodule: its weights belong to the base model
         self.__dict__["_host"] = host
         self.out_slice = out_slice
-        if self.lora_A.is_meta:  # counted on the meta device (graph.meta_build): no values
-            m = torch.empty(out_features)
+        w = self._weight()
+        if self.lora_A.is_meta or w.is_meta:  # counted on the meta device, or a meta base: no values
+            m = torch.empty(out_features, device=self.lora_A.device)
         else:
             # ‖W0_i‖ by the same arithmetic as the forward's norm (B = 0 there): g is exactly 1 at
-            # init, so the layer starts exactly unchanged
+            # init, so the layer starts exactly unchanged. Computed where W0 is; kept with A.
             with torch.no_grad():
-                m = self._norm(self.lora_A.to(self._weight().device), self.lora_B.to(self._weight().device))
-        self.magnitude = nn.Parameter(m.to(torch.get_default_dtype()).cpu() if m.device.type != "meta" else m)
+                m = self._norm(self.lora_A.to(w.device), self.lora_B.to(w.device))
+            m = m.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
+        self.magnitude = nn.Parameter(m)
 
     def _weight(self) -> Tensor:
         return base_weight(self._host, self.out_slice)
