@@ -28,7 +28,8 @@ Variants (``--variants``; default: the first six): ``unipelt`` (specs/unipelt.ya
 alpha 16, on q and v), ``full`` (full fine-tuning), ``peft-lora-r16-all`` / ``peft-lora-r8-qv``
 (HF PEFT's LoRA on the same modules, same r/alpha, adapter weights in the model's dtype:
 ``autocast_adapter_dtype=False``, as unipelt's); optional: ``prefix``, ``pfeiffer``, ``mam``,
-``unipelt-al`` (the spec files of the same names). The classifier head stays frozen for every
+``unipelt-al``, ``ia3``, ``vera`` (the spec files of the same names), ``dora-r16-all`` /
+``peft-dora-r16-all`` (unipelt's DoRA / PEFT's ``use_dora=True``, r16, alpha 32, every linear). The classifier head stays frozen for every
 variant but ``full``: the same work for unipelt and PEFT. On llama the UniPELT gates are causal
 (``pooling: auto`` -> per token); on BERT they pool with the padding-masked mean.
 
@@ -241,6 +242,11 @@ def _lora_qv(scn: Scenario) -> dict:
         "method": "lora", "sites": ["attn.q", "attn.v"], "r": 8, "alpha": 16, "dropout": 0.0}}}
 
 
+def _dora_all(scn: Scenario) -> dict:
+    return {"version": 1, "name": "dora-r16-all", "modules": {"dora": {
+        "method": "dora", "sites": list(scn.linears), "r": 16, "alpha": 32, "dropout": 0.0}}}
+
+
 def _spec_file(name: str) -> Callable[[Scenario], Path]:
     return lambda scn: ROOT / "specs" / name
 
@@ -267,6 +273,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("pfeiffer", "unipelt", "specs/pfeiffer.yaml", spec=_spec_file("pfeiffer.yaml")),
     Variant("mam", "unipelt", "specs/mam.yaml", spec=_spec_file("mam.yaml")),
     Variant("unipelt-al", "unipelt", "specs/unipelt-al.yaml", spec=_spec_file("unipelt-al.yaml")),
+    Variant("dora-r16-all", "unipelt", "unipelt DoRA r16 on all linears", spec=_dora_all),
+    Variant("peft-dora-r16-all", "peft", "PEFT DoRA (use_dora) r16 on all linears",
+            peft=lambda scn: {"r": 16, "lora_alpha": 32, "target_modules": list(scn.peft_all), "use_dora": True}),
+    Variant("ia3", "unipelt", "specs/ia3.yaml (k, v, ffn.down)", spec=_spec_file("ia3.yaml")),
+    Variant("vera", "unipelt", "specs/vera.yaml (r256 on q, v)", spec=_spec_file("vera.yaml")),
 ]}
 DEFAULT_VARIANTS = ("unipelt", "lora-r16-all", "lora-r8-qv", "full", "peft-lora-r16-all", "peft-lora-r8-qv")
 FLOOR = Variant("floor", "floor", "frozen base (train: gradients to the embedding output, no optimizer; infer: base forward)")

@@ -130,6 +130,21 @@ BITFIT = {"modules": {"bitfit": {"method": "bitfit", "site": "bias"}}}
 LN_HEAD = {"modules": {"ln": {"method": "train", "site": "norm", "layers": [1]}, "head": {"method": "train", "site": "head"},
                        "lora": {"method": "lora", "site": "attn.v", "r": 2}}}
 
+# issue 11: IA3 (output side at k, v; input side at ffn.down), DoRA, VeRA (shared frozen projections)
+IA3 = {"modules": {"ia3": {"method": "ia3", "sites": ["attn.k", "attn.v", "ffn.down"]}}}
+DORA = {"modules": {"dora": {"method": "dora", "sites": ["attn.q", "attn.v", "ffn.down"], "r": 4, "alpha": 8}}}
+VERA = {"modules": {"vera": {"method": "vera", "sites": ["attn.q", "attn.v", "ffn.up", "ffn.down"], "r": 8, "seed": 3}}}
+# the new methods beside LoRA at shared hook points: every branch reads the base output y (or, at an
+# IA3-scaled ffn.down, the original input); merged, their deltas are all taken from the weights as
+# they were before the adapter merged, in whatever order the nodes come
+MIXED = {"modules": {
+    "lora": {"method": "lora", "sites": ["attn.v", "ffn.down"], "r": 2},
+    "dora": {"method": "dora", "sites": ["attn.v", "attn.q"], "r": 2},
+    "ia3": {"method": "ia3", "sites": ["attn.k", "attn.v", "ffn.down"]},
+    "vera": {"method": "vera", "sites": ["attn.q", "ffn.down"], "r": 4},
+}}
+VERA_NO_PROJECTION = {"modules": {"vera": {"method": "vera", "sites": ["attn.q", "attn.v"], "r": 8, "save_projection": False}}}
+
 
 def _all_linears(arch):
     return {"modules": {"lora": {"method": "lora", "sites": ALL_LINEARS[arch], "r": 4}}}
@@ -161,6 +176,12 @@ CASES: list[Case] = [
     # parameter selections train base tensors in place: unchanged at init
     *(Case(f"bitfit-{a}", a, BITFIT) for a in ("bert", "gpt2", "qwen2")),
     *(lora_case(f"ln_head-{a}", a, LN_HEAD, ("lora",)) for a in ("bert", "llama")),
+    # merging rescales rows/columns or folds a product into W0: equal to rounding, as LoRA
+    *(lora_case(f"ia3-{a}", a, IA3, ("ia3",)) for a in ("bert", "gpt2", "llama", "qwen2")),
+    *(lora_case(f"dora-{a}", a, DORA, ("dora",)) for a in ("bert", "gpt2", "llama", "qwen2")),
+    *(lora_case(f"vera-{a}", a, VERA, ("vera",)) for a in ("bert", "gpt2", "llama", "qwen2")),
+    *(lora_case(f"vera_no_projection-{a}", a, VERA_NO_PROJECTION, ("vera",)) for a in ("bert", "llama")),
+    *(lora_case(f"mixed_lora_dora_ia3_vera-{a}", a, MIXED, ("lora", "dora", "ia3", "vera")) for a in ("bert", "gpt2", "llama")),
 ]
 IDS = [c.name for c in CASES]
 

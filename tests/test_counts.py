@@ -86,6 +86,35 @@ def test_shipped_unipelt_spec_counts(bert_base):
     assert sum(g["params"] for g in s.gates) == 36_912
 
 
+def test_ia3_kv_ffn(bert_base):
+    """IA3 at k, v (one vector of d per projection) and the FFN intermediate (the 3,072-wide input
+    of ffn.down): 12·(768 + 768 + 3,072) = 55,296, PEFT's count for IA3Config on key, value and
+    output.dense with output.dense as feed-forward."""
+    h = unipelt.compile(bert_base, {"modules": {"ia3": {"method": "ia3", "sites": ["attn.k", "attn.v", "ffn.down"]}}})
+    s = h.summary()
+    assert s.kept == s.training == 55_296 == LAYERS * (D + D + 4 * D)
+    assert h.named_parameters()["ia3.0.ffn.down.ia3_l"].shape == (4 * D,)
+
+
+def test_dora_qv_r8(bert_base):
+    """DoRA r8 on q, v: LoRA's A and B (294,912) plus a magnitude of d per projection
+    (12·2·768 = 18,432): 313,344, PEFT's count for LoraConfig(r=8, use_dora=True) on query, value."""
+    h = unipelt.compile(bert_base, {"modules": {"dora": {**LORA, "method": "dora"}}})
+    s = h.summary()
+    assert s.kept == s.training == 313_344 == LAYERS * 2 * (8 * D + D * 8 + D)
+
+
+def test_vera_qv_r256(bert_base):
+    """VeRA r256 on q, v: d (256) and b (768) per projection, 12·2·1,024 = 24,576 trainable, PEFT's
+    count for VeraConfig(r=256) on query, value; the shared frozen A (256 x 768) and B (768 x 256)
+    are buffers, not parameters."""
+    h = unipelt.compile(bert_base, {"modules": {"vera": {"method": "vera", "sites": ["attn.q", "attn.v"]}}})
+    s = h.summary()
+    assert s.kept == s.training == 24_576 == LAYERS * 2 * (256 + D)
+    proj = h.shared_modules["vera"]
+    assert proj.vera_A.shape == (256, D) and proj.vera_B.shape == (D, 256)
+
+
 def test_summary_text(bert_base):
     h = unipelt.compile(bert_base, {"modules": {"lora": {**LORA, "gate": True}}})
     text = str(h.summary())

@@ -621,6 +621,9 @@ def test_the_meta_count_is_what_the_build_allocates(spec_path, arch):
     if spec_path.stem == "prompt":
         # initialised from vocabulary embeddings: cannot run on meta, counted after its real build
         assert not built.complete and built.allocated == {}
+    elif all(node.method in ("train", "bitfit") for node in spec.modules.values()):
+        # LN tuning trains base tensors in place: nothing to allocate, on meta or for real
+        assert built.complete and sum(built.allocated.values()) == real == 0
     else:
         assert built.complete and sum(built.allocated.values()) == real > 0
 

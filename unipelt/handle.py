@@ -14,7 +14,7 @@ from unipelt.arch import ModelInfo
 from unipelt.errors import AdapterFileError, SpecError
 from unipelt.graph import CompiledGraph
 from unipelt.registry import Registry
-from unipelt.runtime import Entry
+from unipelt.runtime import Entry, merge_branches
 from unipelt.spec import Spec
 from unipelt.state import CONTAINER, base_param_count, get_state, module_param_count, restore_model
 
@@ -208,6 +208,12 @@ class AdapterHandle:
             for bname, b in mod.named_buffers():
                 if getattr(mod, "persistent_buffers", True) and bname not in getattr(mod, "_non_persistent_buffers_set", set()):
                     out[f"{key}.{bname}"] = b.detach()
+        # a shared module's persistent buffers (VeRA's frozen projections, when saved)
+        for node, mod in self.shared_modules.items():
+            for mname, m in mod.named_modules():
+                for bname, b in m.named_buffers(recurse=False):
+                    if bname not in m._non_persistent_buffers_set:
+                        out[f"{node}.shared.{mname + '.' if mname else ''}{bname}"] = b.detach()
         return out
 
     def load_state_dict(self, tensors: dict[str, Tensor], *, source: str = "<state dict>") -> None:
@@ -320,6 +326,8 @@ class AdapterHandle:
                 changed[key.split(".", 1)[0]] = mod.materialize() or {}
                 materialized.append(key)
         for node in list(self.shared_modules):
+            if getattr(self.shared_modules[node], "inference", False):
+                continue  # used at inference too (VeRA's shared projections): kept
             del self.container.shared[node]
             del self.shared_modules[node]
         for node, fields in changed.items():
@@ -347,7 +355,7 @@ class AdapterHandle:
     def merge(self) -> dict[str, list[str]]:
         """Fold every mergeable branch into the base weights; returns which were merged and
         which stay live (gated or non-linear branches cannot be merged)."""
-        merged, live = [], []
+        merged, live, todo = [], [], []
         for bp in self.graph.branches:
             e = self.entries[bp.key]
             mod = e.branch
@@ -362,11 +370,12 @@ class AdapterHandle:
             if e.merged:
                 merged.append(bp.key)
             elif can:
-                host_module.merge_delta(mod.delta_weight(), bp.site.out_slice)
+                todo.append((host_module, mod, bp.site.out_slice))
                 e.merged = True
                 merged.append(bp.key)
             else:
                 live.append(bp.key)
+        merge_branches(todo)
         get_state(self.model).refresh()
         return {"merged": merged, "live": live}
 
@@ -381,10 +390,11 @@ class AdapterHandle:
         # another adapter's merges on the same weights were undone too: re-apply them
         for other in state.handles.values():
             if other is not self:
-                for bp in other.graph.branches:
-                    e = other.entries[bp.key]
-                    if e.merged and bp.site.path in paths:
-                        self.model.get_submodule(bp.site.path).merge_delta(e.branch.delta_weight(), bp.site.out_slice)
+                merge_branches([
+                    (self.model.get_submodule(bp.site.path), other.entries[bp.key].branch, bp.site.out_slice)
+                    for bp in other.graph.branches
+                    if other.entries[bp.key].merged and bp.site.path in paths
+                ])
         state.refresh()
 
     def detach(self) -> None:

@@ -187,27 +187,36 @@ def _shrunk(e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor | None:
     return None if w is None else nn.functional.linear(src, w[0].to(src.dtype))
 
 
-def branch_delta(e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor:
+def branch_delta(e: Entry, src: Tensor, ctx: ForwardContext, base: Tensor | None = None) -> Tensor:
     """The delta of branch ``e`` reading ``src``: from its (group's) input projection under the
-    grouped executor, else the branch's own forward (the reference)."""
+    grouped executor, else the branch's own forward (the reference). ``base`` is the hook point's
+    base output, given to branches that declare ``reads_base`` (DoRA)."""
     g = gate_value(e, src, ctx)
     u = _shrunk(e, src, ctx)
+    if getattr(e.branch, "reads_base", False):
+        if u is not None:
+            return e.branch.expand(u, g, base=base)
+        return e.branch(src, gate=g, base=base)
     if u is not None:
         return e.branch.expand(u, g)
     return e.branch(src, gate=g)
 
 
-def accumulate(e: Entry, src: Tensor, out: Tensor, ctx: ForwardContext) -> Tensor:
+def accumulate(e: Entry, src: Tensor, out: Tensor, ctx: ForwardContext, base: Tensor | None = None) -> Tensor:
     """``out + delta`` of branch ``e``; a branch with ``expand_into`` (LoRA) accumulates into
     ``out`` inside its last matrix product (addmm: one pass less over the output)."""
     into = getattr(e.branch, "expand_into", None)
     if into is not None:
         g = gate_value(e, src, ctx)
         u = _shrunk(e, src, ctx)
+        if getattr(e.branch, "reads_base", False):
+            if u is not None:
+                return into(out, u, g, base=base)
+            return out + e.branch(src, gate=g, base=base)
         if u is not None:
             return into(out, u, g)
         return out + e.branch(src, gate=g)
-    return out + branch_delta(e, src, ctx)
+    return out + branch_delta(e, src, ctx, base)
 
 
 class SiteRuntime:
@@ -231,17 +240,21 @@ class SiteRuntime:
 
     def refresh(self, active: set[str]) -> None:
         """Decide what runs here (called on attach, switch, merge and detach, never per call)."""
-        self.live = [e for e in self.entries if not e.merged and e.adapter in active]
+        live = [e for e in self.entries if not e.merged and e.adapter in active]
+        # input scalings (``reads = "scale"``) run before the base projection, not among the deltas
+        self.scalers = [e for e in live if e.branch.reads == "scale"]
+        self.live = [e for e in live if e.branch.reads != "scale"]
         self.live_mode = self.mode.get(self.live[0].adapter, "parallel") if self.live else "parallel"
 
     live: list[Entry] = []
+    scalers: list[Entry] = []
     live_mode: str = "parallel"
 
     def delta(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor | None:
         """The combined delta of the live branches (parallel or average), on the slice; None if none."""
         delta = None
         for e in self.live:
-            d = branch_delta(e, x if e.branch.reads == "input" else y, ctx)
+            d = branch_delta(e, x if e.branch.reads == "input" else y, ctx, y)
             delta = d if delta is None else delta + d
         if delta is not None and self.live_mode == "average" and len(self.live) > 1:
             delta = delta / len(self.live)
@@ -258,14 +271,14 @@ class SiteRuntime:
         if self.live_mode == "sequential":
             cur = y
             for e in self.live:
-                cur = cur + branch_delta(e, x if e.branch.reads == "input" else cur, ctx)
+                cur = cur + branch_delta(e, x if e.branch.reads == "input" else cur, ctx, y)
             if self.out_slice is None:
                 return cur
             delta = cur - y
         elif self.out_slice is None and self.live_mode == "parallel":
             out = y
             for e in self.live:  # every branch reads the hook point's input or its (original) output
-                out = accumulate(e, x if e.branch.reads == "input" else y, out, ctx)
+                out = accumulate(e, x if e.branch.reads == "input" else y, out, ctx, y)
             return out
         else:
             delta = self.delta(x, y, ctx)
@@ -351,9 +364,18 @@ class Host:
 
     _sliced: list[SiteRuntime] | None = None
     _unsliced: list[SiteRuntime] = []
+    # live input scalings of the wrapped projection (IA3 on ffn.down), applied in order
+    scalers: list[Entry] = []
+
+    def scale_input(self, x: Tensor) -> Tensor:
+        """The projection's input after the live ``scale`` branches (each returns the rescaled input)."""
+        for e in self.scalers:
+            x = e.branch(x)
+        return x
 
     def refresh(self) -> None:
         """Plan the fused-projection path: the parallel runtimes on slices of one output."""
+        self.scalers = [e for rt in self.runtimes.values() for e in rt.scalers]
         lin = [rt for rt in self.runtimes.values() if rt.kind == "linear" and rt.out_slice is not None]
         self._sliced = None
         self._unsliced = list(self.runtimes.values())
@@ -402,11 +424,18 @@ class LeafWrapper(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        return self.host.run(x, self.base_layer(x, *args, **kwargs))
+        host = self.host
+        # input scalings (IA3 on ffn.down) change what the base projection reads; the branches
+        # at this hook point read the original input
+        xin = host.scale_input(x) if host.scalers else x
+        return host.run(x, self.base_layer(xin, *args, **kwargs))
 
     # -- merging ---------------------------------------------------------------------------
-    def merge_delta(self, delta: Tensor, out_slice: tuple[int, int] | None) -> None:
-        """Add an (out, in) delta to the base weight, keeping the original for unmerge."""
+    _bias_backup: Tensor | None = None
+
+    def merge_delta(self, delta: Tensor, out_slice: tuple[int, int] | None, bias: Tensor | None = None) -> None:
+        """Add an (out, in) delta to the base weight (and ``bias``, an (out,) delta, to the base
+        bias), keeping the originals for unmerge."""
         w = self.base_layer.weight
         if self._merged_backup is None:
             self._merged_backup = w.detach().clone()
@@ -418,12 +447,38 @@ class LeafWrapper(nn.Module):
             else:
                 target = w if out_slice is None else w[out_slice[0]:out_slice[1]]
             target.add_(d)
+            b = getattr(self.base_layer, "bias", None)
+            if bias is not None and b is not None:
+                if self._bias_backup is None:
+                    self._bias_backup = b.detach().clone()
+                (b if out_slice is None else b[out_slice[0]:out_slice[1]]).add_(bias.to(b.dtype))
 
     def restore_weight(self) -> None:
         if self._merged_backup is not None:
             with torch.no_grad():
                 self.base_layer.weight.copy_(self._merged_backup)
             self._merged_backup = None
+        if self._bias_backup is not None:
+            with torch.no_grad():
+                self.base_layer.bias.copy_(self._bias_backup)
+            self._bias_backup = None
+
+
+def merge_branches(items: list[tuple[nn.Module, nn.Module, tuple[int, int] | None]]) -> None:
+    """Fold mergeable branches ``(host module, branch, out_slice)`` into their hosts: every
+    ``delta_weight()`` (and ``delta_bias()``, where a branch has one: IA3 rescales the bias with
+    the rows) is computed first, from the weights as the live branches saw them, then all are
+    added. A branch whose delta depends on the base weight (IA3, DoRA) would otherwise see the
+    deltas merged before it at the same projection, and the result would depend on node order."""
+    deltas = []
+    for host_module, branch, out_slice in items:
+        delta_bias = getattr(branch, "delta_bias", None)
+        deltas.append((host_module, branch.delta_weight(), delta_bias() if delta_bias is not None else None, out_slice))
+    for host_module, dw, db, out_slice in deltas:
+        if db is None:
+            host_module.merge_delta(dw, out_slice)
+        else:
+            host_module.merge_delta(dw, out_slice, bias=db)
 
 
 def _strip_base_layer(module, state_dict, prefix, local_metadata):

@@ -11,8 +11,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 # The kinds of hook point (arch.SiteTarget.kind), and what a branch reads at each.
 SiteKind = Literal["linear", "output", "io", "renorm", "kv", "embed", "params"]
 SITE_KINDS: tuple[str, ...] = ("linear", "output", "io", "renorm", "kv", "embed", "params")
-BranchReads = Literal["input", "output", "kv", "embed", "params"]
-BRANCH_READS: tuple[str, ...] = ("input", "output", "kv", "embed", "params")
+BranchReads = Literal["input", "output", "scale", "kv", "embed", "params"]
+BRANCH_READS: tuple[str, ...] = ("input", "output", "scale", "kv", "embed", "params")
 
 
 @runtime_checkable
@@ -21,14 +21,21 @@ class Branch(Protocol):
 
     Required:
       reads: what the branch computes from (``BRANCH_READS``): the hook point's ``input`` (LoRA,
-        a parallel adapter) or ``output`` (a serial adapter); ``kv``/``embed``/``params`` branches
+        a parallel adapter) or ``output`` (a serial adapter, IA3's output scaling); ``scale``: at a
+        ``linear`` hook point, the branch rescales the projection's input before the base layer
+        runs (IA3 on ``ffn.down``): ``forward(x)`` returns the rescaled input, not a delta, and the
+        site's other branches still read the original input; ``kv``/``embed``/``params`` branches
         are served by their kind's mechanism instead of running at a host (the hook
         ``unipelt_attach_branch``; the core's implementations are in :mod:`unipelt.sites`).
       forward(x, gate=None): the delta to add, shaped like the hook point's output; ``gate`` is None
         or a tensor broadcastable to (batch, tokens, 1). The reference executor calls this.
 
     Optional (default when absent):
-      mergeable (False) and delta_weight(): an (out, in) matrix added to the base weight by merge().
+      mergeable (False) and delta_weight(): an (out, in) matrix added to the base weight by merge();
+        delta_bias() (None): a vector added to the base bias as well (IA3 scales the bias).
+      reads_base (False): an ``input`` branch whose delta also depends on the hook point's base
+        output y (DoRA rescales it): called as ``forward(x, gate, base=y)`` and
+        ``expand(u, gate, base=y)``, y the base projection's output (its slice, on a fused one).
       num_params(kept) (all parameters): parameters kept after training (``kept=True``) or used in it.
       materialize() (nothing to drop): drop a training-time reparameterisation; returns the spec
         fields that describe the branch afterwards (``{field: value}``, None removes a field).

@@ -1,0 +1,188 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024, arXiv 2402.09353).
+
+W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖, the norm taken per output row of the weight as stored
+(one value per output feature), m ∈ R^{d_out} initialised to the row norms of W0, A and B as in
+LoRA (B = 0: the layer starts unchanged). With g = m / ‖W0 + s·B·A‖ the output is
+
+    y' = g ⊙ (W0·x + s·B·A·x) + b = y + (g - 1) ⊙ (y - b) + g ⊙ (s·B·A·x),
+
+y = W0·x + b the base output, which the branch reads (``reads_base``) instead of computing
+W0·x again; the same expression as PEFT's ``DoraLinearLayer.forward``. ``detach_norm`` (the
+paper's §4.3, PEFT's only behaviour) treats the norm as a constant in the backward pass.
+Mergeable: W0 <- g ⊙ (W0 + s·B·A) (the bias is not rescaled).
+
+The norm is never materialised as W0 + s·B·A: per row i,
+    ‖W0_i + s·(BA)_i‖² = ‖W0_i‖² + 2s·B_i·(W0·Aᵀ)_i + s²·B_i·(A·Aᵀ)·B_iᵀ,
+W0·Aᵀ (d_out × r) being the only product with W0 (d_out·d_in·r multiply-adds, the cost of r
+tokens through the layer) and A·Aᵀ r × r; the terms are summed in float32. The sum is exact
+algebra; what it could lose is the cancellation of a row whose W0_i + s·(BA)_i is nearly zero
+(the update erasing the row), which training never approaches; it is clamped above 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from unipelt.hookspecs import hookimpl
+from unipelt.registry import MethodDef
+from unipelt_plugins.ia3 import base_bias, base_weight
+from unipelt_plugins.lora import LoraConfig
+
+# the inits this branch implements (LoraConfig may offer more, for LoRA itself)
+INITS = ("kaiming", "gaussian")
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """LoRA's fields (r, alpha, rslora, dropout, init, lr_ratio) and detach_norm: treat
+    ‖W0 + s·B·A‖ as a constant in the backward pass (the paper's §4.3; PEFT always does)."""
+
+    detach_norm: bool = True
+
+    def validate(self) -> tuple[str, str] | None:
+        parent = getattr(super(), "validate", None)
+        problem = parent() if parent is not None else None
+        if problem:
+            return problem
+        if self.init not in INITS:
+            return "init", f"DoRA initialises A with one of {', '.join(INITS)}, not {self.init!r}"
+        return None
+
+
+class DoraBranch(nn.Module):
+    """The DoRA delta at one projection: (g - 1) ⊙ (y - b) + g ⊙ s·B·A·x, g = m / ‖W0 + s·B·A‖."""
+
+    reads = "input"
+    reads_base = True
+    mergeable = True
+
+    def __init__(self, cfg: DoraConfig, in_features: int, out_features: int, host: nn.Module,
+                 out_slice: tuple[int, int] | None):
+        super().__init__()
+        self.in_features, self.out_features, self.r = in_features, out_features, cfg.r
+        self.scale = cfg.scale
+        self.lr_ratio = cfg.lr_ratio
+        self.detach_norm = cfg.detach_norm
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, cfg.r))
+        if cfg.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1.0 / cfg.r)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        # the base projection, not a submodule: its weights belong to the base model
+        self.__dict__["_host"] = host
+        self.out_slice = out_slice
+        w = self._weight()
+        if self.lora_A.is_meta or w.is_meta:  # counted on the meta device, or a meta base: no values
+            m = torch.empty(out_features, device=self.lora_A.device)
+        else:
+            # ‖W0_i‖ by the same arithmetic as the forward's norm (B = 0 there): g is exactly 1 at
+            # init, so the layer starts exactly unchanged. Computed where W0 is; kept with A.
+            with torch.no_grad():
+                m = self._norm(self.lora_A.to(w.device), self.lora_B.to(w.device))
+            m = m.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
+        self.magnitude = nn.Parameter(m)
+
+    def _weight(self) -> Tensor:
+        return base_weight(self._host, self.out_slice)
+
+    def _norm(self, A: Tensor, B: Tensor) -> Tensor:
+        """‖W0_i + s·(B·A)_i‖ per output row, in float32, from W0·Aᵀ and A·Aᵀ (never W0 + s·B·A)."""
+        W = self._weight()
+        s = self.scale
+        w2 = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
+        Af, Bf = A.float(), B.float()
+        wa = F.linear(W, A.to(W.dtype)).float()  # (d_out, r) = W0·Aᵀ
+        cross = (Bf * wa).sum(1)  # B_i·(W0·Aᵀ)_i = <W0_i, (BA)_i>
+        ba2 = ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # ‖(BA)_i‖²
+        return (w2 + (2 * s) * cross + (s * s) * ba2).clamp_min(1e-30).sqrt()
+
+    def weight_norm(self) -> Tensor:
+        A, B = self.lora_A, self.lora_B
+        if self.detach_norm:
+            A, B = A.detach(), B.detach()
+        return self._norm(A, B)
+
+    def factor(self) -> Tensor:
+        """g = m / ‖W0 + s·B·A‖ (d_out,)."""
+        n = self.weight_norm()
+        return self.magnitude / n.to(self.magnitude.dtype)
+
+    def _combine(self, lora: Tensor, base: Tensor, dtype) -> Tensor:
+        g = self.factor().to(dtype)
+        b = base_bias(self._host, self.out_slice)
+        if b is not None:
+            base = base - b.to(dtype)
+        return (g - 1) * base + g * (lora * self.scale)
+
+    def forward(self, x: Tensor, gate: Tensor | None = None, base: Tensor | None = None) -> Tensor:
+        if base is None or (isinstance(self.dropout, nn.Dropout) and self.training):
+            # dropout acts on the input of both terms (as PEFT: base_result=None): W0·dropout(x)
+            # is computed here; so is W0·x when the caller has no base output
+            x = self.dropout(x)
+            w = self._weight()
+            base = F.linear(x, w.to(x.dtype))
+            b = base_bias(self._host, self.out_slice)
+            if b is not None:
+                base = base + b.to(x.dtype)
+        lora = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return self._combine(lora, base, x.dtype)
+
+    # -- the group protocol (unipelt.types.Shrinkable): x·Aᵀ computed with the other readers of x
+    def shrink_params(self):
+        return None if isinstance(self.dropout, nn.Dropout) else (self.lora_A, None)
+
+    def expand(self, u: Tensor, gate: Tensor | None = None, base: Tensor | None = None) -> Tensor:
+        if base is None:
+            raise RuntimeError("DoRA's expand needs the base output (the runtime passes base=)")
+        return self._combine(F.linear(u, self.lora_B.to(u.dtype)), base, u.dtype)
+
+    def expand_into(self, out: Tensor, u: Tensor, gate: Tensor | None = None, base: Tensor | None = None) -> Tensor:
+        """``out + expand(u, gate, base)``. Eager, when ``out`` is the base output itself (the
+        branch is the site's only one), as g ⊙ (y - b + s·B·u) + b: the addition inside the
+        matrix product (addmm) and one pass for the rescale, instead of five pointwise passes;
+        compiled, the plain sum, which inductor fuses."""
+        if torch.compiler.is_compiling() or out is not base or out.dim() < 2 or not out.is_contiguous():
+            return out + self.expand(u, gate, base=base)
+        dtype = out.dtype
+        g = self.factor().to(dtype)
+        t = torch.addmm(out.reshape(-1, out.shape[-1]), (u * self.scale).reshape(-1, u.shape[-1]),
+                        self.lora_B.to(dtype).t()).view(out.shape)  # y + s·B·u
+        b = base_bias(self._host, self.out_slice)
+        if b is None:
+            return t * g
+        return torch.addcmul((1 - g) * b.to(dtype), t, g)  # g ⊙ (t - b) + b
+
+    def delta_weight(self) -> Tensor:
+        """g ⊙ (W0 + s·B·A) - W0 = (g - 1) ⊙ W0 + g ⊙ s·B·A, rows scaled."""
+        w = self._weight()
+        with torch.no_grad():
+            g = self.factor().to(w.dtype)[:, None]
+            return (g - 1) * w + g * ((self.lora_B @ self.lora_A).to(w.dtype) * self.scale)
+
+    def param_roles(self) -> dict[str, str]:
+        return {"lora_A": "lora_A", "lora_B": "lora_B"}
+
+
+METHOD = MethodDef(
+    name="dora", config=DoraConfig, site_kinds=frozenset({"linear"}),
+    summary="DoRA: m ⊙ (W0 + s·B·A)/‖W0 + s·B·A‖ per output row on any linear hook point; mergeable",
+    gateable=False,
+)
+
+
+@hookimpl
+def unipelt_methods():
+    return [METHOD]
+
+
+@hookimpl
+def unipelt_build_branch(method, config, node, site, model):
+    if method.name != "dora":
+        return None
+    return DoraBranch(config, site.in_features, site.out_features, site.module, site.out_slice)
