@@ -277,10 +277,15 @@ def _ddp(ctx: DistContext, net: nn.Module, handle, probe) -> nn.Module:
         ctx.notes.append(f"DDP: {len(unused)} adapter parameter(s) take no gradient ({', '.join(unused[:3])}"
                          f"{', ...' if len(unused) > 3 else ''}); using find_unused_parameters=True")
     dev = ctx.device
-    # broadcast_buffers off: every rank built the same buffers, and a running state a gate keeps is
-    # the rank's own; the initial parameters are broadcast from rank 0 when DDP is built
+    # no buffer sync at each forward: every rank built the same buffers, and a running state a
+    # gate keeps is the rank's own; parameters (and buffers) are broadcast from rank 0 once, when
+    # DDP is built (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+    import inspect
+
+    sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+            else "broadcast_buffers")
     return DDP(net, device_ids=[dev.index] if dev is not None and dev.type == "cuda" else None,
-               broadcast_buffers=False, find_unused_parameters=ctx.find_unused)
+               find_unused_parameters=ctx.find_unused, **{sync: False})
 
 
 def _unused_parameters(handle, probe: Callable[[], torch.Tensor]) -> list[str]:
