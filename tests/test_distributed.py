@@ -256,3 +256,80 @@ def test_fsdp2_refuses_a_quantized_base_before_sharding():
     with pytest.raises(ModelError, match=r"ddp: base parameters require grad but are not the adapter's "
                                          r"\(model\.norm\.weight\)"):
         wrap(DistContext(mode="ddp", world=2, device=torch.device("cpu")), net, handle)
+
+
+# ------------------------------------------------------------------------------------------
+# the user's own Trainer script, started on two processes
+# ------------------------------------------------------------------------------------------
+TRAINER_SPEC = {"version": 1, "modules": {
+    "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": True},
+    "head": {"method": "train", "sites": "head"}}}
+
+
+def _trainer_run(out: Path, per_device_batch: int) -> dict[str, torch.Tensor]:
+    """A compiled classifier trained by transformers' Trainer, as a user's script would; returns
+    the adapter's tensors at the end (on every rank)."""
+    from transformers import Trainer, TrainingArguments
+
+    import unipelt
+    from unipelt.data import collate, encode_classification
+    from unipelt.models import load_model
+    from unipelt.train import UnipeltCallback, param_groups
+
+    model, tok = load_model("tiny-bert", task="classification", num_labels=2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    torch.manual_seed(0)
+    handle = unipelt.compile(model, TRAINER_SPEC)
+    rows = [vars(r) for r in encode_classification(cls_rows()[:8], tok, ["neg", "pos"], 32)]
+    args = TrainingArguments(str(out), report_to=[], use_cpu=True, num_train_epochs=2, save_steps=2,
+                             per_device_train_batch_size=per_device_batch, learning_rate=1e-2, disable_tqdm=True,
+                             logging_strategy="no", seed=5, save_only_model=True,
+                             # Trainer multiplies the loss by the world size when it counts loss items
+                             # across devices, for losses that divide by that count; a classifier's
+                             # mean loss does not, so its gradients would double (and clip differently)
+                             average_tokens_across_devices=False,
+                             ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=lambda b: collate(b, tok.pad_token_id),
+                      optimizers=(torch.optim.AdamW(param_groups(handle, 1e-2)), None),
+                      callbacks=[UnipeltCallback(handle, out)])
+    trainer.train()
+    return {k: v.detach().clone() for k, v in handle.state_dict().items()}
+
+
+def _trainer_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        torch.save(_trainer_run(Path(out), 2), Path(out) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out) / f"error-rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def test_trainer_script_on_two_processes_trains_the_one_process_adapter(tmp_path):
+    """transformers' Trainer (through accelerate, DDP over gloo) trains a compiled model as it is:
+    both ranks end with the same adapter, which is the one a single process trains on the same
+    global batches (4 rows a step: 2 per rank); UnipeltCallback saves once, from rank 0."""
+    pytest.importorskip("accelerate")
+    two = tmp_path / "two"
+    two.mkdir()
+    ctx = mp.start_processes(_trainer_worker, args=(2, _free_port(), str(two)), nprocs=2, join=False,
+                             start_method=START)
+    try:
+        while not ctx.join(timeout=120):
+            pass
+    except mp.ProcessRaisedException:
+        raise AssertionError("a rank failed:\n" + "\n".join(p.read_text() for p in two.glob("error-rank*.txt"))) \
+            from None
+    ranks = [torch.load(two / f"rank{r}.pt") for r in (0, 1)]
+    assert_same_adapter(ranks[1], ranks[0])
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(var, None)
+    one = _trainer_run(tmp_path / "one", 4)
+    assert_same_adapter(ranks[0], one)
+    saved = adapter(two / "adapter")
+    assert_same_adapter({k: saved[k] for k in one}, one)
+    assert sorted(p.parent.name for p in two.glob("checkpoint-*/adapter")) == ["checkpoint-2", "checkpoint-4"]
