@@ -333,3 +333,45 @@ def test_trainer_script_on_two_processes_trains_the_one_process_adapter(tmp_path
     saved = adapter(two / "adapter")
     assert_same_adapter({k: saved[k] for k in one}, one)
     assert sorted(p.parent.name for p in two.glob("checkpoint-*/adapter")) == ["checkpoint-2", "checkpoint-4"]
+
+
+# ------------------------------------------------------------------------------------------
+# benchmarks/speed.py --gpus 2, on CPU (the timings are noise here; the harness is checked)
+# ------------------------------------------------------------------------------------------
+def _speed_worker(rank: int, world: int, port: int, out: str) -> None:
+    import importlib.util
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    spec = importlib.util.spec_from_file_location("speed_gpus", ROOT / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = speed  # dataclasses resolve annotations through the module
+    spec.loader.exec_module(speed)
+    code = speed.main(["--gpus", "2", "--tiny", "--device", "cpu", "--scenarios", "llama", "--variants",
+                       "lora-r8-qv,full", "--warmup", "1", "--iters", "2", "--out", out])
+    if code:
+        raise SystemExit(code)
+
+
+def test_speed_benchmark_gpus_2_records_scaling_and_memory_per_rank(tmp_path):
+    out = tmp_path / "gpus.jsonl"
+    ctx = mp.start_processes(_speed_worker, args=(2, _free_port(), str(out)), nprocs=2, join=False,
+                             start_method=START)
+    while not ctx.join(timeout=120):
+        pass
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    head, recs = lines[0], lines[1:]
+    assert head["gpus"] == 2 and head["distributed_modes"] == ["ddp", "fsdp2"]
+    assert head["command"].startswith("torchrun --nproc-per-node 2 benchmarks/speed.py --gpus 2")
+    by = {(r["variant"], r.get("distributed")): r for r in recs}
+    assert by[("full", None)]["error"] == "--gpus measures unipelt variants"  # recorded, not measured
+    one = by[("lora-r8-qv", "none")]
+    assert one["gpus"] == 1 and one["error"] is None and one["median_ms"] > 0
+    for mode in ("ddp", "fsdp2"):
+        r = by[("lora-r8-qv", mode)]
+        assert r["error"] is None and r["gpus"] == 2 and len(r["ranks"]) == 2
+        assert r["slowest_median_ms"] == max(x["median_ms"] for x in r["ranks"])
+        assert r["scaling_efficiency"] == pytest.approx(one["median_ms"] / r["slowest_median_ms"], rel=1e-3)
+        assert r["examples_per_s_per_gpu"] == pytest.approx(2 / (r["slowest_median_ms"] / 1e3), rel=1e-3)
