@@ -375,3 +375,31 @@ def test_speed_benchmark_gpus_2_records_scaling_and_memory_per_rank(tmp_path):
         assert r["slowest_median_ms"] == max(x["median_ms"] for x in r["ranks"])
         assert r["scaling_efficiency"] == pytest.approx(one["median_ms"] / r["slowest_median_ms"], rel=1e-3)
         assert r["examples_per_s_per_gpu"] == pytest.approx(2 / (r["slowest_median_ms"] / 1e3), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# the command line under torchrun
+# ------------------------------------------------------------------------------------------
+def test_torchrun_module_entry_trains_and_rank_0_alone_prints(tmp_path):
+    """``torchrun --nproc-per-node 2 -m unipelt train ...`` (the real launcher and module entry):
+    DDP over gloo, one adapter and report, the result printed once."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text}) + "\n" for e in lm_rows()))
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         "-m", "unipelt", "train", SPEC, "tiny-llama", "--data", str(data), "--out", str(out), "--max-steps", "2",
+         "--batch-size", "3", "--device", "cpu", "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [x.split()[0] for x in lines if x.startswith(("task ", "adapter ", "report "))] == \
+        ["task", "adapter", "report"], proc.stdout  # rank 1 prints nothing
+    report = json.loads((out / "report.json").read_text())
+    assert report["distributed"] == {"mode": "ddp", "world_size": 2, "rank": 0, "backend": "gloo",
+                                     "find_unused_parameters": False}
+    assert report["steps"] == 2 and (out / "adapter" / "adapter.safetensors").is_file()
