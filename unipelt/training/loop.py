@@ -331,8 +331,13 @@ def _set_training_forward(run: Run) -> None:
     kwargs = {"mode": mode} if backend == "inductor" else {}
     from torch._dynamo.exc import InvalidBackend
 
+    # DDP's own forward (its logger, the reducer's bookkeeping) cannot be traced: under DDP the
+    # graph breaks around the model by design, so fullgraph is off there (torch's DDP + compile path)
+    fullgraph = run.dist.mode != "ddp"
+    if not fullgraph:
+        run.compile_info["fullgraph"] = False
     try:
-        run.forward = torch.compile(run.train_module, fullgraph=True, backend=backend, **kwargs)
+        run.forward = torch.compile(run.train_module, fullgraph=fullgraph, backend=backend, **kwargs)
     except InvalidBackend:
         raise TrainingError(f"{COMPILE_BACKEND_ENV}={backend!r}: not a torch.compile backend "
                             f"(torch._dynamo.list_backends() lists them)") from None
