@@ -67,6 +67,16 @@ within a 10-minute call; ``--budget-s`` stops starting variants in time for the 
                                                   # one run split over several files: join them with commas
     python benchmarks/speed.py --tiny --modes eager --out /tmp/tiny.jsonl     # tiny configs on CPU in seconds (what the test runs)
 
+Data-parallel scaling (``--gpus N``, under ``torchrun --nproc-per-node N``; eager train steps of the
+unipelt variants, each GPU its own batch of the scenario's train shape): the one-GPU step (rank 0
+alone), then the N-GPU step under DDP and FSDP2 (``--distributed-modes``), the wrapping that
+``unipelt train --distributed`` uses; per record the slowest rank's median, examples/s per GPU
+against one GPU (``scaling_efficiency``; issue 15's target: >= 0.9 for DDP on llama) and every
+rank's peak memory (``peak_gib_per_gpu``: what FSDP2's sharded base saves):
+
+    PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/speed.py --gpus 2 --scenarios llama --variants unipelt,lora-r16-all,lora-r8-qv --out $OUT/gpus2-1.jsonl
+    PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/speed.py --gpus 2 --tiny --device cpu --out /tmp/g.jsonl   # CPU/gloo check
+
 ``--tiny`` runs the same code path with 2-layer, 64-wide models, 2 warm-up and 3 timed iterations
 (``--dtype bfloat16 --backend eager`` also exercise the GPU run's dtype and the compiled path on CPU).
 """
@@ -572,6 +582,142 @@ def gpu_warmup(seconds: float, device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# --gpus N: data-parallel scaling (DDP, FSDP2) under torchrun
+# ------------------------------------------------------------------------------------------
+SCALING_MODES = ("ddp", "fsdp2")
+
+
+def _scaling_step(prepared: Prepared, module: nn.Module, batch: dict, ctx, optimizer) -> Callable[[], None]:
+    """One data-parallel train step as ``unipelt train`` takes it: forward and backward of this
+    rank's batch, the gradient reduction (DDP: during backward; FSDP2's replicated adapter: one
+    all-reduce after it), AdamW, zero_grad."""
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step() -> None:
+        module(**batch).loss.backward()
+        ctx.reduce_gradients(trainable)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _scaling_measure(variant: Variant, scn: Scenario, mode: str, s: Settings, ctx, alone: bool) -> dict:
+    """The median train step of ``variant`` on this rank: alone (``mode`` none: the one-GPU
+    baseline, run by rank 0 while the others wait) or wrapped for ``mode`` on every rank."""
+    from unipelt.training.distributed import DistContext, wrap
+
+    rec = _record(scn, "eager", "train", variant.name, distributed=mode if not alone else "none",
+                  gpus=1 if alone else ctx.world, per_gpu_batch=list(scn.train_shape))
+    t0 = time.perf_counter()
+    try:
+        prepared = prepare(variant, scn, "train", s.device, s.dtype)
+        here = DistContext() if alone else DistContext(mode=mode, rank=ctx.rank, world=ctx.world,
+                                                       local_rank=ctx.local_rank, device=ctx.device)
+        module = prepared.model if alone else wrap(here, prepared.model, prepared.keep)
+        optimizer = torch.optim.AdamW(prepared.params, lr=LR)
+        # every rank its own batch (seeded by rank): weak scaling, the global batch grows with the GPUs
+        batch = make_batch(scn, "train", scn.config["vocab_size"], s.device, seed=1 + (0 if alone else ctx.rank))
+        step = _scaling_step(prepared, module, batch, here, optimizer)
+        time_steps(step, s.warmup, s.device)
+        if s.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(s.device)
+        times = time_steps(step, s.iters, s.device)
+        rec.update(times_ms=[round(t, 4) for t in times], median_ms=round(statistics.median(times), 4),
+                   trainable=prepared.trainable)
+        if s.device.type == "cuda":
+            rec["peak_gib"] = round(torch.cuda.max_memory_allocated(s.device) / 2**30, 4)
+        del module, optimizer, step, prepared
+    except torch.cuda.OutOfMemoryError as exc:
+        rec["error"] = "OOM: " + _short(exc)
+    except Exception as exc:
+        rec["error"] = _short(exc)
+        rec["traceback_tail"] = traceback.format_exc(limit=-4)[-2000:]
+    rec["wall_s"] = round(time.perf_counter() - t0, 3)
+    _free(s.device)
+    return rec
+
+
+def _gather_ranks(ctx, rec: dict) -> list[dict]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * ctx.world
+    dist.all_gather_object(out, rec)
+    return out
+
+
+def run_scaling(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
+    """``--gpus N``: per (scenario, variant), the one-GPU train step (rank 0 alone) and the
+    N-process step under each of ``--distributed-modes``; throughput per GPU against one GPU
+    (``scaling_efficiency`` = one-GPU step time / N-GPU step time of the slowest rank, the same
+    per-GPU batch) and every rank's peak memory. Rank 0 writes the JSONL."""
+    from unipelt.training.distributed import launched_world, setup
+
+    world = launched_world()
+    if world != args.gpus:
+        raise SystemExit(f"--gpus {args.gpus}: start one process per GPU, e.g. torchrun --nproc-per-node "
+                         f"{args.gpus} benchmarks/speed.py --gpus {args.gpus} ... (WORLD_SIZE is {world})")
+    ctx = setup("ddp", args.device)  # the process group (NCCL on CUDA, gloo with --device cpu) and this rank's device
+    try:
+        if args.tiny and ctx.device.type == "cpu":
+            torch.set_num_threads(1)
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+            args.dtype, torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
+        settings = Settings(device=ctx.device, dtype=dtype, warmup=args.warmup, iters=args.iters,
+                            backend=args.backend, variant_timeout=0.0, gpu_warmup_s=args.gpu_warmup_s)
+        records: list[dict] = [dict(header(argv, settings, args), gpus=args.gpus,
+                                    distributed_modes=list(args.distributed_modes))]
+        records[0]["command"] = f"torchrun --nproc-per-node {args.gpus} benchmarks/speed.py " + shlex.join(argv)
+        records[0]["plugins"] = ensure_plugins()
+        if ctx.main:
+            write_jsonl(args.out, records)
+        scenarios = TINY if args.tiny else SCENARIOS
+        gpu_warmup(settings.gpu_warmup_s, ctx.device)
+        for scn_name in args.scenarios:
+            scn = scenarios[scn_name]
+            for vname in args.variants:
+                variant = VARIANTS[vname]
+                if variant.kind != "unipelt":
+                    if ctx.main:
+                        records.append(_skipped(scn, "eager", "train", vname, "--gpus measures unipelt variants"))
+                    continue
+                one = _scaling_measure(variant, scn, "none", settings, ctx, alone=True) if ctx.main else None
+                ctx.barrier()
+                if ctx.main:
+                    records.append(one)
+                    print(f"{scn_name} {vname} 1 GPU: {one['median_ms']} ms", flush=True)
+                for mode in args.distributed_modes:
+                    ranks = _gather_ranks(ctx, _scaling_measure(variant, scn, mode, settings, ctx, alone=False))
+                    if not ctx.main:
+                        continue
+                    ok = [r for r in ranks if r["error"] is None]
+                    rec = dict(ranks[0], ranks=[{k: r.get(k) for k in ("median_ms", "peak_gib", "error")}
+                                                for r in ranks])
+                    if len(ok) == len(ranks) and one["error"] is None:
+                        slowest = max(r["median_ms"] for r in ranks)
+                        b = scn.train_shape[0]
+                        rec.update(slowest_median_ms=slowest,
+                                   examples_per_s_per_gpu=round(b / (slowest / 1e3), 3),
+                                   one_gpu_examples_per_s=round(b / (one["median_ms"] / 1e3), 3),
+                                   scaling_efficiency=round(one["median_ms"] / slowest, 4),
+                                   peak_gib_per_gpu=[r.get("peak_gib") for r in ranks])
+                    else:
+                        rec["error"] = rec["error"] or next((r["error"] for r in ranks if r["error"]), None) \
+                            or "the one-GPU baseline failed"
+                    records.append(rec)
+                    print(f"{scn_name} {vname} {args.gpus} GPUs {mode}: slowest rank {rec.get('slowest_median_ms')} ms, "
+                          f"efficiency {rec.get('scaling_efficiency')}, peak GiB {rec.get('peak_gib_per_gpu')}"
+                          + (f" ERROR {rec['error']}" if rec["error"] else ""), flush=True)
+                if ctx.main:
+                    write_jsonl(args.out, records)
+        if ctx.main:
+            write_jsonl(args.out, records)
+        return records
+    finally:
+        ctx.finish()
+
+
+# ------------------------------------------------------------------------------------------
 # records and the run
 # ------------------------------------------------------------------------------------------
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
@@ -957,7 +1103,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto: bfloat16 on CUDA (the protocol), float32 on CPU")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager tests the compiled path on CPU)")
+    p.add_argument("--gpus", type=int, help="data-parallel scaling on N GPUs (eager train steps, unipelt variants): "
+                                            "start with torchrun --nproc-per-node N; see run_scaling")
+    p.add_argument("--distributed-modes", default=",".join(SCALING_MODES),
+                   type=lambda v: _choices(v, SCALING_MODES, "--distributed-modes"), help="with --gpus (default: both)")
     args = p.parse_args(argv)
+    if args.gpus is not None and args.gpus < 2:
+        p.error("--gpus: at least 2 (one GPU is the ordinary run)")
     if args.report is not None:
         if not 1 <= len(args.report) <= 2:
             p.error("--report: give one or two runs (a run may be several files joined by commas)")
@@ -981,6 +1133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report is not None:
         sys.stdout.write(report(args.report))
         return 0
+    if args.gpus is not None:
+        records = run_scaling(args, argv)
+        return 0 if all(r.get("error") is None for r in records[1:] if r.get("gpus")) else 1
     records = run(args, argv)
     return 0 if all(r.get("error") is None for r in records[1:] if r.get("variant") == "floor") else 1
 

@@ -103,9 +103,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit or None, resume=args.resume or False, overwrite=args.overwrite,
         use_chat_template=args.chat_template is not False, progress=not args.no_progress, device=args.device,
-        compile=args.compile, precision=args.precision, data_fields=fields,
+        compile=args.compile, precision=args.precision, data_fields=fields, distributed=args.distributed,
     )
     report = train(spec, args.model, train_rows, eval_rows, cfg)
+    if (report.get("distributed") or {}).get("rank", 0) != 0:
+        return 0  # under torchrun/accelerate every process trains; rank 0 prints the result
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -306,6 +308,11 @@ def unipelt_add_commands(subparsers):
     o.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="the training forward's arithmetic: bf16 autocast (weights, adapter and optimizer stay "
                         "fp32) or fp32; auto: bf16 on a GPU that supports it, fp32 on CPU (default: auto)")
+    o.add_argument("--distributed", choices=("auto", "none", "ddp", "fsdp2"), default="auto",
+                   help="data-parallel training across the processes torchrun or accelerate launch started: ddp "
+                        "(the adapter's gradients reduced), fsdp2 (the frozen base sharded, the adapter whole on "
+                        "each process), none; auto: ddp with several processes, fsdp2 when accelerate is "
+                        "configured for FSDP, none with one process (default: auto)")
     c = t.add_argument_group("checkpoints")
     c.add_argument("--save-steps", type=int, help="also checkpoint every N optimizer steps (always: every epoch end)")
     c.add_argument("--save-total-limit", type=int, default=2,

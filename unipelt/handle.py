@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from unipelt.arch import ModelInfo
-from unipelt.errors import AdapterFileError, SpecError
+from unipelt.errors import AdapterFileError, ModelError, SpecError
 from unipelt.graph import CompiledGraph
 from unipelt.registry import Registry
 from unipelt.runtime import Entry, merge_branches
@@ -355,6 +355,7 @@ class AdapterHandle:
     def merge(self) -> dict[str, list[str]]:
         """Fold every mergeable branch into the base weights; returns which were merged and
         which stay live (gated or non-linear branches cannot be merged)."""
+        _refuse_sharded(self.model, [bp.site.path for bp in self.graph.branches])
         merged, live, todo = [], [], []
         for bp in self.graph.branches:
             e = self.entries[bp.key]
@@ -446,6 +447,21 @@ class AdapterHandle:
         return f"AdapterHandle(name={self.name!r}, architecture={self.info.arch.name!r}, modules={list(self.spec.modules)})"
 
 
+
+
+def _refuse_sharded(model: nn.Module, paths: list[str]) -> None:
+    """Merging adds a full delta to each base weight; one that FSDP2 sharded (a DTensor) holds
+    only this process's rows, so the merge is refused (``--distributed fsdp2``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return
+    for path in dict.fromkeys(paths):
+        w = getattr(model.get_submodule(path), "weight", None)
+        if isinstance(w, DTensor):
+            raise ModelError(f"{path}.weight is sharded by FSDP2 (--distributed fsdp2): an adapter cannot be merged "
+                             "into a sharded base; save the adapter and merge it into the unsharded base "
+                             "(unipelt merge ADAPTER MODEL --out DIR)")
 
 
 def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, registry: Registry | None = None) -> AdapterHandle:

@@ -23,6 +23,9 @@ from unipelt.errors import DataError, ModelError
 from unipelt.training.checkpoints import (RunLock, RunState, atomic_json, best_step, check_output_dir, load_checkpoint,
                                           prepare_out_dir, read_checkpoint_state, remove_stale, resume_point,
                                           run_fingerprint, save_adapter, save_checkpoint)
+from unipelt.training.distributed import DistContext, loss_items
+from unipelt.training.distributed import setup as setup_distributed
+from unipelt.training.distributed import wrap as wrap_distributed
 from unipelt.training.evaluation import evaluate_encoded, gate_means, trivial_baseline
 from unipelt.training.inputs import (check_max_length, class_labels, data_digest, detect_task, encode, epoch_order,
                                      pad_id)
@@ -88,10 +91,17 @@ class Run:
     controller_events: list[dict] = field(default_factory=list)
     bucketed: bool = False              # training batches padded to bucket widths (CUDA graphs)
     autocast: torch.dtype | None = None  # the training forward's autocast dtype (None: fp32)
+    dist: DistContext = field(default_factory=DistContext)
+    train_module: Any = None            # what the forward calls: the model, or its DDP wrapper
+
+    @property
+    def progress(self) -> bool:
+        """Progress output: on rank 0 only (every rank runs the same loop)."""
+        return self.cfg.progress and self.dist.main
 
     def note(self, text: str) -> None:
         self.notes.append(text)
-        if self.cfg.progress:
+        if self.progress:
             print(f"note: {text}", file=sys.stderr)
 
 
@@ -105,23 +115,44 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
     ``spec``: a path, dict or parsed Spec. ``model``: a built-in name or a local model directory
     (loaded for the task, with as many labels as the data has), or an ``nn.Module`` (pass its
     ``tokenizer``; it must already have the right head). See :mod:`unipelt.training` for the rest.
-    """
-    from unipelt.spec import parse_spec
 
+    Under ``torchrun`` / ``accelerate launch`` (``cfg.distributed``) every process calls this
+    with the same arguments; see :mod:`unipelt.training.distributed`. A process group this call
+    initialises is destroyed when it returns (one the caller set up is left alone).
+    """
     cfg = copy.deepcopy(config) if config is not None else TrainConfig()
     cfg.check()
-    device = resolve_device(cfg.device)
+    dctx = setup_distributed(cfg.distributed, cfg.device)  # under torchrun/accelerate: this process's rank
+    try:
+        return _train(dctx, cfg, spec, model, train_examples, eval_examples, tokenizer)
+    finally:
+        dctx.finish()
+
+
+def _train(dctx: DistContext, cfg: TrainConfig, spec, model, train_examples, eval_examples, tokenizer) -> TrainReport:
+    from unipelt.spec import parse_spec
+
+    device = dctx.device or resolve_device(cfg.device)
     spec = parse_spec(spec)  # spec errors before any model is loaded
     train_examples, eval_examples = list(train_examples), list(eval_examples or [])
     task = cfg.task or detect_task(train_examples)
     labels = class_labels(train_examples, eval_examples, cfg.labels) if task == "classification" else None
 
     out = Path(cfg.out_dir) if cfg.out_dir else None
-    lock, notes = _open_run_dir(out)
-    try:
-        resume_from = resume_point(out, cfg.resume) if cfg.resume else None
+    lock: RunLock | None = None
+
+    def open_run_dir() -> tuple[list[str], Path | None]:
+        # rank 0 alone locks, cleans and prepares the directory; the others wait for its answer
+        nonlocal lock
+        lock, found = _open_run_dir(out)
+        resume = resume_point(out, cfg.resume) if cfg.resume else None
         if out is not None:
-            prepare_out_dir(out, resuming=resume_from is not None, overwrite=cfg.overwrite)
+            prepare_out_dir(out, resuming=resume is not None, overwrite=cfg.overwrite)
+        return found, resume
+
+    try:
+        notes, resume_from = dctx.on_main(open_run_dir, "prepare the run directory")
+        notes = list(notes)
         net, tok, model_name = _load_base(model, tokenizer, task, labels, cfg)
         check_max_length(net, cfg.max_length, model_name=model_name)
         net.to(device)
@@ -152,7 +183,7 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
         opt = build_optimisation(handle, lr=cfg.lr, gate_lr=cfg.gate_lr, weight_decay=cfg.weight_decay,
                                  schedule=cfg.schedule, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps)
         run = Run(cfg=cfg, task=task, net=net, handle=handle, opt=opt, plan=plan, train_rows=train_rows,
-                  eval_rows=eval_rows, pad=pad_id(tok), device=device, out=out, fingerprint=fingerprint)
+                  eval_rows=eval_rows, pad=pad_id(tok), device=device, out=out, fingerprint=fingerprint, dist=dctx)
         for text in notes:
             run.note(text)
         if resume_from is not None:
@@ -160,15 +191,17 @@ def train(spec, model, train_examples: Sequence[Example], eval_examples: Sequenc
             opt.load_controller_state(resume_state.get("controllers") or {})
             run.controller_events = list(resume_state.get("controller_events") or [])
         run.autocast = choose_precision(device, cfg.precision)
-        _set_training_forward(run)
 
         t_start = time.perf_counter()
         with _training_mode(net, cfg.gradient_checkpointing):
+            _set_training_module(run)
+            _set_training_forward(run)
             _run_epochs(run, t_start)
         wall = time.perf_counter() - t_start
 
         report = _report(run, spec, model_name, labels, added_head, len(train_examples), wall, resume_from)
         report["baseline"] = baseline
+        report["distributed"] = dctx.describe()
         _save_final(run, report)
         report.handle, report.model, report.tokenizer = handle, net, tok
         return report
@@ -272,12 +305,30 @@ def _attach_adapter(net: nn.Module, spec, cfg: TrainConfig, info: dict):
     return handle
 
 
+def _set_training_module(run: Run) -> None:
+    """The module the training steps call: the model, or under ``--distributed`` its DDP wrapper or
+    the model with its base sharded by FSDP2 (:func:`unipelt.training.distributed.wrap`)."""
+    def probe() -> torch.Tensor:  # DDP's check for adapter parameters that take no gradient
+        batch = {k: v.to(run.device) for k, v in collate([run.train_rows[0]], run.pad).items()}
+        return run.opt.regularised(run.net(**batch).loss)
+
+    run.train_module = wrap_distributed(run.dist, run.net, run.handle, probe=probe if run.dist.mode == "ddp" else None)
+    for text in run.dist.notes:
+        run.note(text)
+
+
 def _set_training_forward(run: Run) -> None:
-    """The training forward: the model itself, or ``torch.compile(model, fullgraph=True)`` in the
-    mode :func:`choose_compile_mode` picks. Evaluation always runs the model eagerly."""
+    """The training forward: the training module itself, or ``torch.compile(module, fullgraph=True)``
+    in the mode :func:`choose_compile_mode` picks. Evaluation always runs the model eagerly."""
     sensitive = width_sensitivity(run.handle)
     mode = choose_compile_mode(run.device, run.cfg.compile, width_sensitive=sensitive)
     backend = compile_backend()
+    if mode is not None and run.dist.mode == "fsdp2":
+        if run.cfg.compile != "auto":
+            raise TrainingError(f"--compile {mode} with --distributed fsdp2 is not supported (untested); "
+                                "use --compile off, or --distributed ddp")
+        run.note("--distributed fsdp2 trains eagerly (--compile auto does not compile an FSDP2-sharded model)")
+        mode = None
     # CUDA graphs record one graph per input shape: pad each batch to a bucket width, unless the
     # padding would change what the adapter computes (then each new width records a new graph)
     run.bucketed = mode == "reduce-overhead" and sensitive is None
@@ -287,13 +338,18 @@ def _set_training_forward(run: Run) -> None:
         run.note(f"--compile reduce-overhead without length buckets: {sensitive}; every new batch width "
                  "records a new CUDA graph")
     if mode is None:
-        run.forward = run.net
+        run.forward = run.train_module
         return
     kwargs = {"mode": mode} if backend == "inductor" else {}
     from torch._dynamo.exc import InvalidBackend
 
+    # DDP's own forward (its logger, the reducer's bookkeeping) cannot be traced: under DDP the
+    # graph breaks around the model by design, so fullgraph is off there (torch's DDP + compile path)
+    fullgraph = run.dist.mode != "ddp"
+    if not fullgraph:
+        run.compile_info["fullgraph"] = False
     try:
-        run.forward = torch.compile(run.net, fullgraph=True, backend=backend, **kwargs)
+        run.forward = torch.compile(run.train_module, fullgraph=fullgraph, backend=backend, **kwargs)
     except InvalidBackend:
         raise TrainingError(f"{COMPILE_BACKEND_ENV}={backend!r}: not a torch.compile backend "
                             f"(torch._dynamo.list_backends() lists them)") from None
@@ -332,7 +388,7 @@ def _run_epochs(run: Run, t_start: float) -> None:
     from tqdm.auto import tqdm
 
     st, plan = run.state, run.plan
-    run.bar = tqdm(total=plan.total_steps, initial=st.step, desc="train", unit="step", disable=not run.cfg.progress,
+    run.bar = tqdm(total=plan.total_steps, initial=st.step, desc="train", unit="step", disable=not run.progress,
                    dynamic_ncols=True)
     first_epoch = st.epoch
     try:
@@ -357,12 +413,20 @@ def _optimizer_step(run: Run, micro_batches: list[list[int]], t_start: float) ->
     t0 = time.perf_counter()
     step_loss = 0.0
     opt.before_step(st.step)
-    for idx in micro_batches:
-        rows = [run.train_rows[i] for i in idx]
-        width = bucket_width(max(len(r.input_ids) for r in rows), run.cfg.max_length) if run.bucketed else None
-        batch = {k: v.to(run.device) for k, v in collate(rows, run.pad, width=width).items()}
-        step_loss += _micro_step(run, batch, len(micro_batches))
+    for i, idx in enumerate(micro_batches):
+        rows, weight = _share(run, idx)
+        mine = [run.train_rows[j] for j in rows]
+        # under CUDA graphs, pad to the bucket of the whole micro-batch's longest row (every rank
+        # the same width, so the ranks' graphs match)
+        width = (bucket_width(max(len(run.train_rows[j].input_ids) for j in idx), run.cfg.max_length)
+                 if run.bucketed else None)
+        batch = {k: v.to(run.device) for k, v in collate(mine, run.pad, width=width).items()}
+        with run.dist.no_sync(run.train_module, last=i == len(micro_batches) - 1):
+            step_loss += _micro_step(run, batch, len(micro_batches), weight)
         run.examples_seen += len(idx)
+    if run.dist.active:
+        run.dist.reduce_gradients(opt.trainable)  # FSDP2's replicated adapter; DDP reduced in backward
+        step_loss = run.dist.sum_float(step_loss)  # each rank held its weighted share
     if run.cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(opt.trainable, run.cfg.max_grad_norm)
     opt.optimizer.step()
@@ -373,7 +437,7 @@ def _optimizer_step(run: Run, micro_batches: list[list[int]], t_start: float) ->
     opt.optimizer.zero_grad(set_to_none=True)
     for ev in opt.events():
         run.controller_events.append(ev)
-        if run.cfg.progress:
+        if run.progress:
             run.bar.write(_event_line(ev))
     run.step_times.append(time.perf_counter() - t0)
     st.epoch_loss += step_loss
@@ -383,23 +447,48 @@ def _optimizer_step(run: Run, micro_batches: list[list[int]], t_start: float) ->
     run.bar.update(1)
 
 
-def _micro_step(run: Run, batch: dict, n_micro: int) -> float:
+def _share(run: Run, idx: list[int]) -> tuple[list[int], float | None]:
+    """This process's rows of a micro-batch and the weight of its mean loss (None alone).
+
+    Under ``--distributed`` each rank takes every ``world``-th row (:meth:`DistContext.shard`);
+    its mean loss, times its share of the micro-batch's loss items (rows, or LM target tokens), is
+    its part of the micro-batch's mean, and times ``world`` once more because the gradients are
+    averaged over the ranks. A rank left without rows (a last micro-batch smaller than the world)
+    runs one row at weight 0, so that it still joins the gradient reduction.
+    """
+    if not run.dist.active:
+        return idx, None
+    mine = run.dist.shard(idx)
+    if not mine:
+        return [idx[0]], 0.0
+    total = sum(loss_items(run.train_rows[j], run.task) for j in idx)
+    own = sum(loss_items(run.train_rows[j], run.task) for j in mine)
+    return mine, (own / total * run.dist.world) if total else 0.0
+
+
+def _micro_step(run: Run, batch: dict, n_micro: int, weight: float | None = None) -> float:
     """Forward and backward of one micro-batch (its loss scaled by ``1/n_micro`` for accumulation);
-    returns its share of the step loss.
+    returns its share of the step loss. ``weight``: this rank's weight under ``--distributed``
+    (:func:`_share`); its returned share is divided by the world size, so the ranks' shares sum
+    to the step loss of a one-process run.
 
     A compiled forward that cannot be compiled (a graph break under ``fullgraph=True``, a backend
     failure, in the forward or in the lazily compiled backward) fails before it computes anything:
     with ``--compile auto`` the run says so and redoes the micro-batch eagerly for good; an
     explicit mode is an error.
     """
+    def objective(out) -> torch.Tensor:
+        return run.opt.regularised(out.loss if weight is None else out.loss * weight)
+
     def eager() -> torch.Tensor:
         with _autocast(run):
-            return run.opt.regularised(run.net(**batch).loss)
+            return objective(run.train_module(**batch))
 
-    if run.forward is run.net:
+    per_rank = 1 if weight is None else run.dist.world
+    if run.forward is run.train_module:
         loss = eager()
         (loss / n_micro).backward()
-        return float(loss.detach()) / n_micro
+        return float(loss.detach()) / n_micro / per_rank
     from torch._dynamo.exc import TorchDynamoException
 
     # the RNG state before the try: the eager redo draws the same dropout masks as an eager run would
@@ -411,7 +500,7 @@ def _micro_step(run: Run, batch: dict, n_micro: int) -> float:
             # step's outputs are no longer read), as benchmarks/speed.py does
             torch.compiler.cudagraph_mark_step_begin()
         with _autocast(run):
-            loss = run.opt.regularised(run.forward(**batch).loss)
+            loss = objective(run.forward(**batch))
         (loss / n_micro).backward()
     except TorchDynamoException as e:
         _compile_failed(run, e)
@@ -420,7 +509,7 @@ def _micro_step(run: Run, batch: dict, n_micro: int) -> float:
             torch.cuda.set_rng_state(cuda_rng, run.device)
         loss = eager()
         (loss / n_micro).backward()
-    return float(loss.detach()) / n_micro
+    return float(loss.detach()) / n_micro / per_rank
 
 
 def _autocast(run: Run):
@@ -439,7 +528,7 @@ def _compile_failed(run: Run, e: Exception) -> None:
     run.compile_info["fallback"] = f"{type(e).__name__}: {reason}"
     run.note(f"torch.compile (mode {mode}) failed on the training forward ({type(e).__name__}: {reason}); "
              "training eagerly")
-    run.forward = run.net
+    run.forward = run.train_module
 
 
 def _checkpoint_due(run: Run, groups_in_epoch: int) -> bool:
@@ -458,7 +547,7 @@ def _end_epoch(run: Run, *, complete: bool) -> None:
     entry = {"epoch": st.epoch + 1, "step": st.step, "complete": complete,
              "train_loss": st.epoch_loss / st.epoch_steps if st.epoch_steps else None, "eval": metrics}
     st.history.append(entry)
-    if cfg.progress:
+    if run.progress:
         run.bar.write(_epoch_line(entry, run.task))
     if run.out is None:
         return
@@ -474,8 +563,11 @@ def _save(run: Run, state: dict) -> None:
     # the controllers' state (AdaLoRA's importance averages, pruning counters) and their events
     # so far travel with the checkpoint, for --resume
     state = dict(state, controllers=run.opt.controller_state(), controller_events=list(run.controller_events))
-    save_checkpoint(run.out, run.handle, run.opt.optimizer, run.opt.scheduler, state,
-                    limit=run.cfg.save_total_limit, keep=best_step(run.state.history, run.task))
+    # one rank writes (the adapter is whole on every rank, DDP or FSDP2); the others wait for it
+    run.dist.on_main(lambda: save_checkpoint(run.out, run.handle, run.opt.optimizer, run.opt.scheduler, state,
+                                             limit=run.cfg.save_total_limit,
+                                             keep=best_step(run.state.history, run.task)),
+                     f"write checkpoint-{state['step']}")
     run.last_saved = state["step"]
 
 
@@ -543,8 +635,13 @@ def _save_final(run: Run, report: TrainReport) -> None:
     if run.out is None:
         return
     report["params"]["dropped_reparameterization"] = run.handle.drop_reparameterization()
-    report["adapter"] = str(save_adapter(run.handle, run.out / "adapter"))
-    atomic_json(run.out / REPORT_FILE, report)
+
+    def write() -> str:
+        report["adapter"] = str(save_adapter(run.handle, run.out / "adapter"))
+        atomic_json(run.out / REPORT_FILE, report)
+        return report["adapter"]
+
+    report["adapter"] = run.dist.on_main(write, "save the final adapter")
 
 
 def _rate(count: int, seconds: float) -> str:

@@ -14,6 +14,7 @@ TASKS = ("classification", "causal-lm")
 SCHEDULES = ("linear", "cosine", "constant")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead")
 PRECISIONS = ("auto", "fp32", "bf16")
+DISTRIBUTED_MODES = ("auto", "none", "ddp", "fsdp2")
 DEFAULT_SAVE_TOTAL_LIMIT = 2
 COMPILE_BACKEND_ENV = "UNIPELT_COMPILE_BACKEND"  # e.g. "aot_eager" for CPU tests; default inductor
 
@@ -47,6 +48,10 @@ class TrainConfig:
     model_name: recorded in the report and the adapter (set automatically when a name is given).
     data_fields: the field names the data was read with (``text``, ``label``, ``prompt``,
     ``response``), recorded with the adapter so ``unipelt eval``/``gates`` read files the same way.
+    distributed: data-parallel training across the processes a launcher (``torchrun``,
+    ``accelerate launch``) started: ``ddp``, ``fsdp2`` (the frozen base sharded), ``none``, or
+    ``auto`` (DDP with several processes, FSDP2 when accelerate is configured for FSDP, else none);
+    see :mod:`unipelt.training.distributed`.
     """
 
     out_dir: str | None = None
@@ -79,6 +84,7 @@ class TrainConfig:
     adapter_name: str = "default"
     model_name: str | None = None
     data_fields: dict[str, str] | None = None
+    distributed: Literal["auto", "none", "ddp", "fsdp2"] = "auto"
 
     def check(self) -> None:
         def positive(name, allow_none=False):
@@ -100,6 +106,9 @@ class TrainConfig:
             raise TrainingError(f"unknown compile mode {self.compile!r}; expected one of: {', '.join(COMPILE_MODES)}")
         if self.precision not in PRECISIONS:
             raise TrainingError(f"unknown precision {self.precision!r}; expected one of: {', '.join(PRECISIONS)}")
+        if self.distributed not in DISTRIBUTED_MODES:
+            raise TrainingError(f"unknown distributed mode {self.distributed!r}; expected one of: "
+                                f"{', '.join(DISTRIBUTED_MODES)}")
         if not self.lr > 0 or (self.gate_lr is not None and not self.gate_lr > 0):
             raise TrainingError("learning rates must be positive")
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
