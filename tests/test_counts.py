@@ -144,3 +144,14 @@ def test_budget_on_a_real_model_leaves_it_untouched(bert):
     """The same refusal on a model with storage: weights, flags and hooks are all as before."""
     spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 8}}, "budget": {"max_params": 10}}
     _assert_budget_error(bert, spec, "max_params 10")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_lora_pissa_olora_qv_r8(bert_base, init):
+    """PiSSA / OLoRA train as many parameters as LoRA (the frozen A0, B0 are buffers); the saved
+    form after training is the rank-2r LoRA it equals: twice as many."""
+    h = unipelt.compile(bert_base, {"modules": {"lora": {**LORA, "init": init}}})
+    s = h.summary()
+    assert s.kept == s.training == 294_912 == LAYERS * 2 * (8 * D + D * 8)
+    assert h.drop_reparameterization() == -294_912
+    assert h.summary().kept == 589_824 == LAYERS * 2 * (16 * D + D * 16)
