@@ -369,6 +369,14 @@ def cmd_merge_adapters(args) -> int:
     return 0
 
 
+def cmd_import_peft(args) -> int:
+    from unipelt.peft_import import import_peft
+
+    dest = import_peft(args.peft_dir, args.out, model=args.model)
+    print(f"PEFT adapter {args.peft_dir} imported as the unipelt adapter {dest}")
+    return 0
+
+
 @hookimpl(specname="unipelt_add_commands")
 def add_several_adapter_commands(subparsers):
     from unipelt.merging import METHODS
@@ -390,3 +398,16 @@ def add_several_adapter_commands(subparsers):
     m.add_argument("--name", default="merged", help="the merged adapter's name (default: merged)")
     m.add_argument("--out", required=True, help="output adapter directory")
     m.set_defaults(func=cmd_merge_adapters)
+
+    from unipelt.models import BUILTIN
+
+    i = subparsers.add_parser(
+        "import-peft", help="read a Hugging Face PEFT adapter (LoRA, prompt or prefix tuning) into a unipelt adapter",
+        description="Translate adapter_config.json + adapter_model.safetensors into a unipelt spec and adapter with "
+                    "the same outputs (unipelt.load(model, DIR) does the same in Python). Other PEFT types come "
+                    "from plugins (hook unipelt_import_peft).")
+    i.add_argument("peft_dir", help="PEFT adapter directory")
+    i.add_argument("--out", required=True, help="output unipelt adapter directory")
+    i.add_argument("--model", help="base model: a local Hugging Face directory or a built-in name ("
+                                   + ", ".join(BUILTIN) + "); default: the config's base_model_name_or_path")
+    i.set_defaults(func=cmd_import_peft)
