@@ -42,7 +42,7 @@ EPS = 1e-5  # PEFT's ranknum + 1e-5
 class AdaLoraConfig:
     """init_r: r0, each matrix's starting rank. target_r: the average rank left at the end.
     alpha: the scale numerator (PEFT's lora_alpha; 0 means r0). dropout: on x before A.
-    total_step: T, the optimizer steps of the run (required, as in PEFT). tinit / tfinal: warm-up
+    total_step: T, the optimizer steps of the run (required to train, as in PEFT). tinit / tfinal: warm-up
     and final steps without pruning; deltaT: steps between two allocations. beta1 / beta2: the
     EMA of the sensitivity and of its uncertainty. orth_reg_weight: the orthogonality penalty."""
 
@@ -59,11 +59,11 @@ class AdaLoraConfig:
     orth_reg_weight: float = field(default=0.5, metadata={"min": 0.0})
 
     def validate(self) -> tuple[str, str] | None:
-        if self.total_step is None:
-            return "total_step", "AdaLoRA's budget schedule needs total_step (the optimizer steps of the run)"
+        # total_step may be absent from a spec that only loads or runs the layer; training without
+        # it is refused when the controller is made (unipelt_training_controllers)
         if self.target_r > self.init_r:
             return "target_r", f"target_r {self.target_r} is more than init_r {self.init_r}: the budget only shrinks"
-        if self.tinit >= self.total_step - self.tfinal:
+        if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
             return "tinit", (f"tinit {self.tinit} leaves no budgeting phase before total_step - tfinal = "
                              f"{self.total_step - self.tfinal}")
         for name in ("beta1", "beta2"):
@@ -114,6 +114,17 @@ class AdaLoraBranch(nn.Module):
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
         h = F.linear(F.linear(self.dropout(x), self.lora_A * self.lora_E), self.lora_B)
+        if gate is None:
+            return h * self.scale
+        return h * gate if self.gate_scale == "replace" else h * (gate * self.scale)
+
+    # the group protocol (unipelt.types.Shrinkable): u = x·(A ⊙ E)ᵀ is computed with the other
+    # readers of x; the pruned triplets are zero rows of A ⊙ E
+    def shrink_params(self):
+        return None if isinstance(self.dropout, nn.Dropout) else (self.lora_A * self.lora_E, None)
+
+    def expand(self, u: Tensor, gate: Tensor | None = None) -> Tensor:
+        h = F.linear(u, self.lora_B)
         if gate is None:
             return h * self.scale
         return h * gate if self.gate_scale == "replace" else h * (gate * self.scale)
@@ -367,6 +378,9 @@ def unipelt_training_controllers(handle):
             raise SpecError("every adalora module of an adapter shares one budget: target_r, total_step, tinit, "
                             "tfinal, deltaT, beta1, beta2 and orth_reg_weight must agree",
                             source=handle.spec.source, path=f"modules.{bp.node.name}")
+        if bp.node.config.total_step is None:
+            raise SpecError("training AdaLoRA needs total_step (the optimizer steps of the run) for its budget "
+                            "schedule", source=handle.spec.source, path=f"modules.{bp.node.name}.total_step")
         cfg = cfg or bp.node.config
         branches[bp.key] = handle.branch_modules[bp.key]
         sites[bp.key] = (bp.site.layer, bp.site.site)

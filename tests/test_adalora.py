@@ -95,8 +95,11 @@ def test_orthogonality_penalty_formula():
 
 
 def test_spec_checks():
-    with pytest.raises(unipelt.SpecError, match=r"modules\.ada\.total_step"):
-        unipelt.validate({"modules": {"ada": {"method": "adalora", "site": "attn.q"}}})
+    # a spec that only runs the layer needs no schedule; training it does
+    no_total = {"modules": {"ada": {"method": "adalora", "site": "attn.q", "init_r": 4, "target_r": 2}}}
+    h = unipelt.compile(make_llama(), no_total)
+    with pytest.raises(unipelt.SpecError, match=r"modules\.ada\.total_step: training AdaLoRA needs total_step"):
+        controller(h)
     with pytest.raises(unipelt.SpecError, match=r"modules\.ada\.target_r.*more than init_r"):
         unipelt.validate(spec(target_r=6))
     with pytest.raises(unipelt.SpecError, match=r"modules\.ada\.tinit"):

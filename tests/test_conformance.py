@@ -70,6 +70,9 @@ LORA_PISSA = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v
 LORA_PISSA_GATED = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "init": "pissa",
                                          "gate": True}}}
 INIT_ATOL = 1e-5
+# AdaLoRA: E = 0 at init (an exact identity); the budget controller is not part of these checks
+ADALORA = {"modules": {"ada": {"method": "adalora", "sites": ["attn.q", "attn.v", "ffn.down"], "init_r": 4,
+                               "target_r": 2, "total_step": 10}}}
 HOULSBY = {"modules": {"adapter": {"method": "adapter", "sites": ["attn.out", "ffn.out"], "width": 6, "activation": "gelu"}}}
 PARALLEL = {"modules": {"pa": {"method": "adapter", "site": "ffn", "width": 8, "scale": 4.0}}}
 PARALLEL_LEARNED = {"modules": {"pa": {"method": "adapter", "site": "ffn", "width": 8, "scale": 4.0, "learned_scale": True}}}
@@ -150,6 +153,7 @@ CASES: list[Case] = [
                 ("lora",), init_atol=INIT_ATOL) for a in ("bert", "gpt2", "llama")),
     # the gate (about 0.5 at init) replaces s on B·A while the residual keeps -s·B0·A0: no identity
     Case("lora_pissa_gated-llama", "llama", LORA_PISSA_GATED, identity_at_init=False),
+    *(lora_case(f"adalora-{a}", a, ADALORA, ("ada",)) for a in ("bert", "gpt2", "llama", "qwen2")),
     *(Case(f"pfeiffer-{a}", a, PFEIFFER) for a in ("bert", "gpt2", "llama")),
     *(Case(f"houlsby-{a}", a, HOULSBY) for a in ("bert", "gpt2", "llama")),
     *(Case(f"parallel_s4-{a}", a, PARALLEL) for a in ("bert", "gpt2", "llama")),
