@@ -193,3 +193,28 @@ def test_gpt2_fused_slices_use_their_own_rows(batch):
 def test_rank_over_half_the_width_is_refused():
     with pytest.raises(unipelt.SpecError, match=r"modules\.lora\.r.*rank 2r"):
         unipelt.compile(make_llama(), spec("pissa", r=17))
+
+
+def test_export_to_peft_of_an_unconverted_pissa_adapter(tmp_path):
+    """A checkpoint still in PiSSA form exports as the rank-2r LoRA it equals: PEFT loads it onto
+    the unmodified base and computes the same outputs."""
+    from unipelt.export import export_peft
+    from unipelt.models import load_model
+
+    model, _ = load_model("tiny-llama")
+    h = unipelt.compile(model, spec("pissa"))
+    with torch.no_grad():
+        for p in h.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expect = model(input_ids=ids).logits
+    h.save(tmp_path / "ckpt")
+    export_peft(tmp_path / "ckpt", tmp_path / "peft", model="tiny-llama")
+    import json
+
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 8
+    base, _ = load_model("tiny-llama")
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()(input_ids=ids).logits
+    assert torch.allclose(got, expect, atol=1e-5)
