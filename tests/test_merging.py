@@ -173,3 +173,18 @@ def test_refusals(tmp_path):
     with pytest.raises(MergeError, match="not a LoRA"):
         merge_adapters([ad], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_pissa_checkpoint_merges_as_the_lora_it_equals(tmp_path):
+    """An adapter saved in PiSSA form (A0, B0 still buffers) enters a merge as its rank-2r LoRA."""
+    batch = make_batch()
+    model = make_llama()
+    h = unipelt.compile(model, {"modules": {"lora": {**SPEC["modules"]["lora"], "init": "pissa"}}})
+    with torch.no_grad():
+        for p in h.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    expect = logits(model, batch)
+    out = merge_adapters([h.save(tmp_path / "p")], tmp_path / "m", method="cat")
+    fresh = make_llama()
+    unipelt.load(fresh, out)
+    assert torch.allclose(logits(fresh, batch), expect, atol=1e-5)

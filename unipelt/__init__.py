@@ -21,7 +21,8 @@ def compile(model, spec, name: str = "default", **kwargs):
 
 
 def load(model, path, name: str | None = None, **kwargs):
-    """Attach a saved adapter directory to ``model``; returns the handle."""
+    """Attach a saved adapter directory to ``model``; returns the handle. A Hugging Face PEFT
+    adapter directory (LoRA, prompt or prefix tuning) is translated on the way in."""
     from unipelt.handle import load as _load
 
     return _load(model, path, name, **kwargs)
