@@ -3,6 +3,17 @@
 h = W0·x + s·B·A·x with A ∈ R^{r×d_in}, B ∈ R^{d_out×r} (B = 0 at init), s = alpha/r
 (rsLoRA: alpha/sqrt(r)). Dropout acts on x before A. Mergeable: W0 <- W0 + s·B·A.
 Gated (UniPELT): the gate replaces s (the reference) or multiplies it.
+
+Initialisations (``init``): ``kaiming`` / ``gaussian`` draw A and set B = 0. ``pissa`` (Meng et al.,
+2024, arXiv 2404.02948) starts from the principal part of W0: W0 = U·S·Vᵀ, A0 = √(S_r/s)·V_rᵀ,
+B0 = U_r·√(S_r/s); ``olora`` (Büyükakyüz, 2024, arXiv 2406.01775) from its QR factors: W0 = Q·R,
+A0 = R[:r], B0 = Q[:, :r] (both as PEFT 0.21 computes them). Training then sees the residual
+W0 − s·B0·A0 plus s·B·A. Here W0 itself is left untouched and the branch carries the residual's
+correction −s·B0·A0 (frozen buffers ``base_A``, ``base_B``): the same function and gradients as
+PEFT's rewritten base weight, while detach, a second adapter and a fresh base keep the real W0.
+After training (``materialize``) the branch becomes the plain LoRA it equals, of rank 2r:
+A' = [A; A0], B' = [B, −B0], alpha' = 2·alpha (rsLoRA: √2·alpha), so the saved adapter loads
+onto an unmodified base with no decomposition, as PEFT's ``path_initial_model_for_weight_conversion``.
 """
 from __future__ import annotations
 
@@ -23,24 +34,29 @@ from unipelt.registry import MethodDef
 class LoraConfig:
     """r: rank. alpha: scale numerator (default 2r, so s = 2). rslora: s = alpha/sqrt(r).
     dropout: on the input of A. init: A's initialisation (``kaiming``: Kaiming-uniform as in
-    the reference; ``gaussian``: N(0, 1/r)); B starts at zero so the layer starts unchanged.
+    the reference; ``gaussian``: N(0, 1/r)); B starts at zero so the layer starts unchanged;
+    ``pissa`` / ``olora``: A and B from W0's SVD / QR (module docstring).
     lr_ratio: LoRA+ learning-rate ratio of B over A (a trainer rule; None = same rate)."""
 
     r: int = field(default=8, metadata={"min": 1})
     alpha: float | None = field(default=None, metadata={"min": 0})
     rslora: bool = False
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     lr_ratio: float | None = field(default=None, metadata={"min": 0})
 
     def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
         # rank(B·A) <= min(d_in, d_out): a larger r adds parameters and no capacity, and an
         # unchecked r (a typo, an edited unipelt.json) once allocated until the machine ran out
         limit = min(site.in_features, site.out_features)
+        where = site.site if site.layer is None else f"{site.site} of layer {site.layer}"
         if self.r > limit:
-            where = site.site if site.layer is None else f"{site.site} of layer {site.layer}"
             return "r", (f"rank {self.r} is more than min(d_in, d_out) = {limit} of {where} "
                          f"({site.in_features} -> {site.out_features}); at most {limit}")
+        if self.init in ("pissa", "olora") and 2 * self.r > limit:
+            # the trained branch is saved as the rank-2r LoRA it equals, which must fit too
+            return "r", (f"init {self.init}: rank {self.r} is more than half of min(d_in, d_out) = {limit} of "
+                         f"{where}; the saved adapter is a LoRA of rank 2r, so r is at most {limit // 2}")
         return None
 
     @property
@@ -54,19 +70,52 @@ class LoraBranch(nn.Module):
 
     reads = "input"
 
-    def __init__(self, cfg: LoraConfig, in_features: int, out_features: int):
+    def __init__(self, cfg: LoraConfig, in_features: int, out_features: int, base_weight: Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features, self.r = in_features, out_features, cfg.r
         self.scale = cfg.scale
         self.lr_ratio = cfg.lr_ratio
+        self.rslora = cfg.rslora
         self.gate_scale: Literal["replace", "multiply"] = "replace"
         self.lora_A = nn.Parameter(torch.empty(cfg.r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, cfg.r))
+        # the residual's correction -s·B0·A0 of PiSSA / OLoRA (None: a plain LoRA)
+        self.register_buffer("base_A", None)
+        self.register_buffer("base_B", None)
         if cfg.init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        else:
+        elif cfg.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / cfg.r)
+        else:
+            self._init_from_weight(cfg.init, base_weight)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def _init_from_weight(self, init: str, weight: Tensor | None) -> None:
+        """A0, B0 from W0 (out, in), as PEFT's ``pissa_init`` / ``olora_init`` (in float32)."""
+        r = self.r
+        a0 = torch.zeros(r, self.in_features)
+        b0 = torch.zeros(self.out_features, r)
+        if weight is not None and not weight.is_meta and not self.lora_A.is_meta:
+            w = weight.detach().to(torch.float32)
+            if init == "pissa":
+                U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+                sr = S[:r] / self.scale
+                a0 = torch.diag(sr.sqrt()) @ Vh[:r]
+                b0 = U[:, :r] @ torch.diag(sr.sqrt())
+            else:
+                Q, R = torch.linalg.qr(w)
+                a0, b0 = R[:r], Q[:, :r]
+            a0, b0 = a0.cpu(), b0.cpu()
+        with torch.no_grad():
+            self.lora_A.copy_(a0)
+            self.lora_B.copy_(b0)
+        self.base_A = a0.clone().to(self.lora_A.device)
+        self.base_B = b0.clone().to(self.lora_A.device)
+
+    def _residual(self, x: Tensor) -> Tensor:
+        # -s·B0·A0·x: the part of W0 that PiSSA / OLoRA moved into the trainable A and B; it is not
+        # gated and sees no dropout, being part of the base weight in the method's formula
+        return F.linear(F.linear(x, self.base_A), self.base_B) * (-self.scale)
 
     def configure_gate(self, spec) -> None:
         self.gate_scale = spec.lora_scale
@@ -74,15 +123,31 @@ class LoraBranch(nn.Module):
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
         h = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         if gate is None:
-            return h * self.scale
-        return h * gate if self.gate_scale == "replace" else h * (gate * self.scale)
+            h = h * self.scale
+        else:
+            h = h * gate if self.gate_scale == "replace" else h * (gate * self.scale)
+        return h if self.base_A is None else h + self._residual(x)
 
     # -- the group protocol (unipelt.types.Shrinkable): a group executor computes x·Aᵀ together
     # with the other readers of x; the gate or scale multiplies the r-wide u, not the d_out-wide h
     def shrink_params(self):
-        return None if isinstance(self.dropout, nn.Dropout) else (self.lora_A, None)
+        if isinstance(self.dropout, nn.Dropout):
+            return None
+        if self.base_A is not None:  # u = x·[A; A0]ᵀ: the residual's product joins the group too
+            return torch.cat([self.lora_A, self.base_A], 0), None
+        return self.lora_A, None
+
+    def _split(self, u: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.base_A is None:
+            return u, None
+        return u[..., :self.r], F.linear(u[..., self.r:], self.base_B) * (-self.scale)
 
     def expand(self, u: Tensor, gate: Tensor | None = None) -> Tensor:
+        u, residual = self._split(u)
+        h = self._expand(u, gate)
+        return h if residual is None else h + residual
+
+    def _expand(self, u: Tensor, gate: Tensor | None = None) -> Tensor:
         if torch.compiler.is_compiling():
             # compiled: scale the output as the reference does, so inductor fuses it with the
             # addition into the base output (and whatever pointwise op follows) in one kernel
@@ -100,7 +165,7 @@ class LoraBranch(nn.Module):
         """``out + expand(u, gate)`` with the addition inside the matrix product (addmm) in eager
         mode, where every kernel costs a launch; compiled, the plain sum (inductor fuses it with
         the following pointwise ops, which an addmm output would prevent)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self.base_A is not None:
             return out + self.expand(u, gate)
         if gate is None:
             u = u * self.scale
@@ -114,7 +179,27 @@ class LoraBranch(nn.Module):
     mergeable = True
 
     def delta_weight(self) -> Tensor:
-        return (self.lora_B @ self.lora_A) * self.scale
+        delta = self.lora_B @ self.lora_A
+        if self.base_A is not None:
+            delta = delta - self.base_B @ self.base_A
+        return delta * self.scale
+
+    def materialize(self) -> dict:
+        """PiSSA / OLoRA after training: become the plain LoRA of rank 2r this branch equals,
+        A' = [A; A0], B' = [B, −B0] with the same scale (alpha' = 2·alpha, rsLoRA √2·alpha), so
+        the saved adapter needs no decomposition of, and no change to, the base weight."""
+        if self.base_A is None:
+            return {}
+        with torch.no_grad():
+            a = torch.cat([self.lora_A, self.base_A.to(self.lora_A.dtype)], 0)
+            b = torch.cat([self.lora_B, -self.base_B.to(self.lora_B.dtype)], 1)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(b)
+        self.base_A = self.base_B = None
+        alpha = self.scale * (math.sqrt(self.r) if self.rslora else self.r)
+        self.r *= 2
+        new_alpha = alpha * (math.sqrt(2.0) if self.rslora else 2.0)
+        return {"r": self.r, "alpha": new_alpha, "init": "kaiming"}
 
     def param_roles(self) -> dict[str, str]:
         return {"lora_A": "lora_A", "lora_B": "lora_B"}
@@ -136,4 +221,20 @@ def unipelt_methods():
 def unipelt_build_branch(method, config, node, site, model):
     if method.name != "lora":
         return None
-    return LoraBranch(config, site.in_features, site.out_features)
+    weight = None
+    if config.init in ("pissa", "olora"):
+        weight = lora_base_weight(site)
+    return LoraBranch(config, site.in_features, site.out_features, weight)
+
+
+def lora_base_weight(site: ResolvedSite) -> Tensor:
+    """The (out, in) base weight W0 of a linear hook point: the leaf's own (under an already
+    attached adapter's wrapper, its ``base_layer``), transposed for GPT-2's Conv1D, and only
+    the hook point's rows of a fused projection (``out_slice``)."""
+    leaf = getattr(site.module, "base_layer", site.module)
+    w = leaf.weight
+    if type(leaf).__name__ == "Conv1D":
+        w = w.t()
+    if site.out_slice is not None:
+        w = w[site.out_slice[0]:site.out_slice[1]]
+    return w

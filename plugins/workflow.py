@@ -368,3 +368,59 @@ def unipelt_add_commands(subparsers):
     x.add_argument("--out", required=True, help="output directory")
     x.add_argument("--model", help=models_help + " (default: the model recorded at train time)")
     x.set_defaults(func=cmd_export)
+
+
+# ------------------------------------------------------------------------------------------
+# several adapters: merge-adapters, import-peft (issue 11)
+# ------------------------------------------------------------------------------------------
+def cmd_merge_adapters(args) -> int:
+    from unipelt.merging import merge_adapters
+
+    dest = merge_adapters(args.adapters, args.out, weights=args.weights, method=args.method, density=args.density,
+                          svd_rank=args.svd_rank, majority_sign=args.majority_sign, seed=args.seed, name=args.name)
+    print(f"merged {len(args.adapters)} adapters ({args.method}) into {dest}")
+    return 0
+
+
+def cmd_import_peft(args) -> int:
+    from unipelt.peft_import import import_peft
+
+    dest = import_peft(args.peft_dir, args.out, model=args.model)
+    print(f"PEFT adapter {args.peft_dir} imported as the unipelt adapter {dest}")
+    return 0
+
+
+@hookimpl(specname="unipelt_add_commands")
+def add_several_adapter_commands(subparsers):
+    from unipelt.merging import METHODS
+
+    m = subparsers.add_parser(
+        "merge-adapters", help="merge several trained LoRA adapters into one (linear, svd, ties, dare, cat)",
+        description="Combine LoRA adapters made for one base into a new adapter, with the semantics of HF PEFT's "
+                    "add_weighted_adapter: linear/ties/dare_linear/dare_ties/magnitude_prune combine A and B "
+                    "(same rank needed), svd and the *_svd variants combine the full deltas and truncate, cat "
+                    "is the exact weighted sum of the summed rank. No model is loaded.")
+    m.add_argument("adapters", nargs="+", help="adapter directories")
+    m.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default: 1 each)")
+    m.add_argument("--method", choices=METHODS, default="linear", help="combination (default: linear)")
+    m.add_argument("--density", type=float, help="fraction of entries kept by ties, dare_*, magnitude_prune")
+    m.add_argument("--svd-rank", type=int, help="rank of the svd results (default: the largest input rank)")
+    m.add_argument("--majority-sign", choices=("total", "frequency"), default="total",
+                   help="TIES' sign election (default: total)")
+    m.add_argument("--seed", type=int, default=0, help="seed of DARE's random drop (default: 0)")
+    m.add_argument("--name", default="merged", help="the merged adapter's name (default: merged)")
+    m.add_argument("--out", required=True, help="output adapter directory")
+    m.set_defaults(func=cmd_merge_adapters)
+
+    from unipelt.models import BUILTIN
+
+    i = subparsers.add_parser(
+        "import-peft", help="read a Hugging Face PEFT adapter (LoRA, prompt or prefix tuning) into a unipelt adapter",
+        description="Translate adapter_config.json + adapter_model.safetensors into a unipelt spec and adapter with "
+                    "the same outputs (unipelt.load(model, DIR) does the same in Python). Other PEFT types come "
+                    "from plugins (hook unipelt_import_peft).")
+    i.add_argument("peft_dir", help="PEFT adapter directory")
+    i.add_argument("--out", required=True, help="output unipelt adapter directory")
+    i.add_argument("--model", help="base model: a local Hugging Face directory or a built-in name ("
+                                   + ", ".join(BUILTIN) + "); default: the config's base_model_name_or_path")
+    i.set_defaults(func=cmd_import_peft)

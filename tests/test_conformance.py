@@ -64,6 +64,15 @@ LORA_RS = {"modules": {"lora": {
     "method": "lora", "sites": ["attn.q", "attn.k", "attn.v"], "r": 4, "alpha": 16, "rslora": True, "init": "gaussian",
 }}}
 PFEIFFER = {"modules": {"adapter": {"method": "adapter", "site": "ffn.res", "reduction_factor": 4}}}
+# PiSSA / OLoRA start at W0's principal part; the branch carries -s·B0·A0, which cancels s·B·A at
+# init only to rounding (the two products are computed in a different order)
+LORA_PISSA = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "alpha": 8, "init": "pissa"}}}
+LORA_PISSA_GATED = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "init": "pissa",
+                                         "gate": True}}}
+INIT_ATOL = 1e-5
+# AdaLoRA: E = 0 at init (an exact identity); the budget controller is not part of these checks
+ADALORA = {"modules": {"ada": {"method": "adalora", "sites": ["attn.q", "attn.v", "ffn.down"], "init_r": 4,
+                               "target_r": 2, "total_step": 10}}}
 HOULSBY = {"modules": {"adapter": {"method": "adapter", "sites": ["attn.out", "ffn.out"], "width": 6, "activation": "gelu"}}}
 PARALLEL = {"modules": {"pa": {"method": "adapter", "site": "ffn", "width": 8, "scale": 4.0}}}
 PARALLEL_LEARNED = {"modules": {"pa": {"method": "adapter", "site": "ffn", "width": 8, "scale": 4.0, "learned_scale": True}}}
@@ -154,6 +163,12 @@ CASES: list[Case] = [
     *(lora_case(f"lora_qv-{a}", a, LORA_QV, ("lora",)) for a in ("bert", "gpt2", "llama", "qwen2")),
     *(lora_case(f"lora_all-{a}", a, _all_linears(a), ("lora",)) for a in ("bert", "gpt2", "llama")),
     *(lora_case(f"lora_rslora_gaussian-{a}", a, LORA_RS, ("lora",)) for a in ("bert", "gpt2", "llama")),
+    *(lora_case(f"lora_pissa-{a}", a, LORA_PISSA, ("lora",), init_atol=INIT_ATOL) for a in ("bert", "gpt2", "llama")),
+    *(lora_case(f"lora_olora_all-{a}", a, {"modules": {"lora": {**_all_linears(a)["modules"]["lora"], "init": "olora"}}},
+                ("lora",), init_atol=INIT_ATOL) for a in ("bert", "gpt2", "llama")),
+    # the gate (about 0.5 at init) replaces s on B·A while the residual keeps -s·B0·A0: no identity
+    Case("lora_pissa_gated-llama", "llama", LORA_PISSA_GATED, identity_at_init=False),
+    *(lora_case(f"adalora-{a}", a, ADALORA, ("ada",)) for a in ("bert", "gpt2", "llama", "qwen2")),
     *(Case(f"pfeiffer-{a}", a, PFEIFFER) for a in ("bert", "gpt2", "llama")),
     *(Case(f"houlsby-{a}", a, HOULSBY) for a in ("bert", "gpt2", "llama")),
     *(Case(f"parallel_s4-{a}", a, PARALLEL) for a in ("bert", "gpt2", "llama")),

@@ -173,3 +173,30 @@ def test_budget_on_a_real_model_leaves_it_untouched(bert):
     """The same refusal on a model with storage: weights, flags and hooks are all as before."""
     spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 8}}, "budget": {"max_params": 10}}
     _assert_budget_error(bert, spec, "max_params 10")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_lora_pissa_olora_qv_r8(bert_base, init):
+    """PiSSA / OLoRA train as many parameters as LoRA (the frozen A0, B0 are buffers); the saved
+    form after training is the rank-2r LoRA it equals: twice as many."""
+    h = unipelt.compile(bert_base, {"modules": {"lora": {**LORA, "init": init}}})
+    s = h.summary()
+    assert s.kept == s.training == 294_912 == LAYERS * 2 * (8 * D + D * 8)
+    assert h.drop_reparameterization() == -294_912
+    assert h.summary().kept == 589_824 == LAYERS * 2 * (16 * D + D * 16)
+
+
+def test_adalora_qv_init_r12(bert_base):
+    """AdaLoRA at init_r 12 on q, v: A (12 x 768), λ (12) and B (768 x 12) per matrix; the same
+    count as PEFT's AdaLoraConfig(init_r=12) on BERT-base's query and value."""
+    h = unipelt.compile(bert_base, {"modules": {"ada": {"method": "adalora", "sites": ["attn.q", "attn.v"],
+                                                        "init_r": 12, "target_r": 8, "total_step": 100}}})
+    s = h.summary()
+    assert s.kept == s.training == 442_656 == LAYERS * 2 * (12 * D + 12 + D * 12)
+    peft = pytest.importorskip("peft")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    with torch.device("meta"):
+        pm = peft.get_peft_model(BertForSequenceClassification(BertConfig()),
+                                 peft.AdaLoraConfig(init_r=12, target_r=8, total_step=100, target_modules=["query", "value"]))
+    assert sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n) == 442_656

@@ -21,7 +21,8 @@ def compile(model, spec, name: str = "default", **kwargs):
 
 
 def load(model, path, name: str | None = None, **kwargs):
-    """Attach a saved adapter directory to ``model``; returns the handle."""
+    """Attach a saved adapter directory to ``model``; returns the handle. A Hugging Face PEFT
+    adapter directory (LoRA, prompt or prefix tuning) is translated on the way in."""
     from unipelt.handle import load as _load
 
     return _load(model, path, name, **kwargs)
@@ -34,13 +35,21 @@ def set_adapter(model, names) -> None:
     _set(model, names)
 
 
+def merge_adapters(adapters, out, **kwargs):
+    """Merge saved LoRA adapters into one adapter directory ``out`` (linear, svd, ties, dare_linear,
+    dare_ties, cat, ...: :func:`unipelt.merging.merge_adapters`, PEFT's add_weighted_adapter semantics)."""
+    from unipelt.merging import merge_adapters as _merge
+
+    return _merge(adapters, out, **kwargs)
+
+
 def validate(spec):
     """Parse and validate a spec without a model; returns the parsed Spec or raises SpecError."""
     return parse_spec(spec)
 
 
 __all__ = [
-    "compile", "load", "set_adapter", "validate", "parse_spec", "Spec",
+    "compile", "load", "set_adapter", "validate", "merge_adapters", "parse_spec", "Spec",
     "UnipeltError", "SpecError", "ModelError", "AdapterFileError", "DataError", "PluginError", "OutputError",
     "UnipeltWarning",
 ]

@@ -94,6 +94,8 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         raise ExportError(f"{adapter_dir}: cannot export to PEFT: " + "; ".join(problems))
     info = training_info(adapter_dir)
     net, _tok, handle, resolved = load_adapted(adapter_dir, model, device="cpu")
+    # a PiSSA / OLoRA branch saved mid-training becomes the plain rank-2r LoRA it equals
+    handle.drop_reparameterization()
     try:
         branches_by_path: dict[str, list] = defaultdict(list)
         head_paths: list[str] = []

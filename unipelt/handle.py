@@ -471,7 +471,13 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *, 
     checksum, NaN values, unexpected dtypes) or missing/unexpected tensors raise
     :class:`AdapterFileError` naming the file and the field; a name already attached raises
     :class:`ModelError`. The model is left as it was.
+
+    A Hugging Face PEFT adapter directory (``adapter_config.json``, no ``unipelt.json``) is
+    translated on the way in (:func:`unipelt.peft_import.load_peft`).
     """
     from unipelt import io
+    from unipelt.peft_import import is_peft_dir, load_peft
 
+    if is_peft_dir(path) and not (Path(path) / io.META_FILE).exists():
+        return load_peft(model, path, name, registry=registry)
     return io.load_adapter(model, path, name, registry=registry)

@@ -189,6 +189,27 @@ def unipelt_adapter_saved(handle: Any, path: str, metadata: dict) -> None:
     """
 
 
+@hookspec(firstresult=True)
+def unipelt_import_peft(peft_type: str, config: dict, tensors: dict, context: Any) -> tuple[dict, dict] | None:
+    """Translate a Hugging Face PEFT adapter of one ``peft_type`` into a unipelt spec and tensors.
+
+    :param peft_type: the adapter's ``peft_type`` (``LORA``, ``IA3``, ``PROMPT_TUNING``, ...).
+    :param config: the parsed ``adapter_config.json``.
+    :param tensors: the tensors of ``adapter_model.safetensors`` under PEFT's keys
+        (``base_model.model.<module path>.<name>``).
+    :param context: a :class:`unipelt.peft_import.ImportContext`: the resolved model, its linear
+        hook points by module path (``linear_sites()``), and ``error(field, message)``, which
+        builds the :class:`~unipelt.errors.AdapterFileError` naming the file and the field.
+    :return: ``(spec, tensors)``: a spec mapping (``{"modules": ...}``) and its tensors under
+        canonical keys (``<node>.<layer>.<site>.<param>``) with the same outputs as PEFT, or None
+        when this implementation does not translate this type.
+
+    The first non-None result wins; the built-in LoRA, prompt-tuning and prefix-tuning translators
+    of :mod:`unipelt.peft_import` answer only when no plugin did. Called by ``unipelt.load`` on a
+    PEFT directory and by ``unipelt import-peft``, before anything is attached.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # training controllers
 # --------------------------------------------------------------------------------------------
