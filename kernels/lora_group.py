@@ -514,6 +514,8 @@ def lora_shrink(x: Tensor, weight: Tensor, bias: Tensor | None = None, act_start
     dropout applies only when ``seed`` (an int64 tensor of one element on x's device) is given.
     """
     K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"lora_shrink: x is {tuple(x.shape)} but the weight is {tuple(weight.shape)} (needs (N, {K}))")
     N = weight.shape[0]
     act_start = N if act_start is None else act_start
     if bias is None:
@@ -533,6 +535,9 @@ def lora_expand(out: Tensor, u: Tensor, b: Tensor, gate: Tensor | None = None, s
     """out + scale·(gate ⊙ u)·bᵀ in one pass: out (..., D), u (..., r), b (D, r), gate None or
     broadcastable to (..., 1) (per token or pooled)."""
     D, R = b.shape
+    if out.shape[-1] != D or u.shape[-1] != R or u.shape[:-1] != out.shape[:-1]:
+        raise ValueError(f"lora_expand: out {tuple(out.shape)}, u {tuple(u.shape)}, B {tuple(b.shape)} "
+                         f"(needs out (..., D), u (..., r), B (D, r))")
     out2 = out.reshape(-1, D)
     if out2.stride(-1) != 1:
         out2 = out2.contiguous()

@@ -54,7 +54,9 @@ class ForwardContext:
     group_out: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # the prompt-style entries of active adapters (decided at refresh, not per call)
     embed_live: list = field(default_factory=list)
-    executor: str = "grouped"  # mirrored from the state at refresh
+    executor: str = "grouped"  # mirrored from the state at refresh: auto | grouped | reference | triton
+    # executor.kernel_expand where the executor may run the Triton kernels (auto, triton), else None
+    expand_kernel: Any = None
     # masked-mean pooling weights (mask / real-token count) of this forward, (B, T, 1)
     mean_weights: Tensor | None = None
 
@@ -175,9 +177,9 @@ def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | No
 
 
 def _shrunk(e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor | None:
-    """u = src·Wᵀ of a Shrinkable branch under the grouped executor (from its group, or alone:
+    """u = src·Wᵀ of a Shrinkable branch under the group executors (from its group, or alone:
     the same protocol, so the gate or scale multiplies the narrow u); None on the reference path."""
-    if ctx.executor != "grouped":
+    if ctx.executor == "reference":
         return None
     grp = e.group
     if grp is not None and grp.on and grp.has(e):
@@ -205,7 +207,9 @@ def accumulate(e: Entry, src: Tensor, out: Tensor, ctx: ForwardContext) -> Tenso
         g = gate_value(e, src, ctx)
         u = _shrunk(e, src, ctx)
         if u is not None:
-            return into(out, u, g)
+            kx = ctx.expand_kernel
+            y = kx(e, out, u, g, ctx) if kx is not None else None
+            return into(out, u, g) if y is None else y
         return out + e.branch(src, gate=g)
     return out + branch_delta(e, src, ctx)
 
