@@ -38,6 +38,11 @@ from torch import Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_BLOCK_N = 256  # widest shrink tile: wider segments are split into tiles (x read once per tile)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# How the backward products run, for benchmarking the alternatives on a GPU (benchmarks/kernels.py):
+# ``fused``: the kernels above (dY read once for dU and dB; dX and dW with the dropout masks
+# regenerated); ``gemm``: the same products as cuBLAS matrix products where no mask is involved
+# (dY read twice; a dropout segment still goes through the kernels).
+BWD_MODE = os.environ.get("UNIPELT_KERNEL_BWD", "fused")
 
 
 # ------------------------------------------------------------------------------------------
@@ -271,7 +276,8 @@ def _blocks(kind: str) -> _Blocks:
     # per program instance, so it gets big blocks)
     if INTERPRET:
         return _Blocks(m=64, k=64, warps=4)
-    return {"shrink": _Blocks(64, 64, 4), "dx": _Blocks(64, 64, 4), "dw": _Blocks(64, 64, 4),
+    # shrink: 32-row blocks, so that 8,192 tokens make 256 programs (one read of x each)
+    return {"shrink": _Blocks(32, 64, 4), "dx": _Blocks(64, 64, 4), "dw": _Blocks(64, 64, 4),
             "expand": _Blocks(64, 128, 4), "expand_bwd": _Blocks(64, 64, 4)}[kind]
 
 
@@ -327,11 +333,12 @@ def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_width
     bl = _blocks("shrink")
     has_drop = _has_drop(seg_p, seed)
     grid = (triton.cdiv(M, bl.m), tiles.shape[0])
+    warps = bl.warps if block_n < 128 or INTERPRET else 8
     _shrink_fwd_kernel[grid](
         x, w, bias, z, tiles, ps, seed if has_drop else tiles,
         M, K, N, act_start, x.stride(0), w.stride(0), z.stride(0),
         HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
-        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps,
+        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=warps,
     )
     return z
 
@@ -342,6 +349,8 @@ def _launch_shrink_bwd(dzp: Tensor, x: Tensor, w: Tensor, seg_widths: list[int],
     N = w.shape[0]
     tiles, ps, block_n = _tiles(seg_widths, seg_p, x.device)
     has_drop = _has_drop(seg_p, seed)
+    if BWD_MODE == "gemm" and not has_drop:
+        return dzp @ w, (dzp.t() @ x).float()
     seed_arg = seed if has_drop else tiles
     prec = _precision(x.dtype)
     dx = torch.empty_like(x)
@@ -361,7 +370,7 @@ def _launch_shrink_bwd(dzp: Tensor, x: Tensor, w: Tensor, seg_widths: list[int],
     _shrink_dw_kernel[(tiles.shape[0], k_blocks, splits)](
         dzp, x, dw, tiles, ps, seed_arg, M, K, rows_per_split, dzp.stride(0), x.stride(0), dw.stride(0),
         HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=prec,
-        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps,
+        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps if block_n < 128 or INTERPRET else 8,
     )
     return dx, dw
 
@@ -393,6 +402,11 @@ def _launch_expand(out: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale
 def _launch_expand_bwd(dy: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     M, D = dy.shape
     R = u.shape[1]
+    if BWD_MODE == "gemm":
+        v = u.float() * scale
+        if coef is not None:
+            v = v * coef.float()[:, None]
+        return (dy @ b).float(), (dy.t() @ v.to(dy.dtype)).float()
     dh = torch.zeros(M, R, device=dy.device, dtype=torch.float32)
     db = torch.zeros(D, R, device=dy.device, dtype=torch.float32)
     bl = _blocks("expand_bwd")

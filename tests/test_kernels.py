@@ -133,6 +133,43 @@ def test_expand_forward_and_gradients_match_reference(M, D, r, gate, dtype):
         _close(a, b, dtype, name)
 
 
+# token count, width d, bottleneck m, activation, gate, dtype
+BOTTLENECK_CASES = [
+    (37, 45, 3, "relu", None, torch.float32), (70, 100, 20, "gelu", "token", torch.float32),
+    (37, 45, 64, "silu", "pooled", torch.float32), (37, 33, 5, "tanh", "token", torch.float32),
+    (37, 45, 8, "identity", None, torch.float32), (70, 100, 20, "relu", "token", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("M,D,m,act,gate,dtype", BOTTLENECK_CASES, ids=[f"b{i}" for i in range(len(BOTTLENECK_CASES))])
+def test_bottleneck_up_forward_and_gradients_match_reference(M, D, m, act, gate, dtype):
+    from unipelt_kernels import bottleneck as bn
+
+    g = torch.Generator().manual_seed(M + D + m)
+    B_, T = (1, M) if gate != "pooled" else (1, M)
+    out = _leaf(torch.randn(B_, T, D, generator=g), dtype)
+    u = _leaf(torch.randn(B_, T, m, generator=g), dtype)
+    bd = _leaf(torch.randn(m, generator=g) * 0.5, dtype)
+    w = _leaf(torch.randn(D, m, generator=g) * 0.3, dtype)
+    bu = _leaf(torch.randn(D, generator=g) * 0.5, dtype)
+    gt = None
+    if gate == "token":
+        gt = _leaf(torch.rand(B_, T, 1, generator=g), dtype)
+    elif gate == "pooled":
+        gt = _leaf(torch.rand(B_, 1, 1, generator=g), dtype)
+    y = bn.bottleneck_up(out, u, bd, w, bu, gt, 1.3, act)
+    leaves = [t for t in (out, u, bd, w, bu, gt) if t is not None]
+    refs = [t.detach().float().requires_grad_() for t in leaves]
+    yr = bn.reference_up(*refs[:5], refs[5] if gt is not None else None, 1.3, act)
+    _close(y, yr, dtype, "y")
+    dy = torch.randn(y.shape, generator=g).to(DEV)
+    got = torch.autograd.grad(y, leaves, dy.to(dtype))
+    want = torch.autograd.grad(yr, refs, dy)
+    for name, a, b in zip(["dout", "du", "db_down", "dW_up", "db_up", "dgate"], got, want):
+        assert a.shape == b.shape
+        _close(a, b, dtype, name)
+
+
 def test_shape_errors_name_the_operands():
     x = torch.randn(5, 8, device=DEV)
     with pytest.raises(ValueError, match="weight"):
@@ -237,3 +274,73 @@ def test_gpu_bf16_large_group_matches_reference():
     for name, a, ref in zip(["dout", "du", "dB"], torch.autograd.grad(y, [out, u, Bw], dy.bfloat16()),
                             torch.autograd.grad(yr, [ro, ru, rB], dy)):
         _close(a, ref, torch.bfloat16, name)
+
+
+# ------------------------------------------------------------------------------------------
+# the engine: selection, the compile report, dropout branches in a group
+# ------------------------------------------------------------------------------------------
+def test_executor_selection_spec_env_and_report(monkeypatch):
+    import unipelt
+    from conftest import make_bert
+    from unipelt.compiler import get_state, set_executor
+    from unipelt.errors import SpecError
+    from unipelt.report import report_dict, report_text
+
+    spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": True}}}
+    # default: auto, which on CPU tensors is the grouped executor, and the report says why
+    monkeypatch.delenv("UNIPELT_EXECUTOR", raising=False)
+    model = make_bert()
+    h = unipelt.compile(model, spec)
+    assert get_state(model).executor == "auto"
+    groups = report_dict(h)["fusion_groups"]
+    want = "triton" if DEV == "cuda" else "grouped"
+    assert groups and all(g["executor"] == want for g in groups), groups
+    if DEV == "cpu":
+        assert "CUDA only" in groups[0]["reason"]
+    set_executor(model, "triton")
+    assert all(g["executor"] == "triton" for g in report_dict(h)["fusion_groups"])
+    assert "-> triton" in report_text(h)
+    set_executor(model, "reference")
+    assert all(g["executor"] == "reference" for g in report_dict(h)["fusion_groups"])
+    # the spec's field, then the environment variable
+    h2 = unipelt.compile(make_bert(), dict(spec, executor="grouped"))
+    assert get_state(h2.model).executor == "grouped"
+    monkeypatch.setenv("UNIPELT_EXECUTOR", "reference")
+    assert get_state(unipelt.compile(make_bert(), spec).model).executor == "reference"
+    monkeypatch.setenv("UNIPELT_EXECUTOR", "fast")
+    with pytest.raises(SpecError, match="UNIPELT_EXECUTOR='fast'"):
+        unipelt.compile(make_bert(), spec)
+    with pytest.raises(SpecError, match="executor: expected one of auto, grouped, reference, triton"):
+        unipelt.compile(make_bert(), dict(spec, executor="cuda"))
+
+
+def test_dropout_lora_joins_the_kernel_group():
+    # grouped: a dropout LoRA computes alone; under the kernels it joins its group (the mask is
+    # drawn inside the shrink), and in eval mode (no dropout) equals the reference
+    import unipelt
+    from conftest import make_batch, make_bert, randomize
+    from unipelt.compiler import get_state, set_executor
+
+    model = make_bert()
+    h = unipelt.compile(model, {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4,
+                                                     "dropout": 0.3, "gate": True}}})
+    randomize(h)
+    groups = get_state(model).ctx.groups.values()
+    set_executor(model, "grouped")
+    assert not any(g.on and g._live_branches for g in groups)
+    set_executor(model, "triton")
+    assert all(g.on and g.kernel and len(g._drop) == 2 for g in groups)
+    batch = make_batch()
+    model.eval()
+    with torch.no_grad():
+        got = model(**batch).logits
+        set_executor(model, "reference")
+        ref = model(**batch).logits
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    # train mode: dropout acts (outputs move) and gradients reach A, B and the gate
+    set_executor(model, "triton")
+    model.train()
+    out = model(**batch).logits
+    assert not torch.allclose(out, ref, atol=1e-4)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in h.parameters())
