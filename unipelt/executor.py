@@ -302,19 +302,40 @@ class TritonExecutor(GroupExecutor):
 
 
 def kernel_expand(e: Entry, out: Tensor, u: Tensor, g: Tensor | None, ctx: ForwardContext) -> Tensor | None:
-    """``out + expand(u, g)`` of a LoRA branch by the expand kernel (one pass over the base
-    output, the gate and scale applied to u inside), or None where the kernels do not run."""
+    """``out + expand(u, g)`` by an expand kernel (one pass over the base output, the gate and
+    scale applied inside): LoRA's (``lora_group.lora_expand``) and a bottleneck adapter's
+    (``bottleneck.bottleneck_up``); None where the kernels do not run (the caller's PyTorch path)."""
     b = e.branch
-    B = getattr(b, "lora_B", None)
-    if not isinstance(B, nn.Parameter) or out.dim() < 2 or kernel_reason(ctx.executor, out) is not None:
+    if out.dim() < 2 or kernel_reason(ctx.executor, out) is not None:
         return None
-    if g is None:
-        coef, scale = None, b.scale
-    elif b.gate_scale == "replace":
-        coef, scale = g, 1.0
-    else:
-        coef, scale = g, b.scale
-    return kernels().lora_expand(out, u, B, coef, scale)
+    B = getattr(b, "lora_B", None)
+    if isinstance(B, nn.Parameter):
+        if g is None:
+            coef, scale = None, b.scale
+        elif b.gate_scale == "replace":
+            coef, scale = g, 1.0
+        else:
+            coef, scale = g, b.scale
+        return kernels().lora_expand(out, u, B, coef, scale)
+    act = _bottleneck_activation(b)
+    if act is not None:
+        from unipelt_kernels.bottleneck import bottleneck_up
+
+        return bottleneck_up(out, u, b.down.bias, b.up.weight, b.up.bias, g, b.scale, act)
+    return None
+
+
+def _bottleneck_activation(b: nn.Module) -> str | None:
+    """The activation name of a bottleneck adapter branch the kernel takes (fixed scale, biased
+    down and up projections, a known activation), else None (the reference path)."""
+    up, down, act = getattr(b, "up", None), getattr(b, "down", None), getattr(b, "act", None)
+    if not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear) or up.bias is None or down.bias is None:
+        return None
+    if not isinstance(getattr(b, "scale", None), (int, float)):  # a learned scale: its gradient stays in PyTorch
+        return None
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else None
+    return {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Identity: "identity"}.get(type(act))
 
 
 def resolve_executor(spec_executor: str | None) -> str:

@@ -203,14 +203,16 @@ def accumulate(e: Entry, src: Tensor, out: Tensor, ctx: ForwardContext) -> Tenso
     """``out + delta`` of branch ``e``; a branch with ``expand_into`` (LoRA) accumulates into
     ``out`` inside its last matrix product (addmm: one pass less over the output)."""
     into = getattr(e.branch, "expand_into", None)
-    if into is not None:
+    kx = ctx.expand_kernel  # the Triton executor's expand into out (executor.kernel_expand)
+    if into is not None or kx is not None:
         g = gate_value(e, src, ctx)
         u = _shrunk(e, src, ctx)
-        if u is not None:
-            kx = ctx.expand_kernel
-            y = kx(e, out, u, g, ctx) if kx is not None else None
-            return into(out, u, g) if y is None else y
-        return out + e.branch(src, gate=g)
+        if u is None:
+            return out + e.branch(src, gate=g)
+        y = kx(e, out, u, g, ctx) if kx is not None else None
+        if y is not None:
+            return y
+        return into(out, u, g) if into is not None else out + e.branch.expand(u, g)
     return out + branch_delta(e, src, ctx)
 
 
