@@ -186,6 +186,96 @@ def bench_layer(M, K, r, dropout, dtype, warmup, iters) -> dict:
             "triton_gemm_ms": modes["gemm"], "unipelt_reference_ms": t_ref, "speedup_vs_peft": t_peft / t_ours}
 
 
+def _time_launch(fn, n: int = 20) -> float:
+    """GPU milliseconds per call of fn, launched n times back to back (the host runs ahead)."""
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / n
+
+
+def profile_and_sweep(M=8192, K=4096, r=16, k=2) -> dict:
+    """Where the time goes (torch.profiler, per kernel) and the block configurations of each
+    kernel timed alone; the best become lora_group.CONFIGS for the rest of the process."""
+    from unipelt_kernels import lora_group as lg
+
+    dtype, dev = torch.bfloat16, "cuda"
+    x, A, B, wg, bg, outs, dys = group_case(M, K, r, k, True, dtype, dev)
+    params = [x] + A + B + wg + bg + outs
+
+    def step(impl):
+        for p in params:
+            p.grad = None
+        torch.autograd.backward(impl(x, A, B, wg, bg, outs, 2.0), dys)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for impl in (group_reference, group_triton):
+        for _ in range(3):
+            step(impl)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step(impl)
+            torch.cuda.synchronize()
+        print(f"--- {impl.__name__}: 5 steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        t0 = time.perf_counter()
+        for _ in range(20):
+            step(impl)
+        host = (time.perf_counter() - t0) / 20 * 1e3
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 20 * 1e3
+        print(f"{impl.__name__}: host {host:.3f} ms/step (no sync), wall {wall:.3f} ms/step")
+    # each launcher alone, over candidate blocks
+    N = k * r + k
+    w = torch.cat(A + wg, 0).contiguous()
+    bias = torch.cat(bg).float()
+    z = lg._launch_shrink(x.detach(), w, bias, k * r, [N], [0.0], None)
+    dz = torch.randn_like(z).contiguous()
+    out, u, Bw = outs[0].detach(), z[:, :r].contiguous(), B[0].detach().contiguous()
+    coef = z[:, k * r].contiguous()
+    dy = dys[0]
+    cands = {
+        "shrink": lambda: lg._launch_shrink(x.detach(), w, bias, k * r, [N], [0.0], None),
+        "dx": lambda: lg._launch_shrink_bwd(dz, x.detach(), w, [N], [0.0], None),
+        "expand": lambda: lg._launch_expand(out, u, Bw, coef, 1.0),
+        "expand_bwd": lambda: lg._launch_expand_bwd(dy, u, Bw, coef, 1.0),
+    }
+    B_ = lg._Blocks
+    grid = {  # a few candidates each (every one is a Triton compile of ~1-2 s)
+        "shrink": [B_(32, 64, 4, 3), B_(64, 64, 4, 3), B_(64, 128, 4, 3), B_(128, 64, 8, 3), B_(32, 128, 4, 4), B_(64, 64, 8, 4)],
+        "dx": [B_(64, 64, 4, 3), B_(128, 64, 8, 3), B_(64, 128, 4, 3), B_(128, 128, 8, 2)],
+        "expand": [B_(64, 128, 4, 3), B_(128, 128, 8, 3), B_(64, 256, 8, 2), B_(128, 64, 4, 3)],
+        "expand_bwd": [B_(64, 64, 4, 3), B_(32, 64, 4, 3), B_(128, 64, 8, 3), B_(64, 128, 8, 2)],
+    }
+    best = {}
+    mb = M * K * 2 / 1e9
+    for kind, fn in cands.items():
+        results = []
+        for cfg in grid[kind]:
+            lg.CONFIGS[kind] = cfg
+            if kind == "dx":
+                lg.CONFIGS["dw"] = cfg
+            try:
+                results.append((_time_launch(fn), cfg))
+            except Exception as e:  # a config out of resources
+                print(f"  {kind} {cfg}: {type(e).__name__}")
+        results.sort(key=lambda t: t[0])
+        lg.CONFIGS[kind] = results[0][1]
+        if kind == "dx":
+            lg.CONFIGS["dw"] = results[0][1]
+        best[kind] = {"ms": results[0][0], "config": vars(results[0][1]) if hasattr(results[0][1], "__dict__") else str(results[0][1])}
+        print(f"{kind}: best {results[0][0]:.4f} ms {results[0][1]} (~{mb / results[0][0]:.2f} TB/s per x-sized "
+              f"tensor); worst {results[-1][0]:.4f} ms", flush=True)
+    return best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -193,6 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--no-gates", action="store_true", help="groups without gates")
+    p.add_argument("--sweep", action="store_true", help="profile one group and choose each kernel's blocks first")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -203,6 +294,9 @@ def main(argv=None) -> int:
     rows = [{"bench": "header", "gpu": name, "peak_TBps": peak, "torch": torch.__version__,
              "triton": __import__("triton").__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "argv": sys.argv[1:]}]
+    if args.sweep:
+        best = profile_and_sweep()
+        rows[0]["sweep"] = {k: str(v) for k, v in best.items()}
     M = 8192
     grid = [(4096, 16, 2)] if args.quick else [(K, r, k) for K in (4096, 2048, 768) for r in (8, 16, 64) for k in (1, 2, 3)]
     gates = not args.no_gates

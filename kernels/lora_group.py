@@ -269,16 +269,23 @@ class _Blocks:
     m: int
     k: int
     warps: int
+    stages: int = 3
+
+
+# fixed configurations per kernel (no autotune: it needs a GPU driver, and the interpreter costs
+# ~1 ms per program instance, so it gets big blocks); chosen on the H200 by benchmarks/kernels.py
+# --sweep (RESULTS.md)
+CONFIGS: dict[str, _Blocks] = {
+    # shrink: 32-row blocks, so that 8,192 tokens make 256 programs (one read of x each)
+    "shrink": _Blocks(32, 64, 4), "dx": _Blocks(64, 64, 4), "dw": _Blocks(64, 64, 4),
+    "expand": _Blocks(64, 128, 4), "expand_bwd": _Blocks(64, 64, 4),
+}
 
 
 def _blocks(kind: str) -> _Blocks:
-    # fixed configurations (no autotune: it needs a GPU driver, and the interpreter costs ~1 ms
-    # per program instance, so it gets big blocks)
     if INTERPRET:
         return _Blocks(m=64, k=64, warps=4)
-    # shrink: 32-row blocks, so that 8,192 tokens make 256 programs (one read of x each)
-    return {"shrink": _Blocks(32, 64, 4), "dx": _Blocks(64, 64, 4), "dw": _Blocks(64, 64, 4),
-            "expand": _Blocks(64, 128, 4), "expand_bwd": _Blocks(64, 64, 4)}[kind]
+    return CONFIGS[kind]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -338,7 +345,7 @@ def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_width
         x, w, bias, z, tiles, ps, seed if has_drop else tiles,
         M, K, N, act_start, x.stride(0), w.stride(0), z.stride(0),
         HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
-        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=warps,
+        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=warps, num_stages=bl.stages,
     )
     return z
 
@@ -358,7 +365,7 @@ def _launch_shrink_bwd(dzp: Tensor, x: Tensor, w: Tensor, seg_widths: list[int],
     _shrink_dx_kernel[(triton.cdiv(M, bl.m), triton.cdiv(K, bl.k))](
         dzp, w, dx, tiles, ps, seed_arg, M, K, tiles.shape[0], dzp.stride(0), w.stride(0), dx.stride(0),
         HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=prec,
-        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps,
+        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps, num_stages=bl.stages,
     )
     dw = torch.zeros(N, K, device=x.device, dtype=torch.float32)
     bl = _blocks("dw")
@@ -371,6 +378,7 @@ def _launch_shrink_bwd(dzp: Tensor, x: Tensor, w: Tensor, seg_widths: list[int],
         dzp, x, dw, tiles, ps, seed_arg, M, K, rows_per_split, dzp.stride(0), x.stride(0), dw.stride(0),
         HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=prec,
         BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps if block_n < 128 or INTERPRET else 8,
+        num_stages=bl.stages,
     )
     return dx, dw
 
@@ -394,7 +402,7 @@ def _launch_expand(out: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale
         out, u, b, coef if coef is not None else u, y, M, D, R, float(scale),
         out.stride(0), u.stride(0), b.stride(0), y.stride(0),
         HAS_COEF=coef is not None, UPCAST=INTERPRET, PRECISION=_precision(out.dtype),
-        BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps,
+        BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps, num_stages=bl.stages,
     )
     return y
 
@@ -418,7 +426,7 @@ def _launch_expand_bwd(dy: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, sc
         dy, u, b, coef if coef is not None else u, dh, db, M, D, R, float(scale), d_per_split,
         dy.stride(0), u.stride(0), b.stride(0), dh.stride(0), db.stride(0),
         HAS_COEF=coef is not None, UPCAST=INTERPRET, PRECISION=_precision(dy.dtype),
-        BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps,
+        BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps, num_stages=bl.stages,
     )
     return dh, db
 
@@ -437,9 +445,8 @@ def _(x, w, bias, act_start, seg_widths, seg_p, seed):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-@torch.library.custom_op("unipelt::lora_shrink_bwd", mutates_args=())
-def _shrink_bwd_op(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
-                   seg_p: list[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def _shrink_bwd_impl(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
+                     seg_p: list[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     # through the sigmoid of the gate columns (z holds sigmoid there): dz·σ(1-σ)
     dzf = dz.float()
     if act_start < z.shape[1]:
@@ -449,6 +456,9 @@ def _shrink_bwd_op(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, 
     dzp = dzf.to(x.dtype).contiguous()
     dx, dw = _launch_shrink_bwd(dzp, x, w, seg_widths, seg_p, seed)
     return dx, dw.to(w.dtype), db
+
+
+_shrink_bwd_op = torch.library.custom_op("unipelt::lora_shrink_bwd", mutates_args=())(_shrink_bwd_impl)
 
 
 @_shrink_bwd_op.register_fake
@@ -464,14 +474,28 @@ def _shrink_setup(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype
 
 
-def _shrink_backward(ctx, dz):
+def _shrink_backward(ctx, dz, bwd=_shrink_bwd_op):
     x, w, z, seed = ctx.saved_tensors
-    dx, dw, db = _shrink_bwd_op(dz.contiguous(), x, w, z, ctx.act_start, ctx.seg_widths, ctx.seg_p,
-                                seed if ctx.has_seed else None)
+    dx, dw, db = bwd(dz.contiguous(), x, w, z, ctx.act_start, ctx.seg_widths, ctx.seg_p, seed if ctx.has_seed else None)
     return dx, dw, db.to(ctx.bias_dtype), None, None, None, None
 
 
 _shrink_op.register_autograd(_shrink_backward, setup_context=_shrink_setup)
+
+
+class _ShrinkFn(torch.autograd.Function):
+    """The same op in eager mode without the custom-op dispatch (tens of microseconds a call on
+    the host, which a layer of small launches cannot hide)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, act_start, seg_widths, seg_p, seed):
+        z = _launch_shrink(x, w, bias, act_start, seg_widths, seg_p, seed)
+        _shrink_setup(ctx, (x, w, bias, act_start, seg_widths, seg_p, seed), z)
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        return _shrink_backward(ctx, dz, bwd=_shrink_bwd_impl)
 
 
 @torch.library.custom_op("unipelt::lora_expand", mutates_args=())
@@ -484,9 +508,11 @@ def _(out, u, b, coef, scale):
     return torch.empty_like(out)
 
 
-@torch.library.custom_op("unipelt::lora_expand_bwd", mutates_args=())
-def _expand_bwd_op(dy: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+def _expand_bwd_impl(dy: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     return _launch_expand_bwd(dy, u, b, coef, scale)
+
+
+_expand_bwd_op = torch.library.custom_op("unipelt::lora_expand_bwd", mutates_args=())(_expand_bwd_impl)
 
 
 @_expand_bwd_op.register_fake
@@ -501,9 +527,9 @@ def _expand_setup(ctx, inputs, output):
     ctx.has_coef = coef is not None
 
 
-def _expand_backward(ctx, dy):
+def _expand_backward(ctx, dy, bwd=_expand_bwd_op):
     u, b, coef = ctx.saved_tensors
-    dh, db = _expand_bwd_op(dy.contiguous(), u, b, coef if ctx.has_coef else None, ctx.scale)
+    dh, db = bwd(dy.contiguous(), u, b, coef if ctx.has_coef else None, ctx.scale)
     # dh = dY·B; u's gradient carries s·c, the gate's is s·Σ_r dh ⊙ u (tokens × r work only)
     du = dh * ctx.scale
     dcoef = None
@@ -514,6 +540,20 @@ def _expand_backward(ctx, dy):
 
 
 _expand_op.register_autograd(_expand_backward, setup_context=_expand_setup)
+
+
+class _ExpandFn(torch.autograd.Function):
+    """The eager twin of ``unipelt::lora_expand`` (see _ShrinkFn)."""
+
+    @staticmethod
+    def forward(ctx, out, u, b, coef, scale):
+        y = _launch_expand(out, u, b, coef, scale)
+        _expand_setup(ctx, (out, u, b, coef, scale), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _expand_backward(ctx, dy, bwd=_expand_bwd_impl)
 
 
 # ------------------------------------------------------------------------------------------
@@ -540,8 +580,10 @@ def lora_shrink(x: Tensor, weight: Tensor, bias: Tensor | None = None, act_start
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    z = _shrink_op(x2, weight.to(x.dtype).contiguous(), bias.contiguous(), act_start,
-                   [int(w) for w, _ in segments], [float(p) for _, p in segments], seed)
+    # compiled: the custom op (opaque to the graph); eager: the same autograd without its dispatch
+    op = _shrink_op if torch.compiler.is_compiling() else _ShrinkFn.apply
+    z = op(x2, weight.to(x.dtype).contiguous(), bias.contiguous(), act_start,
+           [int(w) for w, _ in segments], [float(p) for _, p in segments], seed)
     return z.view(*x.shape[:-1], N)
 
 
@@ -561,7 +603,8 @@ def lora_expand(out: Tensor, u: Tensor, b: Tensor, gate: Tensor | None = None, s
     coef = None
     if gate is not None:
         coef = gate.expand(*u.shape[:-1], 1).reshape(-1).contiguous()
-    y = _expand_op(out2, u2, b.to(out.dtype).contiguous(), coef, float(scale))
+    op = _expand_op if torch.compiler.is_compiling() else _ExpandFn.apply
+    y = op(out2, u2, b.to(out.dtype).contiguous(), coef, float(scale))
     return y.view(out.shape)
 
 
