@@ -42,6 +42,24 @@ def _time(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def _time_graphed(fn, warmup: int, iters: int) -> float:
+    """Median milliseconds of fn() replayed from a CUDA graph: the GPU's time alone (the eager
+    numbers on the device machine's host are bound by Python and launch work)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return _time(g.replay, warmup, iters)
+
+
+GRAPHS = False  # --graphs: time each variant eager and replayed from a CUDA graph
+
+
 # ------------------------------------------------------------------------------------------
 # one fusion group: k LoRA branches reading x (each into its own base output), a gate each
 # ------------------------------------------------------------------------------------------
@@ -102,23 +120,30 @@ def bench_group(M, K, r, k, gates, dtype, warmup, iters) -> dict:
     # correctness on the timed shapes (bf16: loose; the CPU tests hold the tight table)
     ref_y = group_reference(x, A, B, wg, bg, outs, 2.0)
     got_y = group_triton(x, A, B, wg, bg, outs, 2.0)
-    err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got_y, ref_y))
+    err = max(float((a.detach().float() - b.detach().float()).abs().max()) for a, b in zip(got_y, ref_y))
     from unipelt_kernels import lora_group as lg
 
     t_ref = _time(step(group_reference), warmup, iters)
     modes = {}
     default = lg.BWD_MODE
-    for mode in ("fused", "gemm"):  # the backward's two variants (lora_group.BWD_MODE)
+    for mode in ("fused", "gemm") if not GRAPHS else (default,):  # lora_group.BWD_MODE's variants
         lg.BWD_MODE = mode
         modes[mode] = _time(step(group_triton), warmup, iters)
     lg.BWD_MODE = default
     t_tri = modes[default]
+    graphed = {}
+    if GRAPHS:
+        graphed = {"ref_graph_ms": _time_graphed(step(group_reference), warmup, iters),
+                   "triton_graph_ms": _time_graphed(step(group_triton), warmup, iters)}
+        graphed["graph_speedup"] = graphed["ref_graph_ms"] / graphed["triton_graph_ms"]
     es = torch.finfo(dtype).bits // 8
     bytes_min = es * (3 * M * K + k * 3 * M * K)
     return {"bench": "group", "M": M, "K": K, "r": r, "k": k, "gates": gates, "dtype": str(dtype).split(".")[-1],
             "ref_ms": t_ref, "triton_ms": t_tri, "triton_bwd": default, "triton_fused_ms": modes["fused"],
-            "triton_gemm_ms": modes["gemm"], "speedup": t_ref / t_tri, "max_abs_err_y": err,
-            "bytes_min": bytes_min, "ref_TBps": bytes_min / t_ref / 1e9, "triton_TBps": bytes_min / t_tri / 1e9}
+            "triton_gemm_ms": modes.get("gemm"), "speedup": t_ref / t_tri, "max_abs_err_y": err,
+            "bytes_min": bytes_min, "ref_TBps": bytes_min / t_ref / 1e9, "triton_TBps": bytes_min / t_tri / 1e9,
+            **graphed, **({"ref_graph_TBps": bytes_min / graphed["ref_graph_ms"] / 1e9,
+                           "triton_graph_TBps": bytes_min / graphed["triton_graph_ms"] / 1e9} if graphed else {})}
 
 
 # ------------------------------------------------------------------------------------------
@@ -174,16 +199,22 @@ def bench_layer(M, K, r, dropout, dtype, warmup, iters) -> dict:
 
     t_peft = _time(step(peft_layer, [x] + [p for p in peft_layer.parameters() if p.requires_grad]), warmup, iters)
     modes, default = {}, lg.BWD_MODE
-    for mode in ("fused", "gemm"):
+    for mode in ("fused", "gemm") if not GRAPHS else (default,):
         lg.BWD_MODE = mode
         modes[mode] = _time(step(ours, [x, ours.lora_A, ours.lora_B]), warmup, iters)
     lg.BWD_MODE = default
     t_ours = modes[default]
+    graphed = {}
+    if GRAPHS:
+        graphed = {"peft_graph_ms": _time_graphed(step(peft_layer, [x] + [p for p in peft_layer.parameters() if p.requires_grad]), warmup, iters),
+                   "triton_graph_ms": _time_graphed(step(ours, [x, ours.lora_A, ours.lora_B]), warmup, iters)}
+        graphed["graph_speedup_vs_peft"] = graphed["peft_graph_ms"] / graphed["triton_graph_ms"]
     # unipelt's eager LoRA branch (the reference executor's path: dropout x, A, B, scale)
     t_ref = _time(step(lambda x: ref_branch(x) + ref_base(x), [x, ref_branch.lora_A, ref_branch.lora_B]), warmup, iters)
     return {"bench": "layer", "M": M, "K": K, "r": r, "dropout": dropout, "dtype": str(dtype).split(".")[-1],
             "peft_ms": t_peft, "triton_ms": t_ours, "triton_bwd": default, "triton_fused_ms": modes["fused"],
-            "triton_gemm_ms": modes["gemm"], "unipelt_reference_ms": t_ref, "speedup_vs_peft": t_peft / t_ours}
+            "triton_gemm_ms": modes.get("gemm"), "unipelt_reference_ms": t_ref, "speedup_vs_peft": t_peft / t_ours,
+            **graphed}
 
 
 def _time_launch(fn, n: int = 20) -> float:
@@ -284,7 +315,11 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--no-gates", action="store_true", help="groups without gates")
     p.add_argument("--sweep", action="store_true", help="profile one group and choose each kernel's blocks first")
+    p.add_argument("--graphs", action="store_true", help="also time every variant replayed from a CUDA graph")
+    p.add_argument("--widths", default="4096,2048,768", help="group widths K (comma-separated)")
     args = p.parse_args(argv)
+    global GRAPHS
+    GRAPHS = args.graphs
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -298,7 +333,8 @@ def main(argv=None) -> int:
         best = profile_and_sweep()
         rows[0]["sweep"] = {k: str(v) for k, v in best.items()}
     M = 8192
-    grid = [(4096, 16, 2)] if args.quick else [(K, r, k) for K in (4096, 2048, 768) for r in (8, 16, 64) for k in (1, 2, 3)]
+    grid = [(4096, 16, 2)] if args.quick else [(K, r, k) for K in map(int, args.widths.split(",")) for r in (8, 16, 64)
+                                         for k in (1, 2, 3)]
     gates = not args.no_gates
     with args.out.open("w") as f:
         f.write(json.dumps(rows[0]) + "\n")
@@ -308,17 +344,19 @@ def main(argv=None) -> int:
             f.flush()
             print(f"group M={M} K={K:5d} r={r:3d} k={k} gates={gates}: ref {row['ref_ms']:.3f} ms "
                   f"({row['ref_TBps']:.2f} TB/s), triton {row['triton_ms']:.3f} ms ({row['triton_TBps']:.2f} TB/s), "
-                  f"x{row['speedup']:.2f} [bwd fused {row['triton_fused_ms']:.3f} / gemm {row['triton_gemm_ms']:.3f}]"
-                  f"  err {row['max_abs_err_y']:.3g}", flush=True)
+                  f"x{row['speedup']:.2f}" + (f"; graphed ref {row['ref_graph_ms']:.3f} triton {row['triton_graph_ms']:.3f} "
+                  f"x{row['graph_speedup']:.2f} ({row['triton_graph_TBps']:.2f} TB/s)" if GRAPHS else
+                  f" [bwd fused {row['triton_fused_ms']:.3f} / gemm {row['triton_gemm_ms']:.3f}]")
+                  + f"  err {row['max_abs_err_y']:.3g}", flush=True)
         for dropout in (0.0, 0.1):
             for r in ((16,) if args.quick else (16, 64)):
                 row = bench_layer(M, 4096, r, dropout, dtype, args.warmup, args.iters)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 print(f"layer M={M} K=4096 r={r} dropout={dropout}: PEFT {row['peft_ms']:.3f} ms, triton "
-                      f"{row['triton_ms']:.3f} ms, x{row['speedup_vs_peft']:.2f} [fused {row['triton_fused_ms']:.3f} / "
-                      f"gemm {row['triton_gemm_ms']:.3f}]; unipelt reference "
-                      f"{row['unipelt_reference_ms']:.3f} ms", flush=True)
+                      f"{row['triton_ms']:.3f} ms, x{row['speedup_vs_peft']:.2f}; unipelt reference "
+                      f"{row['unipelt_reference_ms']:.3f} ms" + (f"; graphed PEFT {row['peft_graph_ms']:.3f} triton "
+                      f"{row['triton_graph_ms']:.3f} x{row['graph_speedup_vs_peft']:.2f}" if GRAPHS else ""), flush=True)
     return 0
 
 
