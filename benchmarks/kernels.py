@@ -218,13 +218,22 @@ def bench_layer(M, K, r, dropout, dtype, warmup, iters) -> dict:
 
 
 def _time_launch(fn, n: int = 20) -> float:
-    """GPU milliseconds per call of fn, launched n times back to back (the host runs ahead)."""
-    fn()
+    """GPU milliseconds per call of fn: n calls captured in one CUDA graph and replayed (launched
+    eagerly, the device host's launch work bounds every candidate; RESULTS.md, Kernels)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
-    for _ in range(n):
-        fn()
+    g.replay()
     b.record()
     b.synchronize()
     return a.elapsed_time(b) / n

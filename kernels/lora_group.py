@@ -276,11 +276,12 @@ class _Blocks:
 # ~1 ms per program instance, so it gets big blocks); chosen on the H200 by benchmarks/kernels.py
 # --sweep (RESULTS.md)
 CONFIGS: dict[str, _Blocks] = {
-    # the fastest of benchmarks/kernels.py --sweep's candidates at 8,192 x 4096, r 16, k 2, bf16
-    # (H200, results-2026-12-01/kernels/run1-eager-sweep.log): shrink 0.049 ms, dX + dW 0.087 ms,
-    # expand 0.059 ms, expand backward 0.100 ms
-    "shrink": _Blocks(64, 64, 8, 4), "dx": _Blocks(64, 64, 4, 3), "dw": _Blocks(64, 64, 4, 3),
-    "expand": _Blocks(64, 256, 8, 2), "expand_bwd": _Blocks(128, 64, 8, 3),
+    # the blocks whose GPU time was profiled on the H200 (benchmarks/RESULTS.md, Kernels: 8,192 x
+    # 4096, r 16, two branches and gates, bf16: shrink 34 us, dX 31 us, dW 41 us, expand 35 us,
+    # expand backward 62 us). benchmarks/kernels.py --sweep's timings of other blocks were bound by
+    # that host's launch work (every candidate 0.05-0.18 ms), so they chose nothing and are not used.
+    "shrink": _Blocks(32, 64, 4), "dx": _Blocks(64, 64, 4), "dw": _Blocks(64, 64, 4),
+    "expand": _Blocks(64, 128, 4), "expand_bwd": _Blocks(64, 64, 4),
 }
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from unipelt.arch import resolve_model
 from unipelt.errors import ModelError, PluginError, SpecError
-from unipelt.executor import EXECUTORS, TritonExecutor, kernel_expand, resolve_executor
+from unipelt.executor import AUTO_USES_KERNELS, EXECUTORS, TritonExecutor, kernel_expand, kernels, resolve_executor
 from unipelt.graph import CompiledGraph, build_graph, check_resources
 from unipelt.registry import Registry, get_registry
 from unipelt.runtime import Entry
@@ -185,6 +185,8 @@ def set_executor(model: nn.Module, executor: str) -> None:
 def _use_executor(state: ModelState, executor: str) -> None:
     state.executor = executor
     state.ctx.expand_kernel = kernel_expand if executor in ("auto", "triton") else None
+    if executor == "triton" or (executor == "auto" and AUTO_USES_KERNELS and torch.cuda.is_available()):
+        kernels()  # imported now, in eager code: not first inside a torch.compile trace
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:

@@ -145,14 +145,25 @@ def kernels():
     return _KERNELS
 
 
+# Whether ``auto`` picks the kernels on CUDA. Off: on the H200 (benchmarks/RESULTS.md, "Kernels")
+# a group's forward + backward ran in less GPU time on the kernels (0.39 vs 0.50 ms at 8,192 x
+# 4096, r 16, two branches) but took longer in eager mode (2.9 vs 1.7 ms), which that host's
+# Python and launch work bounds; until the kernels win there too, ``auto`` keeps the grouped
+# executor and ``triton`` is the way to run them.
+AUTO_USES_KERNELS = False
+
+
 def kernel_reason(mode: str, x: Tensor) -> str | None:
     """None when ``mode`` runs the kernels on ``x``, else why not. ``auto`` takes them on CUDA only
-    (the CPU interpreter is for tests); ``triton`` requested on a tensor the kernels cannot take
-    is an error, not a silent fallback."""
+    (the CPU interpreter is for tests) and only with AUTO_USES_KERNELS; ``triton`` requested on a
+    tensor the kernels cannot take is an error, not a silent fallback."""
     if mode not in ("auto", "triton"):
         return f"executor {mode!r}"
     if mode == "auto" and x.device.type != "cuda":
         return f"executor 'auto' runs the kernels on CUDA only (tensors on {x.device.type})"
+    if mode == "auto" and not AUTO_USES_KERNELS:
+        return ("executor 'auto' keeps the grouped executor on CUDA: the kernels measured slower than it in "
+                "eager mode (benchmarks/RESULTS.md, Kernels); choose 'triton' to run them")
     k = kernels()
     why = k if isinstance(k, str) else k.fits(x)
     if why is not None and mode == "triton":
