@@ -346,3 +346,65 @@ def test_dropout_lora_joins_the_kernel_group():
     assert not torch.allclose(out, ref, atol=1e-4)
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in h.parameters())
+
+
+@pytest.mark.parametrize("checkpointing", [{"use_reentrant": False}, {"use_reentrant": True}], ids=["nonreentrant", "reentrant"])
+def test_triton_executor_under_gradient_checkpointing(checkpointing):
+    # a gated LoRA with dropout on the kernels: recomputing a checkpointed layer restores the RNG
+    # state, so the seed (and the mask) drawn in recomputation is the forward's; gradients equal
+    # those without checkpointing from the same generator state
+    import unipelt
+    from conftest import make_batch, make_llama, randomize
+    from unipelt.compiler import set_executor
+
+    model = make_llama().train()
+    h = unipelt.compile(model, {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v", "ffn.up"], "r": 4,
+                                                     "dropout": 0.2, "gate": True}}})
+    randomize(h)
+    set_executor(model, "triton")
+    batch = make_batch()
+
+    def grads(enable: bool) -> list:
+        for p in h.parameters():
+            p.grad = None
+        if enable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        else:
+            model.gradient_checkpointing_disable()
+        torch.manual_seed(5)
+        model(**batch, use_cache=False).logits.square().mean().backward()
+        return [p.grad.clone() for p in h.parameters()]
+
+    plain = grads(False)
+    assert all(g.abs().sum() > 0 for g in plain)
+    for got, want in zip(grads(True), plain):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_triton_executor_compiles_fullgraph():
+    # the engine on the kernels under torch.compile(fullgraph=True): no graph break anywhere
+    # (selection, the group's shrink with the gates, the expand, the adapter's up-projection, the
+    # prefix gate read from the group), eval outputs equal eager. One spec only: compiling costs
+    # ~50 s on the CI machine (a dropout LoRA's seed under compile: test_fullgraph_compile_captures_the_kernels)
+    spec = "specs/unipelt.yaml"
+    import unipelt
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from conftest import make_batch, make_bert, randomize
+    from unipelt.compiler import set_executor
+
+    torch._dynamo.reset()
+    model = make_bert()
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    set_executor(model, "triton")
+    batch = make_batch()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    model.train()
+    compiled(**batch).logits.square().mean().backward()  # training step: the backward ops trace too
+    assert all(p.grad is not None for p in h.parameters())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, atol=2e-5, rtol=1e-5)
+    assert counter.frame_count >= 1
