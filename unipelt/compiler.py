@@ -171,10 +171,10 @@ def _build_groups(state: ModelState, handle, graph: CompiledGraph) -> None:
 
 
 def set_executor(model: nn.Module, executor: str) -> None:
-    """Choose how branch groups run: ``auto`` (the Triton kernels on CUDA where they fit, else
-    ``grouped``; the default), ``grouped`` (one PyTorch executor per fusion group), ``triton``
-    (the kernels, an error where they cannot run) or ``reference`` (every branch and gate on its
-    own; the executors are checked against it)."""
+    """Choose how branch groups run: ``auto`` (the default: the Triton kernels on CUDA where they
+    fit once ``executor.AUTO_USES_KERNELS`` is on, else ``grouped``), ``grouped`` (one PyTorch
+    executor per fusion group), ``triton`` (the kernels, an error where they cannot run) or
+    ``reference`` (every branch and gate on its own; the executors are checked against it)."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
     state = require_state(model)

@@ -10,10 +10,11 @@ behind the same two calls (``shrunk`` and ``gate``) plus the expand into the bas
 (:func:`kernel_expand`, called by ``runtime.accumulate``).
 
 Selection (``executor`` in the spec, else the ``UNIPELT_EXECUTOR`` variable, else ``auto``):
-``reference`` | ``grouped`` | ``triton`` | ``auto`` = the kernels where the tensors fit (CUDA,
-or CPU under ``TRITON_INTERPRET=1``; float32/bfloat16/float16) and the grouped PyTorch executor
-elsewhere, decided per call from the tensors (a model moved after compiling follows), with the
-reason in the compile report (:func:`describe`).
+``reference`` | ``grouped`` | ``triton`` (the kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``;
+float32/bfloat16/float16) | ``auto`` = the kernels on CUDA where they fit when
+:data:`AUTO_USES_KERNELS` is on (off for now: see its comment), else the grouped PyTorch
+executor. Decided when the plan is refreshed, from the group's weights; the compile report gives
+each group's executor and the reason (:meth:`TritonExecutor.describe`).
 
 A member joins when its module offers the group protocol (:class:`unipelt.types.Shrinkable`,
 :class:`unipelt.types.GroupGate`) and its ``shrink_params()`` is not None (LoRA with dropout > 0
