@@ -6,11 +6,17 @@ with dropout off so that train-mode forwards are deterministic. A factory takes 
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import pytest
 import torch
 from torch import nn
+
+# The Triton kernels (unipelt_kernels) run on CPU only under the interpreter, which must be chosen
+# before any @triton.jit decoration runs (docs/ENVIRONMENT.md); on a GPU machine they run natively.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from unipelt.compiler import get_state
 

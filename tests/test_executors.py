@@ -57,6 +57,21 @@ def test_grouped_executor_equals_reference(case, batch):
     _compare(grouped, ref, EXEC_ATOL)
 
 
+def test_triton_executor_equals_reference(case, batch):
+    # the Triton kernels (on CPU under TRITON_INTERPRET=1, set by conftest) behind the same
+    # interface: float32, so the fused sigmoid and the kernels' block sums agree to rounding
+    pytest.importorskip("triton")
+    model = build(case)
+    h = unipelt.compile(model, case.spec)
+    randomize(h)
+    model.train()
+    set_executor(model, "reference")
+    ref = _run(model, h, batch)
+    set_executor(model, "triton")
+    got = _run(model, h, batch)
+    _compare(got, ref, EXEC_ATOL)
+
+
 def test_groups_run_where_the_plan_has_them():
     # UniPELT on a 2-layer BERT: per layer, attn.in feeds LoRA q, LoRA v and the LoRA and prefix
     # gates (one product), and ffn.res (the renormalised residual sum) feeds the adapter and its gate

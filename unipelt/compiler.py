@@ -13,7 +13,7 @@ from torch import nn
 
 from unipelt.arch import resolve_model
 from unipelt.errors import ModelError, PluginError, SpecError
-from unipelt.executor import EXECUTORS, GroupExecutor
+from unipelt.executor import AUTO_USES_KERNELS, EXECUTORS, TritonExecutor, kernel_expand, kernels, resolve_executor
 from unipelt.graph import CompiledGraph, build_graph, check_resources
 from unipelt.registry import Registry, get_registry
 from unipelt.runtime import Entry
@@ -44,6 +44,14 @@ def compile(
     spec = copy.deepcopy(parse_spec(spec, registry))
     state = get_state(model)
     info = state.info if state is not None else resolve_model(model, registry.architectures)
+    # the spec's executor, else UNIPELT_EXECUTOR, else auto; a later adapter without the field
+    # keeps the model's choice (resolved before anything touches the model)
+    executor = None
+    if spec.executor is not None or state is None:
+        try:
+            executor = resolve_executor(spec.executor)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
     if state is not None and name in state.handles:
         raise ModelError(f"an adapter named {name!r} is already attached; detach it or choose another name")
     graph: CompiledGraph = build_graph(spec, info, registry)
@@ -103,6 +111,8 @@ def compile(
 
     # attach -----------------------------------------------------------------------------
     state = ensure_state(model, info)
+    if executor is not None:
+        _use_executor(state, executor)
     try:
         if CONTAINER not in model._modules:
             model.add_module(CONTAINER, nn.ModuleDict())
@@ -150,7 +160,8 @@ def _build_groups(state: ModelState, handle, graph: CompiledGraph) -> None:
             if e.branch.reads in ("input", "output"):
                 members.append(e)
         gates = {k: handle.gate_modules[k] for k in fg.gate_keys}
-        ex = GroupExecutor(handle.name, fg, members, gates)
+        # the Triton executor is the grouped one wherever the kernels do not run
+        ex = TritonExecutor(handle.name, fg, members, gates)
         state.ctx.groups[ex.key] = ex
         for e in members:
             e.group = ex
@@ -160,13 +171,22 @@ def _build_groups(state: ModelState, handle, graph: CompiledGraph) -> None:
 
 
 def set_executor(model: nn.Module, executor: str) -> None:
-    """Choose how branch groups run: ``grouped`` (one executor per fusion group, the default) or
+    """Choose how branch groups run: ``auto`` (the default: the Triton kernels on CUDA where they
+    fit once ``executor.AUTO_USES_KERNELS`` is on, else ``grouped``), ``grouped`` (one PyTorch
+    executor per fusion group), ``triton`` (the kernels, an error where they cannot run) or
     ``reference`` (every branch and gate on its own; the executors are checked against it)."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
     state = require_state(model)
-    state.executor = executor
+    _use_executor(state, executor)
     state.refresh()
+
+
+def _use_executor(state: ModelState, executor: str) -> None:
+    state.executor = executor
+    state.ctx.expand_kernel = kernel_expand if executor in ("auto", "triton") else None
+    if executor == "triton" or (executor == "auto" and AUTO_USES_KERNELS and torch.cuda.is_available()):
+        kernels()  # imported now, in eager code: not first inside a torch.compile trace
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:

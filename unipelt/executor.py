@@ -5,7 +5,16 @@ prefix gate; an adapter and its gate — starts with a matrix product of x. The 
 does all of them in one skinny product z = x·[A_q | A_v | w_g1 | w_g2 | ...]ᵀ per forward
 (and so one accumulated dX in backward), evaluates each gate once, and hands every member its
 columns of z. The per-branch path (each branch's own ``forward``) stays the reference; the
-Triton kernels will be another executor behind the same two calls (``shrunk`` and ``gate``).
+Triton kernels (:class:`TritonExecutor`, ``unipelt_kernels.lora_group``) are another executor
+behind the same two calls (``shrunk`` and ``gate``) plus the expand into the base output
+(:func:`kernel_expand`, called by ``runtime.accumulate``).
+
+Selection (``executor`` in the spec, else the ``UNIPELT_EXECUTOR`` variable, else ``auto``):
+``reference`` | ``grouped`` | ``triton`` (the kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``;
+float32/bfloat16/float16) | ``auto`` = the kernels on CUDA where they fit when
+:data:`AUTO_USES_KERNELS` is on (off for now: see its comment), else the grouped PyTorch
+executor. Decided when the plan is refreshed, from the group's weights; the compile report gives
+each group's executor and the reason (:meth:`TritonExecutor.describe`).
 
 A member joins when its module offers the group protocol (:class:`unipelt.types.Shrinkable`,
 :class:`unipelt.types.GroupGate`) and its ``shrink_params()`` is not None (LoRA with dropout > 0
@@ -13,14 +22,18 @@ reads a dropped-out x of its own, so it computes alone).
 """
 from __future__ import annotations
 
+import os
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from unipelt.plan import FusionGroup
 from unipelt.runtime import Entry, ForwardContext, pool_gate
+from unipelt.spec import EXECUTOR_CHOICES
 
-EXECUTORS = ("grouped", "reference")
+EXECUTORS = EXECUTOR_CHOICES  # auto | grouped | reference | triton
+ENV_VAR = "UNIPELT_EXECUTOR"
 
 
 class GroupExecutor:
@@ -46,7 +59,7 @@ class GroupExecutor:
         ]
         self._live_gates = [k for k, g in self.gate_modules.items() if callable(getattr(g, "logit_params", None))]
         self.on = (
-            executor == "grouped" and self.adapter in active
+            executor != "reference" and self.adapter in active
             and len(self._live_branches) + len(self._live_gates) >= 2
         )
         self._cols = {}
@@ -112,3 +125,238 @@ class GroupExecutor:
         pooled = pool_gate(g, self._joint, ctx, key=id(self))
         ctx.group_out[key] = (x, pooled)
         return pooled
+
+
+# ------------------------------------------------------------------------------------------
+# the Triton executor
+# ------------------------------------------------------------------------------------------
+_KERNELS: object = None  # the unipelt_kernels.lora_group module, or the reason it is missing
+
+
+def kernels():
+    """``unipelt_kernels.lora_group`` (imported on first use: triton is an optional extra), or a
+    string saying why it cannot be imported."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from unipelt_kernels import lora_group
+            _KERNELS = lora_group
+        except Exception as e:  # ImportError, or triton failing to find a driver
+            _KERNELS = f"the Triton kernels cannot be imported ({type(e).__name__}: {e})"
+    return _KERNELS
+
+
+# Whether ``auto`` picks the kernels on CUDA. Off: on the H200 (benchmarks/RESULTS.md, "Kernels")
+# a group's forward + backward ran in less GPU time on the kernels (0.39 vs 0.50 ms at 8,192 x
+# 4096, r 16, two branches) but took longer in eager mode (2.9 vs 1.7 ms), which that host's
+# Python and launch work bounds; until the kernels win there too, ``auto`` keeps the grouped
+# executor and ``triton`` is the way to run them.
+AUTO_USES_KERNELS = False
+
+
+def kernel_reason(mode: str, x: Tensor) -> str | None:
+    """None when ``mode`` runs the kernels on ``x``, else why not. ``auto`` takes them on CUDA only
+    (the CPU interpreter is for tests) and only with AUTO_USES_KERNELS; ``triton`` requested on a
+    tensor the kernels cannot take is an error, not a silent fallback."""
+    if mode not in ("auto", "triton"):
+        return f"executor {mode!r}"
+    if mode == "auto" and x.device.type != "cuda":
+        return f"executor 'auto' runs the kernels on CUDA only (tensors on {x.device.type})"
+    if mode == "auto" and not AUTO_USES_KERNELS:
+        return ("executor 'auto' keeps the grouped executor on CUDA: the kernels measured slower than it in "
+                "eager mode (benchmarks/RESULTS.md, Kernels); choose 'triton' to run them")
+    k = kernels()
+    why = k if isinstance(k, str) else k.fits(x)
+    if why is not None and mode == "triton":
+        raise RuntimeError(f"executor 'triton' was chosen but cannot run: {why}; choose 'auto' or 'grouped'")
+    return why
+
+
+def _dropout_p(branch: nn.Module) -> float | None:
+    """The input-dropout rate of a LoRA-style branch (``dropout`` an nn.Dropout before ``lora_A``),
+    which the kernels apply inside the shrink; None for a branch without one."""
+    d = getattr(branch, "dropout", None)
+    if isinstance(d, nn.Dropout) and isinstance(getattr(branch, "lora_A", None), nn.Parameter):
+        return float(d.p)
+    return None
+
+
+class TritonExecutor(GroupExecutor):
+    """A group run by the fused kernels: one launch for x·[A_1 | … | A_k | W_g]ᵀ with the gates'
+    sigmoid in its epilogue and LoRA's input dropout inside (so a dropout branch joins the group,
+    as it cannot on the grouped executor). Whether the kernels run is decided at refresh from
+    the group's weights (``kernel_reason``); where they do not, this is exactly the grouped
+    :class:`GroupExecutor`. A call whose x no longer fits (the model moved after compiling)
+    computes the same columns in PyTorch (:meth:`_z_torch`)."""
+
+    mode: str = "grouped"
+    kernel: bool = False
+    reason: str = "not refreshed"
+
+    def refresh(self, active: set[str], executor: str) -> None:
+        self.mode = executor
+        super().refresh(active, executor)
+        weights = [e.branch.lora_A for e in self.branches if _dropout_p(e.branch) is not None]
+        weights += [w for w in self._weights_grouped()]
+        self.kernel, self.reason = False, "no live readers"
+        if weights:
+            why = kernel_reason(executor, weights[0])
+            self.kernel, self.reason = why is None, (why or f"executor {executor!r}: the kernels fit")
+        self._drop = []
+        self._act_start = self._gate_end
+        if not self.kernel:
+            return
+        # dropout branches join (their masks are drawn in the kernel); gates that are exactly
+        # sigmoid-then-pool are activated in the epilogue, so they go last
+        self._drop = [e for e in self.branches if not e.merged and e not in self._cols and _dropout_p(e.branch) is not None]
+        live = self._drop + self._live_branches
+        self._live_gates.sort(key=lambda k: getattr(self.gate_modules[k], "joint_pooling", None) is not None)
+        self.on = self.adapter in active and len(live) + len(self._live_gates) >= 2
+        self._cols, at = {}, 0
+        for e in live:
+            n = e.branch.lora_A.shape[0] if e in self._drop else e.branch.shrink_params()[0].shape[0]
+            self._cols[e] = (at, at + n)
+            at += n
+        self._gate_start = at
+        self._act_start = None
+        for k in self._live_gates:
+            if self._act_start is None and getattr(self.gate_modules[k], "joint_pooling", None) is not None:
+                self._act_start = at
+            n = self.gate_modules[k].logit_params()[0].shape[0]
+            self._cols[k] = (at, at + n)
+            at += n
+        self._gate_end = at
+        if self._act_start is None:
+            self._act_start = at
+
+    def _weights_grouped(self) -> list[Tensor]:
+        return ([e.branch.shrink_params()[0] for e in self._live_branches]
+                + [self.gate_modules[k].logit_params()[0] for k in self._live_gates])
+
+    def _weights(self) -> list[Tensor]:
+        return [e.branch.lora_A for e in self._drop] + self._weights_grouped()
+
+    def _z(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        if not self.kernel:
+            return super()._z(x, ctx)
+        cached = ctx.group_out.get(self.key)
+        if cached is not None and cached[0] is x:
+            return cached[1]
+        if kernel_reason(self.mode, x) is not None:
+            z = self._z_torch(x)
+        else:
+            k = kernels()
+            segments = [(e.branch.lora_A.shape[0], _dropout_p(e.branch) if e.branch.training else 0.0) for e in self._drop]
+            seed = k.new_seed(x.device) if any(p > 0 for _, p in segments) else None
+            rest = self._gate_end - sum(w for w, _ in segments)
+            if rest:
+                segments.append((rest, 0.0))
+            z = k.lora_shrink(x, torch.cat(self._weights(), 0), self._act_bias(), self._act_start, segments, seed)
+        ctx.group_out[self.key] = (x, z)
+        return z
+
+    def _act_bias(self) -> Tensor | None:
+        act = [self.gate_modules[k].logit_params()[1] for k in self._live_gates if self._cols[k][0] >= self._act_start]
+        return torch.cat(act) if act else None
+
+    def _z_torch(self, x: Tensor) -> Tensor:
+        """The kernel's columns in PyTorch: the dropout members' from their own dropped-out x, the
+        activated gates' through their sigmoid."""
+        parts = [F.linear(e.branch.dropout(x), e.branch.lora_A.to(x.dtype)) for e in self._drop]
+        rest = self._weights_grouped()
+        if rest:
+            parts.append(F.linear(x, torch.cat(rest, 0).to(x.dtype)))
+        z = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+        bias = self._act_bias()
+        if bias is not None:
+            z = torch.cat([z[..., :self._act_start], torch.sigmoid(z[..., self._act_start:] + bias.to(z.dtype))], -1)
+        return z
+
+    def gate(self, gate_key: str, x: Tensor, ctx: ForwardContext) -> Tensor:
+        if not self.kernel:
+            return super().gate(gate_key, x, ctx)
+        cols = self._cols.get(gate_key)
+        module = self.gate_modules[gate_key]
+        if cols is None:
+            return module(x, ctx)
+        a, b = cols
+        if a < self._act_start:  # a gate of its own kind: raw logits, its own activation
+            return module.activate(self._z(x, ctx)[..., a:b], ctx)
+        if self._joint is None:
+            g = self._z(x, ctx)[..., a:b]
+            if g.dim() == 2:
+                g = g.unsqueeze(1)
+            return pool_gate(g, module.joint_pooling, ctx, key=id(module))
+        g0 = self._act_start
+        return self._pooled(x, ctx)[..., a - g0:b - g0]
+
+    def _pooled(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        if not self.kernel:
+            return super()._pooled(x, ctx)
+        key = self.key + "/gates"
+        cached = ctx.group_out.get(key)
+        if cached is not None and cached[0] is x:
+            return cached[1]
+        g = self._z(x, ctx)[..., self._act_start:self._gate_end]  # already sigmoid(logits + b)
+        if g.dim() == 2:
+            g = g.unsqueeze(1)
+        pooled = pool_gate(g, self._joint, ctx, key=id(self))
+        ctx.group_out[key] = (x, pooled)
+        return pooled
+
+    def describe(self) -> tuple[str, str]:
+        """(executor, reason) of this group as refreshed: for the compile report."""
+        if not self.on:
+            return "reference", "computed alone (fewer than two live readers, or the reference executor)"
+        if self.kernel:
+            return "triton", self.reason
+        return "grouped", self.reason
+
+
+def kernel_expand(e: Entry, out: Tensor, u: Tensor, g: Tensor | None, ctx: ForwardContext) -> Tensor | None:
+    """``out + expand(u, g)`` by an expand kernel (one pass over the base output, the gate and
+    scale applied inside): LoRA's (``lora_group.lora_expand``) and a bottleneck adapter's
+    (``bottleneck.bottleneck_up``); None where the kernels do not run (the caller's PyTorch path)."""
+    b = e.branch
+    if out.dim() < 2 or kernel_reason(ctx.executor, out) is not None:
+        return None
+    B = getattr(b, "lora_B", None)
+    if isinstance(B, nn.Parameter):
+        if g is None:
+            coef, scale = None, b.scale
+        elif b.gate_scale == "replace":
+            coef, scale = g, 1.0
+        else:
+            coef, scale = g, b.scale
+        return kernels().lora_expand(out, u, B, coef, scale)
+    act = _bottleneck_activation(b)
+    if act is not None:
+        from unipelt_kernels.bottleneck import bottleneck_up
+
+        return bottleneck_up(out, u, b.down.bias, b.up.weight, b.up.bias, g, b.scale, act)
+    return None
+
+
+def _bottleneck_activation(b: nn.Module) -> str | None:
+    """The activation name of a bottleneck adapter branch the kernel takes (fixed scale, biased
+    down and up projections, a known activation), else None (the reference path)."""
+    up, down, act = getattr(b, "up", None), getattr(b, "down", None), getattr(b, "act", None)
+    if not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear) or up.bias is None or down.bias is None:
+        return None
+    if not isinstance(getattr(b, "scale", None), (int, float)):  # a learned scale: its gradient stays in PyTorch
+        return None
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else None
+    return {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Identity: "identity"}.get(type(act))
+
+
+def resolve_executor(spec_executor: str | None) -> str:
+    """The executor a compile uses: the spec's field, else ``UNIPELT_EXECUTOR``, else ``auto``."""
+    if spec_executor is not None:
+        return spec_executor
+    env = os.environ.get(ENV_VAR)
+    if env is None or env == "":
+        return "auto"
+    if env not in EXECUTORS:
+        raise ValueError(f"{ENV_VAR}={env!r}: expected one of {', '.join(EXECUTORS)}")
+    return env

@@ -5,6 +5,7 @@ import re
 from collections import defaultdict
 
 from unipelt.handle import AdapterHandle
+from unipelt.state import get_state
 
 
 def _layers_text(layers: list[int]) -> str:
@@ -66,8 +67,21 @@ def report_dict(handle: AdapterHandle, base_params: int | None = None) -> dict:
         "combine": {k: v for k, v in graph.combine.items() if v != "parallel"},
         "parameters": summary.to_dict(),
         "budget": budget,
-        "fusion_groups": [fg.to_dict() for fg in graph.fusion_groups],
+        "executor": getattr(get_state(handle.model), "executor", None),
+        "fusion_groups": [dict(fg.to_dict(), **_executor_of(handle, fg)) for fg in graph.fusion_groups],
     }
+
+
+def _executor_of(handle: AdapterHandle, fg) -> dict:
+    """The executor running this group (triton, grouped or reference) and why (plan data, as
+    refreshed: attach, switch, merge and set_executor decide it, not a forward)."""
+    state = get_state(handle.model)
+    ex = state.ctx.groups.get(f"{handle.name}/{fg.key}") if state is not None else None
+    describe = getattr(ex, "describe", None)
+    if describe is None:
+        return {"executor": "reference" if ex is None or not ex.on else "grouped", "reason": ""}
+    name, why = describe()
+    return {"executor": name, "reason": why}
 
 
 def report_text(handle: AdapterHandle, base_params: int | None = None) -> str:
@@ -102,15 +116,15 @@ def report_text(handle: AdapterHandle, base_params: int | None = None) -> str:
     else:
         b = r["budget"]
         out.append(f"budget        {b['used']:,} / {b['limit']:,} ({b['count']}): {'OK' if b['ok'] else 'EXCEEDED'}")
-    out += ["", "fusion groups (branches and gates reading one tensor: one launch each)"]
+    out += ["", f"fusion groups (branches and gates reading one tensor: one launch each; executor {r['executor']})"]
     if not r["fusion_groups"]:
         out.append("  none (no tensor is read by more than one branch)")
     # groups of the same shape on several layers print as one line
     by_shape: dict[tuple, list] = defaultdict(list)
     for g in r["fusion_groups"]:
-        by_shape[(g["tensor"], tuple(x["label"] for x in g["readers"]))].append(g["layer"])
-    for (tensor, readers), layers in by_shape.items():
+        by_shape[(g["tensor"], tuple(x["label"] for x in g["readers"]), g["executor"], g["reason"])].append(g["layer"])
+    for (tensor, readers, ex, why), layers in by_shape.items():
         nums = sorted(l for l in layers if l is not None)
         where = f"layers {_layers_text(nums)}" if nums else "global"
-        out.append(f"  {tensor} ({where}): " + " | ".join(readers))
+        out.append(f"  {tensor} ({where}): " + " | ".join(readers) + f"  -> {ex}" + (f" ({why})" if why else ""))
     return "\n".join(out)

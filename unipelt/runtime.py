@@ -54,7 +54,9 @@ class ForwardContext:
     group_out: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # the prompt-style entries of active adapters (decided at refresh, not per call)
     embed_live: list = field(default_factory=list)
-    executor: str = "grouped"  # mirrored from the state at refresh
+    executor: str = "grouped"  # mirrored from the state at refresh: auto | grouped | reference | triton
+    # executor.kernel_expand where the executor may run the Triton kernels (auto, triton), else None
+    expand_kernel: Any = None
     # masked-mean pooling weights (mask / real-token count) of this forward, (B, T, 1)
     mean_weights: Tensor | None = None
 
@@ -175,9 +177,9 @@ def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | No
 
 
 def _shrunk(e: Entry, src: Tensor, ctx: ForwardContext) -> Tensor | None:
-    """u = src·Wᵀ of a Shrinkable branch under the grouped executor (from its group, or alone:
+    """u = src·Wᵀ of a Shrinkable branch under the group executors (from its group, or alone:
     the same protocol, so the gate or scale multiplies the narrow u); None on the reference path."""
-    if ctx.executor != "grouped":
+    if ctx.executor == "reference":
         return None
     grp = e.group
     if grp is not None and grp.on and grp.has(e):
@@ -206,16 +208,20 @@ def accumulate(e: Entry, src: Tensor, out: Tensor, ctx: ForwardContext, base: Te
     """``out + delta`` of branch ``e``; a branch with ``expand_into`` (LoRA) accumulates into
     ``out`` inside its last matrix product (addmm: one pass less over the output)."""
     into = getattr(e.branch, "expand_into", None)
-    if into is not None:
+    kx = ctx.expand_kernel  # the Triton executor's expand into out (executor.kernel_expand)
+    if into is not None or kx is not None:
         g = gate_value(e, src, ctx)
         u = _shrunk(e, src, ctx)
-        if getattr(e.branch, "reads_base", False):
+        if getattr(e.branch, "reads_base", False):  # DoRA: its own expansion, never a kernel's
             if u is not None:
-                return into(out, u, g, base=base)
+                return into(out, u, g, base=base) if into is not None else out + e.branch.expand(u, g, base=base)
             return out + e.branch(src, gate=g, base=base)
-        if u is not None:
-            return into(out, u, g)
-        return out + e.branch(src, gate=g)
+        if u is None:
+            return out + e.branch(src, gate=g)
+        y = kx(e, out, u, g, ctx) if kx is not None else None
+        if y is not None:
+            return y
+        return into(out, u, g) if into is not None else out + e.branch.expand(u, g)
     return out + branch_delta(e, src, ctx, base)
 
 

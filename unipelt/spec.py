@@ -19,6 +19,7 @@ Format (YAML or JSON)::
     combine:                      # optional, per hook point when several modules share it
       ffn.out: {mode: sequential, order: [a1, a2]}
     budget: {max_params: 2000000} # or {fraction: 0.01}; count: kept | training
+    executor: auto                # optional: auto | grouped | reference | triton (unipelt.executor)
 """
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ from unipelt.errors import SpecError, excerpt
 from unipelt.registry import Registry, build_config, get_registry
 
 FORMAT_VERSION = 1
-TOP_KEYS = ("version", "name", "description", "modules", "gates", "combine", "budget")
+TOP_KEYS = ("version", "name", "description", "modules", "gates", "combine", "budget", "executor")
+# how branch groups run (unipelt.executor.EXECUTORS; kept here so the spec module imports no torch)
+EXECUTOR_CHOICES = ("auto", "grouped", "reference", "triton")
 NODE_KEYS = ("method", "site", "sites", "layers", "gate", "lr_scale")
 # names become parameter keys, file keys and report rows: short, and safe in all three
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
@@ -208,6 +211,7 @@ class Spec:
     gates: dict[str, GateSpec] = field(default_factory=dict)
     combine: dict[str, CombineSpec] = field(default_factory=dict)
     budget: BudgetSpec | None = None
+    executor: str | None = None  # None: the UNIPELT_EXECUTOR variable, else auto
     version: int = FORMAT_VERSION
     name: str | None = None
     description: str | None = None
@@ -778,8 +782,11 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     for k in ("name", "description"):
         if k in data and not isinstance(data[k], str):
             raise SpecError("expected a string", source=source, path=k)
+    executor = data.get("executor")
+    if executor is not None and executor not in EXECUTOR_CHOICES:
+        raise SpecError(f"expected one of {', '.join(EXECUTOR_CHOICES)}, got {excerpt(executor)}", source=source, path="executor")
     return Spec(
-        modules=modules, gates=gates, combine=combine, budget=budget, version=version,
+        modules=modules, gates=gates, combine=combine, budget=budget, executor=executor, version=version,
         name=data.get("name"), description=data.get("description"), source=source, raw=data,
     )
 

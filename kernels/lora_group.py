@@ -1,0 +1,664 @@
+"""Fused Triton kernels for one LoRA fusion group (PERFORMANCE.md, "Where the speed comes from").
+
+Shrink: z = dropout_s(x)·[A_1 | … | A_k | W_g]ᵀ for every reader of one tensor x, in one launch,
+with the gates' sigmoid(z + b) in the epilogue. Columns come in *segments*: each dropout branch
+is a segment of its own (its mask differs), all dropout-free columns share one; a program computes
+one tile of one segment over the whole of K, so x is read once per segment tile (once in all for a
+group without dropout and with at most ``MAX_BLOCK_N`` columns).
+
+Expand: y = out + s·(g ⊙ u)·Bᵀ in one pass over the base output (read ``out``, write ``y``: the
+addmm of the reference, with the gate and scale applied to the r-wide u inside the kernel).
+
+Backward saves only tokens × r tensors (u, z), never B·A: the expand backward reads dY once for
+both dU (= dY·B, reduced over D in registers) and dB (= vᵀ·dY, accumulated across row blocks with
+fp32 atomics); the shrink backward produces ONE dX = Σ_seg mask_seg ⊙ (dz_seg·W_seg)/(1-p) and
+dW = dzᵀ·dropout(x), regenerating each dropout mask from the seed (``tl.rand(seed + segment,
+row·K + col)``), never storing it.
+
+Three layers (STYLE.md 12): private ``@triton.jit`` kernels, launchers that check shapes and set
+the grid, and custom ops (``torch.library.custom_op`` + ``register_autograd``) exported as plain
+functions, so ``torch.compile(fullgraph=True)`` captures them as opaque nodes. The pure-PyTorch
+reference is :func:`reference_shrink` / :func:`reference_expand` here and ``unipelt.executor.
+GroupExecutor`` in the engine.
+
+Under ``TRITON_INTERPRET=1`` (CPU): bf16 is upcast right after ``tl.load`` (the interpreter has no
+bf16 arithmetic) and fixed block sizes replace tuning (docs/ENVIRONMENT.md).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_BLOCK_N = 256  # widest shrink tile: wider segments are split into tiles (x read once per tile)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# How the backward products run, for benchmarking the alternatives on a GPU (benchmarks/kernels.py):
+# ``fused``: the kernels above (dY read once for dU and dB; dX and dW with the dropout masks
+# regenerated); ``gemm``: the same products as cuBLAS matrix products where no mask is involved
+# (dY read twice; a dropout segment still goes through the kernels).
+BWD_MODE = os.environ.get("UNIPELT_KERNEL_BWD", "fused")
+
+
+# ------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _keep(seed, seg, rows, cols, K, p):
+    # the dropout mask of one segment, regenerated identically in forward and backward
+    r = tl.rand(seed + seg, rows[:, None] * K + cols[None, :])
+    return r >= p
+
+
+@triton.jit
+def _shrink_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, z_ptr, tiles_ptr, p_ptr, seed_ptr,
+    M, K, N, act_start, stride_xm, stride_wn, stride_zm,
+    HAS_DROP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    t = tl.program_id(1)
+    c0 = tl.load(tiles_ptr + 3 * t)
+    nc = tl.load(tiles_ptr + 3 * t + 1)
+    seg = tl.load(tiles_ptr + 3 * t + 2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    cols = c0 + rn
+    row_ok = rows < M
+    col_ok = rn < nc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    p = 0.0
+    seed = 0
+    if HAS_DROP:
+        p = tl.load(p_ptr + seg)
+        seed = tl.load(seed_ptr)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if HAS_DROP:
+            if p > 0.0:
+                keep = _keep(seed, seg, rows, kk, K, p)
+                x = tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - p)), 0.0).to(w.dtype)
+        acc += tl.dot(x, w, input_precision=PRECISION)
+    # epilogue: the gates' bias and sigmoid (columns from act_start on)
+    act = cols >= act_start
+    b = tl.load(b_ptr + (cols - act_start), mask=act & col_ok, other=0.0).to(tl.float32)
+    acc = tl.where(act[None, :], tl.sigmoid(acc + b[None, :]), acc)
+    tl.store(z_ptr + rows[:, None] * stride_zm + cols[None, :], acc.to(z_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _shrink_dx_kernel(
+    dz_ptr, w_ptr, dx_ptr, tiles_ptr, p_ptr, seed_ptr,
+    M, K, T, stride_dzm, stride_wn, stride_dxm,
+    HAS_DROP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # ONE dX for every member of the group: the segments' products summed in registers
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    k_ok = kk < K
+    rn = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    seed = 0
+    if HAS_DROP:
+        seed = tl.load(seed_ptr)
+    for t in range(0, T):
+        c0 = tl.load(tiles_ptr + 3 * t)
+        nc = tl.load(tiles_ptr + 3 * t + 1)
+        seg = tl.load(tiles_ptr + 3 * t + 2)
+        cols = c0 + rn
+        col_ok = rn < nc
+        dz = tl.load(dz_ptr + rows[:, None] * stride_dzm + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            dz = dz.to(tl.float32)
+            w = w.to(tl.float32)
+        part = tl.dot(dz, w, input_precision=PRECISION)
+        if HAS_DROP:
+            p = tl.load(p_ptr + seg)
+            if p > 0.0:
+                keep = _keep(seed, seg, rows, kk, K, p)
+                part = tl.where(keep, part * (1.0 / (1.0 - p)), 0.0)
+        acc += part
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + kk[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _shrink_dw_kernel(
+    dz_ptr, x_ptr, dw_ptr, tiles_ptr, p_ptr, seed_ptr,
+    M, K, rows_per_split, stride_dzm, stride_xm, stride_dwn,
+    HAS_DROP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # dW_tile = dz_tileᵀ · dropout(x) over a share of the rows, added into an fp32 buffer
+    t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split = tl.program_id(2)
+    c0 = tl.load(tiles_ptr + 3 * t)
+    nc = tl.load(tiles_ptr + 3 * t + 1)
+    seg = tl.load(tiles_ptr + 3 * t + 2)
+    rn = tl.arange(0, BLOCK_N)
+    cols = c0 + rn
+    col_ok = rn < nc
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = kk < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    p = 0.0
+    seed = 0
+    if HAS_DROP:
+        p = tl.load(p_ptr + seg)
+        seed = tl.load(seed_ptr)
+    start = split * rows_per_split
+    for m0 in range(start, start + rows_per_split, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = (rows < M) & (rows < start + rows_per_split)
+        dz = tl.load(dz_ptr + rows[None, :] * stride_dzm + cols[:, None], mask=col_ok[:, None] & row_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            dz = dz.to(tl.float32)
+            x = x.to(tl.float32)
+        if HAS_DROP:
+            if p > 0.0:
+                keep = _keep(seed, seg, rows, kk, K, p)
+                x = tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - p)), 0.0).to(dz.dtype)
+        acc += tl.dot(dz, x, input_precision=PRECISION)
+    tl.atomic_add(dw_ptr + cols[:, None] * stride_dwn + kk[None, :], acc, mask=col_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _expand_fwd_kernel(
+    out_ptr, u_ptr, b_ptr, c_ptr, y_ptr,
+    M, D, R, scale, stride_om, stride_um, stride_bd, stride_ym,
+    HAS_COEF: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rr = tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    d_ok = dd < D
+    r_ok = rr < R
+    u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+    v = u * scale
+    if HAS_COEF:
+        c = tl.load(c_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        v = v * c[:, None]
+    bt = tl.load(b_ptr + dd[None, :] * stride_bd + rr[:, None], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        bt = bt.to(tl.float32)
+    else:
+        v = v.to(bt.dtype)
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    acc = tl.load(out_ptr + rows[:, None] * stride_om + dd[None, :], mask=o_mask, other=0.0).to(tl.float32)
+    acc += tl.dot(v, bt, input_precision=PRECISION)
+    tl.store(y_ptr + rows[:, None] * stride_ym + dd[None, :], acc.to(y_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _expand_bwd_kernel(
+    dy_ptr, u_ptr, b_ptr, c_ptr, dh_ptr, db_ptr,
+    M, D, R, scale, d_per_split, stride_dym, stride_um, stride_bd, stride_dhm, stride_dbd,
+    HAS_COEF: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # one read of dY for both products: dh = dY·B (this program's share of D, added into an fp32
+    # buffer) and dB += vᵀ·dY with v = s·c ⊙ u (added across row blocks)
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    r_ok = rr < R
+    u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+    v = u * scale
+    if HAS_COEF:
+        c = tl.load(c_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        v = v * c[:, None]
+    vt = tl.trans(v)
+    dh = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    d_start = split * d_per_split
+    for d0 in range(d_start, d_start + d_per_split, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = (dd < D) & (dd < d_start + d_per_split)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + dd[:, None] * stride_bd + rr[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            b = b.to(tl.float32)
+            vt_d = vt
+        else:
+            vt_d = vt.to(dy.dtype)
+        dh += tl.dot(dy, b, input_precision=PRECISION)
+        db = tl.dot(vt_d, dy, input_precision=PRECISION)  # (R, D-block)
+        tl.atomic_add(db_ptr + dd[None, :] * stride_dbd + rr[:, None], db, mask=r_ok[:, None] & d_ok[None, :])
+    tl.atomic_add(dh_ptr + rows[:, None] * stride_dhm + rr[None, :], dh, mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _mask_kernel(seed_ptr, out_ptr, M, K, seg, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep(tl.load(seed_ptr), seg, rows, kk, K, p)
+    tl.store(out_ptr + rows[:, None] * K + kk[None, :], keep.to(tl.int8), mask=(rows < M)[:, None] & (kk < K)[None, :])
+
+
+# ------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Blocks:
+    m: int
+    k: int
+    warps: int
+    stages: int = 3
+
+
+# fixed configurations per kernel (no autotune: it needs a GPU driver, and the interpreter costs
+# ~1 ms per program instance, so it gets big blocks); chosen on the H200 by benchmarks/kernels.py
+# --sweep (RESULTS.md)
+CONFIGS: dict[str, _Blocks] = {
+    # the blocks whose GPU time was profiled on the H200 (benchmarks/RESULTS.md, Kernels: 8,192 x
+    # 4096, r 16, two branches and gates, bf16: shrink 34 us, dX 31 us, dW 41 us, expand 35 us,
+    # expand backward 62 us). benchmarks/kernels.py --sweep's timings of other blocks were bound by
+    # that host's launch work (every candidate 0.05-0.18 ms), so they chose nothing and are not used.
+    "shrink": _Blocks(32, 64, 4), "dx": _Blocks(64, 64, 4), "dw": _Blocks(64, 64, 4),
+    "expand": _Blocks(64, 128, 4), "expand_bwd": _Blocks(64, 64, 4),
+}
+
+
+def _blocks(kind: str) -> _Blocks:
+    if INTERPRET:
+        return _Blocks(m=64, k=64, warps=4)
+    return CONFIGS[kind]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products as the reference's (TF32 off by default in torch)
+    return "ieee" if dtype == torch.float32 or INTERPRET else "tf32"
+
+
+_TILE_CACHE: dict[tuple, tuple[Tensor, Tensor, int]] = {}
+
+
+def _tiles(seg_widths: list[int], seg_p: list[float], device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """The tile table (col start, width, segment) for the segments, and the segments' p; cached
+    per device (the executor's segments do not change between calls)."""
+    key = (tuple(seg_widths), tuple(seg_p), str(device))
+    hit = _TILE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    block_n = min(MAX_BLOCK_N, max(16, triton.next_power_of_2(max(seg_widths))))
+    rows, at = [], 0
+    for s, w in enumerate(seg_widths):
+        for c in range(0, w, block_n):
+            rows.append((at + c, min(block_n, w - c), s))
+        at += w
+    tiles = torch.tensor(rows, dtype=torch.int32, device=device)
+    ps = torch.tensor(seg_p, dtype=torch.float32, device=device)
+    _TILE_CACHE[key] = (tiles, ps, block_n)
+    return tiles, ps, block_n
+
+
+def _check_segments(name: str, n: int, seg_widths: list[int], seg_p: list[float]) -> None:
+    if len(seg_widths) != len(seg_p) or sum(seg_widths) != n or any(w < 1 for w in seg_widths):
+        raise ValueError(f"{name}: segments {seg_widths} (p {seg_p}) do not cover the {n} columns of the weight")
+    if any(not 0.0 <= p < 1.0 for p in seg_p):
+        raise ValueError(f"{name}: dropout probabilities must lie in [0, 1), got {seg_p}")
+
+
+def _has_drop(seg_p: list[float], seed: Tensor | None) -> bool:
+    return seed is not None and any(p > 0 for p in seg_p)
+
+
+def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_widths: list[int],
+                   seg_p: list[float], seed: Tensor | None) -> Tensor:
+    M, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError(f"lora_shrink: x is {tuple(x.shape)} but the weight is {tuple(w.shape)} (needs (N, {K}))")
+    if bias.numel() != N - act_start:
+        raise ValueError(f"lora_shrink: {N - act_start} activated columns but a bias of {bias.numel()}")
+    _check_segments("lora_shrink", N, seg_widths, seg_p)
+    tiles, ps, block_n = _tiles(seg_widths, seg_p, x.device)
+    z = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    bl = _blocks("shrink")
+    has_drop = _has_drop(seg_p, seed)
+    grid = (triton.cdiv(M, bl.m), tiles.shape[0])
+    warps = bl.warps if block_n < 128 or INTERPRET else 8
+    _shrink_fwd_kernel[grid](
+        x, w, bias, z, tiles, ps, seed if has_drop else tiles,
+        M, K, N, act_start, x.stride(0), w.stride(0), z.stride(0),
+        HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
+        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=warps, num_stages=bl.stages,
+    )
+    return z
+
+
+def _launch_shrink_bwd(dzp: Tensor, x: Tensor, w: Tensor, seg_widths: list[int], seg_p: list[float],
+                       seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    M, K = x.shape
+    N = w.shape[0]
+    tiles, ps, block_n = _tiles(seg_widths, seg_p, x.device)
+    has_drop = _has_drop(seg_p, seed)
+    if BWD_MODE == "gemm" and not has_drop:
+        return dzp @ w, (dzp.t() @ x).float()
+    seed_arg = seed if has_drop else tiles
+    prec = _precision(x.dtype)
+    dx = torch.empty_like(x)
+    bl = _blocks("dx")
+    _shrink_dx_kernel[(triton.cdiv(M, bl.m), triton.cdiv(K, bl.k))](
+        dzp, w, dx, tiles, ps, seed_arg, M, K, tiles.shape[0], dzp.stride(0), w.stride(0), dx.stride(0),
+        HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=prec,
+        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps, num_stages=bl.stages,
+    )
+    dw = torch.zeros(N, K, device=x.device, dtype=torch.float32)
+    bl = _blocks("dw")
+    k_blocks = triton.cdiv(K, bl.k)
+    # enough programs to fill the card: split the token rows when tiles × K blocks are few
+    splits = 1 if INTERPRET else max(1, min(triton.cdiv(M, 4 * bl.m), triton.cdiv(528, tiles.shape[0] * k_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), bl.m) * bl.m
+    splits = triton.cdiv(M, rows_per_split)
+    _shrink_dw_kernel[(tiles.shape[0], k_blocks, splits)](
+        dzp, x, dw, tiles, ps, seed_arg, M, K, rows_per_split, dzp.stride(0), x.stride(0), dw.stride(0),
+        HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=prec,
+        BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps if block_n < 128 or INTERPRET else 8,
+        num_stages=bl.stages,
+    )
+    return dx, dw
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _launch_expand(out: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale: float) -> Tensor:
+    M, D = out.shape
+    R = u.shape[1]
+    if u.shape[0] != M or b.shape != (D, R):
+        raise ValueError(f"lora_expand: out {tuple(out.shape)}, u {tuple(u.shape)}, B {tuple(b.shape)} "
+                         f"(needs u (M, r) and B (D, r))")
+    if coef is not None and coef.numel() != M:
+        raise ValueError(f"lora_expand: {M} tokens but {coef.numel()} gate values")
+    y = torch.empty_like(out)
+    bl = _blocks("expand")
+    grid = (triton.cdiv(M, bl.m), triton.cdiv(D, bl.k))
+    _expand_fwd_kernel[grid](
+        out, u, b, coef if coef is not None else u, y, M, D, R, float(scale),
+        out.stride(0), u.stride(0), b.stride(0), y.stride(0),
+        HAS_COEF=coef is not None, UPCAST=INTERPRET, PRECISION=_precision(out.dtype),
+        BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps, num_stages=bl.stages,
+    )
+    return y
+
+
+def _launch_expand_bwd(dy: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    M, D = dy.shape
+    R = u.shape[1]
+    if BWD_MODE == "gemm":
+        v = u.float() * scale
+        if coef is not None:
+            v = v * coef.float()[:, None]
+        return (dy @ b).float(), (dy.t() @ v.to(dy.dtype)).float()
+    dh = torch.zeros(M, R, device=dy.device, dtype=torch.float32)
+    db = torch.zeros(D, R, device=dy.device, dtype=torch.float32)
+    bl = _blocks("expand_bwd")
+    m_blocks = triton.cdiv(M, bl.m)
+    splits = 1 if INTERPRET else max(1, min(triton.cdiv(D, 4 * bl.k), triton.cdiv(264, m_blocks)))
+    d_per_split = triton.cdiv(triton.cdiv(D, splits), bl.k) * bl.k
+    splits = triton.cdiv(D, d_per_split)
+    _expand_bwd_kernel[(m_blocks, splits)](
+        dy, u, b, coef if coef is not None else u, dh, db, M, D, R, float(scale), d_per_split,
+        dy.stride(0), u.stride(0), b.stride(0), dh.stride(0), db.stride(0),
+        HAS_COEF=coef is not None, UPCAST=INTERPRET, PRECISION=_precision(dy.dtype),
+        BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps, num_stages=bl.stages,
+    )
+    return dh, db
+
+
+# ------------------------------------------------------------------------------------------
+# custom ops (opaque to torch.compile) with their autograd
+# ------------------------------------------------------------------------------------------
+@torch.library.custom_op("unipelt::lora_shrink", mutates_args=())
+def _shrink_op(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_widths: list[int],
+               seg_p: list[float], seed: Optional[Tensor]) -> Tensor:
+    return _launch_shrink(x, w, bias, act_start, seg_widths, seg_p, seed)
+
+
+@_shrink_op.register_fake
+def _(x, w, bias, act_start, seg_widths, seg_p, seed):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _shrink_bwd_impl(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
+                     seg_p: list[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    # through the sigmoid of the gate columns (z holds sigmoid there): dz·σ(1-σ)
+    dzf = dz.float()
+    if act_start < z.shape[1]:
+        s = z[:, act_start:].float()
+        dzf = torch.cat([dzf[:, :act_start], dzf[:, act_start:] * s * (1 - s)], 1)
+    db = dzf[:, act_start:].sum(0)
+    dzp = dzf.to(x.dtype).contiguous()
+    dx, dw = _launch_shrink_bwd(dzp, x, w, seg_widths, seg_p, seed)
+    return dx, dw.to(w.dtype), db
+
+
+_shrink_bwd_op = torch.library.custom_op("unipelt::lora_shrink_bwd", mutates_args=())(_shrink_bwd_impl)
+
+
+@_shrink_bwd_op.register_fake
+def _(dz, x, w, z, act_start, seg_widths, seg_p, seed):
+    return torch.empty_like(x), torch.empty_like(w), x.new_empty(w.shape[0] - act_start, dtype=torch.float32)
+
+
+def _shrink_setup(ctx, inputs, output):
+    x, w, bias, act_start, seg_widths, seg_p, seed = inputs
+    ctx.save_for_backward(x, w, output, seed if seed is not None else None)
+    ctx.act_start, ctx.seg_widths, ctx.seg_p = act_start, seg_widths, seg_p
+    ctx.has_seed = seed is not None
+    ctx.bias_dtype = bias.dtype
+
+
+def _shrink_backward(ctx, dz, bwd=_shrink_bwd_op):
+    x, w, z, seed = ctx.saved_tensors
+    dx, dw, db = bwd(dz.contiguous(), x, w, z, ctx.act_start, ctx.seg_widths, ctx.seg_p, seed if ctx.has_seed else None)
+    return dx, dw, db.to(ctx.bias_dtype), None, None, None, None
+
+
+_shrink_op.register_autograd(_shrink_backward, setup_context=_shrink_setup)
+
+
+class _ShrinkFn(torch.autograd.Function):
+    """The same op in eager mode without the custom-op dispatch (tens of microseconds a call on
+    the host, which a layer of small launches cannot hide)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, act_start, seg_widths, seg_p, seed):
+        z = _launch_shrink(x, w, bias, act_start, seg_widths, seg_p, seed)
+        _shrink_setup(ctx, (x, w, bias, act_start, seg_widths, seg_p, seed), z)
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        return _shrink_backward(ctx, dz, bwd=_shrink_bwd_impl)
+
+
+@torch.library.custom_op("unipelt::lora_expand", mutates_args=())
+def _expand_op(out: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor], scale: float) -> Tensor:
+    return _launch_expand(out, u, b, coef, scale)
+
+
+@_expand_op.register_fake
+def _(out, u, b, coef, scale):
+    return torch.empty_like(out)
+
+
+def _expand_bwd_impl(dy: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    return _launch_expand_bwd(dy, u, b, coef, scale)
+
+
+_expand_bwd_op = torch.library.custom_op("unipelt::lora_expand_bwd", mutates_args=())(_expand_bwd_impl)
+
+
+@_expand_bwd_op.register_fake
+def _(dy, u, b, coef, scale):
+    return u.new_empty(u.shape, dtype=torch.float32), b.new_empty(b.shape, dtype=torch.float32)
+
+
+def _expand_setup(ctx, inputs, output):
+    out, u, b, coef, scale = inputs
+    ctx.save_for_backward(u, b, coef)
+    ctx.scale = scale
+    ctx.has_coef = coef is not None
+
+
+def _expand_backward(ctx, dy, bwd=_expand_bwd_op):
+    u, b, coef = ctx.saved_tensors
+    dh, db = bwd(dy.contiguous(), u, b, coef if ctx.has_coef else None, ctx.scale)
+    # dh = dY·B; u's gradient carries s·c, the gate's is s·Σ_r dh ⊙ u (tokens × r work only)
+    du = dh * ctx.scale
+    dcoef = None
+    if ctx.has_coef:
+        dcoef = ((dh * u.float()).sum(1) * ctx.scale).to(coef.dtype)
+        du = du * coef.float()[:, None]
+    return dy, du.to(u.dtype), db.to(b.dtype), dcoef, None
+
+
+_expand_op.register_autograd(_expand_backward, setup_context=_expand_setup)
+
+
+class _ExpandFn(torch.autograd.Function):
+    """The eager twin of ``unipelt::lora_expand`` (see _ShrinkFn)."""
+
+    @staticmethod
+    def forward(ctx, out, u, b, coef, scale):
+        y = _launch_expand(out, u, b, coef, scale)
+        _expand_setup(ctx, (out, u, b, coef, scale), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _expand_backward(ctx, dy, bwd=_expand_bwd_impl)
+
+
+# ------------------------------------------------------------------------------------------
+# the plain functions
+# ------------------------------------------------------------------------------------------
+def lora_shrink(x: Tensor, weight: Tensor, bias: Tensor | None = None, act_start: int | None = None,
+                segments: list[tuple[int, float]] | None = None, seed: Tensor | None = None) -> Tensor:
+    """z = dropout(x)·weightᵀ for a group, (..., K) -> (..., N), with sigmoid(z + bias) on the
+    columns from ``act_start`` on (the gates; ``bias`` has N - act_start values).
+
+    ``segments``: (width, dropout p) per contiguous column range (default: one segment, p 0);
+    dropout applies only when ``seed`` (an int64 tensor of one element on x's device) is given.
+    """
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"lora_shrink: x is {tuple(x.shape)} but the weight is {tuple(weight.shape)} (needs (N, {K}))")
+    N = weight.shape[0]
+    act_start = N if act_start is None else act_start
+    if bias is None:
+        if act_start != N:
+            raise ValueError("lora_shrink: activated columns need a bias")
+        bias = x.new_zeros(0, dtype=torch.float32)
+    segments = segments or [(N, 0.0)]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    # compiled: the custom op (opaque to the graph); eager: the same autograd without its dispatch
+    op = _shrink_op if torch.compiler.is_compiling() else _ShrinkFn.apply
+    z = op(x2, weight.to(x.dtype).contiguous(), bias.contiguous(), act_start,
+           [int(w) for w, _ in segments], [float(p) for _, p in segments], seed)
+    return z.view(*x.shape[:-1], N)
+
+
+def lora_expand(out: Tensor, u: Tensor, b: Tensor, gate: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    """out + scale·(gate ⊙ u)·bᵀ in one pass: out (..., D), u (..., r), b (D, r), gate None or
+    broadcastable to (..., 1) (per token or pooled)."""
+    D, R = b.shape
+    if out.shape[-1] != D or u.shape[-1] != R or u.shape[:-1] != out.shape[:-1]:
+        raise ValueError(f"lora_expand: out {tuple(out.shape)}, u {tuple(u.shape)}, B {tuple(b.shape)} "
+                         f"(needs out (..., D), u (..., r), B (D, r))")
+    out2 = out.reshape(-1, D)
+    if out2.stride(-1) != 1:
+        out2 = out2.contiguous()
+    u2 = u.reshape(-1, R)
+    if u2.stride(-1) != 1:
+        u2 = u2.contiguous()
+    coef = None
+    if gate is not None:
+        coef = gate.expand(*u.shape[:-1], 1).reshape(-1).contiguous()
+    op = _expand_op if torch.compiler.is_compiling() else _ExpandFn.apply
+    y = op(out2, u2, b.to(out.dtype).contiguous(), coef, float(scale))
+    return y.view(out.shape)
+
+
+def dropout_mask(seed: Tensor, segment: int, shape: tuple[int, int], p: float) -> Tensor:
+    """The keep-mask (bool, tokens × K) that the kernels draw for ``segment`` with ``seed``: for
+    tests, which give the reference the same mask."""
+    M, K = shape
+    out = torch.empty(M, K, dtype=torch.int8, device=seed.device)
+    _mask_kernel[(triton.cdiv(M, 64), triton.cdiv(K, 64))](seed, out, M, K, segment, float(p), BLOCK_M=64, BLOCK_K=64)
+    return out.bool()
+
+
+def new_seed(device: torch.device) -> Tensor:
+    """A fresh dropout seed on ``device`` (drawn from torch's generator, so torch.manual_seed
+    makes runs repeatable)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def fits(x: Tensor) -> str | None:
+    """Why the kernels cannot run on ``x``, or None when they can."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} is not one of float32, bfloat16, float16"
+    if x.device.type != "cuda" and not INTERPRET:
+        return f"tensor on {x.device.type}, and Triton runs on CUDA (or on CPU under TRITON_INTERPRET=1)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# the reference (pure PyTorch), for tests and benchmarks
+# ------------------------------------------------------------------------------------------
+def reference_shrink(x: Tensor, weight: Tensor, bias: Tensor | None = None, act_start: int | None = None,
+                     segments: list[tuple[int, float]] | None = None, masks: list[Tensor | None] | None = None) -> Tensor:
+    """What :func:`lora_shrink` computes, given the dropout keep-masks (tokens × K) per segment."""
+    N = weight.shape[0]
+    act_start = N if act_start is None else act_start
+    segments = segments or [(N, 0.0)]
+    x2 = x.reshape(-1, x.shape[-1])
+    parts, at = [], 0
+    for i, (w, p) in enumerate(segments):
+        xi = x2
+        m = masks[i] if masks is not None else None
+        if m is not None and p > 0:
+            xi = x2 * m.to(x2.dtype) / (1 - p)
+        parts.append(xi @ weight[at:at + w].to(x.dtype).t())
+        at += w
+    z = torch.cat(parts, -1)
+    if act_start < N:
+        z = torch.cat([z[:, :act_start], torch.sigmoid(z[:, act_start:] + bias.to(z.dtype))], -1)
+    return z.view(*x.shape[:-1], N)
+
+
+def reference_expand(out: Tensor, u: Tensor, b: Tensor, gate: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    v = u * scale if gate is None else u * (gate * scale)
+    return out + v @ b.to(out.dtype).t()

@@ -1,0 +1,410 @@
+"""The Triton kernels of a LoRA group (unipelt_kernels.lora_group) against their PyTorch reference.
+
+On CPU they run under ``TRITON_INTERPRET=1`` (set by conftest before the kernels are imported):
+small shapes, chosen awkward (token counts not a multiple of the 64-row block, widths not powers
+of two), forward and every gradient, float32 and bfloat16, with the tolerance table below.
+GPU-only tests skip without CUDA.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from unipelt_kernels import lora_group as lg  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (atol, rtol), atol relative to the largest reference value of the compared tensor
+TOL = {
+    # the same products summed in another order (blocks of 64): rounding only
+    torch.float32: (1e-5, 1e-5),
+    # bf16 inputs in both, fp32 accumulation; the kernel rounds its output (and, in backward, the
+    # gate-scaled dz and v) to bf16 once more than the fp32 reference, 2^-8 relative each
+    torch.bfloat16: (1.5e-2, 2e-2),
+}
+
+
+def _close(got, ref, dtype, what):
+    atol, rtol = TOL[dtype]
+    ref = ref.float()
+    scale = ref.detach().abs().max().clamp_min(1e-6)
+    torch.testing.assert_close(got.detach().float(), ref.detach(), atol=atol * float(scale), rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _leaf(t, dtype):
+    return t.to(DEV, dtype).requires_grad_(True)
+
+
+# token count, width K, column segments (width, p), activated gate columns at the end
+SHRINK_CASES = [
+    (37, 50, [(1, 0.0)], 0),                      # r = 1, one branch, no gate
+    (70, 96, [(5, 0.0), (7, 0.0)], 0),            # two branches in one segment
+    (37, 50, [(16 + 5 + 3 + 2, 0.0)], 2),         # four branches' worth of columns and 2 gates
+    (130, 33, [(64, 0.0), (1, 0.0)], 1),          # r = 64 and a gate
+    (37, 50, [(4, 0.25), (6, 0.0), (3, 0.5), (3, 0.0)], 2),  # dropout segments around plain ones
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M,K,segments,n_act", SHRINK_CASES, ids=[f"s{i}" for i in range(len(SHRINK_CASES))])
+def test_shrink_forward_and_gradients_match_reference(M, K, segments, n_act, dtype):
+    g = torch.Generator().manual_seed(M + K)
+    N = sum(w for w, _ in segments)
+    x = _leaf(torch.randn(M, K, generator=g), dtype)
+    w = _leaf(torch.randn(N, K, generator=g) * 0.2, dtype)
+    b = _leaf(torch.randn(n_act, generator=g), dtype) if n_act else None
+    seed = lg.new_seed(x.device) if any(p > 0 for _, p in segments) else None
+    act_start = N - n_act
+    z = lg.lora_shrink(x, w, b, act_start, segments, seed)
+    assert z.shape == (M, N) and z.dtype == dtype
+    masks = [lg.dropout_mask(seed, i, (M, K), p) if p > 0 else None for i, (_, p) in enumerate(segments)]
+    # the reference in float32 from the same (rounded) inputs
+    xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    br = b.detach().float().requires_grad_() if b is not None else None
+    zr = lg.reference_shrink(xr, wr, br, act_start, segments, masks)
+    _close(z, zr, dtype, "z")
+    dz = torch.randn(M, N, generator=g).to(DEV)
+    inputs = [x, w] + ([b] if b is not None else [])
+    refs = [xr, wr] + ([br] if br is not None else [])
+    got = torch.autograd.grad(z, inputs, dz.to(dtype))
+    want = torch.autograd.grad(zr, refs, dz)
+    for name, a, r in zip(["dx", "dw", "db"], got, want):
+        assert a.dtype == dtype
+        _close(a, r, dtype, name)
+
+
+def test_dropout_masks_are_regenerated_not_stored():
+    M, K, p = 64, 80, 0.3
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEV)
+    m0 = lg.dropout_mask(seed, 0, (M, K), p)
+    m1 = lg.dropout_mask(seed, 1, (M, K), p)
+    assert torch.equal(m0, lg.dropout_mask(seed, 0, (M, K), p))  # same seed and segment: same mask
+    assert not torch.equal(m0, m1)  # each dropout branch has its own mask
+    keep = m0.float().mean().item()
+    assert abs(keep - (1 - p)) < 0.03, keep  # 5,120 draws: 3 % is about 5 standard deviations
+    # the kernel saves x, W and z only: the mask is drawn again in backward from the seed
+    x = torch.randn(M, K, device=DEV, requires_grad=True)
+    w = torch.randn(8, K, device=DEV, requires_grad=True)
+    z = lg.lora_shrink(x, w, None, None, [(8, p)], seed)
+    saved = [t for t in z.grad_fn.saved_tensors if t is not None] if hasattr(z.grad_fn, "saved_tensors") else []
+    assert all(t.numel() <= max(x.numel(), w.numel(), z.numel()) and t.dtype != torch.bool for t in saved)
+    # no seed: no dropout (eval mode)
+    z_eval = lg.lora_shrink(x, w, None, None, [(8, p)], None)
+    torch.testing.assert_close(z_eval, x @ w.t(), atol=1e-5, rtol=1e-5)
+
+
+# token count, width D, rank r, gate kind
+EXPAND_CASES = [(37, 45, 1, None), (70, 100, 8, "token"), (37, 45, 64, "pooled"), (130, 33, 5, "token")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M,D,r,gate", EXPAND_CASES, ids=[f"e{i}" for i in range(len(EXPAND_CASES))])
+def test_expand_forward_and_gradients_match_reference(M, D, r, gate, dtype):
+    g = torch.Generator().manual_seed(M * D + r)
+    # (B, T, ...) shaped, as at a hook point: pooled gates broadcast over T
+    B_, T = (1, M) if gate != "pooled" else (M // 37, 37)
+    out = _leaf(torch.randn(B_, T, D, generator=g), dtype)
+    u = _leaf(torch.randn(B_, T, r, generator=g), dtype)
+    Bw = _leaf(torch.randn(D, r, generator=g) * 0.3, dtype)
+    gt = None
+    if gate == "token":
+        gt = _leaf(torch.rand(B_, T, 1, generator=g), dtype)
+    elif gate == "pooled":
+        gt = _leaf(torch.rand(B_, 1, 1, generator=g), dtype)
+    y = lg.lora_expand(out, u, Bw, gt, 1.7)
+    leaves = [t for t in (out, u, Bw, gt) if t is not None]
+    refs = [t.detach().float().requires_grad_() for t in leaves]
+    ro, ru, rB = refs[:3]
+    rg = refs[3] if gt is not None else None
+    yr = lg.reference_expand(ro, ru, rB, rg, 1.7)
+    assert y.shape == out.shape and y.dtype == dtype
+    _close(y, yr, dtype, "y")
+    dy = torch.randn(y.shape, generator=g).to(DEV)
+    got = torch.autograd.grad(y, leaves, dy.to(dtype))
+    want = torch.autograd.grad(yr, refs, dy)
+    for name, a, b in zip(["dout", "du", "dB", "dgate"], got, want):
+        assert a.shape == b.shape
+        _close(a, b, dtype, name)
+
+
+# token count, width d, bottleneck m, activation, gate, dtype
+BOTTLENECK_CASES = [
+    (37, 45, 3, "relu", None, torch.float32), (70, 100, 20, "gelu", "token", torch.float32),
+    (37, 45, 64, "silu", "pooled", torch.float32), (37, 33, 5, "tanh", "token", torch.float32),
+    (37, 45, 8, "identity", None, torch.float32), (70, 100, 20, "relu", "token", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("M,D,m,act,gate,dtype", BOTTLENECK_CASES, ids=[f"b{i}" for i in range(len(BOTTLENECK_CASES))])
+def test_bottleneck_up_forward_and_gradients_match_reference(M, D, m, act, gate, dtype):
+    from unipelt_kernels import bottleneck as bn
+
+    g = torch.Generator().manual_seed(M + D + m)
+    B_, T = (1, M) if gate != "pooled" else (1, M)
+    out = _leaf(torch.randn(B_, T, D, generator=g), dtype)
+    u = _leaf(torch.randn(B_, T, m, generator=g), dtype)
+    bd = _leaf(torch.randn(m, generator=g) * 0.5, dtype)
+    w = _leaf(torch.randn(D, m, generator=g) * 0.3, dtype)
+    bu = _leaf(torch.randn(D, generator=g) * 0.5, dtype)
+    gt = None
+    if gate == "token":
+        gt = _leaf(torch.rand(B_, T, 1, generator=g), dtype)
+    elif gate == "pooled":
+        gt = _leaf(torch.rand(B_, 1, 1, generator=g), dtype)
+    y = bn.bottleneck_up(out, u, bd, w, bu, gt, 1.3, act)
+    leaves = [t for t in (out, u, bd, w, bu, gt) if t is not None]
+    refs = [t.detach().float().requires_grad_() for t in leaves]
+    yr = bn.reference_up(*refs[:5], refs[5] if gt is not None else None, 1.3, act)
+    _close(y, yr, dtype, "y")
+    dy = torch.randn(y.shape, generator=g).to(DEV)
+    got = torch.autograd.grad(y, leaves, dy.to(dtype))
+    want = torch.autograd.grad(yr, refs, dy)
+    for name, a, b in zip(["dout", "du", "db_down", "dW_up", "db_up", "dgate"], got, want):
+        assert a.shape == b.shape
+        _close(a, b, dtype, name)
+
+
+def test_shape_errors_name_the_operands():
+    x = torch.randn(5, 8, device=DEV)
+    with pytest.raises(ValueError, match="weight"):
+        lg.lora_shrink(x, torch.randn(3, 7, device=DEV))
+    with pytest.raises(ValueError, match="segments"):
+        lg.lora_shrink(x, torch.randn(3, 8, device=DEV), segments=[(2, 0.0)])
+    with pytest.raises(ValueError, match="u"):
+        lg.lora_expand(torch.randn(5, 6, device=DEV), torch.randn(5, 2, device=DEV), torch.randn(6, 3, device=DEV))
+
+
+def test_custom_ops_pass_opcheck():
+    # schema, fake-tensor and autograd registration as torch.compile relies on them
+    x = torch.randn(37, 20, device=DEV, requires_grad=True)
+    w = torch.randn(10, 20, device=DEV, requires_grad=True)
+    b = torch.randn(2, device=DEV, requires_grad=True)
+    torch.library.opcheck(torch.ops.unipelt.lora_shrink.default, (x, w, b, 8, [10], [0.0], None),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out = torch.randn(37, 12, device=DEV, requires_grad=True)
+    u = torch.randn(37, 4, device=DEV, requires_grad=True)
+    Bw = torch.randn(12, 4, device=DEV, requires_grad=True)
+    c = torch.rand(37, device=DEV, requires_grad=True)
+    torch.library.opcheck(torch.ops.unipelt.lora_expand.default, (out, u, Bw, c, 2.0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def _layer(x, base_w, A, Bw, wg, bg, seed):
+    """A gated LoRA layer on the kernels: base + g·B·A·dropout(x), g = sigmoid(x·w_g + b_g)."""
+    z = lg.lora_shrink(x, torch.cat([A, wg]), bg, A.shape[0], [(A.shape[0], 0.2), (wg.shape[0], 0.0)], seed)
+    return lg.lora_expand(x @ base_w.t(), z[..., :A.shape[0]], Bw, z[..., A.shape[0]:], 1.0)
+
+
+def _layer_params(K=24, D=20, r=4):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(*s, generator=g).to(DEV).requires_grad_(i > 0) for i, s in
+            enumerate([(2, 9, K), (D, K), (r, K), (D, r), (1, K), (1,)])]
+
+
+def test_fullgraph_compile_captures_the_kernels():
+    torch._dynamo.reset()
+    x, base_w, A, Bw, wg, bg = _layer_params()
+    seed = torch.tensor([7], dtype=torch.int64, device=DEV)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(_layer, fullgraph=True, backend=counter)
+    eager = _layer(x, base_w, A, Bw, wg, bg, seed)
+    got = compiled(x, base_w, A, Bw, wg, bg, seed)
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+    ge = torch.autograd.grad(eager.square().sum(), [A, Bw, wg, bg])
+    gc = torch.autograd.grad(got.square().sum(), [A, Bw, wg, bg])
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+
+
+def test_gradient_checkpointing_redraws_the_same_dropout():
+    # the seed is drawn from torch's generator inside the checkpointed region; recomputation
+    # restores the RNG state, so backward sees the forward's mask
+    from torch.utils.checkpoint import checkpoint
+
+    x, base_w, A, Bw, wg, bg = _layer_params()
+
+    def f(x):
+        return _layer(x, base_w, A, Bw, wg, bg, lg.new_seed(x.device))
+
+    torch.manual_seed(11)
+    ref = f(x)
+    gref = torch.autograd.grad(ref.square().sum(), [A, Bw, wg])
+    torch.manual_seed(11)
+    out = checkpoint(f, x, use_reentrant=False)
+    torch.testing.assert_close(out, ref)
+    got = torch.autograd.grad(out.square().sum(), [A, Bw, wg])
+    for a, b in zip(got, gref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the kernels run natively there)")
+def test_gpu_bf16_large_group_matches_reference():
+    # real sizes: many row blocks, the dW split over rows and the expand's split over D
+    g = torch.Generator().manual_seed(0)
+    M, K, r = 3000, 1000, 16
+    x = torch.randn(M, K, generator=g).cuda().bfloat16().requires_grad_()
+    w = (torch.randn(2 * r + 1, K, generator=g) * 0.05).cuda().bfloat16().requires_grad_()
+    b = torch.zeros(1, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    z = lg.lora_shrink(x, w, b, 2 * r, None, None)
+    xr, wr, br = (t.detach().float().requires_grad_() for t in (x, w, b))
+    zr = lg.reference_shrink(xr, wr, br, 2 * r)
+    _close(z, zr, torch.bfloat16, "z")
+    dz = torch.randn(M, 2 * r + 1, device="cuda")
+    for name, a, ref in zip(["dx", "dw", "db"], torch.autograd.grad(z, [x, w, b], dz.bfloat16()),
+                            torch.autograd.grad(zr, [xr, wr, br], dz)):
+        _close(a, ref, torch.bfloat16, name)
+    out = torch.randn(M, 1100, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    u = z[:, :r].detach().requires_grad_()
+    Bw = (torch.randn(1100, r, device="cuda") * 0.1).bfloat16().requires_grad_()
+    y = lg.lora_expand(out, u, Bw, None, 2.0)
+    ro, ru, rB = (t.detach().float().requires_grad_() for t in (out, u, Bw))
+    yr = lg.reference_expand(ro, ru, rB, None, 2.0)
+    _close(y, yr, torch.bfloat16, "y")
+    dy = torch.randn_like(yr)
+    for name, a, ref in zip(["dout", "du", "dB"], torch.autograd.grad(y, [out, u, Bw], dy.bfloat16()),
+                            torch.autograd.grad(yr, [ro, ru, rB], dy)):
+        _close(a, ref, torch.bfloat16, name)
+
+
+# ------------------------------------------------------------------------------------------
+# the engine: selection, the compile report, dropout branches in a group
+# ------------------------------------------------------------------------------------------
+def test_executor_selection_spec_env_and_report(monkeypatch):
+    import unipelt
+    from conftest import make_bert
+    from unipelt.compiler import get_state, set_executor
+    from unipelt.errors import SpecError
+    from unipelt.report import report_dict, report_text
+
+    spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": True}}}
+    # default: auto, which on CPU tensors is the grouped executor, and the report says why
+    monkeypatch.delenv("UNIPELT_EXECUTOR", raising=False)
+    model = make_bert()
+    h = unipelt.compile(model, spec)
+    assert get_state(model).executor == "auto"
+    groups = report_dict(h)["fusion_groups"]
+    # (auto keeps the grouped executor on CUDA too while executor.AUTO_USES_KERNELS is off)
+    from unipelt.executor import AUTO_USES_KERNELS
+
+    want = "triton" if DEV == "cuda" and AUTO_USES_KERNELS else "grouped"
+    assert groups and all(g["executor"] == want for g in groups), groups
+    assert ("CUDA only" if DEV == "cpu" else "executor 'auto'") in groups[0]["reason"]
+    set_executor(model, "triton")
+    assert all(g["executor"] == "triton" for g in report_dict(h)["fusion_groups"])
+    assert "-> triton" in report_text(h)
+    set_executor(model, "reference")
+    assert all(g["executor"] == "reference" for g in report_dict(h)["fusion_groups"])
+    # the spec's field, then the environment variable
+    h2 = unipelt.compile(make_bert(), dict(spec, executor="grouped"))
+    assert get_state(h2.model).executor == "grouped"
+    monkeypatch.setenv("UNIPELT_EXECUTOR", "reference")
+    assert get_state(unipelt.compile(make_bert(), spec).model).executor == "reference"
+    monkeypatch.setenv("UNIPELT_EXECUTOR", "fast")
+    with pytest.raises(SpecError, match="UNIPELT_EXECUTOR='fast'"):
+        unipelt.compile(make_bert(), spec)
+    with pytest.raises(SpecError, match="executor: expected one of auto, grouped, reference, triton"):
+        unipelt.compile(make_bert(), dict(spec, executor="cuda"))
+
+
+def test_dropout_lora_joins_the_kernel_group():
+    # grouped: a dropout LoRA computes alone; under the kernels it joins its group (the mask is
+    # drawn inside the shrink), and in eval mode (no dropout) equals the reference
+    import unipelt
+    from conftest import make_batch, make_bert, randomize
+    from unipelt.compiler import get_state, set_executor
+
+    model = make_bert()
+    h = unipelt.compile(model, {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4,
+                                                     "dropout": 0.3, "gate": True}}})
+    randomize(h)
+    groups = get_state(model).ctx.groups.values()
+    set_executor(model, "grouped")
+    assert not any(g.on and g._live_branches for g in groups)
+    set_executor(model, "triton")
+    assert all(g.on and g.kernel and len(g._drop) == 2 for g in groups)
+    batch = make_batch()
+    model.eval()
+    with torch.no_grad():
+        got = model(**batch).logits
+        set_executor(model, "reference")
+        ref = model(**batch).logits
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    # train mode: dropout acts (outputs move) and gradients reach A, B and the gate
+    set_executor(model, "triton")
+    model.train()
+    out = model(**batch).logits
+    assert not torch.allclose(out, ref, atol=1e-4)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in h.parameters())
+
+
+@pytest.mark.parametrize("checkpointing", [{"use_reentrant": False}, {"use_reentrant": True}], ids=["nonreentrant", "reentrant"])
+def test_triton_executor_under_gradient_checkpointing(checkpointing):
+    # a gated LoRA with dropout on the kernels: recomputing a checkpointed layer restores the RNG
+    # state, so the seed (and the mask) drawn in recomputation is the forward's; gradients equal
+    # those without checkpointing from the same generator state
+    import unipelt
+    from conftest import make_batch, make_llama, randomize
+    from unipelt.compiler import set_executor
+
+    model = make_llama().train()
+    h = unipelt.compile(model, {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v", "ffn.up"], "r": 4,
+                                                     "dropout": 0.2, "gate": True}}})
+    randomize(h)
+    set_executor(model, "triton")
+    batch = make_batch()
+
+    def grads(enable: bool) -> list:
+        for p in h.parameters():
+            p.grad = None
+        if enable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        else:
+            model.gradient_checkpointing_disable()
+        torch.manual_seed(5)
+        model(**batch, use_cache=False).logits.square().mean().backward()
+        return [p.grad.clone() for p in h.parameters()]
+
+    plain = grads(False)
+    assert all(g.abs().sum() > 0 for g in plain)
+    for got, want in zip(grads(True), plain):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_triton_executor_compiles_fullgraph():
+    # the engine on the kernels under torch.compile(fullgraph=True): no graph break anywhere
+    # (selection, the group's shrink with the gates, the expand, the adapter's up-projection, the
+    # prefix gate read from the group), eval outputs equal eager. One spec only: compiling costs
+    # ~50 s on the CI machine (a dropout LoRA's seed under compile: test_fullgraph_compile_captures_the_kernels)
+    spec = "specs/unipelt.yaml"
+    import unipelt
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from conftest import make_batch, make_bert, randomize
+    from unipelt.compiler import set_executor
+
+    torch._dynamo.reset()
+    model = make_bert()
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    set_executor(model, "triton")
+    batch = make_batch()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    model.train()
+    compiled(**batch).logits.square().mean().backward()  # training step: the backward ops trace too
+    assert all(p.grad is not None for p in h.parameters())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, atol=2e-5, rtol=1e-5)
+    assert counter.frame_count >= 1
