@@ -69,6 +69,9 @@ class LoraBranch(nn.Module):
     """Delta s·B·A·dropout(x): x (..., d_in) -> (..., d_out)."""
 
     reads = "input"
+    # the delta is exactly scale·B·A·dropout(x): the Triton executor may draw the dropout mask in
+    # its shrink and expand with lora_B (unipelt.executor reads this flag, not the class)
+    kernel_lora = True
 
     def __init__(self, cfg: LoraConfig, in_features: int, out_features: int, base_weight: Tensor | None = None):
         super().__init__()

@@ -175,6 +175,10 @@ def kernel_reason(mode: str, x: Tensor) -> str | None:
 def _dropout_p(branch: nn.Module) -> float | None:
     """The input-dropout rate of a LoRA-style branch (``dropout`` an nn.Dropout before ``lora_A``),
     which the kernels apply inside the shrink; None for a branch without one."""
+    # only a branch that declares its delta is exactly B·A·dropout(x) (``kernel_lora``): AdaLoRA
+    # (A ⊙ E), DoRA (a norm of W0 + sBA) and VeRA also hold a dropout and an A, and mean more
+    if not getattr(branch, "kernel_lora", False):
+        return None
     d = getattr(branch, "dropout", None)
     if isinstance(d, nn.Dropout) and isinstance(getattr(branch, "lora_A", None), nn.Parameter):
         return float(d.p)
@@ -321,7 +325,7 @@ def kernel_expand(e: Entry, out: Tensor, u: Tensor, g: Tensor | None, ctx: Forwa
     if out.dim() < 2 or kernel_reason(ctx.executor, out) is not None:
         return None
     B = getattr(b, "lora_B", None)
-    if isinstance(B, nn.Parameter):
+    if isinstance(B, nn.Parameter) and getattr(b, "kernel_lora", False):
         if g is None:
             coef, scale = None, b.scale
         elif b.gate_scale == "replace":
