@@ -57,6 +57,9 @@ class ForwardContext:
     executor: str = "grouped"  # mirrored from the state at refresh
     # masked-mean pooling weights (mask / real-token count) of this forward, (B, T, 1)
     mean_weights: Tensor | None = None
+    # when a list: every gate evaluation appends (adapter, gate key, detached per-output mean),
+    # for the training controllers (gate pruning) to read once per optimizer step (no sync here)
+    gate_log: list | None = None
 
     def clear(self) -> None:
         """Forget the tensors of the last call."""
@@ -148,11 +151,20 @@ class Entry:
     gate_input: Literal["layer", "site"] = "site"
     layer: int | None = None
     merged: bool = False
+    # switched off by gate pruning (for good: the spec records it) or by AdapterDrop (this step's
+    # or the inference choice of layers): not computed, decided at refresh like ``merged``
+    pruned: bool = False
+    dropped: bool = False
     # the group executors that compute this branch's input projection and this entry's gate
     # (None: computed alone, the reference path)
     group: Any = None
     gate_group: Any = None
     saved: Any = None  # what attaching replaced, for detach (a ``params`` kind's original tensors)
+
+    @property
+    def off(self) -> bool:
+        """Not computed in the forward: pruned or dropped (a merged branch runs inside the weight)."""
+        return self.pruned or self.dropped
 
 
 def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | None:
@@ -171,6 +183,9 @@ def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | No
         gate_id = e.gate_key.rsplit(".", 1)[0] if e.gate_key else e.node
         label = gate_id if gate_id.startswith(e.node + "@") else e.node
         ctx.record.setdefault((e.adapter, label, e.layer if e.layer is not None else -1), []).append(g.detach())
+    if ctx.gate_log is not None:
+        # one small detached reduction, no host sync: the controller reads them all once per step
+        ctx.gate_log.append((e.adapter, e.gate_key, g.detach().float().flatten(0, -2).mean(0)))
     return g
 
 
@@ -231,7 +246,7 @@ class SiteRuntime:
 
     def refresh(self, active: set[str]) -> None:
         """Decide what runs here (called on attach, switch, merge and detach, never per call)."""
-        self.live = [e for e in self.entries if not e.merged and e.adapter in active]
+        self.live = [e for e in self.entries if not e.merged and not e.off and e.adapter in active]
         self.live_mode = self.mode.get(self.live[0].adapter, "parallel") if self.live else "parallel"
 
     live: list[Entry] = []
