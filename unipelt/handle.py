@@ -394,10 +394,26 @@ class AdapterHandle:
                 p.requires_grad_(True)
         return before - sum(p.numel() for p in self._params.values())
 
+    # -- collapse for serving ----------------------------------------------------------------
+    def collapse(self, calibration_batches, *, closed: float = 0.01, spread: float = 0.02,
+                 tolerance: float | None = None, merge: bool = True):
+        """Collapse this gated adapter for serving on calibration data (:mod:`unipelt.collapse`):
+        branches of closed gates pruned, nearly constant gates replaced by their value, the prefix
+        without its MLP, LoRA with a constant gate merged. Returns a
+        :class:`~unipelt.collapse.CollapseReport` (the measured output difference, parameters
+        before and after); beyond ``tolerance`` raises :class:`~unipelt.collapse.CollapseError`
+        and leaves the model as it was. ``save()`` afterwards writes the collapsed adapter."""
+        from unipelt.collapse import collapse
+
+        return collapse(self, calibration_batches, closed=closed, spread=spread, tolerance=tolerance, merge=merge)
+
     # -- merge / detach --------------------------------------------------------------------
     def merge(self) -> dict[str, list[str]]:
         """Fold every mergeable branch into the base weights; returns which were merged and
         which stay live (gated or non-linear branches cannot be merged)."""
+        from unipelt.collapse import constant_delta_weight
+        from unipelt.pruning import ConstantGate
+
         merged, live = [], []
         for bp in self.graph.branches:
             e = self.entries[bp.key]
@@ -406,14 +422,17 @@ class AdapterHandle:
             # An averaged hook point divides the sum of its live branches by their number: folding
             # one branch's full delta into the weight would change that average, so it stays live.
             averaged = self.graph.combine.get(bp.site.key, "parallel") == "average"
+            # a gate collapsed to a constant (unipelt.collapse) folds into the merged weight
             can = (
-                e.gate is None and not averaged and getattr(mod, "mergeable", False)
-                and hasattr(host_module, "merge_delta")
+                (e.gate is None or isinstance(e.gate, ConstantGate)) and not e.off and not averaged
+                and getattr(mod, "mergeable", False) and hasattr(host_module, "merge_delta")
             )
             if e.merged:
                 merged.append(bp.key)
+            elif e.off:
+                continue
             elif can:
-                host_module.merge_delta(mod.delta_weight(), bp.site.out_slice)
+                host_module.merge_delta(constant_delta_weight(e), bp.site.out_slice)
                 e.merged = True
                 merged.append(bp.key)
             else:
@@ -435,7 +454,9 @@ class AdapterHandle:
                 for bp in other.graph.branches:
                     e = other.entries[bp.key]
                     if e.merged and bp.site.path in paths:
-                        self.model.get_submodule(bp.site.path).merge_delta(e.branch.delta_weight(), bp.site.out_slice)
+                        from unipelt.collapse import constant_delta_weight
+
+                        self.model.get_submodule(bp.site.path).merge_delta(constant_delta_weight(e), bp.site.out_slice)
         state.refresh()
 
     def detach(self) -> None:
