@@ -154,11 +154,15 @@ class AdapterDrop:
         if self.spec.random is False:
             return
         rng = random.Random(f"{self.seed}:{step}")
-        if self.spec.random is True:  # the paper's robust training: the first n layers, n uniform in 0..L
-            n = rng.randint(0, len(self.layers))
+        if self.spec.random is True:
+            # the paper's robust training (12 layers, n in 0..11): the first n layers, n uniform in
+            # 0..L-1, so the last layer always trains
+            n = rng.randint(0, len(self.layers) - 1)
             chosen = set(self.layers[:n])
         else:
             chosen = {layer for layer in self.layers if rng.random() < self.spec.random}
+            if self.layers and len(chosen) == len(self.layers):
+                chosen.discard(self.layers[-1])  # a step trains something (else backward has no graph)
         self.dropped_now = sorted(chosen)
         set_dropped(self.handle, chosen)
 

@@ -234,9 +234,10 @@ class DropSpec:
     lowest: instead of ``layers``: the ``lowest`` layers by the gradient-norm ranking
       g_l = ||dL/dTheta_l|| that training accumulates over its first ``rank_steps`` steps; then
       fixed (the spec's ``drop.layers`` records the choice, so the saved adapter loads with it).
-    random: training only. ``true``: each step drops the first n layers (n uniform in 0..L, the
-      paper's robust training); a number p in (0, 1]: each layer independently with probability p.
-      Under torch.compile every distinct choice is one more graph: ``true`` gives L+1 of them.
+    random: training only. ``true``: each step drops the first n layers (n uniform in 0..L-1, the
+      paper's robust training: the last layer always trains); a number p in (0, 1]: each layer
+      independently with probability p (the last layer is kept when every layer was drawn).
+      Under torch.compile every distinct choice is one more graph: ``true`` gives L of them.
     """
 
     layers: LayerSel | None = None
