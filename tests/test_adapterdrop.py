@@ -167,3 +167,28 @@ def test_random_drop_in_training_and_resume(tmp_path):
     b = load_file(str(part / "adapter" / "adapter.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k  # the same per-step choices after resuming
+
+
+def test_random_drop_under_torch_compile_is_one_graph_per_choice():
+    """fullgraph capture sees a static structure per choice: at most L graphs for `random: true`
+    (n in 0..L-1), each equal to the eager forward with the same choice."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = make_llama(layers=3)
+    h = unipelt.compile(model, spec(drop={"layers": [0], "random": True}))
+    randomize(h)
+    (c,) = collect_controllers(h)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    batch = make_batch()
+    for step in range(10):
+        c.before_step(step)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits)
+        c.on_step(step + 1, None)
+    assert 1 < len(graphs) <= 3
+    torch._dynamo.reset()

@@ -284,3 +284,24 @@ def test_gate_log_only_during_training_steps():
     assert ctx.gate_log and all(not m.requires_grad for _, _, m in ctx.gate_log)
     c.on_step(1, None)
     assert ctx.gate_log is None and c.below == {"lq.0": 0, "lq.1": 0, "lv.0": 1, "lv.1": 1}
+
+
+def test_gate_log_and_pruning_under_torch_compile():
+    """The per-step gate log is captured by fullgraph compilation (a side effect on a list, no
+    graph break); after pruning, the recompiled forward equals the eager one."""
+    from unipelt.training.optim import collect_controllers
+
+    torch._dynamo.reset()
+    model = make_llama()
+    h = unipelt.compile(model, closed_lora_spec(patience=1))
+    (c,) = [c for c in collect_controllers(h) if c.name == "prune"]
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    batch = make_batch()
+    c.before_step(0)
+    compiled(**batch).logits.sum().backward()
+    assert {k for _, k, _ in model._unipelt_state.ctx.gate_log} == {"lq.0", "lq.1", "lv.0", "lv.1"}
+    c.on_step(1, None)
+    assert h.spec.pruned == ["lv.0.attn.v", "lv.1.attn.v"]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits)
+    torch._dynamo.reset()
