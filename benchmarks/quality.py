@@ -16,6 +16,8 @@ held-out test perplexity. Methods: no training, LoRA, prefix, Pfeiffer adapter, 
     python benchmarks/quality.py --task cls --out benchmarks/quality-cls.json       # CPU or GPU
     python benchmarks/quality.py --task lm --out benchmarks/quality-lm.json
     python benchmarks/quality.py --report a.json b.json ...                          # markdown tables
+    python benchmarks/quality.py --task cls --ks all --methods "UniPELT (APL),UniPELT (APL) pruned to half" \
+        --out benchmarks/quality-prune.json    # issue 12: pruned to half its parameters vs unpruned, 3 seeds
     python benchmarks/quality.py --export-data DIR                                   # JSONL copies for a machine without the data packages
 
 ``--model`` is a built-in name or a model directory; ``--data-dir`` holds JSONL copies of the splits
@@ -128,6 +130,12 @@ GRID_VARIANTS: dict[str, tuple[str, dict[str, list[float]]]] = {
     "UniPELT (AP) prefix lr_scale grid": ("unipelt-ap.yaml", {"prefix": [0.03, 0.1, 0.3]}),
     "prefix lr_scale grid": ("prefix.yaml", {"prefix": [0.03, 0.1, 0.3]}),
 }
+# issue 12: UniPELT pruned during training to a fraction of its parameters (budget on the kept
+# parameters, `prune: {to_budget: true}`: the lowest gates first, one gate a step from min_step on,
+# after `patience` steps of gate statistics). name -> (spec file, fraction of the unpruned count)
+PRUNE_VARIANTS: dict[str, tuple[str, float]] = {
+    "UniPELT (APL) pruned to half": ("unipelt.yaml", 0.5),
+}
 LR_GRID = {
     "cls": {"full fine-tuning": [2e-5, 5e-5, 1e-4], "head only": [1e-3, 3e-3, 1e-2], None: [1e-3, 3e-3, 1e-2]},
     "lm": {None: [3e-4, 1e-3, 3e-3]},
@@ -138,6 +146,8 @@ def spec_for(name: str, task: str, scales: dict[str, float] | None = None) -> di
     edit = None
     if name in VARIANTS:
         source, edit, _ = VARIANTS[name]
+    elif name in PRUNE_VARIANTS:
+        source = PRUNE_VARIANTS[name][0]  # the budget is set in run(), from the model's count
     elif name in GRID_VARIANTS:
         source = GRID_VARIANTS[name][0]
 
@@ -281,6 +291,17 @@ def run(method: str, point, seed: int, train: dict | None, evalsets: list[dict],
         n_train = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     else:
+        if method in PRUNE_VARIANTS:
+            _ensure_prune_plugin()
+            # the budget: a fraction of the unpruned adapter's kept parameters, counted on this model;
+            # then the same initialisation as the unpruned run (re-seeded)
+            probe = unipelt.compile(model, spec)
+            full = probe.summary().kept
+            probe.detach()
+            spec = dict(spec, budget={"max_params": int(full * PRUNE_VARIANTS[method][1])},
+                        prune={"to_budget": True, "patience": 10, "min_step": max(1, args.steps // 5)})
+            torch.manual_seed(seed)
+            random.seed(seed)
         handle = unipelt.compile(model, spec)
         params = handle.parameters()
         n_train = handle.summary().kept
@@ -292,9 +313,18 @@ def run(method: str, point, seed: int, train: dict | None, evalsets: list[dict],
     n = len(train["input_ids"])
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
+    # the plugins' training controllers (gate pruning), driven as `unipelt train` drives them
+    from unipelt.training.optim import collect_controllers
+
+    controllers = collect_controllers(handle) if spec is not None else []
+    if method in PRUNE_VARIANTS and not any(getattr(c, "name", "") == "prune" for c in controllers):
+        raise SystemExit(f"{method}: no pruning controller (unipelt_plugins.prune) is registered")
     model.train()
     t0 = None
     for step in range(args.steps):
+        for c in controllers:
+            if hasattr(c, "before_step"):
+                c.before_step(step)
         if len(order) < args.batch_size:
             order += torch.randperm(n, generator=g).tolist()
         idx = torch.tensor(order[:args.batch_size])
@@ -311,12 +341,33 @@ def run(method: str, point, seed: int, train: dict | None, evalsets: list[dict],
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        for c in controllers:
+            if hasattr(c, "on_step"):
+                c.on_step(step + 1, None)
         opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / max(1, args.steps - 5) if t0 else float("nan")
-    return [{**evaluate(model, e, args.task, n_labels, device), "params": n_train, "s_per_step": per_step}
+    extra = {}
+    if spec is not None and handle.spec.pruned:
+        # what was pruned (the table says it) and the active parameters after pruning
+        extra = {"pruned": list(handle.spec.pruned), "params_unpruned": n_train, "prune_events": [
+            e for c in controllers if hasattr(c, "events") for e in c.events()]}
+        n_train = handle.summary().kept
+    return [{**evaluate(model, e, args.task, n_labels, device), "params": n_train, "s_per_step": per_step, **extra}
             for e in evalsets]
+
+
+def _ensure_prune_plugin() -> None:
+    """The gate-pruning controller's plugin, registered where the installed entry points predate it
+    (or where the repository is only on PYTHONPATH)."""
+    from unipelt.registry import Registry, get_registry, make_plugin_manager, use_registry
+
+    import unipelt_plugins.prune as plugin
+
+    reg = get_registry()
+    if not reg.pm.is_registered(plugin):
+        use_registry(Registry(make_plugin_manager(extra_plugins=(plugin,))))
 
 
 def _score(task: str, r: dict) -> tuple:
@@ -332,6 +383,12 @@ def _summary(task: str, runs: list[dict]) -> dict:
         vals = [r[k] for r in runs]
         out[f"{k}_mean"], out[f"{k}_std"] = statistics.mean(vals), statistics.pstdev(vals)
     out["params"] = runs[0]["params"]
+    if any(r.get("pruned") for r in runs):
+        from collections import Counter
+
+        # how often each module (kind) was pruned over the seeds, e.g. {"adapter": 12, "lora": 5}
+        out["pruned_modules"] = dict(Counter(k.split(".", 1)[0] for r in runs for k in r.get("pruned", [])))
+        out["pruned_per_run"] = statistics.mean(len(r.get("pruned", [])) for r in runs)
     out["ms_per_step"] = 1000 * statistics.median(r["s_per_step"] for r in runs)
     return out
 
@@ -342,7 +399,9 @@ def _line(task: str, k: str, m: str, lr, r: dict) -> str:
         body = f"acc {100*r['acc_mean']:.1f}±{100*r['acc_std']:.1f}  F1 {100*r['f1_mean']:.1f}±{100*r['f1_std']:.1f}"
     else:
         body = f"test ppl {r['ppl_mean']:.2f}±{r['ppl_std']:.2f}"
-    return f"{head} {body}  params {r['params']:,}  {r['ms_per_step']:.1f} ms/step"
+    pruned = (f"  pruned {r['pruned_per_run']:.1f} branches/run ({', '.join(f'{k} {v}' for k, v in r['pruned_modules'].items())})"
+              if r.get("pruned_modules") else "")
+    return f"{head} {body}  params {r['params']:,}  {r['ms_per_step']:.1f} ms/step{pruned}"
 
 
 def report(paths: list[Path]) -> None:
@@ -403,9 +462,11 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     catalog = CLS_METHODS if task == "cls" else LM_METHODS
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(catalog)
-    unknown = [m for m in methods if m not in catalog and m not in VARIANTS and m not in GRID_VARIANTS]
+    unknown = [m for m in methods if m not in catalog and m not in VARIANTS and m not in GRID_VARIANTS
+               and m not in PRUNE_VARIANTS]
     if unknown:
-        ap.error(f"unknown methods {unknown}; choose from {list(catalog) + list(VARIANTS) + list(GRID_VARIANTS)}")
+        ap.error(f"unknown methods {unknown}; choose from "
+                 f"{list(catalog) + list(VARIANTS) + list(GRID_VARIANTS) + list(PRUNE_VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     _, tok = load_model(args.model, task="classification" if task == "cls" else "causal-lm",
                         num_labels=3 if task == "cls" else None)

@@ -261,6 +261,40 @@ def _spec_file(name: str) -> Callable[[Scenario], Path]:
     return lambda scn: ROOT / "specs" / name
 
 
+def _with(name: str, **extra) -> Callable[[Scenario], dict]:
+    """A spec file with top-level keys added (``drop:``): extra values may depend on the scenario."""
+    def make(scn: Scenario) -> dict:
+        import yaml
+
+        spec = yaml.safe_load((ROOT / "specs" / name).read_text(encoding="utf-8"))
+        spec.update({k: (v(scn) if callable(v) else v) for k, v in extra.items()})
+        return spec
+    return make
+
+
+def _first_half(scn: Scenario) -> dict:
+    # AdapterDrop's inference setting (Rücklé et al. drop the first 5 of 12 layers): the first half
+    n = scn.config.get("num_hidden_layers", 12 if scn.family == "bert" else 2)
+    return {"layers": f":{max(1, n // 2)}"}
+
+
+def _collapse(closed: tuple[str, ...]) -> Callable[[Any, Scenario, torch.device], None]:
+    """Make the gates of a fresh UniPELT constant (weights 0: every gate is sigmoid(bias)) and the
+    gates of the ``closed`` modules closed (bias -12), then collapse it on one inference batch: LoRA
+    merged, the closed modules pruned, the rest kept under constant gates, the prefix without its
+    MLP. The state a trained UniPELT whose gates settled would collapse to."""
+    def post(handle, scn: Scenario, device: torch.device) -> None:
+        with torch.no_grad():
+            for key, gate in handle.gate_modules.items():
+                gate.linear.weight.zero_()
+                if key.split("@")[0].split(".")[0] in closed:
+                    gate.linear.bias.fill_(-12.0)
+        vocab = handle.model.get_input_embeddings().num_embeddings
+        batch = make_batch(scn, "infer", vocab, device)
+        handle.collapse([{k: v for k, v in batch.items() if k != "labels"}])
+    return post
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -268,6 +302,7 @@ class Variant:
     description: str
     spec: Callable[[Scenario], dict | Path] | None = None
     peft: Callable[[Scenario], dict] | None = None
+    post: Callable[[Any, Scenario, torch.device], None] | None = None  # unipelt: after compile (collapse)
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
@@ -288,6 +323,14 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             peft=lambda scn: {"r": 16, "lora_alpha": 32, "target_modules": list(scn.peft_all), "use_dora": True}),
     Variant("ia3", "unipelt", "specs/ia3.yaml (k, v, ffn.down)", spec=_spec_file("ia3.yaml")),
     Variant("vera", "unipelt", "specs/vera.yaml (r256 on q, v)", spec=_spec_file("vera.yaml")),
+    # issue 12: serving a collapsed UniPELT (target: <= 1.05x the base forward), and AdapterDrop
+    Variant("unipelt-collapsed", "unipelt", "specs/unipelt.yaml collapsed with every gate constant: LoRA merged, "
+            "prefix (no MLP) and adapter under constant gates", spec=_spec_file("unipelt.yaml"), post=_collapse(())),
+    Variant("unipelt-collapsed-closed", "unipelt", "specs/unipelt.yaml collapsed with the adapter gates closed: LoRA "
+            "merged, adapter pruned, prefix under a constant gate", spec=_spec_file("unipelt.yaml"),
+            post=_collapse(("adapter",))),
+    Variant("unipelt-adapterdrop", "unipelt", "specs/unipelt.yaml with AdapterDrop of the first half of the layers "
+            "(drop.layers)", spec=_with("unipelt.yaml", drop=_first_half)),
 ]}
 DEFAULT_VARIANTS = ("unipelt", "lora-r16-all", "lora-r8-qv", "full", "peft-lora-r16-all", "peft-lora-r8-qv")
 FLOOR = Variant("floor", "floor", "frozen base (train: gradients to the embedding output, no optimizer; infer: base forward)")
@@ -324,6 +367,8 @@ def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, d
         from unipelt.train import param_groups
 
         handle = unipelt.compile(model, variant.spec(scn))
+        if variant.post is not None:
+            variant.post(handle, scn, device)
         groups = param_groups(handle, LR)
         return Prepared(model, groups, sum(p.numel() for g in groups for p in g["params"]), handle)
     if variant.kind == "peft":

@@ -244,6 +244,65 @@ def cmd_gates(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------
+# collapse
+# ------------------------------------------------------------------------------------------
+def cmd_collapse(args: argparse.Namespace) -> int:
+    """Collapse a gated adapter on calibration data (unipelt.collapse) and save it to --out."""
+    from unipelt import io
+    from unipelt.collapse import CollapseError, forward_time
+    from unipelt.state import get_state
+    from unipelt.training.inputs import batches, check_max_length, encode, pad_id
+
+    dest = io.check_output_path(args.out, kind="dir", what="unipelt adapter directory", replaces=io.is_adapter_dir)
+    data, chat = _read_for_adapter(args)
+    if args.max_examples:
+        data = data[:args.max_examples]
+    model, tok, handle, info = _adapted(args, data)
+    max_length = args.max_length or info.get("max_length") or 256
+    check_max_length(model, max_length)
+    rows = encode(data, tok, info["task"], labels=info.get("labels"), max_length=max_length, use_chat_template=chat)
+    device = next(model.parameters()).device
+    calib = []
+    for b in batches(rows, args.batch_size, pad_id(tok), device):
+        b.pop("labels", None)
+        calib.append(b)
+    model.eval()
+    state = get_state(model)
+    active = set(state.ctx.active)
+    state.set_active(set())  # the base model alone
+    t_base = forward_time(model, calib)
+    state.set_active(active)
+    t_gated = forward_time(model, calib)
+    try:
+        rep = handle.collapse(calib, closed=args.closed, spread=args.spread, tolerance=args.tolerance,
+                              merge=not args.no_merge)
+    except CollapseError as e:
+        raise CollapseError(f"{args.adapter}: {e}; nothing written") from None
+    t_collapsed = forward_time(model, calib)
+    handle.save(dest)
+    result = dict(rep.to_dict(), adapter=args.adapter, out=str(dest), examples=len(rows),
+                  seconds={"base": t_base, "gated": t_gated, "collapsed": t_collapsed},
+                  collapsed_over_base=t_collapsed / max(t_base, 1e-12))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"calibration   {len(rows)} examples of {args.data}")
+    print(f"pruned        {len(rep.pruned)} branch(es) whose gate stays <= {args.closed:g}: {', '.join(rep.pruned) or '-'}")
+    print(f"constant      {len(rep.constant)} gate(s) varying <= {args.spread:g}: "
+          + (", ".join(f"{k}={v[0]:.3f}" if len(v) == 1 else f"{k}={v}" for k, v in rep.constant.items()) or "-"))
+    print(f"merged        {len(rep.merged)} branch(es) folded into the base weights")
+    print(f"still gated   {len(rep.kept_gates)} gate(s)")
+    print(f"output diff   max |gated - collapsed| = {rep.max_abs_diff:.3g} (outputs up to {rep.ref_max_abs:.3g})"
+          + (f", tolerance {args.tolerance:g}" if args.tolerance is not None else ""))
+    print(f"parameters    {rep.params_before:,} -> {rep.params_after:,} kept"
+          + (f" (and {rep.dropped_reparameterization:,} training-only dropped)" if rep.dropped_reparameterization else ""))
+    print(f"forward       base {t_base * 1e3:.2f} ms, gated {t_gated * 1e3:.2f} ms, collapsed {t_collapsed * 1e3:.2f} ms "
+          f"per pass over the calibration data ({t_collapsed / max(t_base, 1e-12):.2f}x base)")
+    print(f"adapter       {dest}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
 # merge / export
 # ------------------------------------------------------------------------------------------
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -351,6 +410,27 @@ def unipelt_add_commands(subparsers):
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_gates)
+
+    c = adapter_cmd("collapse", "collapse a gated adapter for serving on calibration data",
+                    "Measure every gate on calibration data; prune the branches of closed gates, replace nearly "
+                    "constant gates by their value, drop the prefix MLP, merge LoRA whose gate is now constant; "
+                    "print the output difference gated vs collapsed, parameters and forward time before and after, "
+                    "and save the collapsed adapter to --out (refused beyond --tolerance).")
+    c.add_argument("--data", required=True, help="calibration data: " + data_help)
+    c.add_argument("--out", required=True, help="output adapter directory")
+    _data_options(c, trained=True)
+    c.add_argument("--tolerance", type=float, help="refuse (write nothing) if max |gated - collapsed| output exceeds this")
+    c.add_argument("--closed", type=float, default=0.01, help="a gate whose largest value is at most this is closed "
+                                                              "(default: 0.01)")
+    c.add_argument("--spread", type=float, default=0.02, help="a gate whose values vary by at most this becomes a "
+                                                              "constant (default: 0.02)")
+    c.add_argument("--no-merge", action="store_true", help="keep LoRA with a constant gate unmerged")
+    c.add_argument("--max-examples", type=int, help="use the first N calibration examples")
+    c.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
+    c.add_argument("--max-length", type=int, help="default: the one used in training, else 256")
+    c.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.set_defaults(func=cmd_collapse)
 
     m = adapter_cmd("merge", "merge an adapter into its base model and save a plain transformers model",
                     "Fold every ungated LoRA (and in-place trained parameters) into the weights and save_pretrained "

@@ -15,6 +15,7 @@ from unipelt.arch import resolve_model
 from unipelt.errors import ModelError, PluginError, SpecError
 from unipelt.executor import AUTO_USES_KERNELS, EXECUTORS, TritonExecutor, kernel_expand, kernels, resolve_executor
 from unipelt.graph import CompiledGraph, build_graph, check_resources
+from unipelt.pruning import ConstantGate, apply_spec as apply_switches, check_spec as check_switches
 from unipelt.registry import Registry, get_registry
 from unipelt.runtime import Entry
 from unipelt.spec import Spec, parse_spec
@@ -55,6 +56,7 @@ def compile(
     if state is not None and name in state.handles:
         raise ModelError(f"an adapter named {name!r} is already attached; detach it or choose another name")
     graph: CompiledGraph = build_graph(spec, info, registry)
+    check_switches(spec, graph)  # `pruned:` and `collapsed:` name this model's branches and gates
     # count on the meta device first: the budget and the memory are checked before any allocation
     check_resources(spec, graph, info, registry, base_params=base_param_count(model), name=name)
 
@@ -94,6 +96,11 @@ def compile(
         container.branches[AdapterSet.slot(bp.key)] = mod
     gate_modules: dict[str, nn.Module] = {}
     for key, gp in graph.gates.items():
+        if key in spec.collapsed:  # replaced by its constant value (unipelt.collapse)
+            gm = ConstantGate(gp.spec, spec.collapsed[key])
+            gate_modules[key] = gm
+            container.gates[AdapterSet.slot(key)] = gm
+            continue
         gm = registry.hook.unipelt_build_gate(spec=gp.spec, in_features=gp.in_features, model=info)
         if gm is None:
             raise PluginError(f"no plugin builds gates (needed by {key})")
@@ -136,6 +143,7 @@ def compile(
         _build_groups(state, handle, graph)
         for p in container.parameters():
             p.requires_grad_(True)
+        apply_switches(handle)  # the spec's pruned branches and inference AdapterDrop layers: off
     except Exception:
         handle._attached = True
         state.handles[name] = handle

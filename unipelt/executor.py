@@ -52,12 +52,16 @@ class GroupExecutor:
         self._live_gates: list[str] = []
 
     # -- planning (attach, switch, merge, detach) -------------------------------------------
-    def refresh(self, active: set[str], executor: str) -> None:
+    def refresh(self, active: set[str], executor: str, needed: set[tuple[str, str]] | None = None) -> None:
+        """``needed``: the (adapter, gate key) pairs some computed branch reads (None: all gates);
+        a gate whose branches are all pruned or dropped is no longer computed."""
         self._live_branches = [
             e for e in self.branches
-            if not e.merged and callable(getattr(e.branch, "shrink_params", None)) and e.branch.shrink_params() is not None
+            if not e.merged and not e.off and callable(getattr(e.branch, "shrink_params", None))
+            and e.branch.shrink_params() is not None
         ]
-        self._live_gates = [k for k, g in self.gate_modules.items() if callable(getattr(g, "logit_params", None))]
+        self._live_gates = [k for k, g in self.gate_modules.items() if callable(getattr(g, "logit_params", None))
+                            and (needed is None or (self.adapter, k) in needed)]
         self.on = (
             executor != "reference" and self.adapter in active
             and len(self._live_branches) + len(self._live_gates) >= 2

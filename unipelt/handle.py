@@ -35,20 +35,31 @@ class Summary:
     rows: list[dict] = field(default_factory=list)  # module, method, layer, site, kept, training
     gates: list[dict] = field(default_factory=list)  # gate, layer, params
 
+    # rows and gates switched off by pruning (``pruned: true``) count in neither total: the budget
+    # holds on the active parameters, and the saved adapter leaves the pruned ones out
     @property
     def kept(self) -> int:
-        return sum(r["kept"] for r in self.rows) + sum(g["params"] for g in self.gates)
+        return sum(r["kept"] for r in self.rows if not r.get("pruned")) + sum(g["params"] for g in self.gates if not g.get("pruned"))
 
     @property
     def training(self) -> int:
-        return sum(r["training"] for r in self.rows) + sum(g["params"] for g in self.gates)
+        return sum(r["training"] for r in self.rows if not r.get("pruned")) + sum(g["params"] for g in self.gates if not g.get("pruned"))
+
+    @property
+    def pruned(self) -> int:
+        """Parameters (kept) of what pruning switched off."""
+        return sum(r["kept"] for r in self.rows if r.get("pruned")) + sum(g["params"] for g in self.gates if g.get("pruned"))
 
     def per_module(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"kept": 0, "training": 0})
         for r in self.rows:
+            if r.get("pruned"):
+                continue
             out[r["module"]]["kept"] += r["kept"]
             out[r["module"]]["training"] += r["training"]
         for g in self.gates:
+            if g.get("pruned"):
+                continue
             out[f"gate:{g['gate']}"]["kept"] += g["params"]
             out[f"gate:{g['gate']}"]["training"] += g["params"]
         return dict(out)
@@ -56,7 +67,7 @@ class Summary:
     def to_dict(self) -> dict:
         return {
             "adapter": self.adapter, "base_params": self.base_params, "kept": self.kept,
-            "training": self.training, "percent_of_base": 100.0 * self.kept / max(self.base_params, 1),
+            "training": self.training, "pruned": self.pruned, "percent_of_base": 100.0 * self.kept / max(self.base_params, 1),
             "modules": self.per_module(), "rows": self.rows, "gates": self.gates,
         }
 
@@ -69,12 +80,16 @@ class Summary:
             lines.append(f"  {name:<{w}}  {_fmt(c['kept']):>12}  {_fmt(c['training']):>12}  {pct:>8.3f}%")
         pct = 100.0 * self.kept / max(self.base_params, 1)
         lines.append(f"  {'total':<{w}}  {_fmt(self.kept):>12}  {_fmt(self.training):>12}  {pct:>8.3f}%")
+        if self.pruned:
+            lines.append(f"  pruned (left out): {_fmt(self.pruned)} parameters")
         lines.append(f"  base model: {_fmt(self.base_params)} parameters")
         by_layer: dict[Any, int] = defaultdict(int)
         for r in self.rows:
-            by_layer[r["layer"]] += r["kept"]
+            if not r.get("pruned"):
+                by_layer[r["layer"]] += r["kept"]
         for g in self.gates:
-            by_layer[g["layer"]] += g["params"]
+            if not g.get("pruned"):
+                by_layer[g["layer"]] += g["params"]
         layers = sorted(by_layer, key=lambda x: (x is None, x if x is not None else 0))
         lines.append("  per layer: " + ", ".join(f"{'global' if l is None else 'L' + str(l)}={_fmt(by_layer[l])}" for l in layers))
         return "\n".join(lines)
@@ -202,12 +217,17 @@ class AdapterHandle:
         return dict(groups)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The adapter's tensors under canonical keys, for training-time (all) parameters."""
-        out: dict[str, Tensor] = {k: p.detach() for k, p in self._params.items()}
+        """The adapter's tensors under canonical keys, for training-time (all) parameters; what
+        pruning switched off (the spec's ``pruned:``) is left out."""
+        from unipelt.pruning import inactive_keys, is_inactive
+
+        off = inactive_keys(self)
+        out: dict[str, Tensor] = {k: p.detach() for k, p in self._params.items() if not is_inactive(k, off)}
         for key, mod in self.branch_modules.items():
             for bname, b in mod.named_buffers():
                 if getattr(mod, "persistent_buffers", True) and bname not in getattr(mod, "_non_persistent_buffers_set", set()):
-                    out[f"{key}.{bname}"] = b.detach()
+                    if not is_inactive(f"{key}.{bname}", off):
+                        out[f"{key}.{bname}"] = b.detach()
         # a shared module's persistent buffers (VeRA's frozen projections, when saved)
         for node, mod in self.shared_modules.items():
             for mname, m in mod.named_modules():
@@ -240,21 +260,28 @@ class AdapterHandle:
     # -- budget and summary ----------------------------------------------------------------
     def summary(self, base_params: int | None = None) -> Summary:
 
-        s = Summary(adapter=self.name, base_params=base_params if base_params is not None else base_param_count(self.model))
+        from unipelt.pruning import gate_is_off, shared_is_off
 
+        s = Summary(adapter=self.name, base_params=base_params if base_params is not None else base_param_count(self.model))
+        pruned = set(self.spec.pruned)
         for bp in self.graph.branches:
             mod = self.branch_modules[bp.key]
             s.rows.append({
                 "module": bp.node.name, "method": bp.method.name, "layer": bp.site.layer, "site": bp.site.site,
                 "kept": module_param_count(mod, kept=True), "training": module_param_count(mod, kept=False),
+                "pruned": bp.key in pruned,
             })
         for node, mod in self.shared_modules.items():
             s.rows.append({
                 "module": node, "method": self.spec.modules[node].method, "layer": None, "site": "shared",
                 "kept": module_param_count(mod, kept=True), "training": module_param_count(mod, kept=False),
+                "pruned": bool(pruned) and shared_is_off(self, node, pruned),
             })
         for key, gp in self.graph.gates.items():
-            s.gates.append({"gate": gp.gate_id, "layer": gp.layer, "params": sum(p.numel() for p in self.gate_modules[key].parameters())})
+            # a collapsed gate is a constant: no parameters
+            n = 0 if key in self.spec.collapsed else sum(p.numel() for p in self.gate_modules[key].parameters())
+            s.gates.append({"gate": gp.gate_id, "layer": gp.layer, "params": n,
+                            "pruned": bool(pruned) and gate_is_off(self, key, pruned)})
         return s
 
     def check_budget(self, base_params: int) -> None:
@@ -264,6 +291,12 @@ class AdapterHandle:
         s = self.summary(base_params)
         used = s.kept if b.count == "kept" else s.training
         limit = b.max_params if b.max_params is not None else int(b.fraction * base_params)
+        if used > limit and self._prunes_to_budget():
+            # training prunes gated branches toward the budget: what it cannot remove must fit
+            floor = self._unprunable(s, b.count)
+            if floor <= limit:
+                return
+            used = floor
         if used > limit:
             what = f"max_params {_fmt(limit)}" if b.max_params is not None else f"fraction {b.fraction} of {_fmt(base_params)} = {_fmt(limit)}"
             # one paragraph: the total, the limit, and each module's share, largest first
@@ -274,6 +307,24 @@ class AdapterHandle:
                 "Shrink the largest modules or raise the budget",
                 source=self.spec.source, path="budget",
             )
+
+    def _prunes_to_budget(self) -> bool:
+        return any(p is not None and p.to_budget for p in [self.spec.prune] + [m.prune for m in self.spec.modules.values()])
+
+    def _unprunable(self, s: Summary, count: str) -> int:
+        """Active parameters that budget pruning cannot remove: branches without a gate (or whose
+        module does not prune to the budget), shared modules, and gates of such branches."""
+        prunable_nodes = {n for n in self.spec.modules if (p := self.spec.prune_for(n)) is not None and p.to_budget}
+        gated = {bp.key for bp in self.graph.branches if bp.gate_key and bp.node.name in prunable_nodes}
+        total = 0
+        for bp, r in zip(self.graph.branches, s.rows):
+            if not r.get("pruned") and bp.key not in gated:
+                total += r[count]
+        total += sum(r[count] for r in s.rows[len(self.graph.branches):] if not r.get("pruned"))
+        for (key, gp), g in zip(self.graph.gates.items(), s.gates):
+            if not g.get("pruned") and not all(u in gated for u in gp.users):
+                total += g["params"]
+        return total
 
     # -- gates -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -351,10 +402,26 @@ class AdapterHandle:
                 p.requires_grad_(True)
         return before - sum(p.numel() for p in self._params.values())
 
+    # -- collapse for serving ----------------------------------------------------------------
+    def collapse(self, calibration_batches, *, closed: float = 0.01, spread: float = 0.02,
+                 tolerance: float | None = None, merge: bool = True):
+        """Collapse this gated adapter for serving on calibration data (:mod:`unipelt.collapse`):
+        branches of closed gates pruned, nearly constant gates replaced by their value, the prefix
+        without its MLP, LoRA with a constant gate merged. Returns a
+        :class:`~unipelt.collapse.CollapseReport` (the measured output difference, parameters
+        before and after); beyond ``tolerance`` raises :class:`~unipelt.collapse.CollapseError`
+        and leaves the model as it was. ``save()`` afterwards writes the collapsed adapter."""
+        from unipelt.collapse import collapse
+
+        return collapse(self, calibration_batches, closed=closed, spread=spread, tolerance=tolerance, merge=merge)
+
     # -- merge / detach --------------------------------------------------------------------
     def merge(self) -> dict[str, list[str]]:
         """Fold every mergeable branch into the base weights; returns which were merged and
         which stay live (gated or non-linear branches cannot be merged)."""
+        from unipelt.collapse import constant_delta_weight
+        from unipelt.pruning import ConstantGate
+
         _refuse_sharded(self.model, [bp.site.path for bp in self.graph.branches])
         merged, live, todo = [], [], []
         for bp in self.graph.branches:
@@ -364,14 +431,19 @@ class AdapterHandle:
             # An averaged hook point divides the sum of its live branches by their number: folding
             # one branch's full delta into the weight would change that average, so it stays live.
             averaged = self.graph.combine.get(bp.site.key, "parallel") == "average"
+            # a gate collapsed to a constant (unipelt.collapse) folds into the merged weight
             can = (
-                e.gate is None and not averaged and getattr(mod, "mergeable", False)
-                and hasattr(host_module, "merge_delta")
+                (e.gate is None or isinstance(e.gate, ConstantGate)) and not e.off and not averaged
+                and getattr(mod, "mergeable", False) and hasattr(host_module, "merge_delta")
             )
             if e.merged:
                 merged.append(bp.key)
+            elif e.off:
+                continue
             elif can:
-                todo.append((host_module, mod, bp.site.out_slice))
+                # under a constant gate (collapse) the gate is folded into the delta
+                todo.append((host_module, mod, bp.site.out_slice,
+                             constant_delta_weight(e) if e.gate is not None else None))
                 e.merged = True
                 merged.append(bp.key)
             else:
@@ -391,8 +463,11 @@ class AdapterHandle:
         # another adapter's merges on the same weights were undone too: re-apply them
         for other in state.handles.values():
             if other is not self:
+                from unipelt.collapse import constant_delta_weight
+
                 merge_branches([
-                    (self.model.get_submodule(bp.site.path), other.entries[bp.key].branch, bp.site.out_slice)
+                    (self.model.get_submodule(bp.site.path), other.entries[bp.key].branch, bp.site.out_slice,
+                     constant_delta_weight(other.entries[bp.key]) if other.entries[bp.key].gate is not None else None)
                     for bp in other.graph.branches
                     if other.entries[bp.key].merged and bp.site.path in paths
                 ])

@@ -59,6 +59,9 @@ class ForwardContext:
     expand_kernel: Any = None
     # masked-mean pooling weights (mask / real-token count) of this forward, (B, T, 1)
     mean_weights: Tensor | None = None
+    # when a list: every gate evaluation appends (adapter, gate key, detached per-output mean),
+    # for the training controllers (gate pruning) to read once per optimizer step (no sync here)
+    gate_log: list | None = None
 
     def clear(self) -> None:
         """Forget the tensors of the last call."""
@@ -150,11 +153,20 @@ class Entry:
     gate_input: Literal["layer", "site"] = "site"
     layer: int | None = None
     merged: bool = False
+    # switched off by gate pruning (for good: the spec records it) or by AdapterDrop (this step's
+    # or the inference choice of layers): not computed, decided at refresh like ``merged``
+    pruned: bool = False
+    dropped: bool = False
     # the group executors that compute this branch's input projection and this entry's gate
     # (None: computed alone, the reference path)
     group: Any = None
     gate_group: Any = None
     saved: Any = None  # what attaching replaced, for detach (a ``params`` kind's original tensors)
+
+    @property
+    def off(self) -> bool:
+        """Not computed in the forward: pruned or dropped (a merged branch runs inside the weight)."""
+        return self.pruned or self.dropped
 
 
 def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | None:
@@ -173,6 +185,9 @@ def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | No
         gate_id = e.gate_key.rsplit(".", 1)[0] if e.gate_key else e.node
         label = gate_id if gate_id.startswith(e.node + "@") else e.node
         ctx.record.setdefault((e.adapter, label, e.layer if e.layer is not None else -1), []).append(g.detach())
+    if ctx.gate_log is not None:
+        # one small detached reduction, no host sync: the controller reads them all once per step
+        ctx.gate_log.append((e.adapter, e.gate_key, g.detach().float().flatten(0, -2).mean(0)))
     return g
 
 
@@ -246,7 +261,7 @@ class SiteRuntime:
 
     def refresh(self, active: set[str]) -> None:
         """Decide what runs here (called on attach, switch, merge and detach, never per call)."""
-        live = [e for e in self.entries if not e.merged and e.adapter in active]
+        live = [e for e in self.entries if not e.merged and not e.off and e.adapter in active]
         # input scalings (``reads = "scale"``) run before the base projection, not among the deltas
         self.scalers = [e for e in live if e.branch.reads == "scale"]
         self.live = [e for e in live if e.branch.reads != "scale"]
@@ -470,16 +485,18 @@ class LeafWrapper(nn.Module):
             self._bias_backup = None
 
 
-def merge_branches(items: list[tuple[nn.Module, nn.Module, tuple[int, int] | None]]) -> None:
-    """Fold mergeable branches ``(host module, branch, out_slice)`` into their hosts: every
+def merge_branches(items: list[tuple]) -> None:
+    """Fold mergeable branches ``(host module, branch, out_slice[, delta])`` into their hosts (``delta``:
+    a ΔW computed by the caller, a branch under a constant gate; else ``delta_weight()``): every
     ``delta_weight()`` (and ``delta_bias()``, where a branch has one: IA3 rescales the bias with
     the rows) is computed first, from the weights as the live branches saw them, then all are
     added. A branch whose delta depends on the base weight (IA3, DoRA) would otherwise see the
     deltas merged before it at the same projection, and the result would depend on node order."""
     deltas = []
-    for host_module, branch, out_slice in items:
+    for host_module, branch, out_slice, *given in items:
         delta_bias = getattr(branch, "delta_bias", None)
-        deltas.append((host_module, branch.delta_weight(), delta_bias() if delta_bias is not None else None, out_slice))
+        dw = given[0] if given and given[0] is not None else branch.delta_weight()
+        deltas.append((host_module, dw, delta_bias() if delta_bias is not None else None, out_slice))
     for host_module, dw, db, out_slice in deltas:
         if db is None:
             host_module.merge_delta(dw, out_slice)

@@ -20,6 +20,11 @@ Format (YAML or JSON)::
       ffn.out: {mode: sequential, order: [a1, a2]}
     budget: {max_params: 2000000} # or {fraction: 0.01}; count: kept | training
     executor: auto                # optional: auto | grouped | reference | triton (unipelt.executor)
+    prune: {epsilon: 0.01, patience: 10, min_step: 0, to_budget: false}  # gate pruning (training);
+                                  # also per module (`modules.x.prune`)
+    drop: {layers: [0, 1], random: false}  # AdapterDrop (or {lowest: 2}); see DropSpec
+    pruned: [lora.3.attn.q]       # written by training/collapse: branches left out (node.site key)
+    collapsed: {adapter.5: [0.98]}  # written by collapse: gates replaced by their constant value
 """
 from __future__ import annotations
 
@@ -38,10 +43,11 @@ from unipelt.errors import SpecError, excerpt
 from unipelt.registry import Registry, build_config, get_registry
 
 FORMAT_VERSION = 1
-TOP_KEYS = ("version", "name", "description", "modules", "gates", "combine", "budget", "executor")
+TOP_KEYS = ("version", "name", "description", "modules", "gates", "combine", "budget", "executor", "prune", "drop",
+            "pruned", "collapsed")
 # how branch groups run (unipelt.executor.EXECUTORS; kept here so the spec module imports no torch)
 EXECUTOR_CHOICES = ("auto", "grouped", "reference", "triton")
-NODE_KEYS = ("method", "site", "sites", "layers", "gate", "lr_scale")
+NODE_KEYS = ("method", "site", "sites", "layers", "gate", "lr_scale", "prune")
 # names become parameter keys, file keys and report rows: short, and safe in all three
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 COMBINE_MODES = ("parallel", "sequential", "average")
@@ -189,6 +195,7 @@ class ModuleSpec:
     # the field path of each site as written (``modules.x.site``, ``modules.x.sites[1]``), so
     # that errors found later, against a model, name the field the user wrote
     site_paths: list[str] = field(default_factory=list)
+    prune: PruneSpec | None = None
 
 
 @dataclass
@@ -206,12 +213,55 @@ class BudgetSpec:
 
 
 @dataclass
+class PruneSpec:
+    """Gate-driven pruning during training (``plugins/prune.py``): a gated branch whose gate mean
+    stays below ``epsilon`` for ``patience`` consecutive optimizer steps, from step ``min_step`` on,
+    is switched off (no longer computed, its parameters frozen and left out of the saved adapter).
+    ``to_budget``: while the active parameters exceed ``budget:``, also prune the branch with the
+    lowest gate mean (over the last ``patience`` steps), at most ``per_step`` per step; compile then
+    checks only that the parts pruning cannot remove fit the budget."""
+
+    epsilon: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0})
+    patience: int = field(default=10, metadata={"min": 1})
+    min_step: int = field(default=0, metadata={"min": 0})
+    to_budget: bool = False
+    per_step: int = field(default=1, metadata={"min": 1})
+
+
+@dataclass
+class DropSpec:
+    """AdapterDrop (Rücklé et al., 2021): the branches of ``modules`` (default: every module) at
+    the chosen layers are not computed.
+
+    layers: the layers dropped at inference (and in training unless ``random``).
+    lowest: instead of ``layers``: the ``lowest`` layers by the gradient-norm ranking
+      g_l = ||dL/dTheta_l|| that training accumulates over its first ``rank_steps`` steps; then
+      fixed (the spec's ``drop.layers`` records the choice, so the saved adapter loads with it).
+    random: training only. ``true``: each step drops the first n layers (n uniform in 0..L-1, the
+      paper's robust training: the last layer always trains); a number p in (0, 1]: each layer
+      independently with probability p (the last layer is kept when every layer was drawn).
+      Under torch.compile every distinct choice is one more graph: ``true`` gives L of them.
+    """
+
+    layers: LayerSel | None = None
+    lowest: int | None = None
+    rank_steps: int = 10
+    random: bool | float = False
+    modules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Spec:
     modules: dict[str, ModuleSpec]
     gates: dict[str, GateSpec] = field(default_factory=dict)
     combine: dict[str, CombineSpec] = field(default_factory=dict)
     budget: BudgetSpec | None = None
     executor: str | None = None  # None: the UNIPELT_EXECUTOR variable, else auto
+    prune: PruneSpec | None = None
+    drop: DropSpec | None = None
+    # branch keys (``node.site-key``) pruned by training or collapse; gate key -> constant values
+    pruned: list[str] = field(default_factory=list)
+    collapsed: dict[str, list[float]] = field(default_factory=dict)
     version: int = FORMAT_VERSION
     name: str | None = None
     description: str | None = None
@@ -222,6 +272,11 @@ class Spec:
         if node.gate_ref is not None:
             return self.gates[node.gate_ref]
         return node.gate
+
+    def prune_for(self, node: str) -> PruneSpec | None:
+        """The pruning rule of module ``node``: its own ``prune:``, else the spec's."""
+        m = self.modules.get(node)
+        return m.prune if m is not None and m.prune is not None else self.prune
 
 
 def _seg(key: Any) -> str:
@@ -673,7 +728,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
             if k not in valid_params:
                 raise SpecError(
                     f"unknown key {excerpt(k)} for method {excerpt(method_name)}; valid keys: "
-                    f"{', '.join(list(NODE_KEYS[:1]) + ['sites', 'layers', 'gate', 'lr_scale'] + valid_params)}",
+                    f"{', '.join(list(NODE_KEYS[:1]) + ['sites', 'layers', 'gate', 'lr_scale', 'prune'] + valid_params)}",
                     source=source, path=f"{p}.{k}",
                 )
         config = build_config(method.config, params, source=source, path=p)
@@ -724,10 +779,11 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
                 gate_ref = graw
             else:
                 gate = _parse_gate(graw, source=source, path=f"{p}.gate")
+        node_prune = _parse_prune(node["prune"], source=source, path=f"{p}.prune") if node.get("prune") is not None else None
         modules[name] = ModuleSpec(
             name=name, method=method_name, sites=list(site_list), layers=layers, config=config,
             params=params, gate=gate, gate_ref=gate_ref,
-            site_paths=site_paths, lr_scale=float(lr_scale),
+            site_paths=site_paths, lr_scale=float(lr_scale), prune=node_prune,
         )
 
     combine: dict[str, CombineSpec] = {}
@@ -785,10 +841,95 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     executor = data.get("executor")
     if executor is not None and executor not in EXECUTOR_CHOICES:
         raise SpecError(f"expected one of {', '.join(EXECUTOR_CHOICES)}, got {excerpt(executor)}", source=source, path="executor")
+    prune = _parse_prune(data["prune"], source=source, path="prune") if data.get("prune") is not None else None
+    drop = _parse_drop(data["drop"], modules, source=source) if data.get("drop") is not None else None
+    for where, ps in [("prune", prune)] + [(f"modules.{n}.prune", m.prune) for n, m in modules.items()]:
+        if ps is not None and ps.to_budget and budget is None:
+            raise SpecError("to_budget prunes toward the spec's budget, and the spec sets none: add "
+                            "'budget: {max_params: N}' (or fraction)", source=source, path=f"{where}.to_budget")
+    pruned = _parse_pruned(data.get("pruned"), modules, source=source)
+    collapsed = _parse_collapsed(data.get("collapsed"), source=source)
     return Spec(
         modules=modules, gates=gates, combine=combine, budget=budget, executor=executor, version=version,
         name=data.get("name"), description=data.get("description"), source=source, raw=data,
+        prune=prune, drop=drop, pruned=pruned, collapsed=collapsed,
     )
+
+
+def _parse_prune(value: Any, *, source: str | None, path: str) -> PruneSpec:
+    if value is True:
+        value = {}
+    value = _expect_mapping(value, source=source, path=path, what="true or a mapping of pruning options")
+    return build_config(PruneSpec, value, source=source, path=path)
+
+
+def _parse_drop(value: Any, modules: dict[str, ModuleSpec], *, source: str | None) -> DropSpec:
+    path = "drop"
+    value = _expect_mapping(value, source=source, path=path)
+    _unknown(value, ("layers", "lowest", "rank_steps", "random", "modules"), source=source, path=path)
+    if ("layers" in value) == ("lowest" in value):
+        raise SpecError("give exactly one of 'layers' (indices) or 'lowest' (a count, ranked by gradient norm)",
+                        source=source, path=path)
+    layers = _parse_layers(value["layers"], source=source, path=f"{path}.layers") if "layers" in value else None
+    lowest = value.get("lowest")
+    if lowest is not None and (type(lowest) is not int or lowest < 1):
+        raise SpecError(f"expected a positive integer (how many layers to drop), got {excerpt(lowest)}",
+                        source=source, path=f"{path}.lowest")
+    rank_steps = value.get("rank_steps", 10)
+    if type(rank_steps) is not int or rank_steps < 1:
+        raise SpecError(f"expected a positive integer (optimizer steps), got {excerpt(rank_steps)}",
+                        source=source, path=f"{path}.rank_steps")
+    if "rank_steps" in value and lowest is None:
+        raise SpecError("'rank_steps' belongs to 'lowest'", source=source, path=f"{path}.rank_steps")
+    rnd = value.get("random", False)
+    if not isinstance(rnd, bool) and (not isinstance(rnd, (int, float)) or not 0 < rnd <= 1):
+        raise SpecError(f"expected true, false or a probability in (0, 1], got {excerpt(rnd)}",
+                        source=source, path=f"{path}.random")
+    if rnd is not False and lowest is not None:
+        raise SpecError("'random' drops chosen layers at random while training; 'lowest' ranks layers by the "
+                        "gradients of all of them: use one", source=source, path=f"{path}.random")
+    mods = value.get("modules", [])
+    if isinstance(mods, str):
+        mods = [mods]
+    if not isinstance(mods, list):
+        raise SpecError("expected a module name or a list of them", source=source, path=f"{path}.modules")
+    for i, m in enumerate(mods):
+        if m not in modules:
+            raise SpecError(f"unknown module {excerpt(m)}; modules: {', '.join(modules)}", source=source,
+                            path=f"{path}.modules[{i}]")
+    return DropSpec(layers=layers, lowest=lowest, rank_steps=rank_steps,
+                    random=rnd if isinstance(rnd, bool) else float(rnd), modules=list(mods))
+
+
+def _parse_pruned(value: Any, modules: dict[str, ModuleSpec], *, source: str | None) -> list[str]:
+    """Branch keys ``<module>.<site key>``; checked against the model's branches at compile."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SpecError("expected a list of branch keys (<module>.<layer>.<hook point>)", source=source, path="pruned")
+    for i, k in enumerate(value):
+        if not isinstance(k, str) or k.split(".", 1)[0] not in modules:
+            raise SpecError(f"expected a branch key <module>.<layer>.<hook point> of a module of this spec, got "
+                            f"{excerpt(k)}", source=source, path=f"pruned[{i}]")
+    if len(set(value)) != len(value):
+        raise SpecError("a branch is listed twice", source=source, path="pruned")
+    return list(value)
+
+
+def _parse_collapsed(value: Any, *, source: str | None) -> dict[str, list[float]]:
+    """Gate key -> the constant values that replace the gate (checked against the gates at compile)."""
+    if value is None:
+        return {}
+    value = _expect_mapping(value, source=source, path="collapsed")
+    out: dict[str, list[float]] = {}
+    for k, v in value.items():
+        vals = v if isinstance(v, list) else [v]
+        if not vals or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0
+                               for x in vals):
+            raise SpecError(f"expected gate values in [0, 1] (a number or a list of them), got {excerpt(v)}",
+                            source=source, path=f"collapsed.{_seg(k)}")
+        out[k] = [float(x) for x in vals]
+    return out
 
 
 def _parse_count(text: str, *, source: str | None) -> int:

@@ -96,10 +96,13 @@ class ModelState:
             provider = _provider_of(self.info, p)
             if provider is not None:
                 provider.refresh(ctx.active)
-        live = [e for e in self.embed if e.adapter in ctx.active]
+        live = [e for e in self.embed if e.adapter in ctx.active and not e.off]
         ctx.embed_live = live
+        # a gate no computed branch reads (its branches pruned or dropped) leaves its group too
+        needed = {(h.name, e.gate_key) for h in self.handles.values() for e in h.entries.values()
+                  if e.gate_key is not None and not e.off}
         for group in ctx.groups.values():
-            group.refresh(ctx.active, self.executor)
+            group.refresh(ctx.active, self.executor, needed)
 
 
 def base_param_count(model: nn.Module) -> int:
@@ -327,7 +330,7 @@ class KVProvider:
         self.live: list[Entry] = []
 
     def refresh(self, active: set[str]) -> None:
-        self.live = [e for e in self.entries if e.adapter in active]
+        self.live = [e for e in self.entries if e.adapter in active and not e.off]
 
     def __call__(self, module, query, key_states, value_states):
         out = []

@@ -187,8 +187,10 @@ def _train(dctx: DistContext, cfg: TrainConfig, spec, model, train_examples, eva
         for text in notes:
             run.note(text)
         if resume_from is not None:
-            run.state = load_checkpoint(resume_from, resume_state, handle, opt.optimizer, opt.scheduler)
+            # the controllers first: gate pruning switches its branches off again, so the handle
+            # expects the checkpoint's adapter, which leaves the pruned branches out
             opt.load_controller_state(resume_state.get("controllers") or {})
+            run.state = load_checkpoint(resume_from, resume_state, handle, opt.optimizer, opt.scheduler)
             run.controller_events = list(resume_state.get("controller_events") or [])
         run.autocast = choose_precision(device, cfg.precision)
 

@@ -1,0 +1,171 @@
+"""Collapse for serving (unipelt.collapse, ``handle.collapse``, ``unipelt collapse``): closed gates'
+branches pruned, nearly constant gates folded as constants, LoRA under a constant gate merged by
+the formula, the outputs within the measured difference, the saved collapsed adapter reloading
+to the same outputs, and a refusal beyond the tolerance leaving the model as it was."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import unipelt
+from conftest import make_bert, make_batch, make_llama, randomize
+from unipelt.cli import main
+from unipelt.collapse import CollapseError, constant_delta_weight
+from unipelt.models import load_model
+from unipelt.pruning import ConstantGate
+from unipelt.train import record_training_info
+
+SPEC = {"version": 1, "modules": {
+    "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "gate": {"input": "layer"}},
+    "prefix": {"method": "prefix", "sites": "attn.kv", "length": 3, "reparam": "mlp", "reparam_hidden": 16,
+               "gate": {"input": "layer"}},
+    "adapter": {"method": "adapter", "sites": "ffn.res", "reduction_factor": 4, "gate": {"input": "site"}},
+}}
+
+
+def trained_ish(model, spec=SPEC):
+    """Random adapter weights; LoRA-q gates closed (bias -12), LoRA-v and adapter gates nearly
+    constant (tiny weights), prefix gates left varying."""
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    with torch.no_grad():
+        for k, g in h.gate_modules.items():
+            if k.startswith("lora@attn.q"):
+                g.linear.weight.zero_()
+                g.linear.bias.fill_(-12.0)
+            elif k.startswith(("lora@attn.v", "adapter")):
+                g.linear.weight.mul_(1e-4)
+            else:  # the prefix gates vary a lot over tokens and examples
+                gen = torch.Generator().manual_seed(7)
+                g.linear.weight.copy_(torch.randn(g.linear.weight.shape, generator=gen) * 2.0)
+                g.linear.bias.zero_()
+    return h
+
+
+def out(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("factory", [make_bert, make_llama])
+def test_collapse_prunes_folds_merges_and_reloads(tmp_path, factory):
+    model = factory()
+    h = trained_ish(model)
+    calib = [make_batch(seed=i) for i in range(3)]
+    probe = make_batch(seed=11)
+    gated = [out(model, b) for b in calib + [probe]]
+    rep = h.collapse(calib, tolerance=1e-3)
+    assert rep.pruned == ["lora.0.attn.q", "lora.1.attn.q"]
+    # the gates varying by at most `spread` (0.02) are the constants; on llama the second layer's
+    # prefix gate saturates at 1 (large layer inputs), so it is one of them there
+    assert sorted(rep.constant) == sorted(k for k, st in rep.stats.items() if st.spread <= 0.02 and k not in
+                                          ("lora@attn.q.0", "lora@attn.q.1"))
+    assert {"adapter.0", "adapter.1", "lora@attn.v.0", "lora@attn.v.1"} <= set(rep.constant)
+    assert rep.merged == ["lora.0.attn.v", "lora.1.attn.v"]
+    assert "prefix.0" in rep.kept_gates and rep.stats["prefix.0"].spread > 0.5
+    assert rep.dropped_reparameterization > 0
+    assert rep.params_after < rep.params_before
+    # the constants are the calibration means; the outputs within what collapse measured
+    for k, v in rep.constant.items():
+        assert v == pytest.approx(rep.stats[k].mean, abs=1e-6)
+    collapsed = [out(model, b) for b in calib + [probe]]
+    worst = max(float((a - b).abs().max()) for a, b in zip(gated[:3], collapsed[:3]))
+    assert worst <= 1e-3 and worst == pytest.approx(rep.max_abs_diff, abs=1e-6)
+    torch.testing.assert_close(collapsed[3], gated[3], atol=1e-3, rtol=0)  # unseen data too (tiny gate weights)
+    # nothing of the pruned branches or the constant gates is computed or saved
+    assert all(isinstance(h.entries[k].gate, ConstantGate) for k in ("adapter.0.ffn.res", "lora.1.attn.v"))
+    h.save(tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "unipelt.json").read_text())
+    assert meta["spec"]["pruned"] == rep.pruned and sorted(meta["spec"]["collapsed"]) == sorted(rep.constant)
+    fresh = factory()
+    loaded = unipelt.load(fresh, tmp_path / "c")
+    assert loaded.summary().kept == rep.params_after
+    for b, expect in zip(calib + [probe], collapsed):
+        torch.testing.assert_close(out(fresh, b), expect, atol=1e-5, rtol=1e-5)
+    assert loaded.merge()["merged"] == rep.merged  # a constant-gated LoRA merges after loading too
+    torch.testing.assert_close(out(fresh, probe), collapsed[3], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["replace", "multiply"])
+def test_merged_delta_is_the_gated_lora_formula(mode):
+    spec = {"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 4, "alpha": 6,
+                                               "gate": {"input": "layer", "lora_scale": mode}}}}
+    model = make_bert()
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    e = h.entries["lora.0.attn.q"]
+    e.gate = ConstantGate(h.gate_modules["lora@attn.q.0"].spec if "lora@attn.q.0" in h.gate_modules
+                          else h.gate_modules["lora.0"].spec, [0.3])
+    b = e.branch
+    scale = 0.3 if mode == "replace" else 0.3 * 6 / 4
+    torch.testing.assert_close(constant_delta_weight(e), scale * (b.lora_B @ b.lora_A), rtol=1e-5, atol=1e-6)
+
+
+def test_a_closed_prefix_gate_becomes_a_constant_not_a_removal():
+    """g·P_k -> 0 leaves attention logits 0 to the prefix (not -inf): removing a closed prefix would
+    change the outputs, so collapse folds its gate as a constant instead."""
+    model = make_llama()
+    h = unipelt.compile(model, SPEC)
+    randomize(h)
+    with torch.no_grad():
+        for k, g in h.gate_modules.items():
+            if k.startswith("prefix"):
+                g.linear.weight.zero_()
+                g.linear.bias.fill_(-12.0)
+    calib = [make_batch(seed=i) for i in range(2)]
+    before = [out(model, b) for b in calib]
+    rep = h.collapse(calib, spread=0.0)  # no other gate made constant
+    assert rep.pruned == [] and sorted(rep.constant) == ["prefix.0", "prefix.1"]
+    for b, expect in zip(calib, before):
+        torch.testing.assert_close(out(model, b), expect, atol=1e-5, rtol=1e-5)
+    # removing the prefix instead does change the outputs: the fold above was needed
+    from unipelt.pruning import prune
+
+    prune(h, ["prefix.0.attn.kv", "prefix.1.attn.kv"])
+    assert (out(model, calib[0]) - before[0]).abs().max() > 1e-3
+
+
+def test_beyond_the_tolerance_nothing_changes():
+    model = make_bert()
+    h = unipelt.compile(model, SPEC)
+    randomize(h)
+    with torch.no_grad():
+        for k, g in h.gate_modules.items():
+            if k.startswith("adapter"):
+                g.linear.weight.mul_(0.05)  # spread small enough to be folded, but not negligible
+    calib = [make_batch(seed=i) for i in range(2)]
+    before = out(model, calib[0])
+    with pytest.raises(CollapseError, match="over the tolerance 1e-09"):
+        h.collapse(calib, spread=0.5, tolerance=1e-9)
+    assert h.spec.pruned == [] and h.spec.collapsed == {} and not any(e.merged for e in h.entries.values())
+    assert not any(isinstance(g, ConstantGate) for g in h.gate_modules.values())
+    torch.testing.assert_close(out(model, calib[0]), before, rtol=0, atol=0)
+
+
+def test_collapse_command(tmp_path, capsys):
+    model, tok = load_model("tiny-bert", task="classification", num_labels=2)
+    h = trained_ish(model)
+    record_training_info(h, {"model": "tiny-bert", "task": "classification", "labels": ["neg", "pos"]})
+    h.save(tmp_path / "a")
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"some words {i} here", "label": ["neg", "pos"][i % 2]}) + "\n"
+                            for i in range(6)))
+    code = main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(tmp_path / "c"),
+                 "--tolerance", "1e-3", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert res["pruned"] == ["lora.0.attn.q", "lora.1.attn.q"] and len(res["merged"]) == 2
+    assert res["max_abs_diff"] <= 1e-3 and set(res["seconds"]) == {"base", "gated", "collapsed"}
+    assert json.loads((tmp_path / "c" / "unipelt.json").read_text())["spec"]["pruned"] == res["pruned"]
+    # refused: nothing written, the message names the adapter and the tolerance
+    code = main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(tmp_path / "d"),
+                 "--tolerance", "1e-12", "--spread", "1"])
+    err = capsys.readouterr().err
+    assert code != 0 and "over the tolerance" in err and str(tmp_path / "a") in err
+    assert not (tmp_path / "d").exists()
+    # the text output prints the difference, parameters and times
+    code = main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(tmp_path / "e")])
+    text = capsys.readouterr().out
+    assert code == 0 and "output diff" in text and "parameters" in text and "x base" in text
