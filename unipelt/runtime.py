@@ -231,11 +231,39 @@ class SiteRuntime:
 
     def refresh(self, active: set[str]) -> None:
         """Decide what runs here (called on attach, switch, merge and detach, never per call)."""
-        self.live = [e for e in self.entries if not e.merged and e.adapter in active]
+        live = [e for e in self.entries if not e.merged and e.adapter in active]
+        # AdapterFusion (plugins/fusion.py): an active fusion entry replaces the sum of the adapters
+        # it fuses by its attention over their deltas
+        self.fusion = []
+        fusers = [e for e in live if getattr(e.branch, "fuses", None)]
+        if fusers:
+            fused = {n for f in fusers for n in f.branch.fuses}
+            for f in fusers:
+                members = [[e for e in self.entries if e.adapter == n and not e.merged] for n in f.branch.fuses]
+                self.fusion.append((f, [m for m in members if m]))
+            live = [e for e in live if e not in fusers and e.adapter not in fused]
+        self.live = live
         self.live_mode = self.mode.get(self.live[0].adapter, "parallel") if self.live else "parallel"
 
     live: list[Entry] = []
     live_mode: str = "parallel"
+    fusion: list = []  # [(fusion entry, [entries of each fused adapter])]
+
+    def adapter_delta(self, entries: list[Entry], mode: str, x: Tensor | None, y: Tensor,
+                      ctx: ForwardContext) -> Tensor | None:
+        """The delta one adapter's branches here add to y (its own combination rule)."""
+        if mode == "sequential":
+            cur = y
+            for e in entries:
+                cur = cur + branch_delta(e, x if e.branch.reads == "input" else cur, ctx)
+            return cur - y
+        delta = None
+        for e in entries:
+            d = branch_delta(e, x if e.branch.reads == "input" else y, ctx)
+            delta = d if delta is None else delta + d
+        if delta is not None and mode == "average" and len(entries) > 1:
+            delta = delta / len(entries)
+        return delta
 
     def delta(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor | None:
         """The combined delta of the live branches (parallel or average), on the slice; None if none."""
@@ -245,17 +273,37 @@ class SiteRuntime:
             delta = d if delta is None else delta + d
         if delta is not None and self.live_mode == "average" and len(self.live) > 1:
             delta = delta / len(self.live)
+        for f, members in self.fusion:
+            d = self._fused(f, members, x, y, ctx)
+            if d is not None:
+                delta = d if delta is None else delta + d
         return delta
 
+    def _fused(self, f: Entry, members: list[list[Entry]], x: Tensor | None, y: Tensor,
+               ctx: ForwardContext) -> Tensor | None:
+        """AdapterFusion: the query is what the fused adapters read here (plugins/fusion.py)."""
+        ds = [self.adapter_delta(m, self.mode.get(m[0].adapter, "parallel"), x, y, ctx) for m in members]
+        ds = [d for d in ds if d is not None]
+        if not ds:
+            return None
+        query = x if f.branch.reads == "input" else y
+        return f.branch.fuse(query, torch.stack(ds, dim=-2))
+
     def apply(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor:
-        if not self.live:
+        if not self.live and not self.fusion:
             return y
         if self.kind == "renorm":
             return self._renorm(x, y, ctx)
         full = y
         if self.out_slice is not None:
             y = full[..., self.out_slice[0]:self.out_slice[1]]
-        if self.live_mode == "sequential":
+        if self.fusion:
+            delta = self.delta(x, y, ctx)
+            if delta is None:
+                return full
+            if self.out_slice is None:
+                return y + delta
+        elif self.live_mode == "sequential":
             cur = y
             for e in self.live:
                 cur = cur + branch_delta(e, x if e.branch.reads == "input" else cur, ctx)
@@ -292,6 +340,8 @@ class SiteRuntime:
                 raise RuntimeError(f"{self.site_key}: the sublayer's residual input was not captured")
             s = src = y + x
         delta = self.delta(src, src, ctx)
+        if delta is None:
+            delta = torch.zeros_like(src)
         if self.norm is not None:
             # ``forward``, not ``__call__``: we are inside the norm's own forward hook
             return self.norm.forward(s + delta)

@@ -88,18 +88,32 @@ class ModelState:
         ctx = self.ctx
         ctx.version += 1
         ctx.executor = self.executor
+        active = self.running(ctx.active)
         for host in self.hosts.values():
             for rt in host.runtimes.values():
-                rt.refresh(ctx.active)
+                rt.refresh(active)
             host.refresh()
         for p in list(self.kv):
             provider = _provider_of(self.info, p)
             if provider is not None:
-                provider.refresh(ctx.active)
-        live = [e for e in self.embed if e.adapter in ctx.active]
+                provider.refresh(active)
+        live = [e for e in self.embed if e.adapter in active]
         ctx.embed_live = live
         for group in ctx.groups.values():
-            group.refresh(ctx.active, self.executor)
+            group.refresh(active, self.executor)
+
+    def running(self, names: set[str]) -> set[str]:
+        """The adapters that run when ``names`` are active: an active AdapterFusion
+        (plugins/fusion.py) runs the adapters it fuses as well (fused where it fuses them,
+        as they are elsewhere)."""
+        out = set(names)
+        for n in names:
+            h = self.handles.get(n)
+            if h is None:
+                continue
+            for e in h.entries.values():
+                out.update(getattr(e.branch, "fuses", None) or ())
+        return out
 
 
 def base_param_count(model: nn.Module) -> int:
