@@ -34,13 +34,21 @@ def set_adapter(model, names) -> None:
     _set(model, names)
 
 
+def adapter_names(model, names):
+    """``with unipelt.adapter_names(model, names):`` row i of every call (generate() included) is
+    served by adapter ``names[i]`` (``"__base__"``: none); one call takes ``adapter_names=`` itself."""
+    from unipelt.state import adapter_names as _names
+
+    return _names(model, names)
+
+
 def validate(spec):
     """Parse and validate a spec without a model; returns the parsed Spec or raises SpecError."""
     return parse_spec(spec)
 
 
 __all__ = [
-    "compile", "load", "set_adapter", "validate", "parse_spec", "Spec",
+    "compile", "load", "set_adapter", "adapter_names", "validate", "parse_spec", "Spec",
     "UnipeltError", "SpecError", "ModelError", "AdapterFileError", "DataError", "PluginError", "OutputError",
     "UnipeltWarning",
 ]

@@ -57,6 +57,15 @@ class ForwardContext:
     executor: str = "grouped"  # mirrored from the state at refresh
     # masked-mean pooling weights (mask / real-token count) of this forward, (B, T, 1)
     mean_weights: Tensor | None = None
+    # several adapters in one batch (``model(..., adapter_names=[...])``): the rows of each adapter
+    # in this call (set by the root pre-hook, None when the call names none), and, decided at
+    # refresh, what runs for a row of each attached adapter (its name -> the adapters that run)
+    rows: "RowSelection | None" = None
+    solo: dict[str, frozenset[str]] = field(default_factory=dict)
+    merged_any: bool = False
+    inplace: frozenset[str] = frozenset()
+    embed_solo: dict[str, list] = field(default_factory=dict)  # adapter -> prompt entries of its rows
+    row_names: list[str] | None = None  # inside ``with unipelt.adapter_names(model, names)``
 
     def clear(self) -> None:
         """Forget the tensors of the last call."""
@@ -131,6 +140,58 @@ def pool_gate(g: Tensor, pooling: str, ctx: ForwardContext, key: int) -> Tensor:
                 del states[end]
         return csum / ccount.clamp_min(1.0)
     raise ValueError(f"unknown gate pooling {pooling!r}")
+
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class RowSelection:
+    """The rows of one call that each adapter serves (``adapter_names=[...]``, one name per row,
+    ``"__base__"`` for none). Every hook point computes each selected adapter's result on the whole
+    batch and keeps it on that adapter's rows (:meth:`Host.run`), so gates, pooling and masks are
+    those of a single-adapter call and each row's gradient reaches only its own adapter.
+
+    ``segments()`` gives the same selection as sorted segments (a permutation of the rows and each
+    adapter's [start, end) in it), the form a segmented (SGMV-style) kernel consumes.
+    """
+
+    def __init__(self, names: list[str], device):
+        self.names = list(names)
+        self.batch = len(names)
+        self.adapters = tuple(dict.fromkeys(n for n in names if n != BASE))
+        self.device = device
+        self._masks: dict[tuple[str, int], Tensor] = {}
+        self._index: dict[str, Tensor] = {}
+
+    def index(self, name: str) -> Tensor:
+        """The rows of ``name`` (long, on the model's device)."""
+        t = self._index.get(name)
+        if t is None:
+            t = torch.tensor([i for i, n in enumerate(self.names) if n == name], dtype=torch.long, device=self.device)
+            self._index[name] = t
+        return t
+
+    def mask(self, name: str, dim: int) -> Tensor:
+        """A (B, 1, ..., 1) boolean mask of ``name``'s rows, broadcastable to a ``dim``-d tensor."""
+        key = (name, dim)
+        m = self._masks.get(key)
+        if m is None:
+            m = torch.tensor([n == name for n in self.names], dtype=torch.bool, device=self.device)
+            m = m.view(-1, *([1] * (dim - 1)))
+            self._masks[key] = m
+        return m
+
+    def segments(self) -> tuple[Tensor, list[tuple[str, int, int]]]:
+        """(perm, [(adapter, start, end)]): rows sorted by adapter; ``x[perm][start:end]`` are the
+        rows of ``adapter`` (base rows last, in no segment)."""
+        order, segs, at = [], [], 0
+        for a in self.adapters:
+            rows = [i for i, n in enumerate(self.names) if n == a]
+            order += rows
+            segs.append((a, at, at + len(rows)))
+            at += len(rows)
+        order += [i for i, n in enumerate(self.names) if n == BASE]
+        return torch.tensor(order, dtype=torch.long, device=self.device), segs
 
 
 # ------------------------------------------------------------------------------------------
@@ -248,6 +309,31 @@ class SiteRuntime:
     live: list[Entry] = []
     live_mode: str = "parallel"
     fusion: list = []  # [(fusion entry, [entries of each fused adapter])]
+    solo: dict = {}  # adapter name -> (live, live_mode, fusion) of a row served by it
+
+    def plan_solo(self, solo: dict[str, frozenset[str]]) -> None:
+        """What runs here for a row of each attached adapter (mixed batches), decided at refresh."""
+        saved = (self.live, self.live_mode, self.fusion)
+        plans = {}
+        for name, running in solo.items():
+            if any(e.adapter in running for e in self.entries):
+                self.refresh(set(running))
+                if self.live or self.fusion:
+                    plans[name] = (self.live, self.live_mode, self.fusion)
+        self.live, self.live_mode, self.fusion = saved
+        self.solo = plans
+
+    def apply_solo(self, name: str, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor | None:
+        """The hook point's output with only ``name``'s plan live (None: nothing of it here)."""
+        plan = self.solo.get(name)
+        if plan is None:
+            return None
+        saved = (self.live, self.live_mode, self.fusion)
+        self.live, self.live_mode, self.fusion = plan
+        try:
+            return self.apply(x, y, ctx)
+        finally:
+            self.live, self.live_mode, self.fusion = saved
 
     def adapter_delta(self, entries: list[Entry], mode: str, x: Tensor | None, y: Tensor,
                       ctx: ForwardContext) -> Tensor | None:
@@ -370,6 +456,8 @@ class Host:
 
     def run(self, x: Tensor | None, y: Tensor) -> Tensor:
         ctx = self.ctx
+        if ctx.rows is not None:
+            return self._run_rows(x, y, ctx.rows)
         sliced = self._sliced
         if sliced is not None:
             # a fused projection (GPT-2's c_attn): the slices' deltas are concatenated (zeros where
@@ -402,8 +490,26 @@ class Host:
     _sliced: list[SiteRuntime] | None = None
     _unsliced: list[SiteRuntime] = []
 
+    def _run_rows(self, x: Tensor | None, y: Tensor, rows: RowSelection) -> Tensor:
+        """A mixed batch: each selected adapter's result, computed on the whole batch as in a call
+        with only that adapter, kept on its rows (torch.where passes a row's gradient to its own
+        adapter only); the other rows keep the base output."""
+        ctx = self.ctx
+        out = y
+        for name in rows.adapters:
+            cur, touched = y, False
+            for rt in self.runtimes.values():
+                got = rt.apply_solo(name, ctx.stash.get(rt.site_key) if rt.reads_stash else x, cur, ctx)
+                if got is not None:
+                    cur, touched = got, True
+            if touched:
+                out = torch.where(rows.mask(name, y.dim()), cur, out)
+        return out
+
     def refresh(self) -> None:
         """Plan the fused-projection path: the parallel runtimes on slices of one output."""
+        for rt in self.runtimes.values():
+            rt.plan_solo(self.ctx.solo)
         lin = [rt for rt in self.runtimes.values() if rt.kind == "linear" and rt.out_slice is not None]
         self._sliced = None
         self._unsliced = list(self.runtimes.values())
