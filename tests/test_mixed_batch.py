@@ -225,3 +225,24 @@ def test_no_per_call_work_without_adapter_names():
     assert ctx.rows is not None
     model(**make_batch())
     assert ctx.rows is None
+
+
+def test_ungated_lora_rows_run_as_one_stacked_product():
+    """Eight ungated LoRAs in one batch: one x·[A_1|..|A_8]ᵀ and one product with [B_1|..|B_8] per
+    projection (the plan), and every row as its adapter alone."""
+    model = FACTORIES["llama"]()
+    spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 2, "alpha": 3}}}
+    for i in range(8):
+        randomize(unipelt.compile(model, spec, name=f"a{i}"), seed=i, std=0.2)
+    from unipelt.state import get_state
+
+    state = get_state(model)
+    rts = [rt for h in state.hosts.values() for rt in h.runtimes.values()]
+    assert rts and all(rt.stacked is not None and len(rt.stacked) == 8 for rt in rts)
+    batch = make_batch(batch=6, lengths=(7, 6, 5, 4, 3, 2))
+    names = ["a3", "a0", "__base__", "a7", "a3", "a5"]
+    with torch.no_grad():
+        want = per_row(model, batch, names)
+        got = outputs(model, batch, adapter_names=names)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=0)

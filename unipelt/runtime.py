@@ -181,6 +181,18 @@ class RowSelection:
             self._masks[key] = m
         return m
 
+    def column_scale(self, cols: tuple[tuple[str, int, float], ...], dim: int) -> Tensor:
+        """(B, 1, .., K): for blocks ``(adapter, width, scale)`` side by side, ``scale`` on the rows
+        of that adapter and 0 elsewhere (made once per call for each layout of columns)."""
+        key = ("cols", cols, dim)
+        m = self._masks.get(key)
+        if m is None:
+            m = torch.tensor([[scale if n == name else 0.0 for name, width, scale in cols for _ in range(width)]
+                              for n in self.names], device=self.device)
+            m = m.view(m.shape[0], *([1] * (dim - 2)), m.shape[1])
+            self._masks[key] = m
+        return m
+
     def segments(self) -> tuple[Tensor, list[tuple[str, int, int]]]:
         """(perm, [(adapter, start, end)]): rows sorted by adapter; ``x[perm][start:end]`` are the
         rows of ``adapter`` (base rows last, in no segment)."""
@@ -322,6 +334,46 @@ class SiteRuntime:
                     plans[name] = (self.live, self.live_mode, self.fusion)
         self.live, self.live_mode, self.fusion = saved
         self.solo = plans
+        self.stacked = self._plan_stacked(plans)
+
+    stacked: "list[tuple[str, Entry]] | None" = None
+
+    def _plan_stacked(self, plans: dict) -> "list[tuple[str, Entry]] | None":
+        """Mixed batches at a projection: when every adapter here has one plain, ungated branch of
+        the form ``expand(u) = (scale·u)·W_upᵀ`` (``segment_params() -> (W_up, scale)``: LoRA), all
+        of them run as one product x·[A_1|..|A_N]ᵀ, a per-row column mask (scale for the row's own
+        adapter's columns, 0 elsewhere) and one product with [B_1|..|B_N]: cost independent of how
+        many adapters share the batch. None: each adapter runs on its own (:meth:`apply_solo`)."""
+        if self.kind != "linear" or self.out_slice is not None or len(plans) < 2:
+            return None
+        out = []
+        for name, (live, mode, fusion) in plans.items():
+            if fusion or mode != "parallel" or len(live) != 1:
+                return None
+            e = live[0]
+            b = e.branch
+            if (e.gate is not None or b.reads != "input" or not callable(getattr(b, "segment_params", None))
+                    or not callable(getattr(b, "shrink_params", None)) or b.shrink_params() is None):
+                return None
+            out.append((name, e))
+        return out
+
+    def apply_stacked(self, x: Tensor, y: Tensor, rows: "RowSelection") -> Tensor:
+        """The mixed-batch output of the stacked plan (:meth:`_plan_stacked`)."""
+        a_parts, b_parts, cols = [], [], []
+        for name, e in self.stacked:
+            w_up, scale = e.branch.segment_params()
+            w_down = e.branch.shrink_params()[0]
+            a_parts.append(w_down)
+            b_parts.append(w_up)
+            cols.append((name, w_down.shape[0], float(scale)))
+        z = torch.nn.functional.linear(x, torch.cat(a_parts, 0).to(x.dtype))
+        z = z * rows.column_scale(tuple(cols), z.dim()).to(z.dtype)
+        w = torch.cat(b_parts, 1).to(x.dtype)
+        if y.dim() >= 2 and y.is_contiguous() and not torch.compiler.is_compiling():
+            flat = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), w.t())
+            return flat.view(y.shape)
+        return y + torch.nn.functional.linear(z, w)
 
     def apply_solo(self, name: str, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor | None:
         """The hook point's output with only ``name``'s plan live (None: nothing of it here)."""
@@ -495,10 +547,14 @@ class Host:
         with only that adapter, kept on its rows (torch.where passes a row's gradient to its own
         adapter only); the other rows keep the base output."""
         ctx = self.ctx
+        runtimes = list(self.runtimes.values())
+        if runtimes[0].stacked is not None:  # projections run first (_PHASE): one stacked product
+            y = runtimes[0].apply_stacked(x, y, rows)
+            runtimes = runtimes[1:]
         out = y
         for name in rows.adapters:
             cur, touched = y, False
-            for rt in self.runtimes.values():
+            for rt in runtimes:
                 got = rt.apply_solo(name, ctx.stash.get(rt.site_key) if rt.reads_stash else x, cur, ctx)
                 if got is not None:
                     cur, touched = got, True
