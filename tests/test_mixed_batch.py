@@ -246,3 +246,27 @@ def test_ungated_lora_rows_run_as_one_stacked_product():
         got = outputs(model, batch, adapter_names=names)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+
+
+def test_speed_variant_mixes_eight_adapters():
+    """benchmarks/speed.py's lora-r8-qv-mixed8: eight adapters on one model, rows round-robin, all
+    trained (one optimizer group per setting), and a step runs."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_bench_mixed", path)
+    speed = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = speed
+    spec.loader.exec_module(speed)
+    scn = speed.TINY["llama"]
+    prep = speed.prepare(speed.VARIANTS["lora-r8-qv-mixed8"], scn, "train", torch.device("cpu"), torch.float32)
+    one = speed.prepare(speed.VARIANTS["lora-r8-qv"], scn, "train", torch.device("cpu"), torch.float32)
+    assert prep.trainable == 8 * one.trainable
+    assert prep.call_kwargs["adapter_names"] == [f"m{i % 8}" for i in range(scn.train_shape[0])]
+    assert len(prep.params) == len(one.params)
+    batch = {**speed.make_batch(scn, "train", 512, torch.device("cpu")), **prep.call_kwargs}
+    prep.model(**batch).loss.backward()
+    graded = {h.name for h in prep.keep if any(p.grad is not None and p.grad.any() for p in h.parameters())}
+    assert graded == {f"m{i}" for i in range(scn.train_shape[0])}  # the rows' adapters, no others

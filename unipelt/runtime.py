@@ -335,8 +335,10 @@ class SiteRuntime:
         self.live, self.live_mode, self.fusion = saved
         self.solo = plans
         self.stacked = self._plan_stacked(plans)
+        self._stack_cache = None
 
     stacked: "list[tuple[str, Entry]] | None" = None
+    _stack_cache: tuple | None = None
 
     def _plan_stacked(self, plans: dict) -> "list[tuple[str, Entry]] | None":
         """Mixed batches at a projection: when every adapter here has one plain, ungated branch of
@@ -367,9 +369,19 @@ class SiteRuntime:
             a_parts.append(w_down)
             b_parts.append(w_up)
             cols.append((name, w_down.shape[0], float(scale)))
-        z = torch.nn.functional.linear(x, torch.cat(a_parts, 0).to(x.dtype))
+        if torch.is_grad_enabled():
+            a, w = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
+        else:
+            # inference: the side-by-side weights are kept until a parameter changes (its version)
+            key = tuple((id(t), t._version) for t in a_parts + b_parts)
+            cached = self._stack_cache
+            if cached is None or cached[0] != key:
+                cached = (key, torch.cat(a_parts, 0), torch.cat(b_parts, 1))
+                self._stack_cache = cached
+            a, w = cached[1], cached[2]
+        z = torch.nn.functional.linear(x, a.to(x.dtype))
         z = z * rows.column_scale(tuple(cols), z.dim()).to(z.dtype)
-        w = torch.cat(b_parts, 1).to(x.dtype)
+        w = w.to(x.dtype)
         if y.dim() >= 2 and y.is_contiguous() and not torch.compiler.is_compiling():
             flat = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), w.t())
             return flat.view(y.shape)
