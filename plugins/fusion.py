@@ -140,6 +140,7 @@ def unipelt_attach_branch(model, state, site, entry, graph, registry):
     if not isinstance(entry.branch, FusionBranch) or not fuses:
         return None
     path = f"combine.{site.site}.adapters"
+    source = getattr(graph, "source", None)
     host = state.hosts.get(site.path)
     rt = host.runtimes.get(site.key) if host is not None else None
     here = {e.adapter for e in rt.entries} if rt is not None else set()
@@ -148,12 +149,13 @@ def unipelt_attach_branch(model, state, site, entry, graph, registry):
         if handle is None:
             attached = ", ".join(n for n in state.handles) or "(none)"
             raise SpecError(f"no adapter named {name!r} is attached to fuse (attached: {attached}); load the "
-                            f"adapters first: unipelt.load(model, path, name={name!r})", path=f"{path}[{i}]")
+                            f"adapters first: unipelt.load(model, path, name={name!r})", source=source, path=f"{path}[{i}]")
         if any(isinstance(e.branch, FusionBranch) for e in handle.entries.values()):
-            raise SpecError(f"{name!r} is itself a fusion; fusing fusions is not supported", path=f"{path}[{i}]")
+            raise SpecError(f"{name!r} is itself a fusion; fusing fusions is not supported", source=source,
+                            path=f"{path}[{i}]")
         if name not in here:
             raise SpecError(f"adapter {name!r} has no branch at {site.site} of layer {site.layer}; fuse it where "
-                            "it has one (`layers:` of the fusion)", path=f"{path}[{i}]")
+                            "it has one (`layers:` of the fusion)", source=source, path=f"{path}[{i}]")
     # only the fusion layer trains: the fused adapters are frozen while it is attached (each
     # entry records what it froze itself, so the flags come back whatever the detach order)
     saved = []

@@ -207,3 +207,12 @@ def test_fusion_spec_errors():
     unipelt.compile(model, {"modules": {"l": {"method": "lora", "site": "attn.q", "r": 2}}}, name="l")
     with pytest.raises(SpecError, match=r"adapters\[1\]: adapter 'l' has no branch at ffn.out"):
         unipelt.compile(model, fusion_spec(adapters=("a", "l")), name="f")
+
+
+def test_attach_errors_name_the_spec_file(tmp_path):
+    model = make_bert()
+    unipelt.compile(model, ADAPTER, name="a")
+    path = tmp_path / "fuse.yaml"
+    path.write_text("modules: {}\ncombine:\n  ffn.out: {mode: fusion, adapters: [a, missing]}\n")
+    with pytest.raises(SpecError, match=r"fuse.yaml: combine.ffn.out.adapters\[1\]: no adapter named 'missing'"):
+        unipelt.compile(model, path, name="f")
