@@ -270,3 +270,38 @@ def test_speed_variant_mixes_eight_adapters():
     prep.model(**batch).loss.backward()
     graded = {h.name for h in prep.keep if any(p.grad is not None and p.grad.any() for p in h.parameters())}
     assert graded == {f"m{i}" for i in range(scn.train_shape[0])}  # the rows' adapters, no others
+
+
+def test_beam_search_rows_keep_their_adapter():
+    """generate(num_beams=2, num_return_sequences=2) repeats each row: the repeats keep its adapter."""
+    model = make_llama()
+    spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4},
+                        "p": {"method": "p_tuning_v2", "length": 2}}}
+    for i, n in enumerate("ab"):
+        randomize(unipelt.compile(model, spec, name=n), seed=i + 1, std=0.3)
+    ids = torch.randint(3, 90, (2, 4), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=4, min_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False,
+              pad_token_id=0)
+    names = ["b", "a"]
+    want = []
+    for i, n in enumerate(names):
+        unipelt.set_adapter(model, n)
+        want.append(model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), **kw))
+    with unipelt.adapter_names(model, names):
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    assert torch.equal(got, torch.cat(want))
+
+
+def test_gradient_checkpointing_recomputes_the_same_rows():
+    case = next(c for c in MIXABLE if c.name == "unipelt_apl-llama")
+    grads = []
+    for checkpointing in (False, True):
+        model, ha, hb = two_adapters(case)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        batch = make_batch(batch=3, lengths=(7, 5, 6))
+        model(**batch, adapter_names=["a", "b", "__base__"]).logits.pow(2).mean().backward()
+        grads.append([p.grad.clone() for h in (ha, hb) for p in h.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
