@@ -60,7 +60,7 @@ class ForwardContext:
     # several adapters in one batch (``model(..., adapter_names=[...])``): the rows of each adapter
     # in this call (set by the root pre-hook, None when the call names none), and, decided at
     # refresh, what runs for a row of each attached adapter (its name -> the adapters that run)
-    rows: "RowSelection | None" = None
+    rows: RowSelection | None = None
     solo: dict[str, frozenset[str]] = field(default_factory=dict)
     merged_any: bool = False
     inplace: frozenset[str] = frozenset()

@@ -10,6 +10,7 @@ adapted model, its hooks pointing at its own state.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -432,13 +433,10 @@ class KVProvider:
                 out.append(p)
         return out or None
 
-
     def _rows(self, rows: RowSelection, query, key_states):
         """A mixed batch: every selected adapter's prefixes side by side, each visible to its own
         rows only (``KVPrefix.visible``). Adapters with different prefix lengths need no padding:
         a row attends to its adapter's L columns exactly as alone; the others' are masked out."""
-        import dataclasses
-
         out = []
         batch = query.shape[0]
         for name in rows.adapters:
