@@ -29,7 +29,11 @@ alpha 16, on q and v), ``full`` (full fine-tuning), ``peft-lora-r16-all`` / ``pe
 (HF PEFT's LoRA on the same modules, same r/alpha, adapter weights in the model's dtype:
 ``autocast_adapter_dtype=False``, as unipelt's); optional: ``prefix``, ``pfeiffer``, ``mam``,
 ``unipelt-al``, ``ia3``, ``vera`` (the spec files of the same names), ``dora-r16-all`` /
-``peft-dora-r16-all`` (unipelt's DoRA / PEFT's ``use_dora=True``, r16, alpha 32, every linear). The classifier head stays frozen for every
+``peft-dora-r16-all`` (unipelt's DoRA / PEFT's ``use_dora=True``, r16, alpha 32, every linear),
+``unipelt-collapsed`` / ``unipelt-collapsed-closed`` / ``unipelt-adapterdrop`` (issue 12), ``lora-r8-qv-mixed8`` (eight ``lora-r8-qv``
+adapters on one model, the batch's rows served round-robin by them through ``adapter_names=``,
+all eight trained: issue 12's target is its time at most 1.2x ``lora-r8-qv``'s, one adapter per
+batch; eager only, the selection is Python per call). The classifier head stays frozen for every
 variant but ``full``: the same work for unipelt and PEFT. On llama the UniPELT gates are causal
 (``pooling: auto`` -> per token); on BERT they pool with the padding-masked mean.
 
@@ -240,6 +244,7 @@ class Prepared:
     params: list[nn.Parameter] | list[dict]  # AdamW's argument; empty = no optimizer
     trainable: int
     keep: Any = None  # the unipelt handle / PEFT wrapper: alive as long as the model
+    call_kwargs: dict = field(default_factory=dict)  # added to every call (adapter_names=)
 
 
 def _lora_all(scn: Scenario) -> dict:
@@ -331,7 +336,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             post=_collapse(("adapter",))),
     Variant("unipelt-adapterdrop", "unipelt", "specs/unipelt.yaml with AdapterDrop of the first half of the layers "
             "(drop.layers)", spec=_with("unipelt.yaml", drop=_first_half)),
+    Variant("lora-r8-qv-mixed8", "mixed", "8 unipelt LoRA r8 q,v adapters, rows round-robin (adapter_names)",
+            spec=_lora_qv),
 ]}
+MIXED_ADAPTERS = 8
 DEFAULT_VARIANTS = ("unipelt", "lora-r16-all", "lora-r8-qv", "full", "peft-lora-r16-all", "peft-lora-r8-qv")
 FLOOR = Variant("floor", "floor", "frozen base (train: gradients to the embedding output, no optimizer; infer: base forward)")
 
@@ -371,6 +379,22 @@ def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, d
             variant.post(handle, scn, device)
         groups = param_groups(handle, LR)
         return Prepared(model, groups, sum(p.numel() for g in groups for p in g["params"]), handle)
+    if variant.kind == "mixed":
+        import unipelt
+        from unipelt.train import param_groups
+
+        handles = [unipelt.compile(model, variant.spec(scn), name=f"m{i}") for i in range(MIXED_ADAPTERS)]
+        # one optimizer group per distinct setting (as one adapter has), not eight times as many
+        merged: dict[tuple, dict] = {}
+        for h in handles:
+            for g in param_groups(h, LR):
+                key = tuple(sorted((k, v) for k, v in g.items() if k != "params"))
+                merged.setdefault(key, {**g, "params": []})["params"].extend(g["params"])
+        groups = list(merged.values())
+        rows = (scn.train_shape if phase == "train" else scn.infer_shape)[0]
+        names = [f"m{i % MIXED_ADAPTERS}" for i in range(rows)]
+        return Prepared(model, groups, sum(p.numel() for g in groups for p in g["params"]), handles,
+                        call_kwargs={"adapter_names": names})
     if variant.kind == "peft":
         from peft import LoraConfig, get_peft_model
 
@@ -512,7 +536,7 @@ def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings
         fn = torch.compile(model, **kwargs)
     opt = torch.optim.AdamW(prep.params, lr=LR) if phase == "train" and prep.params else None
     vocab = model.get_input_embeddings().num_embeddings
-    batch = make_batch(scn, phase, vocab, s.device)
+    batch = {**make_batch(scn, phase, vocab, s.device), **prep.call_kwargs}
     mark = mode == "reduce-overhead"  # CUDA graphs: a new step begins, earlier outputs may be overwritten
     # without an optimizer (the floor) nobody clears the probe's .grad; under CUDA graphs a gradient
     # kept alive across steps would live in the graph's memory pool and force a new recording

@@ -179,6 +179,12 @@ class LoraBranch(nn.Module):
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), u.reshape(-1, u.shape[-1]), self.lora_B.t())
         return flat.view(out.shape)
 
+    def segment_params(self) -> tuple[Tensor, float]:
+        """(W_up, scale) with ``expand(u, None) == F.linear(u * scale, W_up)``: a batch whose rows
+        are served by different LoRAs runs as one product with their Bs side by side
+        (unipelt.runtime.SiteRuntime.apply_stacked)."""
+        return self.lora_B, self.scale
+
     mergeable = True
 
     def delta_weight(self) -> Tensor:

@@ -41,6 +41,12 @@ def merge_adapters(adapters, out, **kwargs):
     from unipelt.merging import merge_adapters as _merge
 
     return _merge(adapters, out, **kwargs)
+def adapter_names(model, names):
+    """``with unipelt.adapter_names(model, names):`` row i of every call (generate() included) is
+    served by adapter ``names[i]`` (``"__base__"``: none); one call takes ``adapter_names=`` itself."""
+    from unipelt.state import adapter_names as _names
+
+    return _names(model, names)
 
 
 def validate(spec):
@@ -49,7 +55,7 @@ def validate(spec):
 
 
 __all__ = [
-    "compile", "load", "set_adapter", "validate", "merge_adapters", "parse_spec", "Spec",
+    "compile", "load", "set_adapter", "adapter_names", "validate", "merge_adapters", "parse_spec", "Spec",
     "UnipeltError", "SpecError", "ModelError", "AdapterFileError", "DataError", "PluginError", "OutputError",
     "UnipeltWarning",
 ]

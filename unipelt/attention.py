@@ -81,6 +81,10 @@ class KVPrefix:
     value: Tensor
     query_gate: Tensor | None = None
     value_gate: Tensor | None = None
+    # (B, L) bool, or None (every row sees every column): which rows attend to which prefix
+    # columns. A mixed batch (several adapters in one call) puts every adapter's prefix side by side
+    # and shows each row its own adapter's columns only; a hidden column gets exactly zero weight.
+    visible: Tensor | None = None
 
 
 KVProvider = Callable[[nn.Module, Tensor, Tensor, Tensor], KVPrefix | Sequence[KVPrefix] | None]
@@ -309,6 +313,8 @@ def _forward_with_prefixes(
     plain_k: list[Tensor] = []
     plain_v: list[Tensor] = []
     gated: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = []  # (P_k, P_v, g_k, g_v)
+    plain_vis: list[Tensor | None] = []
+    gated_vis: list[Tensor | None] = []
     for p in prefixes:
         pk, pv, gk, gv = _checked(module, p, query, key, value)
         if pk.shape[2] == 0:
@@ -317,14 +323,25 @@ def _forward_with_prefixes(
             # ungated, or one gate per example (or a single query while decoding): scale P_k, P_v
             plain_k.append(pk if gk is None else pk * gk)
             plain_v.append(pv if gv is None else pv * gv)
+            plain_vis.append(p.visible)
         else:
             gated.append((pk, pv, gk, gv))
+            gated_vis.append(p.visible)
     n_prefix = sum(t.shape[2] for t in plain_k) + sum(g[0].shape[2] for g in gated)
     if n_prefix == 0:
         return base_forward(module, query, key, value, attention_mask, **kwargs)
 
     # --- mask: L visible columns in front of the real keys -------------------------------------------
-    if attention_mask is not None:
+    if any(v is not None for v in plain_vis + gated_vis):
+        # per-row prefix columns (a mixed batch), in the order the keys are laid out below
+        sizes = [t.shape[2] for t in plain_k] + [g[0].shape[2] for g in gated]
+        vis = torch.cat([
+            (v.to(device=query.device, dtype=torch.bool) if v is not None
+             else torch.ones(query.shape[0], n, dtype=torch.bool, device=query.device))
+            for v, n in zip(plain_vis + gated_vis, sizes)
+        ], dim=1)
+        attention_mask, key, value = _rows_mask(base, module, query, key, value, attention_mask, vis, kwargs)
+    elif attention_mask is not None:
         attention_mask = _prepend_visible(attention_mask, n_prefix)
     elif base == "sdpa" and q_len > 1 and _sdpa_is_causal(module, kwargs):
         # sdpa_attention_forward would run `is_causal=True` (upper-left aligned) on keys cropped to q_len
@@ -404,6 +421,34 @@ def _checked(
     if p.value_gate is None:
         gv = gk  # one gate for P_k and P_v
     return pk, pv, gk, gv
+
+
+def _rows_mask(base: str, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+               mask: Tensor | None, vis: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """The mask over [prefix columns, real keys] when rows see different prefix columns ``vis``
+    (B, L): the real keys' mask as transformers built it (or the one it stands for when it passed
+    none), the prefix columns visible where ``vis`` says. Boolean for SDPA, additive for eager."""
+    B, q_len = query.shape[0], query.shape[2]
+    n = vis.shape[1]
+    if mask is None:
+        if base == "sdpa" and q_len > 1 and _sdpa_is_causal(module, kwargs):
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+            real = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()[None, None]
+        else:
+            real = torch.ones(1, 1, q_len, key.shape[2], dtype=torch.bool, device=query.device)
+        real = real.expand(B, 1, q_len, -1)
+        if base != "sdpa":  # eager adds its mask to the scores
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            real = torch.where(real, zero, torch.finfo(query.dtype).min)
+        mask = real
+    mask = mask.expand(B, *mask.shape[1:]) if mask.shape[0] == 1 else mask
+    cols = vis[:, None, None, :].expand(B, mask.shape[1], mask.shape[2], n)
+    if mask.dtype == torch.bool:
+        front = cols
+    else:
+        front = torch.where(cols, torch.zeros((), dtype=mask.dtype, device=mask.device),
+                            torch.finfo(mask.dtype).min)
+    return torch.cat([front, mask], dim=-1), key, value
 
 
 def _sdpa_is_causal(module: nn.Module, kwargs: dict[str, Any]) -> bool:

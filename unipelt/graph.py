@@ -68,6 +68,7 @@ class CompiledGraph:
     combine: dict[str, str]  # site key -> mode
     order: dict[str, list[str]]  # site key -> node order (sequential)
     fusion_groups: list[FusionGroup]
+    source: str | None = None  # the spec file, for errors found when attaching (a fusion's adapters)
 
     def to_dot(self) -> str:
         lines = ["digraph unipelt {", "  rankdir=LR;"]
@@ -271,7 +272,8 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
                 members.append(GroupMember("gate", gp.key, f"gate {gp.gate_id} ({gp.spec.pooling})"))
         if len(members) >= 2:
             groups.append(FusionGroup(tensor=n.split(":", 2)[2], layer=d["layer"], members=members))
-    return CompiledGraph(graph=g, branches=branches, gates=gates, combine=combine, order=order, fusion_groups=groups)
+    return CompiledGraph(graph=g, branches=branches, gates=gates, combine=combine, order=order, fusion_groups=groups,
+                         source=src)
 
 
 # ------------------------------------------------------------------------------------------

@@ -149,6 +149,27 @@ class _Layout:
         return src.gather(1, idx)
 
 
+def _row_prompts(ctx, rows) -> dict[str, list]:
+    """The prompt entries of each adapter of a mixed batch, {} when no row has any. Every row must
+    get the same number of virtual tokens before and after its text: the tokens that follow are
+    numbered from them (positions, the cache length of later steps), so a row with fewer would
+    need other positions than its single-adapter call, not only a masked pad."""
+    from unipelt.runtime import BASE
+
+    per = {n: ([] if n == BASE else ctx.embed_solo.get(n, [])) for n in dict.fromkeys(rows.names)}
+    layouts = {n: (sum(e.branch.length - e.branch.after for e in es), sum(e.branch.after for e in es))
+               for n, es in per.items()}
+    if len(set(layouts.values())) > 1:
+        shown = ", ".join(f"{n}: {b}+{a}" for n, (b, a) in layouts.items())
+        raise ModelError(
+            "adapter_names: the rows' adapters insert different numbers of virtual tokens (prompt tuning / "
+            f"P-tuning; before+after the text: {shown}); a mixed batch needs the same layout in every row"
+        )
+    if not any(per.values()):
+        return {}
+    return per
+
+
 class PromptRewrite:
     """The forward pre-hook (and decoder-classifier score hook) inserting virtual tokens."""
 
@@ -171,7 +192,16 @@ class PromptRewrite:
 
     def __call__(self, module, args, kwargs):
         self.pool_at = None
-        active = self.ctx.embed_live
+        ctx = self.ctx
+        rows = None
+        if "adapter_names" in kwargs or ctx.row_names is not None:
+            # a mixed batch (the root pre-hook, after this one, consumes the keyword)
+            from unipelt.state import select_rows
+
+            rows = select_rows(ctx, self.binder, args, kwargs, kwargs.get("adapter_names"), ctx.row_names)
+            active = _row_prompts(ctx, rows)
+        else:
+            active = ctx.embed_live
         if not active:
             return None
         encoder, limit, score, pad_id, embed_fn = self.encoder, self.limit, self.score, self.pad_id, self.embed_fn
@@ -182,10 +212,23 @@ class PromptRewrite:
                 return None
             embeds = embed_fn(ids)
         B, T = embeds.shape[:2]
-        # template order: every module's tokens before the input, then every module's tokens after it
-        prompts = [(e.branch.prompt(), e.branch.length - e.branch.after) for e in active]
-        p_before = torch.cat([p[:n] for p, n in prompts], 0).to(embeds.dtype)
-        p_after = torch.cat([p[n:] for p, n in prompts], 0).to(embeds.dtype)
+        if rows is None:
+            # template order: every module's tokens before the input, then every module's tokens after it
+            prompts = [(e.branch.prompt(), e.branch.length - e.branch.after) for e in active]
+            p_before = torch.cat([p[:n] for p, n in prompts], 0).to(embeds.dtype)
+            p_after = torch.cat([p[n:] for p, n in prompts], 0).to(embeds.dtype)
+            rows_before = p_before.unsqueeze(0).expand(B, -1, -1)
+            rows_after = p_after.unsqueeze(0).expand(B, -1, -1)
+        else:
+            # one adapter's virtual tokens per row (every row has the same layout: _row_prompts)
+            per = {}
+            for name, entries in active.items():
+                prompts = [(e.branch.prompt(), e.branch.length - e.branch.after) for e in entries]
+                per[name] = (torch.cat([p[:n] for p, n in prompts], 0).to(embeds.dtype),
+                             torch.cat([p[n:] for p, n in prompts], 0).to(embeds.dtype))
+            rows_before = torch.stack([per[n][0] for n in rows.names])
+            rows_after = torch.stack([per[n][1] for n in rows.names])
+            p_before, p_after = rows_before[0], rows_after[0]
         Lb, La = p_before.shape[0], p_after.shape[0]
         L = Lb + La
         past_len = _cache_length(call.get("past_key_values"))
@@ -234,7 +277,7 @@ class PromptRewrite:
             vb = start_b[:, None] + torch.arange(Lb, device=pid.device, dtype=pid.dtype)
             va = start_a[:, None] + torch.arange(La, device=pid.device, dtype=pid.dtype)
             call["position_ids"] = torch.cat([vb, va, shifted], 1).gather(1, layout.order)
-        embeds = layout.insert(embeds, p_before.unsqueeze(0).expand(B, Lb, -1), p_after.unsqueeze(0).expand(B, La, -1))
+        embeds = layout.insert(embeds, rows_before, rows_after)
         tt = call.get("token_type_ids")
         if tt is not None and tt.shape[:2] == (B, T):
             # after the input, the segment of the token they follow (a sentence pair's second segment)

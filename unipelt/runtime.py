@@ -62,6 +62,15 @@ class ForwardContext:
     # when a list: every gate evaluation appends (adapter, gate key, detached per-output mean),
     # for the training controllers (gate pruning) to read once per optimizer step (no sync here)
     gate_log: list | None = None
+    # several adapters in one batch (``model(..., adapter_names=[...])``): the rows of each adapter
+    # in this call (set by the root pre-hook, None when the call names none), and, decided at
+    # refresh, what runs for a row of each attached adapter (its name -> the adapters that run)
+    rows: RowSelection | None = None
+    solo: dict[str, frozenset[str]] = field(default_factory=dict)
+    merged_any: bool = False
+    inplace: frozenset[str] = frozenset()
+    embed_solo: dict[str, list] = field(default_factory=dict)  # adapter -> prompt entries of its rows
+    row_names: list[str] | None = None  # inside ``with unipelt.adapter_names(model, names)``
 
     def clear(self) -> None:
         """Forget the tensors of the last call."""
@@ -136,6 +145,70 @@ def pool_gate(g: Tensor, pooling: str, ctx: ForwardContext, key: int) -> Tensor:
                 del states[end]
         return csum / ccount.clamp_min(1.0)
     raise ValueError(f"unknown gate pooling {pooling!r}")
+
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class RowSelection:
+    """The rows of one call that each adapter serves (``adapter_names=[...]``, one name per row,
+    ``"__base__"`` for none). Every hook point computes each selected adapter's result on the whole
+    batch and keeps it on that adapter's rows (:meth:`Host.run`), so gates, pooling and masks are
+    those of a single-adapter call and each row's gradient reaches only its own adapter.
+
+    ``segments()`` gives the same selection as sorted segments (a permutation of the rows and each
+    adapter's [start, end) in it), the form a segmented (SGMV-style) kernel consumes.
+    """
+
+    def __init__(self, names: list[str], device):
+        self.names = list(names)
+        self.batch = len(names)
+        self.adapters = tuple(dict.fromkeys(n for n in names if n != BASE))
+        self.device = device
+        self._masks: dict[tuple[str, int], Tensor] = {}
+        self._index: dict[str, Tensor] = {}
+
+    def index(self, name: str) -> Tensor:
+        """The rows of ``name`` (long, on the model's device)."""
+        t = self._index.get(name)
+        if t is None:
+            t = torch.tensor([i for i, n in enumerate(self.names) if n == name], dtype=torch.long, device=self.device)
+            self._index[name] = t
+        return t
+
+    def mask(self, name: str, dim: int) -> Tensor:
+        """A (B, 1, ..., 1) boolean mask of ``name``'s rows, broadcastable to a ``dim``-d tensor."""
+        key = (name, dim)
+        m = self._masks.get(key)
+        if m is None:
+            m = torch.tensor([n == name for n in self.names], dtype=torch.bool, device=self.device)
+            m = m.view(-1, *([1] * (dim - 1)))
+            self._masks[key] = m
+        return m
+
+    def column_scale(self, cols: tuple[tuple[str, int, float], ...], dim: int) -> Tensor:
+        """(B, 1, .., K): for blocks ``(adapter, width, scale)`` side by side, ``scale`` on the rows
+        of that adapter and 0 elsewhere (made once per call for each layout of columns)."""
+        key = ("cols", cols, dim)
+        m = self._masks.get(key)
+        if m is None:
+            m = torch.tensor([[scale if n == name else 0.0 for name, width, scale in cols for _ in range(width)]
+                              for n in self.names], device=self.device)
+            m = m.view(m.shape[0], *([1] * (dim - 2)), m.shape[1])
+            self._masks[key] = m
+        return m
+
+    def segments(self) -> tuple[Tensor, list[tuple[str, int, int]]]:
+        """(perm, [(adapter, start, end)]): rows sorted by adapter; ``x[perm][start:end]`` are the
+        rows of ``adapter`` (base rows last, in no segment)."""
+        order, segs, at = [], [], 0
+        for a in self.adapters:
+            rows = [i for i, n in enumerate(self.names) if n == a]
+            order += rows
+            segs.append((a, at, at + len(rows)))
+            at += len(rows)
+        order += [i for i, n in enumerate(self.names) if n == BASE]
+        return torch.tensor(order, dtype=torch.long, device=self.device), segs
 
 
 # ------------------------------------------------------------------------------------------
@@ -262,6 +335,17 @@ class SiteRuntime:
     def refresh(self, active: set[str]) -> None:
         """Decide what runs here (called on attach, switch, merge and detach, never per call)."""
         live = [e for e in self.entries if not e.merged and not e.off and e.adapter in active]
+        # AdapterFusion (plugins/fusion.py): an active fusion entry replaces the sum of the adapters
+        # it fuses by its attention over their deltas
+        self.fusion = []
+        fusers = [e for e in live if getattr(e.branch, "fuses", None)]
+        if fusers:
+            fused = {n for f in fusers for n in f.branch.fuses}
+            for f in fusers:
+                members = [[e for e in self.entries if e.adapter == n and not e.merged and not e.off]
+                           for n in f.branch.fuses]
+                self.fusion.append((f, [m for m in members if m]))
+            live = [e for e in live if e not in fusers and e.adapter not in fused]
         # input scalings (``reads = "scale"``) run before the base projection, not among the deltas
         self.scalers = [e for e in live if e.branch.reads == "scale"]
         self.live = [e for e in live if e.branch.reads != "scale"]
@@ -270,6 +354,100 @@ class SiteRuntime:
     live: list[Entry] = []
     scalers: list[Entry] = []
     live_mode: str = "parallel"
+    fusion: list = []  # [(fusion entry, [entries of each fused adapter])]
+    solo: dict = {}  # adapter name -> (live, live_mode, fusion) of a row served by it
+
+    def plan_solo(self, solo: dict[str, frozenset[str]]) -> None:
+        """What runs here for a row of each attached adapter (mixed batches), decided at refresh."""
+        saved = (self.live, self.live_mode, self.fusion, self.scalers)
+        plans = {}
+        for name, running in solo.items():
+            if any(e.adapter in running for e in self.entries):
+                self.refresh(set(running))
+                if self.live or self.fusion:
+                    plans[name] = (self.live, self.live_mode, self.fusion)
+        self.live, self.live_mode, self.fusion, self.scalers = saved
+        self.solo = plans
+        self.stacked = self._plan_stacked(plans)
+        self._stack_cache = None
+
+    stacked: "list[tuple[str, Entry]] | None" = None
+    _stack_cache: tuple | None = None
+
+    def _plan_stacked(self, plans: dict) -> "list[tuple[str, Entry]] | None":
+        """Mixed batches at a projection: when every adapter here has one plain, ungated branch of
+        the form ``expand(u) = (scale·u)·W_upᵀ`` (``segment_params() -> (W_up, scale)``: LoRA), all
+        of them run as one product x·[A_1|..|A_N]ᵀ, a per-row column mask (scale for the row's own
+        adapter's columns, 0 elsewhere) and one product with [B_1|..|B_N]: cost independent of how
+        many adapters share the batch. None: each adapter runs on its own (:meth:`apply_solo`)."""
+        if self.kind != "linear" or self.out_slice is not None or len(plans) < 2:
+            return None
+        out = []
+        for name, (live, mode, fusion) in plans.items():
+            if fusion or mode != "parallel" or len(live) != 1:
+                return None
+            e = live[0]
+            b = e.branch
+            if (e.gate is not None or b.reads != "input" or not callable(getattr(b, "segment_params", None))
+                    or not callable(getattr(b, "shrink_params", None)) or b.shrink_params() is None):
+                return None
+            out.append((name, e))
+        return out
+
+    def apply_stacked(self, x: Tensor, y: Tensor, rows: "RowSelection") -> Tensor:
+        """The mixed-batch output of the stacked plan (:meth:`_plan_stacked`)."""
+        a_parts, b_parts, cols = [], [], []
+        for name, e in self.stacked:
+            w_up, scale = e.branch.segment_params()
+            w_down = e.branch.shrink_params()[0]
+            a_parts.append(w_down)
+            b_parts.append(w_up)
+            cols.append((name, w_down.shape[0], float(scale)))
+        if torch.is_grad_enabled():
+            a, w = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
+        else:
+            # inference: the side-by-side weights are kept until a parameter changes (its version)
+            key = tuple((id(t), t._version) for t in a_parts + b_parts)
+            cached = self._stack_cache
+            if cached is None or cached[0] != key:
+                cached = (key, torch.cat(a_parts, 0), torch.cat(b_parts, 1))
+                self._stack_cache = cached
+            a, w = cached[1], cached[2]
+        z = torch.nn.functional.linear(x, a.to(x.dtype))
+        z = z * rows.column_scale(tuple(cols), z.dim()).to(z.dtype)
+        w = w.to(x.dtype)
+        if y.dim() >= 2 and y.is_contiguous() and not torch.compiler.is_compiling():
+            flat = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), w.t())
+            return flat.view(y.shape)
+        return y + torch.nn.functional.linear(z, w)
+
+    def apply_solo(self, name: str, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor | None:
+        """The hook point's output with only ``name``'s plan live (None: nothing of it here)."""
+        plan = self.solo.get(name)
+        if plan is None:
+            return None
+        saved = (self.live, self.live_mode, self.fusion)
+        self.live, self.live_mode, self.fusion = plan
+        try:
+            return self.apply(x, y, ctx)
+        finally:
+            self.live, self.live_mode, self.fusion = saved
+
+    def adapter_delta(self, entries: list[Entry], mode: str, x: Tensor | None, y: Tensor,
+                      ctx: ForwardContext) -> Tensor | None:
+        """The delta one adapter's branches here add to y (its own combination rule)."""
+        if mode == "sequential":
+            cur = y
+            for e in entries:
+                cur = cur + branch_delta(e, x if e.branch.reads == "input" else cur, ctx)
+            return cur - y
+        delta = None
+        for e in entries:
+            d = branch_delta(e, x if e.branch.reads == "input" else y, ctx)
+            delta = d if delta is None else delta + d
+        if delta is not None and mode == "average" and len(entries) > 1:
+            delta = delta / len(entries)
+        return delta
 
     def delta(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor | None:
         """The combined delta of the live branches (parallel or average), on the slice; None if none."""
@@ -279,17 +457,37 @@ class SiteRuntime:
             delta = d if delta is None else delta + d
         if delta is not None and self.live_mode == "average" and len(self.live) > 1:
             delta = delta / len(self.live)
+        for f, members in self.fusion:
+            d = self._fused(f, members, x, y, ctx)
+            if d is not None:
+                delta = d if delta is None else delta + d
         return delta
 
+    def _fused(self, f: Entry, members: list[list[Entry]], x: Tensor | None, y: Tensor,
+               ctx: ForwardContext) -> Tensor | None:
+        """AdapterFusion: the query is what the fused adapters read here (plugins/fusion.py)."""
+        ds = [self.adapter_delta(m, self.mode.get(m[0].adapter, "parallel"), x, y, ctx) for m in members]
+        ds = [d for d in ds if d is not None]
+        if not ds:
+            return None
+        query = x if f.branch.reads == "input" else y
+        return f.branch.fuse(query, torch.stack(ds, dim=-2))
+
     def apply(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor:
-        if not self.live:
+        if not self.live and not self.fusion:
             return y
         if self.kind == "renorm":
             return self._renorm(x, y, ctx)
         full = y
         if self.out_slice is not None:
             y = full[..., self.out_slice[0]:self.out_slice[1]]
-        if self.live_mode == "sequential":
+        if self.fusion:
+            delta = self.delta(x, y, ctx)
+            if delta is None:
+                return full
+            if self.out_slice is None:
+                return y + delta
+        elif self.live_mode == "sequential":
             cur = y
             for e in self.live:
                 cur = cur + branch_delta(e, x if e.branch.reads == "input" else cur, ctx, y)
@@ -326,6 +524,8 @@ class SiteRuntime:
                 raise RuntimeError(f"{self.site_key}: the sublayer's residual input was not captured")
             s = src = y + x
         delta = self.delta(src, src, ctx)
+        if delta is None:
+            delta = torch.zeros_like(src)
         if self.norm is not None:
             # ``forward``, not ``__call__``: we are inside the norm's own forward hook
             return self.norm.forward(s + delta)
@@ -354,6 +554,8 @@ class Host:
 
     def run(self, x: Tensor | None, y: Tensor) -> Tensor:
         ctx = self.ctx
+        if ctx.rows is not None:
+            return self._run_rows(x, y, ctx.rows)
         sliced = self._sliced
         if sliced is not None:
             # a fused projection (GPT-2's c_attn): the slices' deltas are concatenated (zeros where
@@ -394,8 +596,30 @@ class Host:
             x = e.branch(x)
         return x
 
+    def _run_rows(self, x: Tensor | None, y: Tensor, rows: RowSelection) -> Tensor:
+        """A mixed batch: each selected adapter's result, computed on the whole batch as in a call
+        with only that adapter, kept on its rows (torch.where passes a row's gradient to its own
+        adapter only); the other rows keep the base output."""
+        ctx = self.ctx
+        runtimes = list(self.runtimes.values())
+        if runtimes[0].stacked is not None:  # projections run first (_PHASE): one stacked product
+            y = runtimes[0].apply_stacked(x, y, rows)
+            runtimes = runtimes[1:]
+        out = y
+        for name in rows.adapters:
+            cur, touched = y, False
+            for rt in runtimes:
+                got = rt.apply_solo(name, ctx.stash.get(rt.site_key) if rt.reads_stash else x, cur, ctx)
+                if got is not None:
+                    cur, touched = got, True
+            if touched:
+                out = torch.where(rows.mask(name, y.dim()), cur, out)
+        return out
+
     def refresh(self) -> None:
         """Plan the fused-projection path: the parallel runtimes on slices of one output."""
+        for rt in self.runtimes.values():
+            rt.plan_solo(self.ctx.solo)
         self.scalers = [e for rt in self.runtimes.values() for e in rt.scalers]
         lin = [rt for rt in self.runtimes.values() if rt.kind == "linear" and rt.out_slice is not None]
         self._sliced = None

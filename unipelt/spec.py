@@ -18,6 +18,8 @@ Format (YAML or JSON)::
       g: {input: layer}
     combine:                      # optional, per hook point when several modules share it
       ffn.out: {mode: sequential, order: [a1, a2]}
+      # or AdapterFusion over adapters already attached by name (plugins/fusion.py):
+      # ffn.out: {mode: fusion, adapters: [a, b, c]}   (then `modules` may be empty)
     budget: {max_params: 2000000} # or {fraction: 0.01}; count: kept | training
     executor: auto                # optional: auto | grouped | reference | triton (unipelt.executor)
     prune: {epsilon: 0.01, patience: 10, min_step: 0, to_budget: false}  # gate pruning (training);
@@ -50,7 +52,9 @@ EXECUTOR_CHOICES = ("auto", "grouped", "reference", "triton")
 NODE_KEYS = ("method", "site", "sites", "layers", "gate", "lr_scale", "prune")
 # names become parameter keys, file keys and report rows: short, and safe in all three
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
-COMBINE_MODES = ("parallel", "sequential", "average")
+COMBINE_MODES = ("parallel", "sequential", "average", "fusion")
+# a fusion entry's keys besides mode/adapters/layers go to the fusion method's config (plugins/fusion.py)
+FUSION_KEYS = ("mode", "adapters", "layers")
 
 
 # ------------------------------------------------------------------------------------------
@@ -201,8 +205,12 @@ class ModuleSpec:
 @dataclass
 class CombineSpec:
     site: str
-    mode: Literal["parallel", "sequential", "average"] = "parallel"
+    mode: Literal["parallel", "sequential", "average", "fusion"] = "parallel"
     order: list[str] = field(default_factory=list)
+    # mode fusion: the attached adapters fused here, the layers, and the fusion method's config
+    adapters: list[str] = field(default_factory=list)
+    layers: Any = None  # LayerSel
+    config: Any = None
 
 
 @dataclass
@@ -699,7 +707,9 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     if "modules" not in data:
         raise SpecError("missing required key 'modules' (a mapping of named PEFT modules)", source=source, path="modules")
     mods = _expect_mapping(data["modules"], source=source, path="modules")
-    if not mods:
+    fuses = any(isinstance(c, dict) and c.get("mode") == "fusion"
+                for c in (data.get("combine") or {}).values()) if isinstance(data.get("combine"), dict) else False
+    if not mods and not fuses:
         raise SpecError("'modules' is empty: name at least one module", source=source, path="modules")
     all_sites = registry.site_names()
     modules: dict[str, ModuleSpec] = {}
@@ -719,6 +729,9 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
                 f"unknown method {excerpt(method_name)}; available methods: {', '.join(sorted(registry.methods))}",
                 source=source, path=f"{p}.method",
             )
+        if method_name == "fusion":
+            raise SpecError("AdapterFusion is declared under combine: `combine: {ffn.out: {mode: fusion, "
+                            "adapters: [a, b]}}`, not as a module", source=source, path=f"{p}.method")
         method = registry.methods[method_name]
         params = {k: v for k, v in node.items() if k not in NODE_KEYS}
         from unipelt.registry import config_fields
@@ -794,10 +807,13 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
         if isinstance(cval, str):
             cval = {"mode": cval}
         cval = _expect_mapping(cval, source=source, path=p)
-        _unknown(cval, ("mode", "order"), source=source, path=p)
         mode = cval.get("mode", "parallel")
         if mode not in COMBINE_MODES:
             raise SpecError(f"expected one of {', '.join(COMBINE_MODES)}, got {excerpt(mode)}", source=source, path=f"{p}.mode")
+        if mode == "fusion":
+            combine[site] = _parse_fusion(site, cval, modules, registry, source=source, path=p)
+            continue
+        _unknown(cval, ("mode", "order"), source=source, path=p)
         order = cval.get("order", [])
         if not isinstance(order, list) or not all(isinstance(o, str) for o in order):
             raise SpecError("expected a list of module names", source=source, path=f"{p}.order")
@@ -816,6 +832,16 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
                 source=source, path=f"{p}.order",
             )
         combine[site] = CombineSpec(site=site, mode=mode, order=list(order))
+    for site, cs in combine.items():
+        if cs.mode != "fusion":
+            continue
+        # the fusion layers are this adapter's module at the site (built, saved and counted as one)
+        fname = fusion_module_name(site)
+        if fname in modules:
+            raise SpecError(f"the module name {fname!r} is taken by the fusion at {site}; rename the module",
+                            source=source, path=f"modules.{fname}")
+        modules[fname] = ModuleSpec(name=fname, method="fusion", sites=[site], layers=cs.layers, config=cs.config,
+                                    params={}, site_paths=[f"combine.{site}"])
 
     budget = None
     if data.get("budget") is not None:
@@ -930,6 +956,39 @@ def _parse_collapsed(value: Any, *, source: str | None) -> dict[str, list[float]
                             source=source, path=f"collapsed.{_seg(k)}")
         out[k] = [float(x) for x in vals]
     return out
+def fusion_module_name(site: str) -> str:
+    """The module that holds the fusion layers of ``combine.<site>`` (``fusion_ffn_out``)."""
+    return "fusion_" + re.sub(r"[^A-Za-z0-9_]", "_", site)
+
+
+def _parse_fusion(site: str, cval: dict, modules: dict[str, ModuleSpec], registry: Registry, *,
+                  source: str | None, path: str) -> CombineSpec:
+    """``combine.<site>: {mode: fusion, adapters: [a, b, ...], layers, <fusion options>}``: AdapterFusion
+    over adapters attached to the model by name (checked against the model when compiled)."""
+    method = registry.methods.get("fusion")
+    if method is None:
+        raise SpecError("mode 'fusion' needs the fusion plugin (unipelt_plugins.fusion), which is not installed",
+                        source=source, path=f"{path}.mode")
+    names = cval.get("adapters")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise SpecError("expected a list of the names of the attached adapters to fuse", source=source,
+                        path=f"{path}.adapters")
+    if len(names) < 2:
+        raise SpecError(f"fusion attends over two or more adapters, got {len(names)}", source=source,
+                        path=f"{path}.adapters")
+    for i, n in enumerate(names):
+        if names.index(n) != i:
+            raise SpecError(f"{excerpt(n)} is listed twice", source=source, path=f"{path}.adapters[{i}]")
+    at_site = [n for n, m in modules.items() if site in m.sites]
+    if at_site:
+        # the fusion layer replaces the sum of the fused adapters' outputs at this hook point; a
+        # module of this spec there would have no defined place (inside the attention or beside it)
+        raise SpecError(f"a fusion hook point takes no modules of its own spec; at {site}: {', '.join(at_site)}",
+                        source=source, path=path)
+    layers = _parse_layers(cval.get("layers", "all"), source=source, path=f"{path}.layers")
+    options = {k: v for k, v in cval.items() if k not in FUSION_KEYS}
+    config = build_config(method.config, {"adapters": list(names), **options}, source=source, path=path)
+    return CombineSpec(site=site, mode="fusion", adapters=list(names), layers=layers, config=config)
 
 
 def _parse_count(text: str, *, source: str | None) -> int:

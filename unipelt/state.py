@@ -10,6 +10,7 @@ adapted model, its hooks pointing at its own state.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.errors import ModelError
 from unipelt.inputs import CallBinder
-from unipelt.runtime import Entry, ForwardContext, Host, first_tensor_arg
+from unipelt.runtime import BASE, Entry, ForwardContext, Host, RowSelection, first_tensor_arg
 
 CONTAINER = "unipelt"  # attribute under which adapter parameters live in the model
 STATE_ATTR = "_unipelt_state"
@@ -88,21 +89,45 @@ class ModelState:
         ctx = self.ctx
         ctx.version += 1
         ctx.executor = self.executor
+        active = self.running(ctx.active)
+        # mixed batches: what a row served by each attached adapter runs
+        ctx.solo = {n: frozenset(self.running({n})) for n in self.handles}
+        ctx.merged_any = any(e.merged for h in self.handles.values() for e in h.entries.values())
+        # adapters that train base tensors in place (BitFit, LN tuning): every row sees those
+        # and those that rescale a projection's input (IA3 at ffn.down: the leaf scales x before the
+        # base layer, for the whole batch)
+        ctx.inplace = frozenset(n for n, h in self.handles.items()
+                                if any(callable(getattr(e.branch, "external_parameters", None)) or e.branch.reads == "scale"
+                                       for e in h.entries.values()))
+        ctx.embed_solo = {n: [e for e in self.embed if e.adapter in r and not e.off] for n, r in ctx.solo.items()}
         for host in self.hosts.values():
             for rt in host.runtimes.values():
-                rt.refresh(ctx.active)
+                rt.refresh(active)
             host.refresh()
         for p in list(self.kv):
             provider = _provider_of(self.info, p)
             if provider is not None:
-                provider.refresh(ctx.active)
-        live = [e for e in self.embed if e.adapter in ctx.active and not e.off]
+                provider.refresh(active)
+        live = [e for e in self.embed if e.adapter in active and not e.off]
         ctx.embed_live = live
         # a gate no computed branch reads (its branches pruned or dropped) leaves its group too
         needed = {(h.name, e.gate_key) for h in self.handles.values() for e in h.entries.values()
                   if e.gate_key is not None and not e.off}
         for group in ctx.groups.values():
-            group.refresh(ctx.active, self.executor, needed)
+            group.refresh(active, self.executor, needed)
+
+    def running(self, names: set[str]) -> set[str]:
+        """The adapters that run when ``names`` are active: an active AdapterFusion
+        (plugins/fusion.py) runs the adapters it fuses as well (fused where it fuses them,
+        as they are elsewhere)."""
+        out = set(names)
+        for n in names:
+            h = self.handles.get(n)
+            if h is None:
+                continue
+            for e in h.entries.values():
+                out.update(getattr(e.branch, "fuses", None) or ())
+        return out
 
 
 def base_param_count(model: nn.Module) -> int:
@@ -151,6 +176,18 @@ class RootPreHook:
         self.config_use_cache = config_use_cache
 
     def __call__(self, module, args, kwargs):
+        # PEFT's keyword for mixed batches: consumed here, never passed to the model
+        names = kwargs.pop("adapter_names", None) if "adapter_names" in kwargs else None
+        ctx = self.ctx
+        if names is not None or ctx.row_names is not None:
+            ctx.rows = select_rows(ctx, self.binder, args, kwargs, names, ctx.row_names)
+            self._read(args, kwargs)
+            return args, kwargs
+        ctx.rows = None
+        self._read(args, kwargs)
+        return None
+
+    def _read(self, args, kwargs):
         unknown = self.binder.unknown(kwargs)
         if unknown:
             # transformers drops keywords its **kwargs does not declare: a typo or a keyword of
@@ -166,6 +203,42 @@ class RootPreHook:
         use_cache = self.binder.get(args, kwargs, "use_cache")
         ctx.continued = past is not None or bool(self.config_use_cache if use_cache is None else use_cache)
         ctx.clear()
+
+
+def select_rows(ctx: ForwardContext, binder: CallBinder, args, kwargs, names, scoped) -> RowSelection:
+    """The :class:`RowSelection` of a call: ``adapter_names`` given to it (one per row), or those of
+    an enclosing ``unipelt.adapter_names`` block (repeated per row when generate() expanded the
+    batch for beams or several return sequences, as it does: each row ``k`` times in a row)."""
+    ref = binder.get(args, kwargs, "input_ids")
+    if ref is None:
+        ref = binder.get(args, kwargs, "inputs_embeds")
+    if names is None:
+        names = scoped
+        if ref is not None and len(names) and ref.shape[0] != len(names) and ref.shape[0] % len(names) == 0:
+            k = ref.shape[0] // len(names)
+            names = [n for n in names for _ in range(k)]
+    return make_selection(ctx, names, ref.shape[0] if ref is not None else None,
+                          ref.device if ref is not None else None)
+
+
+def make_selection(ctx: ForwardContext, names, batch: int | None, device) -> RowSelection:
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ModelError("adapter_names: expected a list with one adapter name per row (\"__base__\" for none)")
+    if batch is not None and len(names) != batch:
+        raise ModelError(f"adapter_names: {len(names)} names for a batch of {batch} rows; give one per row")
+    for i, n in enumerate(names):
+        if n != BASE and n not in ctx.solo:
+            attached = ", ".join(ctx.solo) or "(none)"
+            raise ModelError(f"adapter_names[{i}]: no adapter named {n!r}; attached: {attached} (or {BASE!r})")
+    for i, n in enumerate(names):
+        if n != BASE and ctx.solo[n] & ctx.inplace:
+            raise ModelError(f"adapter_names[{i}]: adapter {n!r} trains base tensors in place (BitFit, LayerNorm "
+                             "or head tuning) or rescales a projection's input (IA3 at ffn.down), which every row "
+                             "of the batch sees; it cannot serve some rows only")
+    if ctx.merged_any:
+        raise ModelError("adapter_names: an adapter is merged into the base weights, which every row would see; "
+                         "unmerge it first (handle.unmerge())")
+    return RowSelection(list(names), device)
 
 
 class RootPostHook:
@@ -224,6 +297,29 @@ class StashHook:
         x = first_tensor_arg(args, kwargs, self.arg, self.kwarg)
         if x is not None:
             self.ctx.stash[self.key] = x
+
+
+class adapter_names:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """``with unipelt.adapter_names(model, ["a", "b", "__base__"]):`` every call of ``model`` inside
+    serves row i with adapter ``names[i]``, as ``model(..., adapter_names=names)`` does for one
+    call. For ``generate()``, which refuses keywords the model's forward does not declare; rows it
+    repeats (beams, several return sequences) keep their adapter."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.state = require_state(model)
+        make_selection(self.state.ctx, names, None, None)  # checked now, not at the first call
+        self.names = list(names)
+
+    def __enter__(self):
+        ctx = self.state.ctx
+        self.outer, ctx.row_names = ctx.row_names, self.names
+        return self
+
+    def __exit__(self, *exc):
+        ctx = self.state.ctx
+        ctx.row_names = self.outer
+        ctx.rows = None
+        return False
 
 
 def cache_length(past) -> int | None:
@@ -333,12 +429,34 @@ class KVProvider:
         self.live = [e for e in self.entries if e.adapter in active and not e.off]
 
     def __call__(self, module, query, key_states, value_states):
+        rows = self.ctx.rows
+        if rows is not None:
+            return self._rows(rows, query, key_states)
         out = []
         for e in self.live:
             p = e.branch.kv_prefix(ctx=self.ctx, entry=e, batch=query.shape[0], site_key=self.site_key,
                                    dtype=key_states.dtype)
             if p is not None:
                 out.append(p)
+        return out or None
+
+    def _rows(self, rows: RowSelection, query, key_states):
+        """A mixed batch: every selected adapter's prefixes side by side, each visible to its own
+        rows only (``KVPrefix.visible``). Adapters with different prefix lengths need no padding:
+        a row attends to its adapter's L columns exactly as alone; the others' are masked out."""
+        out = []
+        batch = query.shape[0]
+        for name in rows.adapters:
+            running = self.ctx.solo.get(name, ())
+            for e in self.entries:
+                if e.adapter not in running:
+                    continue
+                p = e.branch.kv_prefix(ctx=self.ctx, entry=e, batch=batch, site_key=self.site_key,
+                                       dtype=key_states.dtype)
+                if p is None:
+                    continue
+                vis = rows.mask(name, 2).to(query.device).expand(batch, p.key.shape[2])
+                out.append(dataclasses.replace(p, visible=vis))
         return out or None
 
 
