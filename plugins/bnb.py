@@ -112,6 +112,22 @@ class Linear8bitLeaf(LeafWrapper):
         return (w.data.float() * (scb.float().unsqueeze(1) / 127.0)).to(self.compute_dtype)
 
 
+def _no_cpu_repack(module: nn.Module) -> None:
+    """bitsandbytes 0.50 repacks a ``Linear4bit``'s weight in place on its first eval-mode,
+    no-grad forward on an AVX512-bf16 CPU (another layout, bf16 absmax), and back on every
+    ``state_dict()``; the round trip breaks the layer ("shape '[32, 0]' is invalid"), and
+    ``dequantize_4bit`` cannot read the packed layout. Layers unipelt wraps stay unpacked
+    (a layer packed already is unpacked first)."""
+    if not is_4bit(module):
+        return
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            module.weight.data, module.weight.quant_state)
+    module.support_avx512bf16_for_cpu = False
+
+
 @hookimpl(tryfirst=True)
 def unipelt_wrap_leaf(module: nn.Module, site):
     if isinstance(module, LeafWrapper):
@@ -119,6 +135,7 @@ def unipelt_wrap_leaf(module: nn.Module, site):
     if is_4bit(module):
         if getattr(module.weight, "quant_state", None) is None:
             raise _unquantized_error(site)
+        _no_cpu_repack(module)
         return Linear4bitLeaf(module, host=None)
     if is_8bit(module):
         return Linear8bitLeaf(module, host=None)
@@ -251,7 +268,8 @@ def quantize_model(model: nn.Module, quant: Quant = "nf4", *, compute_dtype: tor
                                            compress_statistics=double_quant)
         if bias:
             new.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-        new = new.to(dev)  # quantizes
+        new = new.to(dev).train(mod.training)  # .to quantizes; the mode is the replaced layer's
+        _no_cpu_repack(new)
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, new)
