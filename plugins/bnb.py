@@ -313,3 +313,40 @@ def prepare_model(model: nn.Module, *, gradient_checkpointing: bool = False) -> 
         model.enable_input_require_grads()
         grads = True
     return Prepared(upcast=upcast, input_grads=grads)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Replace every bitsandbytes layer by a plain ``nn.Linear`` holding its dequantized weight
+    in ``dtype`` (the weights the quantized model computes with, not the original ones); returns
+    the paths. For writing a merged 16-bit model from a quantized run."""
+    done = []
+    for path, mod in list(model.named_modules()):
+        if not (is_4bit(mod) or is_8bit(mod)):
+            continue
+        leaf = Linear4bitLeaf(mod, host=None) if is_4bit(mod) else Linear8bitLeaf(mod, host=None)
+        if is_4bit(mod):
+            _no_cpu_repack(mod)
+        w = leaf.dense_weight().to(dtype)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias.to(dtype))
+        lin.train(mod.training)
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, attr, lin)
+        done.append(path)
+    for p in model.parameters():  # norms and embeddings too: one dtype in the written model
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    if hasattr(model, "config"):
+        for key in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(model.config, key):
+                try:
+                    delattr(model.config, key)
+                except AttributeError:
+                    pass
+        model.is_quantized = False
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+    return done
