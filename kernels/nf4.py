@@ -55,8 +55,11 @@ if triton is not None:
         vh = tl.load(code_ptr + hi, mask=m, other=0.0).to(tl.float32) * a
         vl = tl.load(code_ptr + lo, mask=m, other=0.0).to(tl.float32) * a
         ty = out_ptr.dtype.element_ty
-        tl.store(out_ptr + offs * 2, vh.to(ty), mask=m)
-        tl.store(out_ptr + offs * 2 + 1, vl.to(ty), mask=m)
+        # (hi, lo) pairs interleaved into one contiguous run of 2·BLOCK values: coalesced stores
+        # (two stride-2 stores leave half of every written sector to a second pass)
+        v = tl.interleave(vh, vl).to(ty)
+        o = pid * BLOCK * 2 + tl.arange(0, 2 * BLOCK)
+        tl.store(out_ptr + o, v, mask=o < n_bytes * 2)
 
 
 def _check(packed: Tensor, qs) -> None:
