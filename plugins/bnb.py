@@ -21,6 +21,7 @@ float weight (QLoRA's memory promise).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,20 +44,20 @@ def _bnb():
     return bnb
 
 
+def _loaded_bnb():
+    # a model can hold bitsandbytes layers only once bitsandbytes was imported: checking
+    # sys.modules keeps the plain-float path from importing it (a second or two, and a log line)
+    return sys.modules.get("bitsandbytes")
+
+
 def is_4bit(module: nn.Module) -> bool:
-    try:
-        bnb = _bnb()
-    except ImportError:
-        return False
-    return isinstance(module, bnb.nn.Linear4bit)
+    bnb = _loaded_bnb()
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def is_8bit(module: nn.Module) -> bool:
-    try:
-        bnb = _bnb()
-    except ImportError:
-        return False
-    return isinstance(module, bnb.nn.Linear8bitLt)
+    bnb = _loaded_bnb()
+    return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
 
 
 def is_quantized_model(model: nn.Module) -> bool:

@@ -342,3 +342,32 @@ def test_smollm2_nf4_trains_generates_and_reloads_on_16bit(tmp_path):
     print(f"smollm2 nf4: losses {losses}, after {loss_4bit:.3f}; 16-bit base {loss_plain:.3f} -> with the adapter {loss_16bit:.3f}")
     # what the adapter learned on the 4-bit base carries over to the 16-bit one
     assert loss_16bit < loss_plain - 0.1
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_compile_onto_a_from_pretrained_quantized_model(tmp_path, quant):
+    """A model the user loads with ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    wide_llama().save_pretrained(tmp_path / "base")
+    cfg = (BitsAndBytesConfig(load_in_8bit=True) if quant == "int8" else
+           BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                              bnb_4bit_use_double_quant=True))
+    # train mode (no dropout in this model): bitsandbytes' CPU Linear4bit would otherwise repack
+    # its weight on the first eval forward, rounding the absmax to bf16 before unipelt sees it
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=cfg).train()
+    batch = make_batch(seed=2, batch=2, length=6)
+    ref = logits(model, batch)
+    h = unipelt.compile(model, LORA_ALL)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ in ("Linear4bitLeaf", "Linear8bitLeaf")
+    assert torch.equal(logits(model, batch), ref)  # LoRA starts as the identity
+    assert h.summary().base_params == base_param_count(wide_llama())
+    opt = torch.optim.AdamW(h.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+    assert not torch.equal(logits(model, batch), ref)
+    h.detach()
+    assert torch.equal(logits(model, batch), ref)
