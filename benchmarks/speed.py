@@ -308,6 +308,11 @@ class Variant:
     spec: Callable[[Scenario], dict | Path] | None = None
     peft: Callable[[Scenario], dict] | None = None
     post: Callable[[Any, Scenario, torch.device], None] | None = None  # unipelt: after compile (collapse)
+    # QLoRA rows: the base's linears in bitsandbytes NF4 (compute dtype = the run's dtype), and
+    # how unipelt's 4-bit leaves dequantize ("bnb": Linear4bit.forward; "triton": kernels/nf4.py
+    # into a reused buffer + one GEMM)
+    quant: str | None = None
+    dequant: str = "bnb"
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
@@ -338,8 +343,17 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "(drop.layers)", spec=_with("unipelt.yaml", drop=_first_half)),
     Variant("lora-r8-qv-mixed8", "mixed", "8 unipelt LoRA r8 q,v adapters, rows round-robin (adapter_names)",
             spec=_lora_qv),
+    Variant("qlora-nf4-r16-all", "unipelt", "unipelt LoRA r16 on all linears, NF4 base (bnb dequant)",
+            spec=_lora_all, quant="nf4"),
+    Variant("qlora-nf4-r16-all-triton", "unipelt", "unipelt LoRA r16 on all linears, NF4 base (Triton dequant)",
+            spec=_lora_all, quant="nf4", dequant="triton"),
+    Variant("unipelt-nf4-triton", "unipelt", "specs/unipelt.yaml on an NF4 base (Triton dequant)",
+            spec=_spec_file("unipelt.yaml"), quant="nf4", dequant="triton"),
+    Variant("peft-qlora-nf4-r16-all", "peft", "PEFT + bitsandbytes QLoRA r16 on all linears, NF4 base",
+            peft=lambda scn: {"r": 16, "lora_alpha": 32, "target_modules": list(scn.peft_all)}, quant="nf4"),
 ]}
 MIXED_ADAPTERS = 8
+QLORA_VARIANTS = ("qlora-nf4-r16-all", "qlora-nf4-r16-all-triton", "unipelt-nf4-triton", "peft-qlora-nf4-r16-all")
 DEFAULT_VARIANTS = ("unipelt", "lora-r16-all", "lora-r8-qv", "full", "peft-lora-r16-all", "peft-lora-r8-qv")
 FLOOR = Variant("floor", "floor", "frozen base (train: gradients to the embedding output, no optimizer; infer: base forward)")
 
@@ -353,6 +367,12 @@ FLOOR_FORMS = {
 def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, dtype: torch.dtype,
             traceable_floor: bool = False) -> Prepared:
     model = build_base(scn, device, dtype)
+    if variant.quant is not None:
+        from unipelt_plugins.bnb import quantize_model, set_dequant_backend
+
+        # compute in the run's dtype; the head stays in it too (as transformers' bnb loading)
+        quantize_model(model, variant.quant, compute_dtype=dtype, device=device)
+        set_dequant_backend(variant.dequant)
     if variant.kind == "floor":
         model.requires_grad_(False)
         if phase == "train" and not traceable_floor:

@@ -104,6 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_total_limit=args.save_total_limit or None, resume=args.resume or False, overwrite=args.overwrite,
         use_chat_template=args.chat_template is not False, progress=not args.no_progress, device=args.device,
         compile=args.compile, precision=args.precision, data_fields=fields, distributed=args.distributed,
+        quantize=args.quantize, optim=args.optim,
     )
     report = train(spec, args.model, train_rows, eval_rows, cfg)
     if (report.get("distributed") or {}).get("rank", 0) != 0:
@@ -359,6 +360,10 @@ def unipelt_add_commands(subparsers):
     o.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off (default: 1)")
     o.add_argument("--seed", type=int, default=0, help="seeds the adapter's initialisation and the data order (default: 0)")
     o.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    o.add_argument("--quantize", choices=("nf4", "fp4", "int8"),
+                   help="load the base in 4-bit (nf4, fp4: QLoRA) or 8-bit through bitsandbytes (default: as saved)")
+    o.add_argument("--optim", choices=("adamw", "adamw8bit", "paged_adamw8bit"), default="adamw",
+                   help="optimizer: torch AdamW, or bitsandbytes' 8-bit-state AdamW (paged: CUDA only) (default: adamw)")
     o.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     o.add_argument("--compile", choices=("auto", "off", "default", "reduce-overhead"), default="auto",
                    help="torch.compile(fullgraph=True) the training forward in this mode; auto: off on CPU, "

@@ -19,8 +19,8 @@ from unipelt.pruning import ConstantGate, apply_spec as apply_switches, check_sp
 from unipelt.registry import Registry, get_registry
 from unipelt.runtime import Entry
 from unipelt.spec import Spec, parse_spec
-from unipelt.state import (CONTAINER, AdapterSet, ModelState, base_param_count, ensure_state, get_state,  # noqa: F401
-                           require_state)
+from unipelt.state import (CONTAINER, AdapterSet, ModelState, adapter_dtype, base_param_count, ensure_state,  # noqa: F401
+                           get_state, require_state)
 from unipelt.types import BRANCH_READS
 
 
@@ -63,10 +63,9 @@ def compile(
     # build every module off the model ----------------------------------------------------
     container = AdapterSet(name)
     branch_modules: dict[str, nn.Module] = {}
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    # the activations' dtype (a 4-bit base's packed weights are uint8, its compute dtype may differ)
+    dtype = adapter_dtype(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if not dtype.is_floating_point or dtype in (torch.uint8, torch.int8):
-        dtype = torch.float32
     shared_modules: dict[str, nn.Module] = {}
     for node in spec.modules.values():
         shared = registry.hook.unipelt_build_shared(

@@ -256,6 +256,35 @@ def merge_problems(handle) -> list[str]:
     return list(reasons.values())
 
 
+def training_info_quantize(adapter_dir) -> str | None:
+    """The bitsandbytes quantization the adapter was trained on (``nf4``/``fp4``/``int8``), or None."""
+    from unipelt.training.record import training_info
+
+    return training_info(adapter_dir).get("quantize")
+
+
+def _load_dequantized(adapter_dir, model: str | None, quant: str):
+    """The base a quantized run trained on, loaded quantized and dequantized to bf16 (the weights
+    the adapter was trained against, not the original 16-bit ones), with the adapter attached."""
+    import unipelt
+    from unipelt.models import load_model
+    from unipelt.training.record import name_labels, training_info
+    from unipelt_plugins.bnb import dequantize_model
+
+    info = training_info(adapter_dir)
+    name = model or info.get("model")
+    if not name:
+        raise ExportError(f"{adapter_dir}: no base model recorded with this adapter; name the model")
+    task, labels = info.get("task"), info.get("labels")
+    net, tok = load_model(str(name), task=task, num_labels=len(labels) if labels else None, quantize=quant)
+    if task == "classification" and labels:
+        name_labels(net, labels)
+    dequantized = dequantize_model(net, torch.bfloat16)
+    handle = unipelt.load(net, adapter_dir)
+    print(f"merge: the base was trained in {quant}; dequantized {len(dequantized)} layers and writing a bfloat16 model")
+    return net, tok, handle, {**info, "model": str(name)}, dequantized
+
+
 def merge_adapter(adapter_dir: str | os.PathLike, model: str | None, out_dir: str | os.PathLike) -> Path:
     """Merge ``adapter_dir`` into ``model`` (default: the recorded base) and ``save_pretrained`` the
     result (plus the tokenizer) into ``out_dir``. Refuses, naming the module, when a branch cannot
@@ -263,7 +292,12 @@ def merge_adapter(adapter_dir: str | os.PathLike, model: str | None, out_dir: st
     from unipelt.train import load_adapted
 
     check_output_path(out_dir, kind="dir", what=MODEL_DIR, replaces=_is_model_dir)
-    net, tok, handle, info = load_adapted(adapter_dir, model, device="cpu")
+    quantized = training_info_quantize(adapter_dir)
+    if quantized:
+        net, tok, handle, info, dequantized = _load_dequantized(adapter_dir, model, quantized)
+    else:
+        net, tok, handle, info = load_adapted(adapter_dir, model, device="cpu")
+        dequantized = []
     handle.merge()
     problems = merge_problems(handle)
     if problems:
@@ -281,7 +315,10 @@ def merge_adapter(adapter_dir: str | os.PathLike, model: str | None, out_dir: st
             tok.save_pretrained(tmp)
         with open(tmp / "unipelt-merged.json", "w", encoding="utf-8") as f:
             json.dump({"adapter": str(Path(adapter_dir).resolve()), "base_model": info.get("model"),
-                       "task": info.get("task"), "labels": info.get("labels")}, f, indent=2)
+                       "task": info.get("task"), "labels": info.get("labels"),
+                       # a quantized run merges into the weights it trained against, dequantized
+                       **({"dequantized_from": quantized, "dtype": "bfloat16", "dequantized_layers": len(dequantized)}
+                          if quantized else {})}, f, indent=2)
             f.write("\n")
     return dest
 

@@ -16,7 +16,7 @@ from unipelt.graph import CompiledGraph
 from unipelt.registry import Registry
 from unipelt.runtime import Entry, merge_branches
 from unipelt.spec import Spec
-from unipelt.state import CONTAINER, base_param_count, get_state, module_param_count, restore_model
+from unipelt.state import CONTAINER, base_param_count, get_state, memory_bytes, module_param_count, restore_model
 
 # the file format moved to unipelt.io; these names stay importable from here
 from unipelt.io import FILE_FORMAT, FILE_FORMAT_VERSION, META_FILE, WEIGHTS_FILE, read_adapter_meta, swap_in_dir  # noqa: F401
@@ -34,6 +34,7 @@ class Summary:
     base_params: int
     rows: list[dict] = field(default_factory=list)  # module, method, layer, site, kept, training
     gates: list[dict] = field(default_factory=list)  # gate, layer, params
+    memory: dict[str, int] | None = None  # bytes: {"base": ..., "adapter": ...} (state.memory_bytes)
 
     # rows and gates switched off by pruning (``pruned: true``) count in neither total: the budget
     # holds on the active parameters, and the saved adapter leaves the pruned ones out
@@ -68,7 +69,7 @@ class Summary:
         return {
             "adapter": self.adapter, "base_params": self.base_params, "kept": self.kept,
             "training": self.training, "pruned": self.pruned, "percent_of_base": 100.0 * self.kept / max(self.base_params, 1),
-            "modules": self.per_module(), "rows": self.rows, "gates": self.gates,
+            "modules": self.per_module(), "rows": self.rows, "gates": self.gates, "memory": self.memory,
         }
 
     def __str__(self) -> str:
@@ -83,6 +84,8 @@ class Summary:
         if self.pruned:
             lines.append(f"  pruned (left out): {_fmt(self.pruned)} parameters")
         lines.append(f"  base model: {_fmt(self.base_params)} parameters")
+        if self.memory:
+            lines.append(f"  memory: base {self.memory['base'] / 2**20:,.1f} MiB, adapter {self.memory['adapter'] / 2**20:,.2f} MiB")
         by_layer: dict[Any, int] = defaultdict(int)
         for r in self.rows:
             if not r.get("pruned"):
@@ -263,6 +266,9 @@ class AdapterHandle:
         from unipelt.pruning import gate_is_off, shared_is_off
 
         s = Summary(adapter=self.name, base_params=base_params if base_params is not None else base_param_count(self.model))
+        if get_state(self.model) is not None:  # attached: the model holds the adapter's tensors
+            own = sum(p.numel() * p.element_size() for p in self.named_parameters().values())
+            s.memory = {"base": memory_bytes(self.model)["base"], "adapter": own}
         pruned = set(self.spec.pruned)
         for bp in self.graph.branches:
             mod = self.branch_modules[bp.key]
@@ -418,12 +424,17 @@ class AdapterHandle:
     # -- merge / detach --------------------------------------------------------------------
     def merge(self) -> dict[str, list[str]]:
         """Fold every mergeable branch into the base weights; returns which were merged and
-        which stay live (gated or non-linear branches cannot be merged)."""
+        which stay live (gated or non-linear branches cannot be merged), and ``dequantized``:
+        the quantized layers (4-bit, 8-bit) that merging replaced by a dequantized float copy
+        (a packed weight cannot take the delta; unmerge puts the quantized layer back). A
+        warning says so when there are any."""
         from unipelt.collapse import constant_delta_weight
         from unipelt.pruning import ConstantGate
 
         _refuse_sharded(self.model, [bp.site.path for bp in self.graph.branches])
         merged, live, todo = [], [], []
+        was_dense = {bp.site.path for bp in self.graph.branches
+                     if not getattr(self.model.get_submodule(bp.site.path), "merged_dequantized", False)}
         for bp in self.graph.branches:
             e = self.entries[bp.key]
             mod = e.branch
@@ -450,7 +461,16 @@ class AdapterHandle:
                 live.append(bp.key)
         merge_branches(todo)
         get_state(self.model).refresh()
-        return {"merged": merged, "live": live}
+        dequantized = sorted({bp.site.path for bp in self.graph.branches if bp.site.path in was_dense
+                              and getattr(self.model.get_submodule(bp.site.path), "merged_dequantized", False)})
+        if dequantized:
+            import warnings
+
+            dtype = self.model.get_submodule(dequantized[0]).base_layer.weight.dtype
+            warnings.warn(f"adapter {self.name!r}: merged into dequantized {str(dtype).removeprefix('torch.')} copies of "
+                          f"{len(dequantized)} quantized layer(s) (their memory grows to 16/32 bits; unmerge() "
+                          "restores the quantized layers)", stacklevel=2)
+        return {"merged": merged, "live": live, "dequantized": dequantized}
 
     def unmerge(self) -> None:
         """Undo ``merge`` exactly (the original weights were kept)."""

