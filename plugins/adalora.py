@@ -21,7 +21,6 @@ table; ``unipelt adalora-ranks RUN --plot ranks.png`` draws it.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +155,7 @@ class AdaLoraController:
         self.rank_pattern: dict[str, list[bool]] | None = None
         self.budget = self.init_bgt
         self._events: list[dict] = []
+        self._last_kept: int | None = None  # the kept total at the last allocation, for the events
         self.reset_ipt()
 
     # -- importance ---------------------------------------------------------------------------
@@ -243,8 +243,7 @@ class AdaLoraController:
     def _event(self, t: int, what: str, budget: int) -> None:
         kept = sum(sum(v) for v in self.rank_pattern.values())
         # an event per allocation that changes the kept total, and the final one: not one per step
-        last = self._last_kept if hasattr(self, "_last_kept") else None
-        if what == "final" or kept != last:
+        if what == "final" or kept != self._last_kept:
             self._events.append({"step": t + 1, "event": what, "budget": budget, "kept": kept})
         self._last_kept = kept
 
@@ -282,7 +281,7 @@ class AdaLoraController:
             return {k: v.detach().cpu().tolist() for k, v in d.items()}
 
         return {"ipt": lists(self.ipt), "exp_avg_ipt": lists(self.exp_avg_ipt), "exp_avg_unc": lists(self.exp_avg_unc),
-                "rank_pattern": self.rank_pattern, "budget": self.budget}
+                "rank_pattern": self.rank_pattern, "budget": self.budget, "last_kept": self._last_kept}
 
     def load_state_dict(self, d: dict) -> None:
         params = dict(self._params())
@@ -291,6 +290,7 @@ class AdaLoraController:
                                  for k, v in (d.get(name) or {}).items() if k in params})
         self.rank_pattern = d.get("rank_pattern")
         self.budget = int(d.get("budget", self.init_bgt))
+        self._last_kept = d.get("last_kept")
 
 
 def rank_table(ranks: dict[str, int], sites: dict[str, tuple[int, str]]) -> dict[str, dict[str, int]]:

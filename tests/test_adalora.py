@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import unipelt
-from conftest import Snapshot, logits, make_batch, make_llama
+from conftest import Snapshot, logits, make_llama
 
 SITES = ["attn.q", "attn.v", "ffn.down"]
 PATHS = {"attn.q": "self_attn.q_proj", "attn.v": "self_attn.v_proj", "ffn.down": "mlp.down_proj"}

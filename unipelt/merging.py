@@ -31,6 +31,7 @@ from their tensors alone, without loading the base model, and loads like any oth
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -263,8 +264,6 @@ def merge_adapters(adapters: Sequence[str | os.PathLike], out: str | os.PathLike
     from safetensors import torch as st
 
     from unipelt.io import FILE_FORMAT, META_FILE, WEIGHTS_FILE
-
-    import json
 
     with atomic_output(dest, kind="dir", what="unipelt adapter directory", replaces=is_adapter_dir) as tmp:
         st.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FILE_FORMAT})

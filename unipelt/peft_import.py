@@ -27,7 +27,6 @@ conversion, an unknown type) is one :class:`AdapterFileError` naming the file an
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import defaultdict
