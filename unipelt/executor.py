@@ -201,9 +201,9 @@ class TritonExecutor(GroupExecutor):
     kernel: bool = False
     reason: str = "not refreshed"
 
-    def refresh(self, active: set[str], executor: str) -> None:
+    def refresh(self, active: set[str], executor: str, needed: set[tuple[str, str]] | None = None) -> None:
         self.mode = executor
-        super().refresh(active, executor)
+        super().refresh(active, executor, needed)
         weights = [e.branch.lora_A for e in self.branches if _dropout_p(e.branch) is not None]
         weights += [w for w in self._weights_grouped()]
         self.kernel, self.reason = False, "no live readers"
@@ -216,7 +216,8 @@ class TritonExecutor(GroupExecutor):
             return
         # dropout branches join (their masks are drawn in the kernel); gates that are exactly
         # sigmoid-then-pool are activated in the epilogue, so they go last
-        self._drop = [e for e in self.branches if not e.merged and e not in self._cols and _dropout_p(e.branch) is not None]
+        self._drop = [e for e in self.branches if not e.merged and not e.off and e not in self._cols
+                      and _dropout_p(e.branch) is not None]
         live = self._drop + self._live_branches
         self._live_gates.sort(key=lambda k: getattr(self.gate_modules[k], "joint_pooling", None) is not None)
         self.on = self.adapter in active and len(live) + len(self._live_gates) >= 2
