@@ -325,7 +325,8 @@ def _set_training_module(run: Run) -> None:
 
 def _set_training_forward(run: Run) -> None:
     """The training forward: the training module itself, or ``torch.compile(module, fullgraph=True)``
-    in the mode :func:`choose_compile_mode` picks. Evaluation always runs the model eagerly."""
+    in the mode :func:`choose_compile_mode` picks (``fullgraph=False`` around DDP; FSDP2 stays
+    eager). Evaluation always runs the model eagerly."""
     sensitive = width_sensitivity(run.handle)
     mode = choose_compile_mode(run.device, run.cfg.compile, width_sensitive=sensitive)
     backend = compile_backend()
