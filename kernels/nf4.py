@@ -56,8 +56,11 @@ if triton is not None:
         vl = tl.load(code_ptr + lo, mask=m, other=0.0).to(tl.float32) * a
         ty = out_ptr.dtype.element_ty
         # (hi, lo) pairs interleaved into one contiguous run of 2·BLOCK values: coalesced stores
-        # (two stride-2 stores leave half of every written sector to a second pass)
-        v = tl.interleave(vh, vl).to(ty)
+        # (two stride-2 stores leave half of every written sector to a second pass). join +
+        # reshape is what tl.interleave does; written with the core builtins because
+        # tl.interleave is a @jit function of triton's standard library, which fails under the
+        # interpreter when triton was imported before TRITON_INTERPRET was set
+        v = tl.reshape(tl.join(vh, vl), [2 * BLOCK]).to(ty)
         o = pid * BLOCK * 2 + tl.arange(0, 2 * BLOCK)
         tl.store(out_ptr + o, v, mask=o < n_bytes * 2)
 
