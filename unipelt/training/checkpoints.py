@@ -354,6 +354,9 @@ def run_fingerprint(*, spec_raw: Any, model_name: str | None, task: str, labels:
         "warmup_steps": cfg.warmup_steps, "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
         "total_steps": total_steps, "eval_data": eval_digest,
+        # a quantized base or another optimizer continues a different trajectory (an 8-bit
+        # optimizer's state does not even load into AdamW's)
+        "quantize": getattr(cfg, "quantize", None), "optim": getattr(cfg, "optim", "adamw"),
     }
 
 
