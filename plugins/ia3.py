@@ -54,11 +54,16 @@ class IA3Config:
 
 
 def base_weight(module: nn.Module, out_slice: tuple[int, int] | None) -> Tensor:
-    """The (out, in) weight of a projection (its slice's rows), whatever its storage (Conv1D)."""
-    base = getattr(module, "base_layer", module)
-    w = base.weight
-    if type(base).__name__ == "Conv1D":
-        w = w.T
+    """The (out, in) weight of a projection (its slice's rows), whatever its storage (Conv1D, or a
+    quantized base: the leaf wrapper's weight backend dequantizes it)."""
+    dense = getattr(module, "dense_weight", None)
+    if callable(dense):
+        w = dense()
+    else:
+        base = getattr(module, "base_layer", module)
+        w = base.weight
+        if type(base).__name__ == "Conv1D":
+            w = w.T
     return w if out_slice is None else w[out_slice[0]:out_slice[1]]
 
 

@@ -69,9 +69,12 @@ class LoraBranch(nn.Module):
     """Delta s·B·A·dropout(x): x (..., d_in) -> (..., d_out)."""
 
     reads = "input"
-    # the delta is exactly scale·B·A·dropout(x): the Triton executor may draw the dropout mask in
-    # its shrink and expand with lora_B (unipelt.executor reads this flag, not the class)
-    kernel_lora = True
+    @property
+    def kernel_lora(self) -> bool:
+        """Whether the delta is exactly scale·B·A·dropout(x), so that the Triton executor may draw
+        the dropout mask in its shrink and expand with lora_B (unipelt.executor reads this, not the
+        class); not under PiSSA/OLoRA, whose delta carries the residual -s·B0·A0·x too."""
+        return self.base_A is None
 
     def __init__(self, cfg: LoraConfig, in_features: int, out_features: int, base_weight: Tensor | None = None):
         super().__init__()
@@ -179,10 +182,12 @@ class LoraBranch(nn.Module):
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), u.reshape(-1, u.shape[-1]), self.lora_B.t())
         return flat.view(out.shape)
 
-    def segment_params(self) -> tuple[Tensor, float]:
+    def segment_params(self) -> tuple[Tensor, float] | None:
         """(W_up, scale) with ``expand(u, None) == F.linear(u * scale, W_up)``: a batch whose rows
         are served by different LoRAs runs as one product with their Bs side by side
-        (unipelt.runtime.SiteRuntime.apply_stacked)."""
+        (unipelt.runtime.SiteRuntime.apply_stacked). None under PiSSA/OLoRA (u also holds x·A0ᵀ)."""
+        if self.base_A is not None:
+            return None
         return self.lora_B, self.scale
 
     mergeable = True
@@ -240,10 +245,19 @@ def lora_base_weight(site: ResolvedSite) -> Tensor:
     """The (out, in) base weight W0 of a linear hook point: the leaf's own (under an already
     attached adapter's wrapper, its ``base_layer``), transposed for GPT-2's Conv1D, and only
     the hook point's rows of a fused projection (``out_slice``)."""
-    leaf = getattr(site.module, "base_layer", site.module)
-    w = leaf.weight
-    if type(leaf).__name__ == "Conv1D":
-        w = w.t()
+    dense = getattr(site.module, "dense_weight", None)
+    if callable(dense):  # an attached adapter's wrapper: its weight backend (dequantizes a 4-bit leaf)
+        w = dense()
+    else:
+        leaf = getattr(site.module, "base_layer", site.module)
+        w = leaf.weight
+        if not w.is_floating_point():
+            from unipelt.errors import ModelError
+
+            raise ModelError(f"{site.path}: init pissa/olora decomposes the float base weight, and this base is "
+                             f"quantized ({type(leaf).__name__}); initialise on the 16-bit model, or use init: kaiming")
+        if type(leaf).__name__ == "Conv1D":
+            w = w.t()
     if site.out_slice is not None:
         w = w[site.out_slice[0]:site.out_slice[1]]
     return w

@@ -406,6 +406,14 @@ BASES = ("bf16", "nf4", "int8")
 # quantizes the activations to int8 too, which the merged float layer no longer does (measured:
 # 2.1% after the 14 int8 linears of lora_all-llama, 0.4% with LoRA on q, v).
 BASE_MERGE_RTOL = {"bf16": 5e-2, "nf4": 1e-5, "int8": 3e-2}
+# PiSSA / OLoRA move W0's principal part into A and B, so a merge adds back s·(B·A − B0·A0), two
+# large, nearly cancelling terms: in bf16 the merged weight carries bf16 rounding of |B0·A0| ≈ |W0|
+# (measured 6.4% of the largest logit for OLoRA on all linears of the tiny Llama)
+PRINCIPAL_INIT_BF16_MERGE_RTOL = 1e-1
+
+
+def _principal_init(case: Case) -> bool:
+    return any(isinstance(n, dict) and n.get("init") in ("pissa", "olora") for n in case.spec.get("modules", {}).values())
 BASE_CASES = [(c, b) for b in BASES for c in _one_per_spec()]
 
 
@@ -426,6 +434,12 @@ def test_on_base(case, base, batch, tmp_path):
     model = build_on(case, base)
     ref = outputs(model, batch)
     snap = Snapshot(model)
+    if base != "bf16" and _principal_init(case):
+        # PiSSA / OLoRA decompose the float base weight: on a packed base, one clear refusal
+        with pytest.raises(unipelt.ModelError, match="init pissa/olora decomposes the float base weight"):
+            unipelt.compile(model, case.spec)
+        snap.assert_same()
+        return
     h = unipelt.compile(model, case.spec)
     # real parameter counts (packed 4-bit storage holds two values per byte)
     assert h.summary().base_params == fp32_count
@@ -448,7 +462,8 @@ def test_on_base(case, base, batch, tmp_path):
     merged = outputs(model, batch)
     if case.merges:
         err = float((merged.float() - live.float()).abs().max() / live.float().abs().max())
-        assert err <= BASE_MERGE_RTOL[base], err
+        rtol = PRINCIPAL_INIT_BF16_MERGE_RTOL if base == "bf16" and _principal_init(case) else BASE_MERGE_RTOL[base]
+        assert err <= rtol, err
     else:
         assert torch.equal(merged, live)
     h.unmerge()

@@ -12,8 +12,9 @@ from unipelt.registry import Registry, get_registry, make_plugin_manager, use_re
 from conftest import FACTORIES, make_batch, make_gpt2, make_llama, randomize
 from test_conformance import CASES
 
-# the base-tensor methods (BitFit, LN/head tuning) change every row: refused, tested below
-MIXABLE = [c for c in CASES if not c.name.startswith(("bitfit", "ln_head"))]
+# the base-tensor methods (BitFit, LN/head tuning) change every row, and so does IA3's rescaling of
+# ffn.down's input (the leaf scales x for the whole batch): refused, tested below
+MIXABLE = [c for c in CASES if not c.name.startswith(("bitfit", "ln_head", "ia3", "mixed_lora_dora_ia3"))]
 PROMPT_FAMILY = ("prompt", "p_tuning-")
 ATOL = 2e-5
 
@@ -207,6 +208,10 @@ def test_errors():
     unipelt.compile(model, {"modules": {"bf": {"method": "bitfit", "site": "bias"}}}, name="bf")
     with pytest.raises(ModelError, match=r"adapter_names\[2\]: adapter 'bf' trains base tensors in place"):
         model(**batch, adapter_names=["a", "__base__", "bf"])
+    # IA3 rescales ffn.down's input before the base projection, for every row of the batch
+    unipelt.compile(model, {"modules": {"s": {"method": "ia3", "sites": ["ffn.down"]}}}, name="s")
+    with pytest.raises(ModelError, match=r"adapter_names\[1\]: adapter 's' .*rescales a projection's input"):
+        model(**batch, adapter_names=["a", "s", "__base__"])
     # prompt tuning next to a row without virtual tokens
     m2 = FACTORIES["llama"]()
     unipelt.compile(m2, {"modules": {"p": {"method": "prompt", "length": 3}}}, name="p")

@@ -351,7 +351,9 @@ def test_switching_away_from_a_merged_adapter_unmerges_it():
 @pytest.mark.parametrize("factory", [make_bert, make_llama], ids=["bert", "llama"])
 def test_an_unknown_keyword_in_a_model_call_is_an_error(factory):
     """Regression: transformers drops keywords its typed **kwargs does not declare, so a typo or
-    another library's keyword (PEFT's adapter_names=) changed nothing without a word."""
+    another library's keyword changed nothing without a word. (PEFT's adapter_names= was the
+    example; it is now unipelt's own mixed-batch keyword, tests/test_mixed_batch.py: the typo
+    adapter_name= is the example instead.)"""
     from unipelt.errors import ModelError
 
     model = factory()
@@ -359,5 +361,5 @@ def test_an_unknown_keyword_in_a_model_call_is_an_error(factory):
     batch = make_batch()
     with torch.no_grad():
         model(**batch, output_hidden_states=True, return_dict=True)  # declared ones pass
-        with pytest.raises(ModelError, match="'adapter_names'"):
-            model(**batch, adapter_names=["default"])
+        with pytest.raises(ModelError, match="'adapter_name'"):
+            model(**batch, adapter_name="default")

@@ -389,6 +389,7 @@ class SiteRuntime:
             e = live[0]
             b = e.branch
             if (e.gate is not None or b.reads != "input" or not callable(getattr(b, "segment_params", None))
+                    or b.segment_params() is None
                     or not callable(getattr(b, "shrink_params", None)) or b.shrink_params() is None):
                 return None
             out.append((name, e))
