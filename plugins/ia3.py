@@ -62,9 +62,25 @@ def base_weight(module: nn.Module, out_slice: tuple[int, int] | None) -> Tensor:
     else:
         base = getattr(module, "base_layer", module)
         w = base.weight
-        if type(base).__name__ == "Conv1D":
+        if not w.is_floating_point():
+            w = _dequantized(base)
+        elif type(base).__name__ == "Conv1D":
             w = w.T
     return w if out_slice is None else w[out_slice[0]:out_slice[1]]
+
+
+def _dequantized(layer: nn.Module) -> Tensor:
+    """A packed (4-bit, 8-bit) layer not wrapped yet (a branch built before the compiler wraps its
+    leaf): the leaf plugin that takes the layer (plugins/bnb.py) dequantizes it."""
+    from unipelt.errors import ModelError
+    from unipelt.registry import get_registry
+
+    wrapper = get_registry().hook.unipelt_wrap_leaf(module=layer, site=None)
+    dense = getattr(wrapper, "dense_weight", None)
+    if not callable(dense):
+        raise ModelError(f"{type(layer).__name__}: a quantized base weight that no leaf plugin dequantizes; "
+                         "IA3 and DoRA read the base weight")
+    return dense()
 
 
 def base_bias(module: nn.Module, out_slice: tuple[int, int] | None) -> Tensor | None:
