@@ -707,7 +707,7 @@ def test_a_checkpoint_from_before_the_fingerprint_resumes_with_one_note(tmp_path
     assert report["resumed_from"].endswith("checkpoint-3") and report["steps"] == 6
     (note,) = [n for n in report["notes"] if "not recorded" in n]
     assert note.endswith("so not checked: spec, model, data, max_length, use_chat_template, lr, gate_lr, weight_decay, "
-                         "schedule, warmup_steps, warmup_ratio, max_grad_norm, eval_data")
+                         "schedule, warmup_steps, warmup_ratio, max_grad_norm, eval_data, quantize, optim")
     with pytest.raises(TrainingError, match=r"changed: seed \(0 in the checkpoint, 3 now\)"):
         _one_epoch(tmp_path, epochs=2, resume=str(tmp_path / "checkpoint-3"), seed=3)
 
