@@ -85,12 +85,10 @@ class Linear4bitLeaf(LeafWrapper):
         w = self.base_layer.weight
         return _bnb().functional.dequantize_4bit(w.data, w.quant_state).to(self.compute_dtype)
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        # input scalings (IA3 at ffn.down) rescale what the base layer reads, as LeafWrapper.forward
-        xin = self.host.scale_input(x) if self.host.scalers else x
+    def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if _BACKEND.name == "triton" and not args and not kwargs and x.is_cuda and self.quant_type == "nf4":
-            return self.host.run(x, _triton_linear(xin, self.base_layer))
-        return self.host.run(x, self.base_layer(xin, *args, **kwargs))
+            return _triton_linear(x, self.base_layer)
+        return self.base_layer(x, *args, **kwargs)
 
 
 class Linear8bitLeaf(LeafWrapper):

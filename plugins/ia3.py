@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
+from unipelt.runtime import projection_bias, projection_weight
 
 # the hook points whose input IA3 scales under ``side: auto`` (the FFN intermediate)
 INPUT_SIDE_SITES = frozenset({"ffn.down"})
@@ -53,41 +54,9 @@ class IA3Config:
         return None
 
 
-def base_weight(module: nn.Module, out_slice: tuple[int, int] | None) -> Tensor:
-    """The (out, in) weight of a projection (its slice's rows), whatever its storage (Conv1D, or a
-    quantized base: the leaf wrapper's weight backend dequantizes it)."""
-    dense = getattr(module, "dense_weight", None)
-    if callable(dense):
-        w = dense()
-    else:
-        base = getattr(module, "base_layer", module)
-        w = base.weight
-        if not w.is_floating_point():
-            w = _dequantized(base)
-        elif type(base).__name__ == "Conv1D":
-            w = w.T
-    return w if out_slice is None else w[out_slice[0]:out_slice[1]]
-
-
-def _dequantized(layer: nn.Module) -> Tensor:
-    """A packed (4-bit, 8-bit) layer not wrapped yet (a branch built before the compiler wraps its
-    leaf): the leaf plugin that takes the layer (plugins/bnb.py) dequantizes it."""
-    from unipelt.errors import ModelError
-    from unipelt.registry import get_registry
-
-    wrapper = get_registry().hook.unipelt_wrap_leaf(module=layer, site=None)
-    dense = getattr(wrapper, "dense_weight", None)
-    if not callable(dense):
-        raise ModelError(f"{type(layer).__name__}: a quantized base weight that no leaf plugin dequantizes; "
-                         "IA3 and DoRA read the base weight")
-    return dense()
-
-
-def base_bias(module: nn.Module, out_slice: tuple[int, int] | None) -> Tensor | None:
-    b = getattr(getattr(module, "base_layer", module), "bias", None)
-    if b is None:
-        return None
-    return b if out_slice is None else b[out_slice[0]:out_slice[1]]
+# the projection's float weight and bias, whatever its storage (the core's weight backend)
+base_weight = projection_weight
+base_bias = projection_bias
 
 
 class IA3Branch(nn.Module):

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
+from unipelt.runtime import projection_weight
 
 
 @dataclass
@@ -242,22 +243,12 @@ def unipelt_build_branch(method, config, node, site, model):
 
 
 def lora_base_weight(site: ResolvedSite) -> Tensor:
-    """The (out, in) base weight W0 of a linear hook point: the leaf's own (under an already
-    attached adapter's wrapper, its ``base_layer``), transposed for GPT-2's Conv1D, and only
-    the hook point's rows of a fused projection (``out_slice``)."""
-    dense = getattr(site.module, "dense_weight", None)
-    if callable(dense):  # an attached adapter's wrapper: its weight backend (dequantizes a 4-bit leaf)
-        w = dense()
-    else:
-        leaf = getattr(site.module, "base_layer", site.module)
-        w = leaf.weight
-        if not w.is_floating_point():
-            from unipelt.errors import ModelError
+    """The (out, in) base weight W0 of a linear hook point (only its rows of a fused projection),
+    as PiSSA/OLoRA decompose it: a packed (quantized) base is refused, not dequantized."""
+    leaf = getattr(site.module, "base_layer", site.module)
+    if not callable(getattr(site.module, "dense_weight", None)) and not leaf.weight.is_floating_point():
+        from unipelt.errors import ModelError
 
-            raise ModelError(f"{site.path}: init pissa/olora decomposes the float base weight, and this base is "
-                             f"quantized ({type(leaf).__name__}); initialise on the 16-bit model, or use init: kaiming")
-        if type(leaf).__name__ == "Conv1D":
-            w = w.t()
-    if site.out_slice is not None:
-        w = w[site.out_slice[0]:site.out_slice[1]]
-    return w
+        raise ModelError(f"{site.path}: init pissa/olora decomposes the float base weight, and this base is "
+                         f"quantized ({type(leaf).__name__}); initialise on the 16-bit model, or use init: kaiming")
+    return projection_weight(site.module, site.out_slice)

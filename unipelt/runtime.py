@@ -674,7 +674,11 @@ class LeafWrapper(nn.Module):
         # input scalings (IA3 on ffn.down) change what the base projection reads; the branches
         # at this hook point read the original input
         xin = host.scale_input(x) if host.scalers else x
-        return host.run(x, self.base_layer(xin, *args, **kwargs))
+        return host.run(x, self.base_forward(xin, *args, **kwargs))
+
+    def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The frozen projection itself (a quantized leaf's plugin may compute it another way)."""
+        return self.base_layer(x, *args, **kwargs)
 
     # -- the weight backend ------------------------------------------------------------------
     # How merge (and a kernel, an exporter) reads and writes the base weight. A plain linear holds
@@ -771,6 +775,39 @@ def merge_branches(items: list[tuple]) -> None:
             host_module.merge_delta(dw, out_slice)
         else:
             host_module.merge_delta(dw, out_slice, bias=db)
+
+
+def projection_weight(module: nn.Module, out_slice: tuple[int, int] | None = None) -> Tensor:
+    """The (out, in) float weight of a projection (its slice's rows), whatever its storage: a
+    wrapped leaf's weight backend (dequantizing a 4-bit or 8-bit base), GPT-2's transposed Conv1D,
+    or a packed layer not wrapped yet (a branch built before the compiler wraps its leaf), which
+    the leaf plugin that takes it dequantizes."""
+    dense = getattr(module, "dense_weight", None)
+    if callable(dense):
+        w = dense()
+    else:
+        base = getattr(module, "base_layer", module)
+        w = base.weight
+        if not w.is_floating_point():
+            from unipelt.errors import ModelError
+            from unipelt.registry import get_registry
+
+            wrapper = get_registry().hook.unipelt_wrap_leaf(module=base, site=None)
+            dense = getattr(wrapper, "dense_weight", None)
+            if not callable(dense):
+                raise ModelError(f"{type(base).__name__}: a quantized base weight that no leaf plugin dequantizes")
+            w = dense()
+        elif type(base).__name__ == "Conv1D":
+            w = w.T
+    return w if out_slice is None else w[out_slice[0]:out_slice[1]]
+
+
+def projection_bias(module: nn.Module, out_slice: tuple[int, int] | None = None) -> Tensor | None:
+    """The projection's bias (its slice's entries), or None."""
+    b = getattr(getattr(module, "base_layer", module), "bias", None)
+    if b is None:
+        return None
+    return b if out_slice is None else b[out_slice[0]:out_slice[1]]
 
 
 class DequantizedLinear(nn.Linear):
