@@ -90,9 +90,12 @@ GPT2 = Architecture(
 
 LLAMA = Architecture(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    # Gemma (v1) has the same module tree: its differences (RMSNorm scaled by 1 + w, embeddings
+    # multiplied by sqrt(d), a GELU-tanh gate) are inside modules the hook points do not replace.
+    # Gemma 2/3 are not listed: their extra pre/post-feedforward norms move what ffn.res reads.
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
     layers=("layers",),
-    description="Llama family: RoPE, grouped-query attention, gated SiLU MLP (Llama, Mistral, Qwen2, Qwen3)",
+    description="Llama family: RoPE, grouped-query attention, gated MLP (Llama, Mistral, Qwen2, Qwen3, Gemma)",
     sites={
         "attn.q": SiteTarget("linear", "self_attn.q_proj", reads="attn.in"),
         "attn.k": SiteTarget("linear", "self_attn.k_proj", reads="attn.in"),

@@ -86,8 +86,30 @@ def make_qwen2(seed: int = 0, hidden: int = 32, layers: int = 2, **overrides) ->
     return Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
 
 
+def make_gemma(seed: int = 0, hidden: int = 32, layers: int = 2, **overrides) -> nn.Module:
+    """Gemma (v1): the Llama layout with (1 + w) RMSNorms, sqrt(d)-scaled embeddings, GELU-tanh gate."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    cfg = dict(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=64,
+        attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        attn_implementation="eager",
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = GemmaForCausalLM(GemmaConfig(**cfg)).eval()
+    # Gemma initialises its norms' w to 0 (scale 1 + w = 1); nonzero w makes LN tuning and the
+    # renorm hook points see a norm that is not the identity
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.1)
+    return model
+
+
 FACTORIES: dict[str, Callable[..., nn.Module]] = {
-    "bert": make_bert, "gpt2": make_gpt2, "llama": make_llama, "qwen2": make_qwen2,
+    "bert": make_bert, "gpt2": make_gpt2, "llama": make_llama, "qwen2": make_qwen2, "gemma": make_gemma,
 }
 
 

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from transformers import (
     BertConfig,
     BertModel,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -35,7 +37,7 @@ from unipelt.errors import ModelError
 VOCAB = 100
 PREFIX_LEN = 3
 IMPLS = ["eager", "sdpa"]
-DECODERS = ["gpt2", "llama"]
+DECODERS = ["gpt2", "llama", "gemma"]
 ENCODERS = ["bert", "roberta"]
 FAMILIES = [*ENCODERS, *DECODERS]
 ATOL = 1e-5
@@ -65,6 +67,8 @@ def make_model(family: str, impl: str, seed: int = 0) -> nn.Module:
         model = MistralForCausalLM(MistralConfig(**decoder, sliding_window=None))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**decoder))
+    elif family == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(**decoder, head_dim=8))
     elif family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**decoder, head_dim=8))
     else:

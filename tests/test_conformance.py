@@ -160,7 +160,7 @@ def _all_linears(arch):
 
 
 CASES: list[Case] = [
-    *(lora_case(f"lora_qv-{a}", a, LORA_QV, ("lora",)) for a in ("bert", "gpt2", "llama", "qwen2")),
+    *(lora_case(f"lora_qv-{a}", a, LORA_QV, ("lora",)) for a in ("bert", "gpt2", "llama", "qwen2", "gemma")),
     *(lora_case(f"lora_all-{a}", a, _all_linears(a), ("lora",)) for a in ("bert", "gpt2", "llama")),
     *(lora_case(f"lora_rslora_gaussian-{a}", a, LORA_RS, ("lora",)) for a in ("bert", "gpt2", "llama")),
     *(lora_case(f"lora_pissa-{a}", a, LORA_PISSA, ("lora",), init_atol=INIT_ATOL) for a in ("bert", "gpt2", "llama")),
@@ -169,11 +169,11 @@ CASES: list[Case] = [
     # the gate (about 0.5 at init) replaces s on B·A while the residual keeps -s·B0·A0: no identity
     Case("lora_pissa_gated-llama", "llama", LORA_PISSA_GATED, identity_at_init=False),
     *(lora_case(f"adalora-{a}", a, ADALORA, ("ada",)) for a in ("bert", "gpt2", "llama", "qwen2")),
-    *(Case(f"pfeiffer-{a}", a, PFEIFFER) for a in ("bert", "gpt2", "llama")),
+    *(Case(f"pfeiffer-{a}", a, PFEIFFER) for a in ("bert", "gpt2", "llama", "gemma")),
     *(Case(f"houlsby-{a}", a, HOULSBY) for a in ("bert", "gpt2", "llama")),
     *(Case(f"parallel_s4-{a}", a, PARALLEL) for a in ("bert", "gpt2", "llama")),
     *(Case(f"parallel_learned-{a}", a, PARALLEL_LEARNED) for a in ("bert", "llama")),
-    *(Case(f"unipelt_al-{a}", a, UNIPELT_AL) for a in ("bert", "gpt2", "llama", "qwen2")),
+    *(Case(f"unipelt_al-{a}", a, UNIPELT_AL) for a in ("bert", "gpt2", "llama", "qwen2", "gemma")),
     Case("unipelt_al_options-bert", "bert", UNIPELT_AL_OPTIONS_ENC),
     *(Case(f"unipelt_al_options-{a}", a, UNIPELT_AL_OPTIONS_DEC) for a in ("gpt2", "llama")),
     *(Case(f"shared_gate-{a}", a, SHARED_GATE) for a in ("bert", "llama")),
@@ -181,7 +181,7 @@ CASES: list[Case] = [
     # averaged branches stay live: merging one would change the average of the others
     *(Case(f"average-{a}", a, AVERAGE) for a in ("bert", "gpt2", "llama")),
     # prefixes and prompts change attention from the first step: no identity at init
-    *(Case(f"prefix-{a}", a, PREFIX, identity_at_init=False) for a in ("bert", "gpt2", "llama", "qwen2")),
+    *(Case(f"prefix-{a}", a, PREFIX, identity_at_init=False) for a in ("bert", "gpt2", "llama", "qwen2", "gemma")),
     *(Case(f"prefix_per_layer-{a}", a, PREFIX_PER_LAYER, identity_at_init=False) for a in ("bert", "llama")),
     *(Case(f"p_tuning_v2-{a}", a, P_TUNING_V2, identity_at_init=False) for a in ("bert", "gpt2", "llama")),
     *(Case(f"unipelt_apl-{a}", a, UNIPELT_APL, identity_at_init=False) for a in ("bert", "gpt2", "llama")),
@@ -192,8 +192,8 @@ CASES: list[Case] = [
     *(Case(f"bitfit-{a}", a, BITFIT) for a in ("bert", "gpt2", "qwen2")),
     *(lora_case(f"ln_head-{a}", a, LN_HEAD, ("lora",)) for a in ("bert", "llama")),
     # merging rescales rows/columns or folds a product into W0: equal to rounding, as LoRA
-    *(lora_case(f"ia3-{a}", a, IA3, ("ia3",)) for a in ("bert", "gpt2", "llama", "qwen2")),
-    *(lora_case(f"dora-{a}", a, DORA, ("dora",)) for a in ("bert", "gpt2", "llama", "qwen2")),
+    *(lora_case(f"ia3-{a}", a, IA3, ("ia3",)) for a in ("bert", "gpt2", "llama", "qwen2", "gemma")),
+    *(lora_case(f"dora-{a}", a, DORA, ("dora",)) for a in ("bert", "gpt2", "llama", "qwen2", "gemma")),
     *(lora_case(f"vera-{a}", a, VERA, ("vera",)) for a in ("bert", "gpt2", "llama", "qwen2")),
     *(lora_case(f"vera_no_projection-{a}", a, VERA_NO_PROJECTION, ("vera",)) for a in ("bert", "llama")),
     *(lora_case(f"mixed_lora_dora_ia3_vera-{a}", a, MIXED, ("lora", "dora", "ia3", "vera")) for a in ("bert", "gpt2", "llama")),
@@ -387,7 +387,7 @@ def test_base_checkpoint_keys_unchanged(case):
 # the first architecture of PREFERRED the table runs it on: llama, else qwen2 (BitFit: its key
 # biases pass through RoPE, where BERT's get an exactly zero gradient, softmax being
 # shift-invariant, and stay put in bf16), else gpt2, else bert. CPU: about 0.3 s per case.
-PREFERRED = ("llama", "qwen2", "gpt2", "bert")
+PREFERRED = ("llama", "qwen2", "gpt2", "bert", "gemma")
 
 
 def _one_per_spec() -> list[Case]:
