@@ -5,7 +5,8 @@
    quantization, bf16 and fp16 outputs; then timed (CUDA events, median of ``--iters`` after
    warm-up) against ``dequantize_4bit`` on the same tensors, into the same kind of buffer, with
    the achieved bandwidth (packed bytes + absmax read, float values written) and the config the
-   autotuner picked; then every fixed config (bytes per program x warps) on plain absmax bf16.
+   autotuner picked; then every fixed config (bytes per program x code-book form x warps) on
+   plain absmax bf16.
 2. The plugin on CUDA: LoRA on an NF4 llama (2 layers of the scenario's width), logits and
    adapter gradients of the Triton path against bitsandbytes' own ``Linear4bit.forward``; merge
    dequantizes and matches the live outputs; the Triton path under ``torch.compile(fullgraph=True)``
@@ -94,15 +95,15 @@ def kernel_rows(iters: int) -> list[dict]:
         n_values = out.numel()
         n_blocks = triton.cdiv(n_values, 64)
         for cfg in nf4._configs():
-            b, warps = cfg.kwargs["BYTES"], cfg.num_warps
+            b, lut, warps = cfg.kwargs["BYTES"], cfg.kwargs["LUT"], cfg.num_warps
             grid = (triton.cdiv(n_blocks, max(b // 32, 1)),)
 
-            def launch(b=b, warps=warps, grid=grid):
+            def launch(b=b, lut=lut, warps=warps, grid=grid):
                 nf4._nf4_kernel[grid](q, absmax, code, out, q.numel(), n_values, n_blocks, code2, absmax2, offset,
-                                      HALF=32, BLOCKSIZE2=bs2, NESTED=False, BYTES=b, num_warps=warps)
+                                      HALF=32, BLOCKSIZE2=bs2, NESTED=False, BYTES=b, LUT=lut, num_warps=warps)
 
             ms = timed(launch, iters)
-            rows.append({"kind": "kernel-config", "shape": list(shape), "bytes_per_program": b, "num_warps": warps,
+            rows.append({"kind": "kernel-config", "shape": list(shape), "bytes_per_program": b, "lut": lut, "num_warps": warps,
                          "ms": ms, "gbps": _bytes_moved(qs, out) / ms / 1e6,
                          "bit_exact": bool(torch.equal(out, dequantize_4bit(q, qs)))})
     return rows

@@ -11,10 +11,10 @@ blockwise-quantized: absmax = code2[q] · absmax2[block of q] + offset.
 
 Three layers, as the other kernels:
   ``_nf4_kernel`` (Triton): one program dequantizes ``ROWS`` whole quantization blocks, a
-  ``(ROWS, blocksize/2)`` tile of packed bytes: one absmax load per block (not per byte), the
-  16-entry code book held in registers (a select tree on the nibble's bits, no per-value gather),
-  contiguous (hi, lo) pairs interleaved into coalesced stores. Tile size and warps are autotuned
-  on CUDA (:func:`_configs`); the interpreter (CPU tests) runs one fixed config.
+  ``(ROWS, blocksize/2)`` tile of packed bytes (vectorised loads): one absmax load per block (not
+  per byte), the 16-entry code book held in registers (a select tree on the nibble's bits) or read
+  from its table, contiguous (hi, lo) pairs interleaved into 16-byte stores. Tile size, warps and
+  code-book form are autotuned on CUDA (:func:`_configs`); the interpreter runs one fixed config.
   :func:`dequantize_nf4`: the launcher, into a caller's buffer or a new tensor.
   The torch custom ops ``unipelt_kernels::nf4_dequantize`` and ``unipelt_kernels::nf4_linear``
   (:func:`nf4_linear`): what ``torch.compile`` traces (``fullgraph=True``, CUDA graphs) in place
@@ -41,9 +41,10 @@ try:
 except ImportError:  # pragma: no cover - the reference below still works
     triton = None
 
-# packed bytes per program under the interpreter and for the fixed launch: a few programs on test
-# shapes; on CUDA the autotuner picks among _configs()
-BYTES = 1024
+# the fixed launch (the interpreter, and a first call inside CUDA-graph capture, where the
+# autotuner must not benchmark): packed bytes per program, code-book form, warps; on CUDA the
+# autotuner otherwise picks among _configs()
+BYTES, LUT, WARPS = 1024, 0, 4
 
 
 def _interpreting() -> bool:
@@ -54,14 +55,17 @@ if triton is not None:
 
     def _configs() -> list:
         # bytes per program x warps: 2-16 KiB of output per program keeps enough stores in flight
-        # on an H100/H200 without leaving the last wave mostly empty on the 2048-wide shapes
-        return [triton.Config({"BYTES": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
+        # on an H100/H200 without leaving the last wave mostly empty on the 2048-wide shapes; and the
+        # code book's form (LUT 0: a select tree in registers, 15 selects a value; 1: a load a value
+        # from the 64-byte table, an L1 hit): which is cheaper depends on how ALU-bound the tile is
+        return [triton.Config({"BYTES": b, "LUT": lut}, num_warps=w)
+                for b in (1024, 2048, 4096, 8192) for w in (4, 8) for lut in (0, 1)]
 
     @triton.jit
     def _nf4_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, n_values, n_blocks,
                     qabs_code_ptr, absmax2_ptr, offset_ptr,
                     HALF: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                    BYTES: tl.constexpr):
+                    BYTES: tl.constexpr, LUT: tl.constexpr):
         # HALF = blocksize / 2 packed bytes per quantization block; ROWS whole blocks per program
         ROWS: tl.constexpr = (BYTES + HALF - 1) // HALF
         pid = tl.program_id(0)
@@ -77,6 +81,26 @@ if triton is not None:
             a = a * tl.load(absmax2_ptr + rows // BLOCKSIZE2, mask=rmask, other=0.0).to(tl.float32) + offset
         else:
             a = tl.load(absmax_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        hi = (byte >> 4) & 0xF
+        lo = byte & 0xF
+        if LUT == 1:
+            vh = tl.load(code_ptr + hi).to(tl.float32)
+            vl = tl.load(code_ptr + lo).to(tl.float32)
+        else:
+            vh, vl = _lut_pair(code_ptr, hi, lo)
+        vh = vh * a[:, None]
+        vl = vl * a[:, None]
+        ty = out_ptr.dtype.element_ty
+        # (hi, lo) pairs interleaved into one contiguous run of 2·HALF values per block: coalesced
+        # stores. join + reshape is what tl.interleave does, written with the core builtins because
+        # tl.interleave is a @jit function of triton's standard library, which fails under the
+        # interpreter when triton was imported before TRITON_INTERPRET was set
+        v = tl.reshape(tl.join(vh, vl), [ROWS, 2 * HALF]).to(ty)
+        o = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+        tl.store(out_ptr + o, v, mask=o < n_values)  # an odd count leaves the last low nibble unused
+
+    @triton.jit
+    def _lut_pair(code_ptr, hi, lo):
         # the code book in registers: 16 scalars, selected by the nibble's bits (4 levels of
         # tl.where) instead of a gather per value from memory
         c0 = tl.load(code_ptr + 0)
@@ -95,18 +119,8 @@ if triton is not None:
         c13 = tl.load(code_ptr + 13)
         c14 = tl.load(code_ptr + 14)
         c15 = tl.load(code_ptr + 15)
-        vh = _lut(byte >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
-        vl = _lut(byte, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
-        vh = vh * a[:, None]
-        vl = vl * a[:, None]
-        ty = out_ptr.dtype.element_ty
-        # (hi, lo) pairs interleaved into one contiguous run of 2·HALF values per block: coalesced
-        # stores. join + reshape is what tl.interleave does, written with the core builtins because
-        # tl.interleave is a @jit function of triton's standard library, which fails under the
-        # interpreter when triton was imported before TRITON_INTERPRET was set
-        v = tl.reshape(tl.join(vh, vl), [ROWS, 2 * HALF]).to(ty)
-        o = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
-        tl.store(out_ptr + o, v, mask=o < n_values)  # an odd count leaves the last low nibble unused
+        return (_lut(hi, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15),
+                _lut(lo, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15))
 
     @triton.jit
     def _lut(idx, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
@@ -167,12 +181,13 @@ def _launch(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2
     n_blocks = triton.cdiv(n_values, blocksize)
     half = blocksize // 2
     args = (packed, absmax, code, out, n_bytes, n_values, n_blocks, code2, absmax2, offset)
-    if out.is_cuda and not _interpreting():
+    if out.is_cuda and not _interpreting() and not torch.cuda.is_current_stream_capturing():
         grid = lambda meta: (triton.cdiv(n_blocks, max(meta["BYTES"] // half, 1)),)  # noqa: E731
         _nf4_tuned[grid](*args, HALF=half, BLOCKSIZE2=blocksize2, NESTED=nested)
     else:
         grid = (triton.cdiv(n_blocks, max(BYTES // half, 1)),)
-        _nf4_kernel[grid](*args, HALF=half, BLOCKSIZE2=blocksize2, NESTED=nested, BYTES=BYTES)
+        kw = {} if _interpreting() else {"num_warps": WARPS}
+        _nf4_kernel[grid](*args, HALF=half, BLOCKSIZE2=blocksize2, NESTED=nested, BYTES=BYTES, LUT=LUT, **kw)
     return out
 
 

@@ -207,21 +207,24 @@ def test_triton_leaf_path_equals_bitsandbytes_path():
     ("nf4", False, (5, 4096), 256),  # 128-byte blocks, 8 to a program
     ("nf4", True, (2, 8192), 4096),  # one block of 2048 bytes: wider than a program's default tile
 ])
-def test_nf4_kernel_on_awkward_shapes(quant, nested, shape, blocksize):
+def test_nf4_kernel_on_awkward_shapes(quant, nested, shape, blocksize, monkeypatch):
     """Partial blocks, odd counts and wide blocks, against the PyTorch formula (bitsandbytes' CPU
     dequantize_4bit misreads partial blocks: see wide_llama), and the float weight it came from
-    within the code book's spacing."""
+    within the code book's spacing; both forms of the code book (select tree, table loads)."""
     pytest.importorskip("triton")
     from bitsandbytes.functional import quantize_4bit
 
+    from unipelt_kernels import nf4
     from unipelt_kernels.nf4 import dequantize_nf4, dequantize_reference
 
     torch.manual_seed(1)
     w = torch.randn(*shape)
     q, qs = quantize_4bit(w, blocksize=blocksize, quant_type=quant, compress_statistics=nested)
     ref = dequantize_reference(q, qs)
-    got = dequantize_nf4(q, qs)
-    assert got.shape == shape and torch.equal(got, ref)
+    for lut in (0, 1):
+        monkeypatch.setattr(nf4, "LUT", lut)
+        got = dequantize_nf4(q, qs)
+        assert got.shape == shape and torch.equal(got, ref), lut
     # rounding to the nearest code: at most half the widest gap of the code book (NF4 0.72 -> 1.0,
     # FP4 0.67 -> 1.0: under 0.17) times the block's absmax (+1% for a double-quantized absmax)
     assert (got - w).abs().max() <= 0.17 * 1.01 * w.abs().max()
