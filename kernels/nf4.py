@@ -173,6 +173,9 @@ def _state_tensors(packed: Tensor, qs) -> tuple[Tensor, Tensor, Tensor, Tensor, 
     return qs.absmax, code, code, code, code, 2
 
 
+_TUNED: set[tuple] = set()  # launch keys the autotuner has picked a config for
+
+
 def _launch(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2: Tensor, offset: Tensor,
             blocksize: int, blocksize2: int, nested: bool, out: Tensor) -> Tensor:
     n_bytes, n_values = packed.numel(), out.numel()
@@ -181,9 +184,13 @@ def _launch(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2
     n_blocks = triton.cdiv(n_values, blocksize)
     half = blocksize // 2
     args = (packed, absmax, code, out, n_bytes, n_values, n_blocks, code2, absmax2, offset)
-    if out.is_cuda and not _interpreting() and not torch.cuda.is_current_stream_capturing():
+    key = (n_bytes, half, nested, out.dtype, out.device)
+    # the autotuner benchmarks on a key's first call: never while a CUDA graph is being captured
+    # (the launches would be recorded); a key it tuned before launches its pick there too
+    if out.is_cuda and not _interpreting() and (key in _TUNED or not torch.cuda.is_current_stream_capturing()):
         grid = lambda meta: (triton.cdiv(n_blocks, max(meta["BYTES"] // half, 1)),)  # noqa: E731
         _nf4_tuned[grid](*args, HALF=half, BLOCKSIZE2=blocksize2, NESTED=nested)
+        _TUNED.add(key)
     else:
         grid = (triton.cdiv(n_blocks, max(BYTES // half, 1)),)
         kw = {} if _interpreting() else {"num_warps": WARPS}
