@@ -6,7 +6,7 @@
    warm-up; and replayed from a CUDA graph of 20 calls, the GPU-side time) against
    ``dequantize_4bit`` on the same tensors, into the same kind of buffer, with the achieved
    bandwidth of the graph time (packed bytes + absmax read, float values written) and the config
-   the autotuner picked; then every fixed config (bytes per program x code-book form x warps) on
+   the autotuner picked; then every fixed config (bytes per program x warps) on
    plain absmax bf16, graph-timed.
 2. The plugin on CUDA: LoRA on an NF4 llama (2 layers of the scenario's width), logits and
    adapter gradients of the Triton path against bitsandbytes' own ``Linear4bit.forward``; merge
@@ -112,15 +112,15 @@ def kernel_rows(iters: int) -> list[dict]:
         n_values = out.numel()
         n_blocks = triton.cdiv(n_values, 64)
         for cfg in nf4._configs():
-            b, lut, warps = cfg.kwargs["BYTES"], cfg.kwargs["LUT"], cfg.num_warps
+            b, warps = cfg.kwargs["BYTES"], cfg.num_warps
             grid = (triton.cdiv(n_blocks, max(b // 32, 1)),)
 
-            def launch(b=b, lut=lut, warps=warps, grid=grid):
+            def launch(b=b, warps=warps, grid=grid):
                 nf4._nf4_kernel[grid](q, absmax, code, out, q.numel(), n_values, n_blocks, code2, absmax2, offset,
-                                      HALF=32, BLOCKSIZE2=bs2, NESTED=False, BYTES=b, LUT=lut, num_warps=warps)
+                                      HALF=32, BLOCKSIZE2=bs2, NESTED=False, BYTES=b, num_warps=warps)
 
             ms = timed_graph(launch, iters)
-            rows.append({"kind": "kernel-config", "shape": list(shape), "bytes_per_program": b, "lut": lut,
+            rows.append({"kind": "kernel-config", "shape": list(shape), "bytes_per_program": b,
                          "num_warps": warps, "graph_ms": ms, "gbps": _bytes_moved(qs, out) / ms / 1e6,
                          "bit_exact": bool(torch.equal(out, dequantize_4bit(q, qs)))})
     return rows

@@ -12,9 +12,9 @@ blockwise-quantized: absmax = code2[q] · absmax2[block of q] + offset.
 Three layers, as the other kernels:
   ``_nf4_kernel`` (Triton): one program dequantizes ``ROWS`` whole quantization blocks, a
   ``(ROWS, blocksize/2)`` tile of packed bytes (vectorised loads): one absmax load per block (not
-  per byte), the 16-entry code book held in registers (a select tree on the nibble's bits) or read
-  from its table, contiguous (hi, lo) pairs interleaved into 16-byte stores. Tile size, warps and
-  code-book form are autotuned on CUDA (:func:`_configs`); the interpreter runs one fixed config.
+  per byte), the 16-entry code book read from its table, contiguous (hi, lo) pairs interleaved
+  into 16-byte stores. Tile size and warps are autotuned on CUDA (:func:`_configs`); the
+  interpreter runs one fixed config.
   :func:`dequantize_nf4`: the launcher, into a caller's buffer or a new tensor.
   The torch custom ops ``unipelt_kernels::nf4_dequantize`` and ``unipelt_kernels::nf4_linear``
   (:func:`nf4_linear`): what ``torch.compile`` traces (``fullgraph=True``, CUDA graphs) in place
@@ -42,9 +42,9 @@ except ImportError:  # pragma: no cover - the reference below still works
     triton = None
 
 # the fixed launch (the interpreter, and a first call inside CUDA-graph capture, where the
-# autotuner must not benchmark): packed bytes per program, code-book form, warps; on CUDA the
-# autotuner otherwise picks among _configs()
-BYTES, LUT, WARPS = 1024, 0, 4
+# autotuner must not benchmark): packed bytes per program and warps, the fastest measured on the
+# H200's llama shapes; on CUDA the autotuner otherwise picks among _configs()
+BYTES, WARPS = 2048, 4
 
 
 def _interpreting() -> bool:
@@ -54,18 +54,16 @@ def _interpreting() -> bool:
 if triton is not None:
 
     def _configs() -> list:
-        # bytes per program x warps: 2-16 KiB of output per program keeps enough stores in flight
-        # on an H100/H200 without leaving the last wave mostly empty on the 2048-wide shapes; and the
-        # code book's form (LUT 0: a select tree in registers, 15 selects a value; 1: a load a value
-        # from the 64-byte table, an L1 hit): which is cheaper depends on how ALU-bound the tile is
-        return [triton.Config({"BYTES": b, "LUT": lut}, num_warps=w)
-                for b in (1024, 2048, 4096, 8192) for w in (4, 8) for lut in (0, 1)]
+        # bytes per program x warps: 2-16 KiB of output per program. Measured on the H200 (RESULTS.md,
+        # issue 10): 1-2 KiB of packed bytes with 4 warps are the fastest on the llama shapes (3.8-3.9
+        # TB/s), 8 KiB the slowest (3.0 TB/s)
+        return [triton.Config({"BYTES": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
 
     @triton.jit
     def _nf4_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, n_values, n_blocks,
                     qabs_code_ptr, absmax2_ptr, offset_ptr,
                     HALF: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                    BYTES: tl.constexpr, LUT: tl.constexpr):
+                    BYTES: tl.constexpr):
         # HALF = blocksize / 2 packed bytes per quantization block; ROWS whole blocks per program
         ROWS: tl.constexpr = (BYTES + HALF - 1) // HALF
         pid = tl.program_id(0)
@@ -83,11 +81,11 @@ if triton is not None:
             a = tl.load(absmax_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         hi = (byte >> 4) & 0xF
         lo = byte & 0xF
-        if LUT == 1:
-            vh = tl.load(code_ptr + hi).to(tl.float32)
-            vl = tl.load(code_ptr + lo).to(tl.float32)
-        else:
-            vh, vl = _lut_pair(code_ptr, hi, lo)
+        # the code book read from its 64-byte table (L1 hits). Holding it in registers as a select
+        # tree on the nibble's bits (15 selects a value) measured 2.2x slower on the H200 (1.4-1.8
+        # against 3.0-3.9 TB/s): the tree makes the kernel ALU-bound
+        vh = tl.load(code_ptr + hi).to(tl.float32)
+        vl = tl.load(code_ptr + lo).to(tl.float32)
         vh = vh * a[:, None]
         vl = vl * a[:, None]
         ty = out_ptr.dtype.element_ty
@@ -98,51 +96,6 @@ if triton is not None:
         v = tl.reshape(tl.join(vh, vl), [ROWS, 2 * HALF]).to(ty)
         o = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
         tl.store(out_ptr + o, v, mask=o < n_values)  # an odd count leaves the last low nibble unused
-
-    @triton.jit
-    def _lut_pair(code_ptr, hi, lo):
-        # the code book in registers: 16 scalars, selected by the nibble's bits (4 levels of
-        # tl.where) instead of a gather per value from memory
-        c0 = tl.load(code_ptr + 0)
-        c1 = tl.load(code_ptr + 1)
-        c2 = tl.load(code_ptr + 2)
-        c3 = tl.load(code_ptr + 3)
-        c4 = tl.load(code_ptr + 4)
-        c5 = tl.load(code_ptr + 5)
-        c6 = tl.load(code_ptr + 6)
-        c7 = tl.load(code_ptr + 7)
-        c8 = tl.load(code_ptr + 8)
-        c9 = tl.load(code_ptr + 9)
-        c10 = tl.load(code_ptr + 10)
-        c11 = tl.load(code_ptr + 11)
-        c12 = tl.load(code_ptr + 12)
-        c13 = tl.load(code_ptr + 13)
-        c14 = tl.load(code_ptr + 14)
-        c15 = tl.load(code_ptr + 15)
-        return (_lut(hi, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15),
-                _lut(lo, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15))
-
-    @triton.jit
-    def _lut(idx, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
-        b0 = (idx & 1) != 0
-        b1 = (idx & 2) != 0
-        b2 = (idx & 4) != 0
-        b3 = (idx & 8) != 0
-        l01 = tl.where(b0, c1, c0)
-        l23 = tl.where(b0, c3, c2)
-        l45 = tl.where(b0, c5, c4)
-        l67 = tl.where(b0, c7, c6)
-        l89 = tl.where(b0, c9, c8)
-        lab = tl.where(b0, c11, c10)
-        lcd = tl.where(b0, c13, c12)
-        lef = tl.where(b0, c15, c14)
-        l03 = tl.where(b1, l23, l01)
-        l47 = tl.where(b1, l67, l45)
-        l8b = tl.where(b1, lab, l89)
-        lcf = tl.where(b1, lef, lcd)
-        l07 = tl.where(b2, l47, l03)
-        l8f = tl.where(b2, lcf, l8b)
-        return tl.where(b3, l8f, l07).to(tl.float32)
 
     _nf4_tuned = triton.autotune(configs=_configs(), key=["n_bytes", "HALF", "NESTED"])(_nf4_kernel)
 
@@ -194,7 +147,7 @@ def _launch(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2
     else:
         grid = (triton.cdiv(n_blocks, max(BYTES // half, 1)),)
         kw = {} if _interpreting() else {"num_warps": WARPS}
-        _nf4_kernel[grid](*args, HALF=half, BLOCKSIZE2=blocksize2, NESTED=nested, BYTES=BYTES, LUT=LUT, **kw)
+        _nf4_kernel[grid](*args, HALF=half, BLOCKSIZE2=blocksize2, NESTED=nested, BYTES=BYTES, **kw)
     return out
 
 

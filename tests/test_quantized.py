@@ -210,7 +210,7 @@ def test_triton_leaf_path_equals_bitsandbytes_path():
 def test_nf4_kernel_on_awkward_shapes(quant, nested, shape, blocksize, monkeypatch):
     """Partial blocks, odd counts and wide blocks, against the PyTorch formula (bitsandbytes' CPU
     dequantize_4bit misreads partial blocks: see wide_llama), and the float weight it came from
-    within the code book's spacing; both forms of the code book (select tree, table loads)."""
+    within the code book's spacing; with small and large tiles."""
     pytest.importorskip("triton")
     from bitsandbytes.functional import quantize_4bit
 
@@ -221,10 +221,10 @@ def test_nf4_kernel_on_awkward_shapes(quant, nested, shape, blocksize, monkeypat
     w = torch.randn(*shape)
     q, qs = quantize_4bit(w, blocksize=blocksize, quant_type=quant, compress_statistics=nested)
     ref = dequantize_reference(q, qs)
-    for lut in (0, 1):
-        monkeypatch.setattr(nf4, "LUT", lut)
+    for bytes_per_program in (64, 2048):  # tiles of one or two blocks, and of many
+        monkeypatch.setattr(nf4, "BYTES", bytes_per_program)
         got = dequantize_nf4(q, qs)
-        assert got.shape == shape and torch.equal(got, ref), lut
+        assert got.shape == shape and torch.equal(got, ref), bytes_per_program
     # rounding to the nearest code: at most half the widest gap of the code book (NF4 0.72 -> 1.0,
     # FP4 0.67 -> 1.0: under 0.17) times the block's absmax (+1% for a double-quantized absmax)
     assert (got - w).abs().max() <= 0.17 * 1.01 * w.abs().max()
