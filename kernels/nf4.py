@@ -55,8 +55,8 @@ if triton is not None:
 
     def _configs() -> list:
         # bytes per program x warps: 2-16 KiB of output per program. Measured on the H200 (RESULTS.md,
-        # issue 10): 1-2 KiB of packed bytes with 4 warps are the fastest on the llama shapes (3.8-3.9
-        # TB/s), 8 KiB the slowest (3.0 TB/s)
+        # issue 10): 1-2 KiB of packed bytes with 4 warps are the fastest on the llama shapes (2.7-3.9
+        # TB/s), 8 KiB the slowest (2.1-3.2 TB/s)
         return [triton.Config({"BYTES": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
 
     @triton.jit
@@ -82,8 +82,8 @@ if triton is not None:
         hi = (byte >> 4) & 0xF
         lo = byte & 0xF
         # the code book read from its 64-byte table (L1 hits). Holding it in registers as a select
-        # tree on the nibble's bits (15 selects a value) measured 2.2x slower on the H200 (1.4-1.8
-        # against 3.0-3.9 TB/s): the tree makes the kernel ALU-bound
+        # tree on the nibble's bits (15 selects a value) measured about 2x slower on the H200 (1.3-1.8
+        # against 2.1-3.9 TB/s over the configs and llama shapes): the tree makes it ALU-bound
         vh = tl.load(code_ptr + hi).to(tl.float32)
         vl = tl.load(code_ptr + lo).to(tl.float32)
         vh = vh * a[:, None]
