@@ -311,16 +311,18 @@ def _compiled_vs_eager(model, h, batch):
     return le, lc, ge, gc
 
 
-@pytest.mark.parametrize("backend", ["triton", "bnb"])
-def test_qlora_compiles_fullgraph(backend, request):
+@pytest.mark.parametrize("backend,spec", [("triton", "lora"), ("bnb", "lora"), ("triton", "unipelt")])
+def test_qlora_compiles_fullgraph(backend, spec, request):
     """QLoRA on an NF4 base (double quantization) is captured by torch.compile with
     fullgraph=True and computes what eager does: through the custom op (``triton``; the kernel
-    under the interpreter on CPU) and through bitsandbytes' own Linear4bit (its torch.library ops)."""
+    under the interpreter on CPU) and through bitsandbytes' own Linear4bit (its torch.library
+    ops); UniPELT (specs/unipelt.yaml: gated LoRA, prefix and adapter) on the op path too."""
     pytest.importorskip("triton")
     if backend == "triton":
         request.getfixturevalue("triton_backend")
     model = quantize_model(wide_llama(), "nf4", double_quant=True).train()
-    h = unipelt.compile(model, LORA_ALL)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = unipelt.compile(model, LORA_ALL if spec == "lora" else os.path.join(root, "specs", "unipelt.yaml"))
     randomize(h, std=0.05)
     batch = make_batch(seed=4, batch=2, length=6)
     le, lc, ge, gc = _compiled_vs_eager(model, h, batch)
