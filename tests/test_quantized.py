@@ -372,6 +372,38 @@ def test_train_cli_quantized(tmp_path, capsys, optim):
     assert (out / "adapter" / "adapter.safetensors").is_file()
 
 
+def test_train_cli_quantized_compiled_equals_eager(tmp_path, capsys, monkeypatch):
+    """``unipelt train --quantize nf4 --compile default``: the NF4 model is compiled with
+    fullgraph=True (no fallback to eager; backend aot_eager, inductor's code generation being too
+    slow for a CPU test) and takes the steps the eager run takes."""
+    from safetensors.torch import load_file
+
+    from unipelt.cli import main
+
+    monkeypatch.setenv("UNIPELT_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}"}) + "\n" for i in range(8)))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(LORA_ALL))
+    runs = {}
+    for mode in ("default", "off"):
+        out = tmp_path / mode
+        code = main(["train", str(spec), "tiny-llama", "--data", str(data), "--out", str(out), "--quantize", "nf4",
+                     "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--no-progress", "--compile", mode,
+                     "--seed", "3"])
+        assert code == 0, capsys.readouterr().err
+        runs[mode] = (json.loads((out / "report.json").read_text()), load_file(str(out / "adapter" / "adapter.safetensors")))
+    torch._dynamo.reset()
+    (rc, ac), (re_, ae) = runs["default"], runs["off"]
+    assert rc["compile"]["mode"] == "default" and rc["compile"]["fallback"] is None
+    assert re_["compile"]["mode"] is None
+    assert ac.keys() == ae.keys()
+    for k in ac:
+        assert torch.allclose(ac[k], ae[k], atol=1e-5, rtol=1e-4), k
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ac.items() if "lora_B" in k or ".B" in k)
+
+
 def test_merge_from_a_4bit_run_writes_a_dequantized_16bit_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
