@@ -14,10 +14,12 @@ Besides the hook, three helpers for users and the CLI:
   :func:`prepare_model` does what PEFT's ``prepare_model_for_kbit_training`` leaves to the user
   (float32 norms and head on an fp16 base, input gradients for reentrant gradient checkpointing).
 
-The optional fast path (:func:`set_dequant_backend` ``"triton"``) computes a 4-bit leaf as one
-dequantization of its NF4 weight by :mod:`unipelt_kernels.nf4` into a buffer reused by every
-leaf of the same shape, then one GEMM; its backward dequantizes again instead of keeping the
-float weight (QLoRA's memory promise).
+The optional fast path (:func:`set_dequant_backend` ``"triton"``) computes a 4-bit leaf (NF4 or
+FP4) as one dequantization by :mod:`unipelt_kernels.nf4`, then one GEMM, inside the torch custom
+op ``unipelt_kernels::nf4_linear``: ``torch.compile`` captures it with ``fullgraph=True`` (and
+CUDA graphs), and its backward dequantizes again instead of keeping the float weight (QLoRA's
+memory promise). bitsandbytes' own path compiles too (bitsandbytes 0.50 registers its
+dequantization as torch.library ops).
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ class Linear4bitLeaf(LeafWrapper):
         return _bnb().functional.dequantize_4bit(w.data, w.quant_state).to(self.compute_dtype)
 
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if _BACKEND.name == "triton" and not args and not kwargs and x.is_cuda and self.quant_type == "nf4":
+        if _BACKEND.name == "triton" and not args and not kwargs:
             return _triton_linear(x, self.base_layer)
         return self.base_layer(x, *args, **kwargs)
 
@@ -153,7 +155,7 @@ def _unquantized_error(site):
 
 
 # ------------------------------------------------------------------------------------------
-# the Triton fast path: dequantize once into a reused buffer, one GEMM
+# the Triton fast path: one dequantization, one GEMM, as a torch custom op
 # ------------------------------------------------------------------------------------------
 @dataclass
 class _Backend:
@@ -161,56 +163,29 @@ class _Backend:
 
 
 _BACKEND = _Backend()
-_BUFFERS: dict[tuple, Tensor] = {}
 
 
 def set_dequant_backend(name: Literal["bnb", "triton"]) -> None:
-    """``bnb``: bitsandbytes' own ``Linear4bit.forward``; ``triton``: NF4 leaves on CUDA are
-    dequantized by :mod:`unipelt_kernels.nf4` into a buffer shared by every leaf of the shape."""
+    """``bnb``: bitsandbytes' own ``Linear4bit.forward``; ``triton``: 4-bit leaves compute through
+    the ``unipelt_kernels::nf4_linear`` op (:mod:`unipelt_kernels.nf4`: the Triton kernel on CUDA
+    and under the interpreter, its PyTorch reference elsewhere), which ``torch.compile`` traces
+    with ``fullgraph=True``."""
     if name not in ("bnb", "triton"):
         raise ValueError(f"dequantization backend {name!r}: expected 'bnb' or 'triton'")
     _BACKEND.name = name
 
 
-def _buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
-    # one buffer per (shape, dtype, device, slot): the forward and the backward of one layer each
-    # overwrite it, and nothing keeps it past its GEMM
-    key = (tuple(shape), dtype, device, slot)
-    buf = _BUFFERS.get(key)
-    if buf is None:
-        buf = _BUFFERS[key] = torch.empty(shape, dtype=dtype, device=device)
-    return buf
-
-
-def dequantize_nf4(layer: nn.Module, dtype: torch.dtype, slot: int = 0) -> Tensor:
-    from unipelt_kernels.nf4 import dequantize_nf4 as kernel
-
-    w = layer.weight
-    qs = w.quant_state
-    out = _buffer(qs.shape, dtype, w.device, slot)
-    return kernel(w.data, qs, out=out)
-
-
-class _NF4Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: nn.Module, bias: Tensor | None):
-        ctx.layer = layer
-        w = dequantize_nf4(layer, x.dtype, slot=0)
-        return nn.functional.linear(x, w, bias)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        # dequantized again rather than kept from the forward: the float weight never outlives a GEMM
-        w = dequantize_nf4(ctx.layer, grad.dtype, slot=1)
-        return grad @ w, None, None
-
-
 def _triton_linear(x: Tensor, layer: nn.Module) -> Tensor:
-    dtype = layer.compute_dtype if isinstance(getattr(layer, "compute_dtype", None), torch.dtype) else x.dtype
+    """What bitsandbytes' ``Linear4bit.forward`` computes (input cast to the compute dtype, output
+    back to the input's), through the custom op: its backward dequantizes again instead of keeping
+    the float weight."""
+    from unipelt_kernels.nf4 import nf4_linear
+
+    cd = getattr(layer, "compute_dtype", None)
+    dtype = cd if isinstance(cd, torch.dtype) else x.dtype
     bias = layer.bias.to(dtype) if layer.bias is not None else None
-    return _NF4Linear.apply(x.to(dtype), layer, bias).to(x.dtype)
+    w = layer.weight  # the Params4bit itself: its .data recurses in its __torch_function__ under dynamo
+    return nf4_linear(x.to(dtype), w, w.quant_state, bias).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------

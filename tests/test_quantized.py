@@ -200,6 +200,144 @@ def test_triton_leaf_path_equals_bitsandbytes_path():
     assert torch.allclose(g, g_ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("quant,nested,shape,blocksize", [
+    ("nf4", False, (37, 64), 128),   # the last quantization block partial
+    ("nf4", True, (7, 9), 32),       # an odd count: the last byte's low nibble unused
+    ("fp4", True, (3, 50), 64),
+    ("nf4", False, (5, 4096), 256),  # 128-byte blocks, 8 to a program
+    ("nf4", True, (2, 8192), 4096),  # one block of 2048 bytes: wider than a program's default tile
+])
+def test_nf4_kernel_on_awkward_shapes(quant, nested, shape, blocksize, monkeypatch):
+    """Partial blocks, odd counts and wide blocks, against the PyTorch formula (bitsandbytes' CPU
+    dequantize_4bit misreads partial blocks: see wide_llama), and the float weight it came from
+    within the code book's spacing; with small and large tiles."""
+    pytest.importorskip("triton")
+    from bitsandbytes.functional import quantize_4bit
+
+    from unipelt_kernels import nf4
+    from unipelt_kernels.nf4 import dequantize_nf4, dequantize_reference
+
+    torch.manual_seed(1)
+    w = torch.randn(*shape)
+    q, qs = quantize_4bit(w, blocksize=blocksize, quant_type=quant, compress_statistics=nested)
+    ref = dequantize_reference(q, qs)
+    for bytes_per_program in (64, 2048):  # tiles of one or two blocks, and of many
+        monkeypatch.setattr(nf4, "BYTES", bytes_per_program)
+        got = dequantize_nf4(q, qs)
+        assert got.shape == shape and torch.equal(got, ref), bytes_per_program
+    # rounding to the nearest code: at most half the widest gap of the code book (NF4 0.72 -> 1.0,
+    # FP4 0.67 -> 1.0: under 0.17) times the block's absmax (+1% for a double-quantized absmax)
+    assert (got - w).abs().max() <= 0.17 * 1.01 * w.abs().max()
+
+
+def _nf4_op_args(nested: bool, bias: bool):
+    from bitsandbytes.functional import quantize_4bit
+
+    from unipelt_kernels import nf4
+
+    torch.manual_seed(2)
+    q, qs = quantize_4bit(torch.randn(48, 128), blocksize=64, quant_type="nf4", compress_statistics=nested)
+    absmax, code, code2, absmax2, offset, bs2 = nf4._state_tensors(q, qs)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    b = torch.randn(48, requires_grad=True) if bias else None
+    return q, qs, (x, q, absmax, code, code2, absmax2, offset, 64, bs2, nested, 48, 128, b)
+
+
+@pytest.mark.parametrize("nested,bias", [(False, False), (True, True)])
+def test_nf4_custom_ops_opcheck(nested, bias):
+    """The ops torch.compile traces: schema, fake (meta) implementation, autograd registration
+    and AOT dispatch (torch.library.opcheck); the linear's gradients against float autograd on
+    the dequantized weight."""
+    pytest.importorskip("triton")
+    from unipelt_kernels import nf4
+
+    q, qs, args = _nf4_op_args(nested, bias)
+    x, b = args[0], args[-1]
+    deq_args = (*args[1:9], nested, [48, 128], torch.float32)
+    torch.library.opcheck(nf4.nf4_dequantize, deq_args)
+    torch.library.opcheck(nf4.nf4_linear_op, args)
+    y = nf4.nf4_linear(x, q, qs, b)
+    w = nf4.dequantize_reference(q, qs)
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = b.detach().clone().requires_grad_(True) if bias else None
+    y_ref = nn.functional.linear(x2, w, b2)
+    assert torch.allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x] + ([b] if bias else []), gy)
+    want = torch.autograd.grad(y_ref, [x2] + ([b2] if bias else []), gy)
+    for g, gr in zip(got, want):
+        assert torch.allclose(g, gr, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"input of 64 features: the 4-bit weight is \(48, 128\)"):
+        nf4.nf4_linear(torch.randn(2, 64), q, qs)
+
+
+def test_nf4_linear_keeps_no_float_weight_for_backward():
+    """QLoRA's memory promise: what autograd saves for the 4-bit linear's backward is the packed
+    weight and its state, never a dequantized (out, in) float copy."""
+    pytest.importorskip("triton")
+    from unipelt_kernels import nf4
+
+    q, qs, args = _nf4_op_args(True, False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = nf4.nf4_linear(args[0], q, qs)
+    assert saved and not any(t.is_floating_point() and t.numel() >= 48 * 128 for t in saved)
+    assert sum(t.numel() * t.element_size() for t in saved) < 48 * 128  # packed: half a byte a value
+    y.sum().backward()
+    assert args[0].grad is not None
+
+
+@pytest.fixture
+def triton_backend():
+    from unipelt_plugins.bnb import set_dequant_backend
+
+    set_dequant_backend("triton")
+    yield
+    set_dequant_backend("bnb")
+
+
+def _compiled_vs_eager(model, h, batch):
+    """Logits and adapter gradients of ``model`` eager and under torch.compile(fullgraph=True,
+    aot_eager): a graph break would raise."""
+    torch._dynamo.reset()
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        out = fn(**batch).logits
+        out.float().pow(2).mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in h.parameters()]))
+    torch._dynamo.reset()
+    (le, ge), (lc, gc) = results
+    return le, lc, ge, gc
+
+
+@pytest.mark.parametrize("backend,spec", [("triton", "lora"), ("bnb", "lora"), ("triton", "unipelt")])
+def test_qlora_compiles_fullgraph(backend, spec, request):
+    """QLoRA on an NF4 base (double quantization) is captured by torch.compile with
+    fullgraph=True and computes what eager does: through the custom op (``triton``; the kernel
+    under the interpreter on CPU) and through bitsandbytes' own Linear4bit (its torch.library
+    ops); UniPELT (specs/unipelt.yaml: gated LoRA, prefix and adapter) on the op path too."""
+    pytest.importorskip("triton")
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    model = quantize_model(wide_llama(), "nf4", double_quant=True).train()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = unipelt.compile(model, LORA_ALL if spec == "lora" else os.path.join(root, "specs", "unipelt.yaml"))
+    randomize(h, std=0.05)
+    batch = make_batch(seed=4, batch=2, length=6)
+    le, lc, ge, gc = _compiled_vs_eager(model, h, batch)
+    assert torch.allclose(lc, le, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gc, ge):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    if backend == "triton":  # the op path gives bitsandbytes' results
+        from unipelt_plugins.bnb import set_dequant_backend
+
+        set_dequant_backend("bnb")
+        with torch.no_grad():
+            ref = model(**batch).logits
+        assert torch.allclose(le, ref, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------
 # users: load_model(quantize=), train --quantize/--optim, merge, export to PEFT
 # ------------------------------------------------------------------------------------------
@@ -232,6 +370,38 @@ def test_train_cli_quantized(tmp_path, capsys, optim):
     assert report["memory"]["base"] > 0 and report["memory"]["adapter"] > 0
     assert report["params"]["base"] == base_param_count(__import__("unipelt.models").models.load_model("tiny-llama")[0])
     assert (out / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_train_cli_quantized_compiled_equals_eager(tmp_path, capsys, monkeypatch):
+    """``unipelt train --quantize nf4 --compile default``: the NF4 model is compiled with
+    fullgraph=True (no fallback to eager; backend aot_eager, inductor's code generation being too
+    slow for a CPU test) and takes the steps the eager run takes."""
+    from safetensors.torch import load_file
+
+    from unipelt.cli import main
+
+    monkeypatch.setenv("UNIPELT_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat sat on mat number {i}"}) + "\n" for i in range(8)))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(LORA_ALL))
+    runs = {}
+    for mode in ("default", "off"):
+        out = tmp_path / mode
+        code = main(["train", str(spec), "tiny-llama", "--data", str(data), "--out", str(out), "--quantize", "nf4",
+                     "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--no-progress", "--compile", mode,
+                     "--seed", "3"])
+        assert code == 0, capsys.readouterr().err
+        runs[mode] = (json.loads((out / "report.json").read_text()), load_file(str(out / "adapter" / "adapter.safetensors")))
+    torch._dynamo.reset()
+    (rc, ac), (re_, ae) = runs["default"], runs["off"]
+    assert rc["compile"]["mode"] == "default" and rc["compile"]["fallback"] is None
+    assert re_["compile"]["mode"] is None
+    assert ac.keys() == ae.keys()
+    for k in ac:
+        assert torch.allclose(ac[k], ae[k], atol=1e-5, rtol=1e-4), k
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ac.items() if "lora_B" in k or ".B" in k)
 
 
 def test_merge_from_a_4bit_run_writes_a_dequantized_16bit_model(tmp_path):
