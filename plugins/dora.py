@@ -95,12 +95,35 @@ class DoraBranch(nn.Module):
         """‖W0_i + s·(B·A)_i‖ per output row, in float32, from W0·Aᵀ and A·Aᵀ (never W0 + s·B·A)."""
         W = self._weight()
         s = self.scale
-        w2 = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
+        w2 = self._w0_sq(W)
         Af, Bf = A.float(), B.float()
         wa = F.linear(W, A.to(W.dtype)).float()  # (d_out, r) = W0·Aᵀ
         cross = (Bf * wa).sum(1)  # B_i·(W0·Aᵀ)_i = <W0_i, (BA)_i>
         ba2 = ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # ‖(BA)_i‖²
         return (w2 + (2 * s) * cross + (s * s) * ba2).clamp_min(1e-30).sqrt()
+
+    # ‖W0_i‖² per row (float32), cached: W0 is frozen, so the one pass over the whole weight it
+    # costs is not paid at every forward. Valid while the stored weight is the same tensor at the
+    # same version (eager: in-place writes bump it) and the leaf's ``weight_version`` (bumped by
+    # merge and unmerge, which a compiled graph guards on) is unchanged; else computed again.
+    _w0_cache: tuple | None = None
+
+    def _w0_sq(self, W: Tensor) -> Tensor:
+        host = self._host
+        version = getattr(host, "weight_version", 0)
+        cached = self._w0_cache
+        if torch.compiler.is_compiling():
+            # tensor versions are not traceable: the leaf's counter (a guarded int) decides
+            if cached is not None and cached[0][2] == version and cached[1].device == W.device:
+                return cached[1]
+            return torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
+        stored = getattr(getattr(host, "base_layer", host), "weight", None)
+        key = (id(stored), getattr(stored, "_version", None), version, W.device, W.dtype, W.shape)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, torch.linalg.vector_norm(W.detach(), dim=1, dtype=torch.float32).square())
+            self._w0_cache = cached
+        return cached[1]
 
     def weight_norm(self) -> Tensor:
         A, B = self.lora_A, self.lora_B

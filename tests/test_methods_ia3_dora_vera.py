@@ -253,6 +253,45 @@ def test_dora_equals_peft(arch, executor):
             torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dora_cached_row_norms_follow_a_change_of_the_base(compiled):
+    """‖W0‖² is cached (W0 is frozen); another adapter merged into the same projection changes W0,
+    and DoRA, still live, must then use the new weight's norms: eager through the tensor's
+    version, compiled through the leaf's weight_version (a guard: the graph is traced again).
+    The reference is the formula on the weight as it is after the merge."""
+    model = make_llama()
+    h = unipelt.compile(model, {"modules": {"d": {"method": "dora", "site": "attn.q", "r": 4, "layers": [0]}}},
+                        name="dora")
+    randomize(h, std=0.2)
+    other = unipelt.compile(model, {"modules": {"l": {"method": "lora", "site": "attn.q", "r": 4, "layers": [0]}}},
+                            name="lora")
+    randomize(other, std=0.5)
+    unipelt.set_adapter(model, ["dora", "lora"])  # both live at attn.q
+    (bp,) = h.graph.branches
+    br = h.branch_modules[bp.key]
+    wrapper = model.get_submodule(bp.site.path)
+    x = torch.randn(2, 5, bp.site.in_features, generator=torch.Generator().manual_seed(0))
+    fn = torch.compile(wrapper, backend="eager", fullgraph=True) if compiled else wrapper
+
+    def reference() -> torch.Tensor:
+        W0 = wrapper.base_layer.weight.detach()
+        A, B, m = br.lora_A.detach(), br.lora_B.detach(), br.magnitude.detach()
+        return F.linear(x, _dora_weight(W0, A, B, m, br.scale, True))
+
+    with torch.no_grad():
+        before = fn(x)
+        other_live = before - reference()  # the LoRA's own term while it is live
+        other.merge()
+        after = fn(x)
+        # the merged LoRA is now part of W0: DoRA renormalises W0 + s_l·B_l·A_l; the LoRA's term
+        # is no longer added on its own
+        torch.testing.assert_close(after, reference(), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(after, before, atol=1e-3)
+        assert other_live.abs().max() > 1e-3  # the LoRA did change the output: a real change of W0
+        other.unmerge()
+        torch.testing.assert_close(fn(x), before, atol=1e-5, rtol=1e-5)
+
+
 def test_dora_rejects_a_rank_beyond_the_widths():
     with pytest.raises(SpecError, match=r"modules\.d\.r"):
         unipelt.compile(make_llama(), {"modules": {"d": {"method": "dora", "site": "attn.k", "r": 17}}})

@@ -712,6 +712,16 @@ class LeafWrapper(nn.Module):
 
     # -- merging ---------------------------------------------------------------------------
     _bias_backup: Tensor | None = None
+    # bumped whenever merge or unmerge writes the base weight: a branch caching something of it
+    # (DoRA's ‖W0‖²) knows it changed, also inside a compiled graph (which guards on this int).
+    # Mirrored onto the base layer, which is what a branch built before the wrapping holds.
+    weight_version: int = 0
+
+    def _bump_weight_version(self) -> None:
+        self.weight_version += 1
+        for mod in (self.base_layer, self._merged_backup):
+            if isinstance(mod, nn.Module):
+                mod.__dict__["weight_version"] = self.weight_version
 
     def merge_delta(self, delta: Tensor, out_slice: tuple[int, int] | None, bias: Tensor | None = None) -> None:
         """Add an (out, in) delta to the base weight (and ``bias``, an (out,) delta, to the base
@@ -722,6 +732,7 @@ class LeafWrapper(nn.Module):
             # so it adds no state-dict keys while merged)
             object.__setattr__(self, "_merged_backup", self.base_layer)
             self._modules["base_layer"] = self.dequantized_layer()
+        self._bump_weight_version()
         w = self.base_layer.weight
         if self._merged_backup is None:
             self._merged_backup = w.detach().clone()
@@ -745,6 +756,7 @@ class LeafWrapper(nn.Module):
         return isinstance(self._merged_backup, nn.Module)
 
     def restore_weight(self) -> None:
+        self._bump_weight_version()
         if isinstance(self._merged_backup, nn.Module):
             self._modules["base_layer"] = self._merged_backup  # the quantized layer, as it was
             self._bias_backup = None  # it kept its own bias
