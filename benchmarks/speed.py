@@ -1019,19 +1019,20 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
                     return r
 
                 scn = scenarios[scn_name]
+                phases = args.phases
                 floor_cost = sum(add(measure(FLOOR, scn, mode, phase, settings, floor_at="start"))["wall_s"]
-                                 for phase in PHASES)
+                                 for phase in phases)
                 for vname in args.variants:
-                    for phase in PHASES:
+                    for phase in phases:
                         elapsed = time.perf_counter() - t_run
                         if args.budget_s and elapsed + floor_cost > args.budget_s:
                             add(_skipped(scn, mode, phase, vname, f"skipped: --budget-s {args.budget_s:g} (at "
                                          f"{elapsed:.0f} s, the end floor needs ~{floor_cost:.0f} s)"))
                         else:
                             add(measure(VARIANTS[vname], scn, mode, phase, settings))
-                for phase in PHASES:
+                for phase in phases:
                     add(measure(FLOOR, scn, mode, phase, settings, floor_at="end"))
-                for phase in PHASES:
+                for phase in phases:
                     ms = " -> ".join(f"{r['median_ms']:.2f}" if r["median_ms"] else "error"
                                      for r in block if r["variant"] == "floor" and r["phase"] == phase)
                     log(f"{scn.name} {mode} floor {phase} start -> end: {ms} ms")
@@ -1255,6 +1256,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    type=lambda v: _choices(v, list(VARIANTS), "--variants",
                                            {"all": list(VARIANTS), "default": DEFAULT_VARIANTS}),
                    help=f"comma-separated, 'default' or 'all'; known: {', '.join(VARIANTS)}")
+    p.add_argument("--phases", default=",".join(PHASES), type=lambda v: _choices(v, PHASES, "--phases"),
+                   help="train, infer or both (default): a compiled block costs a compilation per phase")
     p.add_argument("--out", type=Path, help="JSONL file (default speed-<UTC time>.jsonl)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--report", nargs="+", metavar="RUN",
