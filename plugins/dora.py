@@ -181,12 +181,17 @@ class DoraBranch(nn.Module):
             return t * g
         return torch.addcmul((1 - g) * b.to(dtype), t, g)  # g ⊙ (t - b) + b
 
-    def delta_weight(self) -> Tensor:
-        """g ⊙ (W0 + s·B·A) - W0 = (g - 1) ⊙ W0 + g ⊙ s·B·A, rows scaled."""
+    # merge: (g - 1) rescales the base output as computed, W0·diag(l) under an input scaling of
+    # the projection (IA3 at ffn.down; runtime.merge_branches passes it); g's norm is W0's, as live
+    delta_from_base = True
+
+    def delta_weight(self, base: Tensor | None = None) -> Tensor:
+        """g ⊙ (W0 + s·B·A) - W0 = (g - 1) ⊙ W0 + g ⊙ s·B·A, rows scaled; with ``base`` (the
+        weight the base output is computed with) (g - 1) ⊙ base + g ⊙ s·B·A."""
         w = self._weight()
         with torch.no_grad():
             g = self.factor().to(w.dtype)[:, None]
-            return (g - 1) * w + g * ((self.lora_B @ self.lora_A).to(w.dtype) * self.scale)
+            return (g - 1) * (w if base is None else base.to(w.dtype)) + g * ((self.lora_B @ self.lora_A).to(w.dtype) * self.scale)
 
     def param_roles(self) -> dict[str, str]:
         return {"lora_A": "lora_A", "lora_B": "lora_B"}

@@ -90,8 +90,12 @@ class IA3Branch(nn.Module):
             return x * (l - 1)  # the delta: y·l - y
         return x * l  # the rescaled input of the base projection
 
-    def delta_weight(self) -> Tensor:
-        w = base_weight(self._host, self.out_slice)
+    # merge: the weight the vector rescales is the one the base computes with, which other input
+    # scalings of the projection may have rescaled already (runtime.merge_branches passes it)
+    delta_from_base = True
+
+    def delta_weight(self, base: Tensor | None = None) -> Tensor:
+        w = base_weight(self._host, self.out_slice) if base is None else base
         l = self.ia3_l.to(w.dtype)
         if self.side == "output":
             return w * (l - 1)[:, None]

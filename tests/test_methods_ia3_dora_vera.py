@@ -452,3 +452,55 @@ def test_merge_adapter_writes_a_plain_model(tmp_path, name):
     plain = auto.from_pretrained(str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# several scalings of one projection's input, merged
+# ------------------------------------------------------------------------------------------
+_DOWN = {
+    "two input scalings": {"a": {"method": "ia3", "site": "ffn.down"}, "b": {"method": "ia3", "site": "ffn.down"}},
+    "input scaling and DoRA": {"a": {"method": "ia3", "site": "ffn.down"},
+                               "d": {"method": "dora", "site": "ffn.down", "r": 4}},
+    "input and output scaling": {"a": {"method": "ia3", "site": "ffn.down"},
+                                 "o": {"method": "ia3", "site": "ffn.down", "side": "output"}},
+    "all of them with LoRA": {"a": {"method": "ia3", "site": "ffn.down"}, "b": {"method": "ia3", "site": "ffn.down"},
+                              "o": {"method": "ia3", "site": "ffn.down", "side": "output"},
+                              "d": {"method": "dora", "site": "ffn.down", "r": 4},
+                              "l": {"method": "lora", "site": "ffn.down", "r": 4}},
+}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", list(_DOWN))
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_input_scalings_at_one_projection_merge_exactly(arch, case, reverse):
+    """Live, the base computes W·diag(l_a ⊙ l_b)·x and an output-side vector or DoRA rescales
+    that; merged, the weight must be the same product (it was the sum W·diag(l_a + l_b - 1) and
+    DoRA's (g - 1) took W instead of W·diag(l): off by ~1 before the fix). Either node order."""
+    batch = _batch()
+    modules = _DOWN[case]
+    if reverse:
+        modules = dict(reversed(list(modules.items())))
+    model = FACTORY[arch]()
+    h = unipelt.compile(model, {"modules": modules})
+    randomize(h, std=0.2)
+    with torch.no_grad():
+        for bp in h.graph.branches:  # the vectors well away from 1 (randomize centres them near 0)
+            br = h.branch_modules[bp.key]
+            if hasattr(br, "ia3_l"):
+                br.ia3_l.add_(1.0)
+        # at the projection itself (layer 0's ffn.down: every branch above), and the whole model
+        proj = model.get_submodule(h.graph.branches[0].site.path)
+        base_proj = FACTORY[arch]().get_submodule(h.graph.branches[0].site.path)
+        x = torch.randn(3, 5, base_proj.in_features, generator=torch.Generator().manual_seed(1))
+        live, live_out = proj(x), _last_hidden(model, batch)
+        assert (live - base_proj(x)).abs().max() > 0.1  # the adapter changes the projection
+        h.merge()
+        torch.testing.assert_close(proj(x), live, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(_last_hidden(model, batch), live_out, atol=2e-5, rtol=2e-5)
+        h.unmerge()
+        torch.testing.assert_close(proj(x), live, atol=1e-6, rtol=1e-6)
+
+
+def _last_hidden(model, batch):
+    return model(**batch, output_hidden_states=True).hidden_states[-1]

@@ -776,12 +776,39 @@ def merge_branches(items: list[tuple]) -> None:
     ``delta_weight()`` (and ``delta_bias()``, where a branch has one: IA3 rescales the bias with
     the rows) is computed first, from the weights as the live branches saw them, then all are
     added. A branch whose delta depends on the base weight (IA3, DoRA) would otherwise see the
-    deltas merged before it at the same projection, and the result would depend on node order."""
-    deltas = []
-    for host_module, branch, out_slice, *given in items:
+    deltas merged before it at the same projection, and the result would depend on node order.
+
+    Input scalings (``reads = "scale"``: IA3 at ``ffn.down``) of one projection compose live: the
+    base computes W·diag(l_1 ⊙ l_2 ⊙ ...)·x, and a branch reading the base output (IA3 on the
+    output side, DoRA: ``delta_from_base``) sees that product, not W. So the scalings are folded
+    in sequence (the k-th adds W_(k-1)·diag(l_k) - W_(k-1), W_(k-1) = W·diag(l_1 ⊙ .. ⊙ l_(k-1)):
+    the sum is W·diag(Π l) - W) and those branches take their delta from W·diag(Π l). Branches
+    reading the projection's input (LoRA, VeRA, AdaLoRA) are not scaled live, nor merged."""
+    scaled: dict[int, Tensor] = {}  # host -> W·diag(Π l) of the scalings merged here
+    deltas: list = [None] * len(items)
+    for i, (host_module, branch, out_slice, *given) in enumerate(items):
+        if getattr(branch, "reads", None) != "scale":
+            continue
+        cur = scaled.get(id(host_module))
+        if cur is None:
+            dw = branch.delta_weight()
+            cur = projection_weight(host_module, out_slice)
+        else:
+            dw = branch.delta_weight(base=cur)
+        scaled[id(host_module)] = cur + dw.to(cur.dtype)
+        deltas[i] = (host_module, dw, None, out_slice)
+    for i, (host_module, branch, out_slice, *given) in enumerate(items):
+        if deltas[i] is not None:
+            continue
         delta_bias = getattr(branch, "delta_bias", None)
-        dw = given[0] if given and given[0] is not None else branch.delta_weight()
-        deltas.append((host_module, dw, delta_bias() if delta_bias is not None else None, out_slice))
+        eff = scaled.get(id(host_module))
+        if given and given[0] is not None:
+            dw = given[0]
+        elif eff is not None and getattr(branch, "delta_from_base", False):
+            dw = branch.delta_weight(base=eff if out_slice is None else eff[out_slice[0]:out_slice[1]])
+        else:
+            dw = branch.delta_weight()
+        deltas[i] = (host_module, dw, delta_bias() if delta_bias is not None else None, out_slice)
     for host_module, dw, db, out_slice in deltas:
         if db is None:
             host_module.merge_delta(dw, out_slice)
