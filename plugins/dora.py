@@ -53,6 +53,11 @@ class DoraConfig(LoraConfig):
         return None
 
 
+def _row_sq(W: Tensor) -> Tensor:
+    """‖W_i‖² per row in float32, summed in float32 or wider (vector_norm refuses to narrow float64)."""
+    return torch.linalg.vector_norm(W, dim=1, dtype=torch.promote_types(W.dtype, torch.float32)).square().float()
+
+
 class DoraBranch(nn.Module):
     """The DoRA delta at one projection: (g - 1) ⊙ (y - b) + g ⊙ s·B·A·x, g = m / ‖W0 + s·B·A‖."""
 
@@ -114,16 +119,27 @@ class DoraBranch(nn.Module):
         cached = self._w0_cache
         if torch.compiler.is_compiling():
             # tensor versions are not traceable: the leaf's counter (a guarded int) decides
-            if cached is not None and cached[0][2] == version and cached[1].device == W.device:
+            if cached is not None and cached[0][2:] == (version, W.device, W.dtype, W.shape):
                 return cached[1]
-            return torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
+            return _row_sq(W)
         stored = getattr(getattr(host, "base_layer", host), "weight", None)
         key = (id(stored), getattr(stored, "_version", None), version, W.device, W.dtype, W.shape)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, torch.linalg.vector_norm(W.detach(), dim=1, dtype=torch.float32).square())
+                cached = (key, _row_sq(W.detach()))
             self._w0_cache = cached
         return cached[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(device / dtype): the base (registered before the adapter container) is already
+        # converted; the cache is made again from it here, in eager, so that a graph compiled
+        # later finds it on the weight's device instead of recomputing it at every step
+        out = super()._apply(fn, *args, **kwargs)
+        self._w0_cache = None
+        W = self._weight()
+        if not W.is_meta:
+            self._w0_sq(W)
+        return out
 
     def weight_norm(self) -> Tensor:
         A, B = self.lora_A, self.lora_B

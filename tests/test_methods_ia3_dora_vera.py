@@ -292,6 +292,26 @@ def test_dora_cached_row_norms_follow_a_change_of_the_base(compiled):
         torch.testing.assert_close(fn(x), before, atol=1e-5, rtol=1e-5)
 
 
+def test_dora_cached_row_norms_follow_the_model_to_another_dtype():
+    """model.to(dtype) after attaching: the cache is made again from the converted weight (a graph
+    compiled afterwards reads it rather than computing ‖W0‖² at every step)."""
+    model = make_llama()
+    h = unipelt.compile(model, {"modules": {"d": {"method": "dora", "site": "attn.q", "r": 4, "layers": [0]}}})
+    randomize(h, std=0.2)
+    (bp,) = h.graph.branches
+    br = h.branch_modules[bp.key]
+    model.to(torch.float64)
+    wrapper = model.get_submodule(bp.site.path)
+    W0 = wrapper.base_layer.weight.detach()
+    assert br._w0_cache[0][4] == torch.float64
+    torch.testing.assert_close(br._w0_cache[1], W0.float().square().sum(1), rtol=1e-6, atol=0)
+    x = torch.randn(2, 5, bp.site.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fn = torch.compile(wrapper, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        ref = F.linear(x, _dora_weight(W0, br.lora_A.detach(), br.lora_B.detach(), br.magnitude.detach(), br.scale, True))
+        torch.testing.assert_close(fn(x), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_dora_rejects_a_rank_beyond_the_widths():
     with pytest.raises(SpecError, match=r"modules\.d\.r"):
         unipelt.compile(make_llama(), {"modules": {"d": {"method": "dora", "site": "attn.k", "r": 17}}})
