@@ -30,6 +30,9 @@ alpha 16, on q and v), ``full`` (full fine-tuning), ``peft-lora-r16-all`` / ``pe
 ``autocast_adapter_dtype=False``, as unipelt's); optional: ``prefix``, ``pfeiffer``, ``mam``,
 ``unipelt-al``, ``ia3``, ``vera`` (the spec files of the same names), ``dora-r16-all`` /
 ``peft-dora-r16-all`` (unipelt's DoRA / PEFT's ``use_dora=True``, r16, alpha 32, every linear),
+``peft-ia3`` / ``peft-vera`` (PEFT's IA3 / VeRA on the modules of specs/ia3.yaml / vera.yaml),
+``adalora`` / ``peft-adalora`` (specs/adalora.yaml with its orthogonality penalty in the loss, and
+PEFT's AdaLoRA with the same fields; neither row calls the per-step rank allocation),
 ``unipelt-collapsed`` / ``unipelt-collapsed-closed`` / ``unipelt-adapterdrop`` (issue 12), ``lora-r8-qv-mixed8`` (eight ``lora-r8-qv``
 adapters on one model, the batch's rows served round-robin by them through ``adapter_names=``,
 all eight trained: issue 12's target is its time at most 1.2x ``lora-r8-qv``'s, one adapter per
@@ -300,6 +303,54 @@ def _collapse(closed: tuple[str, ...]) -> Callable[[Any, Scenario, torch.device]
     return post
 
 
+def _peft_ia3(scn: Scenario) -> dict:
+    # unipelt's attn.k, attn.v and ffn.down (the FFN intermediate, PEFT's feedforward_modules). On
+    # BERT "output.dense" would also take attention.output.dense: full-name regexes instead
+    if scn.family == "bert":
+        return {"target_modules": r".*\.(key|value)|.*layer\.\d+\.output\.dense",
+                "feedforward_modules": r".*layer\.\d+\.output\.dense"}
+    return {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
+
+
+def _peft_adalora(scn: Scenario) -> dict:
+    """PEFT's AdaLoraConfig for specs/adalora.yaml: the same modules (q, k, v, o, up, down) and
+    schedule fields; lora_alpha is the spec's alpha."""
+    import yaml
+
+    node = yaml.safe_load((ROOT / "specs" / "adalora.yaml").read_text(encoding="utf-8"))["modules"]["adalora"]
+    names = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.o": "o", "ffn.up": "up", "ffn.down": "down"}
+    assert set(node["sites"]) == set(names), node["sites"]
+    if scn.family == "bert":  # output.dense: attention.output.dense (o) and the layer's output.dense (down)
+        targets = ["query", "key", "value", "output.dense", "intermediate.dense"]
+    else:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    return {"target_modules": targets, "init_r": node["init_r"], "target_r": node["target_r"],
+            "lora_alpha": node["alpha"], "total_step": node["total_step"], "tinit": node["tinit"],
+            "tfinal": node["tfinal"], "deltaT": node["deltaT"], "beta1": node["beta1"], "beta2": node["beta2"],
+            "orth_reg_weight": node["orth_reg_weight"], "lora_dropout": 0.0}
+
+
+class _Regularized(nn.Module):
+    """The model whose loss carries the training controllers' regularizers (``unipelt train``'s
+    loss), in one module so that torch.compile traces both, as PEFT's AdaLoRA forward does."""
+
+    def __init__(self, model: nn.Module, controllers: list):
+        super().__init__()
+        self.model = model
+        self.__dict__["controllers"] = controllers  # plain objects holding the model's own branches
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        if getattr(out, "loss", None) is not None:
+            from unipelt.training.optim import controller_loss
+
+            out.loss = controller_loss(self.controllers, out.loss)
+        return out
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -313,6 +364,12 @@ class Variant:
     # into a reused buffer + one GEMM)
     quant: str | None = None
     dequant: str = "bnb"
+    # PEFT rows: the config class of ``peft`` (issue 11: IA3, VeRA, AdaLoRA besides LoRA)
+    peft_type: str = "LORA"
+    # unipelt rows whose training adds a controller's regularizer to the loss (AdaLoRA's
+    # orthogonality penalty, as ``unipelt train`` adds it to every micro-batch; PEFT's AdaLoRA
+    # model adds its own inside forward)
+    regularized: bool = False
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
@@ -351,6 +408,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             spec=_spec_file("unipelt.yaml"), quant="nf4", dequant="triton"),
     Variant("peft-qlora-nf4-r16-all", "peft", "PEFT + bitsandbytes QLoRA r16 on all linears, NF4 base",
             peft=lambda scn: {"r": 16, "lora_alpha": 32, "target_modules": list(scn.peft_all)}, quant="nf4"),
+    # issue 11: every unipelt method row next to PEFT's on the same modules with the same settings
+    # (IA3 and VeRA against the existing ia3 / vera rows; AdaLoRA: specs/adalora.yaml)
+    Variant("peft-ia3", "peft", "PEFT IA3 on k, v, ffn.down (down as feedforward), as specs/ia3.yaml",
+            peft=lambda scn: _peft_ia3(scn), peft_type="IA3"),
+    Variant("peft-vera", "peft", "PEFT VeRA r256 on q, v, as specs/vera.yaml",
+            peft=lambda scn: {"r": 256, "target_modules": list(scn.peft_qv), "vera_dropout": 0.0,
+                              "d_initial": 0.1, "projection_prng_key": 0, "save_projection": True},
+            peft_type="VERA"),
+    Variant("adalora", "unipelt", "specs/adalora.yaml (init_r 12, q k v o up down) + its orthogonality penalty",
+            spec=_spec_file("adalora.yaml"), regularized=True),
+    Variant("peft-adalora", "peft", "PEFT AdaLoRA as specs/adalora.yaml (its forward adds the penalty)",
+            peft=lambda scn: _peft_adalora(scn), peft_type="ADALORA"),
 ]}
 MIXED_ADAPTERS = 8
 QLORA_VARIANTS = ("qlora-nf4-r16-all", "qlora-nf4-r16-all-triton", "unipelt-nf4-triton", "peft-qlora-nf4-r16-all")
@@ -398,7 +467,12 @@ def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, d
         if variant.post is not None:
             variant.post(handle, scn, device)
         groups = param_groups(handle, LR)
-        return Prepared(model, groups, sum(p.numel() for g in groups for p in g["params"]), handle)
+        run = model
+        if variant.regularized:
+            from unipelt.training.optim import collect_controllers
+
+            run = _Regularized(model, collect_controllers(handle))
+        return Prepared(run, groups, sum(p.numel() for g in groups for p in g["params"]), handle)
     if variant.kind == "mixed":
         import unipelt
         from unipelt.train import param_groups
@@ -416,9 +490,14 @@ def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, d
         return Prepared(model, groups, sum(p.numel() for g in groups for p in g["params"]), handles,
                         call_kwargs={"adapter_names": names})
     if variant.kind == "peft":
+        import peft
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(lora_dropout=0.0, bias="none", **variant.peft(scn))
+        if variant.peft_type == "LORA":
+            cfg = LoraConfig(lora_dropout=0.0, bias="none", **variant.peft(scn))
+        else:
+            config_class = {"IA3": peft.IA3Config, "VERA": peft.VeraConfig, "ADALORA": peft.AdaLoraConfig}
+            cfg = config_class[variant.peft_type](**variant.peft(scn))
         # adapter weights in the base dtype, as unipelt's (PEFT's default upcasts them to float32)
         wrapped = get_peft_model(model, cfg, autocast_adapter_dtype=False)
         params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -940,6 +1019,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
                     return r
 
                 scn = scenarios[scn_name]
+                phases = args.phases
                 floor_cost = sum(add(measure(FLOOR, scn, mode, phase, settings, floor_at="start"))["wall_s"]
                                  for phase in args.phases)
                 for vname in args.variants:

@@ -53,6 +53,11 @@ class DoraConfig(LoraConfig):
         return None
 
 
+def _row_sq(W: Tensor) -> Tensor:
+    """‖W_i‖² per row in float32, summed in float32 or wider (vector_norm refuses to narrow float64)."""
+    return torch.linalg.vector_norm(W, dim=1, dtype=torch.promote_types(W.dtype, torch.float32)).square().float()
+
+
 class DoraBranch(nn.Module):
     """The DoRA delta at one projection: (g - 1) ⊙ (y - b) + g ⊙ s·B·A·x, g = m / ‖W0 + s·B·A‖."""
 
@@ -95,12 +100,46 @@ class DoraBranch(nn.Module):
         """‖W0_i + s·(B·A)_i‖ per output row, in float32, from W0·Aᵀ and A·Aᵀ (never W0 + s·B·A)."""
         W = self._weight()
         s = self.scale
-        w2 = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
+        w2 = self._w0_sq(W)
         Af, Bf = A.float(), B.float()
         wa = F.linear(W, A.to(W.dtype)).float()  # (d_out, r) = W0·Aᵀ
         cross = (Bf * wa).sum(1)  # B_i·(W0·Aᵀ)_i = <W0_i, (BA)_i>
         ba2 = ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # ‖(BA)_i‖²
         return (w2 + (2 * s) * cross + (s * s) * ba2).clamp_min(1e-30).sqrt()
+
+    # ‖W0_i‖² per row (float32), cached: W0 is frozen, so the one pass over the whole weight it
+    # costs is not paid at every forward. Valid while the stored weight is the same tensor at the
+    # same version (eager: in-place writes bump it) and the leaf's ``weight_version`` (bumped by
+    # merge and unmerge, which a compiled graph guards on) is unchanged; else computed again.
+    _w0_cache: tuple | None = None
+
+    def _w0_sq(self, W: Tensor) -> Tensor:
+        host = self._host
+        version = getattr(host, "weight_version", 0)
+        cached = self._w0_cache
+        if torch.compiler.is_compiling():
+            # tensor versions are not traceable: the leaf's counter (a guarded int) decides
+            if cached is not None and cached[0][2:] == (version, W.device, W.dtype, W.shape):
+                return cached[1]
+            return _row_sq(W)
+        stored = getattr(getattr(host, "base_layer", host), "weight", None)
+        key = (id(stored), getattr(stored, "_version", None), version, W.device, W.dtype, W.shape)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, _row_sq(W.detach()))
+            self._w0_cache = cached
+        return cached[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(device / dtype): the base (registered before the adapter container) is already
+        # converted; the cache is made again from it here, in eager, so that a graph compiled
+        # later finds it on the weight's device instead of recomputing it at every step
+        out = super()._apply(fn, *args, **kwargs)
+        self._w0_cache = None
+        W = self._weight()
+        if not W.is_meta:
+            self._w0_sq(W)
+        return out
 
     def weight_norm(self) -> Tensor:
         A, B = self.lora_A, self.lora_B
@@ -158,12 +197,17 @@ class DoraBranch(nn.Module):
             return t * g
         return torch.addcmul((1 - g) * b.to(dtype), t, g)  # g ⊙ (t - b) + b
 
-    def delta_weight(self) -> Tensor:
-        """g ⊙ (W0 + s·B·A) - W0 = (g - 1) ⊙ W0 + g ⊙ s·B·A, rows scaled."""
+    # merge: (g - 1) rescales the base output as computed, W0·diag(l) under an input scaling of
+    # the projection (IA3 at ffn.down; runtime.merge_branches passes it); g's norm is W0's, as live
+    delta_from_base = True
+
+    def delta_weight(self, base: Tensor | None = None) -> Tensor:
+        """g ⊙ (W0 + s·B·A) - W0 = (g - 1) ⊙ W0 + g ⊙ s·B·A, rows scaled; with ``base`` (the
+        weight the base output is computed with) (g - 1) ⊙ base + g ⊙ s·B·A."""
         w = self._weight()
         with torch.no_grad():
             g = self.factor().to(w.dtype)[:, None]
-            return (g - 1) * w + g * ((self.lora_B @ self.lora_A).to(w.dtype) * self.scale)
+            return (g - 1) * (w if base is None else base.to(w.dtype)) + g * ((self.lora_B @ self.lora_A).to(w.dtype) * self.scale)
 
     def param_roles(self) -> dict[str, str]:
         return {"lora_A": "lora_A", "lora_B": "lora_B"}

@@ -253,6 +253,65 @@ def test_dora_equals_peft(arch, executor):
             torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dora_cached_row_norms_follow_a_change_of_the_base(compiled):
+    """‖W0‖² is cached (W0 is frozen); another adapter merged into the same projection changes W0,
+    and DoRA, still live, must then use the new weight's norms: eager through the tensor's
+    version, compiled through the leaf's weight_version (a guard: the graph is traced again).
+    The reference is the formula on the weight as it is after the merge."""
+    model = make_llama()
+    h = unipelt.compile(model, {"modules": {"d": {"method": "dora", "site": "attn.q", "r": 4, "layers": [0]}}},
+                        name="dora")
+    randomize(h, std=0.2)
+    other = unipelt.compile(model, {"modules": {"l": {"method": "lora", "site": "attn.q", "r": 4, "layers": [0]}}},
+                            name="lora")
+    randomize(other, std=0.5)
+    unipelt.set_adapter(model, ["dora", "lora"])  # both live at attn.q
+    (bp,) = h.graph.branches
+    br = h.branch_modules[bp.key]
+    wrapper = model.get_submodule(bp.site.path)
+    x = torch.randn(2, 5, bp.site.in_features, generator=torch.Generator().manual_seed(0))
+    fn = torch.compile(wrapper, backend="eager", fullgraph=True) if compiled else wrapper
+
+    def reference() -> torch.Tensor:
+        W0 = wrapper.base_layer.weight.detach()
+        A, B, m = br.lora_A.detach(), br.lora_B.detach(), br.magnitude.detach()
+        return F.linear(x, _dora_weight(W0, A, B, m, br.scale, True))
+
+    with torch.no_grad():
+        before = fn(x)
+        other_live = before - reference()  # the LoRA's own term while it is live
+        other.merge()
+        after = fn(x)
+        # the merged LoRA is now part of W0: DoRA renormalises W0 + s_l·B_l·A_l; the LoRA's term
+        # is no longer added on its own
+        torch.testing.assert_close(after, reference(), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(after, before, atol=1e-3)
+        assert other_live.abs().max() > 1e-3  # the LoRA did change the output: a real change of W0
+        other.unmerge()
+        torch.testing.assert_close(fn(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_cached_row_norms_follow_the_model_to_another_dtype():
+    """model.to(dtype) after attaching: the cache is made again from the converted weight (a graph
+    compiled afterwards reads it rather than computing ‖W0‖² at every step)."""
+    model = make_llama()
+    h = unipelt.compile(model, {"modules": {"d": {"method": "dora", "site": "attn.q", "r": 4, "layers": [0]}}})
+    randomize(h, std=0.2)
+    (bp,) = h.graph.branches
+    br = h.branch_modules[bp.key]
+    model.to(torch.float64)
+    wrapper = model.get_submodule(bp.site.path)
+    W0 = wrapper.base_layer.weight.detach()
+    assert br._w0_cache[0][4] == torch.float64
+    torch.testing.assert_close(br._w0_cache[1], W0.float().square().sum(1), rtol=1e-6, atol=0)
+    x = torch.randn(2, 5, bp.site.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fn = torch.compile(wrapper, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        ref = F.linear(x, _dora_weight(W0, br.lora_A.detach(), br.lora_B.detach(), br.magnitude.detach(), br.scale, True))
+        torch.testing.assert_close(fn(x), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_dora_rejects_a_rank_beyond_the_widths():
     with pytest.raises(SpecError, match=r"modules\.d\.r"):
         unipelt.compile(make_llama(), {"modules": {"d": {"method": "dora", "site": "attn.k", "r": 17}}})
@@ -413,3 +472,55 @@ def test_merge_adapter_writes_a_plain_model(tmp_path, name):
     plain = auto.from_pretrained(str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# several scalings of one projection's input, merged
+# ------------------------------------------------------------------------------------------
+_DOWN = {
+    "two input scalings": {"a": {"method": "ia3", "site": "ffn.down"}, "b": {"method": "ia3", "site": "ffn.down"}},
+    "input scaling and DoRA": {"a": {"method": "ia3", "site": "ffn.down"},
+                               "d": {"method": "dora", "site": "ffn.down", "r": 4}},
+    "input and output scaling": {"a": {"method": "ia3", "site": "ffn.down"},
+                                 "o": {"method": "ia3", "site": "ffn.down", "side": "output"}},
+    "all of them with LoRA": {"a": {"method": "ia3", "site": "ffn.down"}, "b": {"method": "ia3", "site": "ffn.down"},
+                              "o": {"method": "ia3", "site": "ffn.down", "side": "output"},
+                              "d": {"method": "dora", "site": "ffn.down", "r": 4},
+                              "l": {"method": "lora", "site": "ffn.down", "r": 4}},
+}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", list(_DOWN))
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_input_scalings_at_one_projection_merge_exactly(arch, case, reverse):
+    """Live, the base computes W·diag(l_a ⊙ l_b)·x and an output-side vector or DoRA rescales
+    that; merged, the weight must be the same product (it was the sum W·diag(l_a + l_b - 1) and
+    DoRA's (g - 1) took W instead of W·diag(l): off by ~1 before the fix). Either node order."""
+    batch = _batch()
+    modules = _DOWN[case]
+    if reverse:
+        modules = dict(reversed(list(modules.items())))
+    model = FACTORY[arch]()
+    h = unipelt.compile(model, {"modules": modules})
+    randomize(h, std=0.2)
+    with torch.no_grad():
+        for bp in h.graph.branches:  # the vectors well away from 1 (randomize centres them near 0)
+            br = h.branch_modules[bp.key]
+            if hasattr(br, "ia3_l"):
+                br.ia3_l.add_(1.0)
+        # at the projection itself (layer 0's ffn.down: every branch above), and the whole model
+        proj = model.get_submodule(h.graph.branches[0].site.path)
+        base_proj = FACTORY[arch]().get_submodule(h.graph.branches[0].site.path)
+        x = torch.randn(3, 5, base_proj.in_features, generator=torch.Generator().manual_seed(1))
+        live, live_out = proj(x), _last_hidden(model, batch)
+        assert (live - base_proj(x)).abs().max() > 0.1  # the adapter changes the projection
+        h.merge()
+        torch.testing.assert_close(proj(x), live, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(_last_hidden(model, batch), live_out, atol=2e-5, rtol=2e-5)
+        h.unmerge()
+        torch.testing.assert_close(proj(x), live, atol=1e-6, rtol=1e-6)
+
+
+def _last_hidden(model, batch):
+    return model(**batch, output_hidden_states=True).hidden_states[-1]

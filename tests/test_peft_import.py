@@ -219,3 +219,179 @@ def test_corrupt_files(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({"r": 2}))
     with pytest.raises(AdapterFileError, match="field 'peft_type': missing"):
         unipelt.load(make_llama(), d)
+
+
+# ------------------------------------------------------------------------------------------
+# IA3 (plugins/ia3.py's translator): PEFT's IA3 model is the oracle
+# ------------------------------------------------------------------------------------------
+# PEFT's targets for unipelt's attn.k, attn.v, ffn.down (feedforward: the input side)
+IA3_PEFT = {
+    "llama": dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    # a regex (full match): BERT's attention.output.dense is attn.o, the layer's output.dense ffn.down
+    "bert": dict(target_modules=r".*\.(key|value)|.*layer\.\d+\.output\.dense",
+                 feedforward_modules=r".*layer\.\d+\.output\.dense"),
+    # the fused c_attn: PEFT scales all of q, k, v
+    "gpt2": dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
+}
+FACTORIES = {"llama": make_llama, "bert": make_bert, "gpt2": make_gpt2}
+
+
+def _peft_ia3(family, tmp_path, **extra):
+    pm = peft.get_peft_model(FACTORIES[family](), peft.IA3Config(**IA3_PEFT[family], **extra))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # vectors away from their initial 1
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    return pm, tmp_path / "peft"
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+def test_ia3_equals_peft(tmp_path, family):
+    batch = make_batch()
+    task = {"task_type": "SEQ_CLS"} if family == "bert" else {}
+    pm, d = _peft_ia3(family, tmp_path, **task)
+    with torch.no_grad():
+        expect = pm(**batch).logits
+    fresh = FACTORIES[family]()
+    if family == "bert":
+        with torch.no_grad():  # another head: the saved one must be used
+            fresh.classifier.weight.normal_()
+    h = unipelt.load(fresh, d)
+    assert torch.allclose(logits(fresh, batch), expect, atol=1e-5)
+    ia3 = [bp for bp in h.graph.branches if bp.node.method == "ia3"]
+    sides = {(bp.site.site, h.branch_modules[bp.key].side) for bp in ia3}
+    want = {"llama": {("attn.k", "output"), ("attn.v", "output"), ("ffn.down", "input")},
+            "bert": {("attn.k", "output"), ("attn.v", "output"), ("ffn.down", "input")},
+            "gpt2": {("attn.q", "output"), ("attn.k", "output"), ("attn.v", "output"), ("ffn.down", "input")}}
+    assert sides == want[family]
+    if family != "gpt2":  # every side is what auto gives: one node, as specs/ia3.yaml
+        assert h.spec.modules["ia3"].config.side == "auto"
+    assert ("head" in h.spec.modules) == (family == "bert")
+    # and merged, PEFT's merged model (rows with the bias for k/v, columns for ffn.down)
+    h.merge()
+    assert torch.allclose(logits(fresh, batch), expect, atol=1e-4)
+
+
+def test_ia3_feedforward_side_not_the_default(tmp_path):
+    """A module PEFT treats as feedforward that unipelt's auto would scale at the output (q_proj
+    here) keeps PEFT's side: written explicitly in the spec."""
+    batch = make_batch()
+    pm = peft.get_peft_model(make_llama(), peft.IA3Config(target_modules=["q_proj", "down_proj"],
+                                                          feedforward_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()).view(p.shape))
+    pm.eval().save_pretrained(tmp_path / "peft")
+    fresh = make_llama()
+    h = unipelt.load(fresh, tmp_path / "peft")
+    assert torch.allclose(logits(fresh, batch), logits(pm, batch), atol=1e-5)
+    sides = {bp.site.site: (h.branch_modules[bp.key].side, bp.node.config.side) for bp in h.graph.branches}
+    assert sides == {"attn.q": ("input", "input"), "ffn.down": ("output", "output")}
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_ia3_round_trip_through_peft_is_exact(tmp_path, family):
+    """specs/ia3.yaml's adapter -> export --format peft (PEFT's IA3 format) -> unipelt: the same
+    tensors under the same names, and PEFT loading the export computes unipelt's logits."""
+    from unipelt.export import export_peft
+    from unipelt.models import load_model
+
+    name = "tiny-llama" if family == "llama" else "tiny-bert"
+    cls = family == "bert"
+    modules = {"ia3": {"method": "ia3", "sites": ["attn.k", "attn.v", "ffn.down"]}}
+    if cls:
+        modules["head"] = {"method": "train", "site": "head"}
+    base, _ = load_model(name, task="classification" if cls else None, num_labels=2 if cls else None)
+    h = unipelt.compile(base, {"modules": modules})
+    randomize(h)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expect = base(input_ids=ids).logits
+    ours = {k: v.clone() for k, v in h.state_dict().items()}
+    h.save(tmp_path / "ours")
+    h.detach()
+    export_peft(tmp_path / "ours", tmp_path / "peft", model=name)
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "IA3"
+    back = unipelt.load(base, tmp_path / "peft")
+    theirs = back.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids).logits, expect)
+    back.detach()
+    # PEFT itself reads the export: the oracle for the format
+    fresh, _ = load_model(name, task="classification" if cls else None, num_labels=2 if cls else None)
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_ia3_bad_input(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, d = _peft_ia3("llama", tmp_path)
+    w = d / "adapter_model.safetensors"
+    t = load_file(str(w))
+    key = "base_model.model.model.layers.0.mlp.down_proj.ia3_l"
+    assert t[key].shape[0] == 1  # PEFT's feedforward vector is (1, d_in)
+    bad = dict(t)
+    bad[key] = t[key].reshape(-1, 1)  # the output side's shape on an input-side module
+    save_file(bad, str(w))
+    with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors: tensor '.*down_proj\.ia3_l': shape "
+                                               r"\(64, 1\) is not \(1, 64\), the input \(feedforward_modules\) side of .*\(64 -> 32\)"):
+        unipelt.load(make_llama(), d)
+    bad = {k.replace("layers.0.self_attn.k_proj", "layers.0.self_attn.nope"): v for k, v in t.items()}
+    save_file(bad, str(w))
+    with pytest.raises(AdapterFileError, match=r"tensor '.*nope\.ia3_l': module 'model\.layers\.0\.self_attn\.nope' "
+                                               r"is not a linear hook point"):
+        unipelt.load(make_llama(), d)
+    save_file(t, str(w))
+    _edit_config(d, feedforward_modules=5)
+    with pytest.raises(AdapterFileError, match=r"adapter_config\.json: field 'feedforward_modules': int"):
+        unipelt.load(make_llama(), d)
+    model = make_llama()
+    _edit_config(d, feedforward_modules=["down_proj"])
+    unipelt.load(model, d).detach()  # the restored file loads
+
+
+def test_ia3_gpt2_fused_input_side_refused(tmp_path):
+    pm = peft.get_peft_model(make_gpt2(), peft.IA3Config(target_modules=["c_attn"], feedforward_modules=["c_attn"]))
+    pm.save_pretrained(tmp_path / "peft")
+    model = make_gpt2()
+    with pytest.raises(AdapterFileError, match=r"adapter_config\.json: field 'feedforward_modules': .*c_attn.*"
+                                               r"shared"):
+        unipelt.load(model, tmp_path / "peft")
+    assert unipelt.compiler.get_state(model) is None
+
+
+def test_ia3_export_gpt2_fused_slices(tmp_path):
+    """IA3 on GPT-2's k and v slices of c_attn: one PEFT vector for the fused module, 1 on the
+    q rows; PEFT computes unipelt's logits, and imported back each slice gets its part (q at 1)."""
+    from unipelt.export import export_peft
+    from unipelt.models import load_model
+
+    base, _ = load_model("tiny-gpt2")
+    h = unipelt.compile(base, {"modules": {"ia3": {"method": "ia3", "sites": ["attn.k", "attn.v", "ffn.down"]}}})
+    randomize(h)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expect = base(input_ids=ids).logits
+    h.save(tmp_path / "ours")
+    h.detach()
+    export_peft(tmp_path / "ours", tmp_path / "peft", model="tiny-gpt2")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True and all(p.endswith("mlp.c_proj") for p in cfg["feedforward_modules"])
+    fresh, _ = load_model("tiny-gpt2")
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, expect, atol=1e-5, rtol=1e-5)
+    back = unipelt.load(base, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).logits, expect, atol=1e-6, rtol=1e-6)
+    q = [back.branch_modules[bp.key].ia3_l for bp in back.graph.branches if bp.site.site == "attn.q"]
+    assert q and all(torch.equal(v, torch.ones_like(v)) for v in q)

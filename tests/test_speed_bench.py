@@ -244,3 +244,33 @@ print(sys.modules["unipelt_plugins.lora"].__file__)
     assert source.endswith("(no installed entry points)")
     assert {"lora", "prefix", "adapter"} <= set(ast.literal_eval(methods))
     assert Path(lora_file) == ROOT / "plugins" / "lora.py"
+
+
+@pytest.mark.skipif(not HAVE_PEFT, reason="peft not installed")
+@pytest.mark.parametrize("scenario", ["bert", "llama"])
+def test_method_rows_and_peft_adapt_the_same_layers(scenario):
+    """Issue 11's rows: each unipelt method and its PEFT row train the same number of parameters on
+    the same modules (IA3: k, v, ffn.down; VeRA r256: q, v; AdaLoRA init_r 12: q, k, v, o, up, down;
+    DoRA r16: every linear), and the adalora row's loss carries the orthogonality penalty, as
+    PEFT's AdaLoRA forward adds it."""
+    import torch
+
+    scn = speed.TINY[scenario]
+    cpu = torch.device("cpu")
+    for ours, theirs in (("ia3", "peft-ia3"), ("vera", "peft-vera"), ("adalora", "peft-adalora"),
+                         ("dora-r16-all", "peft-dora-r16-all")):
+        counts = [speed.prepare(speed.VARIANTS[v], scn, "train", cpu, torch.float32).trainable for v in (ours, theirs)]
+        assert counts[0] == counts[1] > 0, (ours, counts)
+    d, f, layers = scn.config["hidden_size"], scn.config["intermediate_size"], scn.config["num_hidden_layers"]
+    ia3 = speed.prepare(speed.VARIANTS["ia3"], scn, "train", cpu, torch.float32).trainable
+    # k and v outputs (the tiny llama has as many kv heads as query heads: width d), the FFN intermediate
+    assert ia3 == layers * (2 * d + f)
+    prep = speed.prepare(speed.VARIANTS["adalora"], scn, "train", cpu, torch.float32)
+    batch = speed.make_batch(scn, "train", scn.config["vocab_size"], cpu)
+    prep.model.eval()  # BERT's dropout would make the two forwards differ
+    with torch.no_grad():
+        total = prep.model(**batch).loss
+        plain = prep.model.model(**batch).loss
+        (controller,) = prep.model.controllers
+        torch.testing.assert_close(total - plain, controller.regularizer())
+    assert controller.regularizer() > 0

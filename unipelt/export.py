@@ -1,5 +1,5 @@
-"""Leaving unipelt: an adapter exported in Hugging Face PEFT's LoRA format, or merged into a
-standalone model directory.
+"""Leaving unipelt: an adapter exported in Hugging Face PEFT's LoRA (or IA3) format, or merged
+into a standalone model directory.
 
     export_peft("runs/lora/adapter", "runs/lora/peft")                   # model from the training record
     export_peft("adapter", "peft", model="tiny-llama")                   # or named
@@ -20,8 +20,15 @@ model (the name recorded at train time, or ``model=``) and attaches the adapter.
 - modules with another rank or alpha than the most common go to ``rank_pattern`` /
   ``alpha_pattern``; ``target_modules`` lists full module paths, so layer subsets are exact.
 
-Anything else (gates, adapters, prefixes, BitFit, LayerNorm tuning, averaged combination) is
-refused with a message naming the module: PEFT's LoRA format cannot express it.
+An adapter whose nodes are all ``ia3`` (plus, optionally, ``train`` at ``head``) is written in
+PEFT's IA3 format instead: per module ``ia3_l`` shaped (d_out, 1) for an output-side vector (PEFT
+rescales the bias with it too, as unipelt does) or (1, d_in) for an input-side one, those modules
+listed in ``feedforward_modules``; GPT-2's k and v slices share one c_attn vector, 1 on the q rows.
+Imported back (plugins/ia3.py's translator) the tensors are the same.
+
+Anything else (gates, adapters, prefixes, BitFit, LayerNorm tuning, averaged combination, LoRA
+and IA3 in one adapter) is refused with a message naming the module: PEFT's LoRA format cannot
+express it.
 
 **Merge.** ``handle.merge()`` folds every ungated LoRA into its weight; parameters trained in
 place (the head, biases, norms) already are the model's. The merged base state dict is copied,
@@ -57,12 +64,23 @@ class ExportError(UnipeltError):
     """An adapter that the requested format cannot express; names the module and why."""
 
 
+def _peft_type(spec) -> str:
+    """``IA3`` when the adapter's nodes (besides a head trained in full) are all ``ia3``, else
+    ``LORA`` (whose checks then name what does not fit)."""
+    methods = {n.method for n in spec.modules.values() if not (n.method == "train" and list(n.sites) == ["head"])}
+    return "IA3" if methods == {"ia3"} else "LORA"
+
+
 def _node_problems(spec, handle=None) -> list[str]:
-    """Why each node cannot be written as PEFT LoRA (empty when all can)."""
+    """Why each node cannot be written as PEFT LoRA, or PEFT IA3 (empty when all can)."""
     problems = []
+    ia3 = _peft_type(spec) == "IA3"
     for name, node in spec.modules.items():
         gate = spec.gate_for(node)
-        if node.method == "lora":
+        if ia3 and node.method == "ia3":
+            if gate is not None:  # pragma: no cover - ia3 is not gateable (MethodDef.gateable)
+                problems.append(f"module {name!r} (ia3) is gated: PEFT's IA3 has no gates")
+        elif node.method == "lora":
             if gate is not None:
                 problems.append(f"module {name!r} (lora) is gated: PEFT's LoRA has no gates "
                                 "(its delta is scaled by an input-dependent gate)")
@@ -70,7 +88,7 @@ def _node_problems(spec, handle=None) -> list[str]:
             continue
         else:
             problems.append(f"module {name!r} (method {node.method} at {', '.join(node.sites)}) has no PEFT LoRA form; "
-                            "only ungated lora at linear hook points and train at head can be exported")
+                            "only ungated lora (or only ia3) at linear hook points and train at head can be exported")
     return problems
 
 
@@ -79,8 +97,6 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
     """Write ``adapter_dir`` as a PEFT LoRA adapter (``adapter_config.json`` +
     ``adapter_model.safetensors``) into ``out_dir``; loadable with ``PeftModel.from_pretrained``.
     ``model`` names the base (default: the one recorded at train time). See the module docstring."""
-    from safetensors.torch import save_file
-
     from unipelt.io import read_adapter_meta
     from unipelt.spec import parse_spec
     from unipelt.train import load_adapted, training_info
@@ -94,6 +110,13 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         raise ExportError(f"{adapter_dir}: cannot export to PEFT: " + "; ".join(problems))
     info = training_info(adapter_dir)
     net, _tok, handle, resolved = load_adapted(adapter_dir, model, device="cpu")
+    if _peft_type(spec) == "IA3":
+        try:
+            tensors, config, provenance = _ia3_export(adapter_dir, net, handle, resolved, info, meta,
+                                                      base_model_name_or_path)
+        finally:
+            handle.detach()
+        return _write_peft(out_dir, tensors, config, provenance)
     # a PiSSA / OLoRA branch saved mid-training becomes the plain rank-2r LoRA it equals
     handle.drop_reparameterization()
     try:
@@ -154,26 +177,11 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
                 per_path[path] = (rank, float(rank ** 0.5 if all_rslora else rank))
             tensors[f"{key}.lora_A.weight"] = A.to("cpu").contiguous().clone()
             tensors[f"{key}.lora_B.weight"] = B.to("cpu").contiguous().clone()
-        modules_to_save = []
-        for path in head_paths:
-            mod = net.get_submodule(path)
-            modules_to_save.append(path)
-            for pname, p in mod.state_dict().items():
-                tensors[f"base_model.model.{path}.{pname}"] = p.detach().to("cpu").contiguous().clone()
         if not branches_by_path:
             raise ExportError(f"{adapter_dir}: no LoRA module to export")
         task = resolved.get("task")
-        if task == "classification" and not head_paths:
-            # PEFT's SEQ_CLS always restores the head from the adapter file (modules_to_save);
-            # the adapter did not train it, so write the base head as it is.
-            try:
-                path = handle.info.resolve("head", None).path
-            except Exception:  # pragma: no cover - every catalog has a head
-                path = None
-            if path is not None:
-                modules_to_save.append(path)
-                for pname, p in net.get_submodule(path).state_dict().items():
-                    tensors[f"base_model.model.{path}.{pname}"] = p.detach().to("cpu").contiguous().clone()
+        modules_to_save, head = _head_tensors(net, handle, head_paths, task)
+        tensors.update(head)
 
         common_r, common_alpha = Counter(per_path.values()).most_common(1)[0][0]
         rank_pattern = {_pattern(p): r for p, (r, a) in per_path.items() if r != common_r}
@@ -205,6 +213,90 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
                       "task": task, "labels": resolved.get("labels"), "spec": meta.get("spec")}
     finally:
         handle.detach()
+    return _write_peft(out_dir, tensors, config, provenance)
+
+
+def _head_tensors(net, handle, head_paths: list[str], task) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """``modules_to_save`` and its tensors: the head trained in full, or, for a classifier whose
+    head was not trained, the base head as it is (PEFT's SEQ_CLS always restores it from the file)."""
+    paths = list(head_paths)
+    if task == "classification" and not paths:
+        try:
+            paths = [handle.info.resolve("head", None).path]
+        except Exception:  # pragma: no cover - every catalog has a head
+            paths = []
+    tensors = {}
+    for path in paths:
+        for pname, p in net.get_submodule(path).state_dict().items():
+            tensors[f"base_model.model.{path}.{pname}"] = p.detach().to("cpu").contiguous().clone()
+    return paths, tensors
+
+
+def _ia3_export(adapter_dir, net, handle, resolved, info, meta, base_model_name_or_path):
+    """PEFT's IA3 format: per module ``ia3_l`` shaped (d_out, 1) (output side, bias rescaled too,
+    as unipelt's) or (1, d_in) for the modules in ``feedforward_modules`` (input side). The slices
+    of a fused projection (GPT-2's c_attn) share one vector: ones where no slice is adapted."""
+    vectors: dict[str, torch.Tensor] = {}
+    feedforward: list[str] = []
+    head_paths: list[str] = []
+    transposed = set()
+    for bp in handle.graph.branches:
+        if bp.node.method == "train":
+            head_paths.append(bp.site.path)
+            continue
+        br = handle.branch_modules[bp.key]
+        path = bp.site.path
+        l = br.ia3_l.detach().to("cpu")
+        base = getattr(net.get_submodule(path), "base_layer", None)
+        if base is not None and type(base).__name__ == "Conv1D":
+            transposed.add(path)
+        if br.side == "input":
+            if path in vectors:
+                raise ExportError(f"{adapter_dir}: module {bp.node.name!r}: two IA3 vectors at the input of {path}; "
+                                  "PEFT's IA3 has one per module")
+            vectors[path] = l.reshape(1, -1).clone()
+            feedforward.append(path)
+            continue
+        if bp.site.out_slice is None:
+            if path in vectors:
+                raise ExportError(f"{adapter_dir}: module {bp.node.name!r}: two IA3 vectors on {path}; PEFT's IA3 "
+                                  "has one per module")
+            vectors[path] = l.reshape(-1, 1).clone()
+            continue
+        full = vectors.get(path)
+        if full is None:
+            module = net.get_submodule(path)
+            b = getattr(module, "base_layer", module)
+            width = int(b.nf) if path in transposed else int(b.out_features)
+            full = vectors[path] = torch.ones(width, 1, dtype=l.dtype)
+        o0, o1 = bp.site.out_slice
+        full[o0:o1, 0] = l
+    if transposed and len(transposed) != len(vectors):  # pragma: no cover - no such model known
+        raise ExportError(f"{adapter_dir}: mixes Conv1D and Linear targets; PEFT's fan_in_fan_out is global")
+    task = resolved.get("task")
+    modules_to_save, tensors = _head_tensors(net, handle, head_paths, task)
+    tensors.update({f"base_model.model.{p}.ia3_l": v.contiguous() for p, v in vectors.items()})
+    base_name = base_model_name_or_path or resolved.get("model") or info.get("model")
+    config = {
+        "peft_type": "IA3",
+        "task_type": "CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS" if task == "classification" else None,
+        "base_model_name_or_path": base_name,
+        # full module names (PEFT matches a listed name as the whole name or its dotted tail)
+        "target_modules": sorted(vectors),
+        "feedforward_modules": sorted(feedforward),
+        "fan_in_fan_out": bool(transposed),
+        "modules_to_save": modules_to_save or None,
+        "init_ia3_weights": True,
+        "inference_mode": True,
+        "revision": None,
+    }
+    provenance = {"exported_from": str(Path(adapter_dir).resolve()), "base_model": base_name,
+                  "task": task, "labels": resolved.get("labels"), "spec": meta.get("spec")}
+    return tensors, config, provenance
+
+
+def _write_peft(out_dir, tensors: dict, config: dict, provenance: dict) -> Path:
+    from safetensors.torch import save_file
 
     dest = Path(out_dir)
     with atomic_output(dest, kind="dir", what=PEFT_DIR, replaces=_is_peft_dir) as tmp:

@@ -5,7 +5,7 @@
     import_peft("peft-dir", "out/adapter", model="tiny-llama")   # unipelt import-peft DIR --out OUT
 
 One translator per ``peft_type``: plugins go first through the hook ``unipelt_import_peft``
-(first result wins; IA3, DoRA, ... plug in there), then the built-in ones below:
+(first result wins; ``IA3`` is plugins/ia3.py's), then the built-in ones below:
 
 - ``LORA``: each ``<module>.lora_A.weight`` / ``lora_B.weight`` pair becomes a ``lora`` branch at
   the hook point of that module (rank from the tensors, alpha from ``lora_alpha`` /
@@ -227,6 +227,37 @@ def _group_nodes(method: str, items: dict[tuple[int, str], dict], base_name: str
     return modules, node_of
 
 
+def head_module_path(config: dict, ctx: ImportContext) -> str | None:
+    """The task head's module path when ``modules_to_save`` names it (None when it names nothing
+    this model has); any other module there is refused: only the head is trained in full."""
+    to_save = list(config.get("modules_to_save") or [])
+    if not to_save:
+        return None
+    try:
+        head_path = ctx.info.resolve("head", None).path
+    except Exception:  # noqa: BLE001 - an architecture without a head hook point
+        head_path = None
+    names = [n for n, _ in ctx.model.named_modules()]
+    for m in to_save:
+        # PEFT skips names the model does not have (SEQ_CLS lists both "classifier" and "score")
+        present = any(n == m or n.endswith(f".{m}") for n in names)
+        if present and (head_path is None or not (head_path == m or head_path.endswith(f".{m}"))):
+            raise ctx.error("modules_to_save", f"{m!r} is not the task head of this model ({head_path}); "
+                                               "only the head can be trained in full")
+    return head_path
+
+
+def add_head(modules: dict, out: dict[str, Tensor], head: dict[str, Tensor]) -> None:
+    """The head's saved tensors as a ``train`` node at ``head`` (PEFT's ``modules_to_save``)."""
+    if head:
+        modules["head"] = {"method": "train", "site": "head"}
+        for pname, t in head.items():
+            out[f"head.head.{pname}"] = t
+
+
+group_nodes = _group_nodes  # for the plugins' translators
+
+
 def _lora(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple[dict, dict[str, Tensor]]:
     if config.get("use_dora"):
         raise ctx.error("use_dora", "DoRA is not a plain LoRA (import it with a DoRA plugin)")
@@ -245,20 +276,7 @@ def _lora(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple
     sites = ctx.linear_sites()
     pairs: dict[str, dict[str, Tensor]] = defaultdict(dict)
     head: dict[str, Tensor] = {}
-    to_save = list(config.get("modules_to_save") or [])
-    head_path = None
-    if to_save:
-        try:
-            head_path = ctx.info.resolve("head", None).path
-        except Exception:  # noqa: BLE001 - an architecture without a head hook point
-            head_path = None
-        names = [n for n, _ in ctx.model.named_modules()]
-        for m in to_save:
-            # PEFT skips names the model does not have (SEQ_CLS lists both "classifier" and "score")
-            present = any(n == m or n.endswith(f".{m}") for n in names)
-            if present and (head_path is None or not (head_path == m or head_path.endswith(f".{m}"))):
-                raise ctx.error("modules_to_save", f"{m!r} is not the task head of this model ({head_path}); "
-                                                   "only the head can be trained in full")
+    head_path = head_module_path(config, ctx)
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
             raise ctx.error(key, f"does not start with {PREFIX!r} (not a PEFT adapter file)", weights=True)
@@ -305,10 +323,7 @@ def _lora(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple
         key = f"{node_of[(layer, site)]}.{layer}.{site}"
         out[f"{key}.lora_A"] = A.contiguous()
         out[f"{key}.lora_B"] = B.contiguous()
-    if head:
-        modules["head"] = {"method": "train", "site": "head"}
-        for pname, t in head.items():
-            out[f"head.head.{pname}"] = t
+    add_head(modules, out, head)
     return {"modules": modules}, out
 
 
@@ -362,4 +377,4 @@ def _prefix_tuning(config: dict, tensors: dict[str, Tensor], ctx: ImportContext)
 
 BUILTIN: dict[str, Any] = {"LORA": _lora, "PROMPT_TUNING": _prompt_tuning, "PREFIX_TUNING": _prefix_tuning}
 
-__all__ = ["BUILTIN", "ImportContext", "import_peft", "is_peft_dir", "load_peft", "read_peft_dir", "translate"]
+__all__ = ["BUILTIN", "ImportContext", "add_head", "group_nodes", "head_module_path", "import_peft", "is_peft_dir", "load_peft", "read_peft_dir", "translate"]

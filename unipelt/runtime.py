@@ -712,6 +712,16 @@ class LeafWrapper(nn.Module):
 
     # -- merging ---------------------------------------------------------------------------
     _bias_backup: Tensor | None = None
+    # bumped whenever merge or unmerge writes the base weight: a branch caching something of it
+    # (DoRA's ‖W0‖²) knows it changed, also inside a compiled graph (which guards on this int).
+    # Mirrored onto the base layer, which is what a branch built before the wrapping holds.
+    weight_version: int = 0
+
+    def _bump_weight_version(self) -> None:
+        self.weight_version += 1
+        for mod in (self.base_layer, self._merged_backup):
+            if isinstance(mod, nn.Module):
+                mod.__dict__["weight_version"] = self.weight_version
 
     def merge_delta(self, delta: Tensor, out_slice: tuple[int, int] | None, bias: Tensor | None = None) -> None:
         """Add an (out, in) delta to the base weight (and ``bias``, an (out,) delta, to the base
@@ -722,6 +732,7 @@ class LeafWrapper(nn.Module):
             # so it adds no state-dict keys while merged)
             object.__setattr__(self, "_merged_backup", self.base_layer)
             self._modules["base_layer"] = self.dequantized_layer()
+        self._bump_weight_version()
         w = self.base_layer.weight
         if self._merged_backup is None:
             self._merged_backup = w.detach().clone()
@@ -745,6 +756,7 @@ class LeafWrapper(nn.Module):
         return isinstance(self._merged_backup, nn.Module)
 
     def restore_weight(self) -> None:
+        self._bump_weight_version()
         if isinstance(self._merged_backup, nn.Module):
             self._modules["base_layer"] = self._merged_backup  # the quantized layer, as it was
             self._bias_backup = None  # it kept its own bias
@@ -764,12 +776,39 @@ def merge_branches(items: list[tuple]) -> None:
     ``delta_weight()`` (and ``delta_bias()``, where a branch has one: IA3 rescales the bias with
     the rows) is computed first, from the weights as the live branches saw them, then all are
     added. A branch whose delta depends on the base weight (IA3, DoRA) would otherwise see the
-    deltas merged before it at the same projection, and the result would depend on node order."""
-    deltas = []
-    for host_module, branch, out_slice, *given in items:
+    deltas merged before it at the same projection, and the result would depend on node order.
+
+    Input scalings (``reads = "scale"``: IA3 at ``ffn.down``) of one projection compose live: the
+    base computes W·diag(l_1 ⊙ l_2 ⊙ ...)·x, and a branch reading the base output (IA3 on the
+    output side, DoRA: ``delta_from_base``) sees that product, not W. So the scalings are folded
+    in sequence (the k-th adds W_(k-1)·diag(l_k) - W_(k-1), W_(k-1) = W·diag(l_1 ⊙ .. ⊙ l_(k-1)):
+    the sum is W·diag(Π l) - W) and those branches take their delta from W·diag(Π l). Branches
+    reading the projection's input (LoRA, VeRA, AdaLoRA) are not scaled live, nor merged."""
+    scaled: dict[int, Tensor] = {}  # host -> W·diag(Π l) of the scalings merged here
+    deltas: list = [None] * len(items)
+    for i, (host_module, branch, out_slice, *given) in enumerate(items):
+        if getattr(branch, "reads", None) != "scale":
+            continue
+        cur = scaled.get(id(host_module))
+        if cur is None:
+            dw = branch.delta_weight()
+            cur = projection_weight(host_module, out_slice)
+        else:
+            dw = branch.delta_weight(base=cur)
+        scaled[id(host_module)] = cur + dw.to(cur.dtype)
+        deltas[i] = (host_module, dw, None, out_slice)
+    for i, (host_module, branch, out_slice, *given) in enumerate(items):
+        if deltas[i] is not None:
+            continue
         delta_bias = getattr(branch, "delta_bias", None)
-        dw = given[0] if given and given[0] is not None else branch.delta_weight()
-        deltas.append((host_module, dw, delta_bias() if delta_bias is not None else None, out_slice))
+        eff = scaled.get(id(host_module))
+        if given and given[0] is not None:
+            dw = given[0]
+        elif eff is not None and getattr(branch, "delta_from_base", False):
+            dw = branch.delta_weight(base=eff if out_slice is None else eff[out_slice[0]:out_slice[1]])
+        else:
+            dw = branch.delta_weight()
+        deltas[i] = (host_module, dw, delta_bias() if delta_bias is not None else None, out_slice)
     for host_module, dw, db, out_slice in deltas:
         if db is None:
             host_module.merge_delta(dw, out_slice)
