@@ -156,33 +156,37 @@ class RowSelection:
     batch and keeps it on that adapter's rows (:meth:`Host.run`), so gates, pooling and masks are
     those of a single-adapter call and each row's gradient reaches only its own adapter.
 
+    ``order`` is every attached adapter in attach order. The forward reads the selection through
+    two things only: ``adapters`` (those present, in that order) and ``row_ids`` (each row's
+    position in ``order``, -1 for a base row), a tensor. Under ``torch.compile`` the captured
+    forward thus depends on which adapters are present, not on which row has which: a new
+    assignment of rows to the same adapters reuses the graph instead of compiling a new one.
+
     ``segments()`` gives the same selection as sorted segments (a permutation of the rows and each
     adapter's [start, end) in it), the form a segmented (SGMV-style) kernel consumes.
     """
 
-    def __init__(self, names: list[str], device):
+    def __init__(self, names: list[str], device, order: tuple[str, ...] | None = None):
         self.names = list(names)
         self.batch = len(names)
-        self.adapters = tuple(dict.fromkeys(n for n in names if n != BASE))
+        present = set(names)
+        self.order = tuple(order) if order is not None else tuple(dict.fromkeys(n for n in names if n != BASE))
+        self.adapters = tuple(n for n in self.order if n in present)
         self.device = device
-        self._masks: dict[tuple[str, int], Tensor] = {}
-        self._index: dict[str, Tensor] = {}
+        at = {n: i for i, n in enumerate(self.order)}
+        self.row_ids = torch.tensor([at.get(n, -1) for n in self.names], dtype=torch.long, device=device)
+        self._masks: dict[tuple, Tensor] = {}
 
     def index(self, name: str) -> Tensor:
         """The rows of ``name`` (long, on the model's device)."""
-        t = self._index.get(name)
-        if t is None:
-            t = torch.tensor([i for i, n in enumerate(self.names) if n == name], dtype=torch.long, device=self.device)
-            self._index[name] = t
-        return t
+        return torch.tensor([i for i, n in enumerate(self.names) if n == name], dtype=torch.long, device=self.device)
 
     def mask(self, name: str, dim: int) -> Tensor:
         """A (B, 1, ..., 1) boolean mask of ``name``'s rows, broadcastable to a ``dim``-d tensor."""
         key = (name, dim)
         m = self._masks.get(key)
         if m is None:
-            m = torch.tensor([n == name for n in self.names], dtype=torch.bool, device=self.device)
-            m = m.view(-1, *([1] * (dim - 1)))
+            m = (self.row_ids == self.order.index(name)).view(-1, *([1] * (dim - 1)))
             self._masks[key] = m
         return m
 
@@ -192,8 +196,11 @@ class RowSelection:
         key = ("cols", cols, dim)
         m = self._masks.get(key)
         if m is None:
-            m = torch.tensor([[scale if n == name else 0.0 for name, width, scale in cols for _ in range(width)]
-                              for n in self.names], device=self.device)
+            at = {n: i for i, n in enumerate(self.order)}
+            owner = torch.tensor([at.get(name, -2) for name, width, _ in cols for _ in range(width)],
+                                 dtype=torch.long, device=self.device)
+            scale = torch.tensor([scale for _, width, scale in cols for _ in range(width)], device=self.device)
+            m = torch.where(self.row_ids.unsqueeze(1) == owner, scale, scale.new_zeros(()))
             m = m.view(m.shape[0], *([1] * (dim - 2)), m.shape[1])
             self._masks[key] = m
         return m
@@ -404,7 +411,9 @@ class SiteRuntime:
             a_parts.append(w_down)
             b_parts.append(w_up)
             cols.append((name, w_down.shape[0], float(scale)))
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # (under torch.compile a tensor's ``_version`` is data-dependent: no cache key; the
+            # captured graph concatenates the N·r-row weights per call, a copy far smaller than x)
             a, w = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
         else:
             # inference: the side-by-side weights are kept until a parameter changes (its version)

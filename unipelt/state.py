@@ -245,6 +245,11 @@ class RootPreHook:
         self.ctx, self.binder = ctx, binder
         self.config_use_cache = config_use_cache
 
+    # Run eagerly under torch.compile (a compiled model's root hooks are frames of their own, so
+    # this breaks no graph): compiled, this frame would be specialised on the adapter_names strings
+    # and recompiled for every new assignment of rows; eager, it only hands the forward a tensor of
+    # row ids (RowSelection.row_ids), which the captured forward takes as an input.
+    @torch.compiler.disable
     def __call__(self, module, args, kwargs):
         # PEFT's keyword for mixed batches: consumed here, never passed to the model
         names = kwargs.pop("adapter_names", None) if "adapter_names" in kwargs else None
@@ -308,7 +313,7 @@ def make_selection(ctx: ForwardContext, names, batch: int | None, device) -> Row
     if ctx.merged_any:
         raise ModelError("adapter_names: an adapter is merged into the base weights, which every row would see; "
                          "unmerge it first (handle.unmerge())")
-    return RowSelection(list(names), device)
+    return RowSelection(list(names), device, tuple(ctx.solo))
 
 
 class RootPostHook:
