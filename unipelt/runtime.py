@@ -69,6 +69,7 @@ class ForwardContext:
     solo: dict[str, frozenset[str]] = field(default_factory=dict)
     merged_any: bool = False
     inplace: frozenset[str] = frozenset()
+    inplace_why: dict[str, str] = field(default_factory=dict)  # adapter -> why it cannot serve some rows
     embed_solo: dict[str, list] = field(default_factory=dict)  # adapter -> prompt entries of its rows
     row_names: list[str] | None = None  # inside ``with unipelt.adapter_names(model, names)``
 
@@ -363,18 +364,23 @@ class SiteRuntime:
     live_mode: str = "parallel"
     fusion: list = []  # [(fusion entry, [entries of each fused adapter])]
     solo: dict = {}  # adapter name -> (live, live_mode, fusion) of a row served by it
+    solo_scalers: dict = {}  # adapter name -> the input scalings of a row served by it
 
     def plan_solo(self, solo: dict[str, frozenset[str]]) -> None:
-        """What runs here for a row of each attached adapter (mixed batches), decided at refresh."""
+        """What runs here for a row of each attached adapter (mixed batches), decided at refresh:
+        its deltas (``solo``) and its input scalings (``solo_scalers``, IA3 at ffn.down)."""
         saved = (self.live, self.live_mode, self.fusion, self.scalers)
-        plans = {}
+        plans, scalers = {}, {}
         for name, running in solo.items():
             if any(e.adapter in running for e in self.entries):
                 self.refresh(set(running))
                 if self.live or self.fusion:
                     plans[name] = (self.live, self.live_mode, self.fusion)
+                if self.scalers:
+                    scalers[name] = self.scalers
         self.live, self.live_mode, self.fusion, self.scalers = saved
         self.solo = plans
+        self.solo_scalers = scalers
         self.stacked = self._plan_stacked(plans)
         self._stack_cache = None
 
@@ -600,11 +606,33 @@ class Host:
     # live input scalings of the wrapped projection (IA3 on ffn.down), applied in order
     scalers: list[Entry] = []
 
+    # adapter -> its input scalings at this projection, for the rows it serves in a mixed batch
+    row_scalers: dict[str, list[Entry]] = {}
+
     def scale_input(self, x: Tensor) -> Tensor:
-        """The projection's input after the live ``scale`` branches (each returns the rescaled input)."""
+        """The projection's input after the live ``scale`` branches (each returns the rescaled input).
+        In a mixed batch each row gets its own adapter's scalings (others none): one elementwise
+        product per adapter that has any here, kept on its rows, so the base projection still runs
+        once for the whole batch."""
+        rows = self.ctx.rows
+        if rows is not None:
+            out = x
+            for name in rows.adapters:
+                scalers = self.row_scalers.get(name)
+                if scalers:
+                    xa = x
+                    for e in scalers:
+                        xa = e.branch(xa)
+                    out = torch.where(rows.mask(name, x.dim()), xa, out)
+            return out
         for e in self.scalers:
             x = e.branch(x)
         return x
+
+    @property
+    def scales_input(self) -> bool:
+        """Whether some call may rescale the projection's input (decided at refresh)."""
+        return bool(self.scalers or self.row_scalers)
 
     def _run_rows(self, x: Tensor | None, y: Tensor, rows: RowSelection) -> Tensor:
         """A mixed batch: each selected adapter's result, computed on the whole batch as in a call
@@ -631,6 +659,11 @@ class Host:
         for rt in self.runtimes.values():
             rt.plan_solo(self.ctx.solo)
         self.scalers = [e for rt in self.runtimes.values() for e in rt.scalers]
+        row_scalers: dict[str, list[Entry]] = {}
+        for rt in self.runtimes.values():
+            for name, entries in rt.solo_scalers.items():
+                row_scalers.setdefault(name, []).extend(entries)
+        self.row_scalers = row_scalers
         lin = [rt for rt in self.runtimes.values() if rt.kind == "linear" and rt.out_slice is not None]
         self._sliced = None
         self._unsliced = list(self.runtimes.values())
@@ -682,7 +715,7 @@ class LeafWrapper(nn.Module):
         host = self.host
         # input scalings (IA3 on ffn.down) change what the base projection reads; the branches
         # at this hook point read the original input
-        xin = host.scale_input(x) if host.scalers else x
+        xin = host.scale_input(x) if host.scalers or host.row_scalers else x
         return host.run(x, self.base_forward(xin, *args, **kwargs))
 
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
