@@ -108,6 +108,11 @@ class ModelState:
             for rt in host.runtimes.values():
                 rt.refresh(active)
             host.refresh()
+        # a wrapped leaf whose host runs nothing forwards straight to its base layer
+        for path, (parent, attr, _) in self.wrappers.items():
+            wrapper = getattr(parent, attr, None)
+            if callable(getattr(wrapper, "set_bypass", None)) and path in self.hosts:
+                wrapper.set_bypass(self.hosts[path].idle)
         for p in list(self.kv):
             provider = _provider_of(self.info, p)
             if provider is not None:
