@@ -36,7 +36,8 @@ PEFT's AdaLoRA with the same fields; neither row calls the per-step rank allocat
 ``unipelt-collapsed`` / ``unipelt-collapsed-closed`` / ``unipelt-adapterdrop`` (issue 12), ``lora-r8-qv-mixed8`` (eight ``lora-r8-qv``
 adapters on one model, the batch's rows served round-robin by them through ``adapter_names=``,
 all eight trained: issue 12's target is its time at most 1.2x ``lora-r8-qv``'s, one adapter per
-batch; eager only, the selection is Python per call). The classifier head stays frozen for every
+batch; it also runs compiled, fullgraph: the forward reads the rows as a tensor, so one graph serves
+every call). The classifier head stays frozen for every
 variant but ``full``: the same work for unipelt and PEFT. On llama the UniPELT gates are causal
 (``pooling: auto`` -> per token); on BERT they pool with the padding-masked mean.
 

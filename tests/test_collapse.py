@@ -169,3 +169,49 @@ def test_collapse_command(tmp_path, capsys):
     code = main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(tmp_path / "e")])
     text = capsys.readouterr().out
     assert code == 0 and "output diff" in text and "parameters" in text and "x base" in text
+
+
+def test_merged_leaves_forward_straight_to_the_base_layer():
+    """A projection whose branches are all merged runs as the unadapted model's: the wrapper's
+    forward is the base layer's (no host dispatch); unmerge restores the dispatch. Outputs equal,
+    and a deep copy or a pickled copy of the collapsed model computes the same."""
+    import copy
+    import io
+
+    from unipelt.runtime import Host, LeafWrapper
+
+    model = make_llama()
+    spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4},
+                        "adapter": {"method": "adapter", "sites": "ffn.res", "reduction_factor": 4}}}
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    model.eval()
+    batch = make_batch()
+    wrappers = [m for m in model.modules() if isinstance(m, LeafWrapper)]
+    assert wrappers and not any(w.bypassed for w in wrappers)
+    with torch.no_grad():
+        live = model(**batch).logits
+        h.merge()
+        assert all(w.bypassed for w in wrappers)  # LoRA merged: nothing left at q and v
+        calls = []
+        run = Host.run
+        Host.run = lambda self, x, y: calls.append(self.path) or run(self, x, y)
+        try:
+            merged = model(**batch).logits
+        finally:
+            Host.run = run
+        assert not [p for p in calls if p.endswith(("q_proj", "v_proj"))]
+        torch.testing.assert_close(merged, live, atol=1e-5, rtol=1e-5)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        for twin in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+            torch.testing.assert_close(twin(**batch).logits, merged, atol=0, rtol=0)
+        h.unmerge()
+        assert not any(w.bypassed for w in wrappers)
+        torch.testing.assert_close(model(**batch).logits, live, atol=1e-6, rtol=0)
+        # switched off, an adapter can still serve rows of a mixed batch: the wrappers keep dispatching
+        unipelt.set_adapter(model, [])
+        assert not any(w.bypassed for w in wrappers)
+        names = [h.name] * batch["input_ids"].shape[0]
+        torch.testing.assert_close(model(**batch, adapter_names=names).logits, live, atol=1e-6, rtol=0)

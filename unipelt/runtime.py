@@ -69,6 +69,7 @@ class ForwardContext:
     solo: dict[str, frozenset[str]] = field(default_factory=dict)
     merged_any: bool = False
     inplace: frozenset[str] = frozenset()
+    inplace_why: dict[str, str] = field(default_factory=dict)  # adapter -> why it cannot serve some rows
     embed_solo: dict[str, list] = field(default_factory=dict)  # adapter -> prompt entries of its rows
     row_names: list[str] | None = None  # inside ``with unipelt.adapter_names(model, names)``
 
@@ -156,33 +157,37 @@ class RowSelection:
     batch and keeps it on that adapter's rows (:meth:`Host.run`), so gates, pooling and masks are
     those of a single-adapter call and each row's gradient reaches only its own adapter.
 
+    ``order`` is every attached adapter in attach order. The forward reads the selection through
+    two things only: ``adapters`` (those present, in that order) and ``row_ids`` (each row's
+    position in ``order``, -1 for a base row), a tensor. Under ``torch.compile`` the captured
+    forward thus depends on which adapters are present, not on which row has which: a new
+    assignment of rows to the same adapters reuses the graph instead of compiling a new one.
+
     ``segments()`` gives the same selection as sorted segments (a permutation of the rows and each
     adapter's [start, end) in it), the form a segmented (SGMV-style) kernel consumes.
     """
 
-    def __init__(self, names: list[str], device):
+    def __init__(self, names: list[str], device, order: tuple[str, ...] | None = None):
         self.names = list(names)
         self.batch = len(names)
-        self.adapters = tuple(dict.fromkeys(n for n in names if n != BASE))
+        present = set(names)
+        self.order = tuple(order) if order is not None else tuple(dict.fromkeys(n for n in names if n != BASE))
+        self.adapters = tuple(n for n in self.order if n in present)
         self.device = device
-        self._masks: dict[tuple[str, int], Tensor] = {}
-        self._index: dict[str, Tensor] = {}
+        at = {n: i for i, n in enumerate(self.order)}
+        self.row_ids = torch.tensor([at.get(n, -1) for n in self.names], dtype=torch.long, device=device)
+        self._masks: dict[tuple, Tensor] = {}
 
     def index(self, name: str) -> Tensor:
         """The rows of ``name`` (long, on the model's device)."""
-        t = self._index.get(name)
-        if t is None:
-            t = torch.tensor([i for i, n in enumerate(self.names) if n == name], dtype=torch.long, device=self.device)
-            self._index[name] = t
-        return t
+        return torch.tensor([i for i, n in enumerate(self.names) if n == name], dtype=torch.long, device=self.device)
 
     def mask(self, name: str, dim: int) -> Tensor:
         """A (B, 1, ..., 1) boolean mask of ``name``'s rows, broadcastable to a ``dim``-d tensor."""
         key = (name, dim)
         m = self._masks.get(key)
         if m is None:
-            m = torch.tensor([n == name for n in self.names], dtype=torch.bool, device=self.device)
-            m = m.view(-1, *([1] * (dim - 1)))
+            m = (self.row_ids == self.order.index(name)).view(-1, *([1] * (dim - 1)))
             self._masks[key] = m
         return m
 
@@ -192,8 +197,11 @@ class RowSelection:
         key = ("cols", cols, dim)
         m = self._masks.get(key)
         if m is None:
-            m = torch.tensor([[scale if n == name else 0.0 for name, width, scale in cols for _ in range(width)]
-                              for n in self.names], device=self.device)
+            at = {n: i for i, n in enumerate(self.order)}
+            owner = torch.tensor([at.get(name, -2) for name, width, _ in cols for _ in range(width)],
+                                 dtype=torch.long, device=self.device)
+            scale = torch.tensor([scale for _, width, scale in cols for _ in range(width)], device=self.device)
+            m = torch.where(self.row_ids.unsqueeze(1) == owner, scale, scale.new_zeros(()))
             m = m.view(m.shape[0], *([1] * (dim - 2)), m.shape[1])
             self._masks[key] = m
         return m
@@ -356,18 +364,23 @@ class SiteRuntime:
     live_mode: str = "parallel"
     fusion: list = []  # [(fusion entry, [entries of each fused adapter])]
     solo: dict = {}  # adapter name -> (live, live_mode, fusion) of a row served by it
+    solo_scalers: dict = {}  # adapter name -> the input scalings of a row served by it
 
     def plan_solo(self, solo: dict[str, frozenset[str]]) -> None:
-        """What runs here for a row of each attached adapter (mixed batches), decided at refresh."""
+        """What runs here for a row of each attached adapter (mixed batches), decided at refresh:
+        its deltas (``solo``) and its input scalings (``solo_scalers``, IA3 at ffn.down)."""
         saved = (self.live, self.live_mode, self.fusion, self.scalers)
-        plans = {}
+        plans, scalers = {}, {}
         for name, running in solo.items():
             if any(e.adapter in running for e in self.entries):
                 self.refresh(set(running))
                 if self.live or self.fusion:
                     plans[name] = (self.live, self.live_mode, self.fusion)
+                if self.scalers:
+                    scalers[name] = self.scalers
         self.live, self.live_mode, self.fusion, self.scalers = saved
         self.solo = plans
+        self.solo_scalers = scalers
         self.stacked = self._plan_stacked(plans)
         self._stack_cache = None
 
@@ -379,7 +392,15 @@ class SiteRuntime:
         the form ``expand(u) = (scale·u)·W_upᵀ`` (``segment_params() -> (W_up, scale)``: LoRA), all
         of them run as one product x·[A_1|..|A_N]ᵀ, a per-row column mask (scale for the row's own
         adapter's columns, 0 elsewhere) and one product with [B_1|..|B_N]: cost independent of how
-        many adapters share the batch. None: each adapter runs on its own (:meth:`apply_solo`)."""
+        many adapters share the batch in kernel launches. None: each adapter runs on its own
+        (:meth:`apply_solo`).
+
+        Why this form rather than a per-row gather of each row's A and B with a batched matmul, or
+        tokens sorted into one segment per adapter: the stacked products add N·r/d of the base
+        projection's FLOPs (3% at N·r = 64, d = 2048) as two ordinary GEMMs, with no copy of the
+        activations (sorting moves all of x and of the output) and no per-row weight gather (B·r·d
+        per call); as N·r approaches d a gather + bmm would be cheaper (not measured). On an H200,
+        eight adapters mixed cost 1.06-1.14x one adapter per batch at inference (RESULTS.md)."""
         if self.kind != "linear" or self.out_slice is not None or len(plans) < 2:
             return None
         out = []
@@ -404,7 +425,9 @@ class SiteRuntime:
             a_parts.append(w_down)
             b_parts.append(w_up)
             cols.append((name, w_down.shape[0], float(scale)))
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # (under torch.compile a tensor's ``_version`` is data-dependent: no cache key; the
+            # captured graph concatenates the N·r-row weights per call, a copy far smaller than x)
             a, w = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
         else:
             # inference: the side-by-side weights are kept until a parameter changes (its version)
@@ -591,11 +614,33 @@ class Host:
     # live input scalings of the wrapped projection (IA3 on ffn.down), applied in order
     scalers: list[Entry] = []
 
+    # adapter -> its input scalings at this projection, for the rows it serves in a mixed batch
+    row_scalers: dict[str, list[Entry]] = {}
+
     def scale_input(self, x: Tensor) -> Tensor:
-        """The projection's input after the live ``scale`` branches (each returns the rescaled input)."""
+        """The projection's input after the live ``scale`` branches (each returns the rescaled input).
+        In a mixed batch each row gets its own adapter's scalings (others none): one elementwise
+        product per adapter that has any here, kept on its rows, so the base projection still runs
+        once for the whole batch."""
+        rows = self.ctx.rows
+        if rows is not None:
+            out = x
+            for name in rows.adapters:
+                scalers = self.row_scalers.get(name)
+                if scalers:
+                    xa = x
+                    for e in scalers:
+                        xa = e.branch(xa)
+                    out = torch.where(rows.mask(name, x.dim()), xa, out)
+            return out
         for e in self.scalers:
             x = e.branch(x)
         return x
+
+    @property
+    def scales_input(self) -> bool:
+        """Whether some call may rescale the projection's input (decided at refresh)."""
+        return bool(self.scalers or self.row_scalers)
 
     def _run_rows(self, x: Tensor | None, y: Tensor, rows: RowSelection) -> Tensor:
         """A mixed batch: each selected adapter's result, computed on the whole batch as in a call
@@ -622,6 +667,11 @@ class Host:
         for rt in self.runtimes.values():
             rt.plan_solo(self.ctx.solo)
         self.scalers = [e for rt in self.runtimes.values() for e in rt.scalers]
+        row_scalers: dict[str, list[Entry]] = {}
+        for rt in self.runtimes.values():
+            for name, entries in rt.solo_scalers.items():
+                row_scalers.setdefault(name, []).extend(entries)
+        self.row_scalers = row_scalers
         lin = [rt for rt in self.runtimes.values() if rt.kind == "linear" and rt.out_slice is not None]
         self._sliced = None
         self._unsliced = list(self.runtimes.values())
@@ -632,6 +682,13 @@ class Host:
     @property
     def empty(self) -> bool:
         return not any(rt.entries for rt in self.runtimes.values())
+
+    @property
+    def idle(self) -> bool:
+        """Whether no call, ordinary or mixed, runs anything here (every branch merged, pruned,
+        dropped or inactive with no row able to select it): decided at refresh."""
+        return not self.scalers and not self.row_scalers and all(
+            not rt.live and not rt.fusion and not rt.solo and rt.stacked is None for rt in self.runtimes.values())
 
 
 # ------------------------------------------------------------------------------------------
@@ -669,11 +726,29 @@ class LeafWrapper(nn.Module):
         except AttributeError:
             return getattr(self._modules["base_layer"], name)
 
+    def set_bypass(self, on: bool) -> None:
+        """With ``on`` (the host is idle: a merged LoRA, a collapsed model) the wrapper's forward is
+        the base layer's own, bound at refresh: one module call per projection as in the unadapted
+        model, no host dispatch. Only for a plain base layer without hooks of its own (a quantized
+        leaf's plugin overrides ``base_forward``); refresh, which follows every merge, unmerge and
+        switch, binds the base layer of the moment."""
+        base = self._modules["base_layer"]
+        plain = (type(self).base_forward is LeafWrapper.base_forward and type(self).forward is LeafWrapper.forward
+                 and not base._forward_hooks and not base._forward_pre_hooks)
+        if on and plain:
+            self.__dict__["forward"] = base.forward
+        else:
+            self.__dict__.pop("forward", None)
+
+    @property
+    def bypassed(self) -> bool:
+        return "forward" in self.__dict__
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         host = self.host
         # input scalings (IA3 on ffn.down) change what the base projection reads; the branches
         # at this hook point read the original input
-        xin = host.scale_input(x) if host.scalers else x
+        xin = host.scale_input(x) if host.scalers or host.row_scalers else x
         return host.run(x, self.base_forward(xin, *args, **kwargs))
 
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:

@@ -93,17 +93,26 @@ class ModelState:
         # mixed batches: what a row served by each attached adapter runs
         ctx.solo = {n: frozenset(self.running({n})) for n in self.handles}
         ctx.merged_any = any(e.merged for h in self.handles.values() for e in h.entries.values())
-        # adapters that train base tensors in place (BitFit, LN tuning): every row sees those
-        # and those that rescale a projection's input (IA3 at ffn.down: the leaf scales x before the
-        # base layer, for the whole batch)
-        ctx.inplace = frozenset(n for n, h in self.handles.items()
-                                if any(callable(getattr(e.branch, "external_parameters", None)) or e.branch.reads == "scale"
-                                       for e in h.entries.values()))
+        # adapters that train base tensors in place (BitFit, LN tuning): every row sees those. (An
+        # input scaling, IA3 at ffn.down, is applied per row: Host.scale_input.) Why, per adapter,
+        # naming the module and its method, for the refusal of a mixed batch.
+        ctx.inplace_why = {}
+        for n, h in self.handles.items():
+            for e in h.entries.values():
+                if callable(getattr(e.branch, "external_parameters", None)):
+                    method = h.spec.modules[e.node].method if e.node in h.spec.modules else "?"
+                    ctx.inplace_why.setdefault(n, f"its module {e.node!r} (method {method}) trains base tensors in place")
+        ctx.inplace = frozenset(ctx.inplace_why)
         ctx.embed_solo = {n: [e for e in self.embed if e.adapter in r and not e.off] for n, r in ctx.solo.items()}
         for host in self.hosts.values():
             for rt in host.runtimes.values():
                 rt.refresh(active)
             host.refresh()
+        # a wrapped leaf whose host runs nothing forwards straight to its base layer
+        for path, (parent, attr, _) in self.wrappers.items():
+            wrapper = getattr(parent, attr, None)
+            if callable(getattr(wrapper, "set_bypass", None)) and path in self.hosts:
+                wrapper.set_bypass(self.hosts[path].idle)
         for p in list(self.kv):
             provider = _provider_of(self.info, p)
             if provider is not None:
@@ -245,6 +254,11 @@ class RootPreHook:
         self.ctx, self.binder = ctx, binder
         self.config_use_cache = config_use_cache
 
+    # Run eagerly under torch.compile (a compiled model's root hooks are frames of their own, so
+    # this breaks no graph): compiled, this frame would be specialised on the adapter_names strings
+    # and recompiled for every new assignment of rows; eager, it only hands the forward a tensor of
+    # row ids (RowSelection.row_ids), which the captured forward takes as an input.
+    @torch.compiler.disable
     def __call__(self, module, args, kwargs):
         # PEFT's keyword for mixed batches: consumed here, never passed to the model
         names = kwargs.pop("adapter_names", None) if "adapter_names" in kwargs else None
@@ -302,13 +316,14 @@ def make_selection(ctx: ForwardContext, names, batch: int | None, device) -> Row
             raise ModelError(f"adapter_names[{i}]: no adapter named {n!r}; attached: {attached} (or {BASE!r})")
     for i, n in enumerate(names):
         if n != BASE and ctx.solo[n] & ctx.inplace:
-            raise ModelError(f"adapter_names[{i}]: adapter {n!r} trains base tensors in place (BitFit, LayerNorm "
-                             "or head tuning) or rescales a projection's input (IA3 at ffn.down), which every row "
-                             "of the batch sees; it cannot serve some rows only")
+            culprit = n if n in ctx.inplace else sorted(ctx.solo[n] & ctx.inplace)[0]
+            via = "" if culprit == n else f" (it runs adapter {culprit!r}, which it fuses)"
+            raise ModelError(f"adapter_names[{i}]: adapter {n!r}{via}: {ctx.inplace_why[culprit]} (the tensors "
+                             "of the base model that every row of the batch reads); it cannot serve some rows only")
     if ctx.merged_any:
         raise ModelError("adapter_names: an adapter is merged into the base weights, which every row would see; "
                          "unmerge it first (handle.unmerge())")
-    return RowSelection(list(names), device)
+    return RowSelection(list(names), device, tuple(ctx.solo))
 
 
 class RootPostHook:
