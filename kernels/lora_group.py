@@ -56,6 +56,16 @@ def _keep(seed, seg, rows, cols, K, p):
 
 
 @triton.jit
+def _through_sigmoid(dz, z_ptr, rows, cols, row_ok, col_ok, act_start, stride_zm):
+    # dz·σ(1-σ) on the activated columns (z holds σ there), dz elsewhere; fp32 (BLOCK_M, BLOCK_N)
+    act = (cols >= act_start) & col_ok
+    s = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :], mask=row_ok[:, None] & act[None, :], other=0.0)
+    s = s.to(tl.float32)
+    dzf = dz.to(tl.float32)
+    return tl.where(act[None, :], dzf * s * (1.0 - s), dzf)
+
+
+@triton.jit
 def _shrink_fwd_kernel(
     x_ptr, w_ptr, b_ptr, z_ptr, tiles_ptr, p_ptr, seed_ptr,
     M, K, N, act_start, stride_xm, stride_wn, stride_zm,
@@ -101,9 +111,9 @@ def _shrink_fwd_kernel(
 
 @triton.jit
 def _shrink_dx_kernel(
-    dz_ptr, w_ptr, dx_ptr, tiles_ptr, p_ptr, seed_ptr,
-    M, K, T, stride_dzm, stride_wn, stride_dxm,
-    HAS_DROP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    dz_ptr, z_ptr, w_ptr, dx_ptr, tiles_ptr, p_ptr, seed_ptr,
+    M, K, T, act_start, stride_dzm, stride_zm, stride_wn, stride_dxm,
+    HAS_DROP: tl.constexpr, HAS_ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # ONE dX for every member of the group: the segments' products summed in registers
@@ -126,10 +136,12 @@ def _shrink_dx_kernel(
         col_ok = rn < nc
         dz = tl.load(dz_ptr + rows[:, None] * stride_dzm + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * stride_wn + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_ACT:
+            dz = _through_sigmoid(dz, z_ptr, rows, cols, row_ok, col_ok, act_start, stride_zm).to(w.dtype)
         if UPCAST:
             dz = dz.to(tl.float32)
             w = w.to(tl.float32)
-        part = tl.dot(dz, w, input_precision=PRECISION)
+        part = tl.dot(dz.to(w.dtype), w, input_precision=PRECISION)
         if HAS_DROP:
             p = tl.load(p_ptr + seg)
             if p > 0.0:
@@ -142,9 +154,9 @@ def _shrink_dx_kernel(
 
 @triton.jit
 def _shrink_dw_kernel(
-    dz_ptr, x_ptr, dw_ptr, tiles_ptr, p_ptr, seed_ptr,
-    M, K, rows_per_split, stride_dzm, stride_xm, stride_dwn,
-    HAS_DROP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    dz_ptr, z_ptr, x_ptr, dw_ptr, db_ptr, tiles_ptr, p_ptr, seed_ptr,
+    M, K, rows_per_split, act_start, stride_dzm, stride_zm, stride_xm, stride_dwn,
+    HAS_DROP: tl.constexpr, HAS_ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # dW_tile = dz_tileᵀ · dropout(x) over a share of the rows, added into an fp32 buffer
@@ -160,6 +172,7 @@ def _shrink_dw_kernel(
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = kk < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     p = 0.0
     seed = 0
     if HAS_DROP:
@@ -171,6 +184,14 @@ def _shrink_dw_kernel(
         row_ok = (rows < M) & (rows < start + rows_per_split)
         dz = tl.load(dz_ptr + rows[None, :] * stride_dzm + cols[:, None], mask=col_ok[:, None] & row_ok[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_ACT:  # _through_sigmoid on this transposed (columns, rows) tile
+            act = (cols >= act_start) & col_ok
+            s = tl.load(z_ptr + rows[None, :] * stride_zm + cols[:, None], mask=act[:, None] & row_ok[None, :],
+                        other=0.0).to(tl.float32)
+            dzf = tl.where(act[:, None], dz.to(tl.float32) * s * (1.0 - s), dz.to(tl.float32))
+            dbias += tl.sum(dzf, axis=1)
+            dz = dzf
+        dz = dz.to(x.dtype)
         if UPCAST:
             dz = dz.to(tl.float32)
             x = x.to(tl.float32)
@@ -180,6 +201,9 @@ def _shrink_dw_kernel(
                 x = tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - p)), 0.0).to(dz.dtype)
         acc += tl.dot(dz, x, input_precision=PRECISION)
     tl.atomic_add(dw_ptr + cols[:, None] * stride_dwn + kk[None, :], acc, mask=col_ok[:, None] & k_ok[None, :])
+    if HAS_ACT:
+        if pid_k == 0:  # one K block adds the bias gradient of its rows (split programs: atomics)
+            tl.atomic_add(db_ptr + cols, dbias, mask=col_ok & (cols >= act_start))
 
 
 @triton.jit
@@ -353,24 +377,39 @@ def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_width
     return z
 
 
-def _launch_shrink_bwd(dzp: Tensor, x: Tensor, w: Tensor, seg_widths: list[int], seg_p: list[float],
-                       seed: Tensor | None) -> tuple[Tensor, Tensor]:
+def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
+                       seg_p: list[float], seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dX, dW in fp32, the activated columns' bias gradient in fp32 or None). The gates' sigmoid
+    derivative dz·σ(1-σ) is applied inside both kernels as they load dz (z holds σ there), and the
+    bias gradient (its column sums) comes out of the dW kernel: no dz-sized copy in PyTorch."""
     M, K = x.shape
     N = w.shape[0]
     tiles, ps, block_n = _tiles(seg_widths, seg_p, x.device)
     has_drop = _has_drop(seg_p, seed)
+    has_act = act_start < N
     if BWD_MODE == "gemm" and not has_drop:
-        return dzp @ w, (dzp.t() @ x).float()
+        dzf = dz.float()
+        db = None
+        if has_act:
+            s = z[:, act_start:].float()
+            dzf = torch.cat([dzf[:, :act_start], dzf[:, act_start:] * s * (1 - s)], 1)
+            db = dzf[:, act_start:].sum(0)
+        dzp = dzf.to(x.dtype)
+        return dzp @ w, (dzp.t() @ x).float(), db
     seed_arg = seed if has_drop else tiles
     prec = _precision(x.dtype)
     dx = torch.empty_like(x)
     bl = _blocks("dx")
     _shrink_dx_kernel[(triton.cdiv(M, bl.m), triton.cdiv(K, bl.k))](
-        dzp, w, dx, tiles, ps, seed_arg, M, K, tiles.shape[0], dzp.stride(0), w.stride(0), dx.stride(0),
-        HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=prec,
+        dz, z, w, dx, tiles, ps, seed_arg, M, K, tiles.shape[0], act_start, dz.stride(0), z.stride(0), w.stride(0),
+        dx.stride(0),
+        HAS_DROP=has_drop, HAS_ACT=has_act, UPCAST=INTERPRET, PRECISION=prec,
         BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps, num_stages=bl.stages,
     )
-    dw = torch.zeros(N, K, device=x.device, dtype=torch.float32)
+    # dW and the bias gradient in one fp32 buffer (one memset): dW's N × K, then N bias slots
+    buf = torch.zeros(N * K + (N if has_act else 0), device=x.device, dtype=torch.float32)
+    dw = buf[:N * K].view(N, K)
+    db_all = buf[N * K:] if has_act else buf
     bl = _blocks("dw")
     k_blocks = triton.cdiv(K, bl.k)
     # enough programs to fill the card: split the token rows when tiles × K blocks are few
@@ -378,12 +417,13 @@ def _launch_shrink_bwd(dzp: Tensor, x: Tensor, w: Tensor, seg_widths: list[int],
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), bl.m) * bl.m
     splits = triton.cdiv(M, rows_per_split)
     _shrink_dw_kernel[(tiles.shape[0], k_blocks, splits)](
-        dzp, x, dw, tiles, ps, seed_arg, M, K, rows_per_split, dzp.stride(0), x.stride(0), dw.stride(0),
-        HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=prec,
+        dz, z, x, dw, db_all, tiles, ps, seed_arg, M, K, rows_per_split, act_start, dz.stride(0), z.stride(0),
+        x.stride(0), dw.stride(0),
+        HAS_DROP=has_drop, HAS_ACT=has_act, UPCAST=INTERPRET, PRECISION=prec,
         BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps if block_n < 128 or INTERPRET else 8,
         num_stages=bl.stages,
     )
-    return dx, dw
+    return dx, dw, (db_all[act_start:] if has_act else None)
 
 
 def _block_r(r: int) -> int:
@@ -450,14 +490,11 @@ def _(x, w, bias, act_start, seg_widths, seg_p, seed):
 
 def _shrink_bwd_impl(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
                      seg_p: list[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    # through the sigmoid of the gate columns (z holds sigmoid there): dz·σ(1-σ)
-    dzf = dz.float()
-    if act_start < z.shape[1]:
-        s = z[:, act_start:].float()
-        dzf = torch.cat([dzf[:, :act_start], dzf[:, act_start:] * s * (1 - s)], 1)
-    db = dzf[:, act_start:].sum(0)
-    dzp = dzf.to(x.dtype).contiguous()
-    dx, dw = _launch_shrink_bwd(dzp, x, w, seg_widths, seg_p, seed)
+    dx, dw, db = _launch_shrink_bwd(dz, x, w, z, act_start, seg_widths, seg_p, seed)
+    if db is None:
+        db = dz.new_zeros(0, dtype=torch.float32)
+    elif w.dtype == torch.float32:
+        dw = dw.clone()  # dW and db share one buffer; a custom op's outputs may not alias each other
     return dx, dw.to(w.dtype), db
 
 
@@ -479,7 +516,9 @@ def _shrink_setup(ctx, inputs, output):
 
 def _shrink_backward(ctx, dz, bwd=_shrink_bwd_op):
     x, w, z, seed = ctx.saved_tensors
-    dx, dw, db = bwd(dz.contiguous(), x, w, z, ctx.act_start, ctx.seg_widths, ctx.seg_p, seed if ctx.has_seed else None)
+    if dz.stride(-1) != 1:
+        dz = dz.contiguous()
+    dx, dw, db = bwd(dz, x, w, z, ctx.act_start, ctx.seg_widths, ctx.seg_p, seed if ctx.has_seed else None)
     return dx, dw, db.to(ctx.bias_dtype), None, None, None, None
 
 
