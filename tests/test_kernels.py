@@ -51,9 +51,11 @@ SHRINK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["split", "gemm"])  # "fused" runs the shrink backward as "split" does
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("M,K,segments,n_act", SHRINK_CASES, ids=[f"s{i}" for i in range(len(SHRINK_CASES))])
-def test_shrink_forward_and_gradients_match_reference(M, K, segments, n_act, dtype):
+def test_shrink_forward_and_gradients_match_reference(M, K, segments, n_act, dtype, mode, monkeypatch):
+    monkeypatch.setattr(lg, "BWD_MODE", mode)
     g = torch.Generator().manual_seed(M + K)
     N = sum(w for w, _ in segments)
     x = _leaf(torch.randn(M, K, generator=g), dtype)
@@ -103,9 +105,12 @@ def test_dropout_masks_are_regenerated_not_stored():
 EXPAND_CASES = [(37, 45, 1, None), (70, 100, 8, "token"), (37, 45, 64, "pooled"), (130, 33, 5, "token")]
 
 
+@pytest.mark.parametrize("mode", lg.BWD_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("M,D,r,gate", EXPAND_CASES, ids=[f"e{i}" for i in range(len(EXPAND_CASES))])
-def test_expand_forward_and_gradients_match_reference(M, D, r, gate, dtype):
+def test_expand_forward_and_gradients_match_reference(M, D, r, gate, dtype, mode, monkeypatch):
+    # every backward variant (lora_group.BWD_MODES): the benchmark chooses among them on the GPU
+    monkeypatch.setattr(lg, "BWD_MODE", mode)
     g = torch.Generator().manual_seed(M * D + r)
     # (B, T, ...) shaped, as at a hook point: pooled gates broadcast over T
     B_, T = (1, M) if gate != "pooled" else (M // 37, 37)
