@@ -253,8 +253,11 @@ def test_gradient_checkpointing_redraws_the_same_dropout():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the kernels run natively there)")
-def test_gpu_bf16_large_group_matches_reference():
-    # real sizes: many row blocks, the dW split over rows and the expand's split over D
+@pytest.mark.parametrize("mode", lg.BWD_MODES)
+def test_gpu_bf16_large_group_matches_reference(mode, monkeypatch):
+    # real sizes: many row blocks, the dW split over rows, dB over shares of the rows ("split") or
+    # the expand's split over D ("fused"); u and the gate are columns of z read through its stride
+    monkeypatch.setattr(lg, "BWD_MODE", mode)
     g = torch.Generator().manual_seed(0)
     M, K, r = 3000, 1000, 16
     x = torch.randn(M, K, generator=g).cuda().bfloat16().requires_grad_()
@@ -269,15 +272,15 @@ def test_gpu_bf16_large_group_matches_reference():
                             torch.autograd.grad(zr, [xr, wr, br], dz)):
         _close(a, ref, torch.bfloat16, name)
     out = torch.randn(M, 1100, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    u = z[:, :r].detach().requires_grad_()
+    zc = z.detach().requires_grad_()
     Bw = (torch.randn(1100, r, device="cuda") * 0.1).bfloat16().requires_grad_()
-    y = lg.lora_expand(out, u, Bw, None, 2.0)
-    ro, ru, rB = (t.detach().float().requires_grad_() for t in (out, u, Bw))
-    yr = lg.reference_expand(ro, ru, rB, None, 2.0)
+    y = lg.lora_expand(out, zc[:, :r], Bw, zc[:, 2 * r:], 2.0)
+    ro, rz, rB = (t.detach().float().requires_grad_() for t in (out, zc, Bw))
+    yr = lg.reference_expand(ro, rz[:, :r], rB, rz[:, 2 * r:], 2.0)
     _close(y, yr, torch.bfloat16, "y")
     dy = torch.randn_like(yr)
-    for name, a, ref in zip(["dout", "du", "dB"], torch.autograd.grad(y, [out, u, Bw], dy.bfloat16()),
-                            torch.autograd.grad(yr, [ro, ru, rB], dy)):
+    for name, a, ref in zip(["dout", "dz (du and dgate)", "dB"], torch.autograd.grad(y, [out, zc, Bw], dy.bfloat16()),
+                            torch.autograd.grad(yr, [ro, rz, rB], dy)):
         _close(a, ref, torch.bfloat16, name)
 
 
