@@ -24,7 +24,16 @@ import torch
 from torch.nn import functional as F
 
 PEAK_TBPS = {"H200": 4.8, "H100": 3.35}
-BWD_MODES = ("split", "fused", "gemm")  # lora_group.BWD_MODES (imported late: triton is optional)
+
+
+def _modes(lg) -> tuple[str, ...]:
+    """The expand-backward variants of this lora_group (an older checkout has fused and gemm only:
+    benchmarks/kernels.py also times the kernels of an earlier commit, for a before/after)."""
+    return getattr(lg, "BWD_MODES", ("fused", "gemm"))
+
+
+def _row_modes(row: dict) -> list[str]:
+    return [m for m in ("split", "fused", "gemm") if f"triton_{m}_ms" in row]
 
 
 def _time(fn, warmup: int, iters: int) -> float:
@@ -142,7 +151,7 @@ def bench_group(M, K, r, k, gates, dtype, warmup, iters) -> dict:
     t_ref = _time(step(group_reference), warmup, iters)
     modes, graphed, host = {}, {}, {"ref_host_ms": _host_ms(step(group_reference))}
     default = lg.BWD_MODE
-    for mode in lg.BWD_MODES:  # the expand backward's variants (lora_group.BWD_MODE)
+    for mode in _modes(lg):  # the expand backward's variants (lora_group.BWD_MODE)
         lg.BWD_MODE = mode
         modes[mode] = _time(step(group_triton), warmup, iters)
         if GRAPHS:
@@ -154,7 +163,7 @@ def bench_group(M, K, r, k, gates, dtype, warmup, iters) -> dict:
         graphed["ref_graph_ms"] = _time_graphed(step(group_reference), warmup, iters)
         graphed["triton_graph_ms"] = graphed[f"triton_{default}_graph_ms"]
         graphed["graph_speedup"] = graphed["ref_graph_ms"] / graphed["triton_graph_ms"]
-        best = min(lg.BWD_MODES, key=lambda m: graphed[f"triton_{m}_graph_ms"])
+        best = min(_modes(lg), key=lambda m: graphed[f"triton_{m}_graph_ms"])
         graphed["graph_best_mode"] = best
         graphed["graph_speedup_best"] = graphed["ref_graph_ms"] / graphed[f"triton_{best}_graph_ms"]
     es = torch.finfo(dtype).bits // 8
@@ -220,7 +229,7 @@ def bench_layer(M, K, r, dropout, dtype, warmup, iters) -> dict:
 
     t_peft = _time(step(peft_layer, [x] + [p for p in peft_layer.parameters() if p.requires_grad]), warmup, iters)
     modes, default, graphed = {}, lg.BWD_MODE, {}
-    for mode in lg.BWD_MODES:
+    for mode in _modes(lg):
         lg.BWD_MODE = mode
         modes[mode] = _time(step(ours, [x, ours.lora_A, ours.lora_B]), warmup, iters)
         if GRAPHS:
@@ -232,7 +241,7 @@ def bench_layer(M, K, r, dropout, dtype, warmup, iters) -> dict:
         graphed["peft_graph_ms"] = _time_graphed(step(peft_layer, peft_params), warmup, iters)
         graphed["triton_graph_ms"] = graphed[f"triton_{default}_graph_ms"]
         graphed["graph_speedup_vs_peft"] = graphed["peft_graph_ms"] / graphed["triton_graph_ms"]
-        best = min(lg.BWD_MODES, key=lambda m: graphed[f"triton_{m}_graph_ms"])
+        best = min(_modes(lg), key=lambda m: graphed[f"triton_{m}_graph_ms"])
         graphed["graph_best_mode"] = best
         graphed["graph_speedup_vs_peft_best"] = graphed["peft_graph_ms"] / graphed[f"triton_{best}_graph_ms"]
         graphed["unipelt_reference_graph_ms"] = _time_graphed(
@@ -451,10 +460,10 @@ def main(argv=None) -> int:
                   f"({row['ref_TBps']:.2f} TB/s), triton {row['triton_ms']:.3f} ms ({row['triton_TBps']:.2f} TB/s), "
                   f"x{row['speedup']:.2f}; host ref {row['ref_host_ms']:.3f} triton {row['triton_host_ms']:.3f}"
                   + (f"; graphed ref {row['ref_graph_ms']:.3f} triton " + " / ".join(
-                      f"{m} {row[f'triton_{m}_graph_ms']:.3f}" for m in BWD_MODES) +
+                      f"{m} {row[f'triton_{m}_graph_ms']:.3f}" for m in _row_modes(row)) +
                      f" x{row['graph_speedup']:.2f} best {row['graph_best_mode']} x{row['graph_speedup_best']:.2f} "
                      f"({row['triton_graph_TBps']:.2f} TB/s)" if GRAPHS else
-                     " [eager bwd " + " / ".join(f"{m} {row[f'triton_{m}_ms']:.3f}" for m in BWD_MODES) + "]")
+                     " [eager bwd " + " / ".join(f"{m} {row[f'triton_{m}_ms']:.3f}" for m in _row_modes(row)) + "]")
                   + f"  err {row['max_abs_err_y']:.3g}", flush=True)
         for dropout in (0.0, 0.1):
             for r in ((16,) if args.quick else (16, 64)):
@@ -464,7 +473,7 @@ def main(argv=None) -> int:
                 print(f"layer M={M} K=4096 r={r} dropout={dropout}: PEFT {row['peft_ms']:.3f} ms, triton "
                       f"{row['triton_ms']:.3f} ms, x{row['speedup_vs_peft']:.2f}; unipelt reference "
                       f"{row['unipelt_reference_ms']:.3f} ms" + (f"; graphed PEFT {row['peft_graph_ms']:.3f} triton " +
-                      " / ".join(f"{m} {row[f'triton_{m}_graph_ms']:.3f}" for m in BWD_MODES) +
+                      " / ".join(f"{m} {row[f'triton_{m}_graph_ms']:.3f}" for m in _row_modes(row)) +
                       f" x{row['graph_speedup_vs_peft']:.2f} best x{row['graph_speedup_vs_peft_best']:.2f}; unipelt "
                       f"reference {row['unipelt_reference_graph_ms']:.3f}" if GRAPHS else ""), flush=True)
     return 0
