@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -62,7 +63,7 @@ def _time_graphed(fn, warmup: int, iters: int) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, capture_error_mode=CAPTURE_MODE):
         fn()
     return _time(g.replay, warmup, iters)
 
@@ -81,6 +82,9 @@ def _host_ms(fn, n: int = 20) -> float:
 
 
 GRAPHS = False  # --graphs: time each variant eager and replayed from a CUDA graph
+# torch.cuda.graph's capture_error_mode ("global", its default, refuses any unsafe CUDA call from
+# any thread during capture; "thread_local" only from the capturing thread)
+CAPTURE_MODE = os.environ.get("KERNELS_CAPTURE_MODE", "global")
 
 
 # ------------------------------------------------------------------------------------------
@@ -143,9 +147,14 @@ def bench_group(M, K, r, k, gates, dtype, warmup, iters) -> dict:
         return run
 
     # correctness on the timed shapes (bf16: loose; the CPU tests hold the tight table)
-    ref_y = group_reference(x, A, B, wg, bg, outs, 2.0)
-    got_y = group_triton(x, A, B, wg, bg, outs, 2.0)
-    err = max(float((a.detach().float() - b.detach().float()).abs().max()) for a, b in zip(got_y, ref_y))
+    # (without autograd: outputs kept alive keep their graph's AccumulateGrad nodes, made on the
+    # default stream, and the CUDA-graph capture below then fails with "operation would make the
+    # legacy stream depend on a capturing blocking stream", as the H200 run of this session did)
+    with torch.no_grad():
+        ref_y = group_reference(x, A, B, wg, bg, outs, 2.0)
+        got_y = group_triton(x, A, B, wg, bg, outs, 2.0)
+        err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got_y, ref_y))
+    del ref_y, got_y
     from unipelt_kernels import lora_group as lg
 
     t_ref = _time(step(group_reference), warmup, iters)
@@ -263,7 +272,7 @@ def _time_launch(fn, n: int = 20) -> float:
         fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, capture_error_mode=CAPTURE_MODE):
         for _ in range(n):
             fn()
     g.replay()

@@ -267,18 +267,18 @@ def test_gpu_bf16_large_group_matches_reference(mode, monkeypatch):
     xr, wr, br = (t.detach().float().requires_grad_() for t in (x, w, b))
     zr = lg.reference_shrink(xr, wr, br, 2 * r)
     _close(z, zr, torch.bfloat16, "z")
-    dz = torch.randn(M, 2 * r + 1, device="cuda")
+    dz = torch.randn(M, 2 * r + 1, generator=g).cuda()  # every input from the seeded generator: repeatable
     for name, a, ref in zip(["dx", "dw", "db"], torch.autograd.grad(z, [x, w, b], dz.bfloat16()),
                             torch.autograd.grad(zr, [xr, wr, br], dz)):
         _close(a, ref, torch.bfloat16, name)
-    out = torch.randn(M, 1100, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = torch.randn(M, 1100, generator=g).cuda().bfloat16().requires_grad_()
     zc = z.detach().requires_grad_()
-    Bw = (torch.randn(1100, r, device="cuda") * 0.1).bfloat16().requires_grad_()
+    Bw = (torch.randn(1100, r, generator=g) * 0.1).cuda().bfloat16().requires_grad_()
     y = lg.lora_expand(out, zc[:, :r], Bw, zc[:, 2 * r:], 2.0)
     ro, rz, rB = (t.detach().float().requires_grad_() for t in (out, zc, Bw))
     yr = lg.reference_expand(ro, rz[:, :r], rB, rz[:, 2 * r:], 2.0)
     _close(y, yr, torch.bfloat16, "y")
-    dy = torch.randn_like(yr)
+    dy = torch.randn(yr.shape, generator=g).cuda()
     got = torch.autograd.grad(y, [out, zc, Bw], dy.bfloat16())
     want = torch.autograd.grad(yr, [ro, rz, rB], dy)
     got = [got[0], got[1][:, :r], got[1][:, 2 * r:], got[2]]
