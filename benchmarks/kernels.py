@@ -362,7 +362,7 @@ def profile_and_sweep(M=8192, K=4096, r=16, k=2) -> dict:
     return best
 
 
-def host_ops(M: int = 64, K: int = 128, r: int = 16, k: int = 2) -> list[dict]:
+def host_ops(M: int = 8192, K: int = 4096, r: int = 16, k: int = 2) -> list[dict]:
     """What one group forward + backward asks of the host, on CPU with every Triton launch stubbed
     out (no GPU, no interpreter): PyTorch operators dispatched (by name) and Triton launches, for
     the reference and the kernels' path. The eager kernel path on the H200 is host-bound
