@@ -9,6 +9,8 @@ written once and dY read once; the tokens × r intermediates and the weights are
 
     PYTHONPATH=. python benchmarks/kernels.py --out group.jsonl            # the full grid
     PYTHONPATH=. python benchmarks/kernels.py --quick --out quick.jsonl    # one shape per part
+    PYTHONPATH=. python benchmarks/kernels.py --graphs --out graphs.jsonl  # + every variant from a CUDA graph (GPU time)
+    PYTHONPATH=. python benchmarks/kernels.py --host-ops --out ops.jsonl   # CPU: launches of one group step
 """
 from __future__ import annotations
 
