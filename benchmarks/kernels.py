@@ -9,12 +9,15 @@ written once and dY read once; the tokens × r intermediates and the weights are
 
     PYTHONPATH=. python benchmarks/kernels.py --out group.jsonl            # the full grid
     PYTHONPATH=. python benchmarks/kernels.py --quick --out quick.jsonl    # one shape per part
+    PYTHONPATH=. python benchmarks/kernels.py --graphs --out graphs.jsonl  # + every variant from a CUDA graph (GPU time)
+    PYTHONPATH=. python benchmarks/kernels.py --host-ops --out ops.jsonl   # CPU: launches of one group step
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -24,6 +27,16 @@ import torch
 from torch.nn import functional as F
 
 PEAK_TBPS = {"H200": 4.8, "H100": 3.35}
+
+
+def _modes(lg) -> tuple[str, ...]:
+    """The expand-backward variants of this lora_group (an older checkout has fused and gemm only:
+    benchmarks/kernels.py also times the kernels of an earlier commit, for a before/after)."""
+    return getattr(lg, "BWD_MODES", ("fused", "gemm"))
+
+
+def _row_modes(row: dict) -> list[str]:
+    return [m for m in ("split", "fused", "gemm") if f"triton_{m}_ms" in row]
 
 
 def _time(fn, warmup: int, iters: int) -> float:
@@ -52,12 +65,28 @@ def _time_graphed(fn, warmup: int, iters: int) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, capture_error_mode=CAPTURE_MODE):
         fn()
     return _time(g.replay, warmup, iters)
 
 
+def _host_ms(fn, n: int = 20) -> float:
+    """Host milliseconds per call of fn (no synchronisation inside the loop: Python, dispatch and
+    launch work; the GPU runs behind unless it is the slower side)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
 GRAPHS = False  # --graphs: time each variant eager and replayed from a CUDA graph
+# torch.cuda.graph's capture_error_mode ("global", its default, refuses any unsafe CUDA call from
+# any thread during capture; "thread_local" only from the capturing thread)
+CAPTURE_MODE = os.environ.get("KERNELS_CAPTURE_MODE", "global")
 
 
 # ------------------------------------------------------------------------------------------
@@ -97,10 +126,12 @@ def group_triton(x, A, B, wg, bg, outs, scale):
 
     k, r = len(A), A[0].shape[0]
     z = lg.lora_shrink(x, torch.cat(A + wg, 0), torch.cat(bg) if wg else None, k * r)
+    # the members' columns as one split (as unipelt.executor.TritonExecutor hands them out)
+    parts = z.split([r] * k + [1] * len(wg), -1)
     ys = []
     for i in range(k):
-        gate = z[:, k * r + i:k * r + i + 1] if wg else None
-        ys.append(lg.lora_expand(outs[i], z[:, i * r:(i + 1) * r], B[i], gate, 1.0 if wg else scale))
+        gate = parts[k + i] if wg else None
+        ys.append(lg.lora_expand(outs[i], parts[i], B[i], gate, 1.0 if wg else scale))
     return ys
 
 
@@ -118,29 +149,39 @@ def bench_group(M, K, r, k, gates, dtype, warmup, iters) -> dict:
         return run
 
     # correctness on the timed shapes (bf16: loose; the CPU tests hold the tight table)
-    ref_y = group_reference(x, A, B, wg, bg, outs, 2.0)
-    got_y = group_triton(x, A, B, wg, bg, outs, 2.0)
-    err = max(float((a.detach().float() - b.detach().float()).abs().max()) for a, b in zip(got_y, ref_y))
+    # (without autograd: outputs kept alive keep their graph's AccumulateGrad nodes, made on the
+    # default stream, and the CUDA-graph capture below then fails with "operation would make the
+    # legacy stream depend on a capturing blocking stream", as the H200 run of this session did)
+    with torch.no_grad():
+        ref_y = group_reference(x, A, B, wg, bg, outs, 2.0)
+        got_y = group_triton(x, A, B, wg, bg, outs, 2.0)
+        err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got_y, ref_y))
+    del ref_y, got_y
     from unipelt_kernels import lora_group as lg
 
     t_ref = _time(step(group_reference), warmup, iters)
-    modes = {}
+    modes, graphed, host = {}, {}, {"ref_host_ms": _host_ms(step(group_reference))}
     default = lg.BWD_MODE
-    for mode in ("fused", "gemm") if not GRAPHS else (default,):  # lora_group.BWD_MODE's variants
+    for mode in _modes(lg):  # the expand backward's variants (lora_group.BWD_MODE)
         lg.BWD_MODE = mode
         modes[mode] = _time(step(group_triton), warmup, iters)
+        if GRAPHS:
+            graphed[f"triton_{mode}_graph_ms"] = _time_graphed(step(group_triton), warmup, iters)
     lg.BWD_MODE = default
+    host["triton_host_ms"] = _host_ms(step(group_triton))
     t_tri = modes[default]
-    graphed = {}
     if GRAPHS:
-        graphed = {"ref_graph_ms": _time_graphed(step(group_reference), warmup, iters),
-                   "triton_graph_ms": _time_graphed(step(group_triton), warmup, iters)}
+        graphed["ref_graph_ms"] = _time_graphed(step(group_reference), warmup, iters)
+        graphed["triton_graph_ms"] = graphed[f"triton_{default}_graph_ms"]
         graphed["graph_speedup"] = graphed["ref_graph_ms"] / graphed["triton_graph_ms"]
+        best = min(_modes(lg), key=lambda m: graphed[f"triton_{m}_graph_ms"])
+        graphed["graph_best_mode"] = best
+        graphed["graph_speedup_best"] = graphed["ref_graph_ms"] / graphed[f"triton_{best}_graph_ms"]
     es = torch.finfo(dtype).bits // 8
     bytes_min = es * (3 * M * K + k * 3 * M * K)
     return {"bench": "group", "M": M, "K": K, "r": r, "k": k, "gates": gates, "dtype": str(dtype).split(".")[-1],
-            "ref_ms": t_ref, "triton_ms": t_tri, "triton_bwd": default, "triton_fused_ms": modes["fused"],
-            "triton_gemm_ms": modes.get("gemm"), "speedup": t_ref / t_tri, "max_abs_err_y": err,
+            "ref_ms": t_ref, "triton_ms": t_tri, "triton_bwd": default,
+            **{f"triton_{m}_ms": t for m, t in modes.items()}, **host, "speedup": t_ref / t_tri, "max_abs_err_y": err,
             "bytes_min": bytes_min, "ref_TBps": bytes_min / t_ref / 1e9, "triton_TBps": bytes_min / t_tri / 1e9,
             **graphed, **({"ref_graph_TBps": bytes_min / graphed["ref_graph_ms"] / 1e9,
                            "triton_graph_TBps": bytes_min / graphed["triton_graph_ms"] / 1e9} if graphed else {})}
@@ -198,22 +239,29 @@ def bench_layer(M, K, r, dropout, dtype, warmup, iters) -> dict:
     from unipelt_kernels import lora_group as lg
 
     t_peft = _time(step(peft_layer, [x] + [p for p in peft_layer.parameters() if p.requires_grad]), warmup, iters)
-    modes, default = {}, lg.BWD_MODE
-    for mode in ("fused", "gemm") if not GRAPHS else (default,):
+    modes, default, graphed = {}, lg.BWD_MODE, {}
+    for mode in _modes(lg):
         lg.BWD_MODE = mode
         modes[mode] = _time(step(ours, [x, ours.lora_A, ours.lora_B]), warmup, iters)
+        if GRAPHS:
+            graphed[f"triton_{mode}_graph_ms"] = _time_graphed(step(ours, [x, ours.lora_A, ours.lora_B]), warmup, iters)
     lg.BWD_MODE = default
     t_ours = modes[default]
-    graphed = {}
     if GRAPHS:
-        graphed = {"peft_graph_ms": _time_graphed(step(peft_layer, [x] + [p for p in peft_layer.parameters() if p.requires_grad]), warmup, iters),
-                   "triton_graph_ms": _time_graphed(step(ours, [x, ours.lora_A, ours.lora_B]), warmup, iters)}
+        peft_params = [x] + [p for p in peft_layer.parameters() if p.requires_grad]
+        graphed["peft_graph_ms"] = _time_graphed(step(peft_layer, peft_params), warmup, iters)
+        graphed["triton_graph_ms"] = graphed[f"triton_{default}_graph_ms"]
         graphed["graph_speedup_vs_peft"] = graphed["peft_graph_ms"] / graphed["triton_graph_ms"]
+        best = min(_modes(lg), key=lambda m: graphed[f"triton_{m}_graph_ms"])
+        graphed["graph_best_mode"] = best
+        graphed["graph_speedup_vs_peft_best"] = graphed["peft_graph_ms"] / graphed[f"triton_{best}_graph_ms"]
+        graphed["unipelt_reference_graph_ms"] = _time_graphed(
+            step(lambda x: ref_branch(x) + ref_base(x), [x, ref_branch.lora_A, ref_branch.lora_B]), warmup, iters)
     # unipelt's eager LoRA branch (the reference executor's path: dropout x, A, B, scale)
     t_ref = _time(step(lambda x: ref_branch(x) + ref_base(x), [x, ref_branch.lora_A, ref_branch.lora_B]), warmup, iters)
     return {"bench": "layer", "M": M, "K": K, "r": r, "dropout": dropout, "dtype": str(dtype).split(".")[-1],
-            "peft_ms": t_peft, "triton_ms": t_ours, "triton_bwd": default, "triton_fused_ms": modes["fused"],
-            "triton_gemm_ms": modes.get("gemm"), "unipelt_reference_ms": t_ref, "speedup_vs_peft": t_peft / t_ours,
+            "peft_ms": t_peft, "triton_ms": t_ours, "triton_bwd": default, **{f"triton_{m}_ms": t for m, t in modes.items()},
+            "unipelt_reference_ms": t_ref, "speedup_vs_peft": t_peft / t_ours,
             **graphed}
 
 
@@ -226,7 +274,7 @@ def _time_launch(fn, n: int = 20) -> float:
         fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, capture_error_mode=CAPTURE_MODE):
         for _ in range(n):
             fn()
     g.replay()
@@ -316,6 +364,64 @@ def profile_and_sweep(M=8192, K=4096, r=16, k=2) -> dict:
     return best
 
 
+def host_ops(M: int = 8192, K: int = 4096, r: int = 16, k: int = 2) -> list[dict]:
+    """What one group forward + backward asks of the host, on CPU with every Triton launch stubbed
+    out (no GPU, no interpreter): PyTorch operators dispatched (by name) and Triton launches, for
+    the reference and the kernels' path. The eager kernel path on the H200 is host-bound
+    (RESULTS.md, Kernels), so these counts are what its eager time follows."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from unipelt_kernels import lora_group as lg
+
+    launches = collections.Counter()
+
+    class _Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.update([self.name])
+
+    class _Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    saved = {n: getattr(lg, n) for n in dir(lg) if n.startswith("_") and n.endswith("_kernel")}
+    try:
+        for n in saved:
+            setattr(lg, n, _Stub(n))
+        x, A, B, wg, bg, outs, dys = group_case(M, K, r, k, True, torch.bfloat16, "cpu")
+        params = [x] + A + B + wg + bg + outs
+        rows = []
+        for name, impl in (("reference", group_reference), ("triton", group_triton)):
+            def step():
+                for p in params:
+                    p.grad = None
+                torch.autograd.backward(impl(x, A, B, wg, bg, outs, 2.0), dys)
+            step()
+            launches.clear()
+            with _Count() as c:
+                step()
+            # views, detach and allocations launch nothing on a GPU; the rest is a kernel each
+            free = {"view", "detach", "slice", "t", "expand", "select", "unsqueeze", "split", "split_with_sizes",
+                    "empty", "empty_like", "new_empty", "new_empty_strided", "_unsafe_view", "as_strided", "alias"}
+            kernels = {op: n for op, n in c.ops.items() if op not in free}
+            rows.append({"bench": "host_ops", "path": name, "M": M, "K": K, "r": r, "k": k,
+                         "aten_ops": sum(c.ops.values()), "aten_kernel_ops": sum(kernels.values()),
+                         "triton_launches": sum(launches.values()), "ops": dict(c.ops.most_common()),
+                         "launches": dict(launches)})
+        return rows
+    finally:
+        for n, v in saved.items():
+            setattr(lg, n, v)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -326,7 +432,17 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="profile one group and choose each kernel's blocks first")
     p.add_argument("--graphs", action="store_true", help="also time every variant replayed from a CUDA graph")
     p.add_argument("--widths", default="4096,2048,768", help="group widths K (comma-separated)")
+    p.add_argument("--host-ops", action="store_true",
+                   help="CPU: count the PyTorch operators and Triton launches of one group step (launches stubbed)")
     args = p.parse_args(argv)
+    if args.host_ops:
+        rows = host_ops()
+        with args.out.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                print(f"{row['path']}: {row['aten_ops']} PyTorch operators ({row['aten_kernel_ops']} launch a kernel: "
+                      f"{ {o: n for o, n in row['ops'].items()} }), {row['triton_launches']} Triton launches")
+        return 0
     global GRAPHS
     GRAPHS = args.graphs
     if not torch.cuda.is_available():
@@ -353,9 +469,12 @@ def main(argv=None) -> int:
             f.flush()
             print(f"group M={M} K={K:5d} r={r:3d} k={k} gates={gates}: ref {row['ref_ms']:.3f} ms "
                   f"({row['ref_TBps']:.2f} TB/s), triton {row['triton_ms']:.3f} ms ({row['triton_TBps']:.2f} TB/s), "
-                  f"x{row['speedup']:.2f}" + (f"; graphed ref {row['ref_graph_ms']:.3f} triton {row['triton_graph_ms']:.3f} "
-                  f"x{row['graph_speedup']:.2f} ({row['triton_graph_TBps']:.2f} TB/s)" if GRAPHS else
-                  f" [bwd fused {row['triton_fused_ms']:.3f} / gemm {row['triton_gemm_ms']:.3f}]")
+                  f"x{row['speedup']:.2f}; host ref {row['ref_host_ms']:.3f} triton {row['triton_host_ms']:.3f}"
+                  + (f"; graphed ref {row['ref_graph_ms']:.3f} triton " + " / ".join(
+                      f"{m} {row[f'triton_{m}_graph_ms']:.3f}" for m in _row_modes(row)) +
+                     f" x{row['graph_speedup']:.2f} best {row['graph_best_mode']} x{row['graph_speedup_best']:.2f} "
+                     f"({row['triton_graph_TBps']:.2f} TB/s)" if GRAPHS else
+                     " [eager bwd " + " / ".join(f"{m} {row[f'triton_{m}_ms']:.3f}" for m in _row_modes(row)) + "]")
                   + f"  err {row['max_abs_err_y']:.3g}", flush=True)
         for dropout in (0.0, 0.1):
             for r in ((16,) if args.quick else (16, 64)):
@@ -364,8 +483,10 @@ def main(argv=None) -> int:
                 f.flush()
                 print(f"layer M={M} K=4096 r={r} dropout={dropout}: PEFT {row['peft_ms']:.3f} ms, triton "
                       f"{row['triton_ms']:.3f} ms, x{row['speedup_vs_peft']:.2f}; unipelt reference "
-                      f"{row['unipelt_reference_ms']:.3f} ms" + (f"; graphed PEFT {row['peft_graph_ms']:.3f} triton "
-                      f"{row['triton_graph_ms']:.3f} x{row['graph_speedup_vs_peft']:.2f}" if GRAPHS else ""), flush=True)
+                      f"{row['unipelt_reference_ms']:.3f} ms" + (f"; graphed PEFT {row['peft_graph_ms']:.3f} triton " +
+                      " / ".join(f"{m} {row[f'triton_{m}_graph_ms']:.3f}" for m in _row_modes(row)) +
+                      f" x{row['graph_speedup_vs_peft']:.2f} best x{row['graph_speedup_vs_peft_best']:.2f}; unipelt "
+                      f"reference {row['unipelt_reference_graph_ms']:.3f}" if GRAPHS else ""), flush=True)
     return 0
 
 

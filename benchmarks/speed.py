@@ -421,6 +421,20 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             spec=_spec_file("adalora.yaml"), regularized=True),
     Variant("peft-adalora", "peft", "PEFT AdaLoRA as specs/adalora.yaml (its forward adds the penalty)",
             peft=lambda scn: _peft_adalora(scn), peft_type="ADALORA"),
+    # issue 9: the same specs run by the Triton kernels (spec field ``executor: triton``), to compare
+    # with lora-r16-all / unipelt (the grouped PyTorch executor) and PEFT in one run
+    Variant("lora-r16-all-triton", "unipelt", "unipelt LoRA r16 on all linears, executor: triton (Triton kernels)",
+            spec=lambda scn: {**_lora_all(scn), "name": "lora-r16-all-triton", "executor": "triton"}),
+    Variant("lora-r16-all-d01", "unipelt", "unipelt LoRA r16 on all linears, dropout 0.1",
+            spec=lambda scn: {**_lora_all(scn), "name": "lora-r16-all-d01",
+                              "modules": {"lora": {**_lora_all(scn)["modules"]["lora"], "dropout": 0.1}}}),
+    Variant("lora-r16-all-d01-triton", "unipelt", "unipelt LoRA r16 on all linears, dropout 0.1, executor: triton",
+            spec=lambda scn: {**_lora_all(scn), "name": "lora-r16-all-d01-triton", "executor": "triton",
+                              "modules": {"lora": {**_lora_all(scn)["modules"]["lora"], "dropout": 0.1}}}),
+    Variant("peft-lora-r16-all-d01", "peft", "PEFT LoRA r16 on all linears, dropout 0.1",
+            peft=lambda scn: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": list(scn.peft_all)}),
+    Variant("unipelt-triton", "unipelt", "specs/unipelt.yaml (APL, gates live), executor: triton",
+            spec=_with("unipelt.yaml", executor="triton")),
 ]}
 MIXED_ADAPTERS = 8
 QLORA_VARIANTS = ("qlora-nf4-r16-all", "qlora-nf4-r16-all-triton", "unipelt-nf4-triton", "peft-qlora-nf4-r16-all")
@@ -495,7 +509,7 @@ def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, d
         from peft import LoraConfig, get_peft_model
 
         if variant.peft_type == "LORA":
-            cfg = LoraConfig(lora_dropout=0.0, bias="none", **variant.peft(scn))
+            cfg = LoraConfig(**{"lora_dropout": 0.0, "bias": "none", **variant.peft(scn)})  # a variant may set dropout
         else:
             config_class = {"IA3": peft.IA3Config, "VERA": peft.VeraConfig, "ADALORA": peft.AdaLoraConfig}
             cfg = config_class[variant.peft_type](**variant.peft(scn))

@@ -9,11 +9,12 @@ group without dropout and with at most ``MAX_BLOCK_N`` columns).
 Expand: y = out + s·(g ⊙ u)·Bᵀ in one pass over the base output (read ``out``, write ``y``: the
 addmm of the reference, with the gate and scale applied to the r-wide u inside the kernel).
 
-Backward saves only tokens × r tensors (u, z), never B·A: the expand backward reads dY once for
-both dU (= dY·B, reduced over D in registers) and dB (= vᵀ·dY, accumulated across row blocks with
-fp32 atomics); the shrink backward produces ONE dX = Σ_seg mask_seg ⊙ (dz_seg·W_seg)/(1-p) and
+Backward saves only tokens × r tensors (u, z), never B·A: the expand backward computes dU = s·c ⊙
+(dY·B) with the gate's gradient in the same kernel's epilogue, and dB = dYᵀ·v over shares of the
+token rows summed in a fixed order (no atomics; ``BWD_MODE`` keeps the one-read atomic variant for
+comparison); the shrink backward produces ONE dX = Σ_seg mask_seg ⊙ (dz_seg·W_seg)/(1-p) and
 dW = dzᵀ·dropout(x), regenerating each dropout mask from the seed (``tl.rand(seed + segment,
-row·K + col)``), never storing it.
+row·K + col)``), never storing it, and applies the gates' sigmoid derivative as it loads dz.
 
 Three layers (STYLE.md 12): private ``@triton.jit`` kernels, launchers that check shapes and set
 the grid, and custom ops (``torch.library.custom_op`` + ``register_autograd``) exported as plain
@@ -38,11 +39,17 @@ from torch import Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_BLOCK_N = 256  # widest shrink tile: wider segments are split into tiles (x read once per tile)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# How the backward products run, for benchmarking the alternatives on a GPU (benchmarks/kernels.py):
-# ``fused``: the kernels above (dY read once for dU and dB; dX and dW with the dropout masks
-# regenerated); ``gemm``: the same products as cuBLAS matrix products where no mask is involved
-# (dY read twice; a dropout segment still goes through the kernels).
-BWD_MODE = os.environ.get("UNIPELT_KERNEL_BWD", "fused")
+# How the expand backward runs (and, for ``gemm``, the shrink backward's mask-free products), for
+# benchmarking the alternatives on a GPU (benchmarks/kernels.py): ``split`` (default): two kernels
+# without atomics, dU = s·c·(dY·B) with the gate's gradient in its epilogue (one program owns a row
+# block across all of D) and dB = dYᵀ·v over shares of the rows summed in a fixed order
+# (deterministic; dY read twice); ``fused``: dY read once for both, dB added across the row blocks
+# by fp32 atomics (the H200 profile: 62 µs at 8,192 × 4096, r 16, about 1 TB/s); ``gemm``: the
+# same products as cuBLAS matrix products where no mask is involved.
+BWD_MODES = ("split", "fused", "gemm")
+BWD_MODE = os.environ.get("UNIPELT_KERNEL_BWD", "split")
+if BWD_MODE not in BWD_MODES:
+    raise ValueError(f"UNIPELT_KERNEL_BWD={BWD_MODE!r}: expected one of {', '.join(BWD_MODES)}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -53,6 +60,16 @@ def _keep(seed, seg, rows, cols, K, p):
     # the dropout mask of one segment, regenerated identically in forward and backward
     r = tl.rand(seed + seg, rows[:, None] * K + cols[None, :])
     return r >= p
+
+
+@triton.jit
+def _through_sigmoid(dz, z_ptr, rows, cols, row_ok, col_ok, act_start, stride_zm):
+    # dz·σ(1-σ) on the activated columns (z holds σ there), dz elsewhere; fp32 (BLOCK_M, BLOCK_N)
+    act = (cols >= act_start) & col_ok
+    s = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :], mask=row_ok[:, None] & act[None, :], other=0.0)
+    s = s.to(tl.float32)
+    dzf = dz.to(tl.float32)
+    return tl.where(act[None, :], dzf * s * (1.0 - s), dzf)
 
 
 @triton.jit
@@ -101,9 +118,9 @@ def _shrink_fwd_kernel(
 
 @triton.jit
 def _shrink_dx_kernel(
-    dz_ptr, w_ptr, dx_ptr, tiles_ptr, p_ptr, seed_ptr,
-    M, K, T, stride_dzm, stride_wn, stride_dxm,
-    HAS_DROP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    dz_ptr, z_ptr, w_ptr, dx_ptr, tiles_ptr, p_ptr, seed_ptr,
+    M, K, T, act_start, stride_dzm, stride_zm, stride_wn, stride_dxm,
+    HAS_DROP: tl.constexpr, HAS_ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # ONE dX for every member of the group: the segments' products summed in registers
@@ -126,10 +143,12 @@ def _shrink_dx_kernel(
         col_ok = rn < nc
         dz = tl.load(dz_ptr + rows[:, None] * stride_dzm + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * stride_wn + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_ACT:
+            dz = _through_sigmoid(dz, z_ptr, rows, cols, row_ok, col_ok, act_start, stride_zm).to(w.dtype)
         if UPCAST:
             dz = dz.to(tl.float32)
             w = w.to(tl.float32)
-        part = tl.dot(dz, w, input_precision=PRECISION)
+        part = tl.dot(dz.to(w.dtype), w, input_precision=PRECISION)
         if HAS_DROP:
             p = tl.load(p_ptr + seg)
             if p > 0.0:
@@ -142,9 +161,9 @@ def _shrink_dx_kernel(
 
 @triton.jit
 def _shrink_dw_kernel(
-    dz_ptr, x_ptr, dw_ptr, tiles_ptr, p_ptr, seed_ptr,
-    M, K, rows_per_split, stride_dzm, stride_xm, stride_dwn,
-    HAS_DROP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    dz_ptr, z_ptr, x_ptr, dw_ptr, db_ptr, tiles_ptr, p_ptr, seed_ptr,
+    M, K, rows_per_split, act_start, stride_dzm, stride_zm, stride_xm, stride_dwn,
+    HAS_DROP: tl.constexpr, HAS_ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # dW_tile = dz_tileᵀ · dropout(x) over a share of the rows, added into an fp32 buffer
@@ -160,6 +179,7 @@ def _shrink_dw_kernel(
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = kk < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     p = 0.0
     seed = 0
     if HAS_DROP:
@@ -171,6 +191,14 @@ def _shrink_dw_kernel(
         row_ok = (rows < M) & (rows < start + rows_per_split)
         dz = tl.load(dz_ptr + rows[None, :] * stride_dzm + cols[:, None], mask=col_ok[:, None] & row_ok[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_ACT:  # _through_sigmoid on this transposed (columns, rows) tile
+            act = (cols >= act_start) & col_ok
+            s = tl.load(z_ptr + rows[None, :] * stride_zm + cols[:, None], mask=act[:, None] & row_ok[None, :],
+                        other=0.0).to(tl.float32)
+            dzf = tl.where(act[:, None], dz.to(tl.float32) * s * (1.0 - s), dz.to(tl.float32))
+            dbias += tl.sum(dzf, axis=1)
+            dz = dzf
+        dz = dz.to(x.dtype)
         if UPCAST:
             dz = dz.to(tl.float32)
             x = x.to(tl.float32)
@@ -180,12 +208,15 @@ def _shrink_dw_kernel(
                 x = tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - p)), 0.0).to(dz.dtype)
         acc += tl.dot(dz, x, input_precision=PRECISION)
     tl.atomic_add(dw_ptr + cols[:, None] * stride_dwn + kk[None, :], acc, mask=col_ok[:, None] & k_ok[None, :])
+    if HAS_ACT:
+        if pid_k == 0:  # one K block adds the bias gradient of its rows (split programs: atomics)
+            tl.atomic_add(db_ptr + cols, dbias, mask=col_ok & (cols >= act_start))
 
 
 @triton.jit
 def _expand_fwd_kernel(
     out_ptr, u_ptr, b_ptr, c_ptr, y_ptr,
-    M, D, R, scale, stride_om, stride_um, stride_bd, stride_ym,
+    M, D, R, scale, stride_om, stride_um, stride_bd, stride_ym, stride_c,
     HAS_COEF: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -200,7 +231,7 @@ def _expand_fwd_kernel(
     u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
     v = u * scale
     if HAS_COEF:
-        c = tl.load(c_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + rows * stride_c, mask=row_ok, other=0.0).to(tl.float32)
         v = v * c[:, None]
     bt = tl.load(b_ptr + dd[None, :] * stride_bd + rr[:, None], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -216,7 +247,7 @@ def _expand_fwd_kernel(
 @triton.jit
 def _expand_bwd_kernel(
     dy_ptr, u_ptr, b_ptr, c_ptr, dh_ptr, db_ptr,
-    M, D, R, scale, d_per_split, stride_dym, stride_um, stride_bd, stride_dhm, stride_dbd,
+    M, D, R, scale, d_per_split, stride_dym, stride_um, stride_bd, stride_dhm, stride_dbd, stride_c,
     HAS_COEF: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -231,7 +262,7 @@ def _expand_bwd_kernel(
     u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
     v = u * scale
     if HAS_COEF:
-        c = tl.load(c_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + rows * stride_c, mask=row_ok, other=0.0).to(tl.float32)
         v = v * c[:, None]
     vt = tl.trans(v)
     dh = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -251,6 +282,73 @@ def _expand_bwd_kernel(
         db = tl.dot(vt_d, dy, input_precision=PRECISION)  # (R, D-block)
         tl.atomic_add(db_ptr + dd[None, :] * stride_dbd + rr[:, None], db, mask=r_ok[:, None] & d_ok[None, :])
     tl.atomic_add(dh_ptr + rows[:, None] * stride_dhm + rr[None, :], dh, mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _expand_dh_kernel(
+    dy_ptr, u_ptr, b_ptr, c_ptr, du_ptr, dc_ptr,
+    M, D, R, scale, stride_dym, stride_um, stride_bd, stride_dum, stride_c,
+    HAS_COEF: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # dh = dY·B over the whole of D for one row block (no atomics), then the epilogue: du = s·c·dh
+    # in u's dtype and the gate's gradient s·Σ_r dh ⊙ u
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    r_ok = rr < R
+    dh = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + dd[:, None] * stride_bd + rr[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            b = b.to(tl.float32)
+        dh += tl.dot(dy, b.to(dy.dtype), input_precision=PRECISION)
+    um = row_ok[:, None] & r_ok[None, :]
+    du = dh * scale
+    if HAS_COEF:
+        c = tl.load(c_ptr + rows * stride_c, mask=row_ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :], mask=um, other=0.0).to(tl.float32)
+        tl.store(dc_ptr + rows, (tl.sum(dh * u, axis=1) * scale).to(dc_ptr.dtype.element_ty), mask=row_ok)
+        du = du * c[:, None]
+    tl.store(du_ptr + rows[:, None] * stride_dum + rr[None, :], du.to(du_ptr.dtype.element_ty), mask=um)
+
+
+@triton.jit
+def _expand_db_kernel(
+    dy_ptr, u_ptr, c_ptr, db_ptr,
+    M, D, R, scale, rows_per_split, stride_dym, stride_um, stride_c, stride_dbs, stride_dbd,
+    HAS_COEF: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # dB (a D block) = dYᵀ·v over one share of the token rows, v = s·c ⊙ u; each share writes
+    # its own slice of the output (no atomics: the shares are summed afterwards, in a fixed order)
+    pid_d = tl.program_id(0)
+    split = tl.program_id(1)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rr = tl.arange(0, BLOCK_R)
+    d_ok = dd < D
+    r_ok = rr < R
+    acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+    start = split * rows_per_split
+    for m0 in range(start, start + rows_per_split, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = (rows < M) & (rows < start + rows_per_split)
+        dyt = tl.load(dy_ptr + rows[None, :] * stride_dym + dd[:, None], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        v = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        v = v.to(tl.float32) * scale
+        if HAS_COEF:
+            c = tl.load(c_ptr + rows * stride_c, mask=row_ok, other=0.0).to(tl.float32)
+            v = v * c[:, None]
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+        acc += tl.dot(dyt, v.to(dyt.dtype), input_precision=PRECISION)
+    tl.store(db_ptr + split * stride_dbs + dd[:, None] * stride_dbd + rr[None, :], acc.to(db_ptr.dtype.element_ty),
+             mask=d_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -282,6 +380,9 @@ CONFIGS: dict[str, _Blocks] = {
     # that host's launch work (every candidate 0.05-0.18 ms), so they chose nothing and are not used.
     "shrink": _Blocks(32, 64, 4), "dx": _Blocks(64, 64, 4), "dw": _Blocks(64, 64, 4),
     "expand": _Blocks(64, 128, 4), "expand_bwd": _Blocks(64, 64, 4),
+    # the split expand backward (BWD_MODE "split"): dh over all of D per 32-row block (256
+    # programs at 8,192 tokens), dB per 64-wide D block over a share of the rows
+    "expand_dh": _Blocks(32, 128, 4), "expand_db": _Blocks(128, 64, 4),
 }
 
 
@@ -353,24 +454,39 @@ def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_width
     return z
 
 
-def _launch_shrink_bwd(dzp: Tensor, x: Tensor, w: Tensor, seg_widths: list[int], seg_p: list[float],
-                       seed: Tensor | None) -> tuple[Tensor, Tensor]:
+def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
+                       seg_p: list[float], seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dX, dW in fp32, the activated columns' bias gradient in fp32 or None). The gates' sigmoid
+    derivative dz·σ(1-σ) is applied inside both kernels as they load dz (z holds σ there), and the
+    bias gradient (its column sums) comes out of the dW kernel: no dz-sized copy in PyTorch."""
     M, K = x.shape
     N = w.shape[0]
     tiles, ps, block_n = _tiles(seg_widths, seg_p, x.device)
     has_drop = _has_drop(seg_p, seed)
+    has_act = act_start < N
     if BWD_MODE == "gemm" and not has_drop:
-        return dzp @ w, (dzp.t() @ x).float()
+        dzf = dz.float()
+        db = None
+        if has_act:
+            s = z[:, act_start:].float()
+            dzf = torch.cat([dzf[:, :act_start], dzf[:, act_start:] * s * (1 - s)], 1)
+            db = dzf[:, act_start:].sum(0)
+        dzp = dzf.to(x.dtype)
+        return dzp @ w, (dzp.t() @ x).float(), db
     seed_arg = seed if has_drop else tiles
     prec = _precision(x.dtype)
     dx = torch.empty_like(x)
     bl = _blocks("dx")
     _shrink_dx_kernel[(triton.cdiv(M, bl.m), triton.cdiv(K, bl.k))](
-        dzp, w, dx, tiles, ps, seed_arg, M, K, tiles.shape[0], dzp.stride(0), w.stride(0), dx.stride(0),
-        HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=prec,
+        dz, z, w, dx, tiles, ps, seed_arg, M, K, tiles.shape[0], act_start, dz.stride(0), z.stride(0), w.stride(0),
+        dx.stride(0),
+        HAS_DROP=has_drop, HAS_ACT=has_act, UPCAST=INTERPRET, PRECISION=prec,
         BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps, num_stages=bl.stages,
     )
-    dw = torch.zeros(N, K, device=x.device, dtype=torch.float32)
+    # dW and the bias gradient in one fp32 buffer (one memset): dW's N × K, then N bias slots
+    buf = torch.zeros(N * K + (N if has_act else 0), device=x.device, dtype=torch.float32)
+    dw = buf[:N * K].view(N, K)
+    db_all = buf[N * K:] if has_act else buf
     bl = _blocks("dw")
     k_blocks = triton.cdiv(K, bl.k)
     # enough programs to fill the card: split the token rows when tiles × K blocks are few
@@ -378,12 +494,13 @@ def _launch_shrink_bwd(dzp: Tensor, x: Tensor, w: Tensor, seg_widths: list[int],
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), bl.m) * bl.m
     splits = triton.cdiv(M, rows_per_split)
     _shrink_dw_kernel[(tiles.shape[0], k_blocks, splits)](
-        dzp, x, dw, tiles, ps, seed_arg, M, K, rows_per_split, dzp.stride(0), x.stride(0), dw.stride(0),
-        HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=prec,
+        dz, z, x, dw, db_all, tiles, ps, seed_arg, M, K, rows_per_split, act_start, dz.stride(0), z.stride(0),
+        x.stride(0), dw.stride(0),
+        HAS_DROP=has_drop, HAS_ACT=has_act, UPCAST=INTERPRET, PRECISION=prec,
         BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps if block_n < 128 or INTERPRET else 8,
         num_stages=bl.stages,
     )
-    return dx, dw
+    return dx, dw, (db_all[act_start:] if has_act else None)
 
 
 def _block_r(r: int) -> int:
@@ -403,35 +520,74 @@ def _launch_expand(out: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale
     grid = (triton.cdiv(M, bl.m), triton.cdiv(D, bl.k))
     _expand_fwd_kernel[grid](
         out, u, b, coef if coef is not None else u, y, M, D, R, float(scale),
-        out.stride(0), u.stride(0), b.stride(0), y.stride(0),
+        out.stride(0), u.stride(0), b.stride(0), y.stride(0), coef.stride(0) if coef is not None else 0,
         HAS_COEF=coef is not None, UPCAST=INTERPRET, PRECISION=_precision(out.dtype),
         BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps, num_stages=bl.stages,
     )
     return y
 
 
-def _launch_expand_bwd(dy: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _launch_expand_bwd(dy: Tensor, u: Tensor, b: Tensor, coef: Tensor | None,
+                       scale: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(du in u's dtype, dB in B's dtype, the gate's gradient in its dtype or None), by BWD_MODE."""
     M, D = dy.shape
     R = u.shape[1]
+    has_coef = coef is not None
+    c_arg, c_stride = (coef, coef.stride(0)) if has_coef else (u, 0)
+    prec = _precision(dy.dtype)
+    if BWD_MODE == "split":
+        du = torch.empty_like(u, memory_format=torch.contiguous_format)
+        dc = torch.empty(M, device=dy.device, dtype=coef.dtype) if has_coef else None
+        bl = _blocks("expand_dh")
+        _expand_dh_kernel[(triton.cdiv(M, bl.m),)](
+            dy, u, b, c_arg, du, dc if has_coef else du, M, D, R, float(scale),
+            dy.stride(0), u.stride(0), b.stride(0), du.stride(0), c_stride,
+            HAS_COEF=has_coef, UPCAST=INTERPRET, PRECISION=prec,
+            BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps, num_stages=bl.stages,
+        )
+        bl = _blocks("expand_db")
+        d_blocks = triton.cdiv(D, bl.k)
+        # token-row shares so that the D blocks × shares fill the card; one share writes dB itself
+        splits = 1 if INTERPRET else max(1, min(triton.cdiv(M, 2 * bl.m), triton.cdiv(264, d_blocks)))
+        rows_per_split = triton.cdiv(triton.cdiv(M, splits), bl.m) * bl.m
+        splits = triton.cdiv(M, rows_per_split)
+        part = torch.empty((splits, D, R), device=dy.device, dtype=torch.float32 if splits > 1 else b.dtype)
+        _expand_db_kernel[(d_blocks, splits)](
+            dy, u, c_arg, part, M, D, R, float(scale), rows_per_split,
+            dy.stride(0), u.stride(0), c_stride, part.stride(0), part.stride(1),
+            HAS_COEF=has_coef, UPCAST=INTERPRET, PRECISION=prec,
+            BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps, num_stages=bl.stages,
+        )
+        db = part[0] if splits == 1 else part.sum(0).to(b.dtype)
+        return du, db, dc
     if BWD_MODE == "gemm":
+        dh = (dy @ b).float()
         v = u.float() * scale
-        if coef is not None:
+        if has_coef:
             v = v * coef.float()[:, None]
-        return (dy @ b).float(), (dy.t() @ v.to(dy.dtype)).float()
-    dh = torch.zeros(M, R, device=dy.device, dtype=torch.float32)
-    db = torch.zeros(D, R, device=dy.device, dtype=torch.float32)
-    bl = _blocks("expand_bwd")
-    m_blocks = triton.cdiv(M, bl.m)
-    splits = 1 if INTERPRET else max(1, min(triton.cdiv(D, 4 * bl.k), triton.cdiv(264, m_blocks)))
-    d_per_split = triton.cdiv(triton.cdiv(D, splits), bl.k) * bl.k
-    splits = triton.cdiv(D, d_per_split)
-    _expand_bwd_kernel[(m_blocks, splits)](
-        dy, u, b, coef if coef is not None else u, dh, db, M, D, R, float(scale), d_per_split,
-        dy.stride(0), u.stride(0), b.stride(0), dh.stride(0), db.stride(0),
-        HAS_COEF=coef is not None, UPCAST=INTERPRET, PRECISION=_precision(dy.dtype),
-        BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps, num_stages=bl.stages,
-    )
-    return dh, db
+        db = (dy.t() @ v.to(dy.dtype)).to(b.dtype)
+    else:  # "fused": one read of dY for both products, dB by fp32 atomics across row blocks
+        dh = torch.zeros(M, R, device=dy.device, dtype=torch.float32)
+        db = torch.zeros(D, R, device=dy.device, dtype=torch.float32)
+        bl = _blocks("expand_bwd")
+        m_blocks = triton.cdiv(M, bl.m)
+        splits = 1 if INTERPRET else max(1, min(triton.cdiv(D, 4 * bl.k), triton.cdiv(264, m_blocks)))
+        d_per_split = triton.cdiv(triton.cdiv(D, splits), bl.k) * bl.k
+        splits = triton.cdiv(D, d_per_split)
+        _expand_bwd_kernel[(m_blocks, splits)](
+            dy, u, b, c_arg, dh, db, M, D, R, float(scale), d_per_split,
+            dy.stride(0), u.stride(0), b.stride(0), dh.stride(0), db.stride(0), c_stride,
+            HAS_COEF=has_coef, UPCAST=INTERPRET, PRECISION=prec,
+            BLOCK_M=bl.m, BLOCK_D=bl.k, BLOCK_R=_block_r(R), num_warps=bl.warps, num_stages=bl.stages,
+        )
+        db = db.to(b.dtype)
+    # dh = dY·B; u's gradient carries s·c, the gate's is s·Σ_r dh ⊙ u (tokens × r work only)
+    du = dh * scale
+    dc = None
+    if has_coef:
+        dc = ((dh * u.float()).sum(1) * scale).to(coef.dtype)
+        du = du * coef.float()[:, None]
+    return du.to(u.dtype), db, dc
 
 
 # ------------------------------------------------------------------------------------------
@@ -450,14 +606,11 @@ def _(x, w, bias, act_start, seg_widths, seg_p, seed):
 
 def _shrink_bwd_impl(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
                      seg_p: list[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    # through the sigmoid of the gate columns (z holds sigmoid there): dz·σ(1-σ)
-    dzf = dz.float()
-    if act_start < z.shape[1]:
-        s = z[:, act_start:].float()
-        dzf = torch.cat([dzf[:, :act_start], dzf[:, act_start:] * s * (1 - s)], 1)
-    db = dzf[:, act_start:].sum(0)
-    dzp = dzf.to(x.dtype).contiguous()
-    dx, dw = _launch_shrink_bwd(dzp, x, w, seg_widths, seg_p, seed)
+    dx, dw, db = _launch_shrink_bwd(dz, x, w, z, act_start, seg_widths, seg_p, seed)
+    if db is None:
+        db = dz.new_zeros(0, dtype=torch.float32)
+    elif w.dtype == torch.float32:
+        dw = dw.clone()  # dW and db share one buffer; a custom op's outputs may not alias each other
     return dx, dw.to(w.dtype), db
 
 
@@ -479,7 +632,9 @@ def _shrink_setup(ctx, inputs, output):
 
 def _shrink_backward(ctx, dz, bwd=_shrink_bwd_op):
     x, w, z, seed = ctx.saved_tensors
-    dx, dw, db = bwd(dz.contiguous(), x, w, z, ctx.act_start, ctx.seg_widths, ctx.seg_p, seed if ctx.has_seed else None)
+    if dz.stride(-1) != 1:
+        dz = dz.contiguous()
+    dx, dw, db = bwd(dz, x, w, z, ctx.act_start, ctx.seg_widths, ctx.seg_p, seed if ctx.has_seed else None)
     return dx, dw, db.to(ctx.bias_dtype), None, None, None, None
 
 
@@ -511,8 +666,10 @@ def _(out, u, b, coef, scale):
     return torch.empty_like(out)
 
 
-def _expand_bwd_impl(dy: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
-    return _launch_expand_bwd(dy, u, b, coef, scale)
+def _expand_bwd_impl(dy: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor],
+                     scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    du, db, dc = _launch_expand_bwd(dy, u, b, coef, scale)
+    return du, db, (dc if dc is not None else dy.new_empty(0))
 
 
 _expand_bwd_op = torch.library.custom_op("unipelt::lora_expand_bwd", mutates_args=())(_expand_bwd_impl)
@@ -520,7 +677,8 @@ _expand_bwd_op = torch.library.custom_op("unipelt::lora_expand_bwd", mutates_arg
 
 @_expand_bwd_op.register_fake
 def _(dy, u, b, coef, scale):
-    return u.new_empty(u.shape, dtype=torch.float32), b.new_empty(b.shape, dtype=torch.float32)
+    return (torch.empty_like(u, memory_format=torch.contiguous_format), torch.empty_like(b),
+            coef.new_empty(coef.shape[0]) if coef is not None else dy.new_empty(0))
 
 
 def _expand_setup(ctx, inputs, output):
@@ -532,14 +690,10 @@ def _expand_setup(ctx, inputs, output):
 
 def _expand_backward(ctx, dy, bwd=_expand_bwd_op):
     u, b, coef = ctx.saved_tensors
-    dh, db = bwd(dy.contiguous(), u, b, coef if ctx.has_coef else None, ctx.scale)
-    # dh = dY·B; u's gradient carries s·c, the gate's is s·Σ_r dh ⊙ u (tokens × r work only)
-    du = dh * ctx.scale
-    dcoef = None
-    if ctx.has_coef:
-        dcoef = ((dh * u.float()).sum(1) * ctx.scale).to(coef.dtype)
-        du = du * coef.float()[:, None]
-    return dy, du.to(u.dtype), db.to(b.dtype), dcoef, None
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    du, db, dc = bwd(dy, u, b, coef if ctx.has_coef else None, ctx.scale)
+    return dy, du, db, (dc if ctx.has_coef else None), None
 
 
 _expand_op.register_autograd(_expand_backward, setup_context=_expand_setup)
@@ -605,7 +759,8 @@ def lora_expand(out: Tensor, u: Tensor, b: Tensor, gate: Tensor | None = None, s
         u2 = u2.contiguous()
     coef = None
     if gate is not None:
-        coef = gate.expand(*u.shape[:-1], 1).reshape(-1).contiguous()
+        # a view where it can be (a gate column of z: read in place through its stride)
+        coef = gate.expand(*u.shape[:-1], 1).reshape(-1)
     op = _expand_op if torch.compiler.is_compiling() else _ExpandFn.apply
     y = op(out2, u2, b.to(out.dtype).contiguous(), coef, float(scale))
     return y.view(out.shape)

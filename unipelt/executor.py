@@ -153,8 +153,10 @@ def kernels():
 # Whether ``auto`` picks the kernels on CUDA. Off: on the H200 (benchmarks/RESULTS.md, "Kernels")
 # a group's forward + backward ran in less GPU time on the kernels (0.39 vs 0.50 ms at 8,192 x
 # 4096, r 16, two branches) but took longer in eager mode (2.9 vs 1.7 ms), which that host's
-# Python and launch work bounds; until the kernels win there too, ``auto`` keeps the grouped
-# executor and ``triton`` is the way to run them.
+# Python and launch work bounds; end to end in eager, LoRA r16 on all linears trained at 2.49x
+# the floor on the kernels against 1.72x on the grouped executor (llama; bert 4.96 vs 3.62), and
+# nothing was measured compiled. Until the kernels win there, ``auto`` keeps the grouped executor
+# and ``triton`` is the way to run them.
 AUTO_USES_KERNELS = False
 
 
@@ -237,6 +239,14 @@ class TritonExecutor(GroupExecutor):
         self._gate_end = at
         if self._act_start is None:
             self._act_start = at
+        # the pieces z is split into: each branch's and each own-activation gate's columns, then the
+        # activated gates' columns as one piece when they are pooled jointly, else one per gate
+        keys: list[object] = list(live) + [k for k in self._live_gates if self._cols[k][0] < self._act_start]
+        acts = [k for k in self._live_gates if self._cols[k][0] >= self._act_start]
+        keys += (["act"] if self._joint is not None and acts else acts)
+        self._part_keys = keys
+        self._part_widths = [self._cols[k][1] - self._cols[k][0] if k != "act" else self._gate_end - self._act_start
+                             for k in keys]
 
     def _weights_grouped(self) -> list[Tensor]:
         return ([e.branch.shrink_params()[0] for e in self._live_branches]
@@ -262,7 +272,21 @@ class TritonExecutor(GroupExecutor):
                 segments.append((rest, 0.0))
             z = k.lora_shrink(x, torch.cat(self._weights(), 0), self._act_bias(), self._act_start, segments, seed)
         ctx.group_out[self.key] = (x, z)
+        # every member's columns as one split of z: autograd then joins their gradients in one
+        # backward node (one cat) instead of a zero-filled z-sized tensor, a copy and an add per
+        # member's slice (about 3 launches each on the host-bound eager path)
+        ctx.group_out[self.key + "/parts"] = (x, dict(zip(self._part_keys, z.split(self._part_widths, -1))))
         return z
+
+    def _part(self, key: object, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """A member's columns of z (``key``: its entry, gate key, or "act" for the activated gates)."""
+        self._z(x, ctx)
+        return ctx.group_out[self.key + "/parts"][1][key]
+
+    def shrunk(self, e: Entry, x: Tensor, ctx: ForwardContext) -> Tensor:
+        if not self.kernel:
+            return super().shrunk(e, x, ctx)
+        return self._part(e, x, ctx)
 
     def _act_bias(self) -> Tensor | None:
         act = [self.gate_modules[k].logit_params()[1] for k in self._live_gates if self._cols[k][0] >= self._act_start]
@@ -290,9 +314,9 @@ class TritonExecutor(GroupExecutor):
             return module(x, ctx)
         a, b = cols
         if a < self._act_start:  # a gate of its own kind: raw logits, its own activation
-            return module.activate(self._z(x, ctx)[..., a:b], ctx)
+            return module.activate(self._part(gate_key, x, ctx), ctx)
         if self._joint is None:
-            g = self._z(x, ctx)[..., a:b]
+            g = self._part(gate_key, x, ctx)
             if g.dim() == 2:
                 g = g.unsqueeze(1)
             return pool_gate(g, module.joint_pooling, ctx, key=id(module))
@@ -306,7 +330,7 @@ class TritonExecutor(GroupExecutor):
         cached = ctx.group_out.get(key)
         if cached is not None and cached[0] is x:
             return cached[1]
-        g = self._z(x, ctx)[..., self._act_start:self._gate_end]  # already sigmoid(logits + b)
+        g = self._part("act", x, ctx)  # already sigmoid(logits + b)
         if g.dim() == 2:
             g = g.unsqueeze(1)
         pooled = pool_gate(g, self._joint, ctx, key=id(self))
