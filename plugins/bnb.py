@@ -74,21 +74,29 @@ class Linear4bitLeaf(LeafWrapper):
 
     quantized = True
 
+    # While merged, ``base_layer`` is the dequantized float copy (LeafWrapper.merge_delta) and the
+    # packed layer waits in ``_merged_backup``: the plain leaf's reading applies then.
+
     @property
     def compute_dtype(self) -> torch.dtype:
+        if self.merged_dequantized:
+            return self.base_layer.weight.dtype
         cd = getattr(self.base_layer, "compute_dtype", None)
         return cd if isinstance(cd, torch.dtype) else torch.float32
 
     @property
     def quant_type(self) -> str:
-        return self.base_layer.weight.quant_state.quant_type
+        layer = self._merged_backup if self.merged_dequantized else self.base_layer
+        return layer.weight.quant_state.quant_type
 
     def dense_weight(self) -> Tensor:
+        if self.merged_dequantized:
+            return LeafWrapper.dense_weight(self)
         w = self.base_layer.weight
         return _bnb().functional.dequantize_4bit(w.data, w.quant_state).to(self.compute_dtype)
 
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if _BACKEND.name == "triton" and not args and not kwargs:
+        if _BACKEND.name == "triton" and not args and not kwargs and not self.merged_dequantized:
             return _triton_linear(x, self.base_layer)
         return self.base_layer(x, *args, **kwargs)
 
@@ -104,6 +112,8 @@ class Linear8bitLeaf(LeafWrapper):
         return b.dtype if b is not None and b.is_floating_point() else torch.float16 if self.weight.is_cuda else torch.float32
 
     def dense_weight(self) -> Tensor:
+        if self.merged_dequantized:
+            return LeafWrapper.dense_weight(self)
         layer = self.base_layer
         w = layer.weight
         if w.dtype != torch.int8:  # has_fp16_weights=True: the weight is still float

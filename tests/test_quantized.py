@@ -429,6 +429,55 @@ def test_merge_from_a_4bit_run_writes_a_dequantized_16bit_model(tmp_path):
     assert (got - want).abs().max() <= 3e-2 * want.abs().max()
 
 
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+@pytest.mark.parametrize("backend", ["bnb", "triton"])
+def test_a_live_branch_reading_the_base_follows_another_adapters_merge(method, backend, request):
+    """On a 4-bit base a merge swaps the packed layer for a dequantized float copy. DoRA and IA3
+    (output side) read the base weight through the layer they were built on, the packed one: they
+    must then read the copy (W + the merged delta), as they read the updated weight of a float
+    base, and the leaf (either dequantization backend) must compute with the copy. Found by hand:
+    DoRA kept the packed weight (8.1 off its formula at the projection) and the Triton backend
+    passed the float copy to the NF4 op (AttributeError)."""
+    import torch.nn.functional as F
+
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    model = quantize_model(wide_llama(), "nf4", compute_dtype=torch.float32)
+    site = "attn.v" if method == "ia3" else "attn.q"
+    live = unipelt.compile(model, {"modules": {"m": {"method": method, "site": site, "layers": [0],
+                                                     **({"r": 4} if method == "dora" else {})}}}, name="live")
+    randomize(live, std=0.2)
+    other = unipelt.compile(model, {"modules": {"l": {"method": "lora", "site": site, "r": 4, "layers": [0]}}},
+                            name="other")
+    randomize(other, std=0.5)
+    unipelt.set_adapter(model, ["live", "other"])
+    (bp,) = live.graph.branches
+    br = live.branch_modules[bp.key]
+    leaf = model.get_submodule(bp.site.path)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+
+    def formula(W):
+        if method == "dora":
+            Wd = W + br.scale * br.lora_B @ br.lora_A
+            return F.linear(x, br.magnitude.view(-1, 1) * Wd / Wd.norm(dim=1, keepdim=True))
+        (vec,) = [p for p in br.parameters()]
+        return F.linear(x, W) * vec.view(-1)
+
+    with torch.no_grad():
+        before = leaf(x)
+        packed = leaf.dense_weight().float()
+        other.merge()
+        assert leaf.merged_dequantized
+        after = leaf(x)
+        W = leaf.base_layer.weight.float()  # the float copy: dequantized + the LoRA's delta
+        assert (W - packed).abs().max() > 1e-2  # the merge did change the weight
+        torch.testing.assert_close(leaf.dense_weight().float(), W)
+        torch.testing.assert_close(after, formula(W), atol=1e-5, rtol=1e-5)
+        other.unmerge()
+        assert not leaf.merged_dequantized
+        torch.testing.assert_close(leaf(x), before, atol=1e-5, rtol=1e-5)
+
+
 def test_export_peft_from_a_4bit_run_loads_on_the_16bit_base(tmp_path):
     """The measured export error: PEFT on the float base vs unipelt on the NF4 base it trained on.
     Measured (tiny-llama, LoRA r4 on every linear, adapter values ~N(0.05, 0.05)): 1.17e-2 of

@@ -805,8 +805,12 @@ class LeafWrapper(nn.Module):
         if self.quantized and self._merged_backup is None:
             # the quantized module itself, restored as is (kept off ``_modules``: not a submodule,
             # so it adds no state-dict keys while merged)
+            copy = self.dequantized_layer()  # (before _merged_backup is set: read as packed)
             object.__setattr__(self, "_merged_backup", self.base_layer)
-            self._modules["base_layer"] = self.dequantized_layer()
+            self._modules["base_layer"] = copy
+            # a branch built before the wrapping holds the packed layer itself (DoRA, IA3 read
+            # the base weight through it): it finds the float copy the base now computes with
+            self._merged_backup.__dict__["_unipelt_merged"] = self.base_layer
         self._bump_weight_version()
         w = self.base_layer.weight
         if self._merged_backup is None:
@@ -833,6 +837,7 @@ class LeafWrapper(nn.Module):
     def restore_weight(self) -> None:
         self._bump_weight_version()
         if isinstance(self._merged_backup, nn.Module):
+            self._merged_backup.__dict__.pop("_unipelt_merged", None)
             self._modules["base_layer"] = self._merged_backup  # the quantized layer, as it was
             self._bias_backup = None  # it kept its own bias
         elif self._merged_backup is not None:
@@ -895,7 +900,9 @@ def projection_weight(module: nn.Module, out_slice: tuple[int, int] | None = Non
     """The (out, in) float weight of a projection (its slice's rows), whatever its storage: a
     wrapped leaf's weight backend (dequantizing a 4-bit or 8-bit base), GPT-2's transposed Conv1D,
     or a packed layer not wrapped yet (a branch built before the compiler wraps its leaf), which
-    the leaf plugin that takes it dequantizes."""
+    the leaf plugin that takes it dequantizes; a packed layer whose leaf merged a delta gives the
+    float copy the base computes with since."""
+    module = _merged_copy(module)
     dense = getattr(module, "dense_weight", None)
     if callable(dense):
         w = dense()
@@ -918,10 +925,17 @@ def projection_weight(module: nn.Module, out_slice: tuple[int, int] | None = Non
 
 def projection_bias(module: nn.Module, out_slice: tuple[int, int] | None = None) -> Tensor | None:
     """The projection's bias (its slice's entries), or None."""
+    module = _merged_copy(module)
     b = getattr(getattr(module, "base_layer", module), "bias", None)
     if b is None:
         return None
     return b if out_slice is None else b[out_slice[0]:out_slice[1]]
+
+
+def _merged_copy(module: nn.Module) -> nn.Module:
+    """The float copy a merge swapped in for this packed layer (LeafWrapper.merge_delta), or the
+    module itself."""
+    return module.__dict__.get("_unipelt_merged", module)
 
 
 class DequantizedLinear(nn.Linear):
