@@ -162,9 +162,6 @@ class RowSelection:
     position in ``order``, -1 for a base row), a tensor. Under ``torch.compile`` the captured
     forward thus depends on which adapters are present, not on which row has which: a new
     assignment of rows to the same adapters reuses the graph instead of compiling a new one.
-
-    ``segments()`` gives the same selection as sorted segments (a permutation of the rows and each
-    adapter's [start, end) in it), the form a segmented (SGMV-style) kernel consumes.
     """
 
     def __init__(self, names: list[str], device, order: tuple[str, ...] | None = None):
@@ -177,10 +174,6 @@ class RowSelection:
         at = {n: i for i, n in enumerate(self.order)}
         self.row_ids = torch.tensor([at.get(n, -1) for n in self.names], dtype=torch.long, device=device)
         self._masks: dict[tuple, Tensor] = {}
-
-    def index(self, name: str) -> Tensor:
-        """The rows of ``name`` (long, on the model's device)."""
-        return torch.tensor([i for i, n in enumerate(self.names) if n == name], dtype=torch.long, device=self.device)
 
     def mask(self, name: str, dim: int) -> Tensor:
         """A (B, 1, ..., 1) boolean mask of ``name``'s rows, broadcastable to a ``dim``-d tensor."""
@@ -205,18 +198,6 @@ class RowSelection:
             m = m.view(m.shape[0], *([1] * (dim - 2)), m.shape[1])
             self._masks[key] = m
         return m
-
-    def segments(self) -> tuple[Tensor, list[tuple[str, int, int]]]:
-        """(perm, [(adapter, start, end)]): rows sorted by adapter; ``x[perm][start:end]`` are the
-        rows of ``adapter`` (base rows last, in no segment)."""
-        order, segs, at = [], [], 0
-        for a in self.adapters:
-            rows = [i for i, n in enumerate(self.names) if n == a]
-            order += rows
-            segs.append((a, at, at + len(rows)))
-            at += len(rows)
-        order += [i for i, n in enumerate(self.names) if n == BASE]
-        return torch.tensor(order, dtype=torch.long, device=self.device), segs
 
 
 # ------------------------------------------------------------------------------------------
@@ -748,7 +729,7 @@ class LeafWrapper(nn.Module):
         host = self.host
         # input scalings (IA3 on ffn.down) change what the base projection reads; the branches
         # at this hook point read the original input
-        xin = host.scale_input(x) if host.scalers or host.row_scalers else x
+        xin = host.scale_input(x) if host.scales_input else x
         return host.run(x, self.base_forward(xin, *args, **kwargs))
 
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
