@@ -105,20 +105,21 @@ def test_prefix_tuning(tmp_path, factory):
     assert not torch.allclose(plain, expect, atol=1e-3)  # the positions are the whole difference
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_round_trip_through_peft_is_exact(tmp_path, family):
+def _round_trip(tmp_path, family: str, method_module: dict):
+    """``method_module`` (+ the head on BERT) on a built-in tiny model, randomised -> saved ->
+    export --format peft -> unipelt.load: asserts the same tensors under the same names and the
+    same logits; returns (model name, classifier?, input ids, the adapter's logits), for more
+    checks of the export in tmp_path/"peft"."""
     from unipelt.export import export_peft
-
-    factory = make_llama if family == "llama" else make_bert
-    modules = {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "alpha": 8}}
-    if family == "bert":
-        modules["head"] = {"method": "train", "site": "head"}
     from unipelt.models import load_model
 
     # export loads the base by name (for its module paths): a built-in tiny model
     name = "tiny-llama" if family == "llama" else "tiny-bert"
-    base, _ = load_model(name, task="classification" if family == "bert" else None,
-                         num_labels=2 if family == "bert" else None)
+    cls = family == "bert"
+    modules = dict(method_module)
+    if cls:
+        modules["head"] = {"method": "train", "site": "head"}
+    base, _ = load_model(name, task="classification" if cls else None, num_labels=2 if cls else None)
     h = unipelt.compile(base, {"modules": modules})
     randomize(h)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
@@ -134,6 +135,13 @@ def test_round_trip_through_peft_is_exact(tmp_path, family):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     with torch.no_grad():
         assert torch.equal(base(input_ids=ids).logits, expect)
+    back.detach()
+    return name, cls, ids, expect
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_round_trip_through_peft_is_exact(tmp_path, family):
+    _round_trip(tmp_path, family, {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4, "alpha": 8}})
 
 
 def test_cli_import_peft(tmp_path, capsys):
@@ -297,33 +305,12 @@ def test_ia3_feedforward_side_not_the_default(tmp_path):
 def test_ia3_round_trip_through_peft_is_exact(tmp_path, family):
     """specs/ia3.yaml's adapter -> export --format peft (PEFT's IA3 format) -> unipelt: the same
     tensors under the same names, and PEFT loading the export computes unipelt's logits."""
-    from unipelt.export import export_peft
     from unipelt.models import load_model
 
-    name = "tiny-llama" if family == "llama" else "tiny-bert"
-    cls = family == "bert"
-    modules = {"ia3": {"method": "ia3", "sites": ["attn.k", "attn.v", "ffn.down"]}}
-    if cls:
-        modules["head"] = {"method": "train", "site": "head"}
-    base, _ = load_model(name, task="classification" if cls else None, num_labels=2 if cls else None)
-    h = unipelt.compile(base, {"modules": modules})
-    randomize(h)
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    with torch.no_grad():
-        expect = base(input_ids=ids).logits
-    ours = {k: v.clone() for k, v in h.state_dict().items()}
-    h.save(tmp_path / "ours")
-    h.detach()
-    export_peft(tmp_path / "ours", tmp_path / "peft", model=name)
+    name, cls, ids, expect = _round_trip(tmp_path, family,
+                                         {"ia3": {"method": "ia3", "sites": ["attn.k", "attn.v", "ffn.down"]}})
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "IA3"
-    back = unipelt.load(base, tmp_path / "peft")
-    theirs = back.state_dict()
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    with torch.no_grad():
-        assert torch.equal(base(input_ids=ids).logits, expect)
-    back.detach()
     # PEFT itself reads the export: the oracle for the format
     fresh, _ = load_model(name, task="classification" if cls else None, num_labels=2 if cls else None)
     pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
