@@ -621,7 +621,8 @@ class Host:
     @property
     def scales_input(self) -> bool:
         """Whether some call may rescale the projection's input (decided at refresh)."""
-        return bool(self.scalers or self.row_scalers)
+        # len(), not bool(list): dynamo (torch 2.11) cannot trace bool() of a list
+        return len(self.scalers) > 0 or len(self.row_scalers) > 0
 
     def _run_rows(self, x: Tensor | None, y: Tensor, rows: RowSelection) -> Tensor:
         """A mixed batch: each selected adapter's result, computed on the whole batch as in a call

@@ -254,12 +254,26 @@ class RootPreHook:
         self.ctx, self.binder = ctx, binder
         self.config_use_cache = config_use_cache
 
+    def __call__(self, module, args, kwargs):
+        # Two ways torch.compile meets this hook. Compiling the model itself, it calls the
+        # hooks outside its graph, each as a frame of its own: that frame is skipped (below the
+        # class), so here is_compiling() is False and the whole call runs eagerly. Compiling an
+        # enclosing module (a wrapper adding a loss term, a training-step module), it traces the
+        # hook inline: the common call is attribute work it can trace, so the enclosing
+        # fullgraph capture keeps one graph; only a mixed batch goes to the eager path (one graph
+        # break there, and it stays correct).
+        if torch.compiler.is_compiling() and "adapter_names" not in kwargs and self.ctx.row_names is None:
+            self.ctx.rows = None
+            self._read(args, kwargs)
+            return None
+        return self._call_eager(module, args, kwargs)
+
     # Run eagerly under torch.compile (a compiled model's root hooks are frames of their own, so
     # this breaks no graph): compiled, this frame would be specialised on the adapter_names strings
     # and recompiled for every new assignment of rows; eager, it only hands the forward a tensor of
     # row ids (RowSelection.row_ids), which the captured forward takes as an input.
     @torch.compiler.disable
-    def __call__(self, module, args, kwargs):
+    def _call_eager(self, module, args, kwargs):
         # PEFT's keyword for mixed batches: consumed here, never passed to the model
         names = kwargs.pop("adapter_names", None) if "adapter_names" in kwargs else None
         ctx = self.ctx
@@ -287,6 +301,15 @@ class RootPreHook:
         use_cache = self.binder.get(args, kwargs, "use_cache")
         ctx.continued = past is not None or bool(self.config_use_cache if use_cache is None else use_cache)
         ctx.clear()
+
+
+# The hook's own frame (torch.compile of the model calls hooks outside its graph) runs eagerly,
+# without the recursive disable that would break an enclosing graph that inlines the hook: the
+# frame-only skip torch._dynamo.skip uses, minus its _torchdynamo_disable mark (which inlining
+# honours as a graph break).
+_skip_frame = getattr(getattr(torch._dynamo, "eval_frame", None), "skip_code", None)
+if _skip_frame is not None:
+    _skip_frame(RootPreHook.__call__.__code__)
 
 
 def select_rows(ctx: ForwardContext, binder: CallBinder, args, kwargs, names, scoped) -> RowSelection:
