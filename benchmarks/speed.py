@@ -419,7 +419,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             peft_type="VERA"),
     Variant("adalora", "unipelt", "specs/adalora.yaml (init_r 12, q k v o up down) + its orthogonality penalty",
             spec=_spec_file("adalora.yaml"), regularized=True),
-    Variant("peft-adalora", "peft", "PEFT AdaLoRA as specs/adalora.yaml (its forward adds the penalty)",
+    Variant("peft-adalora", "peft", "PEFT AdaLoRA as specs/adalora.yaml, called through AdaLoraModel.forward (which adds the penalty)",
             peft=lambda scn: _peft_adalora(scn), peft_type="ADALORA"),
     # issue 9: the same specs run by the Triton kernels (spec field ``executor: triton``), to compare
     # with lora-r16-all / unipelt (the grouped PyTorch executor) and PEFT in one run
@@ -516,7 +516,14 @@ def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, d
         # adapter weights in the base dtype, as unipelt's (PEFT's default upcasts them to float32)
         wrapped = get_peft_model(model, cfg, autocast_adapter_dtype=False)
         params = [p for p in wrapped.parameters() if p.requires_grad]
-        return Prepared(wrapped, params, sum(p.numel() for p in params), wrapped)
+        run = wrapped
+        if variant.peft_type == "ADALORA":
+            # AdaLoraModel.forward adds the orthogonality penalty to the loss; a PeftModel built
+            # without task_type (as here: the config has none, to keep the heads as unipelt's)
+            # calls the transformers model under it directly and never adds it. Call AdaLoraModel
+            # itself, so that PEFT's row does the work unipelt's does.
+            run = wrapped.base_model
+        return Prepared(run, params, sum(p.numel() for p in params), wrapped)
     raise ValueError(f"variant {variant.name!r}: unknown kind {variant.kind!r}")
 
 
