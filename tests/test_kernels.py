@@ -509,3 +509,63 @@ def test_gpu_group_step_under_reduce_overhead():
         loss.backward()
         got = loss.item()
     assert abs(got - want) <= 1e-4 * max(1.0, abs(want)), (got, want)
+
+
+def test_auto_rule():
+    # where ``auto`` runs the kernels: CUDA, a compiled forward, and only once AUTO_USES_KERNELS
+    from unipelt.executor import auto_rule
+
+    assert auto_rule("cuda", compiling=True, enabled=True) is None
+    assert "only under torch.compile" in auto_rule("cuda", compiling=False, enabled=True)
+    assert "keeps the grouped executor" in auto_rule("cuda", compiling=True, enabled=False)
+    for compiling in (False, True):
+        assert "CUDA only" in auto_rule("cpu", compiling=compiling, enabled=True)
+
+
+def test_auto_runs_the_kernels_in_compiled_forwards_only(monkeypatch):
+    # the rule end to end, on CPU under the interpreter (AUTO_DEVICES widened as CUDA is not here):
+    # one plan, the kernels' layout; an eager forward launches no kernel and equals the grouped
+    # executor; a compiled one has the custom ops in its graph and the same outputs
+    import unipelt
+    from unipelt import executor as ex
+    from unipelt.compiler import get_state, set_executor
+    from unipelt.report import report_dict
+
+    from conftest import make_batch, make_bert, randomize
+
+    monkeypatch.setattr(ex, "AUTO_USES_KERNELS", True)
+    monkeypatch.setattr(ex, "AUTO_DEVICES", ("cuda", "cpu"))
+    spec = {"executor": "auto", "modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4,
+                                                     "dropout": 0.2, "gate": True}}}
+    model = make_bert()
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    groups = report_dict(h)["fusion_groups"]
+    assert groups and all(g["executor"] == "triton" and "compiled" in g["reason"] for g in groups), groups
+    # the dropout branches joined their group (they can only on the kernels' layout)
+    assert all(g.kernel and len(g._drop) == 2 for g in get_state(model).ctx.groups.values())
+    batch = make_batch()
+    model.eval()
+    with torch.no_grad():
+        with monkeypatch.context() as m:
+            def refuse(*a, **k):
+                raise AssertionError("an eager forward under 'auto' launched a kernel")
+            m.setattr(lg, "_launch_shrink", refuse)
+            m.setattr(lg, "_launch_expand", refuse)
+            eager = model(**batch).logits
+        set_executor(model, "grouped")
+        grouped = model(**batch).logits
+        set_executor(model, "auto")
+    torch.testing.assert_close(eager, grouped, atol=2e-5, rtol=1e-5)
+    targets: set[str] = set()
+
+    def backend(gm, example_inputs):
+        targets.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, backend=backend)(**batch).logits
+    assert any("unipelt.lora_shrink" in t for t in targets), sorted(targets)
+    assert any("unipelt.lora_expand" in t for t in targets), sorted(targets)
+    torch.testing.assert_close(compiled, grouped, atol=2e-5, rtol=1e-5)
