@@ -27,6 +27,7 @@ bf16 arithmetic) and fixed block sizes replace tuning (docs/ENVIRONMENT.md).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -63,6 +64,25 @@ def _keep(seed, seg, rows, cols, K, p):
 
 
 @triton.jit
+def _tile(t, NT: tl.constexpr, TC0: tl.constexpr, TNC: tl.constexpr, TSEG: tl.constexpr, TP: tl.constexpr):
+    # (first column, width, segment, dropout p) of tile t (a runtime program id). The table is a
+    # compile-time constant, not a device tensor: a cached device tensor first made during a
+    # CUDA-graph warm-up lives in that graph's memory pool untracked, which reduce-overhead
+    # rejects ("tensor(s) in the cudagraph pool not tracked as outputs")
+    c0 = t * 0
+    nc = t * 0
+    seg = t * 0
+    p = (t * 0).to(tl.float32)
+    for i in tl.static_range(NT):
+        hit = t == i
+        c0 = tl.where(hit, TC0[i], c0)
+        nc = tl.where(hit, TNC[i], nc)
+        seg = tl.where(hit, TSEG[i], seg)
+        p = tl.where(hit, TP[i], p)
+    return c0, nc, seg, p
+
+
+@triton.jit
 def _through_sigmoid(dz, z_ptr, rows, cols, row_ok, col_ok, act_start, stride_zm):
     # dz·σ(1-σ) on the activated columns (z holds σ there), dz elsewhere; fp32 (BLOCK_M, BLOCK_N)
     act = (cols >= act_start) & col_ok
@@ -74,26 +94,22 @@ def _through_sigmoid(dz, z_ptr, rows, cols, row_ok, col_ok, act_start, stride_zm
 
 @triton.jit
 def _shrink_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, z_ptr, tiles_ptr, p_ptr, seed_ptr,
+    x_ptr, w_ptr, b_ptr, z_ptr, seed_ptr,
     M, K, N, act_start, stride_xm, stride_wn, stride_zm,
+    NT: tl.constexpr, TC0: tl.constexpr, TNC: tl.constexpr, TSEG: tl.constexpr, TP: tl.constexpr,
     HAS_DROP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    t = tl.program_id(1)
-    c0 = tl.load(tiles_ptr + 3 * t)
-    nc = tl.load(tiles_ptr + 3 * t + 1)
-    seg = tl.load(tiles_ptr + 3 * t + 2)
+    c0, nc, seg, p = _tile(tl.program_id(1), NT, TC0, TNC, TSEG, TP)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     cols = c0 + rn
     row_ok = rows < M
     col_ok = rn < nc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    p = 0.0
     seed = 0
     if HAS_DROP:
-        p = tl.load(p_ptr + seg)
         seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -118,8 +134,9 @@ def _shrink_fwd_kernel(
 
 @triton.jit
 def _shrink_dx_kernel(
-    dz_ptr, z_ptr, w_ptr, dx_ptr, tiles_ptr, p_ptr, seed_ptr,
-    M, K, T, act_start, stride_dzm, stride_zm, stride_wn, stride_dxm,
+    dz_ptr, z_ptr, w_ptr, dx_ptr, seed_ptr,
+    M, K, act_start, stride_dzm, stride_zm, stride_wn, stride_dxm,
+    NT: tl.constexpr, TC0: tl.constexpr, TNC: tl.constexpr, TSEG: tl.constexpr, TP: tl.constexpr,
     HAS_DROP: tl.constexpr, HAS_ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -135,10 +152,11 @@ def _shrink_dx_kernel(
     seed = 0
     if HAS_DROP:
         seed = tl.load(seed_ptr)
-    for t in range(0, T):
-        c0 = tl.load(tiles_ptr + 3 * t)
-        nc = tl.load(tiles_ptr + 3 * t + 1)
-        seg = tl.load(tiles_ptr + 3 * t + 2)
+    for t in tl.static_range(NT):  # every tile, unrolled: the table is compile-time
+        c0 = TC0[t]
+        nc = TNC[t]
+        seg = TSEG[t]
+        p = TP[t]
         cols = c0 + rn
         col_ok = rn < nc
         dz = tl.load(dz_ptr + rows[:, None] * stride_dzm + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -150,7 +168,6 @@ def _shrink_dx_kernel(
             w = w.to(tl.float32)
         part = tl.dot(dz.to(w.dtype), w, input_precision=PRECISION)
         if HAS_DROP:
-            p = tl.load(p_ptr + seg)
             if p > 0.0:
                 keep = _keep(seed, seg, rows, kk, K, p)
                 part = tl.where(keep, part * (1.0 / (1.0 - p)), 0.0)
@@ -161,18 +178,16 @@ def _shrink_dx_kernel(
 
 @triton.jit
 def _shrink_dw_kernel(
-    dz_ptr, z_ptr, x_ptr, dw_ptr, db_ptr, tiles_ptr, p_ptr, seed_ptr,
+    dz_ptr, z_ptr, x_ptr, dw_ptr, db_ptr, seed_ptr,
     M, K, rows_per_split, act_start, stride_dzm, stride_zm, stride_xm, stride_dwn,
+    NT: tl.constexpr, TC0: tl.constexpr, TNC: tl.constexpr, TSEG: tl.constexpr, TP: tl.constexpr,
     HAS_DROP: tl.constexpr, HAS_ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # dW_tile = dz_tileᵀ · dropout(x) over a share of the rows, added into an fp32 buffer
-    t = tl.program_id(0)
     pid_k = tl.program_id(1)
     split = tl.program_id(2)
-    c0 = tl.load(tiles_ptr + 3 * t)
-    nc = tl.load(tiles_ptr + 3 * t + 1)
-    seg = tl.load(tiles_ptr + 3 * t + 2)
+    c0, nc, seg, p = _tile(tl.program_id(0), NT, TC0, TNC, TSEG, TP)
     rn = tl.arange(0, BLOCK_N)
     cols = c0 + rn
     col_ok = rn < nc
@@ -180,10 +195,8 @@ def _shrink_dw_kernel(
     k_ok = kk < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    p = 0.0
     seed = 0
     if HAS_DROP:
-        p = tl.load(p_ptr + seg)
         seed = tl.load(seed_ptr)
     start = split * rows_per_split
     for m0 in range(start, start + rows_per_split, BLOCK_M):
@@ -397,26 +410,35 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or INTERPRET else "tf32"
 
 
-_TILE_CACHE: dict[tuple, tuple[Tensor, Tensor, int]] = {}
+@dataclass(frozen=True)
+class _Tiles:
+    """The shrink's tile table as compile-time kernel arguments: per tile its first column, width,
+    segment and that segment's dropout p. No device tensor is kept between calls (see ``_tile``)."""
+    c0: tuple[int, ...]
+    nc: tuple[int, ...]
+    seg: tuple[int, ...]
+    p: tuple[float, ...]
+    block_n: int
+
+    @property
+    def n(self) -> int:
+        return len(self.c0)
+
+    def kwargs(self) -> dict:
+        return {"NT": self.n, "TC0": self.c0, "TNC": self.nc, "TSEG": self.seg, "TP": self.p}
 
 
-def _tiles(seg_widths: list[int], seg_p: list[float], device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """The tile table (col start, width, segment) for the segments, and the segments' p; cached
-    per device (the executor's segments do not change between calls)."""
-    key = (tuple(seg_widths), tuple(seg_p), str(device))
-    hit = _TILE_CACHE.get(key)
-    if hit is not None:
-        return hit
+@functools.lru_cache(maxsize=256)
+def _tiles(seg_widths: tuple[int, ...], seg_p: tuple[float, ...]) -> _Tiles:
+    """The tiles (col start, width, segment, p) covering the segments, each at most ``block_n`` wide."""
     block_n = min(MAX_BLOCK_N, max(16, triton.next_power_of_2(max(seg_widths))))
     rows, at = [], 0
     for s, w in enumerate(seg_widths):
         for c in range(0, w, block_n):
-            rows.append((at + c, min(block_n, w - c), s))
+            rows.append((at + c, min(block_n, w - c), s, float(seg_p[s])))
         at += w
-    tiles = torch.tensor(rows, dtype=torch.int32, device=device)
-    ps = torch.tensor(seg_p, dtype=torch.float32, device=device)
-    _TILE_CACHE[key] = (tiles, ps, block_n)
-    return tiles, ps, block_n
+    c0, nc, seg, p = zip(*rows)
+    return _Tiles(c0, nc, seg, p, block_n)
 
 
 def _check_segments(name: str, n: int, seg_widths: list[int], seg_p: list[float]) -> None:
@@ -439,15 +461,16 @@ def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_width
     if bias.numel() != N - act_start:
         raise ValueError(f"lora_shrink: {N - act_start} activated columns but a bias of {bias.numel()}")
     _check_segments("lora_shrink", N, seg_widths, seg_p)
-    tiles, ps, block_n = _tiles(seg_widths, seg_p, x.device)
+    tiles = _tiles(tuple(seg_widths), tuple(seg_p))
+    block_n = tiles.block_n
     z = torch.empty(M, N, device=x.device, dtype=x.dtype)
     bl = _blocks("shrink")
     has_drop = _has_drop(seg_p, seed)
-    grid = (triton.cdiv(M, bl.m), tiles.shape[0])
+    grid = (triton.cdiv(M, bl.m), tiles.n)
     warps = bl.warps if block_n < 128 or INTERPRET else 8
     _shrink_fwd_kernel[grid](
-        x, w, bias, z, tiles, ps, seed if has_drop else tiles,
-        M, K, N, act_start, x.stride(0), w.stride(0), z.stride(0),
+        x, w, bias, z, seed if has_drop else z,
+        M, K, N, act_start, x.stride(0), w.stride(0), z.stride(0), **tiles.kwargs(),
         HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
         BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=warps, num_stages=bl.stages,
     )
@@ -461,7 +484,8 @@ def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: i
     bias gradient (its column sums) comes out of the dW kernel: no dz-sized copy in PyTorch."""
     M, K = x.shape
     N = w.shape[0]
-    tiles, ps, block_n = _tiles(seg_widths, seg_p, x.device)
+    tiles = _tiles(tuple(seg_widths), tuple(seg_p))
+    block_n = tiles.block_n
     has_drop = _has_drop(seg_p, seed)
     has_act = act_start < N
     if BWD_MODE == "gemm" and not has_drop:
@@ -473,13 +497,13 @@ def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: i
             db = dzf[:, act_start:].sum(0)
         dzp = dzf.to(x.dtype)
         return dzp @ w, (dzp.t() @ x).float(), db
-    seed_arg = seed if has_drop else tiles
+    seed_arg = seed if has_drop else dz
     prec = _precision(x.dtype)
     dx = torch.empty_like(x)
     bl = _blocks("dx")
     _shrink_dx_kernel[(triton.cdiv(M, bl.m), triton.cdiv(K, bl.k))](
-        dz, z, w, dx, tiles, ps, seed_arg, M, K, tiles.shape[0], act_start, dz.stride(0), z.stride(0), w.stride(0),
-        dx.stride(0),
+        dz, z, w, dx, seed_arg, M, K, act_start, dz.stride(0), z.stride(0), w.stride(0),
+        dx.stride(0), **tiles.kwargs(),
         HAS_DROP=has_drop, HAS_ACT=has_act, UPCAST=INTERPRET, PRECISION=prec,
         BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps, num_stages=bl.stages,
     )
@@ -490,12 +514,12 @@ def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: i
     bl = _blocks("dw")
     k_blocks = triton.cdiv(K, bl.k)
     # enough programs to fill the card: split the token rows when tiles × K blocks are few
-    splits = 1 if INTERPRET else max(1, min(triton.cdiv(M, 4 * bl.m), triton.cdiv(528, tiles.shape[0] * k_blocks)))
+    splits = 1 if INTERPRET else max(1, min(triton.cdiv(M, 4 * bl.m), triton.cdiv(528, tiles.n * k_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), bl.m) * bl.m
     splits = triton.cdiv(M, rows_per_split)
-    _shrink_dw_kernel[(tiles.shape[0], k_blocks, splits)](
-        dz, z, x, dw, db_all, tiles, ps, seed_arg, M, K, rows_per_split, act_start, dz.stride(0), z.stride(0),
-        x.stride(0), dw.stride(0),
+    _shrink_dw_kernel[(tiles.n, k_blocks, splits)](
+        dz, z, x, dw, db_all, seed_arg, M, K, rows_per_split, act_start, dz.stride(0), z.stride(0),
+        x.stride(0), dw.stride(0), **tiles.kwargs(),
         HAS_DROP=has_drop, HAS_ACT=has_act, UPCAST=INTERPRET, PRECISION=prec,
         BLOCK_M=bl.m, BLOCK_N=block_n, BLOCK_K=bl.k, num_warps=bl.warps if block_n < 128 or INTERPRET else 8,
         num_stages=bl.stages,

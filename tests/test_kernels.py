@@ -439,3 +439,136 @@ def test_group_step_launches_fewer_kernels_than_the_reference():
     assert tri["aten_kernel_ops"] + tri["triton_launches"] < ref["aten_kernel_ops"], (tri["ops"], ref["ops"])
     # no dz-, z- or output-sized copies left in PyTorch: no slice backwards, no elementwise muls
     assert not {"slice_backward", "mul", "clone", "rsub"} & set(tri["ops"]), tri["ops"]
+
+
+def _tensors_in(obj, seen=None):
+    """Every tensor reachable from ``obj`` through dicts, lists, tuples, sets and dataclass fields."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        items = list(obj.values()) + list(obj.keys())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif hasattr(obj, "__dataclass_fields__") and not isinstance(obj, type):
+        items = [getattr(obj, f) for f in obj.__dataclass_fields__]
+    else:
+        return []
+    return [t for it in items for t in _tensors_in(it, seen)]
+
+
+def test_kernels_keep_no_device_tensors_between_calls():
+    # a tensor the kernels cache across calls (the tile table was one) is allocated, on its first
+    # call under torch.compile(mode="reduce-overhead"), in the CUDA-graph pool and not returned:
+    # cudagraph trees then reject the step ("4 tensor(s) in the cudagraph pool not tracked as
+    # outputs", the H200, RESULTS.md Kernels session 6); nothing reachable from the modules' globals
+    from unipelt_kernels import bottleneck
+
+    g = torch.Generator().manual_seed(0)
+    x = _leaf(torch.randn(37, 50, generator=g), torch.float32)
+    w = _leaf(torch.randn(9, 50, generator=g) * 0.1, torch.float32)
+    b = _leaf(torch.randn(2, generator=g), torch.float32)
+    seed = lg.new_seed(x.device)
+    z = lg.lora_shrink(x, w, b, 7, [(4, 0.25), (5, 0.0)], seed)
+    out = torch.randn(37, 20, generator=g).to(DEV)
+    B = _leaf(torch.randn(20, 4, generator=g), torch.float32)
+    lg.lora_expand(out, z[:, :4], B, z[:, 7:8], 2.0).square().sum().backward()
+    for mod in (lg, bottleneck):
+        found = [(name, tuple(t.shape)) for name, v in vars(mod).items() if not name.startswith("__")
+                 for t in _tensors_in(v)]
+        assert not found, f"{mod.__name__} keeps tensors between calls: {found}"
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs")
+def test_gpu_group_step_under_reduce_overhead():
+    # the engine on the kernels compiled with CUDA graphs (the mode the kernels are for), three
+    # training steps: no pool error, the same loss as eager on the grouped executor
+    import unipelt
+    from unipelt.compiler import set_executor
+
+    from conftest import make_batch, make_bert, randomize
+
+    spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.k", "attn.v"], "r": 8,
+                                 "gate": True, "dropout": 0.0}}}
+    torch._dynamo.reset()
+    model = make_bert().to(DEV)
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    batch = {k: v.to(DEV) for k, v in make_batch().items()}
+    model.train()
+    set_executor(model, "grouped")
+    want = model(**batch).logits.float().square().mean().item()
+    set_executor(model, "triton")
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        for p in h.parameters():  # (a gradient kept across steps would live in the graph's pool)
+            p.grad = None
+        torch.compiler.cudagraph_mark_step_begin()
+        loss = step(**batch).logits.float().square().mean()
+        loss.backward()
+        got = loss.item()
+    assert abs(got - want) <= 1e-4 * max(1.0, abs(want)), (got, want)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in h.parameters())
+
+
+def test_auto_rule():
+    # where ``auto`` runs the kernels: CUDA, a compiled forward, and only once AUTO_USES_KERNELS
+    from unipelt.executor import auto_rule
+
+    assert auto_rule("cuda", compiling=True, enabled=True) is None
+    assert "only under torch.compile" in auto_rule("cuda", compiling=False, enabled=True)
+    assert "keeps the grouped executor" in auto_rule("cuda", compiling=True, enabled=False)
+    for compiling in (False, True):
+        assert "CUDA only" in auto_rule("cpu", compiling=compiling, enabled=True)
+
+
+def test_auto_runs_the_kernels_in_compiled_forwards_only(monkeypatch):
+    # the rule end to end, on CPU under the interpreter (AUTO_DEVICES widened as CUDA is not here):
+    # one plan, the kernels' layout; an eager forward launches no kernel and equals the grouped
+    # executor; a compiled one has the custom ops in its graph and the same outputs
+    import unipelt
+    from unipelt import executor as ex
+    from unipelt.compiler import get_state, set_executor
+    from unipelt.report import report_dict
+
+    from conftest import make_batch, make_bert, randomize
+
+    monkeypatch.setattr(ex, "AUTO_USES_KERNELS", True)
+    monkeypatch.setattr(ex, "AUTO_DEVICES", ("cuda", "cpu"))
+    spec = {"executor": "auto", "modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4,
+                                                     "dropout": 0.2, "gate": True}}}
+    model = make_bert()
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    groups = report_dict(h)["fusion_groups"]
+    assert groups and all(g["executor"] == "triton" and "compiled" in g["reason"] for g in groups), groups
+    # the dropout branches joined their group (they can only on the kernels' layout)
+    assert all(g.kernel and len(g._drop) == 2 for g in get_state(model).ctx.groups.values())
+    batch = make_batch()
+    model.eval()
+    with torch.no_grad():
+        with monkeypatch.context() as m:
+            def refuse(*a, **k):
+                raise AssertionError("an eager forward under 'auto' launched a kernel")
+            m.setattr(lg, "_launch_shrink", refuse)
+            m.setattr(lg, "_launch_expand", refuse)
+            eager = model(**batch).logits
+        set_executor(model, "grouped")
+        grouped = model(**batch).logits
+        set_executor(model, "auto")
+    torch.testing.assert_close(eager, grouped, atol=2e-5, rtol=1e-5)
+    targets: set[str] = set()
+
+    def backend(gm, example_inputs):
+        targets.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, backend=backend)(**batch).logits
+    assert any("unipelt.lora_shrink" in t for t in targets), sorted(targets)
+    assert any("unipelt.lora_expand" in t for t in targets), sorted(targets)
+    torch.testing.assert_close(compiled, grouped, atol=2e-5, rtol=1e-5)

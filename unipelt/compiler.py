@@ -13,7 +13,7 @@ from torch import nn
 
 from unipelt.arch import resolve_model
 from unipelt.errors import ModelError, PluginError, SpecError
-from unipelt.executor import AUTO_USES_KERNELS, EXECUTORS, TritonExecutor, kernel_expand, kernels, resolve_executor
+from unipelt.executor import EXECUTORS, TritonExecutor, auto_loads_kernels, kernel_expand, kernels, resolve_executor
 from unipelt.graph import CompiledGraph, build_graph, check_resources
 from unipelt.pruning import ConstantGate, apply_spec as apply_switches, check_spec as check_switches
 from unipelt.registry import Registry, get_registry
@@ -178,8 +178,9 @@ def _build_groups(state: ModelState, handle, graph: CompiledGraph) -> None:
 
 
 def set_executor(model: nn.Module, executor: str) -> None:
-    """Choose how branch groups run: ``auto`` (the default: the Triton kernels on CUDA where they
-    fit once ``executor.AUTO_USES_KERNELS`` is on, else ``grouped``), ``grouped`` (one PyTorch
+    """Choose how branch groups run: ``auto`` (the default: ``executor.auto_rule`` — the Triton
+    kernels on CUDA in a compiled forward where they fit once ``executor.AUTO_USES_KERNELS`` is
+    on, else ``grouped``), ``grouped`` (one PyTorch
     executor per fusion group), ``triton`` (the kernels, an error where they cannot run) or
     ``reference`` (every branch and gate on its own; the executors are checked against it)."""
     if executor not in EXECUTORS:
@@ -192,7 +193,7 @@ def set_executor(model: nn.Module, executor: str) -> None:
 def _use_executor(state: ModelState, executor: str) -> None:
     state.executor = executor
     state.ctx.expand_kernel = kernel_expand if executor in ("auto", "triton") else None
-    if executor == "triton" or (executor == "auto" and AUTO_USES_KERNELS and torch.cuda.is_available()):
+    if executor == "triton" or (executor == "auto" and auto_loads_kernels()):
         kernels()  # imported now, in eager code: not first inside a torch.compile trace
 
 

@@ -150,32 +150,62 @@ def kernels():
     return _KERNELS
 
 
-# Whether ``auto`` picks the kernels on CUDA. Off: on the H200 (benchmarks/RESULTS.md, "Kernels")
-# a group's forward + backward ran in less GPU time on the kernels (0.39 vs 0.50 ms at 8,192 x
-# 4096, r 16, two branches) but took longer in eager mode (2.9 vs 1.7 ms), which that host's
-# Python and launch work bounds; end to end in eager, LoRA r16 on all linears trained at 2.49x
-# the floor on the kernels against 1.72x on the grouped executor (llama; bert 4.96 vs 3.62), and
-# nothing was measured compiled. Until the kernels win there, ``auto`` keeps the grouped executor
-# and ``triton`` is the way to run them.
+# Whether ``auto`` picks the kernels, and where. The rule (:func:`auto_rule`): on CUDA, in a forward
+# that torch.compile traces, when dtype and shapes fit; in eager mode the grouped executor's
+# PyTorch ops. Why (benchmarks/RESULTS.md, "Kernels"): eager, on the H200's host, every Triton
+# launch costs more host time than a PyTorch op and end to end the kernels lost (LoRA r16 on all
+# linears, llama train 2.49x the floor against 1.72x grouped); compiled, the custom ops are graph
+# nodes and under CUDA graphs the host's work is gone, and there the kernels' fused gates, in-kernel
+# dropout and one dX take less GPU time than the grouped executor's ops. The switch stays off: the
+# one end-to-end compiled measurement (reduce-overhead, llama train, LoRA r16 on all linears, no
+# gates, dropout 0) put the kernels at 1.23x / 1.22x the floor (two runs) against 1.26x grouped
+# (one run), inside the floor's own run-to-run spread (18.05 / 18.24 ms); gated and dropout groups,
+# BERT and the default compile mode (no CUDA graphs: the custom ops' host work remains) were not
+# measured end to end. One line flips it once they are.
 AUTO_USES_KERNELS = False
+# the device types ``auto`` runs the kernels on (the CPU interpreter is for tests, which widen this)
+AUTO_DEVICES: tuple[str, ...] = ("cuda",)
 
 
-def kernel_reason(mode: str, x: Tensor) -> str | None:
-    """None when ``mode`` runs the kernels on ``x``, else why not. ``auto`` takes them on CUDA only
-    (the CPU interpreter is for tests) and only with AUTO_USES_KERNELS; ``triton`` requested on a
-    tensor the kernels cannot take is an error, not a silent fallback."""
+def auto_rule(device_type: str, compiling: bool, enabled: bool | None = None) -> str | None:
+    """None when ``auto`` runs the kernels for a tensor on ``device_type`` in a forward that is
+    (``compiling``) or is not traced by torch.compile, else why not."""
+    enabled = AUTO_USES_KERNELS if enabled is None else enabled
+    if device_type not in AUTO_DEVICES:
+        return f"executor 'auto' runs the kernels on CUDA only (tensors on {device_type})"
+    if not enabled:
+        return ("executor 'auto' keeps the grouped executor: end to end the kernels measured no faster than it "
+                "(reduce-overhead within noise, eager slower: benchmarks/RESULTS.md, Kernels); choose 'triton' to "
+                "run them")
+    if not compiling:
+        return ("executor 'auto' runs the kernels only under torch.compile: in eager mode their launches cost the "
+                "host more than the grouped executor's PyTorch ops (benchmarks/RESULTS.md, Kernels)")
+    return None
+
+
+def kernel_reason(mode: str, x: Tensor, planning: bool = False) -> str | None:
+    """None when ``mode`` runs the kernels on ``x``, else why not. ``auto`` follows
+    :func:`auto_rule`: decided per call, so one plan serves an eager and a compiled forward;
+    ``planning`` (the plan's refresh, in eager code) asks whether some forward could run them
+    (the compiled one). ``triton`` requested on a tensor the kernels cannot take is an error,
+    not a silent fallback."""
     if mode not in ("auto", "triton"):
         return f"executor {mode!r}"
-    if mode == "auto" and x.device.type != "cuda":
-        return f"executor 'auto' runs the kernels on CUDA only (tensors on {x.device.type})"
-    if mode == "auto" and not AUTO_USES_KERNELS:
-        return ("executor 'auto' keeps the grouped executor on CUDA: the kernels measured slower than it in "
-                "eager mode (benchmarks/RESULTS.md, Kernels); choose 'triton' to run them")
+    if mode == "auto":
+        why = auto_rule(x.device.type, planning or torch.compiler.is_compiling())
+        if why is not None:
+            return why
     k = kernels()
     why = k if isinstance(k, str) else k.fits(x)
     if why is not None and mode == "triton":
         raise RuntimeError(f"executor 'triton' was chosen but cannot run: {why}; choose 'auto' or 'grouped'")
     return why
+
+
+def auto_loads_kernels() -> bool:
+    """Whether ``auto`` may run the kernels on this machine (then they are imported when the
+    executor is chosen, in eager code, not first inside a torch.compile trace)."""
+    return AUTO_USES_KERNELS and any(d != "cuda" or torch.cuda.is_available() for d in AUTO_DEVICES)
 
 
 def _dropout_p(branch: nn.Module) -> float | None:
@@ -210,8 +240,8 @@ class TritonExecutor(GroupExecutor):
         weights += [w for w in self._weights_grouped()]
         self.kernel, self.reason = False, "no live readers"
         if weights:
-            why = kernel_reason(executor, weights[0])
-            self.kernel, self.reason = why is None, (why or f"executor {executor!r}: the kernels fit")
+            why = kernel_reason(executor, weights[0], planning=True)
+            self.kernel, self.reason = why is None, (why or self._fit_reason(executor))
         self._drop = []
         self._act_start = self._gate_end
         if not self.kernel:
@@ -247,6 +277,13 @@ class TritonExecutor(GroupExecutor):
         self._part_keys = keys
         self._part_widths = [self._cols[k][1] - self._cols[k][0] if k != "act" else self._gate_end - self._act_start
                              for k in keys]
+
+    @staticmethod
+    def _fit_reason(executor: str) -> str:
+        if executor == "auto":
+            return ("executor 'auto': the kernels where the forward is compiled (torch.compile), the same columns "
+                    "by PyTorch ops in eager mode (benchmarks/RESULTS.md, Kernels)")
+        return f"executor {executor!r}: the kernels fit"
 
     def _weights_grouped(self) -> list[Tensor]:
         return ([e.branch.shrink_params()[0] for e in self._live_branches]
