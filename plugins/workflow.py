@@ -250,8 +250,9 @@ def cmd_gates(args: argparse.Namespace) -> int:
 def cmd_collapse(args: argparse.Namespace) -> int:
     """Collapse a gated adapter on calibration data (unipelt.collapse) and save it to --out."""
     from unipelt import io
-    from unipelt.collapse import CollapseError, forward_time
+    from unipelt.collapse import CollapseError, forward_times
     from unipelt.state import get_state
+    from unipelt.train import record_training_info
     from unipelt.training.inputs import batches, check_max_length, encode, pad_id
 
     dest = io.check_output_path(args.out, kind="dir", what="unipelt adapter directory", replaces=io.is_adapter_dir)
@@ -270,20 +271,34 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     model.eval()
     state = get_state(model)
     active = set(state.ctx.active)
-    state.set_active(set())  # the base model alone
-    t_base = forward_time(model, calib)
-    state.set_active(active)
-    t_gated = forward_time(model, calib)
+
+    def base() -> None:
+        state.set_active(set())  # the base model alone
+
+    def adapted() -> None:
+        state.set_active(active)
+
+    # each variant timed in rounds interleaved with the base model's, and its ratio taken against
+    # the base rounds it was interleaved with (timed one after the other, a shared machine once
+    # made the base model look slower than the gated one)
+    before = forward_times(model, calib, {"base": base, "gated": adapted})
+    adapted()
     try:
         rep = handle.collapse(calib, closed=args.closed, spread=args.spread, tolerance=args.tolerance,
                               merge=not args.no_merge)
     except CollapseError as e:
         raise CollapseError(f"{args.adapter}: {e}; nothing written") from None
-    t_collapsed = forward_time(model, calib)
+    after = forward_times(model, calib, {"base": base, "collapsed": adapted})
+    adapted()
+    # the collapsed adapter keeps what training recorded (model, task, labels, field names, max
+    # length), so eval, gates and a second collapse need no repeated flags, as on the original
+    record_training_info(handle, info)
     handle.save(dest)
+    t_base, t_gated, t_collapsed = before["base"], before["gated"], after["collapsed"]
+    gated_x, collapsed_x = t_gated / max(t_base, 1e-12), t_collapsed / max(after["base"], 1e-12)
     result = dict(rep.to_dict(), adapter=args.adapter, out=str(dest), examples=len(rows),
                   seconds={"base": t_base, "gated": t_gated, "collapsed": t_collapsed},
-                  collapsed_over_base=t_collapsed / max(t_base, 1e-12))
+                  gated_over_base=gated_x, collapsed_over_base=collapsed_x)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -296,9 +311,12 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     print(f"output diff   max |gated - collapsed| = {rep.max_abs_diff:.3g} (outputs up to {rep.ref_max_abs:.3g})"
           + (f", tolerance {args.tolerance:g}" if args.tolerance is not None else ""))
     print(f"parameters    {rep.params_before:,} -> {rep.params_after:,} kept"
+          + (f" ({rep.merged_params:,} of them in merged LoRA: no inference cost, saved to unmerge)"
+             if rep.merged_params else "")
           + (f" (and {rep.dropped_reparameterization:,} training-only dropped)" if rep.dropped_reparameterization else ""))
-    print(f"forward       base {t_base * 1e3:.2f} ms, gated {t_gated * 1e3:.2f} ms, collapsed {t_collapsed * 1e3:.2f} ms "
-          f"per pass over the calibration data ({t_collapsed / max(t_base, 1e-12):.2f}x base)")
+    print(f"forward       base {t_base * 1e3:.2f} ms, gated {t_gated * 1e3:.2f} ms ({gated_x:.2f}x base), collapsed "
+          f"{t_collapsed * 1e3:.2f} ms ({collapsed_x:.2f}x base) per pass over the calibration data (each timed "
+          "interleaved with the base model)")
     print(f"adapter       {dest}")
     return 0
 

@@ -1,0 +1,122 @@
+"""Gate pruning, collapse, AdapterDrop and AdapterFusion tried as a new user tries them (issue 12):
+models and data that are not the repository's (a local model directory of an architecture the other
+tests use least, field names that are not the defaults), followed to the next command. Each test
+is a regression test for something that broke there."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import unipelt
+from conftest import make_batch, make_bert, randomize
+from unipelt.cli import main
+from unipelt.collapse import forward_times
+from unipelt.models import load_model
+from unipelt.registry import Registry, get_registry, make_plugin_manager, use_registry
+from unipelt.state import get_state
+from unipelt.train import record_training_info
+
+GATED = {"version": 1, "modules": {
+    "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 2, "gate": {"input": "layer"}},
+    "adapter": {"method": "adapter", "sites": "ffn.res", "reduction_factor": 4, "gate": {"input": "site"}},
+}}
+
+
+@pytest.fixture
+def fusion_registry():
+    """The fusion plugin registered (an environment installed before it existed lacks its entry point)."""
+    if "fusion" in get_registry().methods:
+        yield
+        return
+    from unipelt_plugins import fusion
+
+    use_registry(Registry(make_plugin_manager(extra_plugins=(fusion,))))
+    yield
+    use_registry(None)
+
+
+def _qa_files(tmp_path):
+    """Prompt/response pairs under the field names a user's file has (question/answer)."""
+    pairs = [("what colour is the sky", "blue"), ("how many legs has a cat", "four"), ("what do bees make", "honey"),
+             ("where do fish live", "in water"), ("what is ice", "frozen water")]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
+    return data
+
+
+def test_collapsed_adapter_keeps_the_training_record(tmp_path, capsys):
+    """`unipelt collapse` saved the collapsed adapter without what training recorded (model, task,
+    field names, max length): `unipelt eval` of the collapsed adapter then read the data with the
+    default field names and failed (exit 5, "missing field 'text'"), and a second collapse too.
+    Also: the JSON reports the ratios per interleaved pairing and the merged LoRA's parameters."""
+    model, _ = load_model("tiny-llama", task="causal-lm")
+    h = unipelt.compile(model, GATED)
+    randomize(h)
+    with torch.no_grad():  # nearly constant gates: collapse makes them constants and merges the LoRA
+        for g in h.gate_modules.values():
+            g.linear.weight.mul_(1e-4)
+    info = {"model": "tiny-llama", "task": "causal-lm", "labels": None, "max_length": 32, "use_chat_template": True,
+            "fields": {"text": "text", "label": "label", "prompt": "question", "response": "answer"}}
+    record_training_info(h, info)
+    h.save(tmp_path / "a")
+    data = _qa_files(tmp_path)
+    code = main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(tmp_path / "c"), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0, res
+    meta = json.loads((tmp_path / "c" / "unipelt.json").read_text())
+    assert meta["workflow"]["fields"] == info["fields"] and meta["workflow"]["model"] == "tiny-llama"
+    assert meta["workflow"]["max_length"] == 32
+    # the merged LoRA (every q and v projection: 2 layers x 2) and their parameter count
+    assert len(res["merged"]) == 4
+    lora = sum(p.numel() for k in res["merged"] for p in h.branch_modules[k].parameters())
+    assert res["merged_params"] == lora > 0
+    assert res["collapsed_over_base"] > 0 and res["gated_over_base"] > 0
+    # the next commands need no repeated flags
+    assert main(["eval", str(tmp_path / "c"), "--data", str(data)]) == 0
+    assert main(["collapse", str(tmp_path / "c"), "--data", str(data), "--out", str(tmp_path / "c2")]) == 0
+    text = capsys.readouterr().out
+    assert "of them in merged LoRA" in text and "x base" in text
+
+
+def test_forward_times_interleaves_the_variants():
+    """The times of base, gated and collapsed were taken one variant after the other (three
+    passes each), so a slower stretch of a shared machine fell on one of them: the command printed
+    the base model slower than the gated one. The variants now alternate round by round."""
+    calls = []
+    model = make_bert()
+    batch = make_batch()
+    times = forward_times(model, [batch], {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds, alternating
+    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+
+
+def test_fusion_trains_its_own_head(tmp_path, fusion_registry):
+    """Adapters trained by `unipelt train` for classification carry the head they trained in place
+    (`train` at `head`), and `train()` adds one to a fusion spec too. Attaching the fusion froze
+    every parameter of the fused adapters, the shared head included, so the fusion's own head was
+    silently frozen (report: 'kept' counted it, 'trainable' did not). The fusion's head now trains
+    with the fusion layer; the fused adapters' own modules stay frozen."""
+    member = {"version": 1, "modules": {"ad": {"method": "adapter", "site": "ffn.res", "width": 4},
+                                        "head": {"method": "train", "sites": "head"}}}
+    model = make_bert()
+    members = {}
+    for i, n in enumerate("abc"):
+        members[n] = unipelt.compile(model, member, name=n)
+        randomize(members[n], seed=20 + i)
+    fusion = {"version": 1, "modules": {"head": {"method": "train", "sites": "head"}},
+              "combine": {"ffn.res": {"mode": "fusion", "adapters": ["a", "b", "c"]}}}
+    fh = unipelt.compile(model, fusion, name="fuse")
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    assert head and all(p.requires_grad for p in head)
+    own = {id(p) for p in head}
+    for h in members.values():  # the fused adapters' own modules are frozen
+        assert all(not p.requires_grad for p in h.parameters() if id(p) not in own)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == own | {id(p) for p in fh.parameters() if id(p) not in own}
+    loss = model(**make_batch(), labels=torch.tensor([0, 1, 2])).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+    assert all(p.grad is None for h in members.values() for p in h.parameters() if id(p) not in own)
+    assert get_state(model).ctx.active == {"fuse"}
