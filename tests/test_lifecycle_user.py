@@ -120,3 +120,63 @@ def test_fusion_trains_its_own_head(tmp_path, fusion_registry):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
     assert all(p.grad is None for h in members.values() for p in h.parameters() if id(p) not in own)
     assert get_state(model).ctx.active == {"fuse"}
+
+
+@pytest.fixture
+def prune_plugin():
+    """The controllers' plugin, registered even where the installed entry points predate it."""
+    import unipelt_plugins.prune as plugin
+
+    if get_registry().pm.is_registered(plugin):
+        yield
+        return
+    use_registry(Registry(make_plugin_manager(extra_plugins=(plugin,))))
+    yield
+    use_registry(None)
+
+
+def _lm_rows(n: int = 8) -> list:
+    from unipelt.data import Example
+
+    return [Example(text=f"the cat number {i} sat on the mat", line=i + 1) for i in range(n)]
+
+
+@pytest.mark.parametrize("how", ["every gate closed", "budget below any branch"])
+def test_pruning_keeps_the_last_branch_to_train(how, prune_plugin):
+    """Every gate closed, or a `to_budget` budget below the cheapest branch (`budget: {max_params:
+    10}` on a Mistral): pruning switched off every branch and the next step died inside backward
+    with a traceback ("element 0 of tensors does not require grad"). The last branch left to train
+    is now kept, with one `kept` event saying why; training runs to the end."""
+    from unipelt.train import TrainConfig, train
+
+    bias = -12.0 if how == "every gate closed" else 0.0
+    spec = {"version": 1, "modules": {
+        "lq": {"method": "lora", "sites": ["attn.q"], "r": 2, "gate": {"input": "layer", "init_bias": bias}},
+        "lv": {"method": "lora", "sites": ["attn.v"], "r": 2, "gate": {"input": "layer", "init_bias": bias - 1}},
+    }, "prune": {"epsilon": 0.01, "patience": 1, "to_budget": how != "every gate closed"}}
+    if how != "every gate closed":
+        spec["budget"] = {"max_params": 10}
+    rep = train(spec, "tiny-llama", _lm_rows(), None, TrainConfig(epochs=1, batch_size=2, lr=1e-2, progress=False))
+    assert rep["steps"] == 4
+    ev = rep["controllers"]["prune"]["events"]
+    pruned, kept = [e for e in ev if e["event"] == "pruned"], [e for e in ev if e["event"] == "kept"]
+    assert len(pruned) == 3 and len(kept) == 1  # 2 layers x (q, v): three go, the last stays
+    assert "last branch left to train" in kept[0]["reason"] and kept[0]["step"] >= pruned[-1]["step"]
+    assert ("budget 10 not reachable" in kept[0]["reason"]) == (how != "every gate closed")
+    live = [k for k, e in rep.handle.entries.items() if not e.pruned]
+    assert live == [kept[0]["branch"]] and rep["controllers"]["prune"]["active_params"] > 0
+
+
+def test_drop_lowest_must_leave_a_layer(prune_plugin):
+    """`drop: {lowest: 5}` (or 3) on a 3-layer model compiled, then the ranking dropped every layer
+    and the next step died inside backward. Refused at compile, naming the field."""
+    from unipelt.errors import SpecError
+
+    model, _ = load_model("tiny-llama", task="causal-lm")  # 2 layers
+    spec = dict(GATED, drop={"lowest": 2})
+    with pytest.raises(SpecError, match=r"drop.lowest: 2 would drop every one of the 2 layer\(s\).*at most 1"):
+        unipelt.compile(model, spec)
+    assert get_state(model) is None or not get_state(model).handles  # nothing attached
+    with pytest.raises(SpecError, match=r"drop.lowest: 2 would drop .* branches of adapter; at most 1"):
+        unipelt.compile(model, dict(GATED, drop={"lowest": 2, "modules": ["adapter"]}))
+    unipelt.compile(model, dict(GATED, drop={"lowest": 1}))  # one layer left: fine
