@@ -180,3 +180,24 @@ def test_drop_lowest_must_leave_a_layer(prune_plugin):
     with pytest.raises(SpecError, match=r"drop.lowest: 2 would drop .* branches of adapter; at most 1"):
         unipelt.compile(model, dict(GATED, drop={"lowest": 2, "modules": ["adapter"]}))
     unipelt.compile(model, dict(GATED, drop={"lowest": 1}))  # one layer left: fine
+
+
+def test_compile_report_says_training_prunes_toward_the_budget(tmp_path, capsys, prune_plugin):
+    """A `to_budget` spec over its budget compiles (training prunes toward it) but the report said
+    `budget 7,524 / 3,000 (kept): EXCEEDED`, as for a spec that cannot fit."""
+    spec = dict(GATED, prune={"to_budget": True}, budget={"max_params": 300})
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(spec))
+    assert main(["compile", str(path), "tiny-llama"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("budget"))
+    assert "EXCEEDED" not in line and "training prunes the lowest gates toward it" in line and "/ 300 " in line
+    assert main(["compile", str(path), "tiny-llama", "--json"]) == 0
+    b = json.loads(capsys.readouterr().out)["budget"]
+    assert b["to_budget"] is True and b["unprunable"] == 0 and b["used"] > b["limit"] == 300
+    # without to_budget the same numbers are refused, and a fitting budget is still OK
+    path.write_text(json.dumps(dict(GATED, budget={"max_params": 300})))
+    assert main(["compile", str(path), "tiny-llama"]) == 2
+    assert "over the budget" in capsys.readouterr().err
+    path.write_text(json.dumps(dict(GATED, budget={"max_params": 10**6})))
+    assert main(["compile", str(path), "tiny-llama"]) == 0
+    assert "): OK" in capsys.readouterr().out
