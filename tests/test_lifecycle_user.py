@@ -201,3 +201,16 @@ def test_compile_report_says_training_prunes_toward_the_budget(tmp_path, capsys,
     path.write_text(json.dumps(dict(GATED, budget={"max_params": 10**6})))
     assert main(["compile", str(path), "tiny-llama"]) == 0
     assert "): OK" in capsys.readouterr().out
+
+
+def test_collapse_does_not_count_the_gates_of_dropped_layers():
+    """Collapsing an adapter trained with `drop: {layers: "0:2"}` (AdapterDrop, fixed) printed the
+    gates of the dropped layers, which nothing computes, as "still gated"."""
+    model, _ = load_model("tiny-llama", task="causal-lm")  # 2 layers
+    h = unipelt.compile(model, dict(GATED, drop={"layers": [0]}))
+    randomize(h)
+    calib = [make_batch(seed=3)]
+    rep = h.collapse(calib, spread=0.0, merge=False)  # no gate made constant
+    assert rep.constant == {}
+    assert sorted(rep.kept_gates) == sorted(k for k in h.graph.gates if k.endswith(".1"))
+    assert sorted(rep.stats) == sorted(rep.kept_gates)  # the dropped layer's gates were never computed

@@ -247,7 +247,10 @@ def _collapse(handle, batches: list, *, closed: float, spread: float, merge: boo
     state.refresh()
     if merge:
         rep.merged = handle.merge()["merged"]
-    rep.kept_gates = [k for k in handle.graph.gates if k not in handle.spec.collapsed and not gate_is_off(handle, k)]
+    # a gate is still computed if a branch it gates is: not one whose branches are all pruned or
+    # dropped (AdapterDrop's fixed layers), which the command counted as "still gated"
+    rep.kept_gates = [k for k, gp in handle.graph.gates.items() if k not in handle.spec.collapsed
+                      and any(not handle.entries[u].off for u in gp.users)]
     after = outputs(handle.model, batches)
     rep.max_abs_diff = output_difference(before, after, batches)
     rep.ref_max_abs = max(float(x.abs().max()) for x in before)
