@@ -63,7 +63,10 @@ class GatePruning:
             w = self.window.setdefault(key, [])
             w.append(m)
             del w[:-rule.patience]
-            self.below[key] = self.below.get(key, 0) + 1 if m < rule.epsilon else 0
+            # the closed steps are counted from min_step on: a warm-up's gates are not evidence
+            # (counted before it, a gate closed during warm-up was pruned at min_step itself)
+            counted = m < rule.epsilon and step >= rule.min_step
+            self.below[key] = self.below.get(key, 0) + 1 if counted else 0
         closed = [k for k, rule in self.rules.items() if self._live(k) and step >= rule.min_step
                   and self.below.get(k, 0) >= rule.patience]
         for key in closed:
