@@ -247,6 +247,23 @@ def cmd_gates(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 # collapse
 # ------------------------------------------------------------------------------------------
+def _read_calibration(args):
+    """Calibration data for ``collapse``: the model's inputs only. For a classifier whose labels
+    training recorded, rows need no label and any label is accepted (read as plain text: a file
+    of unlabelled text used to be refused with "missing field 'label'"); the rows carry the first
+    class as a placeholder for the encoder, and the labels are never used."""
+    import dataclasses
+
+    from unipelt.train import training_info
+
+    info = training_info(args.adapter)
+    labels = info.get("labels") or []
+    if (args.task or info.get("task")) != "classification" or not labels:
+        return _read_for_adapter(args)
+    data = _read(args.data, args, "causal-lm", _fields(args, info.get("fields")))  # the text field only
+    return [dataclasses.replace(ex, label=labels[0]) for ex in data], True
+
+
 def cmd_collapse(args: argparse.Namespace) -> int:
     """Collapse a gated adapter on calibration data (unipelt.collapse) and save it to --out."""
     from unipelt import io
@@ -256,7 +273,7 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     from unipelt.training.inputs import batches, check_max_length, encode, pad_id
 
     dest = io.check_output_path(args.out, kind="dir", what="unipelt adapter directory", replaces=io.is_adapter_dir)
-    data, chat = _read_for_adapter(args)
+    data, chat = _read_calibration(args)
     if args.max_examples:
         data = data[:args.max_examples]
     model, tok, handle, info = _adapted(args, data)

@@ -214,3 +214,28 @@ def test_collapse_does_not_count_the_gates_of_dropped_layers():
     assert rep.constant == {}
     assert sorted(rep.kept_gates) == sorted(k for k in h.graph.gates if k.endswith(".1"))
     assert sorted(rep.stats) == sorted(rep.kept_gates)  # the dropped layer's gates were never computed
+
+
+def test_collapse_calibrates_a_classifier_on_unlabelled_text(tmp_path, capsys):
+    """Calibration needs the model's inputs only, but collapsing a classifier refused a file of
+    plain sentences ("missing field 'mood'", exit 5) and one whose labels the adapter never saw."""
+    model, _ = load_model("tiny-bert", task="classification", num_labels=2)
+    h = unipelt.compile(model, GATED)
+    randomize(h)
+    record_training_info(h, {"model": "tiny-bert", "task": "classification", "labels": ["neg", "pos"],
+                             "fields": {"text": "sentence", "label": "mood", "prompt": "prompt", "response": "response"}})
+    h.save(tmp_path / "a")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"sentence": f"words {i} and more"}) + "\n" for i in range(4)))
+    other = tmp_path / "other.csv"
+    other.write_text("sentence,mood\nthe soup,angry\nthe view,calm\n")
+    for data in (plain, other):
+        assert main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(tmp_path / data.stem),
+                     "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["examples"] == (4 if data is plain else 2)
+    # a file without the recorded text field is still one clear data error
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"text": "x"}) + "\n")
+    assert main(["collapse", str(tmp_path / "a"), "--data", str(wrong), "--out", str(tmp_path / "w")]) == 5
+    assert "missing field 'sentence'" in capsys.readouterr().err and not (tmp_path / "w").exists()
