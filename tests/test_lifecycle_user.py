@@ -239,3 +239,67 @@ def test_collapse_calibrates_a_classifier_on_unlabelled_text(tmp_path, capsys):
     wrong.write_text(json.dumps({"text": "x"}) + "\n")
     assert main(["collapse", str(tmp_path / "a"), "--data", str(wrong), "--out", str(tmp_path / "w")]) == 5
     assert "missing field 'sentence'" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+def _uni(layers="all", **extra) -> dict:
+    """UniPELT (APL) without the prefix MLP (a per-layer prefix is then the same tensor in a model
+    built with fewer layers)."""
+    s = {"version": 1, "modules": {
+        "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 2, "layers": layers, "gate": {"input": "layer"}},
+        "prefix": {"method": "prefix", "sites": "attn.kv", "length": 2, "reparam": "none", "layers": layers,
+                   "gate": {"input": "layer"}},
+        "adapter": {"method": "adapter", "sites": "ffn.res", "reduction_factor": 4, "layers": layers,
+                    "gate": {"input": "site"}},
+    }}
+    s.update(extra)
+    return s
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "qwen2", "gemma"])
+def test_lifecycle_on_every_catalogued_architecture(arch, tmp_path, prune_plugin):
+    """The lifecycle on each architecture of the catalog the tests build (the other lifecycle
+    tests use BERT and Llama): AdapterDrop of layer 0 computes what the adapter built on layer 1
+    alone computes; a pruned adapter saves without its branches and reloads to the same outputs;
+    a collapsed one (every gate a constant, LoRA merged) reloads, merges the same LoRA and gives
+    the collapsed outputs."""
+    from conftest import FACTORIES
+
+    make = FACTORIES[arch]
+    batch = make_batch()
+    model = make()
+    h = unipelt.compile(model, _uni())
+    randomize(h, std=0.1)
+    state = h.state_dict()
+    # AdapterDrop (fixed) == the adapter without those layers
+    dropped = make()
+    d = unipelt.compile(dropped, _uni(drop={"layers": [0]}))
+    d.load_state_dict(state)
+    only1 = make()
+    o = unipelt.compile(only1, _uni(layers=[1]))
+    o.load_state_dict({k: v for k, v in state.items() if k in o.state_dict()})
+    torch.testing.assert_close(_logits(dropped, batch), _logits(only1, batch), rtol=0, atol=0)
+    assert not torch.allclose(_logits(dropped, batch), _logits(model, batch))
+    # pruned: saved without the branches, reloaded as pruned with the same outputs
+    unipelt.pruning.prune(h, ["lora.1.attn.v", "adapter.0.ffn.res", "prefix.1.attn.kv"])
+    pruned_out = _logits(model, batch)
+    h.save(tmp_path / "p")
+    fresh = make()
+    lp = unipelt.load(fresh, tmp_path / "p")
+    assert lp.spec.pruned == ["lora.1.attn.v", "adapter.0.ffn.res", "prefix.1.attn.kv"]
+    torch.testing.assert_close(_logits(fresh, batch), pruned_out, rtol=1e-5, atol=1e-6)
+    # collapsed: every remaining gate constant, LoRA merged; reloaded and merged: the same outputs
+    rep = h.collapse([batch], spread=1.0)
+    assert rep.merged and not rep.kept_gates
+    collapsed_out = _logits(model, batch)
+    # collapse measures on real tokens only: at most the unmasked difference
+    assert 0 < rep.max_abs_diff <= float((collapsed_out - pruned_out).abs().max()) + 1e-6
+    h.save(tmp_path / "c")
+    again = make()
+    lc = unipelt.load(again, tmp_path / "c")
+    assert sorted(lc.merge()["merged"]) == sorted(rep.merged)
+    torch.testing.assert_close(_logits(again, batch), collapsed_out, rtol=1e-5, atol=1e-5)
