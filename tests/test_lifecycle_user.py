@@ -303,3 +303,32 @@ def test_lifecycle_on_every_catalogued_architecture(arch, tmp_path, prune_plugin
     lc = unipelt.load(again, tmp_path / "c")
     assert sorted(lc.merge()["merged"]) == sorted(rep.merged)
     torch.testing.assert_close(_logits(again, batch), collapsed_out, rtol=1e-5, atol=1e-5)
+
+
+def test_random_drop_alone_drops_nothing_at_inference(tmp_path, prune_plugin):
+    """The paper's robust training drops the first n layers at random per step and lets the user
+    choose at inference; `drop: {random: true}` was refused ("give exactly one of 'layers' or
+    'lowest'") and `layers: []` is not a layer selection, so some layer had to be dropped at
+    inference. `random` alone now drops at random in training and nothing at inference."""
+    from unipelt.errors import SpecError
+    from unipelt.training.optim import collect_controllers
+
+    model = make_bert(layers=3)
+    h = unipelt.compile(model, dict(GATED, drop={"random": True}))
+    assert not any(e.dropped for e in h.entries.values())
+    (c,) = [c for c in collect_controllers(h) if c.name == "adapterdrop"]
+    seen = set()
+    for step in range(10):
+        c.before_step(step)
+        now = sorted({e.layer for e in h.entries.values() if e.dropped})
+        assert now == list(range(len(now))) and len(now) < 3
+        seen.add(len(now))
+        c.on_step(step + 1, None)
+        assert not any(e.dropped for e in h.entries.values())  # back to nothing dropped
+    assert len(seen) > 1
+    h.save(tmp_path / "a")
+    fresh = make_bert(layers=3)
+    loaded = unipelt.load(fresh, tmp_path / "a")
+    assert not any(e.dropped for e in loaded.entries.values())
+    with pytest.raises(SpecError, match=r"drop: give exactly one of .*or 'random' alone"):
+        unipelt.compile(make_bert(layers=3), dict(GATED, drop={"random": False}))

@@ -241,7 +241,8 @@ class DropSpec:
     """AdapterDrop (Rücklé et al., 2021): the branches of ``modules`` (default: every module) at
     the chosen layers are not computed.
 
-    layers: the layers dropped at inference (and in training unless ``random``).
+    layers: the layers dropped at inference (and in training unless ``random``); none with
+      ``random`` alone.
     lowest: instead of ``layers``: the ``lowest`` layers by the gradient-norm ranking
       g_l = ||dL/dTheta_l|| that training accumulates over its first ``rank_steps`` steps; then
       fixed (the spec's ``drop.layers`` records the choice, so the saved adapter loads with it).
@@ -893,8 +894,12 @@ def _parse_drop(value: Any, modules: dict[str, ModuleSpec], *, source: str | Non
     path = "drop"
     value = _expect_mapping(value, source=source, path=path)
     _unknown(value, ("layers", "lowest", "rank_steps", "random", "modules"), source=source, path=path)
-    if ("layers" in value) == ("lowest" in value):
-        raise SpecError("give exactly one of 'layers' (indices) or 'lowest' (a count, ranked by gradient norm)",
+    # `random` alone is the paper's robust training with nothing dropped at inference (it needed a
+    # `layers:` of inference layers, and an empty list is not a layer selection)
+    random_alone = "random" in value and value["random"] is not False and "layers" not in value and "lowest" not in value
+    if ("layers" in value) == ("lowest" in value) and not random_alone:
+        raise SpecError("give exactly one of 'layers' (indices) or 'lowest' (a count, ranked by gradient norm), or "
+                        "'random' alone (dropped at random while training, nothing dropped at inference)",
                         source=source, path=path)
     layers = _parse_layers(value["layers"], source=source, path=f"{path}.layers") if "layers" in value else None
     lowest = value.get("lowest")
