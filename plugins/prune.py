@@ -267,7 +267,7 @@ class AdapterDrop:
 def unipelt_training_controllers(handle):
     spec = handle.spec
     out = []
-    if spec.prune is not None or any(m.prune is not None for m in spec.modules.values()):
+    if spec.prune is not None or any(m.prune not in (None, False) for m in spec.modules.values()):
         out.append(GatePruning(handle))
     d = spec.drop
     if d is not None and (d.random is not False or d.lowest is not None):

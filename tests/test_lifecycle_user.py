@@ -332,3 +332,30 @@ def test_random_drop_alone_drops_nothing_at_inference(tmp_path, prune_plugin):
     assert not any(e.dropped for e in loaded.entries.values())
     with pytest.raises(SpecError, match=r"drop: give exactly one of .*or 'random' alone"):
         unipelt.compile(make_bert(layers=3), dict(GATED, drop={"random": False}))
+
+
+def test_prune_false_exempts_one_module(tmp_path, prune_plugin):
+    """`prune:` for the whole spec with `modules.x.prune: false` to keep one module (the README's
+    caveat: a gated KV prefix is not zero at a zero gate) was refused: "expected true or a mapping
+    of pruning options, got bool False". It now exempts that module, from the epsilon rule and from
+    budget pruning (which then counts it as what pruning cannot remove)."""
+    from unipelt.errors import SpecError
+    from unipelt.train import TrainConfig, train
+
+    spec = {"version": 1, "modules": {
+        "lq": {"method": "lora", "sites": ["attn.q"], "r": 2, "gate": {"input": "layer", "init_bias": -12.0},
+               "prune": False},
+        "lv": {"method": "lora", "sites": ["attn.v"], "r": 2, "gate": {"input": "layer", "init_bias": -12.0}},
+    }, "prune": {"epsilon": 0.01, "patience": 1}}
+    rep = train(spec, "tiny-llama", _lm_rows(), None, TrainConfig(epochs=1, batch_size=2, lr=1e-2, progress=False))
+    assert sorted(rep["controllers"]["prune"]["pruned"]) == ["lv.0.attn.v", "lv.1.attn.v"]  # lq's gates closed too
+    # budget pruning: the exempt module is what cannot be pruned, and must fit the budget itself
+    model, _ = load_model("tiny-llama", task="causal-lm")
+    lq_only = unipelt.compile(model, {"version": 1, "modules": {"lq": spec["modules"]["lq"]}}).summary().kept
+    over = dict(spec, prune={"to_budget": True}, budget={"max_params": lq_only - 1})
+    with pytest.raises(SpecError, match=r"budget"):
+        unipelt.compile(load_model("tiny-llama", task="causal-lm")[0], over)
+    unipelt.compile(load_model("tiny-llama", task="causal-lm")[0], dict(over, budget={"max_params": lq_only}))
+    # the top level still refuses false (nothing to exempt it from: leave `prune:` out)
+    with pytest.raises(SpecError, match=r"^.*prune: expected true or a mapping"):
+        unipelt.compile(load_model("tiny-llama", task="causal-lm")[0], dict(spec, prune=False))
