@@ -359,3 +359,30 @@ def test_prune_false_exempts_one_module(tmp_path, prune_plugin):
     # the top level still refuses false (nothing to exempt it from: leave `prune:` out)
     with pytest.raises(SpecError, match=r"^.*prune: expected true or a mapping"):
         unipelt.compile(load_model("tiny-llama", task="causal-lm")[0], dict(spec, prune=False))
+
+
+def test_fusion_over_a_member_pruned_at_one_layer(fusion_registry):
+    """A fused adapter whose branch at a layer was pruned (by training) takes no part in that
+    layer's attention: the softmax runs over the others there, over all of them elsewhere."""
+    member = {"version": 1, "modules": {"ad": {"method": "adapter", "site": "ffn.res", "width": 4,
+                                               "gate": {"input": "site"}}}}
+    model = make_bert()
+    hs = {}
+    for i, n in enumerate("abc"):
+        hs[n] = unipelt.compile(model, member, name=n)
+        randomize(hs[n], seed=30 + i)
+    unipelt.pruning.prune(hs["a"], ["ad.0.ffn.res"])
+    fh = unipelt.compile(model, {"version": 1, "modules": {},
+                                 "combine": {"ffn.res": {"mode": "fusion", "adapters": ["a", "b", "c"]}}}, name="f")
+    seen = {}
+    for key, layer in fh.branch_modules.items():
+        original = layer.fuse
+
+        def spy(query, deltas, _key=key, _original=original):
+            seen[_key] = deltas.shape[-2]
+            return _original(query, deltas)
+
+        layer.fuse = spy
+    with torch.no_grad():
+        model(**make_batch())
+    assert seen == {"fusion_ffn_res.0.ffn.res": 2, "fusion_ffn_res.1.ffn.res": 3}
