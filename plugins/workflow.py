@@ -264,6 +264,30 @@ def _read_calibration(args):
     return [dataclasses.replace(ex, label=labels[0]) for ex in data], True
 
 
+def _number(text: str, ok, what: str, kind=float):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value != value or not ok(value):  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+# collapse's thresholds: a negative tolerance or a --closed of 2 (which prunes every branch) was
+# taken as given, and --max-examples 0 silently meant all of them
+def _gate_value(text: str) -> float:
+    return _number(text, lambda v: 0.0 <= v <= 1.0, "a gate value in [0, 1]")
+
+
+def _non_negative(text: str) -> float:
+    return _number(text, lambda v: 0.0 <= v < float("inf"), "a finite number >= 0")
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, lambda v: v >= 1, "a positive integer", kind=int)
+
+
 def cmd_collapse(args: argparse.Namespace) -> int:
     """Collapse a gated adapter on calibration data (unipelt.collapse) and save it to --out."""
     from unipelt import io
@@ -459,14 +483,15 @@ def unipelt_add_commands(subparsers):
     c.add_argument("--data", required=True, help="calibration data: " + data_help)
     c.add_argument("--out", required=True, help="output adapter directory")
     _data_options(c, trained=True)
-    c.add_argument("--tolerance", type=float, help="refuse (write nothing) if max |gated - collapsed| output exceeds this")
-    c.add_argument("--closed", type=float, default=0.01, help="a gate whose largest value is at most this is closed "
-                                                              "(default: 0.01)")
-    c.add_argument("--spread", type=float, default=0.02, help="a gate whose values vary by at most this becomes a "
-                                                              "constant (default: 0.02)")
+    c.add_argument("--tolerance", type=_non_negative, help="refuse (write nothing) if max |gated - collapsed| output "
+                                                          "exceeds this")
+    c.add_argument("--closed", type=_gate_value, default=0.01, help="a gate whose largest value is at most this is "
+                                                                    "closed, in [0, 1] (default: 0.01)")
+    c.add_argument("--spread", type=_gate_value, default=0.02, help="a gate whose values vary by at most this becomes "
+                                                                    "a constant, in [0, 1] (default: 0.02)")
     c.add_argument("--no-merge", action="store_true", help="keep LoRA with a constant gate unmerged")
-    c.add_argument("--max-examples", type=int, help="use the first N calibration examples")
-    c.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
+    c.add_argument("--max-examples", type=_positive_int, help="use the first N calibration examples")
+    c.add_argument("--batch-size", type=_positive_int, default=16, help="examples per batch (default: 16)")
     c.add_argument("--max-length", type=int, help="default: the one used in training, else 256")
     c.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     c.add_argument("--json", action="store_true", help="print the result as JSON")

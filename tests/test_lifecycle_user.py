@@ -386,3 +386,20 @@ def test_fusion_over_a_member_pruned_at_one_layer(fusion_registry):
     with torch.no_grad():
         model(**make_batch())
     assert seen == {"fusion_ffn_res.0.ffn.res": 2, "fusion_ffn_res.1.ffn.res": 3}
+
+
+@pytest.mark.parametrize("option", [["--closed", "2"], ["--spread", "-0.1"], ["--spread", "nan"],
+                                    ["--tolerance", "-1"], ["--max-examples", "0"], ["--batch-size", "0"]])
+def test_collapse_refuses_out_of_range_options(tmp_path, capsys, option):
+    """`--closed 2` pruned every branch, a negative tolerance refused every collapse after doing
+    the work, and `--max-examples 0` meant all examples: usage errors now (exit 2), before any
+    model is loaded, and the API refuses the same values."""
+    with pytest.raises(SystemExit) as e:
+        main(["collapse", str(tmp_path / "a"), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "c"), *option])
+    assert e.value.code == 2 and f"argument {option[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    if option[0] in ("--closed", "--spread", "--tolerance"):
+        model, _ = load_model("tiny-llama", task="causal-lm")
+        h = unipelt.compile(model, GATED)
+        with pytest.raises(ValueError, match=option[0][2:]):
+            h.collapse([make_batch()], **{option[0][2:]: float(option[1])})

@@ -185,6 +185,9 @@ def collapse(handle, calibration_batches: Iterable, *, closed: float = 0.01, spr
              tolerance: float | None = None, merge: bool = True) -> CollapseReport:
     """See the module docstring. ``calibration_batches``: model inputs (dicts of tensors, or id
     tensors). Returns a :class:`CollapseReport`; raises :class:`CollapseError` beyond ``tolerance``."""
+    for name, value, top in (("closed", closed, 1.0), ("spread", spread, 1.0), ("tolerance", tolerance, float("inf"))):
+        if value is not None and not 0.0 <= value <= top:  # NaN fails too
+            raise ValueError(f"collapse: {name} must be in [0, {top:g}], got {value!r}")
     batches = list(calibration_batches)
     if not batches:
         raise ValueError("collapse needs at least one calibration batch")
