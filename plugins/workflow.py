@@ -120,6 +120,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     p = report["params"]
     print(f"trainable     {p['trainable']:,} parameters ({p['kept']:,} kept after training, "
           f"{p['percent_of_base']:.3f}% of the base)")
+    # what gate pruning and AdapterDrop decided: in the progress output only while it is shown,
+    # so a --no-progress run said nothing of it outside report.json
+    ctl = report.get("controllers") or {}
+    pruned = (ctl.get("prune") or {}).get("pruned") or []
+    if pruned:
+        shown = ", ".join(pruned[:8]) + (f", ... ({len(pruned) - 8} more)" if len(pruned) > 8 else "")
+        print(f"pruned        {len(pruned)} branch(es) during training ({ctl['prune']['active_params']:,} parameters "
+              f"active): {shown}; events in report.json (controllers.prune)")
+    dropped = (ctl.get("adapterdrop") or {}).get("inference_layers") or []
+    if dropped:
+        print(f"adapterdrop   layers {', '.join(map(str, dropped))} dropped at inference (saved in the adapter's spec)")
     if report["resumed_from"]:
         print(f"resumed from  {report['resumed_from']}")
     if report["compile"]["mode"]:

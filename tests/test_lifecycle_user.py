@@ -403,3 +403,25 @@ def test_collapse_refuses_out_of_range_options(tmp_path, capsys, option):
         h = unipelt.compile(model, GATED)
         with pytest.raises(ValueError, match=option[0][2:]):
             h.collapse([make_batch()], **{option[0][2:]: float(option[1])})
+
+
+def test_train_command_says_what_was_pruned_without_progress(tmp_path, capsys, prune_plugin):
+    """Pruning events went to the progress output only: `unipelt train --no-progress` said nothing
+    of the pruned branches (nor of AdapterDrop's ranked choice) outside report.json."""
+    spec = {"version": 1, "modules": {
+        "lq": {"method": "lora", "sites": ["attn.q"], "r": 2, "gate": {"input": "layer", "init_bias": 2.0}},
+        "lv": {"method": "lora", "sites": ["attn.v"], "r": 2, "gate": {"input": "layer", "init_bias": -12.0}},
+    }, "prune": {"patience": 1}, "drop": {"lowest": 1, "rank_steps": 2}}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(spec))
+    data = _qa_files(tmp_path)
+    code = main(["train", str(path), "tiny-llama", "--data", str(data), "--prompt-field", "question",
+                 "--response-field", "answer", "--max-steps", "3", "--batch-size", "2", "--out", str(tmp_path / "r"),
+                 "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0
+    line = next(x for x in text.splitlines() if x.startswith("pruned"))
+    assert "2 branch(es) during training" in line and "lv.0.attn.v, lv.1.attn.v" in line
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    layers = report["controllers"]["adapterdrop"]["inference_layers"]
+    assert len(layers) == 1 and f"adapterdrop   layers {layers[0]} dropped at inference" in text
