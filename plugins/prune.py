@@ -42,6 +42,11 @@ class GatePruning:
         for key, gp in handle.graph.gates.items():
             node = gp.users[0].split(".", 1)[0] if gp.users else None
             rule = spec.prune_for(node) if node else None
+            # a gate shared with a module exempt from pruning (`prune: false`) is never pruned:
+            # its branches go together, and the exempt module's would go with them
+            nodes = {u.split(".", 1)[0] for u in gp.users}
+            if any(spec.modules[n].prune is False for n in nodes if n in spec.modules):
+                continue
             if rule is not None and key not in spec.collapsed:
                 self.rules[key] = rule
         self.below: dict[str, int] = {}

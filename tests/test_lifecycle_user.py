@@ -349,6 +349,17 @@ def test_prune_false_exempts_one_module(tmp_path, prune_plugin):
     }, "prune": {"epsilon": 0.01, "patience": 1}}
     rep = train(spec, "tiny-llama", _lm_rows(), None, TrainConfig(epochs=1, batch_size=2, lr=1e-2, progress=False))
     assert sorted(rep["controllers"]["prune"]["pruned"]) == ["lv.0.attn.v", "lv.1.attn.v"]  # lq's gates closed too
+    # a gate shared with an exempt module is not pruned (its branches go together), whichever
+    # module comes first
+    for first, second in (("a", "b"), ("b", "a")):
+        shared = {"version": 1, "gates": {"g": {"input": "layer", "init_bias": -12.0}}, "modules": {
+            first: {"method": "lora", "sites": ["attn.q"], "r": 2, "gate": "g"},
+            second: {"method": "lora", "sites": ["attn.v"], "r": 2, "gate": "g"},
+            "other": {"method": "lora", "sites": ["attn.k"], "r": 2, "gate": {"input": "layer", "init_bias": -12.0}}},
+            "prune": {"patience": 1}}
+        shared["modules"]["b"]["prune"] = False
+        r = train(shared, "tiny-llama", _lm_rows(), None, TrainConfig(epochs=1, batch_size=2, lr=1e-2, progress=False))
+        assert sorted(r["controllers"]["prune"]["pruned"]) == ["other.0.attn.k", "other.1.attn.k"], first
     # budget pruning: the exempt module is what cannot be pruned, and must fit the budget itself
     model, _ = load_model("tiny-llama", task="causal-lm")
     lq_only = unipelt.compile(model, {"version": 1, "modules": {"lq": spec["modules"]["lq"]}}).summary().kept
