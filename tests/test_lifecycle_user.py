@@ -436,3 +436,21 @@ def test_train_command_says_what_was_pruned_without_progress(tmp_path, capsys, p
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     layers = report["controllers"]["adapterdrop"]["inference_layers"]
     assert len(layers) == 1 and f"adapterdrop   layers {layers[0]} dropped at inference" in text
+
+
+def test_drop_of_every_branch_is_refused():
+    """`drop: {layers: all}` compiled, and `unipelt train` then died inside backward with a
+    traceback: refused at compile, naming drop.layers; the model is left as it was."""
+    from conftest import Snapshot
+    from unipelt.errors import SpecError
+
+    model, _ = load_model("tiny-llama", task="causal-lm")
+    snap = Snapshot(model)
+    with pytest.raises(SpecError, match=r"drop.layers: drops every branch of the adapter"):
+        unipelt.compile(model, dict(GATED, drop={"layers": "all"}))
+    snap.assert_same()
+    # every layer of one module only, or of every module but a head that still trains: fine
+    unipelt.compile(model, dict(GATED, drop={"layers": "all", "modules": ["adapter"]}), name="a")
+    bert = make_bert()
+    unipelt.compile(bert, {"version": 1, "modules": {**GATED["modules"], "head": {"method": "train", "sites": "head"}},
+                           "drop": {"layers": "all"}})

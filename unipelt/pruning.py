@@ -117,6 +117,12 @@ def apply_spec(handle: AdapterHandle) -> None:
     d = handle.spec.drop
     if d is not None and d.layers is not None:
         set_dropped(handle, inference_drop_layers(handle), refresh=False)
+        if handle.entries and all(e.off for e in handle.entries.values()):
+            # the adapter would compute nothing (the base model), and training it died inside
+            # backward ("element 0 of tensors does not require grad")
+            raise SpecError("drops every branch of the adapter: it would compute nothing (to run the base model, "
+                            "deactivate the adapter); keep at least one layer", source=handle.spec.source,
+                            path="drop.layers")
 
 
 def _freeze_inactive(handle: AdapterHandle) -> None:
