@@ -157,11 +157,18 @@ def unipelt_attach_branch(model, state, site, entry, graph, registry):
             raise SpecError(f"adapter {name!r} has no branch at {site.site} of layer {site.layer}; fuse it where "
                             "it has one (`layers:` of the fusion)", source=source, path=f"{path}[{i}]")
     # only the fusion layer trains: the fused adapters are frozen while it is attached (each
-    # entry records what it froze itself, so the flags come back whatever the detach order)
+    # entry records what it froze itself, so the flags come back whatever the detach order).
+    # Base tensors the fusion's own spec trains in place (its `train` at `head`, which `unipelt
+    # train` adds for classification) stay trainable although a fused adapter trained the same
+    # tensor: the target task's head trains with the fusion, as in the paper; freezing it here
+    # (the head attaches before the fusion layers) left the added head silently untrained.
+    from unipelt_plugins.params import in_place_parameters
+
+    own = {id(p) for bp in graph.branches for p in in_place_parameters(bp.method.name, bp.site)}
     saved = []
     for name in fuses:
         for p in state.handles[name].parameters():
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in own:
                 saved.append(p)
                 p.requires_grad_(False)
     entry.saved = saved

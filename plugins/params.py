@@ -75,11 +75,17 @@ def unipelt_methods():
     return METHODS
 
 
+def in_place_parameters(method_name: str, site) -> list[nn.Parameter]:
+    """The base tensors a ``bitfit`` / ``train`` branch at ``site`` trains in place (empty for any
+    other method): AdapterFusion reads them to leave its own head trainable."""
+    if method_name not in ("bitfit", "train"):
+        return []
+    return [p for _, p in _select(site.module, "bias" if method_name == "bitfit" else site.select)]
+
+
 @hookimpl
 def unipelt_build_branch(method, config, node, site, model):
     if method.name not in ("bitfit", "train"):
         return None
     select = "bias" if method.name == "bitfit" else site.select
-    if method.name == "bitfit" and site.site != "bias":
-        select = "bias"
     return ParamSelection(site.module, select)

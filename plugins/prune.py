@@ -42,11 +42,17 @@ class GatePruning:
         for key, gp in handle.graph.gates.items():
             node = gp.users[0].split(".", 1)[0] if gp.users else None
             rule = spec.prune_for(node) if node else None
+            # a gate shared with a module exempt from pruning (`prune: false`) is never pruned:
+            # its branches go together, and the exempt module's would go with them
+            nodes = {u.split(".", 1)[0] for u in gp.users}
+            if any(spec.modules[n].prune is False for n in nodes if n in spec.modules):
+                continue
             if rule is not None and key not in spec.collapsed:
                 self.rules[key] = rule
         self.below: dict[str, int] = {}
         self.window: dict[str, list[float]] = {}
         self.pending: list[dict] = []
+        self.kept_last: set[str] = set()  # gates kept because their branches are the last to train
         self.limit = budget_limit(handle, base_param_count(handle.model))
         self.count = spec.budget.count if spec.budget is not None else "kept"
 
@@ -62,7 +68,10 @@ class GatePruning:
             w = self.window.setdefault(key, [])
             w.append(m)
             del w[:-rule.patience]
-            self.below[key] = self.below.get(key, 0) + 1 if m < rule.epsilon else 0
+            # the closed steps are counted from min_step on: a warm-up's gates are not evidence
+            # (counted before it, a gate closed during warm-up was pruned at min_step itself)
+            counted = m < rule.epsilon and step >= rule.min_step
+            self.below[key] = self.below.get(key, 0) + 1 if counted else 0
         closed = [k for k, rule in self.rules.items() if self._live(k) and step >= rule.min_step
                   and self.below.get(k, 0) >= rule.patience]
         for key in closed:
@@ -122,8 +131,37 @@ class GatePruning:
             w = self.window[key]
             self._prune(key, step, sum(w) / len(w), "over budget")
 
+    def _leaves_nothing_to_train(self, users: list[str]) -> bool:
+        """Whether pruning ``users`` leaves no branch of the adapter with a parameter to train
+        (every gate closed, or a budget below the cheapest branch): the next backward then had no
+        graph and training died with a traceback ("element 0 of tensors does not require grad")."""
+        gone = set(users)
+        for k, e in self.handle.entries.items():
+            if k in gone or e.pruned:
+                continue
+            params = ([p for _, p in e.branch.external_parameters()] if hasattr(e.branch, "external_parameters")
+                      else list(e.branch.parameters()))
+            if e.gate is not None:
+                params += list(e.gate.parameters())
+            if any(p.requires_grad for p in params):
+                return False
+        return True
+
     def _prune(self, key: str, step: int, mean: float | None, reason: str) -> None:
         users = [u for u in self.handle.graph.gates[key].users if u not in self.handle.spec.pruned]
+        if users and self._leaves_nothing_to_train(users):
+            if key not in self.kept_last:
+                # said once: the rule would fire again every step
+                self.kept_last.add(key)
+                bp = next(b for b in self.handle.graph.branches if b.key == users[0])
+                self.pending.append({"step": step, "event": "kept", "module": bp.node.name, "layer": bp.site.layer,
+                                     "site": bp.site.site, "branch": ", ".join(users),
+                                     "gate_mean": None if mean is None else round(float(mean), 6),
+                                     "reason": f"{reason}, but the last branch left to train: kept"
+                                               + (f" (budget {self.limit:,} not reachable)" if reason == "over budget"
+                                                  else ""),
+                                     "active_params": self._active()})
+            return
         for k in prune(self.handle, users):
             bp = next(b for b in self.handle.graph.branches if b.key == k)
             self.pending.append({"step": step, "event": "pruned", "module": bp.node.name, "layer": bp.site.layer,
@@ -234,7 +272,7 @@ class AdapterDrop:
 def unipelt_training_controllers(handle):
     spec = handle.spec
     out = []
-    if spec.prune is not None or any(m.prune is not None for m in spec.modules.values()):
+    if spec.prune is not None or any(m.prune not in (None, False) for m in spec.modules.values()):
         out.append(GatePruning(handle))
     d = spec.drop
     if d is not None and (d.random is not False or d.lowest is not None):

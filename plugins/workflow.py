@@ -120,6 +120,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     p = report["params"]
     print(f"trainable     {p['trainable']:,} parameters ({p['kept']:,} kept after training, "
           f"{p['percent_of_base']:.3f}% of the base)")
+    # what gate pruning and AdapterDrop decided: in the progress output only while it is shown,
+    # so a --no-progress run said nothing of it outside report.json
+    ctl = report.get("controllers") or {}
+    pruned = (ctl.get("prune") or {}).get("pruned") or []
+    if pruned:
+        shown = ", ".join(pruned[:8]) + (f", ... ({len(pruned) - 8} more)" if len(pruned) > 8 else "")
+        print(f"pruned        {len(pruned)} branch(es) during training ({ctl['prune']['active_params']:,} parameters "
+              f"active): {shown}; events in report.json (controllers.prune)")
+    dropped = (ctl.get("adapterdrop") or {}).get("inference_layers") or []
+    if dropped:
+        print(f"adapterdrop   layers {', '.join(map(str, dropped))} dropped at inference (saved in the adapter's spec)")
     if report["resumed_from"]:
         print(f"resumed from  {report['resumed_from']}")
     if report["compile"]["mode"]:
@@ -247,15 +258,57 @@ def cmd_gates(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 # collapse
 # ------------------------------------------------------------------------------------------
+def _read_calibration(args):
+    """Calibration data for ``collapse``: the model's inputs only. For a classifier whose labels
+    training recorded, rows need no label and any label is accepted (read as plain text: a file
+    of unlabelled text used to be refused with "missing field 'label'"); the rows carry the first
+    class as a placeholder for the encoder, and the labels are never used."""
+    import dataclasses
+
+    from unipelt.train import training_info
+
+    info = training_info(args.adapter)
+    labels = info.get("labels") or []
+    if (args.task or info.get("task")) != "classification" or not labels:
+        return _read_for_adapter(args)
+    data = _read(args.data, args, "causal-lm", _fields(args, info.get("fields")))  # the text field only
+    return [dataclasses.replace(ex, label=labels[0]) for ex in data], True
+
+
+def _number(text: str, ok, what: str, kind=float):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value != value or not ok(value):  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+# collapse's thresholds: a negative tolerance or a --closed of 2 (which prunes every branch) was
+# taken as given, and --max-examples 0 silently meant all of them
+def _gate_value(text: str) -> float:
+    return _number(text, lambda v: 0.0 <= v <= 1.0, "a gate value in [0, 1]")
+
+
+def _non_negative(text: str) -> float:
+    return _number(text, lambda v: 0.0 <= v < float("inf"), "a finite number >= 0")
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, lambda v: v >= 1, "a positive integer", kind=int)
+
+
 def cmd_collapse(args: argparse.Namespace) -> int:
     """Collapse a gated adapter on calibration data (unipelt.collapse) and save it to --out."""
     from unipelt import io
-    from unipelt.collapse import CollapseError, forward_time
+    from unipelt.collapse import CollapseError, forward_times
     from unipelt.state import get_state
+    from unipelt.train import record_training_info
     from unipelt.training.inputs import batches, check_max_length, encode, pad_id
 
     dest = io.check_output_path(args.out, kind="dir", what="unipelt adapter directory", replaces=io.is_adapter_dir)
-    data, chat = _read_for_adapter(args)
+    data, chat = _read_calibration(args)
     if args.max_examples:
         data = data[:args.max_examples]
     model, tok, handle, info = _adapted(args, data)
@@ -270,20 +323,34 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     model.eval()
     state = get_state(model)
     active = set(state.ctx.active)
-    state.set_active(set())  # the base model alone
-    t_base = forward_time(model, calib)
-    state.set_active(active)
-    t_gated = forward_time(model, calib)
+
+    def base() -> None:
+        state.set_active(set())  # the base model alone
+
+    def adapted() -> None:
+        state.set_active(active)
+
+    # each variant timed in rounds interleaved with the base model's, and its ratio taken against
+    # the base rounds it was interleaved with (timed one after the other, a shared machine once
+    # made the base model look slower than the gated one)
+    before = forward_times(model, calib, {"base": base, "gated": adapted})
+    adapted()
     try:
         rep = handle.collapse(calib, closed=args.closed, spread=args.spread, tolerance=args.tolerance,
                               merge=not args.no_merge)
     except CollapseError as e:
         raise CollapseError(f"{args.adapter}: {e}; nothing written") from None
-    t_collapsed = forward_time(model, calib)
+    after = forward_times(model, calib, {"base": base, "collapsed": adapted})
+    adapted()
+    # the collapsed adapter keeps what training recorded (model, task, labels, field names, max
+    # length), so eval, gates and a second collapse need no repeated flags, as on the original
+    record_training_info(handle, info)
     handle.save(dest)
+    t_base, t_gated, t_collapsed = before["base"], before["gated"], after["collapsed"]
+    gated_x, collapsed_x = t_gated / max(t_base, 1e-12), t_collapsed / max(after["base"], 1e-12)
     result = dict(rep.to_dict(), adapter=args.adapter, out=str(dest), examples=len(rows),
                   seconds={"base": t_base, "gated": t_gated, "collapsed": t_collapsed},
-                  collapsed_over_base=t_collapsed / max(t_base, 1e-12))
+                  gated_over_base=gated_x, collapsed_over_base=collapsed_x)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -296,9 +363,12 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     print(f"output diff   max |gated - collapsed| = {rep.max_abs_diff:.3g} (outputs up to {rep.ref_max_abs:.3g})"
           + (f", tolerance {args.tolerance:g}" if args.tolerance is not None else ""))
     print(f"parameters    {rep.params_before:,} -> {rep.params_after:,} kept"
+          + (f" ({rep.merged_params:,} of them in merged LoRA: no inference cost, saved to unmerge)"
+             if rep.merged_params else "")
           + (f" (and {rep.dropped_reparameterization:,} training-only dropped)" if rep.dropped_reparameterization else ""))
-    print(f"forward       base {t_base * 1e3:.2f} ms, gated {t_gated * 1e3:.2f} ms, collapsed {t_collapsed * 1e3:.2f} ms "
-          f"per pass over the calibration data ({t_collapsed / max(t_base, 1e-12):.2f}x base)")
+    print(f"forward       base {t_base * 1e3:.2f} ms, gated {t_gated * 1e3:.2f} ms ({gated_x:.2f}x base), collapsed "
+          f"{t_collapsed * 1e3:.2f} ms ({collapsed_x:.2f}x base) per pass over the calibration data (each timed "
+          "interleaved with the base model)")
     print(f"adapter       {dest}")
     return 0
 
@@ -424,14 +494,15 @@ def unipelt_add_commands(subparsers):
     c.add_argument("--data", required=True, help="calibration data: " + data_help)
     c.add_argument("--out", required=True, help="output adapter directory")
     _data_options(c, trained=True)
-    c.add_argument("--tolerance", type=float, help="refuse (write nothing) if max |gated - collapsed| output exceeds this")
-    c.add_argument("--closed", type=float, default=0.01, help="a gate whose largest value is at most this is closed "
-                                                              "(default: 0.01)")
-    c.add_argument("--spread", type=float, default=0.02, help="a gate whose values vary by at most this becomes a "
-                                                              "constant (default: 0.02)")
+    c.add_argument("--tolerance", type=_non_negative, help="refuse (write nothing) if max |gated - collapsed| output "
+                                                          "exceeds this")
+    c.add_argument("--closed", type=_gate_value, default=0.01, help="a gate whose largest value is at most this is "
+                                                                    "closed, in [0, 1] (default: 0.01)")
+    c.add_argument("--spread", type=_gate_value, default=0.02, help="a gate whose values vary by at most this becomes "
+                                                                    "a constant, in [0, 1] (default: 0.02)")
     c.add_argument("--no-merge", action="store_true", help="keep LoRA with a constant gate unmerged")
-    c.add_argument("--max-examples", type=int, help="use the first N calibration examples")
-    c.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
+    c.add_argument("--max-examples", type=_positive_int, help="use the first N calibration examples")
+    c.add_argument("--batch-size", type=_positive_int, default=16, help="examples per batch (default: 16)")
     c.add_argument("--max-length", type=int, help="default: the one used in training, else 256")
     c.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     c.add_argument("--json", action="store_true", help="print the result as JSON")

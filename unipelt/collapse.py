@@ -58,6 +58,7 @@ class CollapseReport:
     kept_gates: list[str] = field(default_factory=list)  # gates still computed
     params_before: int = 0
     params_after: int = 0
+    merged_params: int = 0  # of params_after: the merged branches' (saved unmerged, no inference cost)
     max_abs_diff: float = 0.0
     ref_max_abs: float = 0.0
     dropped_reparameterization: int = 0
@@ -66,6 +67,7 @@ class CollapseReport:
     def to_dict(self) -> dict:
         return {"pruned": self.pruned, "constant": self.constant, "merged": self.merged,
                 "kept_gates": self.kept_gates, "params_before": self.params_before, "params_after": self.params_after,
+                "merged_params": self.merged_params,
                 "max_abs_diff": self.max_abs_diff, "ref_max_abs": self.ref_max_abs,
                 "dropped_reparameterization": self.dropped_reparameterization,
                 "gates": {k: {"min": s.low, "max": s.high, "mean": s.mean} for k, s in self.stats.items()}}
@@ -183,6 +185,9 @@ def collapse(handle, calibration_batches: Iterable, *, closed: float = 0.01, spr
              tolerance: float | None = None, merge: bool = True) -> CollapseReport:
     """See the module docstring. ``calibration_batches``: model inputs (dicts of tensors, or id
     tensors). Returns a :class:`CollapseReport`; raises :class:`CollapseError` beyond ``tolerance``."""
+    for name, value, top in (("closed", closed, 1.0), ("spread", spread, 1.0), ("tolerance", tolerance, float("inf"))):
+        if value is not None and not 0.0 <= value <= top:  # NaN fails too
+            raise ValueError(f"collapse: {name} must be in [0, {top:g}], got {value!r}")
     batches = list(calibration_batches)
     if not batches:
         raise ValueError("collapse needs at least one calibration batch")
@@ -245,27 +250,42 @@ def _collapse(handle, batches: list, *, closed: float, spread: float, merge: boo
     state.refresh()
     if merge:
         rep.merged = handle.merge()["merged"]
-    rep.kept_gates = [k for k in handle.graph.gates if k not in handle.spec.collapsed and not gate_is_off(handle, k)]
+    # a gate is still computed if a branch it gates is: not one whose branches are all pruned or
+    # dropped (AdapterDrop's fixed layers), which the command counted as "still gated"
+    rep.kept_gates = [k for k, gp in handle.graph.gates.items() if k not in handle.spec.collapsed
+                      and any(not handle.entries[u].off for u in gp.users)]
     after = outputs(handle.model, batches)
     rep.max_abs_diff = output_difference(before, after, batches)
     rep.ref_max_abs = max(float(x.abs().max()) for x in before)
     rep.params_after = handle.summary().kept
+    rep.merged_params = sum(p.numel() for k in rep.merged for p in handle.branch_modules[k].parameters())
     return rep
 
 
 @torch.no_grad()
 def forward_time(model: nn.Module, batches: list, repeats: int = 3) -> float:
     """Median seconds of one pass over ``batches`` (after one warm-up pass)."""
-    times = []
+    return forward_times(model, batches, {"model": lambda: None}, repeats=repeats)["model"]
+
+
+@torch.no_grad()
+def forward_times(model: nn.Module, batches: list, setups: dict, repeats: int = 3) -> dict[str, float]:
+    """Median seconds of one pass over ``batches`` per setup (name -> a callable that puts the
+    model in that state), the setups interleaved round by round after one warm-up round: timed
+    one after the other, a slower stretch of a shared machine (or the first calls' warm-up) lands
+    on one variant and the ratio means nothing (the command once printed the base model slower
+    than the gated one)."""
+    times: dict[str, list[float]] = {name: [] for name in setups}
     for i in range(repeats + 1):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for b in batches:
-            _call(model, b)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+        for name, setup in setups.items():
+            setup()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for b in batches:
+                _call(model, b)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}

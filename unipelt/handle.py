@@ -315,7 +315,8 @@ class AdapterHandle:
             )
 
     def _prunes_to_budget(self) -> bool:
-        return any(p is not None and p.to_budget for p in [self.spec.prune] + [m.prune for m in self.spec.modules.values()])
+        return any(p is not None and p is not False and p.to_budget
+                   for p in [self.spec.prune] + [m.prune for m in self.spec.modules.values()])
 
     def _unprunable(self, s: Summary, count: str) -> int:
         """Active parameters that budget pruning cannot remove: branches without a gate (or whose

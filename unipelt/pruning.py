@@ -94,6 +94,18 @@ def check_spec(spec, graph) -> None:
         if len(vals) != width:
             raise SpecError(f"gate {k!r} has {width} output(s), got {len(vals)} value(s)", source=spec.source,
                             path=f"collapsed.{k}")
+    d = spec.drop
+    if d is not None and d.lowest is not None:
+        # dropping every layer that has branches leaves training nothing to compute: the first
+        # step after the ranking failed inside backward ("element 0 of tensors does not require grad")
+        mods = set(d.modules) or None
+        layers = {bp.site.layer for bp in graph.branches
+                  if bp.site.layer is not None and (mods is None or bp.node.name in mods)}
+        if d.lowest >= len(layers):
+            raise SpecError(f"{d.lowest} would drop every one of the {len(layers)} layer(s) that have "
+                            f"branches{' of ' + ', '.join(sorted(mods)) if mods else ''}; at most "
+                            f"{max(len(layers) - 1, 0)} (a layer must keep its branches to be trained)",
+                            source=spec.source, path="drop.lowest")
 
 
 def apply_spec(handle: AdapterHandle) -> None:
@@ -105,6 +117,12 @@ def apply_spec(handle: AdapterHandle) -> None:
     d = handle.spec.drop
     if d is not None and d.layers is not None:
         set_dropped(handle, inference_drop_layers(handle), refresh=False)
+        if handle.entries and all(e.off for e in handle.entries.values()):
+            # the adapter would compute nothing (the base model), and training it died inside
+            # backward ("element 0 of tensors does not require grad")
+            raise SpecError("drops every branch of the adapter: it would compute nothing (to run the base model, "
+                            "deactivate the adapter); keep at least one layer", source=handle.spec.source,
+                            path="drop.layers")
 
 
 def _freeze_inactive(handle: AdapterHandle) -> None:

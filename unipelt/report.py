@@ -57,6 +57,11 @@ def report_dict(handle: AdapterHandle, base_params: int | None = None) -> dict:
         limit = b.max_params if b.max_params is not None else int(b.fraction * summary.base_params)
         used = summary.kept if b.count == "kept" else summary.training
         budget = {"limit": limit, "used": used, "count": b.count, "ok": used <= limit}
+        if used > limit and handle._prunes_to_budget():
+            # compile accepted it: training prunes toward the budget (`to_budget`); say so, with
+            # what pruning cannot remove, instead of a bare EXCEEDED on a spec that compiled
+            budget["to_budget"] = True
+            budget["unprunable"] = handle._unprunable(summary, b.count)
     return {
         "architecture": {
             "name": info.arch.name, "model_type": info.model_type, "model_class": type(handle.model).__name__,
@@ -115,7 +120,11 @@ def report_text(handle: AdapterHandle, base_params: int | None = None) -> str:
         out.append("budget        none set")
     else:
         b = r["budget"]
-        out.append(f"budget        {b['used']:,} / {b['limit']:,} ({b['count']}): {'OK' if b['ok'] else 'EXCEEDED'}")
+        if b.get("to_budget"):
+            out.append(f"budget        {b['used']:,} / {b['limit']:,} ({b['count']}): over now; training prunes the "
+                       f"lowest gates toward it (to_budget; {b['unprunable']:,} cannot be pruned)")
+        else:
+            out.append(f"budget        {b['used']:,} / {b['limit']:,} ({b['count']}): {'OK' if b['ok'] else 'EXCEEDED'}")
     out += ["", f"fusion groups (branches and gates reading one tensor: one launch each; executor {r['executor']})"]
     if not r["fusion_groups"]:
         out.append("  none (no tensor is read by more than one branch)")

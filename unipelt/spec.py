@@ -199,7 +199,7 @@ class ModuleSpec:
     # the field path of each site as written (``modules.x.site``, ``modules.x.sites[1]``), so
     # that errors found later, against a model, name the field the user wrote
     site_paths: list[str] = field(default_factory=list)
-    prune: PruneSpec | None = None
+    prune: PruneSpec | Literal[False] | None = None  # False: never pruned
 
 
 @dataclass
@@ -241,7 +241,8 @@ class DropSpec:
     """AdapterDrop (Rücklé et al., 2021): the branches of ``modules`` (default: every module) at
     the chosen layers are not computed.
 
-    layers: the layers dropped at inference (and in training unless ``random``).
+    layers: the layers dropped at inference (and in training unless ``random``); none with
+      ``random`` alone.
     lowest: instead of ``layers``: the ``lowest`` layers by the gradient-norm ranking
       g_l = ||dL/dTheta_l|| that training accumulates over its first ``rank_steps`` steps; then
       fixed (the spec's ``drop.layers`` records the choice, so the saved adapter loads with it).
@@ -284,6 +285,8 @@ class Spec:
     def prune_for(self, node: str) -> PruneSpec | None:
         """The pruning rule of module ``node``: its own ``prune:``, else the spec's."""
         m = self.modules.get(node)
+        if m is not None and m.prune is False:
+            return None  # `modules.x.prune: false`: this module is never pruned
         return m.prune if m is not None and m.prune is not None else self.prune
 
 
@@ -792,7 +795,9 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
                 gate_ref = graw
             else:
                 gate = _parse_gate(graw, source=source, path=f"{p}.gate")
-        node_prune = _parse_prune(node["prune"], source=source, path=f"{p}.prune") if node.get("prune") is not None else None
+        # `prune: false` on a module exempts it from the spec's rule (a gated KV prefix, say)
+        node_prune = (False if node.get("prune") is False else
+                      _parse_prune(node["prune"], source=source, path=f"{p}.prune") if node.get("prune") is not None else None)
         modules[name] = ModuleSpec(
             name=name, method=method_name, sites=list(site_list), layers=layers, config=config,
             params=params, gate=gate, gate_ref=gate_ref,
@@ -870,7 +875,7 @@ def parse_spec(spec: str | os.PathLike | dict | Spec, registry: Registry | None 
     prune = _parse_prune(data["prune"], source=source, path="prune") if data.get("prune") is not None else None
     drop = _parse_drop(data["drop"], modules, source=source) if data.get("drop") is not None else None
     for where, ps in [("prune", prune)] + [(f"modules.{n}.prune", m.prune) for n, m in modules.items()]:
-        if ps is not None and ps.to_budget and budget is None:
+        if isinstance(ps, PruneSpec) and ps.to_budget and budget is None:
             raise SpecError("to_budget prunes toward the spec's budget, and the spec sets none: add "
                             "'budget: {max_params: N}' (or fraction)", source=source, path=f"{where}.to_budget")
     pruned = _parse_pruned(data.get("pruned"), modules, source=source)
@@ -893,8 +898,12 @@ def _parse_drop(value: Any, modules: dict[str, ModuleSpec], *, source: str | Non
     path = "drop"
     value = _expect_mapping(value, source=source, path=path)
     _unknown(value, ("layers", "lowest", "rank_steps", "random", "modules"), source=source, path=path)
-    if ("layers" in value) == ("lowest" in value):
-        raise SpecError("give exactly one of 'layers' (indices) or 'lowest' (a count, ranked by gradient norm)",
+    # `random` alone is the paper's robust training with nothing dropped at inference (it needed a
+    # `layers:` of inference layers, and an empty list is not a layer selection)
+    random_alone = "random" in value and value["random"] is not False and "layers" not in value and "lowest" not in value
+    if ("layers" in value) == ("lowest" in value) and not random_alone:
+        raise SpecError("give exactly one of 'layers' (indices) or 'lowest' (a count, ranked by gradient norm), or "
+                        "'random' alone (dropped at random while training, nothing dropped at inference)",
                         source=source, path=path)
     layers = _parse_layers(value["layers"], source=source, path=f"{path}.layers") if "layers" in value else None
     lowest = value.get("lowest")
