@@ -141,6 +141,7 @@ PRUNE_VARIANTS: dict[str, tuple[str, float] | tuple[str, float, object]] = {
     "UniPELT (APL) prefix lr_scale=0.03 pruned to half": ("unipelt.yaml", 0.5, _scale("prefix", 0.03)),
 }
 HEAD_LR_SCALE = [1.0]  # set from --head-lr-scale (the classifier head's lr_scale in every PEFT spec)
+NODE_LR_SCALES: dict[str, float] = {}  # set from --lr-scale (a node's lr_scale in every spec that has it)
 LR_GRID = {
     "cls": {"full fine-tuning": [2e-5, 5e-5, 1e-4], "head only": [1e-3, 3e-3, 1e-2], None: [1e-3, 3e-3, 1e-2]},
     "lm": {None: [3e-4, 1e-3, 3e-3]},
@@ -168,6 +169,9 @@ def spec_for(name: str, task: str, scales: dict[str, float] | None = None) -> di
     data = copy.deepcopy(load_spec_data(ROOT / "specs" / source)[0])
     if edit is not None:
         data = edit(data)
+    for node, value in NODE_LR_SCALES.items():  # --lr-scale node=value: over the method's own
+        if node in data.get("modules", {}):
+            data["modules"][node]["lr_scale"] = value
     if task == "cls":
         data["modules"]["head"] = dict(HEAD)  # a new classifier head is trained by every PEFT method
         if HEAD_LR_SCALE[0] != 1.0:  # --head-lr-scale: the head's rate = this x the run's
@@ -451,6 +455,9 @@ def main():
     ap.add_argument("--methods", help="comma-separated; default: every method of the task (variants: see VARIANTS)")
     ap.add_argument("--head-lr-scale", type=float, default=1.0,
                     help="cls: the new classifier head learns at this x the run's rate (spec lr_scale on the head)")
+    ap.add_argument("--lr-scale", default="",
+                    help="node=value,...: set these modules' lr_scale in every spec that has them (e.g. "
+                         "prefix=0.03,adapter=0.3), after the method's own edits")
     ap.add_argument("--dev-every-seed", action="store_true",
                     help="score dev on every seed, not only on the selection seed 0 (runs[i]['dev']): tells on dev "
                          "alone whether a configuration learns on every seed")
@@ -477,6 +484,12 @@ def main():
 
     task = args.task
     HEAD_LR_SCALE[0] = args.head_lr_scale
+    for item in filter(None, (v.strip() for v in args.lr_scale.split(","))):
+        node, _, value = item.partition("=")
+        try:
+            NODE_LR_SCALES[node.strip()] = float(value)
+        except ValueError:
+            ap.error(f"--lr-scale: expected node=number, got {item!r}")
     args.model = args.model or ("minilm" if task == "cls" else "smollm2")
     args.out = args.out or ROOT / "benchmarks" / f"quality-{task}.json"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -499,6 +512,7 @@ def main():
     results = {"task": task, "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
                "torch": torch.__version__, "model": args.model, "steps": args.steps, "batch_size": args.batch_size,
                "lr_grid": args.lrs or "default", "head_lr_scale": args.head_lr_scale,
+               "lr_scales": NODE_LR_SCALES,
                "sizes": {"train": len(full), "dev": len(dev), "test": len(test)}, "labels": labels, "k": {}}
     for k in (args.ks.split(",") if task == "cls" else ["all"]):
         def sample(seed):

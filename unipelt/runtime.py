@@ -79,6 +79,7 @@ class ForwardContext:
     # executor) see one subset object and share its x·[A|w_gate]ᵀ as they do outside mixed batches
     seg: str | None = None
     seg_rows: list = field(default_factory=list)
+    seg_mean_weights: dict = field(default_factory=dict)  # adapter -> its rows' masked-mean weights
 
     def clear(self) -> None:
         """Forget the tensors of the last call."""
@@ -86,6 +87,7 @@ class ForwardContext:
         self.stash.clear()
         self.group_out.clear()
         self.seg_rows.clear()
+        self.seg_mean_weights.clear()
         self.mean_weights = None
 
     def rows_of(self, t: Tensor, name: str) -> Tensor:
@@ -701,8 +703,8 @@ class Host:
         saved_weights = ctx.mean_weights
         try:
             for name in touched:
-                # the masked-mean weights are made per segment (their batch is the segment's)
-                ctx.seg, ctx.mean_weights = name, None
+                # the masked-mean weights are the segment's own (its rows' mask), made once a call
+                ctx.seg, ctx.mean_weights = name, ctx.seg_mean_weights.get(name)
                 cur = y.index_select(0, rows.index(name).to(y.device))
                 for rt in runtimes:
                     src = ctx.stash.get(rt.site_key) if rt.reads_stash else x
@@ -710,6 +712,8 @@ class Host:
                     if got is not None:
                         cur = got
                 segments[name] = cur
+                if ctx.mean_weights is not None:
+                    ctx.seg_mean_weights[name] = ctx.mean_weights
         finally:
             ctx.seg, ctx.mean_weights = None, saved_weights
         if len(touched) == 1:
