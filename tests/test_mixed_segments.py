@@ -156,3 +156,33 @@ def test_compiled_segments_equal_eager_without_recompiling(arch, placement):
             assert frames >= 1
         assert counter.frame_count == frames, f"assignment {names} recompiled the forward"
     torch._dynamo.reset()
+
+
+def test_gate_statistics_of_a_mixed_batch_are_each_adapters_own_rows():
+    """What gate pruning reads (ctx.gate_log: each gate's mean per step) for a LoRA or adapter
+    gate in a mixed batch is that adapter's rows' mean, as in a call of the adapter alone on them
+    (over the whole batch, before segments, it mixed in the other adapters' rows). Prefix gates are
+    still evaluated on the whole batch (attention serves every adapter's prefix side by side)."""
+    from unipelt.state import get_state
+
+    model, handles = three_adapters("bert", "ffn.res")
+    model.eval()
+    ctx = get_state(model).ctx
+    batch = make_batch(batch=6, length=7, lengths=(7, 5, 3, 6, 4, 7))
+
+    def logged(**kw):
+        ctx.gate_log = []
+        with torch.no_grad():
+            model(**kw)
+        log, ctx.gate_log = ctx.gate_log, None
+        return {(a, k): m for a, k, m in log if not k.startswith("prefix")}
+
+    mixed = logged(**batch, adapter_names=NAMES)
+    assert {a for a, _ in mixed} == {"a", "b", "c"}
+    for n in "abc":
+        rows = [i for i, m in enumerate(NAMES) if m == n]
+        unipelt.set_adapter(model, n)
+        alone = logged(**sub_batch(batch, rows))
+        assert alone and set(alone) == {key for key in mixed if key[0] == n}
+        for key, m in alone.items():
+            torch.testing.assert_close(mixed[key], m, atol=1e-6, rtol=1e-5)
