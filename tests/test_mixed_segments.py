@@ -159,10 +159,9 @@ def test_compiled_segments_equal_eager_without_recompiling(arch, placement):
 
 
 def test_gate_statistics_of_a_mixed_batch_are_each_adapters_own_rows():
-    """What gate pruning reads (ctx.gate_log: each gate's mean per step) for a LoRA or adapter
-    gate in a mixed batch is that adapter's rows' mean, as in a call of the adapter alone on them
-    (over the whole batch, before segments, it mixed in the other adapters' rows). Prefix gates are
-    still evaluated on the whole batch (attention serves every adapter's prefix side by side)."""
+    """What gate pruning reads (ctx.gate_log: each gate's mean per step) for every gate in a mixed
+    batch (LoRA, prefix, adapter) is that adapter's rows' mean, as in a call of the adapter alone
+    on them (over the whole batch, before segments, it mixed in the other adapters' rows)."""
     from unipelt.state import get_state
 
     model, handles = three_adapters("bert", "ffn.res")
@@ -175,10 +174,11 @@ def test_gate_statistics_of_a_mixed_batch_are_each_adapters_own_rows():
         with torch.no_grad():
             model(**kw)
         log, ctx.gate_log = ctx.gate_log, None
-        return {(a, k): m for a, k, m in log if not k.startswith("prefix")}
+        return {(a, k): m for a, k, m in log}
 
     mixed = logged(**batch, adapter_names=NAMES)
     assert {a for a, _ in mixed} == {"a", "b", "c"}
+    assert {k.split(".")[0].split("@")[0] for _, k in mixed} == {"lora", "prefix", "adapter"}, sorted(mixed)
     for n in "abc":
         rows = [i for i, m in enumerate(NAMES) if m == n]
         unipelt.set_adapter(model, n)

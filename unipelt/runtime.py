@@ -100,6 +100,18 @@ class ForwardContext:
         self.seg_rows.append((t, name, sub))
         return sub
 
+    def enter_segment(self, name: str) -> Tensor | None:
+        """Branches and gates see adapter ``name``'s rows from now on (its masked-mean weights are
+        its rows' own, made once a call); returns what :meth:`leave_segment` restores."""
+        saved = self.mean_weights
+        self.seg, self.mean_weights = name, self.seg_mean_weights.get(name)
+        return saved
+
+    def leave_segment(self, saved: Tensor | None) -> None:
+        if self.seg is not None and self.mean_weights is not None:
+            self.seg_mean_weights[self.seg] = self.mean_weights
+        self.seg, self.mean_weights = None, saved
+
     def layer_input(self, layer: int | None) -> Tensor | None:
         """The hidden states entering block ``layer`` (the segment's rows inside a segment)."""
         h = self.layer_inputs.get(layer)
@@ -207,19 +219,26 @@ class RowSelection:
         self.adapters = tuple(n for n in self.order if n in present)
         self.device = device
         at = {n: i for i, n in enumerate(self.order)}
-        self.row_ids = torch.tensor([at.get(n, -1) for n in self.names], dtype=torch.long, device=device)
         self._masks: dict[tuple, Tensor] = {}
-        # the segments: each present adapter's rows in row order, then the base rows
+        # the segments: each present adapter's rows in row order, then the base rows (always a
+        # tensor, possibly empty: whether a batch has base rows changes no graph), and the inverse
+        # of that order. Every index of the call travels to the device in one copy (each copy from
+        # a Python list waits for the device's queue); the tensors are slices of it
         groups = {n: [i for i, m in enumerate(self.names) if m == n] for n in self.adapters}
         base = [i for i, m in enumerate(self.names) if m not in groups]
-        self._index = {n: _segment_index(rows, device) for n, rows in groups.items()}
-        # (always a tensor, possibly empty: whether a batch has base rows changes no graph)
-        self.base_rows = _segment_index(base, device)
         perm = [i for rows in groups.values() for i in rows] + base
         inverse = [0] * len(perm)
         for j, i in enumerate(perm):
             inverse[i] = j
-        self.inverse = torch.tensor(inverse, dtype=torch.long, device=device)
+        ids = [at.get(n, -1) for n in self.names]
+        packed = torch.tensor(ids + inverse + perm, dtype=torch.long, device=device)
+        b = self.batch
+        self.row_ids, self.inverse = packed[:b], packed[b:2 * b]
+        self._index, start = {}, 2 * b
+        for n, rows in groups.items():
+            self._index[n] = _segment_index(packed, start, len(rows))
+            start += len(rows)
+        self.base_rows = _segment_index(packed, start, len(base))
 
     def index(self, name: str) -> Tensor:
         """The rows adapter ``name`` serves (a long tensor, ascending)."""
@@ -250,8 +269,10 @@ class RowSelection:
         return m
 
 
-def _segment_index(rows: list[int], device) -> Tensor:
-    t = torch.tensor(rows, dtype=torch.long, device=device)
+def _segment_index(packed: Tensor, start: int, length: int) -> Tensor:
+    # a copy, not a view of ``packed``: the compiled forward would guard on a view's offset, which
+    # moves with the segment sizes (the copy is on the device: no host round trip)
+    t = packed[start:start + length].clone()
     # the segment's length is data: under torch.compile a symbol with no guards (see RowSelection).
     # Made eagerly (the root pre-hook); a selection made inside a traced frame (the prompt rewrite's,
     # specialised on the names anyway) has constant lengths
@@ -700,11 +721,9 @@ class Host:
         if not touched:
             return y
         segments = {}
-        saved_weights = ctx.mean_weights
-        try:
-            for name in touched:
-                # the masked-mean weights are the segment's own (its rows' mask), made once a call
-                ctx.seg, ctx.mean_weights = name, ctx.seg_mean_weights.get(name)
+        for name in touched:
+            saved = ctx.enter_segment(name)
+            try:
                 cur = y.index_select(0, rows.index(name).to(y.device))
                 for rt in runtimes:
                     src = ctx.stash.get(rt.site_key) if rt.reads_stash else x
@@ -712,10 +731,8 @@ class Host:
                     if got is not None:
                         cur = got
                 segments[name] = cur
-                if ctx.mean_weights is not None:
-                    ctx.seg_mean_weights[name] = ctx.mean_weights
-        finally:
-            ctx.seg, ctx.mean_weights = None, saved_weights
+            finally:
+                ctx.leave_segment(saved)
         if len(touched) == 1:
             name = touched[0]
             return y.index_copy(0, rows.index(name).to(y.device), segments[name])
