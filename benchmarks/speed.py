@@ -37,7 +37,11 @@ PEFT's AdaLoRA with the same fields; neither row calls the per-step rank allocat
 adapters on one model, the batch's rows served round-robin by them through ``adapter_names=``,
 all eight trained: issue 12's target is its time at most 1.2x ``lora-r8-qv``'s, one adapter per
 batch; it also runs compiled, fullgraph: the forward reads the rows as a tensor, so one graph serves
-every call). The classifier head stays frozen for every
+every call), ``unipelt-mixed4`` / ``unipelt-mixed8`` (four / eight specs/unipelt.yaml adapters mixed the same
+way, against ``unipelt``: gated methods run as segments, each adapter on its rows). ``--adamw fused``
+(or ``foreach``) sets AdamW's implementation for every row; ``--split-optimizer`` also times eager
+train rows' forward + backward and optimizer step apart (``fwd_bwd_ms``, ``optimizer_ms``). The
+classifier head stays frozen for every
 variant but ``full``: the same work for unipelt and PEFT. On llama the UniPELT gates are causal
 (``pooling: auto`` -> per token); on BERT they pool with the padding-masked mean.
 
