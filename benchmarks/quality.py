@@ -140,6 +140,8 @@ PRUNE_VARIANTS: dict[str, tuple[str, float] | tuple[str, float, object]] = {
     # "UniPELT (APL) prefix lr_scale=0.03"
     "UniPELT (APL) prefix lr_scale=0.03 pruned to half": ("unipelt.yaml", 0.5, _scale("prefix", 0.03)),
 }
+HEAD_LR_SCALE = [1.0]  # set from --head-lr-scale (the classifier head's lr_scale in every PEFT spec)
+NODE_LR_SCALES: dict[str, float] = {}  # set from --lr-scale (a node's lr_scale in every spec that has it)
 LR_GRID = {
     "cls": {"full fine-tuning": [2e-5, 5e-5, 1e-4], "head only": [1e-3, 3e-3, 1e-2], None: [1e-3, 3e-3, 1e-2]},
     "lm": {None: [3e-4, 1e-3, 3e-3]},
@@ -167,8 +169,13 @@ def spec_for(name: str, task: str, scales: dict[str, float] | None = None) -> di
     data = copy.deepcopy(load_spec_data(ROOT / "specs" / source)[0])
     if edit is not None:
         data = edit(data)
+    for node, value in NODE_LR_SCALES.items():  # --lr-scale node=value: over the method's own
+        if node in data.get("modules", {}):
+            data["modules"][node]["lr_scale"] = value
     if task == "cls":
-        data["modules"]["head"] = HEAD  # a new classifier head is trained by every PEFT method
+        data["modules"]["head"] = dict(HEAD)  # a new classifier head is trained by every PEFT method
+        if HEAD_LR_SCALE[0] != 1.0:  # --head-lr-scale: the head's rate = this x the run's
+            data["modules"]["head"]["lr_scale"] = HEAD_LR_SCALE[0]
     return data
 
 
@@ -395,6 +402,8 @@ def _summary(task: str, runs: list[dict]) -> dict:
         out["pruned_modules"] = dict(Counter(k.split(".", 1)[0] for r in runs for k in r.get("pruned", [])))
         out["pruned_per_run"] = statistics.mean(len(r.get("pruned", [])) for r in runs)
     out["ms_per_step"] = 1000 * statistics.median(r["s_per_step"] for r in runs)
+    if task == "cls" and all("dev" in r for r in runs):  # --dev-every-seed
+        out["dev_f1_per_seed"] = [r["dev"]["f1"] for r in runs]
     return out
 
 
@@ -406,7 +415,9 @@ def _line(task: str, k: str, m: str, lr, r: dict) -> str:
         body = f"test ppl {r['ppl_mean']:.2f}±{r['ppl_std']:.2f}"
     pruned = (f"  pruned {r['pruned_per_run']:.1f} branches/run ({', '.join(f'{k} {v}' for k, v in r['pruned_modules'].items())})"
               if r.get("pruned_modules") else "")
-    return f"{head} {body}  params {r['params']:,}  {r['ms_per_step']:.1f} ms/step{pruned}"
+    dev = (f"  dev F1 per seed {', '.join(f'{100*v:.1f}' for v in r['dev_f1_per_seed'])}"
+           if r.get("dev_f1_per_seed") else "")
+    return f"{head} {body}  params {r['params']:,}  {r['ms_per_step']:.1f} ms/step{pruned}{dev}"
 
 
 def report(paths: list[Path]) -> None:
@@ -442,6 +453,14 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--methods", help="comma-separated; default: every method of the task (variants: see VARIANTS)")
+    ap.add_argument("--head-lr-scale", type=float, default=1.0,
+                    help="cls: the new classifier head learns at this x the run's rate (spec lr_scale on the head)")
+    ap.add_argument("--lr-scale", default="",
+                    help="node=value,...: set these modules' lr_scale in every spec that has them (e.g. "
+                         "prefix=0.03,adapter=0.3), after the method's own edits")
+    ap.add_argument("--dev-every-seed", action="store_true",
+                    help="score dev on every seed, not only on the selection seed 0 (runs[i]['dev']): tells on dev "
+                         "alone whether a configuration learns on every seed")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, nargs="+", help="print markdown tables of these result files and exit")
     ap.add_argument("--export-data", type=Path, help="write the JSONL splits into this directory and exit")
@@ -464,6 +483,13 @@ def main():
     from unipelt.models import load_model
 
     task = args.task
+    HEAD_LR_SCALE[0] = args.head_lr_scale
+    for item in filter(None, (v.strip() for v in args.lr_scale.split(","))):
+        node, _, value = item.partition("=")
+        try:
+            NODE_LR_SCALES[node.strip()] = float(value)
+        except ValueError:
+            ap.error(f"--lr-scale: expected node=number, got {item!r}")
     args.model = args.model or ("minilm" if task == "cls" else "smollm2")
     args.out = args.out or ROOT / "benchmarks" / f"quality-{task}.json"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -485,7 +511,8 @@ def main():
     dev_enc, test_enc = enc(dev), enc(test)
     results = {"task": task, "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
                "torch": torch.__version__, "model": args.model, "steps": args.steps, "batch_size": args.batch_size,
-               "lr_grid": args.lrs or "default",
+               "lr_grid": args.lrs or "default", "head_lr_scale": args.head_lr_scale,
+               "lr_scales": NODE_LR_SCALES,
                "sizes": {"train": len(full), "dev": len(dev), "test": len(test)}, "labels": labels, "k": {}}
     for k in (args.ks.split(",") if task == "cls" else ["all"]):
         def sample(seed):
@@ -511,8 +538,15 @@ def main():
                 dev_scores = {_key(pt): r[0] for pt, r in both.items()}
                 best_pt = max(grid, key=lambda pt: _score(task, dev_scores[_key(pt)]))
                 best = _key(best_pt) if isinstance(best_pt, tuple) else best_pt
-                runs = [both[best_pt][1] if s == 0 else run(m, best_pt, s, sample(s), [test_enc], args, device, len(labels))[0]
-                        for s in seeds]
+                runs = []
+                for s in seeds:
+                    if s == 0:
+                        runs.append({**both[best_pt][1], "dev": both[best_pt][0]})
+                    elif args.dev_every_seed:
+                        d, t = run(m, best_pt, s, sample(s), [dev_enc, test_enc], args, device, len(labels))
+                        runs.append({**t, "dev": d})
+                    else:
+                        runs.append(run(m, best_pt, s, sample(s), [test_enc], args, device, len(labels))[0])
             kres[m] = {"lr": best, "dev_by_lr": dev_scores, "runs": runs, **_summary(task, runs)}
             print(_line(task, k, m, best, kres[m]), flush=True)
             results["k"][k] = kres

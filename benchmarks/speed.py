@@ -37,7 +37,11 @@ PEFT's AdaLoRA with the same fields; neither row calls the per-step rank allocat
 adapters on one model, the batch's rows served round-robin by them through ``adapter_names=``,
 all eight trained: issue 12's target is its time at most 1.2x ``lora-r8-qv``'s, one adapter per
 batch; it also runs compiled, fullgraph: the forward reads the rows as a tensor, so one graph serves
-every call). The classifier head stays frozen for every
+every call), ``unipelt-mixed4`` / ``unipelt-mixed8`` (four / eight specs/unipelt.yaml adapters mixed the same
+way, against ``unipelt``: gated methods run as segments, each adapter on its rows). ``--adamw fused``
+(or ``foreach``) sets AdamW's implementation for every row; ``--split-optimizer`` also times eager
+train rows' forward + backward and optimizer step apart (``fwd_bwd_ms``, ``optimizer_ms``). The
+classifier head stays frozen for every
 variant but ``full``: the same work for unipelt and PEFT. On llama the UniPELT gates are causal
 (``pooling: auto`` -> per token); on BERT they pool with the padding-masked mean.
 
@@ -371,6 +375,8 @@ class Variant:
     # orthogonality penalty, as ``unipelt train`` adds it to every micro-batch; PEFT's AdaLoRA
     # model adds its own inside forward)
     regularized: bool = False
+    # "mixed" rows: how many adapters of ``spec`` share the batch, rows round-robin (issue 12)
+    mixed_adapters: int = 8
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
@@ -435,6 +441,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             peft=lambda scn: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": list(scn.peft_all)}),
     Variant("unipelt-triton", "unipelt", "specs/unipelt.yaml (APL, gates live), executor: triton",
             spec=_with("unipelt.yaml", executor="triton")),
+    # issue 12: gated methods in a mixed batch (segments: each adapter's branches on its rows), against
+    # the unipelt row (one adapter per batch)
+    Variant("unipelt-mixed4", "mixed", "4 specs/unipelt.yaml adapters (gates live), rows round-robin (adapter_names)",
+            spec=_spec_file("unipelt.yaml"), mixed_adapters=4),
+    Variant("unipelt-mixed8", "mixed", "8 specs/unipelt.yaml adapters (gates live), rows round-robin (adapter_names)",
+            spec=_spec_file("unipelt.yaml"), mixed_adapters=8),
 ]}
 MIXED_ADAPTERS = 8
 QLORA_VARIANTS = ("qlora-nf4-r16-all", "qlora-nf4-r16-all-triton", "unipelt-nf4-triton", "peft-qlora-nf4-r16-all")
@@ -492,7 +504,7 @@ def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, d
         import unipelt
         from unipelt.train import param_groups
 
-        handles = [unipelt.compile(model, variant.spec(scn), name=f"m{i}") for i in range(MIXED_ADAPTERS)]
+        handles = [unipelt.compile(model, variant.spec(scn), name=f"m{i}") for i in range(variant.mixed_adapters)]
         # one optimizer group per distinct setting (as one adapter has), not eight times as many
         merged: dict[tuple, dict] = {}
         for h in handles:
@@ -501,7 +513,7 @@ def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, d
                 merged.setdefault(key, {**g, "params": []})["params"].extend(g["params"])
         groups = list(merged.values())
         rows = (scn.train_shape if phase == "train" else scn.infer_shape)[0]
-        names = [f"m{i % MIXED_ADAPTERS}" for i in range(rows)]
+        names = [f"m{i % variant.mixed_adapters}" for i in range(rows)]
         return Prepared(model, groups, sum(p.numel() for g in groups for p in g["params"]), handles,
                         call_kwargs={"adapter_names": names})
     if variant.kind == "peft":
@@ -539,6 +551,10 @@ class Settings:
     backend: str
     variant_timeout: float  # seconds per measurement, 0 = none
     gpu_warmup_s: float
+    # issue 12: AdamW's implementation for every row (default: PyTorch's choice, foreach on CUDA),
+    # and whether eager train rows also time forward+backward and the optimizer step apart
+    adamw: str = "default"
+    split_optimizer: bool = False
 
 
 class MeasurementTimeout(BaseException):
@@ -595,6 +611,37 @@ def time_steps(step: Callable[[], None], n: int, device: torch.device) -> list[f
         step()
         out.append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+def _split_optimizer(fn, batch: dict, opt, s: Settings) -> dict[str, float]:
+    """Medians of forward + backward and of AdamW's step + zero_grad over ``s.iters`` train steps
+    (CUDA events between the two parts, no sync inside a step; perf_counter on CPU)."""
+    cuda = s.device.type == "cuda"
+    fb, op = [], []
+    for _ in range(s.iters):
+        if cuda:
+            e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            e[0].record()
+        else:
+            t0 = time.perf_counter()
+        fn(**batch).loss.backward()
+        if cuda:
+            e[1].record()
+        else:
+            t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            e[2].record()
+            fb.append(e)
+        else:
+            t2 = time.perf_counter()
+            fb.append((t1 - t0) * 1e3)
+            op.append((t2 - t1) * 1e3)
+    if cuda:
+        torch.cuda.synchronize(s.device)
+        fb, op = [e[0].elapsed_time(e[1]) for e in fb], [e[1].elapsed_time(e[2]) for e in fb]
+    return {"fwd_bwd_ms": round(statistics.median(fb), 4), "optimizer_ms": round(statistics.median(op), 4)}
 
 
 def _dynamo_stats() -> dict[str, int]:
@@ -655,7 +702,8 @@ def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings
                 raise RuntimeError("reduce-overhead needs the inductor backend")
             kwargs["mode"] = "reduce-overhead"
         fn = torch.compile(model, **kwargs)
-    opt = torch.optim.AdamW(prep.params, lr=LR) if phase == "train" and prep.params else None
+    opt_kwargs = {"fused": True} if s.adamw == "fused" else {"foreach": True} if s.adamw == "foreach" else {}
+    opt = torch.optim.AdamW(prep.params, lr=LR, **opt_kwargs) if phase == "train" and prep.params else None
     vocab = model.get_input_embeddings().num_embeddings
     batch = {**make_batch(scn, phase, vocab, s.device), **prep.call_kwargs}
     mark = mode == "reduce-overhead"  # CUDA graphs: a new step begins, earlier outputs may be overwritten
@@ -701,6 +749,10 @@ def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings
     times = time_steps(step, s.iters, s.device)
     rec["times_ms"] = [round(t, 4) for t in times]
     rec["median_ms"] = round(statistics.median(times), 4)
+    if s.split_optimizer and phase == "train" and opt is not None and mode == "eager":
+        # issue 12 (where a mixed train step's time goes): after the timed steps, as many more with
+        # the optimizer's step + zero_grad timed apart from forward + backward
+        rec.update(_split_optimizer(fn, batch, opt, s))
     if s.device.type == "cuda":
         rec["peak_gib"] = round(torch.cuda.max_memory_allocated(s.device) / 2**30, 4)
     if mode != "eager":
@@ -987,7 +1039,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     settings = Settings(device=device, dtype=dtype,
                         warmup=args.warmup, iters=args.iters, backend=args.backend,
-                        variant_timeout=args.variant_timeout, gpu_warmup_s=args.gpu_warmup_s)
+                        variant_timeout=args.variant_timeout, gpu_warmup_s=args.gpu_warmup_s,
+                        adamw=args.adamw, split_optimizer=args.split_optimizer)
     records: list[dict] = [header(argv, settings, args)]
     out: Path = args.out
     write_jsonl(out, records)
@@ -1292,6 +1345,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="stop starting variants when the end floor would finish after this many seconds (0 = none)")
     p.add_argument("--gpu-warmup-s", type=float, default=5.0, help="seconds of GEMMs before the first measurement")
+    p.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default",
+                   help="AdamW implementation for every row (default: PyTorch's choice, foreach on CUDA)")
+    p.add_argument("--split-optimizer", action="store_true",
+                   help="eager train rows also time forward+backward and AdamW step+zero_grad apart "
+                        "(fwd_bwd_ms, optimizer_ms: as many steps again)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto: bfloat16 on CUDA (the protocol), float32 on CPU")

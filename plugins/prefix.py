@@ -156,7 +156,10 @@ class PrefixBranch(nn.Module):
         query_gate = value_gate = None
         if entry.gate is not None:
             # from the layer's group executor when one computes it (with LoRA's x·A on attn.in)
-            g = gate_value(entry, ctx.stash.get(site_key), ctx).to(dtype)  # (B, T or 1, k)
+            src = ctx.stash.get(site_key)
+            if ctx.seg is not None and src is not None:  # a mixed batch's segment: its rows only
+                src = ctx.rows_of(src, ctx.seg)
+            g = gate_value(entry, src, ctx).to(dtype)  # (B, T or 1, k)
             if g.shape[1] == 1:  # one value per example: scale P_k and P_v directly
                 gk = g[:, 0, 0].view(-1, 1, 1, 1)
                 gv = g[:, 0, -1].view(-1, 1, 1, 1)  # == gk for a shared K/V gate

@@ -274,3 +274,31 @@ def test_method_rows_and_peft_adapt_the_same_layers(scenario):
         (controller,) = prep.model.controllers
         torch.testing.assert_close(total - plain, controller.regularizer())
     assert controller.regularizer() > 0
+
+
+def test_mixed_rows_and_the_optimizer_split(tmp_path):
+    """Issue 12's rows: unipelt-mixed4 trains four specs/unipelt.yaml adapters (four times unipelt's
+    parameters) with the rows round-robin over them; --split-optimizer records forward+backward and
+    the optimizer step apart for eager train rows (and only there), under the AdamW of --adamw."""
+    import torch
+
+    scn = speed.TINY["llama"]
+    cpu = torch.device("cpu")
+    one = speed.prepare(speed.VARIANTS["unipelt"], scn, "train", cpu, torch.float32)
+    four = speed.prepare(speed.VARIANTS["unipelt-mixed4"], scn, "train", cpu, torch.float32)
+    assert four.trainable == 4 * one.trainable > 0
+    rows = scn.train_shape[0]
+    assert four.call_kwargs["adapter_names"] == [f"m{i % 4}" for i in range(rows)]
+
+    out = tmp_path / "split.jsonl"
+    argv = ["--tiny", "--modes", "eager", "--scenarios", "llama", "--variants", "lora-r8-qv-mixed8",
+            "--split-optimizer", "--adamw", "foreach", "--out", str(out)]
+    assert speed.main(argv) == 0
+    recs = [r for r in _lines(out)[1:] if r["variant"] == "lora-r8-qv-mixed8"]
+    assert {r["phase"] for r in recs} == {"train", "infer"}
+    for r in recs:
+        assert r["error"] is None, r
+        if r["phase"] == "train":
+            assert r["fwd_bwd_ms"] > 0 and r["optimizer_ms"] > 0
+        else:
+            assert "fwd_bwd_ms" not in r and "optimizer_ms" not in r

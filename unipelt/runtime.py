@@ -72,17 +72,58 @@ class ForwardContext:
     inplace_why: dict[str, str] = field(default_factory=dict)  # adapter -> why it cannot serve some rows
     embed_solo: dict[str, list] = field(default_factory=dict)  # adapter -> prompt entries of its rows
     row_names: list[str] | None = None  # inside ``with unipelt.adapter_names(model, names)``
+    # a mixed batch's hook point running one adapter's segment (Host._run_rows): the adapter whose
+    # rows the tensors seen by branches and gates are; the batch-shaped state of the call (mask,
+    # layer inputs) is read through :meth:`rows_of` then. ``seg_rows``: the row subsets of this
+    # call, (full tensor, adapter, subset), so the q and v projections of a layer (one group
+    # executor) see one subset object and share its x·[A|w_gate]ᵀ as they do outside mixed batches
+    seg: str | None = None
+    seg_rows: list = field(default_factory=list)
+    seg_mean_weights: dict = field(default_factory=dict)  # adapter -> its rows' masked-mean weights
 
     def clear(self) -> None:
         """Forget the tensors of the last call."""
         self.layer_inputs.clear()
         self.stash.clear()
         self.group_out.clear()
+        self.seg_rows.clear()
+        self.seg_mean_weights.clear()
         self.mean_weights = None
+
+    def rows_of(self, t: Tensor, name: str) -> Tensor:
+        """The rows of ``t`` (batch first) that adapter ``name`` serves in this mixed batch, made
+        once per call for each tensor (index_select: differentiable, gradients go back to t)."""
+        for full, n, sub in self.seg_rows:
+            if full is t and n == name:
+                return sub
+        sub = t.index_select(0, self.rows.index(name).to(t.device))
+        self.seg_rows.append((t, name, sub))
+        return sub
+
+    def enter_segment(self, name: str) -> Tensor | None:
+        """Branches and gates see adapter ``name``'s rows from now on (its masked-mean weights are
+        its rows' own, made once a call); returns what :meth:`leave_segment` restores."""
+        saved = self.mean_weights
+        self.seg, self.mean_weights = name, self.seg_mean_weights.get(name)
+        return saved
+
+    def leave_segment(self, saved: Tensor | None) -> None:
+        if self.seg is not None and self.mean_weights is not None:
+            self.seg_mean_weights[self.seg] = self.mean_weights
+        self.seg, self.mean_weights = None, saved
+
+    def layer_input(self, layer: int | None) -> Tensor | None:
+        """The hidden states entering block ``layer`` (the segment's rows inside a segment)."""
+        h = self.layer_inputs.get(layer)
+        if h is None or self.seg is None:
+            return h
+        return self.rows_of(h, self.seg)
 
     def token_mask(self, batch: int, length: int, device, dtype) -> Tensor | None:
         """The padding mask for the last ``length`` positions, shaped (B, T, 1), or None."""
         m = self.attention_mask
+        if m is not None and m.dim() == 2 and self.seg is not None:
+            m = self.rows_of(m, self.seg)
         if m is None or m.dim() != 2 or m.shape[0] != batch or m.shape[1] < length:
             return None
         return m[:, -length:].to(device=device, dtype=dtype).unsqueeze(-1)
@@ -153,15 +194,21 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 class RowSelection:
     """The rows of one call that each adapter serves (``adapter_names=[...]``, one name per row,
-    ``"__base__"`` for none). Every hook point computes each selected adapter's result on the whole
-    batch and keeps it on that adapter's rows (:meth:`Host.run`), so gates, pooling and masks are
-    those of a single-adapter call and each row's gradient reaches only its own adapter.
+    ``"__base__"`` for none). A hook point runs each selected adapter on its own rows only, one
+    segment per adapter (:meth:`Host._run_rows`): the rows sorted by adapter, each segment's
+    result written back in one gather, so gates, pooling and masks are those of a single-adapter
+    call on those rows and each row's gradient reaches only its own adapter. Plain LoRA at a
+    projection runs as one stacked product over the whole batch instead
+    (:meth:`SiteRuntime._plan_stacked`), prefixes side by side in attention (KVProvider._rows).
 
     ``order`` is every attached adapter in attach order. The forward reads the selection through
-    two things only: ``adapters`` (those present, in that order) and ``row_ids`` (each row's
-    position in ``order``, -1 for a base row), a tensor. Under ``torch.compile`` the captured
-    forward thus depends on which adapters are present, not on which row has which: a new
-    assignment of rows to the same adapters reuses the graph instead of compiling a new one.
+    tensors and the tuple ``adapters`` (those present, in that order) only: ``row_ids`` (each
+    row's position in ``order``, -1 for a base row), each present adapter's row indices
+    (:meth:`index`), the base rows and ``inverse``, the permutation that puts the sorted segments
+    back in row order. The index tensors' lengths are marked *unbacked* for ``torch.compile``:
+    the captured forward neither specialises on a segment's size nor guards on it, so a new
+    assignment of rows to the same adapters reuses the graph instead of compiling a new one
+    (sizes as plain symbols would specialise at 0 and 1 and recompile).
     """
 
     def __init__(self, names: list[str], device, order: tuple[str, ...] | None = None):
@@ -172,8 +219,30 @@ class RowSelection:
         self.adapters = tuple(n for n in self.order if n in present)
         self.device = device
         at = {n: i for i, n in enumerate(self.order)}
-        self.row_ids = torch.tensor([at.get(n, -1) for n in self.names], dtype=torch.long, device=device)
         self._masks: dict[tuple, Tensor] = {}
+        # the segments: each present adapter's rows in row order, then the base rows (always a
+        # tensor, possibly empty: whether a batch has base rows changes no graph), and the inverse
+        # of that order. Every index of the call travels to the device in one copy (each copy from
+        # a Python list waits for the device's queue); the tensors are slices of it
+        groups = {n: [i for i, m in enumerate(self.names) if m == n] for n in self.adapters}
+        base = [i for i, m in enumerate(self.names) if m not in groups]
+        perm = [i for rows in groups.values() for i in rows] + base
+        inverse = [0] * len(perm)
+        for j, i in enumerate(perm):
+            inverse[i] = j
+        ids = [at.get(n, -1) for n in self.names]
+        packed = torch.tensor(ids + inverse + perm, dtype=torch.long, device=device)
+        b = self.batch
+        self.row_ids, self.inverse = packed[:b], packed[b:2 * b]
+        self._index, start = {}, 2 * b
+        for n, rows in groups.items():
+            self._index[n] = _segment_index(packed, start, len(rows))
+            start += len(rows)
+        self.base_rows = _segment_index(packed, start, len(base))
+
+    def index(self, name: str) -> Tensor:
+        """The rows adapter ``name`` serves (a long tensor, ascending)."""
+        return self._index[name]
 
     def mask(self, name: str, dim: int) -> Tensor:
         """A (B, 1, ..., 1) boolean mask of ``name``'s rows, broadcastable to a ``dim``-d tensor."""
@@ -198,6 +267,18 @@ class RowSelection:
             m = m.view(m.shape[0], *([1] * (dim - 2)), m.shape[1])
             self._masks[key] = m
         return m
+
+
+def _segment_index(packed: Tensor, start: int, length: int) -> Tensor:
+    # a copy, not a view of ``packed``: the compiled forward would guard on a view's offset, which
+    # moves with the segment sizes (the copy is on the device: no host round trip)
+    t = packed[start:start + length].clone()
+    # the segment's length is data: under torch.compile a symbol with no guards (see RowSelection).
+    # Made eagerly (the root pre-hook); a selection made inside a traced frame (the prompt rewrite's,
+    # specialised on the names anyway) has constant lengths
+    if not torch.compiler.is_compiling():
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+    return t
 
 
 # ------------------------------------------------------------------------------------------
@@ -236,7 +317,7 @@ def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | No
     layer, shared by every branch using it), else computed from the tensor the gate reads."""
     if e.gate is None:
         return None
-    gx = ctx.layer_inputs.get(e.layer) if e.gate_input == "layer" else src
+    gx = ctx.layer_input(e.layer) if e.gate_input == "layer" else src
     if gx is None:
         raise RuntimeError(f"gate {e.gate_key}: the input of layer {e.layer} was not captured")
     grp = e.gate_group
@@ -625,24 +706,41 @@ class Host:
         return len(self.scalers) > 0 or len(self.row_scalers) > 0
 
     def _run_rows(self, x: Tensor | None, y: Tensor, rows: RowSelection) -> Tensor:
-        """A mixed batch: each selected adapter's result, computed on the whole batch as in a call
-        with only that adapter, kept on its rows (torch.where passes a row's gradient to its own
-        adapter only); the other rows keep the base output."""
+        """A mixed batch, as segments: each selected adapter runs what a call with only that
+        adapter runs here, on its own rows only (x, y, the captured inputs, the mask and the layer
+        inputs its gates read, all index_select-ed to those rows: ``ctx.seg``), so N adapters cost
+        one adapter's branches over the batch, not N. The segments, sorted by adapter, go back to
+        row order in one gather (one index_copy when one adapter has something here); rows of
+        adapters with nothing here and base rows keep the base output. Gradients follow the
+        indexing back to each row's own adapter only."""
         ctx = self.ctx
         runtimes = list(self.runtimes.values())
         if runtimes[0].stacked is not None:  # projections run first (_PHASE): one stacked product
             y = runtimes[0].apply_stacked(x, y, rows)
             runtimes = runtimes[1:]
-        out = y
-        for name in rows.adapters:
-            cur, touched = y, False
-            for rt in runtimes:
-                got = rt.apply_solo(name, ctx.stash.get(rt.site_key) if rt.reads_stash else x, cur, ctx)
-                if got is not None:
-                    cur, touched = got, True
-            if touched:
-                out = torch.where(rows.mask(name, y.dim()), cur, out)
-        return out
+        touched = [n for n in rows.adapters if any(n in rt.solo for rt in runtimes)]
+        if not touched:
+            return y
+        segments = {}
+        for name in touched:
+            saved = ctx.enter_segment(name)
+            try:
+                cur = y.index_select(0, rows.index(name).to(y.device))
+                for rt in runtimes:
+                    src = ctx.stash.get(rt.site_key) if rt.reads_stash else x
+                    got = rt.apply_solo(name, None if src is None else ctx.rows_of(src, name), cur, ctx)
+                    if got is not None:
+                        cur = got
+                segments[name] = cur
+            finally:
+                ctx.leave_segment(saved)
+        if len(touched) == 1:
+            name = touched[0]
+            return y.index_copy(0, rows.index(name).to(y.device), segments[name])
+        parts = [segments[n] if n in segments else y.index_select(0, rows.index(n).to(y.device))
+                 for n in rows.adapters]
+        parts.append(y.index_select(0, rows.base_rows.to(y.device)))
+        return torch.cat(parts, 0).index_select(0, rows.inverse.to(y.device))
 
     def refresh(self) -> None:
         """Plan the fused-projection path: the parallel runtimes on slices of one output."""

@@ -551,21 +551,44 @@ class KVProvider:
     def _rows(self, rows: RowSelection, query, key_states):
         """A mixed batch: every selected adapter's prefixes side by side, each visible to its own
         rows only (``KVPrefix.visible``). Adapters with different prefix lengths need no padding:
-        a row attends to its adapter's L columns exactly as alone; the others' are masked out."""
+        a row attends to its adapter's L columns exactly as alone; the others' are masked out.
+        A gated prefix's gate is computed on its adapter's rows only (a segment, as at the other hook
+        points: its statistics are those rows'), then laid out over the batch (zero on the rows
+        that cannot see it)."""
         out = []
         batch = query.shape[0]
+        ctx = self.ctx
         for name in rows.adapters:
-            running = self.ctx.solo.get(name, ())
+            running = ctx.solo.get(name, ())
             for e in self.entries:
                 if e.adapter not in running:
                     continue
-                p = e.branch.kv_prefix(ctx=self.ctx, entry=e, batch=batch, site_key=self.site_key,
-                                       dtype=key_states.dtype)
+                saved = ctx.enter_segment(name) if e.gate is not None else None
+                try:
+                    p = e.branch.kv_prefix(ctx=ctx, entry=e, batch=batch, site_key=self.site_key,
+                                           dtype=key_states.dtype)
+                finally:
+                    if e.gate is not None:
+                        ctx.leave_segment(saved)
                 if p is None:
                     continue
+                if e.gate is not None:
+                    p = _spread_rows(p, rows.index(name).to(query.device), batch)
                 vis = rows.mask(name, 2).to(query.device).expand(batch, p.key.shape[2])
                 out.append(dataclasses.replace(p, visible=vis))
         return out or None
+
+
+def _spread_rows(p, index, batch: int):
+    """A gated prefix computed for one segment's rows laid out over the whole batch (zeros on the
+    other rows, which do not see it). Decided by its form, not by sizes (a segment's size is a
+    symbol under torch.compile): gated per example, P_k and P_v carry the segment's rows; gated per
+    query, the gates do and P_k, P_v are shared."""
+    def spread(t):
+        return None if t is None else t.new_zeros(batch, *t.shape[1:]).index_copy(0, index, t)
+    if p.query_gate is None:
+        return dataclasses.replace(p, key=spread(p.key), value=spread(p.value))
+    return dataclasses.replace(p, query_gate=spread(p.query_gate), value_gate=spread(p.value_gate))
 
 
 def _provider_of(info: ModelInfo, path: str) -> KVProvider | None:
