@@ -462,7 +462,8 @@ def cmd_merge_adapters(args) -> int:
     from unipelt.merging import merge_adapters
 
     dest = merge_adapters(args.adapters, args.out, weights=args.weights, method=args.method, density=args.density,
-                          svd_rank=args.svd_rank, majority_sign=args.majority_sign, seed=args.seed, name=args.name)
+                          svd_rank=args.svd_rank, majority_sign=args.majority_sign, seed=args.seed, name=args.name,
+                          svd_clamp=args.svd_clamp)
     print(f"merged {len(args.adapters)} adapters ({args.method}) into {dest}")
     return 0
 
@@ -490,6 +491,8 @@ def add_several_adapter_commands(subparsers):
     m.add_argument("--method", choices=METHODS, default="linear", help="combination (default: linear)")
     m.add_argument("--density", type=float, help="fraction of entries kept by ties, dare_*, magnitude_prune")
     m.add_argument("--svd-rank", type=int, help="rank of the svd results (default: the largest input rank)")
+    m.add_argument("--svd-clamp", type=float, metavar="Q",
+                   help="clamp the svd results' factors to the Q-quantile of their entries (PEFT's svd_clamp)")
     m.add_argument("--majority-sign", choices=("total", "frequency"), default="total",
                    help="TIES' sign election (default: total)")
     m.add_argument("--seed", type=int, default=0, help="seed of DARE's random drop (default: 0)")
