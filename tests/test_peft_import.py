@@ -382,3 +382,61 @@ def test_ia3_export_gpt2_fused_slices(tmp_path):
         torch.testing.assert_close(base(input_ids=ids).logits, expect, atol=1e-6, rtol=1e-6)
     q = [back.branch_modules[bp.key].ia3_l for bp in back.graph.branches if bp.site.site == "attn.q"]
     assert q and all(torch.equal(v, torch.ones_like(v)) for v in q)
+
+
+def test_adapter_loaded_onto_an_eval_model_runs_no_dropout(tmp_path):
+    """A PEFT LoRA trained with lora_dropout, loaded onto a base in eval mode: PEFT's from_pretrained
+    output, deterministic. The adapter's new modules once started in training mode whatever the
+    model's, so the eval model dropped inputs of A (0.48 off PEFT on all-linear, and two forwards
+    differed); train() turns the dropout on again."""
+    pm = peft.get_peft_model(make_llama(), peft.LoraConfig(r=3, lora_alpha=5, use_rslora=True, lora_dropout=0.3,
+                                                           target_modules="all-linear", init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    batch = make_batch()
+    theirs = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "peft")
+    fresh = make_llama()
+    unipelt.load(fresh, tmp_path / "peft")
+    assert not fresh.training
+    with torch.no_grad():
+        first = fresh(**batch).logits
+        assert torch.equal(fresh(**batch).logits, first)
+        assert torch.allclose(first, theirs(**batch).logits, atol=1e-5)
+        fresh.train()
+        assert not torch.allclose(fresh(**batch).logits, first, atol=1e-3)
+    # compile follows the model's mode too
+    model = make_llama().train()
+    h = unipelt.compile(model, {"modules": {"l": {"method": "lora", "site": "attn.q", "r": 2, "dropout": 0.3}}})
+    assert all(m.training for m in h.branch_modules.values())
+
+
+def test_prefix_tuning_for_sequence_classification_with_its_head(tmp_path):
+    """PEFT's SEQ_CLS prefix saves the classifier (modules_to_save) next to prompt_embeddings, under
+    ``base_model.<path>`` (once refused as a second tensor): the head becomes ``train`` at ``head``;
+    given PEFT's positions (after the prefix), PEFT's logits."""
+    pm = peft.get_peft_model(make_bert(), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    batch = make_batch()
+    with torch.no_grad():
+        expect = pm(**batch).logits
+    fresh = make_bert()
+    h = unipelt.load(fresh, tmp_path / "peft")
+    assert set(h.spec.modules) == {"prefix", "head"}
+    B, T = batch["input_ids"].shape
+    with torch.no_grad():
+        got = fresh(**batch, position_ids=(3 + torch.arange(T)).expand(B, T)).logits
+    assert torch.allclose(got, expect, atol=1e-5)
+    # a tensor that is neither the prompt nor the head is still refused, naming it
+    from safetensors.torch import load_file, save_file
+
+    w = tmp_path / "peft" / "adapter_model.safetensors"
+    t = load_file(str(w))
+    t["base_model.bert.pooler.dense.weight"] = torch.zeros(32, 32)
+    save_file(t, str(w))
+    with pytest.raises(AdapterFileError, match=r"tensor 'base_model\.bert\.pooler\.dense\.weight': a prompt-learning"):
+        unipelt.load(make_bert(), tmp_path / "peft")

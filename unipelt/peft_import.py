@@ -327,10 +327,17 @@ def _lora(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple
     return {"modules": modules}, out
 
 
-def _prompt_tensor(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> Tensor:
-    if set(tensors) != {"prompt_embeddings"}:
-        extra = sorted(set(tensors) - {"prompt_embeddings"}) or ["prompt_embeddings (missing)"]
-        raise ctx.error(extra[0], "a prompt-learning adapter holds exactly one tensor, prompt_embeddings", weights=True)
+def _prompt_tensor(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple[Tensor, dict[str, Tensor]]:
+    """The prompt (or prefix) tensor, and the task head's tensors when ``modules_to_save`` saved it
+    (PEFT does for SEQ_CLS; a prompt-learning model's keys are ``base_model.<module path>``)."""
+    head_path = head_module_path(config, ctx)
+    head_prefix = None if head_path is None else f"base_model.{head_path}."
+    head = {k[len(head_prefix):]: t for k, t in tensors.items() if head_prefix and k.startswith(head_prefix)}
+    rest = set(tensors) - {head_prefix + k for k in head} if head_prefix else set(tensors)
+    if rest != {"prompt_embeddings"}:
+        extra = sorted(rest - {"prompt_embeddings"}) or ["prompt_embeddings (missing)"]
+        raise ctx.error(extra[0], "a prompt-learning adapter holds one tensor, prompt_embeddings (and the task head "
+                                  "under modules_to_save)", weights=True)
     t = tensors["prompt_embeddings"]
     n = config.get("num_virtual_tokens")
     if t.dim() != 2 or (isinstance(n, int) and t.shape[0] != n * int(config.get("num_transformer_submodules") or 1)):
@@ -338,11 +345,11 @@ def _prompt_tensor(config: dict, tensors: dict[str, Tensor], ctx: ImportContext)
                         weights=True)
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise ctx.error("num_transformer_submodules", "encoder-decoder prompts have no unipelt form")
-    return t
+    return t, head
 
 
 def _prompt_tuning(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple[dict, dict[str, Tensor]]:
-    t = _prompt_tensor(config, tensors, ctx)
+    t, head = _prompt_tensor(config, tensors, ctx)
     d = ctx.info.hidden_size
     if t.shape[1] != d:
         raise ctx.error("prompt_embeddings", f"width {t.shape[1]} is not the model's hidden size {d}", weights=True)
@@ -352,13 +359,15 @@ def _prompt_tuning(config: dict, tensors: dict[str, Tensor], ctx: ImportContext)
         raise ctx.error("task_type", f"prompt tuning on an encoder ({ctx.info.arch.name}): PEFT places the virtual "
                                      "tokens before [CLS], unipelt after it; only decoders are imported")
     L = int(t.shape[0])
-    return {"modules": {"prompt": {"method": "prompt", "length": L}}}, {"prompt.embed.embedding": t.contiguous()}
+    modules, out = {"prompt": {"method": "prompt", "length": L}}, {"prompt.embed.embedding": t.contiguous()}
+    add_head(modules, out, head)
+    return {"modules": modules}, out
 
 
 def _prefix_tuning(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple[dict, dict[str, Tensor]]:
     if config.get("prefix_projection") and not config.get("inference_mode", True):
         raise ctx.error("prefix_projection", "a prefix saved with its training projection; save it for inference")
-    t = _prompt_tensor(config, tensors, ctx)
+    t, head = _prompt_tensor(config, tensors, ctx)
     layers = ctx.info.num_layers
     cfg = ctx.info.config
     n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
@@ -372,7 +381,9 @@ def _prefix_tuning(config: dict, tensors: dict[str, Tensor], ctx: ImportContext)
     # PEFT: view(L, layers·2, H, D).permute(...) -> block 2i: layer i's keys, 2i+1: its values
     blocks = t.view(L, layers * 2, heads, head_dim).permute(1, 2, 0, 3)  # (layers·2, H, L, D)
     out = {f"prefix.{i}.attn.kv.prefix_kv": blocks[2 * i:2 * i + 2].contiguous() for i in range(layers)}
-    return {"modules": {"prefix": {"method": "prefix", "length": L, "reparam": "none"}}}, out
+    modules = {"prefix": {"method": "prefix", "length": L, "reparam": "none"}}
+    add_head(modules, out, head)
+    return {"modules": modules}, out
 
 
 BUILTIN: dict[str, Any] = {"LORA": _lora, "PROMPT_TUNING": _prompt_tuning, "PREFIX_TUNING": _prefix_tuning}
