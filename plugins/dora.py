@@ -230,3 +230,58 @@ def unipelt_build_branch(method, config, node, site, model):
     if method.name != "dora":
         return None
     return DoraBranch(config, site.in_features, site.out_features, site.module, site.out_slice)
+
+
+# ------------------------------------------------------------------------------------------
+# PEFT's DoRA in (unipelt.peft_import): a LORA adapter with use_dora
+# ------------------------------------------------------------------------------------------
+MAGNITUDE = ".lora_magnitude_vector"
+
+
+@hookimpl
+def unipelt_import_peft(peft_type, config, tensors, context):
+    """PEFT's DoRA (``peft_type`` LORA, ``use_dora``): the LoRA factors read as the built-in LoRA
+    translator reads them (rank_pattern, alpha_pattern, rsLoRA, GPT-2's fused ``c_attn`` split into
+    its slices, the head), each ``<module>.lora_magnitude_vector`` (d_out,) becoming the magnitude
+    of the hook point on that module: a slice of a fused projection takes its rows, which is exact
+    since the norm is per output row."""
+    if peft_type != "LORA" or not config.get("use_dora"):
+        return None
+    from unipelt.peft_import import PREFIX, _lora
+
+    ctx = context
+    magnitudes: dict[str, Tensor] = {}
+    factors: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        if key.startswith(PREFIX) and key.endswith(MAGNITUDE):
+            magnitudes[key[len(PREFIX):-len(MAGNITUDE)]] = t
+        else:
+            factors[key] = t
+    spec, out = _lora({**config, "use_dora": False}, factors, ctx)
+    paths_of: dict[tuple[int, str], object] = {}
+    for path, sites in ctx.linear_sites().items():
+        for rs in sites:
+            paths_of[(rs.layer, rs.site)] = rs
+    used: set[str] = set()
+    for key in [k for k in out if k.endswith(".lora_A")]:
+        branch = key[: -len(".lora_A")]
+        node, layer, site = branch.split(".", 2)
+        rs = paths_of[(int(layer), site)]
+        m = magnitudes.get(rs.path)
+        if m is None:
+            raise ctx.error("use_dora", f"true, but {ctx.weights_file.name} holds no magnitude for {rs.path} "
+                                        f"({PREFIX}{rs.path}{MAGNITUDE}); every DoRA module needs one")
+        full = max((s.out_slice[1] if s.out_slice else s.out_features) for s in ctx.linear_sites()[rs.path])
+        if m.dim() != 1 or m.shape[0] != full or not m.is_floating_point():
+            raise ctx.error(f"{PREFIX}{rs.path}{MAGNITUDE}", f"shape {tuple(m.shape)} ({m.dtype}) is not the "
+                                                             f"({full},) floating-point magnitude of {rs.path}", weights=True)
+        o0, o1 = rs.out_slice or (0, rs.out_features)
+        out[f"{branch}.magnitude"] = m[o0:o1].contiguous()
+        used.add(rs.path)
+    extra = sorted(set(magnitudes) - used)
+    if extra:
+        raise ctx.error(f"{PREFIX}{extra[0]}{MAGNITUDE}", "a DoRA magnitude without its LoRA factors", weights=True)
+    for node in spec["modules"].values():
+        if node["method"] == "lora":
+            node["method"] = "dora"
+    return spec, out

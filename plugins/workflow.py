@@ -503,7 +503,7 @@ def add_several_adapter_commands(subparsers):
     from unipelt.models import BUILTIN
 
     i = subparsers.add_parser(
-        "import-peft", help="read a Hugging Face PEFT adapter (LoRA, IA3, prompt or prefix tuning) into a unipelt adapter",
+        "import-peft", help="read a Hugging Face PEFT adapter (LoRA, DoRA, IA3, prompt or prefix tuning) into a unipelt adapter",
         description="Translate adapter_config.json + adapter_model.safetensors into a unipelt spec and adapter with "
                     "the same outputs (unipelt.load(model, DIR) does the same in Python). Other PEFT types come "
                     "from plugins (hook unipelt_import_peft).")

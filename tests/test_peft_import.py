@@ -440,3 +440,61 @@ def test_prefix_tuning_for_sequence_classification_with_its_head(tmp_path):
     save_file(t, str(w))
     with pytest.raises(AdapterFileError, match=r"tensor 'base_model\.bert\.pooler\.dense\.weight': a prompt-learning"):
         unipelt.load(make_bert(), tmp_path / "peft")
+
+
+# PEFT's DoRA (a LORA adapter with use_dora): once refused; the DoRA plugin's translator reads it
+DORA_CASES = {
+    "llama": (make_llama, dict(r=3, lora_alpha=5, use_rslora=True, target_modules="all-linear",
+                               rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 7})),
+    # the fused c_attn: one A, B and magnitude over q, k, v, split into the slices' rows
+    "gpt2": (make_gpt2, dict(r=2, target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True)),
+    "bert": (make_bert, dict(r=2, target_modules=["query", "value", "output.dense"], modules_to_save=["classifier"],
+                             task_type="SEQ_CLS")),
+}
+
+
+def _peft_dora_dir(tmp_path, family):
+    factory, cfg = DORA_CASES[family]
+    pm = peft.get_peft_model(factory(), peft.LoraConfig(use_dora=True, lora_dropout=0.0, **cfg))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every trainable tensor moved off its init (magnitudes too)
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    return factory, pm, tmp_path / "peft"
+
+
+@pytest.mark.parametrize("family", list(DORA_CASES))
+def test_dora_equals_peft(tmp_path, family):
+    factory, pm, d = _peft_dora_dir(tmp_path, family)
+    batch = make_batch()
+    fresh = factory()
+    h = unipelt.load(fresh, d)
+    assert {n.method for n in h.spec.modules.values()} == ({"dora", "train"} if family == "bert" else {"dora"})
+    with torch.no_grad():
+        assert torch.allclose(fresh(**batch).logits, pm(**batch).logits, atol=1e-5)
+
+
+def test_dora_bad_input(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, d = _peft_dora_dir(tmp_path, "llama")
+    w = d / "adapter_model.safetensors"
+    good = load_file(str(w))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    save_file({**good, key: good[key][:5]}, str(w))
+    with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors: tensor '.*q_proj\.lora_magnitude_vector': "
+                                               r"shape \(5,\)"):
+        unipelt.load(make_llama(), d)
+    stray = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({k: v for k, v in good.items() if not k.startswith(stray.rsplit(".lora_A", 1)[0] + ".lora_")
+               or k == key}, str(w))
+    with pytest.raises(AdapterFileError, match="a DoRA magnitude without its LoRA factors"):
+        unipelt.load(make_llama(), d)
+    model = make_llama()
+    save_file({k: v for k, v in good.items() if k != key}, str(w))
+    with pytest.raises(AdapterFileError, match=r"adapter_config\.json: field 'use_dora': true, but .*q_proj"):
+        unipelt.load(model, d)
+    assert unipelt.compiler.get_state(model) is None
