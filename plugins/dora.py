@@ -281,7 +281,17 @@ def unipelt_import_peft(peft_type, config, tensors, context):
     extra = sorted(set(magnitudes) - used)
     if extra:
         raise ctx.error(f"{PREFIX}{extra[0]}{MAGNITUDE}", "a DoRA magnitude without its LoRA factors", weights=True)
-    for node in spec["modules"].values():
+    # the LoRA translator's nodes ("lora", "lora_<site>_<i>") become DoRA nodes named "dora...",
+    # so that a unipelt DoRA exported to PEFT reads back under its own names
+    renamed: dict[str, str] = {}
+    modules = {}
+    for name, node in spec["modules"].items():
         if node["method"] == "lora":
-            node["method"] = "dora"
-    return spec, out
+            renamed[name] = "dora" + name[len("lora"):]
+            node = {**node, "method": "dora"}
+        modules[renamed.get(name, name)] = node
+    tensors_out = {}
+    for key, t in out.items():
+        node, _, rest = key.partition(".")
+        tensors_out[f"{renamed.get(node, node)}.{rest}"] = t
+    return {**spec, "modules": modules}, tensors_out

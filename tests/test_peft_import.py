@@ -498,3 +498,53 @@ def test_dora_bad_input(tmp_path):
     with pytest.raises(AdapterFileError, match=r"adapter_config\.json: field 'use_dora': true, but .*q_proj"):
         unipelt.load(model, d)
     assert unipelt.compiler.get_state(model) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_dora_round_trip_through_peft_is_exact(tmp_path, family):
+    """unipelt DoRA -> PEFT (LORA with use_dora; once refused) -> unipelt: the same tensors, and
+    PEFT itself computes unipelt's logits from the export."""
+    from unipelt.models import load_model
+
+    name, cls, ids, expect = _round_trip(tmp_path, family, {
+        "dora": {"method": "dora", "sites": ["attn.q", "attn.v", "ffn.down"], "r": 3, "alpha": 5, "rslora": True}})
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and cfg["use_rslora"] is True
+    fresh, _ = load_model(name, task="classification" if cls else None, num_labels=2 if cls else None)
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_export_gpt2_fused_slices_and_refusals(tmp_path):
+    """DoRA on GPT-2's q and v slices: one PEFT DoRA on c_attn (A stacked, B block-placed, each
+    slice's magnitude in its rows, ‖W0_i‖ on the k rows): PEFT's logits are unipelt's. DoRA mixed
+    with LoRA, or two DoRA modules on the same rows, have no PEFT form."""
+    from unipelt.export import ExportError, export_peft
+    from unipelt.models import load_model
+
+    base, _ = load_model("tiny-gpt2")
+    h = unipelt.compile(base, {"modules": {"dora": {"method": "dora", "sites": ["attn.q", "attn.v", "ffn.down"],
+                                                    "r": 2, "alpha": 4}}})
+    randomize(h, std=0.2)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expect = base(input_ids=ids).logits
+    h.save(tmp_path / "ours")
+    h.detach()
+    export_peft(tmp_path / "ours", tmp_path / "peft", model="tiny-gpt2")
+    fresh, _ = load_model("tiny-gpt2")
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, expect, atol=1e-5, rtol=1e-5)
+    for i, modules in enumerate([
+        {"a": {"method": "dora", "site": "attn.q", "r": 2}, "b": {"method": "lora", "site": "attn.v", "r": 2}},
+        {"a": {"method": "dora", "site": "attn.k", "r": 2}, "b": {"method": "dora", "site": "attn.k", "r": 2}},
+    ]):
+        base, _ = load_model("tiny-gpt2")
+        h = unipelt.compile(base, {"modules": modules})
+        h.save(tmp_path / f"bad{i}")
+        h.detach()
+        with pytest.raises(ExportError, match="use_dora is one flag" if i == 0 else "two DoRA modules at"):
+            export_peft(tmp_path / f"bad{i}", tmp_path / f"out{i}", model="tiny-gpt2")
+        assert not (tmp_path / f"out{i}").exists()

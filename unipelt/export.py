@@ -5,6 +5,11 @@ into a standalone model directory.
     export_peft("adapter", "peft", model="tiny-llama")                   # or named
     merge_adapter("runs/lora/adapter", "tiny-llama", "runs/lora/merged")  # save_pretrained + tokenizer
 
+**DoRA** adapters (every linear node ``dora``) are written as PEFT's LoRA with ``use_dora``: the
+same A, B and alpha, and each module's ``lora_magnitude_vector`` (on GPT-2's fused c_attn: each
+slice's rows, ‖W0_i‖ on the rows of an unadapted slice). PEFT always detaches the norm, so a
+``detach_norm: false`` adapter computes the same outputs there but not the same gradients.
+
 **PEFT export.** PEFT's LoRA format says, per target module, h = W0·x + (lora_alpha/r)·B·A·x
 (``lora_alpha/sqrt(r)`` with ``use_rslora``). A unipelt adapter translates exactly when every
 node is an ungated ``lora`` at linear hook points, or a ``train`` node at ``head`` (written as
@@ -71,15 +76,25 @@ def _peft_type(spec) -> str:
     return "IA3" if methods == {"ia3"} else "LORA"
 
 
+def _uses_dora(spec) -> bool:
+    return any(n.method == "dora" for n in spec.modules.values())
+
+
 def _node_problems(spec, handle=None) -> list[str]:
-    """Why each node cannot be written as PEFT LoRA, or PEFT IA3 (empty when all can)."""
+    """Why each node cannot be written as PEFT LoRA (DoRA), or PEFT IA3 (empty when all can)."""
     problems = []
     ia3 = _peft_type(spec) == "IA3"
+    dora = _uses_dora(spec)
     for name, node in spec.modules.items():
         gate = spec.gate_for(node)
         if ia3 and node.method == "ia3":
             if gate is not None:  # pragma: no cover - ia3 is not gateable (MethodDef.gateable)
                 problems.append(f"module {name!r} (ia3) is gated: PEFT's IA3 has no gates")
+        elif node.method == "dora":
+            continue  # not gateable (MethodDef.gateable); PEFT's use_dora
+        elif node.method == "lora" and dora:
+            problems.append(f"module {name!r} (lora) is in an adapter with dora modules: PEFT's use_dora is one "
+                            "flag for the whole adapter")
         elif node.method == "lora":
             if gate is not None:
                 problems.append(f"module {name!r} (lora) is gated: PEFT's LoRA has no gates "
@@ -88,7 +103,8 @@ def _node_problems(spec, handle=None) -> list[str]:
             continue
         else:
             problems.append(f"module {name!r} (method {node.method} at {', '.join(node.sites)}) has no PEFT LoRA form; "
-                            "only ungated lora (or only ia3) at linear hook points and train at head can be exported")
+                            "only ungated lora (or only dora, or only ia3) at linear hook points and train at head "
+                            "can be exported")
     return problems
 
 
@@ -145,6 +161,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
             raise ExportError(f"{adapter_dir}: mixes Conv1D and Linear targets; PEFT's fan_in_fan_out is global")
 
         all_rslora = all(b.node.config.rslora for items in branches_by_path.values() for b, _, _ in items)
+        dora = _uses_dora(spec)
         tensors: dict[str, torch.Tensor] = {}
         per_path: dict[str, tuple[int, float]] = {}
         dropouts = set()
@@ -160,6 +177,8 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
                     alpha = mod.scale * cfg.r  # no use_rslora: alpha/r must equal the rsLoRA scale
                 A, B = mod.lora_A.detach(), mod.lora_B.detach()
                 per_path[path] = (cfg.r, float(alpha))
+                if dora:
+                    tensors[f"{key}.lora_magnitude_vector"] = mod.magnitude.detach().to("cpu").contiguous().clone()
             else:
                 # stacked: A = [A_1; A_2; ...], B's columns of branch i hold s_i·B_i in its slice's rows
                 module = net.get_submodule(path)
@@ -175,6 +194,9 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
                     col += mod.r
                 # scale 1: lora_alpha = r, or sqrt(r) under use_rslora
                 per_path[path] = (rank, float(rank ** 0.5 if all_rslora else rank))
+                if dora:
+                    tensors[f"{key}.lora_magnitude_vector"] = _dora_magnitude(adapter_dir, path, base, items, out_full,
+                                                                              path in transposed)
             tensors[f"{key}.lora_A.weight"] = A.to("cpu").contiguous().clone()
             tensors[f"{key}.lora_B.weight"] = B.to("cpu").contiguous().clone()
         if not branches_by_path:
@@ -204,7 +226,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
             "modules_to_save": modules_to_save or None,
             "init_lora_weights": True,
             "inference_mode": True,
-            "use_dora": False,
+            "use_dora": dora,
             "layers_to_transform": None,
             "layers_pattern": None,
             "revision": None,
@@ -214,6 +236,25 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
     finally:
         handle.detach()
     return _write_peft(out_dir, tensors, config, provenance)
+
+
+def _dora_magnitude(adapter_dir, path: str, base, items, out_full: int, transposed: bool) -> torch.Tensor:
+    """PEFT's one magnitude of a module whose rows several DoRA branches share (GPT-2's fused
+    c_attn): each slice's rows from its branch (the norm is per output row, so the stacked A and
+    block-placed B give each row its own norm), and ‖W0_i‖ on rows no branch adapts (g = 1 there:
+    unchanged, as in unipelt). Two DoRA branches on the same rows have no PEFT form."""
+    W = base.weight.detach().float()
+    W = W.T if transposed else W
+    m = torch.linalg.norm(W, dim=1)
+    seen: set[tuple[int, int]] = set()
+    for bp, mod, _ in items:
+        o0, o1 = bp.site.out_slice or (0, out_full)
+        if (o0, o1) in seen or bp.site.out_slice is None:
+            raise ExportError(f"{adapter_dir}: two DoRA modules at {path} ({bp.site.key}): the product of their "
+                              "rescalings is not a DoRA; PEFT's use_dora has one per module")
+        seen.add((o0, o1))
+        m[o0:o1] = mod.magnitude.detach().float().to("cpu")
+    return m.contiguous()
 
 
 def _head_tensors(net, handle, head_paths: list[str], task) -> tuple[list[str], dict[str, torch.Tensor]]:
