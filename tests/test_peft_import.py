@@ -548,3 +548,47 @@ def test_dora_export_gpt2_fused_slices_and_refusals(tmp_path):
         with pytest.raises(ExportError, match="use_dora is one flag" if i == 0 else "two DoRA modules at"):
             export_peft(tmp_path / f"bad{i}", tmp_path / f"out{i}", model="tiny-gpt2")
         assert not (tmp_path / f"out{i}").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_prompt_round_trip_through_peft_is_exact(tmp_path, name):
+    """A prompt on a decoder exported as PEFT's prompt tuning (once refused): PEFT's from_pretrained
+    computes unipelt's logits on a right-padded batch, and imported back the tensor is the same."""
+    from unipelt.export import export_peft
+    from unipelt.models import load_model
+
+    base, _ = load_model(name)
+    h = unipelt.compile(base, {"modules": {"p": {"method": "prompt", "length": 5}}})
+    randomize(h)
+    batch = make_batch(length=6)
+    with torch.no_grad():
+        expect = base(**batch).logits
+    ours = {k: v.clone() for k, v in h.state_dict().items()}
+    h.save(tmp_path / "ours")
+    h.detach()
+    export_peft(tmp_path / "ours", tmp_path / "peft", model=name)
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["num_virtual_tokens"]) == ("PROMPT_TUNING", 5)
+    fresh, _ = load_model(name)
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**batch).logits, expect, atol=1e-5, rtol=1e-5)
+    back = unipelt.load(base, tmp_path / "peft")
+    theirs = back.state_dict()
+    assert theirs.keys() == {"prompt.embed.embedding"} and torch.equal(theirs["prompt.embed.embedding"],
+                                                                       next(iter(ours.values())))
+
+
+def test_prompt_on_an_encoder_and_prefix_are_not_exported(tmp_path):
+    from unipelt.export import ExportError, export_peft
+    from unipelt.models import load_model
+
+    for i, (name, node) in enumerate([("tiny-bert", {"method": "prompt", "length": 3}),
+                                      ("tiny-llama", {"method": "prefix", "length": 3, "reparam": "none"})]):
+        base, _ = load_model(name)
+        h = unipelt.compile(base, {"modules": {"p": node}})
+        h.save(tmp_path / f"a{i}")
+        h.detach()
+        with pytest.raises(ExportError, match="after \\[CLS\\], PEFT before it" if i == 0 else "positions L"):
+            export_peft(tmp_path / f"a{i}", tmp_path / f"out{i}", model=name)
+        assert not (tmp_path / f"out{i}").exists()

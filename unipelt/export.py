@@ -31,6 +31,12 @@ rescales the bias with it too, as unipelt does) or (1, d_in) for an input-side o
 listed in ``feedforward_modules``; GPT-2's k and v slices share one c_attn vector, 1 on the q rows.
 Imported back (plugins/ia3.py's translator) the tensors are the same.
 
+An adapter of one ``prompt`` node on a decoder is written as PEFT's prompt tuning
+(``prompt_embeddings``, L × d): both put the virtual tokens first, at positions 0..L-1. On an
+encoder (unipelt: after [CLS], PEFT: before it) or a decoder classifier (PEFT pools the last
+position, padding on padded rows) it is refused. A prefix is refused: PEFT's prefix moves the
+real tokens' positions to L.., unipelt's does not, so the same tensor computes another function.
+
 Anything else (gates, adapters, prefixes, BitFit, LayerNorm tuning, averaged combination, LoRA
 and IA3 in one adapter) is refused with a message naming the module: PEFT's LoRA format cannot
 express it.
@@ -70,10 +76,15 @@ class ExportError(UnipeltError):
 
 
 def _peft_type(spec) -> str:
-    """``IA3`` when the adapter's nodes (besides a head trained in full) are all ``ia3``, else
-    ``LORA`` (whose checks then name what does not fit)."""
-    methods = {n.method for n in spec.modules.values() if not (n.method == "train" and list(n.sites) == ["head"])}
-    return "IA3" if methods == {"ia3"} else "LORA"
+    """``IA3`` when the adapter's nodes (besides a head trained in full) are all ``ia3``,
+    ``PROMPT_TUNING`` for one ``prompt`` node alone, else ``LORA`` (whose checks then name what
+    does not fit)."""
+    methods = [n.method for n in spec.modules.values() if not (n.method == "train" and list(n.sites) == ["head"])]
+    if set(methods) == {"ia3"}:
+        return "IA3"
+    if methods == ["prompt"] and len(spec.modules) == 1:
+        return "PROMPT_TUNING"
+    return "LORA"
 
 
 def _uses_dora(spec) -> bool:
@@ -85,6 +96,8 @@ def _node_problems(spec, handle=None) -> list[str]:
     problems = []
     ia3 = _peft_type(spec) == "IA3"
     dora = _uses_dora(spec)
+    if _peft_type(spec) == "PROMPT_TUNING":
+        return []
     for name, node in spec.modules.items():
         gate = spec.gate_for(node)
         if ia3 and node.method == "ia3":
@@ -101,6 +114,10 @@ def _node_problems(spec, handle=None) -> list[str]:
                                 "(its delta is scaled by an input-dependent gate)")
         elif node.method == "train" and list(node.sites) == ["head"]:
             continue
+        elif node.method == "prefix":
+            problems.append(f"module {name!r} (prefix): PEFT's prefix tuning moves the real tokens to positions "
+                            "L.. (its prefix sits in the KV cache) and unipelt's prefix does not, so the same tensor "
+                            "would compute another function there")
         else:
             problems.append(f"module {name!r} (method {node.method} at {', '.join(node.sites)}) has no PEFT LoRA form; "
                             "only ungated lora (or only dora, or only ia3) at linear hook points and train at head "
@@ -126,6 +143,13 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         raise ExportError(f"{adapter_dir}: cannot export to PEFT: " + "; ".join(problems))
     info = training_info(adapter_dir)
     net, _tok, handle, resolved = load_adapted(adapter_dir, model, device="cpu")
+    if _peft_type(spec) == "PROMPT_TUNING":
+        try:
+            tensors, config, provenance = _prompt_export(adapter_dir, net, handle, resolved, info, meta,
+                                                         base_model_name_or_path)
+        finally:
+            handle.detach()
+        return _write_peft(out_dir, tensors, config, provenance)
     if _peft_type(spec) == "IA3":
         try:
             tensors, config, provenance = _ia3_export(adapter_dir, net, handle, resolved, info, meta,
@@ -334,6 +358,39 @@ def _ia3_export(adapter_dir, net, handle, resolved, info, meta, base_model_name_
     provenance = {"exported_from": str(Path(adapter_dir).resolve()), "base_model": base_name,
                   "task": task, "labels": resolved.get("labels"), "spec": meta.get("spec")}
     return tensors, config, provenance
+
+
+def _prompt_export(adapter_dir, net, handle, resolved, info, meta, base_model_name_or_path):
+    """PEFT's prompt tuning: the L virtual token embeddings as ``prompt_embeddings`` (L, d). Only on
+    a decoder, where both put the prompt before the input and give it positions 0..L-1; on an
+    encoder unipelt puts it after [CLS] and PEFT before it, which is another function."""
+    (bp,) = handle.graph.branches
+    if not handle.info.causal:
+        raise ExportError(f"{adapter_dir}: module {bp.node.name!r} (prompt) on an encoder "
+                          f"({handle.info.arch.name}): unipelt puts the virtual tokens after [CLS], PEFT before it")
+    task = resolved.get("task")
+    if task == "classification":
+        raise ExportError(f"{adapter_dir}: module {bp.node.name!r} (prompt) on a decoder classifier: PEFT's prompt "
+                          "tuning pools the last position, a padding token for padded rows")
+    emb = handle.branch_modules[bp.key].prompt().detach().to("cpu").contiguous().clone()
+    cfg = handle.info.config
+    base_name = base_model_name_or_path or resolved.get("model") or info.get("model")
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "num_virtual_tokens": int(emb.shape[0]),
+        "token_dim": int(emb.shape[1]),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")),
+        "num_layers": int(handle.info.num_layers),
+        "prompt_tuning_init": "RANDOM",
+        "inference_mode": True,
+        "revision": None,
+    }
+    provenance = {"exported_from": str(Path(adapter_dir).resolve()), "base_model": base_name,
+                  "task": task, "labels": resolved.get("labels"), "spec": meta.get("spec")}
+    return {"prompt_embeddings": emb}, config, provenance
 
 
 def _write_peft(out_dir, tensors: dict, config: dict, provenance: dict) -> Path:
