@@ -592,3 +592,31 @@ def test_prompt_on_an_encoder_and_prefix_are_not_exported(tmp_path):
         with pytest.raises(ExportError, match="after \\[CLS\\], PEFT before it" if i == 0 else "positions L"):
             export_peft(tmp_path / f"a{i}", tmp_path / f"out{i}", model=name)
         assert not (tmp_path / f"out{i}").exists()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("alora_invocation_tokens", [5, 6]), ("use_qalora", True), ("layer_replication", [[0, 2], [1, 2]]),
+    ("use_bdlora", {"nblocks": 2}), ("lora_bias", True), ("kasa_config", {}), ("init_lora_weights", "lora_ga"),
+])
+def test_lora_variants_with_another_function_are_refused(tmp_path, field, value):
+    """PEFT 0.21 LoRA variants whose factors compute something else than W0·x + s·B·A·x (activated
+    LoRA, QA-LoRA, replicated layers, BD-LoRA, B's bias, a base rewritten by LoRA-GA) were read as a
+    plain LoRA, silently: each is one error naming the field ({} counts as set: PEFT's default is None)."""
+    d = _lora_dir(tmp_path)
+    _edit_config(d, **{field: value})
+    model = make_llama()
+    with pytest.raises(AdapterFileError, match=rf"adapter_config\.json: field '{field}'"):
+        unipelt.load(model, d)
+    assert unipelt.compiler.get_state(model) is None
+
+
+def test_eva_initialised_lora_imports(tmp_path):
+    """EVA initialises A from activations with B = 0 and leaves the base weight alone: its saved
+    adapter is a plain LoRA on the unmodified base (it was refused as a rewritten base)."""
+    pm, d = _peft_lora(make_llama, tmp_path, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    _edit_config(d, init_lora_weights="eva")
+    fresh = make_llama()
+    unipelt.load(fresh, d)
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.allclose(fresh(**batch).logits, pm(**batch).logits, atol=1e-5)

@@ -258,14 +258,28 @@ def add_head(modules: dict, out: dict[str, Tensor], head: dict[str, Tensor]) -> 
 group_nodes = _group_nodes  # for the plugins' translators
 
 
+# PEFT 0.21's LoraConfig fields that make another function of the same factors (activated LoRA,
+# QA-LoRA's pooled input, BD-LoRA, Arrow routing, KaSA, MonteCLoRA, VeLoRA's state, replicated
+# layers); use_dora is read by the DoRA plugin's translator
+LORA_VARIANTS = ("alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "kasa_config",
+                 "monteclora_config", "velora_config", "layer_replication")
+
+
 def _lora(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple[dict, dict[str, Tensor]]:
     if config.get("use_dora"):
         raise ctx.error("use_dora", "DoRA is not a plain LoRA (import it with a DoRA plugin)")
     if config.get("bias", "none") != "none":
         raise ctx.error("bias", f"{config.get('bias')!r}: bias training is not part of a unipelt LoRA node; "
                                 "only bias: none is imported")
+    if config.get("lora_bias"):
+        raise ctx.error("lora_bias", "a bias on B (PEFT's lora_bias) is not part of a unipelt LoRA")
+    for name in LORA_VARIANTS:
+        if config.get(name) is not None and config.get(name) is not False:  # {} is a default sub-config: set
+            raise ctx.error(name, f"{config.get(name)!r}: a PEFT LoRA variant whose function is not "
+                                  "h = W0·x + s·B·A·x; unipelt has no method for it")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva", "loftq")):
+    # the initialisations that rewrite the base weight (EVA, orthogonal, MiCA, gaussian leave it)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
         raise ctx.error("init_lora_weights", f"{init!r}: the adapter goes with a rewritten base weight; convert it to "
                                              "a plain LoRA when saving (PEFT's path_initial_model_for_weight_conversion)")
     if config.get("target_parameters"):
