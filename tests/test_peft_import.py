@@ -620,3 +620,52 @@ def test_eva_initialised_lora_imports(tmp_path):
     batch = make_batch()
     with torch.no_grad():
         assert torch.allclose(fresh(**batch).logits, pm(**batch).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-tied"])
+def test_tied_output_head_under_modules_to_save_is_refused(tmp_path, family):
+    """modules_to_save = [lm_head] on a model whose head is tied to the input embeddings (GPT-2,
+    Gemma, SmolLM2): PEFT trains a copy, so its input embeddings keep their values; read into the
+    tied weight (unipelt's train at head) it changed the input embeddings too (logits 2-3x off
+    PEFT's, LoRA or IA3). Refused, naming the field; an untied head still imports (Llama)."""
+    factory = make_gpt2 if family == "gpt2" else (lambda: make_llama(tie_word_embeddings=True))
+    target = ["c_attn"] if family == "gpt2" else ["q_proj"]
+    _, d = _peft_lora(factory, tmp_path, r=2, target_modules=target, modules_to_save=["lm_head"],
+                      fan_in_fan_out=family == "gpt2")
+    model = factory()
+    with pytest.raises(AdapterFileError, match=r"adapter_config\.json: field 'modules_to_save': 'lm_head' shares its "
+                                               r"weight with the input embeddings"):
+        unipelt.load(model, d)
+    assert unipelt.compiler.get_state(model) is None
+    from safetensors.torch import load_file, save_file
+
+    _, d2 = _peft_lora(make_llama, tmp_path / "untied", r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    w = d2 / "adapter_model.safetensors"
+    t = load_file(str(w))
+    t["base_model.model.lm_head.weight"] = t["base_model.model.lm_head.weight"] * 1.5  # a trained head
+    save_file(t, str(w))
+    theirs = peft.PeftModel.from_pretrained(make_llama(), d2).eval()
+    fresh = make_llama()
+    h = unipelt.load(fresh, d2)
+    assert "head" in h.spec.modules
+    batch = make_batch()
+    with torch.no_grad():
+        expect = theirs(**batch).logits
+        assert not torch.allclose(expect, make_llama()(**batch).logits, atol=1e-3)
+        assert torch.allclose(fresh(**batch).logits, expect, atol=1e-5)
+
+
+def test_export_of_a_head_tied_to_the_input_embeddings_is_refused(tmp_path):
+    """train at head on GPT-2 trains lm_head's weight, which is also the input embedding; PEFT's
+    modules_to_save loads it as an untied copy (PEFT's logits were 1.1x off unipelt's): refused."""
+    from unipelt.export import ExportError, export_peft
+    from unipelt.models import load_model
+
+    base, _ = load_model("tiny-gpt2")
+    h = unipelt.compile(base, {"modules": {"l": {"method": "lora", "site": "attn.q", "r": 2},
+                                           "head": {"method": "train", "site": "head"}}})
+    h.save(tmp_path / "ours")
+    h.detach()
+    with pytest.raises(ExportError, match=r"ours: the module at head \(lm_head\) trained the weight this model ties"):
+        export_peft(tmp_path / "ours", tmp_path / "peft", model="tiny-gpt2")
+    assert not (tmp_path / "peft").exists()

@@ -226,7 +226,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         if not branches_by_path:
             raise ExportError(f"{adapter_dir}: no LoRA module to export")
         task = resolved.get("task")
-        modules_to_save, head = _head_tensors(net, handle, head_paths, task)
+        modules_to_save, head = _head_tensors(net, handle, head_paths, task, source=adapter_dir)
         tensors.update(head)
 
         common_r, common_alpha = Counter(per_path.values()).most_common(1)[0][0]
@@ -281,7 +281,7 @@ def _dora_magnitude(adapter_dir, path: str, base, items, out_full: int, transpos
     return m.contiguous()
 
 
-def _head_tensors(net, handle, head_paths: list[str], task) -> tuple[list[str], dict[str, torch.Tensor]]:
+def _head_tensors(net, handle, head_paths: list[str], task, source=None) -> tuple[list[str], dict[str, torch.Tensor]]:
     """``modules_to_save`` and its tensors: the head trained in full, or, for a classifier whose
     head was not trained, the base head as it is (PEFT's SEQ_CLS always restores it from the file)."""
     paths = list(head_paths)
@@ -290,8 +290,14 @@ def _head_tensors(net, handle, head_paths: list[str], task) -> tuple[list[str], 
             paths = [handle.info.resolve("head", None).path]
         except Exception:  # pragma: no cover - every catalog has a head
             paths = []
+    from unipelt.peft_import import _tied_to_input_embeddings
+
     tensors = {}
     for path in paths:
+        if path in head_paths and _tied_to_input_embeddings(net, path):
+            # PEFT's modules_to_save trains a copy, so its input embeddings would keep their values
+            raise ExportError(f"{source}: the module at head ({path}) trained the weight this model ties to its input embeddings: "
+                              "PEFT's modules_to_save would load it as an untied copy, another function")
         for pname, p in net.get_submodule(path).state_dict().items():
             tensors[f"base_model.model.{path}.{pname}"] = p.detach().to("cpu").contiguous().clone()
     return paths, tensors
@@ -339,7 +345,7 @@ def _ia3_export(adapter_dir, net, handle, resolved, info, meta, base_model_name_
     if transposed and len(transposed) != len(vectors):  # pragma: no cover - no such model known
         raise ExportError(f"{adapter_dir}: mixes Conv1D and Linear targets; PEFT's fan_in_fan_out is global")
     task = resolved.get("task")
-    modules_to_save, tensors = _head_tensors(net, handle, head_paths, task)
+    modules_to_save, tensors = _head_tensors(net, handle, head_paths, task, source=adapter_dir)
     tensors.update({f"base_model.model.{p}.ia3_l": v.contiguous() for p, v in vectors.items()})
     base_name = base_model_name_or_path or resolved.get("model") or info.get("model")
     config = {

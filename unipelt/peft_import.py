@@ -244,7 +244,24 @@ def head_module_path(config: dict, ctx: ImportContext) -> str | None:
         if present and (head_path is None or not (head_path == m or head_path.endswith(f".{m}"))):
             raise ctx.error("modules_to_save", f"{m!r} is not the task head of this model ({head_path}); "
                                                "only the head can be trained in full")
+        if present and _tied_to_input_embeddings(ctx.model, head_path):
+            # PEFT's ModulesToSaveWrapper trains a copy: the input embeddings keep their values
+            raise ctx.error("modules_to_save", f"{m!r} shares its weight with the input embeddings in this model "
+                                               "(tied): PEFT trained a separate copy of it, unipelt's train at head "
+                                               "trains the tied weight, which would change the input embeddings too")
     return head_path
+
+
+def _tied_to_input_embeddings(model: nn.Module, head_path: str | None) -> bool:
+    if head_path is None:
+        return False
+    try:
+        head = model.get_submodule(head_path)
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    w = getattr(head, "weight", None)
+    return w is not None and emb is not None and w is getattr(emb, "weight", None)
 
 
 def add_head(modules: dict, out: dict[str, Tensor], head: dict[str, Tensor]) -> None:
