@@ -104,7 +104,8 @@ class DoraBranch(nn.Module):
         return base_weight(self._host, self.out_slice)
 
     def _norm(self, A: Tensor, B: Tensor) -> Tensor:
-        """‖W0_i + s·(B·A)_i‖ per output row, in float32 or wider, from W0·Aᵀ and A·Aᵀ (never W0 + s·B·A)."""
+        """‖W0_i + s·(B·A)_i‖ per output row, in float32 or wider, from W0·Aᵀ and A·Aᵀ (never
+        W0 + s·B·A)."""
         W = self._weight()
         s = self.scale
         w2 = self._w0_sq(W)
@@ -281,8 +282,9 @@ def unipelt_import_peft(peft_type, config, tensors, context):
                                         f"({PREFIX}{rs.path}{MAGNITUDE}); every DoRA module needs one")
         full = max((s.out_slice[1] if s.out_slice else s.out_features) for s in ctx.linear_sites()[rs.path])
         if m.dim() != 1 or m.shape[0] != full or not m.is_floating_point():
-            raise ctx.error(f"{PREFIX}{rs.path}{MAGNITUDE}", f"shape {tuple(m.shape)} ({m.dtype}) is not the "
-                                                             f"({full},) floating-point magnitude of {rs.path}", weights=True)
+            raise ctx.error(f"{PREFIX}{rs.path}{MAGNITUDE}",
+                            f"shape {tuple(m.shape)} ({m.dtype}) is not the ({full},) floating-point magnitude of "
+                            f"{rs.path}", weights=True)
         o0, o1 = rs.out_slice or (0, rs.out_features)
         out[f"{branch}.magnitude"] = m[o0:o1].contiguous()
         used.add(rs.path)

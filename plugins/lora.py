@@ -52,7 +52,8 @@ class LoraConfig:
 
     def validate(self) -> tuple[str, str] | None:
         if self.niter is not None and self.init != "pissa":
-            return "niter", f"niter (the randomized SVD's iterations) is used only with init: pissa (init is {self.init!r})"
+            return "niter", (f"niter (the randomized SVD's iterations) is used only with init: pissa "
+                             f"(init is {self.init!r})")
         return None
 
     def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:

@@ -296,8 +296,9 @@ def _head_tensors(net, handle, head_paths: list[str], task, source=None) -> tupl
     for path in paths:
         if path in head_paths and _tied_to_input_embeddings(net, path):
             # PEFT's modules_to_save trains a copy, so its input embeddings would keep their values
-            raise ExportError(f"{source}: the module at head ({path}) trained the weight this model ties to its input embeddings: "
-                              "PEFT's modules_to_save would load it as an untied copy, another function")
+            raise ExportError(f"{source}: the module at head ({path}) trained the weight this model ties to its "
+                              "input embeddings: PEFT's modules_to_save would load it as an untied copy, another "
+                              "function")
         for pname, p in net.get_submodule(path).state_dict().items():
             tensors[f"base_model.model.{path}.{pname}"] = p.detach().to("cpu").contiguous().clone()
     return paths, tensors
