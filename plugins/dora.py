@@ -14,7 +14,9 @@ Mergeable: W0 <- g ⊙ (W0 + s·B·A) (the bias is not rescaled).
 The norm is never materialised as W0 + s·B·A: per row i,
     ‖W0_i + s·(BA)_i‖² = ‖W0_i‖² + 2s·B_i·(W0·Aᵀ)_i + s²·B_i·(A·Aᵀ)·B_iᵀ,
 W0·Aᵀ (d_out × r) being the only product with W0 (d_out·d_in·r multiply-adds, the cost of r
-tokens through the layer) and A·Aᵀ r × r; the terms are summed in float32. The sum is exact
+tokens through the layer) and A·Aᵀ r × r; the terms are summed in float32, or in the weight's
+dtype where it is wider (float64: a float32 norm put 2e-6 relative error into a 30-layer
+model's logits, against PEFT's norm in float64). The sum is exact
 algebra; what it could lose is the cancellation of a row whose W0_i + s·(BA)_i is nearly zero
 (the update erasing the row), which training never approaches; it is clamped above 0.
 """
@@ -54,8 +56,13 @@ class DoraConfig(LoraConfig):
 
 
 def _row_sq(W: Tensor) -> Tensor:
-    """‖W_i‖² per row in float32, summed in float32 or wider (vector_norm refuses to narrow float64)."""
-    return torch.linalg.vector_norm(W, dim=1, dtype=torch.promote_types(W.dtype, torch.float32)).square().float()
+    """‖W_i‖² per row, summed and returned in float32 or W's dtype where wider (:func:`_norm_dtype`)."""
+    return torch.linalg.vector_norm(W, dim=1, dtype=_norm_dtype(W)).square()
+
+
+def _norm_dtype(W: Tensor) -> torch.dtype:
+    """float32 for 16-bit weights (more precise than the weight), the weight's dtype when wider."""
+    return torch.promote_types(W.dtype, torch.float32)
 
 
 class DoraBranch(nn.Module):
@@ -97,12 +104,14 @@ class DoraBranch(nn.Module):
         return base_weight(self._host, self.out_slice)
 
     def _norm(self, A: Tensor, B: Tensor) -> Tensor:
-        """‖W0_i + s·(B·A)_i‖ per output row, in float32, from W0·Aᵀ and A·Aᵀ (never W0 + s·B·A)."""
+        """‖W0_i + s·(B·A)_i‖ per output row, in float32 or wider, from W0·Aᵀ and A·Aᵀ (never
+        W0 + s·B·A)."""
         W = self._weight()
         s = self.scale
         w2 = self._w0_sq(W)
-        Af, Bf = A.float(), B.float()
-        wa = F.linear(W, A.to(W.dtype)).float()  # (d_out, r) = W0·Aᵀ
+        ct = _norm_dtype(W)
+        Af, Bf = A.to(ct), B.to(ct)
+        wa = F.linear(W, A.to(W.dtype)).to(ct)  # (d_out, r) = W0·Aᵀ
         cross = (Bf * wa).sum(1)  # B_i·(W0·Aᵀ)_i = <W0_i, (BA)_i>
         ba2 = ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # ‖(BA)_i‖²
         return (w2 + (2 * s) * cross + (s * s) * ba2).clamp_min(1e-30).sqrt()
@@ -230,3 +239,69 @@ def unipelt_build_branch(method, config, node, site, model):
     if method.name != "dora":
         return None
     return DoraBranch(config, site.in_features, site.out_features, site.module, site.out_slice)
+
+
+# ------------------------------------------------------------------------------------------
+# PEFT's DoRA in (unipelt.peft_import): a LORA adapter with use_dora
+# ------------------------------------------------------------------------------------------
+MAGNITUDE = ".lora_magnitude_vector"
+
+
+@hookimpl
+def unipelt_import_peft(peft_type, config, tensors, context):
+    """PEFT's DoRA (``peft_type`` LORA, ``use_dora``): the LoRA factors read as the built-in LoRA
+    translator reads them (rank_pattern, alpha_pattern, rsLoRA, GPT-2's fused ``c_attn`` split into
+    its slices, the head), each ``<module>.lora_magnitude_vector`` (d_out,) becoming the magnitude
+    of the hook point on that module: a slice of a fused projection takes its rows, which is exact
+    since the norm is per output row."""
+    if peft_type != "LORA" or not config.get("use_dora"):
+        return None
+    from unipelt.peft_import import PREFIX, _lora
+
+    ctx = context
+    magnitudes: dict[str, Tensor] = {}
+    factors: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        if key.startswith(PREFIX) and key.endswith(MAGNITUDE):
+            magnitudes[key[len(PREFIX):-len(MAGNITUDE)]] = t
+        else:
+            factors[key] = t
+    spec, out = _lora({**config, "use_dora": False}, factors, ctx)
+    paths_of: dict[tuple[int, str], object] = {}
+    for path, sites in ctx.linear_sites().items():
+        for rs in sites:
+            paths_of[(rs.layer, rs.site)] = rs
+    used: set[str] = set()
+    for key in [k for k in out if k.endswith(".lora_A")]:
+        branch = key[: -len(".lora_A")]
+        node, layer, site = branch.split(".", 2)
+        rs = paths_of[(int(layer), site)]
+        m = magnitudes.get(rs.path)
+        if m is None:
+            raise ctx.error("use_dora", f"true, but {ctx.weights_file.name} holds no magnitude for {rs.path} "
+                                        f"({PREFIX}{rs.path}{MAGNITUDE}); every DoRA module needs one")
+        full = max((s.out_slice[1] if s.out_slice else s.out_features) for s in ctx.linear_sites()[rs.path])
+        if m.dim() != 1 or m.shape[0] != full or not m.is_floating_point():
+            raise ctx.error(f"{PREFIX}{rs.path}{MAGNITUDE}",
+                            f"shape {tuple(m.shape)} ({m.dtype}) is not the ({full},) floating-point magnitude of "
+                            f"{rs.path}", weights=True)
+        o0, o1 = rs.out_slice or (0, rs.out_features)
+        out[f"{branch}.magnitude"] = m[o0:o1].contiguous()
+        used.add(rs.path)
+    extra = sorted(set(magnitudes) - used)
+    if extra:
+        raise ctx.error(f"{PREFIX}{extra[0]}{MAGNITUDE}", "a DoRA magnitude without its LoRA factors", weights=True)
+    # the LoRA translator's nodes ("lora", "lora_<site>_<i>") become DoRA nodes named "dora...",
+    # so that a unipelt DoRA exported to PEFT reads back under its own names
+    renamed: dict[str, str] = {}
+    modules = {}
+    for name, node in spec["modules"].items():
+        if node["method"] == "lora":
+            renamed[name] = "dora" + name[len("lora"):]
+            node = {**node, "method": "dora"}
+        modules[renamed.get(name, name)] = node
+    tensors_out = {}
+    for key, t in out.items():
+        node, _, rest = key.partition(".")
+        tensors_out[f"{renamed.get(node, node)}.{rest}"] = t
+    return {**spec, "modules": modules}, tensors_out

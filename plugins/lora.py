@@ -6,7 +6,9 @@ Gated (UniPELT): the gate replaces s (the reference) or multiplies it.
 
 Initialisations (``init``): ``kaiming`` / ``gaussian`` draw A and set B = 0. ``pissa`` (Meng et al.,
 2024, arXiv 2404.02948) starts from the principal part of W0: W0 = U·S·Vᵀ, A0 = √(S_r/s)·V_rᵀ,
-B0 = U_r·√(S_r/s); ``olora`` (Büyükakyüz, 2024, arXiv 2406.01775) from its QR factors: W0 = Q·R,
+B0 = U_r·√(S_r/s) (``niter``: U_r, S_r, V_r from the randomized SVD ``torch.svd_lowrank`` with
+that many subspace iterations, PEFT's ``pissa_niter_N``: for large weights, approximate, drawn from
+the global generator); ``olora`` (Büyükakyüz, 2024, arXiv 2406.01775) from its QR factors: W0 = Q·R,
 A0 = R[:r], B0 = Q[:, :r] (both as PEFT 0.21 computes them). Training then sees the residual
 W0 − s·B0·A0 plus s·B·A. Here W0 itself is left untouched and the branch carries the residual's
 correction −s·B0·A0 (frozen buffers ``base_A``, ``base_B``): the same function and gradients as
@@ -36,7 +38,8 @@ class LoraConfig:
     """r: rank. alpha: scale numerator (default 2r, so s = 2). rslora: s = alpha/sqrt(r).
     dropout: on the input of A. init: A's initialisation (``kaiming``: Kaiming-uniform as in
     the reference; ``gaussian``: N(0, 1/r)); B starts at zero so the layer starts unchanged;
-    ``pissa`` / ``olora``: A and B from W0's SVD / QR (module docstring).
+    ``pissa`` / ``olora``: A and B from W0's SVD / QR (module docstring). niter: PiSSA by the
+    randomized SVD with that many subspace iterations (PEFT's ``pissa_niter_N``); None: the exact SVD.
     lr_ratio: LoRA+ learning-rate ratio of B over A (a trainer rule; None = same rate)."""
 
     r: int = field(default=8, metadata={"min": 1})
@@ -44,7 +47,14 @@ class LoraConfig:
     rslora: bool = False
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
     init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
+    niter: int | None = field(default=None, metadata={"min": 0})
     lr_ratio: float | None = field(default=None, metadata={"min": 0})
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.niter is not None and self.init != "pissa":
+            return "niter", (f"niter (the randomized SVD's iterations) is used only with init: pissa "
+                             f"(init is {self.init!r})")
+        return None
 
     def check_site(self, site: ResolvedSite, model: ModelInfo) -> tuple[str, str] | None:
         # rank(B·A) <= min(d_in, d_out): a larger r adds parameters and no capacity, and an
@@ -83,6 +93,7 @@ class LoraBranch(nn.Module):
         self.scale = cfg.scale
         self.lr_ratio = cfg.lr_ratio
         self.rslora = cfg.rslora
+        self.niter = cfg.niter
         self.gate_scale: Literal["replace", "multiply"] = "replace"
         self.lora_A = nn.Parameter(torch.empty(cfg.r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, cfg.r))
@@ -105,10 +116,15 @@ class LoraBranch(nn.Module):
         if weight is not None and not weight.is_meta and not self.lora_A.is_meta:
             w = weight.detach().to(torch.float32)
             if init == "pissa":
-                U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-                sr = S[:r] / self.scale
-                a0 = torch.diag(sr.sqrt()) @ Vh[:r]
-                b0 = U[:, :r] @ torch.diag(sr.sqrt())
+                if self.niter is None:
+                    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+                    U, S, Vh = U[:, :r], S[:r], Vh[:r]
+                else:  # PEFT's pissa_niter_N: U (d_out, r), S (r,), V (d_in, r)
+                    U, S, V = torch.svd_lowrank(w, q=r, niter=self.niter)
+                    Vh = V.T
+                sr = S / self.scale
+                a0 = torch.diag(sr.sqrt()) @ Vh
+                b0 = U @ torch.diag(sr.sqrt())
             else:
                 Q, R = torch.linalg.qr(w)
                 a0, b0 = R[:r], Q[:, :r]
@@ -214,7 +230,7 @@ class LoraBranch(nn.Module):
         alpha = self.scale * (math.sqrt(self.r) if self.rslora else self.r)
         self.r *= 2
         new_alpha = alpha * (math.sqrt(2.0) if self.rslora else 2.0)
-        return {"r": self.r, "alpha": new_alpha, "init": "kaiming"}
+        return {"r": self.r, "alpha": new_alpha, "init": "kaiming", "niter": None}
 
     def param_roles(self) -> dict[str, str]:
         return {"lora_A": "lora_A", "lora_B": "lora_B"}

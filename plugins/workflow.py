@@ -533,7 +533,8 @@ def cmd_merge_adapters(args) -> int:
     from unipelt.merging import merge_adapters
 
     dest = merge_adapters(args.adapters, args.out, weights=args.weights, method=args.method, density=args.density,
-                          svd_rank=args.svd_rank, majority_sign=args.majority_sign, seed=args.seed, name=args.name)
+                          svd_rank=args.svd_rank, majority_sign=args.majority_sign, seed=args.seed, name=args.name,
+                          svd_clamp=args.svd_clamp)
     print(f"merged {len(args.adapters)} adapters ({args.method}) into {dest}")
     return 0
 
@@ -561,6 +562,8 @@ def add_several_adapter_commands(subparsers):
     m.add_argument("--method", choices=METHODS, default="linear", help="combination (default: linear)")
     m.add_argument("--density", type=float, help="fraction of entries kept by ties, dare_*, magnitude_prune")
     m.add_argument("--svd-rank", type=int, help="rank of the svd results (default: the largest input rank)")
+    m.add_argument("--svd-clamp", type=float, metavar="Q",
+                   help="clamp the svd results' factors to the Q-quantile of their entries (PEFT's svd_clamp)")
     m.add_argument("--majority-sign", choices=("total", "frequency"), default="total",
                    help="TIES' sign election (default: total)")
     m.add_argument("--seed", type=int, default=0, help="seed of DARE's random drop (default: 0)")
@@ -571,7 +574,7 @@ def add_several_adapter_commands(subparsers):
     from unipelt.models import BUILTIN
 
     i = subparsers.add_parser(
-        "import-peft", help="read a Hugging Face PEFT adapter (LoRA, IA3, prompt or prefix tuning) into a unipelt adapter",
+        "import-peft", help="read a Hugging Face PEFT adapter (LoRA, DoRA, IA3, prompt or prefix tuning) into a unipelt adapter",
         description="Translate adapter_config.json + adapter_model.safetensors into a unipelt spec and adapter with "
                     "the same outputs (unipelt.load(model, DIR) does the same in Python). Other PEFT types come "
                     "from plugins (hook unipelt_import_peft).")

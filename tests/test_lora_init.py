@@ -218,3 +218,59 @@ def test_export_to_peft_of_an_unconverted_pissa_adapter(tmp_path):
     with torch.no_grad():
         got = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()(input_ids=ids).logits
     assert torch.allclose(got, expect, atol=1e-5)
+
+
+def test_pissa_niter_matches_peft_and_saves_as_plain_lora(tmp_path, monkeypatch):
+    """``niter``: PiSSA from the randomized SVD, PEFT's ``pissa_niter_N`` (which unipelt did not
+    offer). Both take torch.svd_lowrank's draws from the global generator: each call here is
+    seeded alike, so both see the same draws and must give the same factors and residual (with
+    q = r and no oversampling, as PEFT calls it, the result is not the exact principal part on a
+    flat spectrum); the trained adapter saves as the plain LoRA it equals (niter leaves the spec
+    with the decomposition)."""
+    import peft.tuners.lora.layer as peft_layer
+
+    real = torch.svd_lowrank
+
+    def seeded(*a, **k):
+        torch.manual_seed(1234)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "svd_lowrank", seeded)
+    monkeypatch.setattr(peft_layer, "svd_lowrank", seeded)
+    batch = make_batch()
+    ours_model = make_llama()
+    h = unipelt.compile(ours_model, spec("pissa", niter=4))
+    theirs = peft.get_peft_model(make_llama(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa_niter_4",
+                                                               lora_dropout=0.0, target_modules=list(PATHS.values())))
+    for layer in range(2):
+        for site in SITES:
+            b = branch(h, layer, site)
+            mod = theirs.base_model.model.get_submodule(f"model.layers.{layer}.{PATHS[site]}")
+            torch.testing.assert_close(b.lora_A, mod.lora_A["default"].weight, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(b.lora_B, mod.lora_B["default"].weight, atol=1e-6, rtol=1e-5)
+            w0 = ours_model.get_submodule(f"model.layers.{layer}.{PATHS[site]}").base_layer.weight
+            torch.testing.assert_close(w0 - b.scale * b.base_B @ b.base_A, mod.base_layer.weight, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        for p in h.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for layer in range(2):
+            for site in SITES:
+                b = branch(h, layer, site)
+                mod = theirs.base_model.model.get_submodule(f"model.layers.{layer}.{PATHS[site]}")
+                mod.lora_A["default"].weight.copy_(b.lora_A), mod.lora_B["default"].weight.copy_(b.lora_B)
+        trained = logits(ours_model, batch)
+        assert torch.allclose(trained, theirs(**batch).logits, atol=1e-5)
+    h.drop_reparameterization()
+    h.save(tmp_path / "final")
+    node = unipelt.io.read_adapter_meta(tmp_path / "final")["spec"]["modules"]["lora"]
+    assert "niter" not in node and node["init"] == "kaiming" and node["r"] == 8
+    fresh = make_llama()
+    unipelt.load(fresh, tmp_path / "final")
+    assert torch.allclose(logits(fresh, batch), trained, atol=1e-5)
+
+
+def test_niter_only_with_pissa():
+    with pytest.raises(unipelt.SpecError, match=r"modules\.lora\.niter.*only with init: pissa"):
+        unipelt.validate(spec("olora", niter=2))
+    with pytest.raises(unipelt.SpecError, match=r"modules\.d\.niter"):
+        unipelt.validate({"modules": {"d": {"method": "dora", "site": "attn.q", "niter": 2}}})

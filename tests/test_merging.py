@@ -188,3 +188,61 @@ def test_pissa_checkpoint_merges_as_the_lora_it_equals(tmp_path):
     fresh = make_llama()
     unipelt.load(fresh, out)
     assert torch.allclose(logits(fresh, batch), expect, atol=1e-5)
+
+
+# GPT-2 (Conv1D, PEFT's fan_in_fan_out) with inputs of different ranks, alphas, rsLoRA and hook
+# points, against PEFT: DARE's draws land where PEFT's land only when the deltas are combined in
+# the layout GPT-2 stores them, (in, out) (before: off by 2-4 in ΔW); svd_clamp as PEFT's
+GPT2_INPUTS = [(["attn.o", "ffn.up", "ffn.down"], 2, 4, False), (["attn.o", "ffn.up", "ffn.down"], 4, 16, True),
+               (["ffn.up", "ffn.down"], 6, 3, False)]
+
+
+@pytest.mark.parametrize("method,density,svd_clamp", [
+    ("dare_linear_svd", 0.5, None), ("dare_ties_svd", 0.6, None), ("svd", None, 0.9), ("ties_svd", 0.5, 0.5),
+])
+def test_gpt2_svd_methods_match_peft(tmp_path, method, density, svd_clamp, monkeypatch):
+    from conftest import make_gpt2
+
+    handles, dirs, names, pm = [], [], [], None
+    for i, (sites, r, alpha, rslora) in enumerate(GPT2_INPUTS):
+        h, d = _save(tmp_path, f"in{i}", i + 1, factory=make_gpt2,
+                     spec={"modules": {"lora": {"method": "lora", "sites": sites, "r": r, "alpha": alpha, "rslora": rslora}}})
+        handles.append(h), dirs.append(d), names.append(chr(ord("a") + i))
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, lora_dropout=0.0, fan_in_fan_out=True,
+                              target_modules=sorted({bp.site.path for bp in h.graph.branches}))
+        if pm is None:
+            pm = peft.get_peft_model(make_gpt2(), cfg, adapter_name=names[0])
+        else:
+            pm.add_adapter(names[-1], cfg)
+        with torch.no_grad():
+            for bp in h.graph.branches:
+                mod = pm.base_model.model.get_submodule(bp.site.path)
+                mod.lora_A[names[-1]].weight.copy_(h.branch_modules[bp.key].lora_A)
+                mod.lora_B[names[-1]].weight.copy_(h.branch_modules[bp.key].lora_B)
+    weights = [0.8, -0.5, 1.2]
+    out = merge_adapters(dirs, tmp_path / "m", weights=weights, method=method, density=density, svd_clamp=svd_clamp,
+                         majority_sign="frequency", seed=11)
+    bernoulli, g = torch.bernoulli, torch.Generator().manual_seed(11)
+    monkeypatch.setattr(torch, "bernoulli", lambda t, *a, **k: bernoulli(t, *a, **{"generator": g, **k}))
+    pm.add_weighted_adapter(names, weights, "m", combination_type=method, density=density, svd_clamp=svd_clamp,
+                            majority_sign_method="frequency")
+    monkeypatch.undo()
+    pm.set_adapter("m")
+    fresh = make_gpt2()
+    hm = unipelt.load(fresh, out)
+    assert len(hm.graph.branches) == 6
+    for bp in hm.graph.branches:
+        theirs = pm.base_model.model.get_submodule(bp.site.path).get_delta_weight("m").T  # stored (in, out)
+        assert torch.allclose(hm.branch_modules[bp.key].delta_weight(), theirs, atol=1e-5), bp.key
+    batch = make_batch()
+    assert torch.allclose(logits(fresh, batch), pm(**batch).logits, atol=1e-4)
+
+
+def test_svd_clamp_refusals(tmp_path):
+    _, a = _save(tmp_path, "a", 1)
+    _, b = _save(tmp_path, "b", 2)
+    with pytest.raises(MergeError, match=r"svd_clamp 1\.5 is not a quantile"):
+        merge_adapters([a, b], tmp_path / "x", method="svd", svd_clamp=1.5)
+    with pytest.raises(MergeError, match="svd_clamp clamps the factors of an svd method, not of ties"):
+        merge_adapters([a, b], tmp_path / "x", method="ties", density=0.5, svd_clamp=0.9)
+    assert not (tmp_path / "x").exists()

@@ -382,3 +382,290 @@ def test_ia3_export_gpt2_fused_slices(tmp_path):
         torch.testing.assert_close(base(input_ids=ids).logits, expect, atol=1e-6, rtol=1e-6)
     q = [back.branch_modules[bp.key].ia3_l for bp in back.graph.branches if bp.site.site == "attn.q"]
     assert q and all(torch.equal(v, torch.ones_like(v)) for v in q)
+
+
+def test_adapter_loaded_onto_an_eval_model_runs_no_dropout(tmp_path):
+    """A PEFT LoRA trained with lora_dropout, loaded onto a base in eval mode: PEFT's from_pretrained
+    output, deterministic. The adapter's new modules once started in training mode whatever the
+    model's, so the eval model dropped inputs of A (0.48 off PEFT on all-linear, and two forwards
+    differed); train() turns the dropout on again."""
+    pm = peft.get_peft_model(make_llama(), peft.LoraConfig(r=3, lora_alpha=5, use_rslora=True, lora_dropout=0.3,
+                                                           target_modules="all-linear", init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    batch = make_batch()
+    theirs = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "peft")
+    fresh = make_llama()
+    unipelt.load(fresh, tmp_path / "peft")
+    assert not fresh.training
+    with torch.no_grad():
+        first = fresh(**batch).logits
+        assert torch.equal(fresh(**batch).logits, first)
+        assert torch.allclose(first, theirs(**batch).logits, atol=1e-5)
+        fresh.train()
+        assert not torch.allclose(fresh(**batch).logits, first, atol=1e-3)
+    # compile follows the model's mode too
+    model = make_llama().train()
+    h = unipelt.compile(model, {"modules": {"l": {"method": "lora", "site": "attn.q", "r": 2, "dropout": 0.3}}})
+    assert all(m.training for m in h.branch_modules.values())
+
+
+def test_prefix_tuning_for_sequence_classification_with_its_head(tmp_path):
+    """PEFT's SEQ_CLS prefix saves the classifier (modules_to_save) next to prompt_embeddings, under
+    ``base_model.<path>`` (once refused as a second tensor): the head becomes ``train`` at ``head``;
+    given PEFT's positions (after the prefix), PEFT's logits."""
+    pm = peft.get_peft_model(make_bert(), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    batch = make_batch()
+    with torch.no_grad():
+        expect = pm(**batch).logits
+    fresh = make_bert()
+    h = unipelt.load(fresh, tmp_path / "peft")
+    assert set(h.spec.modules) == {"prefix", "head"}
+    B, T = batch["input_ids"].shape
+    with torch.no_grad():
+        got = fresh(**batch, position_ids=(3 + torch.arange(T)).expand(B, T)).logits
+    assert torch.allclose(got, expect, atol=1e-5)
+    # a tensor that is neither the prompt nor the head is still refused, naming it
+    from safetensors.torch import load_file, save_file
+
+    w = tmp_path / "peft" / "adapter_model.safetensors"
+    t = load_file(str(w))
+    t["base_model.bert.pooler.dense.weight"] = torch.zeros(32, 32)
+    save_file(t, str(w))
+    with pytest.raises(AdapterFileError, match=r"tensor 'base_model\.bert\.pooler\.dense\.weight': a prompt-learning"):
+        unipelt.load(make_bert(), tmp_path / "peft")
+
+
+# PEFT's DoRA (a LORA adapter with use_dora): once refused; the DoRA plugin's translator reads it
+DORA_CASES = {
+    "llama": (make_llama, dict(r=3, lora_alpha=5, use_rslora=True, target_modules="all-linear",
+                               rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 7})),
+    # the fused c_attn: one A, B and magnitude over q, k, v, split into the slices' rows
+    "gpt2": (make_gpt2, dict(r=2, target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True)),
+    "bert": (make_bert, dict(r=2, target_modules=["query", "value", "output.dense"], modules_to_save=["classifier"],
+                             task_type="SEQ_CLS")),
+}
+
+
+def _peft_dora_dir(tmp_path, family):
+    factory, cfg = DORA_CASES[family]
+    pm = peft.get_peft_model(factory(), peft.LoraConfig(use_dora=True, lora_dropout=0.0, **cfg))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every trainable tensor moved off its init (magnitudes too)
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    return factory, pm, tmp_path / "peft"
+
+
+@pytest.mark.parametrize("family", list(DORA_CASES))
+def test_dora_equals_peft(tmp_path, family):
+    factory, pm, d = _peft_dora_dir(tmp_path, family)
+    batch = make_batch()
+    fresh = factory()
+    h = unipelt.load(fresh, d)
+    assert {n.method for n in h.spec.modules.values()} == ({"dora", "train"} if family == "bert" else {"dora"})
+    with torch.no_grad():
+        assert torch.allclose(fresh(**batch).logits, pm(**batch).logits, atol=1e-5)
+
+
+def test_dora_bad_input(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, d = _peft_dora_dir(tmp_path, "llama")
+    w = d / "adapter_model.safetensors"
+    good = load_file(str(w))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    save_file({**good, key: good[key][:5]}, str(w))
+    with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors: tensor '.*q_proj\.lora_magnitude_vector': "
+                                               r"shape \(5,\)"):
+        unipelt.load(make_llama(), d)
+    stray = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({k: v for k, v in good.items() if not k.startswith(stray.rsplit(".lora_A", 1)[0] + ".lora_")
+               or k == key}, str(w))
+    with pytest.raises(AdapterFileError, match="a DoRA magnitude without its LoRA factors"):
+        unipelt.load(make_llama(), d)
+    model = make_llama()
+    save_file({k: v for k, v in good.items() if k != key}, str(w))
+    with pytest.raises(AdapterFileError, match=r"adapter_config\.json: field 'use_dora': true, but .*q_proj"):
+        unipelt.load(model, d)
+    assert unipelt.compiler.get_state(model) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_dora_round_trip_through_peft_is_exact(tmp_path, family):
+    """unipelt DoRA -> PEFT (LORA with use_dora; once refused) -> unipelt: the same tensors, and
+    PEFT itself computes unipelt's logits from the export."""
+    from unipelt.models import load_model
+
+    name, cls, ids, expect = _round_trip(tmp_path, family, {
+        "dora": {"method": "dora", "sites": ["attn.q", "attn.v", "ffn.down"], "r": 3, "alpha": 5, "rslora": True}})
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and cfg["use_rslora"] is True
+    fresh, _ = load_model(name, task="classification" if cls else None, num_labels=2 if cls else None)
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_export_gpt2_fused_slices_and_refusals(tmp_path):
+    """DoRA on GPT-2's q and v slices: one PEFT DoRA on c_attn (A stacked, B block-placed, each
+    slice's magnitude in its rows, ‖W0_i‖ on the k rows): PEFT's logits are unipelt's. DoRA mixed
+    with LoRA, or two DoRA modules on the same rows, have no PEFT form."""
+    from unipelt.export import ExportError, export_peft
+    from unipelt.models import load_model
+
+    base, _ = load_model("tiny-gpt2")
+    h = unipelt.compile(base, {"modules": {"dora": {"method": "dora", "sites": ["attn.q", "attn.v", "ffn.down"],
+                                                    "r": 2, "alpha": 4}}})
+    randomize(h, std=0.2)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expect = base(input_ids=ids).logits
+    h.save(tmp_path / "ours")
+    h.detach()
+    export_peft(tmp_path / "ours", tmp_path / "peft", model="tiny-gpt2")
+    fresh, _ = load_model("tiny-gpt2")
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, expect, atol=1e-5, rtol=1e-5)
+    for i, modules in enumerate([
+        {"a": {"method": "dora", "site": "attn.q", "r": 2}, "b": {"method": "lora", "site": "attn.v", "r": 2}},
+        {"a": {"method": "dora", "site": "attn.k", "r": 2}, "b": {"method": "dora", "site": "attn.k", "r": 2}},
+    ]):
+        base, _ = load_model("tiny-gpt2")
+        h = unipelt.compile(base, {"modules": modules})
+        h.save(tmp_path / f"bad{i}")
+        h.detach()
+        with pytest.raises(ExportError, match="use_dora is one flag" if i == 0 else "two DoRA modules at"):
+            export_peft(tmp_path / f"bad{i}", tmp_path / f"out{i}", model="tiny-gpt2")
+        assert not (tmp_path / f"out{i}").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_prompt_round_trip_through_peft_is_exact(tmp_path, name):
+    """A prompt on a decoder exported as PEFT's prompt tuning (once refused): PEFT's from_pretrained
+    computes unipelt's logits on a right-padded batch, and imported back the tensor is the same."""
+    from unipelt.export import export_peft
+    from unipelt.models import load_model
+
+    base, _ = load_model(name)
+    h = unipelt.compile(base, {"modules": {"p": {"method": "prompt", "length": 5}}})
+    randomize(h)
+    batch = make_batch(length=6)
+    with torch.no_grad():
+        expect = base(**batch).logits
+    ours = {k: v.clone() for k, v in h.state_dict().items()}
+    h.save(tmp_path / "ours")
+    h.detach()
+    export_peft(tmp_path / "ours", tmp_path / "peft", model=name)
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["num_virtual_tokens"]) == ("PROMPT_TUNING", 5)
+    fresh, _ = load_model(name)
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**batch).logits, expect, atol=1e-5, rtol=1e-5)
+    back = unipelt.load(base, tmp_path / "peft")
+    theirs = back.state_dict()
+    assert theirs.keys() == {"prompt.embed.embedding"} and torch.equal(theirs["prompt.embed.embedding"],
+                                                                       next(iter(ours.values())))
+
+
+def test_prompt_on_an_encoder_and_prefix_are_not_exported(tmp_path):
+    from unipelt.export import ExportError, export_peft
+    from unipelt.models import load_model
+
+    for i, (name, node) in enumerate([("tiny-bert", {"method": "prompt", "length": 3}),
+                                      ("tiny-llama", {"method": "prefix", "length": 3, "reparam": "none"})]):
+        base, _ = load_model(name)
+        h = unipelt.compile(base, {"modules": {"p": node}})
+        h.save(tmp_path / f"a{i}")
+        h.detach()
+        with pytest.raises(ExportError, match="after \\[CLS\\], PEFT before it" if i == 0 else "positions L"):
+            export_peft(tmp_path / f"a{i}", tmp_path / f"out{i}", model=name)
+        assert not (tmp_path / f"out{i}").exists()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("alora_invocation_tokens", [5, 6]), ("use_qalora", True), ("layer_replication", [[0, 2], [1, 2]]),
+    ("use_bdlora", {"nblocks": 2}), ("lora_bias", True), ("kasa_config", {}), ("init_lora_weights", "lora_ga"),
+])
+def test_lora_variants_with_another_function_are_refused(tmp_path, field, value):
+    """PEFT 0.21 LoRA variants whose factors compute something else than W0·x + s·B·A·x (activated
+    LoRA, QA-LoRA, replicated layers, BD-LoRA, B's bias, a base rewritten by LoRA-GA) were read as a
+    plain LoRA, silently: each is one error naming the field ({} counts as set: PEFT's default is None)."""
+    d = _lora_dir(tmp_path)
+    _edit_config(d, **{field: value})
+    model = make_llama()
+    with pytest.raises(AdapterFileError, match=rf"adapter_config\.json: field '{field}'"):
+        unipelt.load(model, d)
+    assert unipelt.compiler.get_state(model) is None
+
+
+def test_eva_initialised_lora_imports(tmp_path):
+    """EVA initialises A from activations with B = 0 and leaves the base weight alone: its saved
+    adapter is a plain LoRA on the unmodified base (it was refused as a rewritten base)."""
+    pm, d = _peft_lora(make_llama, tmp_path, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    _edit_config(d, init_lora_weights="eva")
+    fresh = make_llama()
+    unipelt.load(fresh, d)
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.allclose(fresh(**batch).logits, pm(**batch).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-tied"])
+def test_tied_output_head_under_modules_to_save_is_refused(tmp_path, family):
+    """modules_to_save = [lm_head] on a model whose head is tied to the input embeddings (GPT-2,
+    Gemma, SmolLM2): PEFT trains a copy, so its input embeddings keep their values; read into the
+    tied weight (unipelt's train at head) it changed the input embeddings too (logits 2-3x off
+    PEFT's, LoRA or IA3). Refused, naming the field; an untied head still imports (Llama)."""
+    factory = make_gpt2 if family == "gpt2" else (lambda: make_llama(tie_word_embeddings=True))
+    target = ["c_attn"] if family == "gpt2" else ["q_proj"]
+    _, d = _peft_lora(factory, tmp_path, r=2, target_modules=target, modules_to_save=["lm_head"],
+                      fan_in_fan_out=family == "gpt2")
+    model = factory()
+    with pytest.raises(AdapterFileError, match=r"adapter_config\.json: field 'modules_to_save': 'lm_head' shares its "
+                                               r"weight with the input embeddings"):
+        unipelt.load(model, d)
+    assert unipelt.compiler.get_state(model) is None
+    from safetensors.torch import load_file, save_file
+
+    _, d2 = _peft_lora(make_llama, tmp_path / "untied", r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    w = d2 / "adapter_model.safetensors"
+    t = load_file(str(w))
+    t["base_model.model.lm_head.weight"] = t["base_model.model.lm_head.weight"] * 1.5  # a trained head
+    save_file(t, str(w))
+    theirs = peft.PeftModel.from_pretrained(make_llama(), d2).eval()
+    fresh = make_llama()
+    h = unipelt.load(fresh, d2)
+    assert "head" in h.spec.modules
+    batch = make_batch()
+    with torch.no_grad():
+        expect = theirs(**batch).logits
+        assert not torch.allclose(expect, make_llama()(**batch).logits, atol=1e-3)
+        assert torch.allclose(fresh(**batch).logits, expect, atol=1e-5)
+
+
+def test_export_of_a_head_tied_to_the_input_embeddings_is_refused(tmp_path):
+    """train at head on GPT-2 trains lm_head's weight, which is also the input embedding; PEFT's
+    modules_to_save loads it as an untied copy (PEFT's logits were 1.1x off unipelt's): refused."""
+    from unipelt.export import ExportError, export_peft
+    from unipelt.models import load_model
+
+    base, _ = load_model("tiny-gpt2")
+    h = unipelt.compile(base, {"modules": {"l": {"method": "lora", "site": "attn.q", "r": 2},
+                                           "head": {"method": "train", "site": "head"}}})
+    h.save(tmp_path / "ours")
+    h.detach()
+    with pytest.raises(ExportError, match=r"ours: the module at head \(lm_head\) trained the weight this model ties"):
+        export_peft(tmp_path / "ours", tmp_path / "peft", model="tiny-gpt2")
+    assert not (tmp_path / "peft").exists()

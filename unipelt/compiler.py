@@ -123,6 +123,9 @@ def compile(
         if CONTAINER not in model._modules:
             model.add_module(CONTAINER, nn.ModuleDict())
         model._modules[CONTAINER][name] = container
+        # new modules start in training mode: follow the model's, so that an adapter attached
+        # (or loaded, or imported) onto a model in eval mode does not run its dropout there
+        container.train(model.training)
         for bp in graph.branches:
             mod = branch_modules[bp.key]
             gkey = bp.gate_key

@@ -5,6 +5,11 @@ into a standalone model directory.
     export_peft("adapter", "peft", model="tiny-llama")                   # or named
     merge_adapter("runs/lora/adapter", "tiny-llama", "runs/lora/merged")  # save_pretrained + tokenizer
 
+**DoRA** adapters (every linear node ``dora``) are written as PEFT's LoRA with ``use_dora``: the
+same A, B and alpha, and each module's ``lora_magnitude_vector`` (on GPT-2's fused c_attn: each
+slice's rows, ‖W0_i‖ on the rows of an unadapted slice). PEFT always detaches the norm, so a
+``detach_norm: false`` adapter computes the same outputs there but not the same gradients.
+
 **PEFT export.** PEFT's LoRA format says, per target module, h = W0·x + (lora_alpha/r)·B·A·x
 (``lora_alpha/sqrt(r)`` with ``use_rslora``). A unipelt adapter translates exactly when every
 node is an ungated ``lora`` at linear hook points, or a ``train`` node at ``head`` (written as
@@ -25,6 +30,12 @@ PEFT's IA3 format instead: per module ``ia3_l`` shaped (d_out, 1) for an output-
 rescales the bias with it too, as unipelt does) or (1, d_in) for an input-side one, those modules
 listed in ``feedforward_modules``; GPT-2's k and v slices share one c_attn vector, 1 on the q rows.
 Imported back (plugins/ia3.py's translator) the tensors are the same.
+
+An adapter of one ``prompt`` node on a decoder is written as PEFT's prompt tuning
+(``prompt_embeddings``, L × d): both put the virtual tokens first, at positions 0..L-1. On an
+encoder (unipelt: after [CLS], PEFT: before it) or a decoder classifier (PEFT pools the last
+position, padding on padded rows) it is refused. A prefix is refused: PEFT's prefix moves the
+real tokens' positions to L.., unipelt's does not, so the same tensor computes another function.
 
 Anything else (gates, adapters, prefixes, BitFit, LayerNorm tuning, averaged combination, LoRA
 and IA3 in one adapter) is refused with a message naming the module: PEFT's LoRA format cannot
@@ -65,30 +76,52 @@ class ExportError(UnipeltError):
 
 
 def _peft_type(spec) -> str:
-    """``IA3`` when the adapter's nodes (besides a head trained in full) are all ``ia3``, else
-    ``LORA`` (whose checks then name what does not fit)."""
-    methods = {n.method for n in spec.modules.values() if not (n.method == "train" and list(n.sites) == ["head"])}
-    return "IA3" if methods == {"ia3"} else "LORA"
+    """``IA3`` when the adapter's nodes (besides a head trained in full) are all ``ia3``,
+    ``PROMPT_TUNING`` for one ``prompt`` node alone, else ``LORA`` (whose checks then name what
+    does not fit)."""
+    methods = [n.method for n in spec.modules.values() if not (n.method == "train" and list(n.sites) == ["head"])]
+    if set(methods) == {"ia3"}:
+        return "IA3"
+    if methods == ["prompt"] and len(spec.modules) == 1:
+        return "PROMPT_TUNING"
+    return "LORA"
+
+
+def _uses_dora(spec) -> bool:
+    return any(n.method == "dora" for n in spec.modules.values())
 
 
 def _node_problems(spec, handle=None) -> list[str]:
-    """Why each node cannot be written as PEFT LoRA, or PEFT IA3 (empty when all can)."""
+    """Why each node cannot be written as PEFT LoRA (DoRA), or PEFT IA3 (empty when all can)."""
     problems = []
     ia3 = _peft_type(spec) == "IA3"
+    dora = _uses_dora(spec)
+    if _peft_type(spec) == "PROMPT_TUNING":
+        return []
     for name, node in spec.modules.items():
         gate = spec.gate_for(node)
         if ia3 and node.method == "ia3":
             if gate is not None:  # pragma: no cover - ia3 is not gateable (MethodDef.gateable)
                 problems.append(f"module {name!r} (ia3) is gated: PEFT's IA3 has no gates")
+        elif node.method == "dora":
+            continue  # not gateable (MethodDef.gateable); PEFT's use_dora
+        elif node.method == "lora" and dora:
+            problems.append(f"module {name!r} (lora) is in an adapter with dora modules: PEFT's use_dora is one "
+                            "flag for the whole adapter")
         elif node.method == "lora":
             if gate is not None:
                 problems.append(f"module {name!r} (lora) is gated: PEFT's LoRA has no gates "
                                 "(its delta is scaled by an input-dependent gate)")
         elif node.method == "train" and list(node.sites) == ["head"]:
             continue
+        elif node.method == "prefix":
+            problems.append(f"module {name!r} (prefix): PEFT's prefix tuning moves the real tokens to positions "
+                            "L.. (its prefix sits in the KV cache) and unipelt's prefix does not, so the same tensor "
+                            "would compute another function there")
         else:
             problems.append(f"module {name!r} (method {node.method} at {', '.join(node.sites)}) has no PEFT LoRA form; "
-                            "only ungated lora (or only ia3) at linear hook points and train at head can be exported")
+                            "only ungated lora (or only dora, or only ia3) at linear hook points and train at head "
+                            "can be exported")
     return problems
 
 
@@ -110,6 +143,13 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         raise ExportError(f"{adapter_dir}: cannot export to PEFT: " + "; ".join(problems))
     info = training_info(adapter_dir)
     net, _tok, handle, resolved = load_adapted(adapter_dir, model, device="cpu")
+    if _peft_type(spec) == "PROMPT_TUNING":
+        try:
+            tensors, config, provenance = _prompt_export(adapter_dir, net, handle, resolved, info, meta,
+                                                         base_model_name_or_path)
+        finally:
+            handle.detach()
+        return _write_peft(out_dir, tensors, config, provenance)
     if _peft_type(spec) == "IA3":
         try:
             tensors, config, provenance = _ia3_export(adapter_dir, net, handle, resolved, info, meta,
@@ -145,6 +185,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
             raise ExportError(f"{adapter_dir}: mixes Conv1D and Linear targets; PEFT's fan_in_fan_out is global")
 
         all_rslora = all(b.node.config.rslora for items in branches_by_path.values() for b, _, _ in items)
+        dora = _uses_dora(spec)
         tensors: dict[str, torch.Tensor] = {}
         per_path: dict[str, tuple[int, float]] = {}
         dropouts = set()
@@ -160,6 +201,8 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
                     alpha = mod.scale * cfg.r  # no use_rslora: alpha/r must equal the rsLoRA scale
                 A, B = mod.lora_A.detach(), mod.lora_B.detach()
                 per_path[path] = (cfg.r, float(alpha))
+                if dora:
+                    tensors[f"{key}.lora_magnitude_vector"] = mod.magnitude.detach().to("cpu").contiguous().clone()
             else:
                 # stacked: A = [A_1; A_2; ...], B's columns of branch i hold s_i·B_i in its slice's rows
                 module = net.get_submodule(path)
@@ -175,12 +218,15 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
                     col += mod.r
                 # scale 1: lora_alpha = r, or sqrt(r) under use_rslora
                 per_path[path] = (rank, float(rank ** 0.5 if all_rslora else rank))
+                if dora:
+                    tensors[f"{key}.lora_magnitude_vector"] = _dora_magnitude(adapter_dir, path, base, items, out_full,
+                                                                              path in transposed)
             tensors[f"{key}.lora_A.weight"] = A.to("cpu").contiguous().clone()
             tensors[f"{key}.lora_B.weight"] = B.to("cpu").contiguous().clone()
         if not branches_by_path:
             raise ExportError(f"{adapter_dir}: no LoRA module to export")
         task = resolved.get("task")
-        modules_to_save, head = _head_tensors(net, handle, head_paths, task)
+        modules_to_save, head = _head_tensors(net, handle, head_paths, task, source=adapter_dir)
         tensors.update(head)
 
         common_r, common_alpha = Counter(per_path.values()).most_common(1)[0][0]
@@ -204,7 +250,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
             "modules_to_save": modules_to_save or None,
             "init_lora_weights": True,
             "inference_mode": True,
-            "use_dora": False,
+            "use_dora": dora,
             "layers_to_transform": None,
             "layers_pattern": None,
             "revision": None,
@@ -216,7 +262,26 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
     return _write_peft(out_dir, tensors, config, provenance)
 
 
-def _head_tensors(net, handle, head_paths: list[str], task) -> tuple[list[str], dict[str, torch.Tensor]]:
+def _dora_magnitude(adapter_dir, path: str, base, items, out_full: int, transposed: bool) -> torch.Tensor:
+    """PEFT's one magnitude of a module whose rows several DoRA branches share (GPT-2's fused
+    c_attn): each slice's rows from its branch (the norm is per output row, so the stacked A and
+    block-placed B give each row its own norm), and ‖W0_i‖ on rows no branch adapts (g = 1 there:
+    unchanged, as in unipelt). Two DoRA branches on the same rows have no PEFT form."""
+    W = base.weight.detach().float()
+    W = W.T if transposed else W
+    m = torch.linalg.norm(W, dim=1)
+    seen: set[tuple[int, int]] = set()
+    for bp, mod, _ in items:
+        o0, o1 = bp.site.out_slice or (0, out_full)
+        if (o0, o1) in seen or bp.site.out_slice is None:
+            raise ExportError(f"{adapter_dir}: two DoRA modules at {path} ({bp.site.key}): the product of their "
+                              "rescalings is not a DoRA; PEFT's use_dora has one per module")
+        seen.add((o0, o1))
+        m[o0:o1] = mod.magnitude.detach().float().to("cpu")
+    return m.contiguous()
+
+
+def _head_tensors(net, handle, head_paths: list[str], task, source=None) -> tuple[list[str], dict[str, torch.Tensor]]:
     """``modules_to_save`` and its tensors: the head trained in full, or, for a classifier whose
     head was not trained, the base head as it is (PEFT's SEQ_CLS always restores it from the file)."""
     paths = list(head_paths)
@@ -225,8 +290,15 @@ def _head_tensors(net, handle, head_paths: list[str], task) -> tuple[list[str], 
             paths = [handle.info.resolve("head", None).path]
         except Exception:  # pragma: no cover - every catalog has a head
             paths = []
+    from unipelt.peft_import import _tied_to_input_embeddings
+
     tensors = {}
     for path in paths:
+        if path in head_paths and _tied_to_input_embeddings(net, path):
+            # PEFT's modules_to_save trains a copy, so its input embeddings would keep their values
+            raise ExportError(f"{source}: the module at head ({path}) trained the weight this model ties to its "
+                              "input embeddings: PEFT's modules_to_save would load it as an untied copy, another "
+                              "function")
         for pname, p in net.get_submodule(path).state_dict().items():
             tensors[f"base_model.model.{path}.{pname}"] = p.detach().to("cpu").contiguous().clone()
     return paths, tensors
@@ -274,7 +346,7 @@ def _ia3_export(adapter_dir, net, handle, resolved, info, meta, base_model_name_
     if transposed and len(transposed) != len(vectors):  # pragma: no cover - no such model known
         raise ExportError(f"{adapter_dir}: mixes Conv1D and Linear targets; PEFT's fan_in_fan_out is global")
     task = resolved.get("task")
-    modules_to_save, tensors = _head_tensors(net, handle, head_paths, task)
+    modules_to_save, tensors = _head_tensors(net, handle, head_paths, task, source=adapter_dir)
     tensors.update({f"base_model.model.{p}.ia3_l": v.contiguous() for p, v in vectors.items()})
     base_name = base_model_name_or_path or resolved.get("model") or info.get("model")
     config = {
@@ -293,6 +365,39 @@ def _ia3_export(adapter_dir, net, handle, resolved, info, meta, base_model_name_
     provenance = {"exported_from": str(Path(adapter_dir).resolve()), "base_model": base_name,
                   "task": task, "labels": resolved.get("labels"), "spec": meta.get("spec")}
     return tensors, config, provenance
+
+
+def _prompt_export(adapter_dir, net, handle, resolved, info, meta, base_model_name_or_path):
+    """PEFT's prompt tuning: the L virtual token embeddings as ``prompt_embeddings`` (L, d). Only on
+    a decoder, where both put the prompt before the input and give it positions 0..L-1; on an
+    encoder unipelt puts it after [CLS] and PEFT before it, which is another function."""
+    (bp,) = handle.graph.branches
+    if not handle.info.causal:
+        raise ExportError(f"{adapter_dir}: module {bp.node.name!r} (prompt) on an encoder "
+                          f"({handle.info.arch.name}): unipelt puts the virtual tokens after [CLS], PEFT before it")
+    task = resolved.get("task")
+    if task == "classification":
+        raise ExportError(f"{adapter_dir}: module {bp.node.name!r} (prompt) on a decoder classifier: PEFT's prompt "
+                          "tuning pools the last position, a padding token for padded rows")
+    emb = handle.branch_modules[bp.key].prompt().detach().to("cpu").contiguous().clone()
+    cfg = handle.info.config
+    base_name = base_model_name_or_path or resolved.get("model") or info.get("model")
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "num_virtual_tokens": int(emb.shape[0]),
+        "token_dim": int(emb.shape[1]),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")),
+        "num_layers": int(handle.info.num_layers),
+        "prompt_tuning_init": "RANDOM",
+        "inference_mode": True,
+        "revision": None,
+    }
+    provenance = {"exported_from": str(Path(adapter_dir).resolve()), "base_model": base_name,
+                  "task": task, "labels": resolved.get("labels"), "spec": meta.get("spec")}
+    return {"prompt_embeddings": emb}, config, provenance
 
 
 def _write_peft(out_dir, tensors: dict, config: dict, provenance: dict) -> Path:

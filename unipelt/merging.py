@@ -18,7 +18,8 @@ scale, the result is a LoRA with alpha = r (scale 1):
   elect-and-average (``dare_ties``). ``magnitude_prune``: the magnitude pruning of ``ties`` and a sum.
 - ``svd`` (and ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``):
   the same combinations of the full deltas ΔW_i = s_i·B_i·A_i with weights w_i, then the best
-  rank-r' approximation (r' = ``svd_rank``, default the largest input rank): B' = U_r'·S_r', A' = V_r'ᵀ.
+  rank-r' approximation (r' = ``svd_rank``, default the largest input rank): B' = U_r'·S_r', A' = V_r'ᵀ;
+  ``svd_clamp`` q (PEFT's ``svd_clamp``) then clamps both to ±(the q-quantile of their entries).
 - ``cat``: the exact sum Σ w_i·ΔW_i as one LoRA of the summed rank, A' = [w_i·s_i·A_i], B' = [B_i].
 
 The random drop of DARE draws, per hook point in model order, A's masks then B's, input by input,
@@ -52,6 +53,12 @@ Method = Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"
 
 
 SITE_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.up", "ffn.down")
+
+# architectures whose linear hook points are transformers' Conv1D, which stores W as (in, out):
+# PEFT's get_delta_weight returns ΔW in that layout (fan_in_fan_out), and the *_svd methods
+# combine it so, which matters to DARE's random drop (the same draws land on other entries of
+# the (out, in) matrix); the combination here runs in the stored layout too
+TRANSPOSED_STORAGE = frozenset({"gpt2"})
 
 
 class MergeError(UnipeltError):
@@ -183,12 +190,13 @@ def _read_input(path: str | os.PathLike) -> _Input:
 def merge_adapters(adapters: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                    weights: Sequence[float] | None = None, method: Method = "linear", density: float | None = None,
                    svd_rank: int | None = None, majority_sign: Literal["total", "frequency"] = "total",
-                   seed: int = 0, name: str = "merged") -> Path:
+                   seed: int = 0, name: str = "merged", svd_clamp: float | None = None) -> Path:
     """Merge the LoRA adapters in ``adapters`` (directories) into one adapter written to ``out``.
 
     ``weights`` (default all 1) weight each input; ``method`` is one of :data:`METHODS` (module
     docstring); ``density`` (the fraction kept, in (0, 1]) is required by the pruning methods;
     ``svd_rank`` is the rank of the ``*svd`` results (default: the largest input rank);
+    ``svd_clamp`` (in [0, 1]) clamps their factors to the quantile of their entries, as PEFT's;
     ``majority_sign`` TIES' sign election; ``seed`` DARE's random drop. Returns the output path.
     """
     from unipelt.io import atomic_output, check_output_path, is_adapter_dir
@@ -209,6 +217,10 @@ def merge_adapters(adapters: Sequence[str | os.PathLike], out: str | os.PathLike
         raise MergeError(f"merge-adapters: density {density} is not in (0, 1]")
     if svd_rank is not None and svd_rank < 1:
         raise MergeError(f"merge-adapters: svd_rank {svd_rank} is not a positive integer")
+    if svd_clamp is not None and not (isinstance(svd_clamp, (int, float)) and 0.0 <= svd_clamp <= 1.0):
+        raise MergeError(f"merge-adapters: svd_clamp {svd_clamp} is not a quantile in [0, 1]")
+    if svd_clamp is not None and not method.endswith("svd"):
+        raise MergeError(f"merge-adapters: svd_clamp clamps the factors of an svd method, not of {method}")
     if majority_sign not in ("total", "frequency"):
         raise MergeError(f"merge-adapters: majority_sign {majority_sign!r} is not total or frequency")
     dest = check_output_path(out, kind="dir", what="unipelt adapter directory", replaces=is_adapter_dir)
@@ -227,6 +239,7 @@ def merge_adapters(adapters: Sequence[str | os.PathLike], out: str | os.PathLike
     # PEFT's default svd rank: the largest rank of any input
     max_rank = max(l.r for inp in inputs for l in inp.branches.values())
     generator = torch.Generator().manual_seed(int(seed))
+    transposed = base.get("architecture") in TRANSPOSED_STORAGE
     merged: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
     for where in where_all:
         present = [(inp, w) for inp, w in zip(inputs, weights) if where in inp.branches]
@@ -249,18 +262,25 @@ def merge_adapters(adapters: Sequence[str | os.PathLike], out: str | os.PathLike
             B = combine([l.B for l in loras], cB, method, density, majority_sign, generator)
         else:
             rank = svd_rank or max_rank
-            delta = combine([l.scale * (l.B @ l.A) for l in loras], ws, method, density, majority_sign, generator)
+            deltas = [l.scale * (l.B @ l.A) for l in loras]
+            if transposed:  # combined as stored (DARE's draws), decomposed as (out, in)
+                delta = combine([d.T for d in deltas], ws, method, density, majority_sign, generator).T
+            else:
+                delta = combine(deltas, ws, method, density, majority_sign, generator)
             limit = min(delta.shape)
             if rank > limit:
                 raise MergeError(f"merge-adapters: svd_rank {rank} is more than min(d_in, d_out) = {limit} at {label}")
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
             B, A = U[:, :rank] * S[:rank], Vh[:rank]
+            if svd_clamp is not None:
+                hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), svd_clamp)
+                B, A = B.clamp(-hi, hi), A.clamp(-hi, hi)
         merged[where] = (A.contiguous(), B.contiguous())
 
     spec, tensors = _as_adapter(merged, name)
     _check_spec(spec, dest)
     meta = _metadata(spec, name, base, tensors, inputs, method=method, weights=weights, density=density,
-                     svd_rank=svd_rank, majority_sign=majority_sign, seed=seed)
+                     svd_rank=svd_rank, svd_clamp=svd_clamp, majority_sign=majority_sign, seed=seed)
     from safetensors import torch as st
 
     from unipelt.io import FILE_FORMAT, META_FILE, WEIGHTS_FILE

@@ -244,7 +244,24 @@ def head_module_path(config: dict, ctx: ImportContext) -> str | None:
         if present and (head_path is None or not (head_path == m or head_path.endswith(f".{m}"))):
             raise ctx.error("modules_to_save", f"{m!r} is not the task head of this model ({head_path}); "
                                                "only the head can be trained in full")
+        if present and _tied_to_input_embeddings(ctx.model, head_path):
+            # PEFT's ModulesToSaveWrapper trains a copy: the input embeddings keep their values
+            raise ctx.error("modules_to_save", f"{m!r} shares its weight with the input embeddings in this model "
+                                               "(tied): PEFT trained a separate copy of it, unipelt's train at head "
+                                               "trains the tied weight, which would change the input embeddings too")
     return head_path
+
+
+def _tied_to_input_embeddings(model: nn.Module, head_path: str | None) -> bool:
+    if head_path is None:
+        return False
+    try:
+        head = model.get_submodule(head_path)
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    w = getattr(head, "weight", None)
+    return w is not None and emb is not None and w is getattr(emb, "weight", None)
 
 
 def add_head(modules: dict, out: dict[str, Tensor], head: dict[str, Tensor]) -> None:
@@ -258,14 +275,28 @@ def add_head(modules: dict, out: dict[str, Tensor], head: dict[str, Tensor]) -> 
 group_nodes = _group_nodes  # for the plugins' translators
 
 
+# PEFT 0.21's LoraConfig fields that make another function of the same factors (activated LoRA,
+# QA-LoRA's pooled input, BD-LoRA, Arrow routing, KaSA, MonteCLoRA, VeLoRA's state, replicated
+# layers); use_dora is read by the DoRA plugin's translator
+LORA_VARIANTS = ("alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "kasa_config",
+                 "monteclora_config", "velora_config", "layer_replication")
+
+
 def _lora(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple[dict, dict[str, Tensor]]:
     if config.get("use_dora"):
         raise ctx.error("use_dora", "DoRA is not a plain LoRA (import it with a DoRA plugin)")
     if config.get("bias", "none") != "none":
         raise ctx.error("bias", f"{config.get('bias')!r}: bias training is not part of a unipelt LoRA node; "
                                 "only bias: none is imported")
+    if config.get("lora_bias"):
+        raise ctx.error("lora_bias", "a bias on B (PEFT's lora_bias) is not part of a unipelt LoRA")
+    for name in LORA_VARIANTS:
+        if config.get(name) is not None and config.get(name) is not False:  # {} is a default sub-config: set
+            raise ctx.error(name, f"{config.get(name)!r}: a PEFT LoRA variant whose function is not "
+                                  "h = W0·x + s·B·A·x; unipelt has no method for it")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva", "loftq")):
+    # the initialisations that rewrite the base weight (EVA, orthogonal, MiCA, gaussian leave it)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
         raise ctx.error("init_lora_weights", f"{init!r}: the adapter goes with a rewritten base weight; convert it to "
                                              "a plain LoRA when saving (PEFT's path_initial_model_for_weight_conversion)")
     if config.get("target_parameters"):
@@ -327,10 +358,17 @@ def _lora(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple
     return {"modules": modules}, out
 
 
-def _prompt_tensor(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> Tensor:
-    if set(tensors) != {"prompt_embeddings"}:
-        extra = sorted(set(tensors) - {"prompt_embeddings"}) or ["prompt_embeddings (missing)"]
-        raise ctx.error(extra[0], "a prompt-learning adapter holds exactly one tensor, prompt_embeddings", weights=True)
+def _prompt_tensor(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple[Tensor, dict[str, Tensor]]:
+    """The prompt (or prefix) tensor, and the task head's tensors when ``modules_to_save`` saved it
+    (PEFT does for SEQ_CLS; a prompt-learning model's keys are ``base_model.<module path>``)."""
+    head_path = head_module_path(config, ctx)
+    head_prefix = None if head_path is None else f"base_model.{head_path}."
+    head = {k[len(head_prefix):]: t for k, t in tensors.items() if head_prefix and k.startswith(head_prefix)}
+    rest = set(tensors) - {head_prefix + k for k in head} if head_prefix else set(tensors)
+    if rest != {"prompt_embeddings"}:
+        extra = sorted(rest - {"prompt_embeddings"}) or ["prompt_embeddings (missing)"]
+        raise ctx.error(extra[0], "a prompt-learning adapter holds one tensor, prompt_embeddings (and the task head "
+                                  "under modules_to_save)", weights=True)
     t = tensors["prompt_embeddings"]
     n = config.get("num_virtual_tokens")
     if t.dim() != 2 or (isinstance(n, int) and t.shape[0] != n * int(config.get("num_transformer_submodules") or 1)):
@@ -338,11 +376,11 @@ def _prompt_tensor(config: dict, tensors: dict[str, Tensor], ctx: ImportContext)
                         weights=True)
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise ctx.error("num_transformer_submodules", "encoder-decoder prompts have no unipelt form")
-    return t
+    return t, head
 
 
 def _prompt_tuning(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple[dict, dict[str, Tensor]]:
-    t = _prompt_tensor(config, tensors, ctx)
+    t, head = _prompt_tensor(config, tensors, ctx)
     d = ctx.info.hidden_size
     if t.shape[1] != d:
         raise ctx.error("prompt_embeddings", f"width {t.shape[1]} is not the model's hidden size {d}", weights=True)
@@ -352,13 +390,15 @@ def _prompt_tuning(config: dict, tensors: dict[str, Tensor], ctx: ImportContext)
         raise ctx.error("task_type", f"prompt tuning on an encoder ({ctx.info.arch.name}): PEFT places the virtual "
                                      "tokens before [CLS], unipelt after it; only decoders are imported")
     L = int(t.shape[0])
-    return {"modules": {"prompt": {"method": "prompt", "length": L}}}, {"prompt.embed.embedding": t.contiguous()}
+    modules, out = {"prompt": {"method": "prompt", "length": L}}, {"prompt.embed.embedding": t.contiguous()}
+    add_head(modules, out, head)
+    return {"modules": modules}, out
 
 
 def _prefix_tuning(config: dict, tensors: dict[str, Tensor], ctx: ImportContext) -> tuple[dict, dict[str, Tensor]]:
     if config.get("prefix_projection") and not config.get("inference_mode", True):
         raise ctx.error("prefix_projection", "a prefix saved with its training projection; save it for inference")
-    t = _prompt_tensor(config, tensors, ctx)
+    t, head = _prompt_tensor(config, tensors, ctx)
     layers = ctx.info.num_layers
     cfg = ctx.info.config
     n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
@@ -372,7 +412,9 @@ def _prefix_tuning(config: dict, tensors: dict[str, Tensor], ctx: ImportContext)
     # PEFT: view(L, layers·2, H, D).permute(...) -> block 2i: layer i's keys, 2i+1: its values
     blocks = t.view(L, layers * 2, heads, head_dim).permute(1, 2, 0, 3)  # (layers·2, H, L, D)
     out = {f"prefix.{i}.attn.kv.prefix_kv": blocks[2 * i:2 * i + 2].contiguous() for i in range(layers)}
-    return {"modules": {"prefix": {"method": "prefix", "length": L, "reparam": "none"}}}, out
+    modules = {"prefix": {"method": "prefix", "length": L, "reparam": "none"}}
+    add_head(modules, out, head)
+    return {"modules": modules}, out
 
 
 BUILTIN: dict[str, Any] = {"LORA": _lora, "PROMPT_TUNING": _prompt_tuning, "PREFIX_TUNING": _prefix_tuning}
