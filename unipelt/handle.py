@@ -225,7 +225,11 @@ class AdapterHandle:
         from unipelt.pruning import inactive_keys, is_inactive
 
         off = inactive_keys(self)
-        out: dict[str, Tensor] = {k: p.detach() for k, p in self._params.items() if not is_inactive(k, off)}
+        # a tensor trained in place that another adapter holds now: this adapter's values are
+        # the ones kept aside (and load_state_dict copies into those)
+        aside = {id(p): h for e in self.entries.values() if e.held is not None and e.saved is not None
+                 for (p, _), h in zip(e.saved, e.held) if h is not None}
+        out: dict[str, Tensor] = {k: aside.get(id(p), p).detach() for k, p in self._params.items() if not is_inactive(k, off)}
         for key, mod in self.branch_modules.items():
             for bname, b in mod.named_buffers():
                 if getattr(mod, "persistent_buffers", True) and bname not in getattr(mod, "_non_persistent_buffers_set", set()):

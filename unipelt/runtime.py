@@ -305,6 +305,10 @@ class Entry:
     group: Any = None
     gate_group: Any = None
     saved: Any = None  # what attaching replaced, for detach (a ``params`` kind's original tensors)
+    # a ``params`` kind (tensors trained in place: head, biases, norms), per saved tensor: None
+    # while the model's tensor holds this adapter's values, else this adapter's values, kept
+    # aside while another adapter (or the base, when none that trains it is active) holds it
+    held: Any = None
 
     @property
     def off(self) -> bool:

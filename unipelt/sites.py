@@ -17,7 +17,7 @@ from __future__ import annotations
 from unipelt.hookspecs import hookimpl
 import torch
 
-from unipelt.state import attach_embed, attach_kv, detach_embed, detach_kv, host_for, stash_input
+from unipelt.state import attach_embed, attach_kv, detach_embed, detach_kv, host_for, inplace_users, stash_input
 
 HOST_KINDS = ("linear", "output", "io", "renorm")
 
@@ -31,10 +31,23 @@ def unipelt_attach_branch(model, state, site, entry, graph, registry):
         attach_embed(model, state, entry)
         return True
     if site.kind == "params":
+        # Several adapters may train the same base tensor in place (two classifiers' heads): the
+        # tensor holds one adapter's values at a time, the others' are kept aside and swapped in
+        # when their adapter becomes active (ModelState.sync_inplace). A new adapter starts from
+        # the base values, not from another adapter's trained ones.
         selected = [p for _, p in entry.branch.external_parameters()]
-        entry.saved = [(p, p.detach().clone()) for p in selected]
-        for p in selected:
-            p.requires_grad_(True)
+        entry.saved, entry.held = [], [None] * len(selected)
+        with torch.no_grad():
+            for p in selected:
+                users = inplace_users(state, p)
+                holder = next(((e, i) for _, e, i in users if e.held[i] is None), None)
+                base = users[0][1].saved[users[0][2]][1] if users else p.detach().clone()
+                if holder is not None:
+                    he, hi = holder
+                    he.held[hi] = p.detach().clone()
+                    p.copy_(base)
+                entry.saved.append((p, base))
+                p.requires_grad_(True)
         return True
     if site.kind not in HOST_KINDS:
         return None
@@ -67,10 +80,13 @@ def unipelt_detach_branch(model, state, site, entry):
     if site.kind == "params":
         if entry.saved is not None:
             with torch.no_grad():
-                for p, orig in entry.saved:
-                    p.copy_(orig)
-                    p.requires_grad_(False)
-            entry.saved = None
+                for i, (p, orig) in enumerate(entry.saved):
+                    others = [u for u in inplace_users(state, p) if u[1] is not entry]
+                    if entry.held is None or entry.held[i] is None:
+                        p.copy_(orig)  # it held this adapter's values: back to the base's
+                    if not others:
+                        p.requires_grad_(False)
+            entry.saved = entry.held = None
         return True
     if site.kind not in HOST_KINDS:
         return None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from unipelt.arch import ModelInfo, ResolvedSite
@@ -90,6 +90,7 @@ class ModelState:
         ctx.version += 1
         ctx.executor = self.executor
         active = self.running(ctx.active)
+        self.sync_inplace(active)
         # mixed batches: what a row served by each attached adapter runs
         ctx.solo = {n: frozenset(self.running({n})) for n in self.handles}
         ctx.merged_any = any(e.merged for h in self.handles.values() for e in h.entries.values())
@@ -124,6 +125,34 @@ class ModelState:
                   if e.gate_key is not None and not e.off}
         for group in ctx.groups.values():
             group.refresh(active, self.executor, needed)
+
+    def sync_inplace(self, active: set[str]) -> None:
+        """Put into every tensor trained in place by several attached adapters (or by one) the
+        values of the adapter that runs now: the directly active one first (an AdapterFusion's
+        own head before its members'), then one pulled in by a fusion; the base values when no
+        running adapter trains it. Swaps only when the holder changes."""
+        slots: dict[int, tuple[Tensor, list]] = {}
+        for n, h in self.handles.items():
+            for e in h.entries.values():
+                if e.held is not None and e.saved is not None:
+                    for i, (p, _) in enumerate(e.saved):
+                        slots.setdefault(id(p), (p, []))[1].append((n, e, i))
+        with torch.no_grad():
+            for p, users in slots.values():
+                holder = next((u for u in users if u[1].held[u[2]] is None), None)
+                cands = [u for u in users if u[0] in self.ctx.active] or [u for u in users if u[0] in active]
+                if holder is not None and any(c[1] is holder[1] for c in cands):
+                    continue
+                want = cands[0] if cands else None
+                if want is None and holder is None:
+                    continue  # the base values are in already
+                if holder is not None:
+                    holder[1].held[holder[2]] = p.detach().clone()
+                if want is None:
+                    p.copy_(users[0][1].saved[users[0][2]][1])
+                else:
+                    p.copy_(want[1].held[want[2]])
+                    want[1].held[want[2]] = None
 
     def running(self, names: set[str]) -> set[str]:
         """The adapters that run when ``names`` are active: an active AdapterFusion
@@ -476,6 +505,16 @@ def ensure_state(model: nn.Module, info: ModelInfo) -> ModelState:
         state.requires_grad[id(p)] = (p, p.requires_grad)
         p.requires_grad_(False)
     return state
+
+
+def inplace_users(state: ModelState, p: Tensor) -> list[tuple[str, Any, int]]:
+    """(adapter, entry, index) of every attached entry that trains the base tensor ``p`` in place."""
+    out = []
+    for n, h in state.handles.items():
+        for e in h.entries.values():
+            if e.held is not None and e.saved is not None:
+                out += [(n, e, i) for i, (q, _) in enumerate(e.saved) if q is p]
+    return out
 
 
 def host_for(model: nn.Module, state: ModelState, site: ResolvedSite, registry) -> Host:
