@@ -230,7 +230,7 @@ def cmd_gates(args: argparse.Namespace) -> int:
 
     if args.plot:  # refused before any model is loaded; an existing PNG is replaced, any other file kept
         io.check_output_path(args.plot, kind="file", what=PLOT_FILE, replaces=io.is_png)
-    data, chat = _read_for_adapter(args)
+    data, chat = _read_calibration(args)  # gate values need the inputs only, as collapse's
     model, tok, handle, info = _adapted(args, data)
     from unipelt.training.inputs import check_max_length
 
@@ -259,7 +259,7 @@ def cmd_gates(args: argparse.Namespace) -> int:
 # collapse
 # ------------------------------------------------------------------------------------------
 def _read_calibration(args):
-    """Calibration data for ``collapse``: the model's inputs only. For a classifier whose labels
+    """Calibration data for ``collapse`` and ``gates``: the model's inputs only. For a classifier whose labels
     training recorded, rows need no label and any label is accepted (read as plain text: a file
     of unlabelled text used to be refused with "missing field 'label'"); the rows carry the first
     class as a placeholder for the encoder, and the labels are never used."""

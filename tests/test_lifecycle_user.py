@@ -234,6 +234,9 @@ def test_collapse_calibrates_a_classifier_on_unlabelled_text(tmp_path, capsys):
                      "--json"]) == 0
         res = json.loads(capsys.readouterr().out)
         assert res["examples"] == (4 if data is plain else 2)
+        # `unipelt gates` reads the gates on the inputs alone as well (it refused the same files)
+        assert main(["gates", str(tmp_path / "a"), "--data", str(data), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["examples"] == (4 if data is plain else 2)
     # a file without the recorded text field is still one clear data error
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"text": "x"}) + "\n")
