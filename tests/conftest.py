@@ -218,3 +218,33 @@ __all__ = [
     "make_bert", "make_gpt2", "make_llama", "make_qwen2", "make_batch", "logits", "randomize",
     "base_state", "Snapshot", "FACTORIES",
 ]
+
+
+def _with_plugin(plugin, present: bool):
+    """``plugin`` registered for one test, even where the installed entry points predate it."""
+    from unipelt.registry import Registry, make_plugin_manager, use_registry
+
+    if present:
+        yield
+        return
+    use_registry(Registry(make_plugin_manager(extra_plugins=(plugin,))))
+    yield
+    use_registry(None)
+
+
+@pytest.fixture
+def fusion_registry():
+    """The AdapterFusion plugin registered."""
+    from unipelt.registry import get_registry
+    from unipelt_plugins import fusion
+
+    yield from _with_plugin(fusion, "fusion" in get_registry().methods)
+
+
+@pytest.fixture
+def prune_plugin():
+    """The training controllers' plugin (gate pruning, AdapterDrop's ranking) registered."""
+    import unipelt_plugins.prune as plugin
+    from unipelt.registry import get_registry
+
+    yield from _with_plugin(plugin, get_registry().pm.is_registered(plugin))

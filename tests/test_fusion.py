@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 import unipelt
 from unipelt.errors import SpecError
-from unipelt.registry import Registry, get_registry, make_plugin_manager, use_registry
+from unipelt.registry import get_registry
 from unipelt.state import get_state
 from conftest import Snapshot, make_batch, make_bert, make_llama, randomize
 
@@ -16,17 +16,8 @@ ADAPTER = {"modules": {"ad": {"method": "adapter", "site": "ffn.out", "width": 4
 ADAPTER_RES = {"modules": {"ad": {"method": "adapter", "site": "ffn.res", "width": 4}}}
 
 
-@pytest.fixture(autouse=True)
-def fusion_registry():
-    """The fusion plugin registered (an environment installed before it existed lacks its entry point)."""
-    if "fusion" in get_registry().methods:
-        yield
-        return
-    from unipelt_plugins import fusion
-
-    use_registry(Registry(make_plugin_manager(extra_plugins=(fusion,))))
-    yield
-    use_registry(None)
+# the fusion plugin registered for every test here (conftest.fusion_registry)
+pytestmark = pytest.mark.usefixtures("fusion_registry")
 
 
 def fusion_spec(site="ffn.out", adapters=("a", "b", "c"), **options):

@@ -14,7 +14,6 @@ from conftest import make_batch, make_bert, randomize
 from unipelt.cli import main
 from unipelt.collapse import forward_times
 from unipelt.models import load_model
-from unipelt.registry import Registry, get_registry, make_plugin_manager, use_registry
 from unipelt.state import get_state
 from unipelt.train import record_training_info
 
@@ -24,17 +23,6 @@ GATED = {"version": 1, "modules": {
 }}
 
 
-@pytest.fixture
-def fusion_registry():
-    """The fusion plugin registered (an environment installed before it existed lacks its entry point)."""
-    if "fusion" in get_registry().methods:
-        yield
-        return
-    from unipelt_plugins import fusion
-
-    use_registry(Registry(make_plugin_manager(extra_plugins=(fusion,))))
-    yield
-    use_registry(None)
 
 
 def _qa_files(tmp_path):
@@ -122,17 +110,6 @@ def test_fusion_trains_its_own_head(tmp_path, fusion_registry):
     assert get_state(model).ctx.active == {"fuse"}
 
 
-@pytest.fixture
-def prune_plugin():
-    """The controllers' plugin, registered even where the installed entry points predate it."""
-    import unipelt_plugins.prune as plugin
-
-    if get_registry().pm.is_registered(plugin):
-        yield
-        return
-    use_registry(Registry(make_plugin_manager(extra_plugins=(plugin,))))
-    yield
-    use_registry(None)
 
 
 def _lm_rows(n: int = 8) -> list:

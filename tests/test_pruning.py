@@ -23,18 +23,8 @@ from unipelt.train import TrainConfig, train
 G = {"input": "layer"}
 
 
-@pytest.fixture(autouse=True)
-def prune_plugin():
-    """The controllers' plugin, registered even where the installed entry points predate it."""
-    import unipelt_plugins.prune as plugin
-    from unipelt.registry import Registry, get_registry, make_plugin_manager, use_registry
-
-    if get_registry().pm.is_registered(plugin):
-        yield
-        return
-    use_registry(Registry(make_plugin_manager(extra_plugins=(plugin,))))
-    yield
-    use_registry(None)
+# the controllers' plugin registered for every test here (conftest.prune_plugin)
+pytestmark = pytest.mark.usefixtures("prune_plugin")
 
 
 def unipelt_spec(**extra) -> dict:
