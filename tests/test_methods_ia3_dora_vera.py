@@ -229,14 +229,7 @@ def test_dora_equals_peft(arch, executor):
         torch.testing.assert_close(h.branch_modules[bp.key].magnitude,
                                    _peft_module(pm, bp.site.path).lora_magnitude_vector["default"].weight)
     randomize(h, std=0.2)
-    pairs = []
-    with torch.no_grad():
-        for bp in h.graph.branches:
-            mine, theirs = h.branch_modules[bp.key], _peft_module(pm, bp.site.path)
-            for a, b in ((mine.lora_A, theirs.lora_A["default"].weight), (mine.lora_B, theirs.lora_B["default"].weight),
-                         (mine.magnitude, theirs.lora_magnitude_vector["default"].weight)):
-                b.copy_(a)
-                pairs.append((bp.key, a, b))
+    pairs = _copy_dora_into_peft(h, pm)
     model.train(), pm.train()
     _loss(model, batch).backward()
     _loss(pm, batch).backward()
@@ -253,6 +246,19 @@ def test_dora_equals_peft(arch, executor):
             torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=1e-5, msg=k)
 
 
+def _copy_dora_into_peft(h, pm) -> list:
+    """Our DoRA factors and magnitudes copied into PEFT's model; (branch key, ours, PEFT's) pairs."""
+    pairs = []
+    with torch.no_grad():
+        for bp in h.graph.branches:
+            mine, theirs = h.branch_modules[bp.key], _peft_module(pm, bp.site.path)
+            for a, b in ((mine.lora_A, theirs.lora_A["default"].weight), (mine.lora_B, theirs.lora_B["default"].weight),
+                         (mine.magnitude, theirs.lora_magnitude_vector["default"].weight)):
+                b.copy_(a)
+                pairs.append((bp.key, a, b))
+    return pairs
+
+
 def test_dora_equals_peft_in_float64():
     """A float64 model: the norm is taken in float64, as PEFT's (it was float32 always, 1e-7
     relative in every row norm: PEFT's outputs and gradients only to ~1e-7, 2e-6 in a 30-layer
@@ -266,15 +272,8 @@ def test_dora_equals_peft_in_float64():
                                                                                 "ffn.gate", "ffn.up", "ffn.down"],
                                                      "r": 4, "alpha": 8}}})
     randomize(h, std=0.2)
-    pairs = []
-    with torch.no_grad():
-        for bp in h.graph.branches:
-            mine, theirs = h.branch_modules[bp.key], _peft_module(pm, bp.site.path)
-            assert mine.magnitude.dtype == torch.float64
-            for a, b in ((mine.lora_A, theirs.lora_A["default"].weight), (mine.lora_B, theirs.lora_B["default"].weight),
-                         (mine.magnitude, theirs.lora_magnitude_vector["default"].weight)):
-                b.copy_(a)
-                pairs.append((bp.key, a, b))
+    assert all(h.branch_modules[bp.key].magnitude.dtype == torch.float64 for bp in h.graph.branches)
+    pairs = _copy_dora_into_peft(h, pm)
     model.train(), pm.train()
     _loss(model, batch).backward()
     _loss(pm, batch).backward()
