@@ -143,17 +143,10 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         raise ExportError(f"{adapter_dir}: cannot export to PEFT: " + "; ".join(problems))
     info = training_info(adapter_dir)
     net, _tok, handle, resolved = load_adapted(adapter_dir, model, device="cpu")
-    if _peft_type(spec) == "PROMPT_TUNING":
+    other = {"PROMPT_TUNING": _prompt_export, "IA3": _ia3_export}.get(_peft_type(spec))
+    if other is not None:
         try:
-            tensors, config, provenance = _prompt_export(adapter_dir, net, handle, resolved, info, meta,
-                                                         base_model_name_or_path)
-        finally:
-            handle.detach()
-        return _write_peft(out_dir, tensors, config, provenance)
-    if _peft_type(spec) == "IA3":
-        try:
-            tensors, config, provenance = _ia3_export(adapter_dir, net, handle, resolved, info, meta,
-                                                      base_model_name_or_path)
+            tensors, config, provenance = other(adapter_dir, net, handle, resolved, info, meta, base_model_name_or_path)
         finally:
             handle.detach()
         return _write_peft(out_dir, tensors, config, provenance)
