@@ -132,11 +132,8 @@ class ModelState:
         own head before its members'), then one pulled in by a fusion; the base values when no
         running adapter trains it. Swaps only when the holder changes."""
         slots: dict[int, tuple[Tensor, list]] = {}
-        for n, h in self.handles.items():
-            for e in h.entries.values():
-                if e.held is not None and e.saved is not None:
-                    for i, (p, _) in enumerate(e.saved):
-                        slots.setdefault(id(p), (p, []))[1].append((n, e, i))
+        for n, e, i, p in _inplace_entries(self):
+            slots.setdefault(id(p), (p, []))[1].append((n, e, i))
         with torch.no_grad():
             for p, users in slots.values():
                 holder = next((u for u in users if u[1].held[u[2]] is None), None)
@@ -507,14 +504,18 @@ def ensure_state(model: nn.Module, info: ModelInfo) -> ModelState:
     return state
 
 
-def inplace_users(state: ModelState, p: Tensor) -> list[tuple[str, Any, int]]:
-    """(adapter, entry, index) of every attached entry that trains the base tensor ``p`` in place."""
-    out = []
+def _inplace_entries(state: ModelState):
+    """(adapter, entry, index, tensor) for every base tensor an attached entry trains in place."""
     for n, h in state.handles.items():
         for e in h.entries.values():
             if e.held is not None and e.saved is not None:
-                out += [(n, e, i) for i, (q, _) in enumerate(e.saved) if q is p]
-    return out
+                for i, (p, _) in enumerate(e.saved):
+                    yield n, e, i, p
+
+
+def inplace_users(state: ModelState, p: Tensor) -> list[tuple[str, Any, int]]:
+    """(adapter, entry, index) of every attached entry that trains the base tensor ``p`` in place."""
+    return [(n, e, i) for n, e, i, q in _inplace_entries(state) if q is p]
 
 
 def host_for(model: nn.Module, state: ModelState, site: ResolvedSite, registry) -> Host:
