@@ -533,10 +533,15 @@ def main():
                     nodes = GRID_VARIANTS[m][1]
                     grid = [(lr, tuple(zip(nodes, combo))) for lr in grid for combo in itertools.product(*nodes.values())]
                 # the selection runs (seed 0) are also scored on test, but only the chosen rate's
-                # test score is used: it is the seed-0 run of the table, not trained twice
-                both = {pt: run(m, pt, 0, sample(0), [dev_enc, test_enc], args, device, len(labels)) for pt in grid}
+                # test score is used: it is the seed-0 run of the table, not trained twice. With one
+                # grid point there is nothing to choose: seed 0 runs only if --seeds names it
+                # (so --seeds 3,4,5 adds new seeds to an earlier run's configuration)
+                if len(grid) == 1 and 0 not in seeds:
+                    both = {}
+                else:
+                    both = {pt: run(m, pt, 0, sample(0), [dev_enc, test_enc], args, device, len(labels)) for pt in grid}
                 dev_scores = {_key(pt): r[0] for pt, r in both.items()}
-                best_pt = max(grid, key=lambda pt: _score(task, dev_scores[_key(pt)]))
+                best_pt = max(grid, key=lambda pt: _score(task, dev_scores[_key(pt)])) if both else grid[0]
                 best = _key(best_pt) if isinstance(best_pt, tuple) else best_pt
                 runs = []
                 for s in seeds:
@@ -547,14 +552,24 @@ def main():
                         runs.append({**t, "dev": d})
                     else:
                         runs.append(run(m, best_pt, s, sample(s), [test_enc], args, device, len(labels))[0])
+                    # after every seed, so a process stopped at a time limit keeps the seeds it finished
+                    # (the summary then covers those seeds only: "runs" says how many)
+                    kres[m] = {"lr": best, "dev_by_lr": dev_scores, "runs": runs, "complete": False,
+                               **_summary(task, runs)}
+                    results["k"][k] = kres
+                    _write_results(args.out, results)
             kres[m] = {"lr": best, "dev_by_lr": dev_scores, "runs": runs, **_summary(task, runs)}
             print(_line(task, k, m, best, kres[m]), flush=True)
             results["k"][k] = kres
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=2))
-            os.replace(tmp, args.out)  # after every method, so a run cut short keeps what it finished
+            _write_results(args.out, results)  # after every method, so a run cut short keeps what it finished
     print(f"written {args.out}")
+
+
+def _write_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)  # atomic: a reader (or a kill) never sees half a file
 
 
 if __name__ == "__main__":
