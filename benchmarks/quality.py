@@ -311,7 +311,7 @@ def run(method: str, point, seed: int, train: dict | None, evalsets: list[dict],
             full = probe.summary().kept
             probe.detach()
             spec = dict(spec, budget={"max_params": int(full * PRUNE_VARIANTS[method][1])},
-                        prune={"to_budget": True, "patience": 10, "min_step": max(1, args.steps // 5)})
+                        prune={"to_budget": True, "patience": 10, "min_step": _prune_min_step(args)})
             torch.manual_seed(seed)
             random.seed(seed)
         handle = unipelt.compile(model, spec)
@@ -368,6 +368,11 @@ def run(method: str, point, seed: int, train: dict | None, evalsets: list[dict],
         n_train = handle.summary().kept
     return [{**evaluate(model, e, args.task, n_labels, device), "params": n_train, "s_per_step": per_step, **extra}
             for e in evalsets]
+
+
+def _prune_min_step(args) -> int:
+    """The first step the pruned variants may prune at: --prune-min-step, else a fifth of the steps."""
+    return args.prune_min_step if args.prune_min_step is not None else max(1, args.steps // 5)
 
 
 def _ensure_prune_plugin() -> None:
@@ -461,6 +466,9 @@ def main():
     ap.add_argument("--dev-every-seed", action="store_true",
                     help="score dev on every seed, not only on the selection seed 0 (runs[i]['dev']): tells on dev "
                          "alone whether a configuration learns on every seed")
+    ap.add_argument("--prune-min-step", type=int,
+                    help="the pruned variants' prune.min_step (default: a fifth of --steps): how long the gates "
+                         "train before the budget is enforced")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, nargs="+", help="print markdown tables of these result files and exit")
     ap.add_argument("--export-data", type=Path, help="write the JSONL splits into this directory and exit")
@@ -497,6 +505,8 @@ def main():
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(catalog)
     unknown = [m for m in methods if m not in catalog and m not in VARIANTS and m not in GRID_VARIANTS
                and m not in PRUNE_VARIANTS]
+    if args.prune_min_step is not None and not 1 <= args.prune_min_step < args.steps:
+        ap.error(f"--prune-min-step: expected 1 <= N < --steps ({args.steps}), got {args.prune_min_step}")
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from "
                  f"{list(catalog) + list(VARIANTS) + list(GRID_VARIANTS) + list(PRUNE_VARIANTS)}")
@@ -512,7 +522,7 @@ def main():
     results = {"task": task, "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
                "torch": torch.__version__, "model": args.model, "steps": args.steps, "batch_size": args.batch_size,
                "lr_grid": args.lrs or "default", "head_lr_scale": args.head_lr_scale,
-               "lr_scales": NODE_LR_SCALES,
+               "lr_scales": NODE_LR_SCALES, "prune_min_step": _prune_min_step(args),
                "sizes": {"train": len(full), "dev": len(dev), "test": len(test)}, "labels": labels, "k": {}}
     for k in (args.ks.split(",") if task == "cls" else ["all"]):
         def sample(seed):
