@@ -16,7 +16,8 @@ held-out test perplexity. Methods: no training, LoRA, prefix, Pfeiffer adapter, 
     python benchmarks/quality.py --task cls --out benchmarks/quality-cls.json       # CPU or GPU
     python benchmarks/quality.py --task lm --out benchmarks/quality-lm.json
     python benchmarks/quality.py --report a.json b.json ...                          # markdown tables
-    python benchmarks/quality.py --task cls --ks all --methods "UniPELT (APL),UniPELT (APL) pruned to half" \
+    python benchmarks/quality.py --task cls --ks all --steps 500 --lrs 3e-3 --lr-scale prefix=0.1,adapter=0.3 \
+        --dev-every-seed --methods "UniPELT (APL),UniPELT (APL) pruned to half" \
         --out benchmarks/quality-prune.json    # issue 12: pruned to half its parameters vs unpruned, 3 seeds
     python benchmarks/quality.py --export-data DIR                                   # JSONL copies for a machine without the data packages
 
