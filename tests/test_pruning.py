@@ -297,3 +297,42 @@ def test_gate_log_and_pruning_under_torch_compile():
     with torch.no_grad():
         torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits)
     torch._dynamo.reset()
+
+
+def test_quality_benchmark_prunes_to_half_from_prune_min_step(tmp_path):
+    """benchmarks/quality.py's pruned variant, as the H200 check ran it (issue 12): the budget is half
+    the unpruned adapter's kept count and is met; no branch goes before --prune-min-step (later than
+    the default, a fifth of the steps, so the flag is what holds it back); each run's events name
+    exactly the branches its spec records as pruned, the last event's active count is the run's kept
+    count; with one rate and no seed 0 there is no selection run, only the seeds asked for."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "q.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "quality.py"), "--task", "cls", "--model", "tiny-bert",
+         "--ks", "16", "--steps", "30", "--seeds", "1,2", "--lrs", "1e-2", "--max-len", "16", "--batch-size", "4",
+         "--dev-every-seed", "--prune-min-step", "12", "--methods", "UniPELT (APL),UniPELT (APL) pruned to half",
+         "--out", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["prune_min_step"] == 12
+    full, pruned = res["k"]["16"]["UniPELT (APL)"], res["k"]["16"]["UniPELT (APL) pruned to half"]
+    for entry in (full, pruned):
+        assert entry["dev_by_lr"] == {} and len(entry["runs"]) == 2 and "complete" not in entry
+        assert all("dev" in r for r in entry["runs"])
+    unpruned = full["runs"][0]["params"]
+    assert all(r["params"] == unpruned and "pruned" not in r for r in full["runs"])
+    for r in pruned["runs"]:
+        events = [e for e in r["prune_events"] if e["event"] == "pruned"]
+        assert r["params_unpruned"] == unpruned
+        assert events and r["params"] <= unpruned // 2
+        assert min(e["step"] for e in events) >= 12
+        assert sorted(e["branch"] for e in events) == sorted(r["pruned"])
+        assert events[-1]["active_params"] == r["params"]
+        # one branch a step while over the budget: every event but the last leaves it over
+        assert all(e["active_params"] > unpruned // 2 for e in events[:-1])
