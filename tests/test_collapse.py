@@ -215,3 +215,65 @@ def test_merged_leaves_forward_straight_to_the_base_layer():
         assert not any(w.bypassed for w in wrappers)
         names = [h.name] * batch["input_ids"].shape[0]
         torch.testing.assert_close(model(**batch, adapter_names=names).logits, live, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scale_rule", ["replace", "multiply"])
+def test_a_collapsed_gated_lora_exports_to_peft(tmp_path, scale_rule):
+    """Gated LoRA collapsed (closed gates pruned, the others constants): `export --format peft`
+    writes the constant into B (c replacing alpha/r, or c·alpha/r under lora_scale: multiply) and
+    leaves the pruned branch out; PEFT loading the export computes the collapsed model's logits.
+    Before, every gated module was refused as input-dependent, collapsed or not."""
+    peft = pytest.importorskip("peft")
+    from unipelt.export import export_peft
+
+    spec = {"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4,
+                                               "alpha": 8,
+                                               "gate": {"input": "layer", "lora_scale": scale_rule}}}}
+    model, _ = load_model("tiny-llama", task="causal-lm")
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    with torch.no_grad():
+        for k, g in h.gate_modules.items():
+            g.linear.weight.mul_(1e-5)  # nearly constant gates
+            if k == "lora@attn.q.0":
+                g.linear.bias.fill_(-12.0)  # closed: pruned by collapse
+    calib = [make_batch(seed=i) for i in range(3)]
+    rep = h.collapse(calib, tolerance=1e-3)
+    assert rep.pruned == ["lora.0.attn.q"]
+    probe = make_batch(seed=5)
+    want = out(model, probe)
+    record_training_info(h, {"model": "tiny-llama", "task": "causal-lm"})
+    h.save(tmp_path / "a")
+    export_peft(tmp_path / "a", tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert "model.layers.0.self_attn.q_proj" not in cfg["target_modules"]
+    assert "model.layers.1.self_attn.q_proj" in cfg["target_modules"]
+    fresh, _ = load_model("tiny-llama", task="causal-lm")
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    torch.testing.assert_close(out(pm, probe), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_collapsed_adapter_with_a_varying_gate_is_refused_by_name(tmp_path):
+    """The gates collapse left varying (the prefix's here, made LoRA's) still refuse export, naming
+    the module and its hook point; nothing is written."""
+    from unipelt.export import ExportError, export_peft
+
+    spec = {"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4,
+                                               "gate": {"input": "layer"}}}}
+    model, _ = load_model("tiny-llama", task="causal-lm")
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    with torch.no_grad():
+        for k, g in h.gate_modules.items():
+            if k != "lora@attn.v.1":
+                g.linear.weight.mul_(1e-5)
+            else:
+                g.linear.weight.copy_(torch.randn(g.linear.weight.shape, generator=torch.Generator().manual_seed(3)) * 3)
+    h.collapse([make_batch(seed=i) for i in range(3)], tolerance=1e-3)
+    assert h.spec.collapsed and "lora@attn.v.1" not in h.spec.collapsed
+    record_training_info(h, {"model": "tiny-llama", "task": "causal-lm"})
+    h.save(tmp_path / "a")
+    with pytest.raises(ExportError, match=r"module 'lora' \(lora\) at 1\.attn\.v is gated and its gate was not "
+                                          r"collapsed"):
+        export_peft(tmp_path / "a", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

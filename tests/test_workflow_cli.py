@@ -254,6 +254,32 @@ def test_peft_export_gpt2_fused_qkv_and_model_option(tmp_path, capsys):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_export_of_a_classifier_saved_from_python_reads_its_class_count(tmp_path, capsys):
+    """An adapter saved by ``handle.save`` (no training record) of a 3-class classifier: export
+    (and eval, gates: the same loader) built the model with 2 classes and failed on the head's
+    shape ('head.head.bias' has shape (3,), expected (2,), exit 4). The trained head's recorded
+    shape gives the class count; PEFT loading the export computes the adapter's logits."""
+    peft = pytest.importorskip("peft")
+    spec = {"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4},
+                                      "head": {"method": "train", "sites": "head"}}}
+    model, tok = load_model("tiny-bert", task="classification", num_labels=3)
+    h = unipelt.compile(model, spec)
+    with torch.no_grad():
+        for p in h.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    h.save(tmp_path / "a")
+    batch = make_batch(tok)
+    ref = adapted_logits(model, batch)
+    code, _, err = run(capsys, "export", tmp_path / "a", "--format", "peft", "--out", tmp_path / "peft",
+                       "--model", "tiny-bert")
+    assert code == 0, err
+    base, _ = load_model("tiny-bert", task="classification", num_labels=3)
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()(**batch).logits
+    assert got.shape[-1] == 3
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_peft_export_refuses_gated_and_adapters(tmp_path, capsys):
     _, _, _, path = saved_adapter(tmp_path, "tiny-llama", GATED, task="causal-lm")
     code, stdout, err = run(capsys, "export", path, "--out", tmp_path / "peft")

@@ -109,9 +109,12 @@ def _node_problems(spec, handle=None) -> list[str]:
             problems.append(f"module {name!r} (lora) is in an adapter with dora modules: PEFT's use_dora is one "
                             "flag for the whole adapter")
         elif node.method == "lora":
-            if gate is not None:
+            # a collapsed adapter's gates may be constants (checked per branch once loaded:
+            # _gate_factor); an uncollapsed gate is refused here, before any model is loaded
+            if gate is not None and not spec.collapsed:
                 problems.append(f"module {name!r} (lora) is gated: PEFT's LoRA has no gates "
-                                "(its delta is scaled by an input-dependent gate)")
+                                "(its delta is scaled by an input-dependent gate; `unipelt collapse` folds gates "
+                                "that hardly vary into constants, which export)")
         elif node.method == "train" and list(node.sites) == ["head"]:
             continue
         elif node.method == "prefix":
@@ -155,10 +158,13 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
     try:
         branches_by_path: dict[str, list] = defaultdict(list)
         head_paths: list[str] = []
+        pruned = set(handle.spec.pruned)
         for bp in handle.graph.branches:
             if bp.node.method == "train":
                 head_paths.append(bp.site.path)
                 continue
+            if bp.key in pruned:
+                continue  # switched off for good by gate pruning or collapse: not computed, not exported
             if bp.site.kind != "linear":  # pragma: no cover - lora only attaches to linear sites
                 raise ExportError(f"{adapter_dir}: module {bp.node.name!r} at {bp.site.key} is not on a linear layer")
             mode = handle.graph.combine.get(bp.site.key, "parallel")
@@ -186,7 +192,8 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
             key = f"base_model.model.{path}"
             for bp, _, _ in items:
                 dropouts.add(float(bp.node.config.dropout))
-            if len(items) == 1 and items[0][0].site.out_slice is None:
+            factors = [_gate_factor(adapter_dir, bp, handle.entries[bp.key], mod) for bp, mod, _ in items]
+            if len(items) == 1 and items[0][0].site.out_slice is None and handle.entries[items[0][0].key].gate is None:
                 bp, mod, _ = items[0]
                 cfg = bp.node.config
                 alpha = cfg.alpha if cfg.alpha is not None else 2.0 * cfg.r
@@ -205,9 +212,9 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
                 A = torch.cat([mod.lora_A.detach() for _, mod, _ in items], 0)
                 B = torch.zeros(out_full, rank, dtype=A.dtype)
                 col = 0
-                for bp, mod, _ in items:
+                for (bp, mod, _), factor in zip(items, factors):
                     o0, o1 = bp.site.out_slice or (0, out_full)
-                    B[o0:o1, col:col + mod.r] = mod.lora_B.detach() * mod.scale
+                    B[o0:o1, col:col + mod.r] = mod.lora_B.detach() * factor
                     col += mod.r
                 # scale 1: lora_alpha = r, or sqrt(r) under use_rslora
                 per_path[path] = (rank, float(rank ** 0.5 if all_rslora else rank))
@@ -253,6 +260,23 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
     finally:
         handle.detach()
     return _write_peft(out_dir, tensors, config, provenance)
+
+
+def _gate_factor(adapter_dir, bp, entry, mod) -> float:
+    """What multiplies B·A in the branch's delta: its scale alone, or, under a gate that collapse
+    replaced by its constant value c, c (the gate replacing alpha/r, the reference's rule) or
+    c·alpha/r (``lora_scale: multiply``). A gate that still depends on the input has no PEFT form."""
+    from unipelt.pruning import ConstantGate
+
+    gate = entry.gate
+    if gate is None:
+        return float(mod.scale)
+    if not isinstance(gate, ConstantGate) or gate.value.numel() != 1:
+        raise ExportError(f"{adapter_dir}: cannot export to PEFT: module {bp.node.name!r} (lora) at "
+                          f"{bp.site.key} is gated and its gate was not collapsed to a constant (it depends on "
+                          "the input); PEFT's LoRA has no gates")
+    c = float(gate.value.reshape(()))
+    return c if mod.gate_scale == "replace" else c * float(mod.scale)
 
 
 def _dora_magnitude(adapter_dir, path: str, base, items, out_full: int, transposed: bool) -> torch.Tensor:

@@ -79,6 +79,12 @@ def load_adapted(adapter_dir: str | os.PathLike, model: str | None = None, *, ta
         raise ModelError(f"{adapter_dir}: no base model recorded with this adapter; name the model")
     task = task or info.get("task")
     labels = list(info.get("labels") or labels or []) or None
+    if labels is None and task in (None, "classification"):
+        # no record (an adapter saved from Python): a classifier's trained head says how many
+        # classes it has; without this the model was built with 2 and the head failed to load
+        n = _saved_head_classes(adapter_dir)
+        if n is not None and (task == "classification" or _natural_task(str(name)) == "classification"):
+            task, labels = "classification", [str(i) for i in range(n)]
     if task == "classification" and labels is None:
         raise ModelError(f"{adapter_dir}: the number of classes is unknown: pass data with labels")
     m, tok = load_model(str(name), task=task, num_labels=len(labels) if labels else None)
@@ -93,6 +99,43 @@ def load_adapted(adapter_dir: str | os.PathLike, model: str | None = None, *, ta
             labels = [str(i) for i in range(n)]
     resolved = {**info, "model": str(name), "task": task, "labels": labels}
     return m, tok, handle, resolved
+
+
+def _saved_head_classes(adapter_dir) -> int | None:
+    """The output size of a ``train`` module at ``head`` in the adapter's tensor records, or None."""
+    from unipelt.io import read_adapter_meta
+
+    try:
+        meta = read_adapter_meta(adapter_dir)
+        nodes = [n for n, m in (meta.get("spec") or {}).get("modules", {}).items()
+                 if isinstance(m, dict) and m.get("method") == "train" and "head" in _as_list(m.get("sites"))]
+        for node in nodes:
+            rec = (meta.get("tensors") or {}).get(f"{node}.head.bias") or (meta.get("tensors") or {}).get(
+                f"{node}.head.weight")
+            if rec and rec.get("shape"):
+                return int(rec["shape"][0])
+    except Exception:  # a corrupt adapter is reported by the load that follows, with its file and field
+        return None
+    return None
+
+
+def _as_list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _natural_task(name: str) -> str | None:
+    """The task a model loads as without one: a built-in's default, or a directory whose
+    config.json names a ...ForSequenceClassification class."""
+    from unipelt.models import _DEFAULT_TASK
+
+    if name in _DEFAULT_TASK:
+        return _DEFAULT_TASK[name]
+    try:
+        cfg = json.loads((Path(name).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    archs = cfg.get("architectures") or []
+    return "classification" if any(str(a).endswith("ForSequenceClassification") for a in archs) else None
 
 
 def name_labels(model: nn.Module, labels: Sequence[str]) -> None:
