@@ -215,3 +215,50 @@ def test_merged_leaves_forward_straight_to_the_base_layer():
         assert not any(w.bypassed for w in wrappers)
         names = [h.name] * batch["input_ids"].shape[0]
         torch.testing.assert_close(model(**batch, adapter_names=names).logits, live, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("factory", [make_bert, make_llama])
+def test_constant_prefix_gate_is_folded_once(factory):
+    """A prefix under a collapsed (constant) gate serves g·P_k and g·P_v made once, not scaled per
+    forward and layer: in an eager inference call no multiplication of the prefix is left (two
+    fewer per layer than a call that needs gradients, where the products stay in the graph), the
+    outputs are the per-call path's bit for bit, and a changed P (a load, an update) is followed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMul(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.mul:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model = factory()
+    h = trained_ish(model)
+    with torch.no_grad():  # the prefix gates constant too: every gate collapses
+        for k, g in h.gate_modules.items():
+            if k.startswith("prefix"):
+                g.linear.weight.zero_()
+    calib = [make_batch(seed=i) for i in range(2)]
+    h.collapse(calib)
+    layers = [e for e in h.entries.values() if e.branch.reads == "kv"]
+    assert layers and all(isinstance(e.gate, ConstantGate) for e in layers)
+    b = make_batch(seed=5)
+    model.eval()
+    with torch.no_grad(), CountMul() as folded:
+        served = model(**b).logits
+    assert all(e.branch._fold_cache is not None for e in layers)
+    with torch.enable_grad(), CountMul() as per_call:  # P trains: the scaling stays per call
+        scaled = model(**b).logits
+    assert per_call.n - folded.n == 2 * len(layers)
+    torch.testing.assert_close(served, scaled.detach(), atol=0, rtol=0)
+    with torch.no_grad():
+        for e in layers:
+            e.branch.prefix_kv.mul_(1.5)
+        changed = model(**b).logits
+    with torch.enable_grad():
+        want = model(**b).logits.detach()
+    torch.testing.assert_close(changed, want, atol=0, rtol=0)
+    assert not torch.allclose(changed, served)
