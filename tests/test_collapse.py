@@ -262,3 +262,17 @@ def test_constant_prefix_gate_is_folded_once(factory):
         want = model(**b).logits.detach()
     torch.testing.assert_close(changed, want, atol=0, rtol=0)
     assert not torch.allclose(changed, served)
+
+
+def test_constant_gate_casts_its_value_once():
+    """A constant gate in a bf16 (or fp16) model serves its value cast once, not per call; a new
+    value (a load into the buffer, a move to another device) is followed."""
+    gate = ConstantGate(None, [0.25, 0.75])
+    x = torch.zeros(3, 5, 8, dtype=torch.bfloat16)
+    first, second = gate(x, None), gate(x, None)
+    assert first.dtype == torch.bfloat16 and first.shape == (3, 1, 2)
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()  # one cast
+    torch.testing.assert_close(first[0, 0], torch.tensor([0.25, 0.75], dtype=torch.bfloat16))
+    gate.value.fill_(0.5)
+    torch.testing.assert_close(gate(x, None)[2, 0], torch.tensor([0.5, 0.5], dtype=torch.bfloat16))
+    assert gate(x.float(), None).dtype == torch.float32  # the stored dtype: the buffer itself
