@@ -253,11 +253,17 @@ class RowSelection:
             self._masks[key] = m
         return m
 
-    def column_scale(self, cols: tuple[tuple[str, int, float], ...], dim: int) -> Tensor:
-        """(B, 1, .., K): for blocks ``(adapter, width, scale)`` side by side, ``scale`` on the rows
-        of that adapter and 0 elsewhere (made once per call for each layout of columns)."""
-        key = ("cols", cols, dim)
+    def column_scale(self, cols: tuple[tuple[str, int, float], ...], dim: int,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+        """(B, 1, .., K) in ``dtype``: for blocks ``(adapter, width, scale)`` side by side, ``scale``
+        on the rows of that adapter and 0 elsewhere (made once per call for each layout of columns
+        and dtype: every projection of the call multiplies by it, and a cast per projection would
+        be one more kernel each in an eager bf16 forward)."""
+        key = ("cols", cols, dim, dtype)
         m = self._masks.get(key)
+        if m is None and dtype != torch.float32:
+            m = self.column_scale(cols, dim).to(dtype)
+            self._masks[key] = m
         if m is None:
             at = {n: i for i, n in enumerate(self.order)}
             owner = host_to_device([at.get(name, -2) for name, width, _ in cols for _ in range(width)],
@@ -519,7 +525,7 @@ class SiteRuntime:
                 self._stack_cache = cached
             a, w = cached[1], cached[2]
         z = torch.nn.functional.linear(x, a.to(x.dtype))
-        z = z * rows.column_scale(tuple(cols), z.dim()).to(z.dtype)
+        z = z * rows.column_scale(tuple(cols), z.dim(), z.dtype)
         w = w.to(x.dtype)
         if y.dim() >= 2 and y.is_contiguous() and not torch.compiler.is_compiling():
             flat = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), w.t())
