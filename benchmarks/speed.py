@@ -39,11 +39,10 @@ all eight trained: issue 12's target is its time at most 1.2x ``lora-r8-qv``'s, 
 batch; it also runs compiled, fullgraph: the forward reads the rows as a tensor, so one graph serves
 every call), ``unipelt-mixed4`` / ``unipelt-mixed8`` (four / eight specs/unipelt.yaml adapters mixed the same
 way, against ``unipelt``: gated methods run as segments, each adapter on its rows). ``--adamw fused``
-(or ``foreach``) sets AdamW's implementation for every row; ``--no-floors`` skips the floors (a comparison between variants only);
-``--split-optimizer`` also times eager
-train rows' forward + backward and optimizer step apart (``fwd_bwd_ms``, ``optimizer_ms``). The
-classifier head stays frozen for every
-variant but ``full``: the same work for unipelt and PEFT. On llama the UniPELT gates are causal
+(or ``foreach``) sets AdamW's implementation for every row; ``--no-floors`` skips the floors (a
+comparison between variants only); ``--split-optimizer`` also times eager train rows' forward +
+backward and optimizer step apart (``fwd_bwd_ms``, ``optimizer_ms``). The classifier head stays
+frozen for every variant but ``full``: the same work for unipelt and PEFT. On llama the UniPELT gates are causal
 (``pooling: auto`` -> per token); on BERT they pool with the padding-masked mean.
 
 Modes (``--modes``): ``eager``; ``compiled`` (``torch.compile(model)``, default mode);
