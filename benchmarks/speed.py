@@ -39,10 +39,10 @@ all eight trained: issue 12's target is its time at most 1.2x ``lora-r8-qv``'s, 
 batch; it also runs compiled, fullgraph: the forward reads the rows as a tensor, so one graph serves
 every call), ``unipelt-mixed4`` / ``unipelt-mixed8`` (four / eight specs/unipelt.yaml adapters mixed the same
 way, against ``unipelt``: gated methods run as segments, each adapter on its rows). ``--adamw fused``
-(or ``foreach``) sets AdamW's implementation for every row; ``--split-optimizer`` also times eager
-train rows' forward + backward and optimizer step apart (``fwd_bwd_ms``, ``optimizer_ms``). The
-classifier head stays frozen for every
-variant but ``full``: the same work for unipelt and PEFT. On llama the UniPELT gates are causal
+(or ``foreach``) sets AdamW's implementation for every row; ``--no-floors`` skips the floors (a
+comparison between variants only); ``--split-optimizer`` also times eager train rows' forward +
+backward and optimizer step apart (``fwd_bwd_ms``, ``optimizer_ms``). The classifier head stays
+frozen for every variant but ``full``: the same work for unipelt and PEFT. On llama the UniPELT gates are causal
 (``pooling: auto`` -> per token); on BERT they pool with the padding-masked mean.
 
 Modes (``--modes``): ``eager``; ``compiled`` (``torch.compile(model)``, default mode);
@@ -1096,7 +1096,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
                 scn = scenarios[scn_name]
                 phases = args.phases
                 floor_cost = sum(add(measure(FLOOR, scn, mode, phase, settings, floor_at="start"))["wall_s"]
-                                 for phase in args.phases)
+                                 for phase in args.phases) if args.floors else 0.0
                 for vname in args.variants:
                     for phase in args.phases:
                         elapsed = time.perf_counter() - t_run
@@ -1105,9 +1105,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
                                          f"{elapsed:.0f} s, the end floor needs ~{floor_cost:.0f} s)"))
                         else:
                             add(measure(VARIANTS[vname], scn, mode, phase, settings))
-                for phase in args.phases:
+                for phase in args.phases if args.floors else ():
                     add(measure(FLOOR, scn, mode, phase, settings, floor_at="end"))
-                for phase in args.phases:
+                for phase in args.phases if args.floors else ():
                     ms = " -> ".join(f"{r['median_ms']:.2f}" if r["median_ms"] else "error"
                                      for r in block if r["variant"] == "floor" and r["phase"] == phase)
                     log(f"{scn.name} {mode} floor {phase} start -> end: {ms} ms")
@@ -1345,6 +1345,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="stop starting variants when the end floor would finish after this many seconds (0 = none)")
     p.add_argument("--gpu-warmup-s", type=float, default=5.0, help="seconds of GEMMs before the first measurement")
+    p.add_argument("--no-floors", dest="floors", action="store_false",
+                   help="measure no frozen floor (ratios stay empty): for comparisons between variants, "
+                        "e.g. lora-r8-qv-mixed8 / lora-r8-qv, where the floors' compilations would cost the budget")
     p.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default",
                    help="AdamW implementation for every row (default: PyTorch's choice, foreach on CUDA)")
     p.add_argument("--split-optimizer", action="store_true",

@@ -151,6 +151,9 @@ class PrefixBranch(nn.Module):
         from unipelt.attention import KVPrefix
         from unipelt.runtime import gate_value
 
+        folded = self._folded(ctx, entry, dtype)
+        if folded is not None:
+            return KVPrefix(key=folded[0], value=folded[1])
         pk, pv = self.prefix()
         pk, pv = pk.to(dtype).unsqueeze(0), pv.to(dtype).unsqueeze(0)  # (1, H_kv, L, D)
         query_gate = value_gate = None
@@ -169,6 +172,36 @@ class PrefixBranch(nn.Module):
                 if g.shape[-1] > 1:  # separate K/V gates: the second output scales P_v
                     value_gate = g[..., -1:].unsqueeze(1)
         return KVPrefix(key=pk, value=pv, query_gate=query_gate, value_gate=value_gate)
+
+
+    _fold_cache: tuple | None = None
+
+    def _folded(self, ctx, entry, dtype) -> tuple[Tensor, Tensor] | None:
+        """g·P_k and g·P_v under a constant gate (a collapsed adapter, ``unipelt.collapse``) for an
+        eager inference call: computed once and kept until P, the gate or the dtype changes (their
+        tensor versions are the key), so a collapsed layer's prefix costs no per-forward scaling.
+        The products are the per-call ones, bit for bit (same dtype, same operands). Not used where
+        the per-call path does more than scale: training or gradients into P (the products must be
+        in the graph), a mixed batch (the prefix is laid out per segment), recorded or logged gates
+        (``AdapterHandle.gates``, the pruning controllers read the constant too), and under
+        torch.compile, where the scaling fuses into the key/value concatenation anyway."""
+        from unipelt.pruning import ConstantGate
+
+        gate, p = entry.gate, self.prefix_kv
+        if (not isinstance(gate, ConstantGate) or p is None or self.training or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and p.requires_grad) or ctx.rows is not None
+                or ctx.record is not None or ctx.gate_log is not None):
+            return None
+        key = (id(p), p._version, id(gate.value), gate.value._version, p.device, dtype)
+        cached = self._fold_cache
+        if cached is None or cached[0] != key:
+            g = gate.value.to(device=p.device, dtype=dtype)  # ConstantGate.forward's cast, then gate_value's
+            # (1, H_kv, L, D) each, as the per-call path's pk * gk with gk = g[0], gv = g[-1]
+            pk = p[0].detach().to(dtype).unsqueeze(0) * g[0]
+            pv = p[1].detach().to(dtype).unsqueeze(0) * g[-1]
+            cached = (key, pk, pv)
+            self.__dict__["_fold_cache"] = cached  # a plain attribute: not a buffer, never saved
+        return cached[1], cached[2]
 
 
 METHODS = [

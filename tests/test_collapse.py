@@ -277,3 +277,64 @@ def test_a_collapsed_adapter_with_a_varying_gate_is_refused_by_name(tmp_path):
                                           r"collapsed"):
         export_peft(tmp_path / "a", tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("factory", [make_bert, make_llama])
+def test_constant_prefix_gate_is_folded_once(factory):
+    """A prefix under a collapsed (constant) gate serves g·P_k and g·P_v made once, not scaled per
+    forward and layer: in an eager inference call no multiplication of the prefix is left (two
+    fewer per layer than a call that needs gradients, where the products stay in the graph), the
+    outputs are the per-call path's bit for bit, and a changed P (a load, an update) is followed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMul(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.mul:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model = factory()
+    h = trained_ish(model)
+    with torch.no_grad():  # the prefix gates constant too: every gate collapses
+        for k, g in h.gate_modules.items():
+            if k.startswith("prefix"):
+                g.linear.weight.zero_()
+    calib = [make_batch(seed=i) for i in range(2)]
+    h.collapse(calib)
+    layers = [e for e in h.entries.values() if e.branch.reads == "kv"]
+    assert layers and all(isinstance(e.gate, ConstantGate) for e in layers)
+    b = make_batch(seed=5)
+    model.eval()
+    with torch.no_grad(), CountMul() as folded:
+        served = model(**b).logits
+    assert all(e.branch._fold_cache is not None for e in layers)
+    with torch.enable_grad(), CountMul() as per_call:  # P trains: the scaling stays per call
+        scaled = model(**b).logits
+    assert per_call.n - folded.n == 2 * len(layers)
+    torch.testing.assert_close(served, scaled.detach(), atol=0, rtol=0)
+    with torch.no_grad():
+        for e in layers:
+            e.branch.prefix_kv.mul_(1.5)
+        changed = model(**b).logits
+    with torch.enable_grad():
+        want = model(**b).logits.detach()
+    torch.testing.assert_close(changed, want, atol=0, rtol=0)
+    assert not torch.allclose(changed, served)
+
+
+def test_constant_gate_casts_its_value_once():
+    """A constant gate in a bf16 (or fp16) model serves its value cast once, not per call; a new
+    value (a load into the buffer, a move to another device) is followed."""
+    gate = ConstantGate(None, [0.25, 0.75])
+    x = torch.zeros(3, 5, 8, dtype=torch.bfloat16)
+    first, second = gate(x, None), gate(x, None)
+    assert first.dtype == torch.bfloat16 and first.shape == (3, 1, 2)
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()  # one cast
+    torch.testing.assert_close(first[0, 0], torch.tensor([0.25, 0.75], dtype=torch.bfloat16))
+    gate.value.fill_(0.5)
+    torch.testing.assert_close(gate(x, None)[2, 0], torch.tensor([0.5, 0.5], dtype=torch.bfloat16))
+    assert gate(x.float(), None).dtype == torch.float32  # the stored dtype: the buffer itself

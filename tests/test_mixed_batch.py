@@ -336,3 +336,38 @@ def test_input_scaling_rows_run_one_base_projection():
     model(**batch, adapter_names=["b", "__base__", "b"]).logits.pow(2).mean().backward()
     assert all(p.grad is None or not p.grad.any() for p in ha.parameters())
     assert any(p.grad is not None and p.grad.any() for p in hb.parameters())
+
+
+def test_stacked_lora_casts_the_column_scale_once_per_call():
+    """The stacked LoRA product of a bf16 mixed batch scales its columns with a bf16 mask made
+    once per call, not cast again at every projection (one kernel each in an eager forward): the
+    mixed call has one more dtype conversion than a single-adapter call, whatever the number of
+    projections, and the rows still get their own adapter's outputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket is torch.ops.aten._to_copy
+            return func(*args, **(kwargs or {}))
+
+    spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4}}}
+    model = make_llama(layers=3)
+    for i, n in enumerate("abc"):
+        randomize(unipelt.compile(model, spec, name=n), seed=i + 1)
+    model.to(torch.bfloat16)
+    batch = make_batch(batch=4)
+    names = ["a", "b", "c", "a"]
+    with torch.no_grad():
+        model(**batch, adapter_names=names)  # warm-up: the side-by-side weights are cached
+        with CountCasts() as mixed:
+            got = model(**batch, adapter_names=names).logits
+        unipelt.set_adapter(model, "a")
+        with CountCasts() as single:
+            model(**batch)
+        want = per_row(model, batch, names)[0]
+    assert mixed.n == single.n + 1  # six projections, one cast of the column scale
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)

@@ -302,3 +302,15 @@ def test_mixed_rows_and_the_optimizer_split(tmp_path):
             assert r["fwd_bwd_ms"] > 0 and r["optimizer_ms"] > 0
         else:
             assert "fwd_bwd_ms" not in r and "optimizer_ms" not in r
+
+
+def test_no_floors_measures_the_variants_only(tmp_path):
+    """--no-floors (a comparison between variants, e.g. mixed8 / lora-r8-qv under reduce-overhead,
+    where every floor is two more compilations): no floor record, every variant measured, no ratio."""
+    out = tmp_path / "nf.jsonl"
+    argv = ["--tiny", "--modes", "eager", "--scenarios", "llama", "--phases", "infer", "--no-floors",
+            "--variants", "lora-r8-qv,lora-r8-qv-mixed8", "--out", str(out)]
+    assert speed.main(argv) == 0
+    recs = _lines(out)[1:]
+    assert sorted(r["variant"] for r in recs) == ["lora-r8-qv", "lora-r8-qv-mixed8"]
+    assert all(r["error"] is None and r["median_ms"] > 0 and r["ratio"] is None for r in recs)

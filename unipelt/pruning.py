@@ -38,8 +38,23 @@ class ConstantGate(nn.Module):
         self.register_buffer("value", torch.tensor(values, dtype=torch.float32), persistent=False)
 
     def forward(self, x: Tensor, ctx) -> Tensor:
-        v = self.value.to(x.dtype)
-        return v.view(1, 1, -1).expand(x.shape[0], 1, v.shape[0])
+        return self.cast(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, self.value.shape[0])
+
+    _cast: tuple | None = None
+
+    def cast(self, dtype: torch.dtype) -> Tensor:
+        """The value in ``dtype``: cast once, not in every forward (an eager bf16 model would launch a
+        cast per gate and call), kept until the value changes (its version, its device). Compiled,
+        the cast is a constant of the graph anyway."""
+        v = self.value
+        if v.dtype == dtype or torch.compiler.is_compiling():
+            return v.to(dtype)
+        key = (dtype, v.device, v._version, id(v))
+        cached = self._cast
+        if cached is None or cached[0] != key:
+            cached = (key, v.to(dtype))
+            self.__dict__["_cast"] = cached  # a plain attribute: not a buffer, never saved
+        return cached[1]
 
 
 # ------------------------------------------------------------------------------------------

@@ -231,7 +231,7 @@ class RowSelection:
         for j, i in enumerate(perm):
             inverse[i] = j
         ids = [at.get(n, -1) for n in self.names]
-        packed = torch.tensor(ids + inverse + perm, dtype=torch.long, device=device)
+        packed = host_to_device(ids + inverse + perm, torch.long, device)
         b = self.batch
         self.row_ids, self.inverse = packed[:b], packed[b:2 * b]
         self._index, start = {}, 2 * b
@@ -253,20 +253,41 @@ class RowSelection:
             self._masks[key] = m
         return m
 
-    def column_scale(self, cols: tuple[tuple[str, int, float], ...], dim: int) -> Tensor:
-        """(B, 1, .., K): for blocks ``(adapter, width, scale)`` side by side, ``scale`` on the rows
-        of that adapter and 0 elsewhere (made once per call for each layout of columns)."""
-        key = ("cols", cols, dim)
+    def column_scale(self, cols: tuple[tuple[str, int, float], ...], dim: int,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+        """(B, 1, .., K) in ``dtype``: for blocks ``(adapter, width, scale)`` side by side, ``scale``
+        on the rows of that adapter and 0 elsewhere (made once per call for each layout of columns
+        and dtype: every projection of the call multiplies by it, and a cast per projection would
+        be one more kernel each in an eager bf16 forward)."""
+        key = ("cols", cols, dim, dtype)
         m = self._masks.get(key)
+        if m is None and dtype != torch.float32:
+            m = self.column_scale(cols, dim).to(dtype)
+            self._masks[key] = m
         if m is None:
             at = {n: i for i, n in enumerate(self.order)}
-            owner = torch.tensor([at.get(name, -2) for name, width, _ in cols for _ in range(width)],
-                                 dtype=torch.long, device=self.device)
-            scale = torch.tensor([scale for _, width, scale in cols for _ in range(width)], device=self.device)
+            owner = host_to_device([at.get(name, -2) for name, width, _ in cols for _ in range(width)],
+                                   torch.long, self.device)
+            scale = host_to_device([scale for _, width, scale in cols for _ in range(width)], torch.float32,
+                                   self.device)
             m = torch.where(self.row_ids.unsqueeze(1) == owner, scale, scale.new_zeros(()))
             m = m.view(m.shape[0], *([1] * (dim - 2)), m.shape[1])
             self._masks[key] = m
         return m
+
+
+def host_to_device(values: list, dtype: torch.dtype, device) -> Tensor:
+    """``torch.tensor(values)`` on ``device`` without waiting for the device. A tensor made from a
+    Python list straight on a CUDA device is a copy from pageable memory, which waits until the
+    work already queued on the stream has run: a mixed batch's row ids, made each call before the
+    forward, would stall the host for the previous step's whole GPU time and serialise host and
+    device (under CUDA graphs nothing else in the step waits). From pinned memory with
+    ``non_blocking`` the copy is queued like a kernel (PyTorch's pinned-memory cache keeps the
+    block until the copy has run). Inside a traced frame the tensor is a constant of the graph."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type != "cuda" or torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=dev)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(dev, non_blocking=True)
 
 
 def _segment_index(packed: Tensor, start: int, length: int) -> Tensor:
@@ -504,7 +525,7 @@ class SiteRuntime:
                 self._stack_cache = cached
             a, w = cached[1], cached[2]
         z = torch.nn.functional.linear(x, a.to(x.dtype))
-        z = z * rows.column_scale(tuple(cols), z.dim()).to(z.dtype)
+        z = z * rows.column_scale(tuple(cols), z.dim(), z.dtype)
         w = w.to(x.dtype)
         if y.dim() >= 2 and y.is_contiguous() and not torch.compiler.is_compiling():
             flat = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), w.t())
