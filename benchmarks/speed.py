@@ -755,10 +755,12 @@ def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings
         torch.cuda.reset_peak_memory_stats(s.device)
     runs: list[list[float]] = []
     for i in range(s.passes):
-        with s.turn(i) if s.turn is not None else contextlib.nullcontext():
+        with s.turn(i) if s.turn is not None else contextlib.nullcontext() as held:
             for _ in range(s.turn_warmup):
                 step()
             runs.append(time_steps(step, s.iters, s.device))
+            if held is not None:
+                held.times = [round(t, 4) for t in runs[-1]]  # the turn hands them on as it ends
     times = runs[0]
     rec["times_ms"] = [round(t, 4) for t in times]
     rec["median_ms"] = round(statistics.median(times), 4)

@@ -27,6 +27,7 @@ and recorded as such; the files are rewritten (atomically) after every turn.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -62,10 +63,15 @@ class FileTurn:
 class _Turn:
     def __init__(self, turns: FileTurn, i: int):
         self.turns, self.i = turns, i
+        self.times: list[float] | None = None  # set by speed._attempt inside the turn
 
     def __enter__(self):
         f, n = self.turns.folder, self.turns.name
         if self.i == 0:
+            # as speed.py's run: the heap (now with the compiled model) frozen, so that no automatic
+            # collection walks it while a turn is timed
+            gc.collect()
+            gc.freeze()
             _touch(f / f"{n}.ready")
         go = f / f"{n}.go{self.i}"
         while not go.exists():
@@ -73,7 +79,12 @@ class _Turn:
         return self
 
     def __exit__(self, *exc):
-        _touch(self.turns.folder / f"{self.turns.name}.done{self.i}")
+        f, n = self.turns.folder, self.turns.name
+        if self.times is not None:  # this turn's times now: a later turn may never finish
+            tmp = f / f"{n}.times{self.i}.tmp"
+            tmp.write_text(json.dumps(self.times))
+            os.replace(tmp, f / f"{n}.times{self.i}")
+        _touch(f / f"{n}.done{self.i}")
         return False
 
 
@@ -121,6 +132,7 @@ class Proc:
     failed: str | None = None
     rec: dict | None = None
     done: list[int] = field(default_factory=list)
+    times: dict[int, list[float]] = field(default_factory=dict)  # turn -> its step times (ms)
 
 
 def _read_rec(folder: Path, p: Proc) -> dict | None:
@@ -176,10 +188,11 @@ def pass_records(header: dict, procs: dict[str, Proc], variants: Sequence[str], 
                      variant=name, turn=turn, ready_s=proc.ready_s)
             if name == "floor":
                 r["floor_at"] = "start" if k == 0 else "end"
-            times = (base.get("pass_times_ms") or [base.get("times_ms")])
-            if base.get("error") is None and turn < len(times) and times[turn] and turn in proc.done:
-                r["times_ms"] = times[turn]
-                r["median_ms"] = round(statistics.median(times[turn]), 4)
+            times = proc.times.get(turn)
+            if times and turn in proc.done:
+                r["times_ms"] = times
+                r["median_ms"] = round(statistics.median(times), 4)
+                r["error"] = None
             else:
                 r["times_ms"] = r["median_ms"] = None
                 r["error"] = r.get("error") or proc.failed or "not timed"
@@ -299,6 +312,9 @@ def coordinate(args: argparse.Namespace, argv: Sequence[str]) -> int:
             log(f"{name} turn {i}: FAILED {pr.failed[:300]}")
             continue
         pr.done.append(i)
+        tf = folder / f"{name}.times{i}"
+        if tf.exists():
+            pr.times[i] = json.loads(tf.read_text())
         if i == pr.turns - 1:
             # its record is written right after its last turn (before the interpreter's exit)
             limit = time.perf_counter() + 60
