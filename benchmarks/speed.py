@@ -95,6 +95,7 @@ rank's peak memory (``peak_gib_per_gpu``: what FSDP2's sharded base saves):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -555,6 +556,12 @@ class Settings:
     # and whether eager train rows also time forward+backward and the optimizer step apart
     adamw: str = "default"
     split_optimizer: bool = False
+    # benchmarks/speed_turns.py (models compiled in parallel processes, timed one at a time): the
+    # timed steps run ``passes`` times, each inside ``turn(i)`` (which waits for this process's turn
+    # on the GPU and hands it back), after ``turn_warmup`` untimed steps in the same turn
+    turn: Callable[[int], Any] | None = None
+    passes: int = 1
+    turn_warmup: int = 0
 
 
 class MeasurementTimeout(BaseException):
@@ -746,9 +753,20 @@ def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings
         # count); what compilation and the first step allocated once does not
         _sync(s.device)
         torch.cuda.reset_peak_memory_stats(s.device)
-    times = time_steps(step, s.iters, s.device)
+    runs: list[list[float]] = []
+    for i in range(s.passes):
+        with s.turn(i) if s.turn is not None else contextlib.nullcontext() as held:
+            for _ in range(s.turn_warmup):
+                step()
+            runs.append(time_steps(step, s.iters, s.device))
+            if held is not None:
+                held.times = [round(t, 4) for t in runs[-1]]  # the turn hands them on as it ends
+    times = runs[0]
     rec["times_ms"] = [round(t, 4) for t in times]
     rec["median_ms"] = round(statistics.median(times), 4)
+    if s.passes > 1:
+        rec["pass_times_ms"] = [[round(t, 4) for t in r] for r in runs]
+        rec["pass_medians_ms"] = [round(statistics.median(r), 4) for r in runs]
     if s.split_optimizer and phase == "train" and opt is not None and mode == "eager":
         # issue 12 (where a mixed train step's time goes): after the timed steps, as many more with
         # the optimizer's step + zero_grad timed apart from forward + backward

@@ -12,9 +12,10 @@ behind the same two calls (``shrunk`` and ``gate``) plus the expand into the bas
 Selection (``executor`` in the spec, else the ``UNIPELT_EXECUTOR`` variable, else ``auto``):
 ``reference`` | ``grouped`` | ``triton`` (the kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``;
 float32/bfloat16/float16) | ``auto`` = the kernels on CUDA where they fit when
-:data:`AUTO_USES_KERNELS` is on (off for now: see its comment), else the grouped PyTorch
-executor. Decided when the plan is refreshed, from the group's weights; the compile report gives
-each group's executor and the reason (:meth:`TritonExecutor.describe`).
+:data:`AUTO_USES_KERNELS` is on (off: they measured no faster end to end, see its comment),
+else the grouped PyTorch executor. Decided when the plan is refreshed, from the group's
+weights; the compile report gives each group's executor and the reason
+(:meth:`TritonExecutor.describe`).
 
 A member joins when its module offers the group protocol (:class:`unipelt.types.Shrinkable`,
 :class:`unipelt.types.GroupGate`) and its ``shrink_params()`` is not None (LoRA with dropout > 0
@@ -152,16 +153,16 @@ def kernels():
 
 # Whether ``auto`` picks the kernels, and where. The rule (:func:`auto_rule`): on CUDA, in a forward
 # that torch.compile traces, when dtype and shapes fit; in eager mode the grouped executor's
-# PyTorch ops. Why (benchmarks/RESULTS.md, "Kernels"): eager, on the H200's host, every Triton
-# launch costs more host time than a PyTorch op and end to end the kernels lost (LoRA r16 on all
-# linears, llama train 2.49x the floor against 1.72x grouped); compiled, the custom ops are graph
-# nodes and under CUDA graphs the host's work is gone, and there the kernels' fused gates, in-kernel
-# dropout and one dX take less GPU time than the grouped executor's ops. The switch stays off: the
-# one end-to-end compiled measurement (reduce-overhead, llama train, LoRA r16 on all linears, no
-# gates, dropout 0) put the kernels at 1.23x / 1.22x the floor (two runs) against 1.26x grouped
-# (one run), inside the floor's own run-to-run spread (18.05 / 18.24 ms); gated and dropout groups,
-# BERT and the default compile mode (no CUDA graphs: the custom ops' host work remains) were not
-# measured end to end. One line flips it once they are.
+# PyTorch ops. The switch stays off because no end-to-end measurement has the kernels faster than
+# the grouped executor (benchmarks/RESULTS.md, "Kernels"): eager, every Triton launch costs the
+# host more than a PyTorch op (llama LoRA r16 all-linear train 2.49x the floor against 1.72x
+# grouped); under reduce-overhead (session 7, two timing passes each, ratio to the floor) the
+# groups where the kernels fuse something lost too -- gates (UniPELT: llama 1.656 / 1.631 against
+# 1.641 / 1.618 grouped; BERT 4.64 / 4.96 against 4.01 / 3.99), in-kernel dropout (llama LoRA r16
+# d0.1: 1.484 / 1.460 against 1.380 / 1.353) -- and so did plain LoRA on BERT (3.20 against 2.41,
+# speed.py's own sequential run); plain LoRA on llama tied (1.23 / 1.22 against 1.26, session 6).
+# So no per-group choice (kernels only for groups with a gate or a dropout mask) is supported by
+# the numbers either: auto is the grouped executor everywhere.
 AUTO_USES_KERNELS = False
 # the device types ``auto`` runs the kernels on (the CPU interpreter is for tests, which widen this)
 AUTO_DEVICES: tuple[str, ...] = ("cuda",)
@@ -175,8 +176,8 @@ def auto_rule(device_type: str, compiling: bool, enabled: bool | None = None) ->
         return f"executor 'auto' runs the kernels on CUDA only (tensors on {device_type})"
     if not enabled:
         return ("executor 'auto' keeps the grouped executor: end to end the kernels measured no faster than it "
-                "(reduce-overhead within noise, eager slower: benchmarks/RESULTS.md, Kernels); choose 'triton' to "
-                "run them")
+                "(compiled with CUDA graphs: slower with gates or dropout and on BERT, a tie on llama LoRA; eager "
+                "slower: benchmarks/RESULTS.md, Kernels); choose 'triton' to run them")
     if not compiling:
         return ("executor 'auto' runs the kernels only under torch.compile: in eager mode their launches cost the "
                 "host more than the grouped executor's PyTorch ops (benchmarks/RESULTS.md, Kernels)")
