@@ -348,13 +348,7 @@ def _forward_with_prefixes(
         # (the crop drops an empty StaticCache's future slots). Keep that meaning for the real keys and let
         # every query see the prefix: lower-right causality over (q_len, L + q_len) is exactly that.
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-        if torch.compiler.is_compiling() and _flash_capable(query):
-            # under torch.compile the CausalBias subclass cannot be traced (it would be a dense mask,
-            # which takes SDPA off the flash kernel): call the flash kernel itself, whose causal flag
-            # is lower-right aligned (see _flash_lower_right)
-            base_forward = _flash_lower_right
-        else:
-            attention_mask = _lower_right_causal(module, query, key, value, q_len, n_prefix + q_len)
+        attention_mask = _lower_right_causal(module, query, key, value, q_len, n_prefix + q_len)
     # else: eager got no mask (bidirectional, no padding), or SDPA decodes one token / is bidirectional.
 
     if not gated:
@@ -472,54 +466,6 @@ def _prepend_visible(mask: Tensor, n_prefix: int) -> Tensor:
     fill = True if mask.dtype == torch.bool else 0
     visible = torch.full((*mask.shape[:-1], n_prefix), fill, dtype=mask.dtype, device=mask.device)
     return torch.cat([visible, mask], dim=-1)
-
-
-# the kernel CausalBias' flash path calls (is_causal=True there means lower-right aligned)
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention
-
-
-@torch.compiler.assume_constant_result
-def _flash_device(index: int) -> bool:
-    """Whether CUDA device ``index`` runs SDPA's flash kernel (sm80 or newer, the backend enabled);
-    a constant to torch.compile, asked once per trace."""
-    try:
-        return bool(torch.backends.cuda.flash_sdp_enabled()) and torch.cuda.get_device_capability(index) >= (8, 0)
-    except (RuntimeError, AssertionError):
-        return False
-
-
-def _flash_capable(query: Tensor) -> bool:
-    """Whether :func:`_flash_lower_right` can serve this query's attention (the shapes it is
-    called with are checked there again: a per-query-gated prefix widens the head dimension)."""
-    return (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16)
-            and _flash_device(query.device.index if query.device.index is not None else torch.cuda.current_device()))
-
-
-def _flash_lower_right(
-    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
-) -> tuple[Tensor, Tensor | None]:
-    """Causal attention with every query seeing the ``kv_len - q_len`` keys in front (the prefix),
-    for a compiled CUDA forward: ``aten._scaled_dot_product_flash_attention`` with ``is_causal``,
-    which for ``q_len < kv_len`` is lower-right aligned (CausalBias' own flash path calls it the
-    same way, torch/nn/attention/bias.py). Returns what transformers' ``sdpa_attention_forward``
-    does: ``(B, T_q, H, D)`` and no weights. Shapes the kernel cannot take (a head dimension over
-    256 or not a multiple of 8, different key and value widths) go through the dense lower-right
-    mask and SDPA instead."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    q_len, kv_len = query.shape[2], key.shape[2]
-    d, dv = query.shape[-1], value.shape[-1]
-    if d != key.shape[-1] or d != dv or d % 8 or d > 256:
-        mask = _lower_right_causal(module, query, key, value, q_len, kv_len)
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, mask, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # the flash kernel takes as many key/value heads as query heads (transformers' repeat_kv)
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    scale = kwargs.get("scaling")
-    dropout = float(kwargs.get("dropout", 0.0) or 0.0)
-    out = _FLASH(query, key, value, dropout, True, False, scale=scale if scale is None else float(scale))[0]
-    return out.transpose(1, 2).contiguous(), None
 
 
 def _lower_right_causal(
