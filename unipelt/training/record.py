@@ -104,23 +104,20 @@ def load_adapted(adapter_dir: str | os.PathLike, model: str | None = None, *, ta
 def _saved_head_classes(adapter_dir) -> int | None:
     """The output size of a ``train`` module at ``head`` in the adapter's tensor records, or None."""
     from unipelt.io import read_adapter_meta
+    from unipelt.spec import parse_spec
 
     try:
         meta = read_adapter_meta(adapter_dir)
-        nodes = [n for n, m in (meta.get("spec") or {}).get("modules", {}).items()
-                 if isinstance(m, dict) and m.get("method") == "train" and "head" in _as_list(m.get("sites"))]
-        for node in nodes:
-            rec = (meta.get("tensors") or {}).get(f"{node}.head.bias") or (meta.get("tensors") or {}).get(
-                f"{node}.head.weight")
-            if rec and rec.get("shape"):
-                return int(rec["shape"][0])
+        spec = parse_spec(meta["spec"])
     except Exception:  # a corrupt adapter is reported by the load that follows, with its file and field
         return None
+    records = meta.get("tensors") or {}
+    for name, node in spec.modules.items():
+        if node.method == "train" and "head" in node.sites:
+            rec = records.get(f"{name}.head.bias") or records.get(f"{name}.head.weight")
+            if rec and rec.get("shape"):
+                return int(rec["shape"][0])
     return None
-
-
-def _as_list(v) -> list:
-    return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 def _natural_task(name: str) -> str | None:
