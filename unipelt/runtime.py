@@ -528,20 +528,29 @@ class SiteRuntime:
         and one expand adds z·[B_1|..|B_N]ᵀ into the base output in one pass."""
         from .executor import _dropout_p, kernel_reason, kernels
 
-        a_parts, b_parts, cols, segs = [], [], [], []
-        for name, e in self.stacked:
-            w_up, scale = e.branch.segment_params()
-            w_down = self._stacked_A(e.branch)
-            p = _dropout_p(e.branch) if e.branch.training else None
-            a_parts.append(w_down)
-            b_parts.append(w_up)
-            cols.append((name, w_down.shape[0], float(scale)))
-            segs.append((w_down.shape[0], p or 0.0))
-        dropping = any(p > 0 for _, p in segs)
+        members = [(name, e, (_dropout_p(e.branch) or 0.0) if e.branch.training else 0.0)
+                   for name, e in self.stacked]
+        dropping = any(p > 0 for _, _, p in members)
         use_kernels = (ctx is not None and y.dim() >= 2 and ctx.executor in ("auto", "triton")
                        and kernel_reason(ctx.executor, x) is None)
         if dropping and not use_kernels:
             return None
+        if dropping:
+            # one column segment (one mask over x) per distinct rate, not per adapter: a row is
+            # read by its own adapter's columns only (the column mask zeroes the others, in
+            # forward and backward), so adapters with the same p may share the draw -- each row
+            # still sees dropout(x_row) with its adapter's rate -- and x is read, and masked,
+            # once per rate instead of once per adapter
+            rates = list(dict.fromkeys(p for _, _, p in members))
+            members.sort(key=lambda m: rates.index(m[2]))
+        a_parts, b_parts, cols, segs = [], [], [], []
+        for name, e, p in members:
+            w_up, scale = e.branch.segment_params()
+            w_down = self._stacked_A(e.branch)
+            a_parts.append(w_down)
+            b_parts.append(w_up)
+            cols.append((name, w_down.shape[0], float(scale)))
+            segs.append((w_down.shape[0], p))
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             # (under torch.compile a tensor's ``_version`` is data-dependent: no cache key; the
             # captured graph concatenates the N·r-row weights per call, a copy far smaller than x)
@@ -556,10 +565,10 @@ class SiteRuntime:
             a, w = cached[1], cached[2]
         if use_kernels:
             k = kernels()
-            merged: list[tuple[int, float]] = []  # adjacent dropout-free members share one segment
+            merged: list[tuple[int, float]] = []  # adjacent members of one rate share a segment
             for width, p in segs:
-                if merged and p == 0.0 and merged[-1][1] == 0.0:
-                    merged[-1] = (merged[-1][0] + width, 0.0)
+                if merged and merged[-1][1] == p:
+                    merged[-1] = (merged[-1][0] + width, p)
                 else:
                     merged.append((width, p))
             seed = k.new_seed(x.device) if dropping else None
