@@ -11,7 +11,7 @@ LOG=$OUT/all.log
 echo "start $(date -u) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)" > $LOG
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" >> $LOG 2>&1
 SP="--modes reduce-overhead --warmup 5 --iters 20 --gpu-warmup-s 2 --no-floors --adamw fused --phases train"
-V="--scenarios llama --variants lora-r8-qv-d01,lora-r8-qv-d01-triton,lora-r8-qv-d01-mixed8,lora-r8-qv-d01-mixed8-triton"
+V="--scenarios llama --variants ${VARIANTS:-lora-r8-qv-d01,lora-r8-qv-d01-triton,lora-r8-qv-d01-mixed8,lora-r8-qv-d01-mixed8-triton}"
 run() {
   local name=$1; shift
   local l=$(left)
