@@ -216,3 +216,35 @@ def test_triton_mixed_compiles_fullgraph():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
     assert counter.frame_count == frames, "a new row assignment recompiled the forward"
     torch._dynamo.reset()
+
+
+def test_auto_stacks_dropout_on_the_kernels_when_compiled_only(monkeypatch):
+    # executor auto with the kernels off for ordinary groups (AUTO_USES_KERNELS False, the
+    # default): a mixed batch whose stack has an active dropout still runs the kernels in a
+    # compiled forward (the PyTorch path could only run it as segments), but not in eager mode,
+    # and a stack without dropout keeps the PyTorch products (on CPU the interpreter stands in
+    # for CUDA: AUTO_DEVICES widened)
+    from torch._dynamo.backends.common import aot_autograd
+    from unipelt import executor as ex
+
+    monkeypatch.setattr(ex, "AUTO_USES_KERNELS", False)
+    monkeypatch.setattr(ex, "AUTO_DEVICES", ("cuda", "cpu"))
+    batch = make_batch(batch=3)
+    for p, want_kernel in ((0.2, True), (0.0, False)):
+        torch._dynamo.reset()
+        model, _ = adapters(make_llama, {"a": p, "b": p}, "auto")
+        model.train()
+        calls = Calls(monkeypatch)
+        model(**batch, adapter_names=["a", "b", "a"]).logits.sum().backward()
+        assert not calls.shrink and (calls.solo > 0) == (p > 0)  # eager: segments / PyTorch stack
+        ops: list[str] = []
+
+        def record(gm, example_inputs):
+            ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm
+
+        compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+        compiled(**batch, adapter_names=["a", "b", "a"]).logits.sum().backward()
+        assert ("unipelt.lora_shrink.default" in ops) == want_kernel
+        assert (not any("index_select" in o for o in ops)) or not want_kernel
+    torch._dynamo.reset()

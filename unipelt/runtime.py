@@ -526,13 +526,12 @@ class SiteRuntime:
         adapter's A, with each dropout adapter's mask drawn inside it as its own column segment
         (what the PyTorch path cannot stack), the per-row column mask multiplies the N·r-wide z,
         and one expand adds z·[B_1|..|B_N]ᵀ into the base output in one pass."""
-        from .executor import _dropout_p, kernel_reason, kernels
+        from .executor import _dropout_p, kernels, stacked_kernels
 
         members = [(name, e, (_dropout_p(e.branch) or 0.0) if e.branch.training else 0.0)
                    for name, e in self.stacked]
         dropping = any(p > 0 for _, _, p in members)
-        use_kernels = (ctx is not None and y.dim() >= 2 and ctx.executor in ("auto", "triton")
-                       and kernel_reason(ctx.executor, x) is None)
+        use_kernels = ctx is not None and y.dim() >= 2 and stacked_kernels(ctx.executor, x, dropping)
         if dropping and not use_kernels:
             return None
         if dropping:
