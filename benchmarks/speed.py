@@ -1374,10 +1374,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--split-optimizer", action="store_true",
                    help="eager train rows also time forward+backward and AdamW step+zero_grad apart "
                         "(fwd_bwd_ms, optimizer_ms: as many steps again)")
-    p.add_argument("--prefix-attention", choices=("compiled", "always", "never"), default="compiled",
+    p.add_argument("--prefix-attention", choices=("never", "compiled", "always"), default="never",
                    help="how plain key/value prefixes join the real keys (unipelt.attention.SPLIT_PREFIX): "
-                        "compiled = softmax split, no K/V concatenation, under torch.compile (the default); "
-                        "never = the concatenation everywhere (the code before session 8, for comparison)")
+                        "never = concatenated in front of them (the default); compiled = the softmax split, "
+                        "no K/V concatenation, under torch.compile (measured slower on the H200, session 8)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto: bfloat16 on CUDA (the protocol), float32 on CPU")

@@ -34,7 +34,7 @@ def test_collapsed_model_compiles_in_one_graph(factory):
     torch._dynamo.reset()
 
 
-# -- the prefix's softmax split (unipelt.attention._split_prefix_attention) ---------------------
+# -- the prefix's softmax split (unipelt.attention._split_prefix_attention, opt-in) -------------
 import unipelt  # noqa: E402
 import unipelt.attention as attention  # noqa: E402
 from conftest import randomize  # noqa: E402
@@ -97,9 +97,10 @@ def test_split_prefix_equals_the_concatenation(monkeypatch, factory):
 
 @pytest.mark.parametrize("factory", [make_bert, make_llama], ids=["bert", "llama-gqa"])
 def test_compiled_collapsed_model_concatenates_no_keys(monkeypatch, factory):
-    """Compiled (the serving path), the prefix joins attention without [P; K] / [P; V] copies or
-    prefix mask columns: no concatenation in the forward graph and every attention call sees the
-    real keys only; with the concatenation ("never", the code before) there are two per layer."""
+    """Compiled with the split (SPLIT_PREFIX = "compiled"; not the default, measured slower on the
+    H200), the prefix joins attention without [P; K] / [P; V] copies or prefix mask columns: no
+    concatenation in the forward graph and every attention call sees the real keys only; with the
+    concatenation ("never", the default) there are two per layer."""
     model, h, gated, probe = _constant_collapsed(factory)
     T, layers = probe["input_ids"].shape[1], model.config.num_hidden_layers
     L = SPEC["modules"]["prefix"]["length"]

@@ -391,10 +391,14 @@ def _forward_with_prefixes(
 
 
 # How plain prefixes (no per-query gate, every row seeing every prefix column) join the real keys
-# in SDPA models: "compiled" (the default) splits the softmax under torch.compile, "always" also in
-# eager calls (for tests: the eager form materialises small (B, H, T, L) products), "never" keeps the
-# concatenation everywhere. benchmarks/speed.py --prefix-attention sets it.
-SPLIT_PREFIX = "compiled"
+# in SDPA models: "never" (the default) concatenates them in front of the real keys; "compiled"
+# splits the softmax (_split_prefix_attention) under torch.compile, "always" also in eager calls
+# (for tests). The split is exact but measured SLOWER on an H200 (session 8, reduce-overhead,
+# benchmarks/RESULTS.md "Session 8 (helper coll)"): collapsed llama 1.32x the base forward against
+# 1.07x concatenated, BERT 1.77x against 1.24x. So it is not the default; it stays for the
+# profile that would say why (benchmarks/results-2026-12-01/coll-s8/collapse_profile.py) and
+# benchmarks/speed.py --prefix-attention compiled selects it.
+SPLIT_PREFIX = "never"
 
 
 def _can_split(base: str, tensors: tuple[Tensor, ...], vis: list[Tensor | None], kwargs: dict[str, Any]) -> bool:
@@ -429,8 +433,9 @@ def _split_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value
     (out_real is the kernel's softmax-weighted mean over the real keys, ``e^lse`` its denominator).
     What it saves against the concatenation: the copy of every layer's keys and values into
     [P; K] and [P; V], the prefix columns of the mask, and L more keys inside the kernel (10 keys over
-    128 start a third 64-key block). Returns ``(B, T, H, D)`` as transformers' SDPA function does, or
-    ``None`` where no kernel with a log-sum-exp takes these inputs (then the caller concatenates)."""
+    128 start a third 64-key block). On the H200 it cost more than it saved (not the default: see
+    :data:`SPLIT_PREFIX`). Returns ``(B, T, H, D)`` as transformers' SDPA function does, or ``None``
+    where no kernel with a log-sum-exp takes these inputs (then the caller concatenates)."""
     groups = query.shape[1] // key.shape[1]
     pk = torch.cat(plain_k, dim=2) if len(plain_k) > 1 else plain_k[0]  # (B, H_kv, L, D)
     pv = torch.cat(plain_v, dim=2) if len(plain_v) > 1 else plain_v[0]

@@ -6,7 +6,7 @@ fullgraph=True), warm-up, then (1) the forward timed as speed.py times it (CUDA 
 the models interleaved round by round, and (2) one torch.profiler capture (CUDA activity) of a
 few replays: every GPU kernel with its total time per forward, written to OUT/<scenario>-profile.json
 and printed as a table. Rows: the floor, the collapsed models with the prefix concatenated
-(SPLIT_PREFIX = "never", the code before this session) and with the softmax split.
+(SPLIT_PREFIX = "never", the default) and with the softmax split ("compiled").
 
     PYTHONPATH=. python3 benchmarks/results-2026-12-01/coll-s8/collapse_profile.py OUT_DIR [scenario] [--tiny]
 """
