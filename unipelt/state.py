@@ -372,7 +372,9 @@ def make_selection(ctx: ForwardContext, names, batch: int | None, device) -> Row
     if ctx.merged_any:
         raise ModelError("adapter_names: an adapter is merged into the base weights, which every row would see; "
                          "unmerge it first (handle.unmerge())")
-    return RowSelection(list(names), device, tuple(ctx.solo))
+    # eager (the root pre-hook): the index tensors go to the context's slot (runtime._CALL_TENSORS)
+    slot = None if torch.compiler.is_compiling() else ctx.slot
+    return RowSelection(list(names), device, tuple(ctx.solo), slot=slot)
 
 
 class RootPostHook:
