@@ -74,6 +74,24 @@ def test_selection_tensors_live_per_context_and_go_with_it():
     assert slot not in runtime._CALL_TENSORS
 
 
+def test_a_copied_model_has_its_own_selection_slot():
+    import copy
+    import pickle
+
+    model, handles = _mixed()
+    batch = make_batch(batch=4, length=7, lengths=(7, 5, 3, 6))
+    twin = copy.deepcopy(model)
+    thawed = pickle.loads(pickle.dumps(model))
+    slots = {get_state(m).ctx.slot for m in (model, twin, thawed)}
+    assert len(slots) == 3
+    with torch.no_grad():
+        model(**batch, adapter_names=["a", "b", "c", "a"])
+        twin(**batch, adapter_names=["c", "c", "b", "a"])
+    # the twin's call did not replace the original's selection tensors
+    assert get_state(model).ctx.rows.row_ids.tolist() == [0, 1, 2, 0]
+    assert get_state(twin).ctx.rows.row_ids.tolist() == [2, 2, 1, 0]
+
+
 def test_compiled_mixed_lora_b_gradients_leave_the_graph_contiguous():
     torch._dynamo.reset()
     model, handles = _mixed()

@@ -102,6 +102,18 @@ class ForwardContext:
     def __post_init__(self) -> None:
         weakref.finalize(self, _CALL_TENSORS.pop, self.slot, None)
 
+    # a copy (deepcopy, pickle: a model saved whole) is another context, with a slot of its own
+    # (a pickled number would also collide with the slots of a fresh process)
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("slot", None)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self.slot = next(_SLOTS)
+        self.__post_init__()
+
     def clear(self) -> None:
         """Forget the tensors of the last call."""
         self.layer_inputs.clear()
