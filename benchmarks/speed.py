@@ -1058,7 +1058,7 @@ def header(argv: Sequence[str], settings: Settings, args: argparse.Namespace) ->
             "git_commit": commit, "command": "python benchmarks/speed.py " + shlex.join(argv),
             "dtype": str(settings.dtype).replace("torch.", ""), "warmup": settings.warmup, "iters": settings.iters,
             "backend": settings.backend, "variant_timeout_s": settings.variant_timeout,
-            "budget_s": args.budget_s, "tiny": args.tiny,
+            "budget_s": args.budget_s, "tiny": args.tiny, "prefix_attention": args.prefix_attention,
             "scenarios": {n: {"config": s.config, "train": s.train_shape, "infer": s.infer_shape}
                           for n, s in (TINY if args.tiny else SCENARIOS).items() if n in args.scenarios}}
 
@@ -1074,6 +1074,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
                         warmup=args.warmup, iters=args.iters, backend=args.backend,
                         variant_timeout=args.variant_timeout, gpu_warmup_s=args.gpu_warmup_s,
                         adamw=args.adamw, split_optimizer=args.split_optimizer)
+    import unipelt.attention
+
+    unipelt.attention.SPLIT_PREFIX = args.prefix_attention
     records: list[dict] = [header(argv, settings, args)]
     out: Path = args.out
     write_jsonl(out, records)
@@ -1386,6 +1389,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--split-optimizer", action="store_true",
                    help="eager train rows also time forward+backward and AdamW step+zero_grad apart "
                         "(fwd_bwd_ms, optimizer_ms: as many steps again)")
+    p.add_argument("--prefix-attention", choices=("never", "compiled", "always"), default="never",
+                   help="how plain key/value prefixes join the real keys (unipelt.attention.SPLIT_PREFIX): "
+                        "never = concatenated in front of them (the default); compiled = the softmax split, "
+                        "no K/V concatenation, under torch.compile (measured slower on the H200, session 8)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto: bfloat16 on CUDA (the protocol), float32 on CPU")

@@ -331,6 +331,9 @@ def _forward_with_prefixes(
     if n_prefix == 0:
         return base_forward(module, query, key, value, attention_mask, **kwargs)
 
+    # the real keys' own mask and causal flag, before the prefix columns are put in front (what the
+    # split path below, which never concatenates, gives the attention kernel over the real keys)
+    real_mask, real_causal = attention_mask, False
     # --- mask: L visible columns in front of the real keys -------------------------------------------
     if any(v is not None for v in plain_vis + gated_vis):
         # per-row prefix columns (a mixed batch), in the order the keys are laid out below
@@ -349,9 +352,14 @@ def _forward_with_prefixes(
         # every query see the prefix: lower-right causality over (q_len, L + q_len) is exactly that.
         key, value = key[:, :, :q_len], value[:, :, :q_len]
         attention_mask = _lower_right_causal(module, query, key, value, q_len, n_prefix + q_len)
+        real_causal = True  # over the q_len real keys, upper-left = lower-right
     # else: eager got no mask (bidirectional, no padding), or SDPA decodes one token / is bidirectional.
 
     if not gated:
+        if _can_split(base, (query, key, value, *plain_k, *plain_v), plain_vis, kwargs):
+            out = _split_prefix_attention(module, query, key, value, real_mask, real_causal, plain_k, plain_v, kwargs)
+            if out is not None:
+                return out, None
         key = torch.cat([*plain_k, key], dim=2)
         value = torch.cat([*plain_v, value], dim=2)
         return base_forward(module, query, key, value, attention_mask, **kwargs)
@@ -380,6 +388,122 @@ def _forward_with_prefixes(
         block = out[..., (i + 1) * v_dim : (i + 2) * v_dim]
         result = result + (block if gv is None else gv.transpose(1, 2) * block)
     return result, weights
+
+
+# How plain prefixes (no per-query gate, every row seeing every prefix column) join the real keys
+# in SDPA models: "never" (the default) concatenates them in front of the real keys; "compiled"
+# splits the softmax (_split_prefix_attention) under torch.compile, "always" also in eager calls
+# (for tests). The split is exact but measured SLOWER on an H200 (session 8, reduce-overhead,
+# benchmarks/RESULTS.md "Session 8 (helper coll)"): collapsed llama 1.32x the base forward against
+# 1.07x concatenated, BERT 1.77x against 1.24x. So it is not the default; it stays for the
+# profile that would say why (benchmarks/results-2026-12-01/coll-s8/collapse_profile.py) and
+# benchmarks/speed.py --prefix-attention compiled selects it.
+SPLIT_PREFIX = "never"
+
+
+def _can_split(base: str, tensors: tuple[Tensor, ...], vis: list[Tensor | None], kwargs: dict[str, Any]) -> bool:
+    """Whether :func:`_split_prefix_attention` may serve this call: SDPA, an inference call (the
+    kernels' log-sum-exp output has no gradient), no dropout, no per-row prefix columns, equal
+    key/value widths, nothing transformers' own SDPA call would treat specially (a paged cache,
+    softcapping, a position bias)."""
+    if SPLIT_PREFIX == "never" or (SPLIT_PREFIX != "always" and not torch.compiler.is_compiling()):
+        return False
+    if base != "sdpa" or any(v is not None for v in vis):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):  # query, key, value, prefixes
+        return False
+    if float(kwargs.get("dropout", 0.0) or 0.0) != 0.0 or kwargs.get("cache") is not None \
+            or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        return False
+    query, key, value = tensors[:3]
+    return query.shape[-1] == key.shape[-1] == value.shape[-1]
+
+
+def _split_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                            causal: bool, plain_k: list[Tensor], plain_v: list[Tensor],
+                            kwargs: dict[str, Any]) -> Tensor | None:
+    """Attention over [prefix keys, real keys] without concatenating them: the real keys go through
+    the attention kernel alone (the base model's own call: same keys, same mask, same kernel) with
+    its log-sum-exp ``lse``; the L prefix keys, a few columns, are scored next to it,
+    ``s = q·P_kᵀ·scale``, and the two softmax parts are joined exactly:
+
+        m = max(lse, max_j s_j),  w_r = e^(lse - m),  w_j = e^(s_j - m)
+        out = (w_r·out_real + Σ_j w_j·P_v[j]) / (w_r + Σ_j w_j)
+
+    (out_real is the kernel's softmax-weighted mean over the real keys, ``e^lse`` its denominator).
+    What it saves against the concatenation: the copy of every layer's keys and values into
+    [P; K] and [P; V], the prefix columns of the mask, and L more keys inside the kernel (10 keys over
+    128 start a third 64-key block). On the H200 it cost more than it saved (not the default: see
+    :data:`SPLIT_PREFIX`). Returns ``(B, T, H, D)`` as transformers' SDPA function does, or ``None``
+    where no kernel with a log-sum-exp takes these inputs (then the caller concatenates)."""
+    groups = query.shape[1] // key.shape[1]
+    pk = torch.cat(plain_k, dim=2) if len(plain_k) > 1 else plain_k[0]  # (B, H_kv, L, D)
+    pv = torch.cat(plain_v, dim=2) if len(plain_v) > 1 else plain_v[0]
+    if groups > 1:  # as transformers' repeat_kv next to a mask: one key/value head per query head
+        key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+        pk, pv = (t.repeat_interleave(groups, dim=1) for t in (pk, pv))
+    if mask is not None and mask.shape[-1] != key.shape[2]:
+        return None
+    scale = kwargs.get("scaling")
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    got = _attention_with_lse(query, key, value, mask, causal, scale)
+    if got is None:
+        return None
+    out_r, lse = got  # (B, H, T, D) in the query dtype, (B, H, T) float32
+    if torch.compiler.is_compiling():
+        # as broadcast products summed: inductor makes each one reduction kernel that reads q (or the
+        # weights) once in their own dtype, without a float32 copy of q for a GEMM
+        s = (query.unsqueeze(3).float() * pk.unsqueeze(2).float()).sum(-1) * scale  # (B, H, T, L)
+    else:
+        s = torch.matmul(query.float(), pk.float().transpose(-1, -2)) * scale
+    m = torch.maximum(lse, s.amax(-1))
+    w_r = torch.exp(lse - m)  # 0 where every real key is masked (lse = -inf): the prefix alone
+    w_p = torch.exp(s - m.unsqueeze(-1))
+    denom = w_r + w_p.sum(-1)
+    if torch.compiler.is_compiling():
+        out_p = (w_p.unsqueeze(-1) * pv.unsqueeze(2).float()).sum(-2)  # (B, H, T, D)
+    else:
+        out_p = torch.matmul(w_p, pv.float())
+    w_r = w_r.unsqueeze(-1)
+    # a fully masked query row's kernel output is not defined (0 or NaN by kernel): weight 0 exactly
+    real = torch.where(w_r > 0, out_r.float(), torch.zeros((), dtype=torch.float32, device=out_r.device))
+    out = (w_r * real + out_p) / denom.unsqueeze(-1)
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+_MEM_EFFICIENT_ALIGN = 16  # the memory-efficient kernel reads its bias in rows aligned to 16 elements
+
+
+def _attention_with_lse(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, causal: bool,
+                        scale: float) -> tuple[Tensor, Tensor] | None:
+    """SDPA over (query, key, value) with the mask (boolean: True = visible, or additive) or the
+    causal flag, as ``(out (B, H, T, D), lse (B, H, T) float32)``: the ATen kernels SDPA itself
+    dispatches to, called for their log-sum-exp (CPU: the flash kernel for CPU; CUDA: the
+    memory-efficient kernel, which takes a bias and runs on every CUDA architecture; the flash kernel,
+    which the base model reaches without a mask, is not used: whether the device has it cannot be
+    asked inside a compiled graph). ``None`` for other devices and dtypes."""
+    bias = mask
+    if mask is not None and mask.dtype == torch.bool:  # as SDPA converts a boolean mask
+        bias = torch.where(mask, torch.zeros((), dtype=query.dtype, device=mask.device),
+                           torch.full((), float("-inf"), dtype=query.dtype, device=mask.device))
+    elif mask is not None:
+        bias = mask.to(query.dtype)
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, causal, attn_mask=bias, scale=scale)
+        return out, lse
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16, torch.float32) \
+            or query.shape[-1] % 8:
+        return None
+    B, H, T = query.shape[:3]
+    S = key.shape[2]
+    if bias is not None:
+        bias = bias.expand(B, H, T, S)
+        if S % _MEM_EFFICIENT_ALIGN:  # SDPA pads the same way (preprocess_mask): a view of aligned rows
+            bias = nn.functional.pad(bias, (0, _MEM_EFFICIENT_ALIGN - S % _MEM_EFFICIENT_ALIGN))[..., :S]
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, 0.0, causal,
+                                                                 scale=scale)
+    return res[0], res[1][..., :T]
 
 
 def _checked(

@@ -9,6 +9,8 @@ multiplies alpha/r; an adapter gate multiplies its delta).
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +20,19 @@ from torch import Tensor, nn
 
 # the protocols a plugin's modules follow live in unipelt.types (re-exported here for older imports)
 from unipelt.types import Branch, GateModule  # noqa: E402,F401
+
+
+# The index tensors of a mixed batch's selection (RowSelection: row ids, segments, inverse), made
+# in eager code before each call, by the slot of their ForwardContext: kept outside every
+# nn.Module on purpose. torch.compile marks every tensor it reaches through a module's attributes
+# (here: hook -> context -> selection) a *static* input, one that keeps its address from call to
+# call; a CUDA-graph tree checks those addresses at every replay, and a new row-id tensor each
+# call failed the check at every step (BERT lora-r8-qv-mixed8 under reduce-overhead, H200,
+# session 8: "Re-recording ... static input data pointer changed" each step, the step
+# host-bound). Read from this module-level dict they are ordinary inputs, which the graph copies
+# into its own buffers like the batch. One entry per context, replaced by the next call's.
+_CALL_TENSORS: dict[int, dict[str, Any]] = {}
+_SLOTS = itertools.count()
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,6 +95,24 @@ class ForwardContext:
     seg: str | None = None
     seg_rows: list = field(default_factory=list)
     seg_mean_weights: dict = field(default_factory=dict)  # adapter -> its rows' masked-mean weights
+
+    # this context's entry in _CALL_TENSORS (a mixed batch's per-call index tensors)
+    slot: int = field(default_factory=lambda: next(_SLOTS), repr=False)
+
+    def __post_init__(self) -> None:
+        weakref.finalize(self, _CALL_TENSORS.pop, self.slot, None)
+
+    # a copy (deepcopy, pickle: a model saved whole) is another context, with a slot of its own
+    # (a pickled number would also collide with the slots of a fresh process)
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("slot", None)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self.slot = next(_SLOTS)
+        self.__post_init__()
 
     def clear(self) -> None:
         """Forget the tensors of the last call."""
@@ -211,7 +244,8 @@ class RowSelection:
     (sizes as plain symbols would specialise at 0 and 1 and recompile).
     """
 
-    def __init__(self, names: list[str], device, order: tuple[str, ...] | None = None):
+    def __init__(self, names: list[str], device, order: tuple[str, ...] | None = None,
+                 slot: int | None = None):
         self.names = list(names)
         self.batch = len(names)
         present = set(names)
@@ -233,16 +267,41 @@ class RowSelection:
         ids = [at.get(n, -1) for n in self.names]
         packed = host_to_device(ids + inverse + perm, torch.long, device)
         b = self.batch
-        self.row_ids, self.inverse = packed[:b], packed[b:2 * b]
-        self._index, start = {}, 2 * b
+        index, start = {}, 2 * b
         for n, rows in groups.items():
-            self._index[n] = _segment_index(packed, start, len(rows))
+            index[n] = _segment_index(packed, start, len(rows))
             start += len(rows)
-        self.base_rows = _segment_index(packed, start, len(base))
+        tensors = {"row_ids": packed[:b], "inverse": packed[b:2 * b], "index": index,
+                   "base_rows": _segment_index(packed, start, len(base))}
+        # made eagerly for a context (the root pre-hook): its tensors go to _CALL_TENSORS, where a
+        # compiled forward reads them as plain inputs (see there); made inside a traced frame (the
+        # prompt rewrite's) they are the graph's constants and stay here
+        self.slot = slot
+        self._tensors = None if slot is not None else tensors
+        if slot is not None:
+            _CALL_TENSORS[slot] = tensors
+
+    def _get(self, what: str):
+        # the dict lookup stays in this function, so that torch.compile's source for the tensor is
+        # the module-level dict, not an attribute chain from a module
+        return _CALL_TENSORS[self.slot][what] if self._tensors is None else self._tensors[what]
+
+    @property
+    def row_ids(self) -> Tensor:
+        """Each row's position in ``order`` (-1: a base row)."""
+        return self._get("row_ids")
+
+    @property
+    def inverse(self) -> Tensor:
+        return self._get("inverse")
+
+    @property
+    def base_rows(self) -> Tensor:
+        return self._get("base_rows")
 
     def index(self, name: str) -> Tensor:
         """The rows adapter ``name`` serves (a long tensor, ascending)."""
-        return self._index[name]
+        return self._get("index")[name]
 
     def mask(self, name: str, dim: int) -> Tensor:
         """A (B, 1, ..., 1) boolean mask of ``name``'s rows, broadcastable to a ``dim``-d tensor."""
@@ -288,6 +347,24 @@ def host_to_device(values: list, dtype: torch.dtype, device) -> Tensor:
     if dev.type != "cuda" or torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=dev)
     return torch.tensor(values, dtype=dtype).pin_memory().to(dev, non_blocking=True)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(t: Tensor) -> Tensor:
+    """``t`` itself in the forward; its gradient contiguous (row-major), the layout of a parameter's
+    ``.grad``, so that AccumulateGrad can take it as is instead of copying it."""
+    return _ContiguousGrad.apply(t)
 
 
 def _segment_index(packed: Tensor, start: int, length: int) -> Tensor:
@@ -523,7 +600,7 @@ class SiteRuntime:
 
         On the Triton executor (``ctx.executor`` triton, or auto where it runs the kernels) the
         products are the fusion group's kernels: one shrink launch reads x once for every
-        adapter's A, with each dropout adapter's mask drawn inside it as its own column segment
+        adapter's A, with the dropout masks drawn inside it, one column segment per distinct rate
         (what the PyTorch path cannot stack), the per-row column mask multiplies the N·r-wide z,
         and one expand adds z·[B_1|..|B_N]ᵀ into the base output in one pass."""
         from .executor import _dropout_p, kernels, stacked_kernels
@@ -553,6 +630,12 @@ class SiteRuntime:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             # (under torch.compile a tensor's ``_version`` is data-dependent: no cache key; the
             # captured graph concatenates the N·r-row weights per call, a copy far smaller than x)
+            if torch.compiler.is_compiling():
+                # each B's gradient is a column block of the stacked one, a strided view, which
+                # AccumulateGrad copies outside the graph (one allocation and launch per adapter
+                # and projection: 192 per BERT mixed8 step, H200 session 8); made contiguous
+                # inside the captured backward instead. Eager pays the same copy either way
+                b_parts = [contiguous_grad(b) for b in b_parts]
             a, w = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
         else:
             # inference: the side-by-side weights are kept until a parameter changes (its version)
