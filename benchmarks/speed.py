@@ -266,6 +266,11 @@ def _lora_qv(scn: Scenario) -> dict:
         "method": "lora", "sites": ["attn.q", "attn.v"], "r": 8, "alpha": 16, "dropout": 0.0}}}
 
 
+def _lora_qv_d01(scn: Scenario) -> dict:
+    spec = _lora_qv(scn)
+    return {**spec, "name": "lora-r8-qv-d01", "modules": {"lora": {**spec["modules"]["lora"], "dropout": 0.1}}}
+
+
 def _dora_all(scn: Scenario) -> dict:
     return {"version": 1, "name": "dora-r16-all", "modules": {"dora": {
         "method": "dora", "sites": list(scn.linears), "r": 16, "alpha": 32, "dropout": 0.0}}}
@@ -408,6 +413,16 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "(drop.layers)", spec=_with("unipelt.yaml", drop=_first_half)),
     Variant("lora-r8-qv-mixed8", "mixed", "8 unipelt LoRA r8 q,v adapters, rows round-robin (adapter_names)",
             spec=_lora_qv),
+    # mixed batches with LoRA dropout 0.1 (what training configs use): on the PyTorch path an active
+    # dropout runs as segments (each adapter on its own rows), on the Triton path it stacks (one
+    # shrink with each adapter's mask as a column segment, one expand)
+    Variant("lora-r8-qv-d01", "unipelt", "unipelt LoRA r8 on q,v, dropout 0.1", spec=lambda scn: _lora_qv_d01(scn)),
+    Variant("lora-r8-qv-d01-mixed8", "mixed", "8 unipelt LoRA r8 q,v dropout 0.1 adapters, rows round-robin",
+            spec=lambda scn: _lora_qv_d01(scn)),
+    Variant("lora-r8-qv-d01-triton", "unipelt", "unipelt LoRA r8 on q,v, dropout 0.1, executor: triton",
+            spec=lambda scn: {**_lora_qv_d01(scn), "executor": "triton"}),
+    Variant("lora-r8-qv-d01-mixed8-triton", "mixed", "8 unipelt LoRA r8 q,v dropout 0.1 adapters, rows "
+            "round-robin, executor: triton (stacked kernels)", spec=lambda scn: {**_lora_qv_d01(scn), "executor": "triton"}),
     Variant("qlora-nf4-r16-all", "unipelt", "unipelt LoRA r16 on all linears, NF4 base (bnb dequant)",
             spec=_lora_all, quant="nf4"),
     Variant("qlora-nf4-r16-all-triton", "unipelt", "unipelt LoRA r16 on all linears, NF4 base (Triton dequant)",

@@ -203,10 +203,31 @@ def kernel_reason(mode: str, x: Tensor, planning: bool = False) -> str | None:
     return why
 
 
+def stacked_kernels(mode: str, x: Tensor, dropping: bool) -> bool:
+    """Whether a mixed batch's stacked LoRA product (``SiteRuntime.apply_stacked``) runs on the
+    kernels. ``triton``: where they fit (else the error of :func:`kernel_reason`). ``auto``: where
+    its rule runs them, and also, whatever ``AUTO_USES_KERNELS`` says, for a stack with an active
+    input dropout in a compiled forward on CUDA: only the kernels stack it (one mask draw per
+    rate, inside the shrink), the PyTorch path runs those adapters as segments instead, measured
+    at 12-17x one adapter's llama train step against 1.05x on the kernels (H200, reduce-overhead:
+    benchmarks/RESULTS.md, "Session 8 (lead)")."""
+    if mode not in ("auto", "triton"):
+        return False
+    if kernel_reason(mode, x) is None:
+        return True
+    if mode != "auto" or not dropping:
+        return False
+    if auto_rule(x.device.type, torch.compiler.is_compiling(), enabled=True) is not None:
+        return False
+    k = kernels()
+    return not isinstance(k, str) and k.fits(x) is None
+
+
 def auto_loads_kernels() -> bool:
     """Whether ``auto`` may run the kernels on this machine (then they are imported when the
     executor is chosen, in eager code, not first inside a torch.compile trace)."""
-    return AUTO_USES_KERNELS and any(d != "cuda" or torch.cuda.is_available() for d in AUTO_DEVICES)
+    # (on CUDA ``auto`` may run them for a mixed batch's stack with dropout: stacked_kernels)
+    return any(d != "cuda" or torch.cuda.is_available() for d in AUTO_DEVICES)
 
 
 def _dropout_p(branch: nn.Module) -> float | None:

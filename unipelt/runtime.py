@@ -574,21 +574,59 @@ class SiteRuntime:
             e = live[0]
             b = e.branch
             if (e.gate is not None or b.reads != "input" or not callable(getattr(b, "segment_params", None))
-                    or b.segment_params() is None
-                    or not callable(getattr(b, "shrink_params", None)) or b.shrink_params() is None):
+                    or b.segment_params() is None or self._stacked_A(b) is None):
                 return None
             out.append((name, e))
         return out
 
-    def apply_stacked(self, x: Tensor, y: Tensor, rows: "RowSelection") -> Tensor:
-        """The mixed-batch output of the stacked plan (:meth:`_plan_stacked`)."""
-        a_parts, b_parts, cols = [], [], []
-        for name, e in self.stacked:
+    @staticmethod
+    def _stacked_A(b) -> Tensor | None:
+        """The branch's A in the stacked product: its shrink weight, or, for a LoRA with input
+        dropout (which has no shrink weight of its own: its x differs), its ``lora_A`` -- such a
+        member stacks where its dropout is inactive (eval, p = 0) or drawn per column segment
+        inside the Triton shrink (:meth:`apply_stacked`)."""
+        from .executor import _dropout_p  # (executor imports this module)
+
+        sp = b.shrink_params() if callable(getattr(b, "shrink_params", None)) else None
+        if sp is not None:
+            return sp[0]
+        return b.lora_A if _dropout_p(b) is not None else None
+
+    def apply_stacked(self, x: Tensor, y: Tensor, rows: "RowSelection",
+                      ctx: "ForwardContext | None" = None) -> Tensor | None:
+        """The mixed-batch output of the stacked plan (:meth:`_plan_stacked`); None where a
+        member's input dropout is active and the kernels do not run (the caller then runs the
+        adapters as segments: N dropped-out copies of the whole x would cost more).
+
+        On the Triton executor (``ctx.executor`` triton, or auto where it runs the kernels) the
+        products are the fusion group's kernels: one shrink launch reads x once for every
+        adapter's A, with the dropout masks drawn inside it, one column segment per distinct rate
+        (what the PyTorch path cannot stack), the per-row column mask multiplies the N·r-wide z,
+        and one expand adds z·[B_1|..|B_N]ᵀ into the base output in one pass."""
+        from .executor import _dropout_p, kernels, stacked_kernels
+
+        members = [(name, e, (_dropout_p(e.branch) or 0.0) if e.branch.training else 0.0)
+                   for name, e in self.stacked]
+        dropping = any(p > 0 for _, _, p in members)
+        use_kernels = ctx is not None and y.dim() >= 2 and stacked_kernels(ctx.executor, x, dropping)
+        if dropping and not use_kernels:
+            return None
+        if dropping:
+            # one column segment (one mask over x) per distinct rate, not per adapter: a row is
+            # read by its own adapter's columns only (the column mask zeroes the others, in
+            # forward and backward), so adapters with the same p may share the draw -- each row
+            # still sees dropout(x_row) with its adapter's rate -- and x is read, and masked,
+            # once per rate instead of once per adapter
+            rates = list(dict.fromkeys(p for _, _, p in members))
+            members.sort(key=lambda m: rates.index(m[2]))
+        a_parts, b_parts, cols, segs = [], [], [], []
+        for name, e, p in members:
             w_up, scale = e.branch.segment_params()
-            w_down = e.branch.shrink_params()[0]
+            w_down = self._stacked_A(e.branch)
             a_parts.append(w_down)
             b_parts.append(w_up)
             cols.append((name, w_down.shape[0], float(scale)))
+            segs.append((w_down.shape[0], p))
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             # (under torch.compile a tensor's ``_version`` is data-dependent: no cache key; the
             # captured graph concatenates the N·r-row weights per call, a copy far smaller than x)
@@ -607,6 +645,18 @@ class SiteRuntime:
                 cached = (key, torch.cat(a_parts, 0), torch.cat(b_parts, 1))
                 self._stack_cache = cached
             a, w = cached[1], cached[2]
+        if use_kernels:
+            k = kernels()
+            merged: list[tuple[int, float]] = []  # adjacent members of one rate share a segment
+            for width, p in segs:
+                if merged and merged[-1][1] == p:
+                    merged[-1] = (merged[-1][0] + width, p)
+                else:
+                    merged.append((width, p))
+            seed = k.new_seed(x.device) if dropping else None
+            z = k.lora_shrink(x, a, segments=merged, seed=seed)
+            z = z * rows.column_scale(tuple(cols), z.dim(), z.dtype)
+            return k.lora_expand(y, z, w)
         z = torch.nn.functional.linear(x, a.to(x.dtype))
         z = z * rows.column_scale(tuple(cols), z.dim(), z.dtype)
         w = w.to(x.dtype)
@@ -824,8 +874,10 @@ class Host:
         ctx = self.ctx
         runtimes = list(self.runtimes.values())
         if runtimes[0].stacked is not None:  # projections run first (_PHASE): one stacked product
-            y = runtimes[0].apply_stacked(x, y, rows)
-            runtimes = runtimes[1:]
+            got = runtimes[0].apply_stacked(x, y, rows, ctx)
+            if got is not None:  # (None: an input dropout the PyTorch path cannot stack)
+                y = got
+                runtimes = runtimes[1:]
         touched = [n for n in rows.adapters if any(n in rt.solo for rt in runtimes)]
         if not touched:
             return y
