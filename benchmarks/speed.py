@@ -416,9 +416,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     # mixed batches with LoRA dropout 0.1 (what training configs use): on the PyTorch path an active
     # dropout runs as segments (each adapter on its own rows), on the Triton path it stacks (one
     # shrink with each adapter's mask as a column segment, one expand)
-    Variant("lora-r8-qv-d01", "unipelt", "unipelt LoRA r8 on q,v, dropout 0.1", spec=lambda scn: _lora_qv_d01(scn)),
+    Variant("lora-r8-qv-d01", "unipelt", "unipelt LoRA r8 on q,v, dropout 0.1", spec=_lora_qv_d01),
     Variant("lora-r8-qv-d01-mixed8", "mixed", "8 unipelt LoRA r8 q,v dropout 0.1 adapters, rows round-robin",
-            spec=lambda scn: _lora_qv_d01(scn)),
+            spec=_lora_qv_d01),
     Variant("lora-r8-qv-d01-triton", "unipelt", "unipelt LoRA r8 on q,v, dropout 0.1, executor: triton",
             spec=lambda scn: {**_lora_qv_d01(scn), "executor": "triton"}),
     Variant("lora-r8-qv-d01-mixed8-triton", "mixed", "8 unipelt LoRA r8 q,v dropout 0.1 adapters, rows "
