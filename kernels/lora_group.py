@@ -399,6 +399,29 @@ CONFIGS: dict[str, _Blocks] = {
 }
 
 
+def load_configs(path: str) -> dict[str, _Blocks]:
+    """Block overrides from a JSON file ``{kind: [m, k, warps, stages]}`` (what
+    ``benchmarks/kernel_sweep.py --write-best`` writes), checked against the known kinds."""
+    import json
+
+    try:
+        raw = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the kernel block overrides ({exc})") from None
+    out = {}
+    for kind, v in (raw.items() if isinstance(raw, dict) else [(None, raw)]):
+        if kind not in CONFIGS:
+            raise ValueError(f"{path}: {kind!r}: unknown kernel (expected one of {', '.join(CONFIGS)})")
+        if not (isinstance(v, list) and len(v) == 4 and all(isinstance(i, int) and i > 0 for i in v)):
+            raise ValueError(f"{path}: {kind}: expected [m, k, warps, stages] (positive integers), got {v!r}")
+        out[kind] = _Blocks(*v)
+    return out
+
+
+if os.environ.get("UNIPELT_KERNEL_CONFIGS"):
+    CONFIGS.update(load_configs(os.environ["UNIPELT_KERNEL_CONFIGS"]))
+
+
 def _blocks(kind: str) -> _Blocks:
     if INTERPRET:
         return _Blocks(m=64, k=64, warps=4)
