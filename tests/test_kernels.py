@@ -572,3 +572,18 @@ def test_auto_runs_the_kernels_in_compiled_forwards_only(monkeypatch):
     assert any("unipelt.lora_shrink" in t for t in targets), sorted(targets)
     assert any("unipelt.lora_expand" in t for t in targets), sorted(targets)
     torch.testing.assert_close(compiled, grouped, atol=2e-5, rtol=1e-5)
+
+
+def test_block_overrides_are_checked(tmp_path):
+    # UNIPELT_KERNEL_CONFIGS (benchmarks/kernel_sweep.py --write-best): known kinds, four positive ints
+    good = tmp_path / "best.json"
+    good.write_text('{"expand_dh": [16, 256, 8, 4], "shrink": [32, 128, 4, 3]}')
+    got = lg.load_configs(str(good))
+    assert got == {"expand_dh": lg._Blocks(16, 256, 8, 4), "shrink": lg._Blocks(32, 128, 4, 3)}
+    for text, field in (('{"expnd": [1, 2, 3, 4]}', "expnd"), ('{"dx": [64, 64, 4]}', "dx"),
+                        ('{"dw": [64, 0, 4, 3]}', "dw"), ("[1, 2", "cannot read")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=field) as info:
+            lg.load_configs(str(bad))
+        assert str(bad) in str(info.value)
