@@ -122,6 +122,12 @@ def main(argv=None) -> int:
                    help="write each kind's blocks with the least launch-weighted time (for UNIPELT_KERNEL_CONFIGS)")
     p.add_argument("--smoke", action="store_true", help="CPU / interpreter: one candidate per kind, no timing")
     a = p.parse_args(argv)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import speed  # noqa: E402  (its ensure_plugins makes unipelt_kernels importable from a bare tree)
+
+    speed.ensure_plugins()
     from unipelt_kernels import lora_group as lg
 
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
