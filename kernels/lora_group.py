@@ -391,11 +391,15 @@ CONFIGS: dict[str, _Blocks] = {
     # 4096, r 16, two branches and gates, bf16: shrink 34 us, dX 31 us, dW 41 us, expand 35 us,
     # expand backward 62 us). benchmarks/kernels.py --sweep's timings of other blocks were bound by
     # that host's launch work (every candidate 0.05-0.18 ms), so they chose nothing and are not used.
-    "shrink": _Blocks(32, 64, 4), "dx": _Blocks(64, 64, 4), "dw": _Blocks(64, 64, 4),
+    # Session 9: shrink, dW and expand_dh re-chosen by benchmarks/kernel_sweep.py (every candidate
+    # timed from a CUDA graph at llama's shapes, 4,096 tokens, launch-weighted; RESULTS.md, Kernels,
+    # session 9): shrink 32x64 -> 64x256 (10.0 -> 8.0 us for a q,k,v group), dW 64x64 -> 64x32 with 4
+    # stages, expand_dh 32x128 -> 32x256 with 4 stages (dh + dB at 5,632 wide: 35.6 -> 25.9 us)
+    "shrink": _Blocks(64, 256, 4), "dx": _Blocks(64, 64, 4), "dw": _Blocks(64, 32, 4, 4),
     "expand": _Blocks(64, 128, 4), "expand_bwd": _Blocks(64, 64, 4),
     # the split expand backward (BWD_MODE "split"): dh over all of D per 32-row block (256
     # programs at 8,192 tokens), dB per 64-wide D block over a share of the rows
-    "expand_dh": _Blocks(32, 128, 4), "expand_db": _Blocks(128, 64, 4),
+    "expand_dh": _Blocks(32, 256, 4, 4), "expand_db": _Blocks(128, 64, 4),
 }
 
 
@@ -426,6 +430,25 @@ def _blocks(kind: str) -> _Blocks:
     if INTERPRET:
         return _Blocks(m=64, k=64, warps=4)
     return CONFIGS[kind]
+
+
+# shared memory a kernel's pipelined loads may take: the H100/H200 limit is 232,448 bytes per block
+# (227 KiB), and Triton asked exactly stages x (m + n) x k x 2 bytes for the bf16 shrink in the
+# sweep (262,144 for 64 x 256, n 64, 4 stages: refused), so the estimate below is that sum
+SMEM_BUDGET = 224 * 1024
+
+
+def _fit(bl: _Blocks, stage_bytes) -> _Blocks:
+    """``bl`` with its K block (then its stages) reduced until ``stages * stage_bytes(k)`` fits the
+    shared memory: the blocks are chosen for bf16 and r <= 16, and a wider group (r 64, several
+    branches: a 128- or 256-wide N block) or fp32 inputs would otherwise fail to launch."""
+    k, stages = bl.k, bl.stages
+    while stages * stage_bytes(k) > SMEM_BUDGET and (k > 32 or stages > 2):
+        if k > 32:
+            k //= 2
+        else:
+            stages -= 1
+    return bl if (k, stages) == (bl.k, bl.stages) else _Blocks(bl.m, k, bl.warps, stages)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -487,7 +510,8 @@ def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_width
     tiles = _tiles(tuple(seg_widths), tuple(seg_p))
     block_n = tiles.block_n
     z = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bl = _blocks("shrink")
+    bl0 = _blocks("shrink")
+    bl = _fit(bl0, lambda k: (bl0.m + block_n) * k * x.element_size())
     has_drop = _has_drop(seg_p, seed)
     grid = (triton.cdiv(M, bl.m), tiles.n)
     warps = bl.warps if block_n < 128 or INTERPRET else 8
@@ -534,7 +558,8 @@ def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: i
     buf = torch.zeros(N * K + (N if has_act else 0), device=x.device, dtype=torch.float32)
     dw = buf[:N * K].view(N, K)
     db_all = buf[N * K:] if has_act else buf
-    bl = _blocks("dw")
+    bl0 = _blocks("dw")
+    bl = _fit(bl0, lambda k: bl0.m * (block_n + k) * x.element_size())
     k_blocks = triton.cdiv(K, bl.k)
     # enough programs to fill the card: split the token rows when tiles × K blocks are few
     splits = 1 if INTERPRET else max(1, min(triton.cdiv(M, 4 * bl.m), triton.cdiv(528, tiles.n * k_blocks)))
@@ -585,7 +610,8 @@ def _launch_expand_bwd(dy: Tensor, u: Tensor, b: Tensor, coef: Tensor | None,
     if BWD_MODE == "split":
         du = torch.empty_like(u, memory_format=torch.contiguous_format)
         dc = torch.empty(M, device=dy.device, dtype=coef.dtype) if has_coef else None
-        bl = _blocks("expand_dh")
+        bl0 = _blocks("expand_dh")
+        bl = _fit(bl0, lambda k: k * (bl0.m + _block_r(R)) * dy.element_size())
         _expand_dh_kernel[(triton.cdiv(M, bl.m),)](
             dy, u, b, c_arg, du, dc if has_coef else du, M, D, R, float(scale),
             dy.stride(0), u.stride(0), b.stride(0), du.stride(0), c_stride,

@@ -587,3 +587,13 @@ def test_block_overrides_are_checked(tmp_path):
         with pytest.raises(ValueError, match=field) as info:
             lg.load_configs(str(bad))
         assert str(bad) in str(info.value)
+
+
+def test_blocks_shrink_to_fit_shared_memory():
+    # the bf16 blocks chosen at r 16 would not launch for a 256-wide group in fp32: K (then the
+    # stages) come down until the pipelined loads fit; a block that fits is returned unchanged
+    bl = lg._Blocks(64, 256, 4, 3)
+    assert lg._fit(bl, lambda k: (64 + 64) * k * 2) is bl              # bf16, 64-wide N: 192 KiB, fits
+    got = lg._fit(bl, lambda k: (64 + 256) * k * 4)                    # fp32, 256-wide N
+    assert got.stages * (64 + 256) * got.k * 4 <= lg.SMEM_BUDGET and (got.m, got.warps) == (64, 4)
+    assert got.k < 256
