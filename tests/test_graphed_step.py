@@ -222,7 +222,11 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _assert_same_params(a: dict, b: dict, atol: float = 2e-6, rtol: float = 1e-5) -> None:
+# fp32 on both sides, but not bit for bit: the reference AdamW takes its bias corrections in
+# Python floats, the capturable one on the device in fp32, and cuBLAS may pick other kernels
+# under capture; after 7 steps of lr 1e-2 (each moves a parameter by up to 1e-2) the
+# differences seen are far below 1e-5, and the test also checks that the parameters moved by > 1e-3
+def _assert_same_params(a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4) -> None:
     assert a.keys() == b.keys() and a
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=atol, rtol=rtol, msg=lambda m: f"{n}: {m}")

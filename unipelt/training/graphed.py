@@ -252,6 +252,7 @@ class GraphedTrainStep:
         self._versions: list[int] | None = None
         self._hyper: list[dict[str, Any]] | None = None
         self.capture_s: float | None = None
+        self._side: torch.cuda.Stream | None = None
 
     # -- the step's body: the same code warms up, then is captured ----------------------------
     def _body(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -278,7 +279,9 @@ class GraphedTrainStep:
         # on a side stream, as PyTorch's whole-network capture recipe warms up: lazy initialisation
         # (cuBLAS workspaces, the optimizer state, autotuning) happens outside the capture
         main = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        if self._side is None:  # one stream for every warm-up step: its memory blocks are reused
+            self._side = torch.cuda.Stream(self.device)
+        side = self._side
         side.wait_stream(main)
         with torch.cuda.stream(side):
             loss = self._body(batch)
