@@ -49,7 +49,9 @@ def bert_batch(seed: int, device, batch: int = 4, length: int = 12) -> dict:
 
 
 def adapted(spec: dict, device, seed: int = 0, **bert_kw):
-    model = make_bert(seed, **bert_kw).to(device)
+    # SDPA attention: transformers' eager attention builds its mask from a Python scalar copied to
+    # the GPU (torch.tensor(0.0, device=...)), which CUDA graph capture refuses (see the last test)
+    model = make_bert(seed, **{"attn_implementation": "sdpa", **bert_kw}).to(device)
     handle = unipelt.compile(model, spec)
     # B != 0 (the gaussian init keeps B at zero): the first steps then move every LoRA parameter
     with torch.no_grad():
@@ -260,7 +262,7 @@ def test_graphed_mixed_batch_matches_eager():
     dev = torch.device("cuda")
 
     def build():
-        model = make_bert(0).to(dev)
+        model = make_bert(0, attn_implementation="sdpa").to(dev)
         handles = [unipelt.compile(model, lora_spec(), name=n) for n in ("a", "b")]
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -309,6 +311,19 @@ def test_shape_change_after_capture_is_refused():
     step(bert_batch(1, dev))
     with pytest.raises(GraphCaptureError, match=r"batch\['input_ids'\]: shape \(4, 20\)"):
         step(bert_batch(2, dev, length=20))
+
+
+@needs_cuda
+def test_eager_attention_mask_copy_is_refused_with_cudas_reason():
+    # seen on the H200 (session 9, call 1): transformers' eager attention makes its mask with
+    # torch.tensor(0.0, device=cuda), a copy from pageable host memory; compiled, it is traced
+    dev = torch.device("cuda")
+    model, handle = adapted(lora_spec(), dev, attn_implementation="eager")
+    step = GraphedTrainStep(model, adamw(handle, capturable=True), bert_batch(0, dev), warmup=1)
+    step(bert_batch(0, dev))
+    with pytest.raises(GraphCaptureError, match=r"cannot be captured as one CUDA graph: Cannot copy between CPU "
+                                                r"and CUDA tensors during CUDA graph capture"):
+        step(bert_batch(1, dev))
 
 
 class _Syncing(nn.Module):

@@ -38,7 +38,9 @@ What cannot be captured is refused with one :class:`GraphCaptureError` naming th
   switch / merge / detach after the capture (the model state's version moved);
 - a host synchronisation inside the step (``.item()``, a copy from pageable host memory,
   ``nonzero``): CUDA refuses it during the capture, and that error is re-raised as a
-  GraphCaptureError with CUDA's message.
+  GraphCaptureError with CUDA's message. transformers' eager attention is one (it makes its mask
+  with ``torch.tensor(0.0, device=...)``, a host copy; seen on the H200): use
+  ``attn_implementation="sdpa"``, or ``compile="default"``, under which that line is traced.
 
 What replays correctly: dropout (PyTorch's, inductor's and the Triton kernels' ``new_seed``) draws
 from the CUDA generator, whose Philox offset a captured graph advances on every replay, so each
@@ -303,8 +305,10 @@ class GraphedTrainStep:
         except RuntimeError as e:
             msg = " ".join(str(e).split())[:400]
             raise GraphCaptureError(f"the train step cannot be captured as one CUDA graph: {msg} (a host "
-                                    "synchronisation inside the step -- .item(), a copy from pageable host memory, "
-                                    "nonzero -- or an op CUDA graphs do not support)") from e
+                                    "synchronisation inside the step -- .item(), nonzero, a copy of a Python value "
+                                    "to the GPU such as transformers' eager attention mask: use "
+                                    "attn_implementation='sdpa' or compile='default' -- or an op CUDA graphs do not "
+                                    "support)") from e
         self.graph = graph
         self._versions = [st.ctx.version for st in self._states]
         self._hyper = _hyperparameters(self.optimizer)
