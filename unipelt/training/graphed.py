@@ -192,6 +192,11 @@ class GraphedTrainStep:
     inside the graph (foreach, no host sync) over the optimizer's parameters. autocast: a dtype
     for ``torch.autocast`` around forward and loss (its weight cache off, as CUDA graphs need).
     warmup: eager steps before the capture (at least 1: the optimizer state must exist).
+    grad_params: parameters whose gradients no optimizer clears (default: every trainable
+    parameter outside the optimizer), set to None before each step so none accumulates.
+
+    What the capture fixes stays fixed for every replay: the batch's shapes, ``call_kwargs``, the
+    model's train/eval flags (dropout on or off), the optimizer's float hyperparameters.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -243,8 +248,9 @@ class GraphedTrainStep:
         opt_params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
         # parameters whose gradients the step makes but no optimizer clears (the floor's probe):
         # set to None before each eager step and before the capture, like the optimizer's
+        owned = {id(p) for p in opt_params}
         self._loose = list(grad_params) if grad_params is not None else \
-            [p for p in model.parameters() if p.requires_grad and all(p is not q for q in opt_params)]
+            [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
         self._clip = opt_params
         self._states = adapted_states(model)
         self.steps = 0
