@@ -49,6 +49,11 @@ Modes (``--modes``): ``eager``; ``compiled`` (``torch.compile(model)``, default 
 ``reduce-overhead`` (``mode="reduce-overhead"``, CUDA graphs, ``cudagraph_mark_step_begin()`` per
 step). Compiled modes try ``fullgraph=True`` first; if the first step fails, the error is recorded
 (``fullgraph_error``) and the model is rebuilt and compiled with ``fullgraph=False``.
+``graph-step`` / ``graph-step-compiled`` (asked for by name; train only, CUDA only, skipped with the
+reason elsewhere): the whole train step -- forward, backward, AdamW (``capturable=True``) -- captured
+as one CUDA graph by ``unipelt.training.graphed.GraphedTrainStep`` after its eager warm-up steps and
+replayed, the model eager or compiled with inductor's default mode inside the capture; the floor is
+the same floor (no optimizer) captured the same way, so the ratio is to the floor of that mode.
 ``torch._dynamo.reset()`` runs before each model: without it the recompile limit silently sends later
 models to eager. Train and inference are measured on separate model instances (same seed, same
 weights), so that each phase's peak memory is its own: ``torch.cuda.max_memory_allocated`` over the
@@ -119,7 +124,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODES = ("eager", "compiled", "reduce-overhead")
+MODES = ("eager", "compiled", "reduce-overhead", "graph-step", "graph-step-compiled")
+DEFAULT_MODES = ("eager", "compiled", "reduce-overhead")  # the graph-step modes run when asked for
+# one CUDA graph per train step (unipelt.training.graphed.GraphedTrainStep): the model eager or
+# compiled with inductor's default mode inside the capture
+GRAPH_MODES: dict[str, str | None] = {"graph-step": None, "graph-step-compiled": "default"}
 PHASES = ("train", "infer")
 LR = 1e-4  # the value does not change the cost of a step
 
@@ -476,6 +485,10 @@ FLOOR_FORMS = {
 }
 
 
+def _floor_form(mode: str) -> str:
+    return "eager" if mode in ("eager", "graph-step") else "compiled"
+
+
 def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, dtype: torch.dtype,
             traceable_floor: bool = False) -> Prepared:
     model = build_base(scn, device, dtype)
@@ -707,6 +720,8 @@ def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings
              rec: dict) -> None:
     """Build, (compile), warm up and time one model; fills ``rec``. An exception in the first step is
     tagged ``first_step`` so that the caller can retry without fullgraph."""
+    if mode in GRAPH_MODES:
+        return _attempt_graphed(variant, scn, mode, phase, s, rec)
     if mode != "eager":
         _reset_compiler()
         _free(s.device)  # the caches just dropped may have held the previous model
@@ -792,6 +807,67 @@ def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings
         rec.update(_dynamo_stats())
 
 
+def _attempt_graphed(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings, rec: dict) -> None:
+    """The graph-step modes: the same train step (forward, backward, AdamW step; the floor without
+    an optimizer) captured whole as one CUDA graph by GraphedTrainStep after its eager warm-up
+    steps, then replayed; timed by the same code as the other modes. AdamW is built with
+    ``capturable=True`` (foreach or fused as ``--adamw`` says). ``compile_s`` is the first step
+    (compilation in graph-step-compiled), ``capture_s`` the capture."""
+    from unipelt.training.graphed import GraphedTrainStep
+
+    compile_mode = GRAPH_MODES[mode]
+    _reset_compiler()
+    _free(s.device)
+    prep = prepare(variant, scn, phase, s.device, s.dtype, traceable_floor=_floor_form(mode) == "compiled")
+    rec["trainable_params"] = prep.trainable
+    if variant.kind == "floor":
+        rec["floor_form"] = FLOOR_FORMS[_floor_form(mode)]
+    model = prep.model
+    model.train(True)
+    opt_kwargs = {"fused": True} if s.adamw == "fused" else {"foreach": True} if s.adamw == "foreach" else {}
+    opt = torch.optim.AdamW(prep.params, lr=LR, capturable=True, **opt_kwargs) if prep.params else None
+    vocab = model.get_input_embeddings().num_embeddings
+    batch = make_batch(scn, phase, vocab, s.device)
+    gstep = GraphedTrainStep(model, opt, batch, call_kwargs=prep.call_kwargs, compile=compile_mode,
+                             warmup=max(1, min(3, s.warmup - 1)))
+
+    def step() -> None:
+        gstep.step(batch)
+
+    _sync(s.device)
+    t0 = time.perf_counter()
+    step()
+    _sync(s.device)
+    rec["compile_s" if compile_mode else "first_step_s"] = round(time.perf_counter() - t0, 3)
+    for _ in range(max(s.warmup - 1, 0)):
+        step()
+    if gstep.graph is None:
+        raise RuntimeError(f"no graph captured after {s.warmup} warm-up steps (GraphedTrainStep warmup "
+                           f"{gstep.warmup}); raise --warmup")
+    _sync(s.device)
+    torch.cuda.reset_peak_memory_stats(s.device)
+    times = time_steps(step, s.iters, s.device)
+    rec["times_ms"] = [round(t, 4) for t in times]
+    rec["median_ms"] = round(statistics.median(times), 4)
+    rec["peak_gib"] = round(torch.cuda.max_memory_allocated(s.device) / 2**30, 4)
+    rec["capture_s"] = round(gstep.capture_s, 3)
+    rec["graph_warmup_steps"] = gstep.warmup
+    rec["adamw"] = ("fused" if s.adamw == "fused" else "foreach") + " capturable" if opt is not None else None
+    if compile_mode:
+        rec.update(_dynamo_stats())
+
+
+def _graph_skip(mode: str, phase: str, s: Settings) -> str | None:
+    """Why a graph-step measurement cannot run here, or None."""
+    if mode not in GRAPH_MODES:
+        return None
+    if s.device.type != "cuda":
+        return f"skipped: {mode} captures the train step in a CUDA graph; device {s.device} has none"
+    if phase != "train":
+        return f"skipped: {mode} measures train steps only (inference under CUDA graphs: reduce-overhead)"
+    return None
+
+
 def _record(scn: Scenario, mode: str, phase: str, variant: str, **extra) -> dict:
     return {"kind": "measurement", "scenario": scn.name, "mode": mode, "phase": phase, "variant": variant,
             **extra, "median_ms": None, "ratio": None, "floor_ms": None, "peak_gib": None, "compile_s": None,
@@ -807,8 +883,12 @@ def _skipped(scn: Scenario, mode: str, phase: str, variant: str, why: str) -> di
 def measure(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings, **extra) -> dict:
     """One JSONL record: the median of the timed steps, or the error that stopped it."""
     rec = _record(scn, mode, phase, variant.name, **extra)
+    why = _graph_skip(mode, phase, s)
+    if why is not None:
+        rec.update(error=why, wall_s=0.0, fullgraph=None)
+        return rec
     t0 = time.perf_counter()
-    fullgraph: bool | None = True if mode != "eager" else None
+    fullgraph: bool | None = True if mode not in ("eager", "graph-step") else None
     with _alarm(s.variant_timeout):
         try:
             retry = False
@@ -1362,7 +1442,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", default="bert,llama",
                    type=lambda v: _choices(v, list(SCENARIOS), "--scenarios"))
-    p.add_argument("--modes", default=",".join(MODES), type=lambda v: _choices(v, MODES, "--modes"))
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), type=lambda v: _choices(v, MODES, "--modes"),
+                   help=f"comma-separated, of {', '.join(MODES)} (default: {', '.join(DEFAULT_MODES)}); the "
+                        "graph-step modes capture each train step whole in one CUDA graph (GraphedTrainStep: "
+                        "the model eager, or compiled in inductor's default mode), CUDA only")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    type=lambda v: _choices(v, list(VARIANTS), "--variants",
                                            {"all": list(VARIANTS), "default": DEFAULT_VARIANTS}),
@@ -1431,7 +1514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = run_scaling(args, argv)
         return 0 if all(r.get("error") is None for r in records[1:] if r.get("gpus")) else 1
     records = run(args, argv)
-    return 0 if all(r.get("error") is None for r in records[1:] if r.get("variant") == "floor") else 1
+    # a floor skipped on purpose (a graph-step mode on CPU) is no failure
+    return 0 if all(r.get("error") is None or r["error"].startswith("skipped")
+                    for r in records[1:] if r.get("variant") == "floor") else 1
 
 
 if __name__ == "__main__":

@@ -346,7 +346,40 @@ def host_to_device(values: list, dtype: torch.dtype, device) -> Tensor:
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type != "cuda" or torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=dev)
+    if torch.cuda.is_current_stream_capturing():
+        # inside a CUDA-graph capture (unipelt.training.graphed: one graph per train step) a
+        # host copy would be replayed from a pinned block that the host allocator frees and
+        # reuses; made by kernels, the values are constants of the graph
+        return device_constant(values, dtype, dev)
     return torch.tensor(values, dtype=dtype).pin_memory().to(dev, non_blocking=True)
+
+
+def value_runs(values: list) -> list[tuple[Any, Any, int]]:
+    """``values`` as runs ``(start, step, length)``: integers in arithmetic progressions, other
+    values (floats) in runs of equal values (step 0), so that ``start + step * i`` is exact."""
+    runs: list[tuple[Any, Any, int]] = []
+    i, n = 0, len(values)
+    while i < n:
+        start = values[i]
+        exact = isinstance(start, int) and not isinstance(start, bool)
+        step = values[i + 1] - start if i + 1 < n and exact and isinstance(values[i + 1], int) else 0
+        j = i + 1
+        while j < n and values[j] == start + step * (j - i) and (step == 0 or isinstance(values[j], int)):
+            j += 1
+        runs.append((start, step, j - i))
+        i = j
+    return runs
+
+
+def device_constant(values: list, dtype: torch.dtype, device) -> Tensor:
+    """``torch.tensor(values, dtype, device)`` made by kernels alone (an ``arange`` or ``full``
+    per run of :func:`value_runs`, one ``cat``): no copy from the host, so it can be captured in
+    a CUDA graph, whose replays recompute the same values."""
+    parts = [torch.arange(start, start + step * length, step, dtype=dtype, device=device)[:length] if step else
+             torch.full((length,), start, dtype=dtype, device=device) for start, step, length in value_runs(values)]
+    if not parts:
+        return torch.empty(0, dtype=dtype, device=device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class _ContiguousGrad(torch.autograd.Function):
