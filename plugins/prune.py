@@ -15,7 +15,8 @@ through gates still half open is a shock the rest of training must repair, RESUL
 - gradual (``end_step``): the target falls from A, the active count at ``min_step``, to the budget B
   on Zhu & Gupta's (2017) cubic schedule, T(t) = B + (A - B)(1 - (t - min_step)/(end_step -
   min_step))^3 (clamped to B after end_step); a branch is cut whenever the active count is over T(t).
-- pressure (``pressure`` lambda, ``pressure_on``): while over the budget, the loss gets
+- pressure (``pressure`` lambda, ``pressure_on``, ``pressure_from``): while over the budget (from
+  step ``pressure_from`` on), the loss gets
   lambda * sum_{g in S} w_g * gbar_g, gbar_g the mean of gate g's values in that forward (over rows,
   tokens and outputs, not detached: ``ForwardContext.gate_terms``), w_g = n_g / sum_{h in S} n_h with
   n_g the parameters pruning g removes; S is ``cut``: the gates the budget would take now (lowest
@@ -206,7 +207,7 @@ class GatePruning:
 
     def _pressed(self, step: int) -> dict[str, float]:
         """The gates the pressure acts on during step ``step`` + 1, with their weights w_g."""
-        if self.limit is None:
+        if self.limit is None or step < self.press.pressure_from:
             return {}
         active = self._active()
         if active <= self.limit:

@@ -441,13 +441,17 @@ def test_pressure_is_the_weighted_gate_mean_and_its_gradient(on):
     assert model._unipelt_state.ctx.gate_terms is None
 
 
-def test_no_pressure_once_the_budget_is_met():
+def test_no_pressure_before_pressure_from_nor_once_the_budget_is_met():
     from unipelt.training.optim import collect_controllers
 
     model = make_llama()
-    h = unipelt.compile(model, dict(budget_lora_spec(pressure=1.0, pressure_on="all"),
+    h = unipelt.compile(model, dict(budget_lora_spec(pressure=1.0, pressure_on="all", pressure_from=3),
                                     budget={"max_params": _only_q(model)}))
     (c,) = [c for c in collect_controllers(h) if c.name == "prune"]
+    for step, pressing in ((0, False), (2, False), (3, True)):
+        c.before_step(step)
+        assert bool(c.pressed) == pressing and (model._unipelt_state.ctx.gate_terms is not None) == pressing
+        c.on_step(step + 1, None)
     prune(h, ["lv.0.attn.v", "lv.1.attn.v"])
     c.before_step(0)
     model(**make_batch())

@@ -239,7 +239,8 @@ class PruneSpec:
     - ``pressure``: budget pressure. While over the budget, lambda * sum_g w_g * mean(g) is added to
       the training loss, over the gates ``pressure_on`` names: ``cut``, the gates the budget would
       remove now (lowest window means first, as the cut takes them), or ``all`` the prunable ones;
-      w_g: the parameters pruning gate g removes, over those of the gates pressed (sum 1).
+      w_g: the parameters pruning gate g removes, over those of the gates pressed (sum 1); from
+      step ``pressure_from`` on (0: as soon as the gates have a window to rank them by).
     - ``rewarm_steps``: after the step the budget is met, the learning rate is multiplied by
       min(1, (t - c) / rewarm_steps) * max(1, rewarm_peak / s_c), s_c the schedule's factor at the
       cut: a warm-up from 0, then, for a linear decay, the decay restarted from ``rewarm_peak``
@@ -254,6 +255,7 @@ class PruneSpec:
     end_step: int | None = field(default=None, metadata={"min": 1})
     pressure: float = field(default=0.0, metadata={"min": 0.0})
     pressure_on: Literal["cut", "all"] = "cut"
+    pressure_from: int = field(default=0, metadata={"min": 0})
     rewarm_steps: int = field(default=0, metadata={"min": 0})
     rewarm_peak: float = field(default=1.0, metadata={"min": 0.0})
 
