@@ -12,7 +12,9 @@
 #   select9.py chooses on the dev macro-F1 of seeds 0-2 alone (rule written before the run);
 #   phase 2: the chosen variant, seeds 3-8 (6 processes), against session 7's unpruned seeds 3-8.
 # The unpruned side is session 7's q2 runs (prune-s7/p1/q2.json, p2/q2-s345.json, p2/q2-s678.json).
-# CPU check: SCALE="--ks 20 --steps 30 --max-len 32 --batch-size 4" TINY=1 PY=... bash device-run.sh
+# CPU check: SCALE="--ks 20 --steps 30 --max-len 32 --batch-size 4" TINY=1 PY=... PP=/tmp/shim:. bash device-run.sh
+#   (PP: a folder whose unipelt_plugins links to this code's plugins/, ahead of an installed unipelt's
+#   entry points, which would load another checkout's controller; the GPU machine has none)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 C=${C:-$(cd "$(dirname "$0")" && pwd)}
 OUT=${OUT:-/tmp/prune3-out}; mkdir -p $OUT
@@ -27,7 +29,7 @@ pack() { tar czf $OUT/.p9.tgz -C $W p9 2>/dev/null && mv $OUT/.p9.tgz $OUT/p9.tg
  $PY -c "import torch, transformers; print(torch.__version__, transformers.__version__)") > $W/p9/gpu.txt 2>&1
 Q="--task cls --ks all --model $C/minilm --data-dir $C/data --dev-every-seed --lrs 3e-3 --lr-scale prefix=0.1,adapter=0.3"
 M="UniPELT (APL) pruned to half"
-TAGS="grad pcut psoft pall rewarm combo"
+TAGS=${TAGS:-"grad pcut psoft pall rewarm combo"}
 if [ -n "$TINY" ]; then  # the same command lines at the CPU check's 30 steps
   declare -A MS=([grad]=8 [pcut]=12 [psoft]=12 [pall]=12 [rewarm]=12 [combo]=10)
   declare -A PO=([grad]='{"end_step": 25}' [pcut]='{"pressure": 1.0, "pressure_from": 8}'
@@ -43,7 +45,7 @@ else
 fi
 qrun() {  # tag seed
   local tag=$1 s=$2
-  (cd $C/code && PYTHONPATH=. $PY benchmarks/quality.py $Q $SCALE --seeds $s --prune-min-step ${MS[$tag]} \
+  (cd $C/code && PYTHONPATH=${PP:-.} $PY benchmarks/quality.py $Q $SCALE --seeds $s --prune-min-step ${MS[$tag]} \
      --prune-opts "${PO[$tag]}" --methods "$M" --out $W/p9/$tag-s$s.json > $W/p9/$tag-s$s.log 2>&1
    echo "$tag s$s rc=$? at $(el)s") &
 }
