@@ -21,7 +21,7 @@ OUT=${OUT:-/tmp/prune3-out}; mkdir -p $OUT
 W=${W:-/tmp/w9}; rm -rf $W; mkdir -p $W/p9
 PY=${PY:-python3}
 SCALE=${SCALE:-"--steps 500"}
-END1=${END1:-160}; END=${END:-205}
+END1=${END1:-165}; END=${END:-205}
 T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }
 pack() { tar czf $OUT/.p9.tgz -C $W p9 2>/dev/null && mv $OUT/.p9.tgz $OUT/p9.tgz; }
