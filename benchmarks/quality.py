@@ -19,6 +19,8 @@ held-out test perplexity. Methods: no training, LoRA, prefix, Pfeiffer adapter, 
     python benchmarks/quality.py --task cls --ks all --steps 500 --lrs 3e-3 --lr-scale prefix=0.1,adapter=0.3 \
         --dev-every-seed --methods "UniPELT (APL),UniPELT (APL) pruned to half" \
         --out benchmarks/quality-prune.json    # issue 12: pruned to half its parameters vs unpruned, 3 seeds
+    python benchmarks/quality.py ... --methods "UniPELT (APL) pruned to half" --prune-min-step 250 \
+        --prune-opts '{"rewarm_steps": 20, "rewarm_peak": 1.0}'    # more prune: fields (session 9's dev choice)
     python benchmarks/quality.py --export-data DIR                                   # JSONL copies for a machine without the data packages
 
 ``--model`` is a built-in name or a model directory; ``--data-dir`` holds JSONL copies of the splits
