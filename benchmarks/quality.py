@@ -19,6 +19,8 @@ held-out test perplexity. Methods: no training, LoRA, prefix, Pfeiffer adapter, 
     python benchmarks/quality.py --task cls --ks all --steps 500 --lrs 3e-3 --lr-scale prefix=0.1,adapter=0.3 \
         --dev-every-seed --methods "UniPELT (APL),UniPELT (APL) pruned to half" \
         --out benchmarks/quality-prune.json    # issue 12: pruned to half its parameters vs unpruned, 3 seeds
+    python benchmarks/quality.py ... --methods "UniPELT (APL) pruned to half" --prune-min-step 250 \
+        --prune-opts '{"rewarm_steps": 20, "rewarm_peak": 1.0}'    # more prune: fields (session 9's dev choice)
     python benchmarks/quality.py --export-data DIR                                   # JSONL copies for a machine without the data packages
 
 ``--model`` is a built-in name or a model directory; ``--data-dir`` holds JSONL copies of the splits
@@ -312,7 +314,8 @@ def run(method: str, point, seed: int, train: dict | None, evalsets: list[dict],
             full = probe.summary().kept
             probe.detach()
             spec = dict(spec, budget={"max_params": int(full * PRUNE_VARIANTS[method][1])},
-                        prune={"to_budget": True, "patience": 10, "min_step": _prune_min_step(args)})
+                        prune={"to_budget": True, "patience": 10, "min_step": _prune_min_step(args),
+                               **args.prune_opts})
             torch.manual_seed(seed)
             random.seed(seed)
         handle = unipelt.compile(model, spec)
@@ -327,7 +330,7 @@ def run(method: str, point, seed: int, train: dict | None, evalsets: list[dict],
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     # the plugins' training controllers (gate pruning), driven as `unipelt train` drives them
-    from unipelt.training.optim import collect_controllers
+    from unipelt.training.optim import apply_lr_factors, collect_controllers, controller_loss
 
     controllers = collect_controllers(handle) if spec is not None else []
     if method in PRUNE_VARIANTS and not any(getattr(c, "name", "") == "prune" for c in controllers):
@@ -338,6 +341,7 @@ def run(method: str, point, seed: int, train: dict | None, evalsets: list[dict],
         for c in controllers:
             if hasattr(c, "before_step"):
                 c.before_step(step)
+        apply_lr_factors(controllers, opt, sched, step)  # pruning's re-warm (prune.rewarm_steps), else none
         if len(order) < args.batch_size:
             order += torch.randperm(n, generator=g).tolist()
         idx = torch.tensor(order[:args.batch_size])
@@ -350,7 +354,7 @@ def run(method: str, point, seed: int, train: dict | None, evalsets: list[dict],
         width = int(mask.sum(1).max())  # right-padded: drop the columns no row of this batch uses
         out = model(input_ids=train["input_ids"][idx, :width].to(device), attention_mask=mask[:, :width].to(device),
                     labels=(train["labels"][idx] if args.task == "cls" else train["labels"][idx, :width]).to(device))
-        out.loss.backward()
+        controller_loss(controllers, out.loss).backward()  # + pruning's budget pressure (prune.pressure)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -470,6 +474,10 @@ def main():
     ap.add_argument("--prune-min-step", type=int,
                     help="the pruned variants' prune.min_step (default: a fifth of --steps): how long the gates "
                          "train before the budget is enforced")
+    ap.add_argument("--prune-opts", default="{}",
+                    help="JSON mapping of more prune: fields for the pruned variants, e.g. '{\"end_step\": 300, "
+                         "\"pressure\": 1.0}' (gradual cut, budget pressure, re-warm: unipelt.spec.PruneSpec); "
+                         "the spec validates them")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, nargs="+", help="print markdown tables of these result files and exit")
     ap.add_argument("--export-data", type=Path, help="write the JSONL splits into this directory and exit")
@@ -511,6 +519,12 @@ def main():
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from "
                  f"{list(catalog) + list(VARIANTS) + list(GRID_VARIANTS) + list(PRUNE_VARIANTS)}")
+    try:
+        args.prune_opts = json.loads(args.prune_opts)
+    except ValueError as e:
+        ap.error(f"--prune-opts: expected a JSON mapping, got {args.prune_opts!r} ({e})")
+    if not isinstance(args.prune_opts, dict):
+        ap.error(f"--prune-opts: expected a JSON mapping, got {args.prune_opts!r}")
     seeds = [int(s) for s in args.seeds.split(",")]
     _, tok = load_model(args.model, task="classification" if task == "cls" else "causal-lm",
                         num_labels=3 if task == "cls" else None)
@@ -523,7 +537,7 @@ def main():
     results = {"task": task, "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
                "torch": torch.__version__, "model": args.model, "steps": args.steps, "batch_size": args.batch_size,
                "lr_grid": args.lrs or "default", "head_lr_scale": args.head_lr_scale,
-               "lr_scales": NODE_LR_SCALES, "prune_min_step": _prune_min_step(args),
+               "lr_scales": NODE_LR_SCALES, "prune_min_step": _prune_min_step(args), "prune_opts": args.prune_opts,
                "sizes": {"train": len(full), "dev": len(dev), "test": len(test)}, "labels": labels, "k": {}}
     for k in (args.ks.split(",") if task == "cls" else ["all"]):
         def sample(seed):

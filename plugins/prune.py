@@ -9,6 +9,23 @@ of the saved adapter). With ``to_budget``, while the active parameters exceed ``
 branch with the lowest gate mean over the last ``patience`` steps is pruned too (``per_step`` a
 step). All users of one gate are pruned together (they share its value).
 
+Toward the budget, three opt-in refinements (``prune:`` fields, off by default; the cut at once
+through gates still half open is a shock the rest of training must repair, RESULTS.md sessions 7-8):
+
+- gradual (``end_step``): the target falls from A, the active count at ``min_step``, to the budget B
+  on Zhu & Gupta's (2017) cubic schedule, T(t) = B + (A - B)(1 - (t - min_step)/(end_step -
+  min_step))^3 (clamped to B after end_step); a branch is cut whenever the active count is over T(t).
+- pressure (``pressure`` lambda, ``pressure_on``, ``pressure_from``): while over the budget (from
+  step ``pressure_from`` on), the loss gets
+  lambda * sum_{g in S} w_g * gbar_g, gbar_g the mean of gate g's values in that forward (over rows,
+  tokens and outputs, not detached: ``ForwardContext.gate_terms``), w_g = n_g / sum_{h in S} n_h with
+  n_g the parameters pruning g removes; S is ``cut``: the gates the budget would take now (lowest
+  window mean first until the rest fits), or ``all`` prunable gates. A gate pushed toward 0 is a
+  branch the model has stopped using by the time it is cut.
+- re-warm (``rewarm_steps`` W, ``rewarm_peak`` p): from the step c the budget is met, the scheduled
+  learning rate is multiplied by min(1, (t - c)/W) * K, K = max(1, p / s_c) with s_c the schedule's
+  factor at c (``lr_factor``; a linear decay to 0 then restarts from p times the initial rate).
+
 AdapterDrop (Rücklé et al., 2021): :class:`AdapterDrop` switches the chosen layers' branches off
 through ``refresh`` (never per call): per step at random while training (``drop.random``), and
 back to the inference choice (``drop.layers``) after each step, so evaluation and the saved
@@ -17,6 +34,7 @@ g_l = ||dL/dTheta_l|| over the first ``rank_steps`` steps and then drops the n l
 """
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 
@@ -55,13 +73,56 @@ class GatePruning:
         self.kept_last: set[str] = set()  # gates kept because their branches are the last to train
         self.limit = budget_limit(handle, base_param_count(handle.model))
         self.count = spec.budget.count if spec.budget is not None else "kept"
+        # the parameters pruning each gate removes (its branches' and its own): the pressure's weights
+        s = handle.summary()
+        rows = {bp.key: r for bp, r in zip(handle.graph.branches, s.rows)}
+        gate_params = {key: g["params"] for key, g in zip(handle.graph.gates, s.gates)}
+        self.sizes = {key: sum(rows[u][self.count] for u in handle.graph.gates[key].users) + gate_params[key]
+                      for key in self.rules}
+        budget_rules = [r for r in self.rules.values() if r.to_budget]
+        # the options are per rule; the ones acting on the whole budget take the first rule that sets them
+        self.gradual = next((r for r in budget_rules if r.end_step is not None), None)
+        self.press = next((r for r in budget_rules if r.pressure > 0), None)
+        self.rewarm = next((r for r in budget_rules if r.rewarm_steps > 0), None)
+        self.start_active: int | None = None  # A: the active count when the gradual schedule starts
+        self.was_over = False  # the active count was over the budget at a step (so meeting it is a cut)
+        self.met_at: int | None = None  # c: the step at which pruning met the budget
+        self.rewarm_k: float | None = None  # K of the re-warm (set at the first lr_factor after c)
+        self.pressed: dict[str, float] = {}  # this step's pressed gates -> weight w_g
 
     # -- the protocol ---------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
         self.ctx.gate_log = []
+        self.pressed = self._pressed(step) if self.press is not None else {}
+        self.ctx.gate_terms = [] if self.pressed else None
+
+    def regularizer(self):
+        """lambda * sum_g w_g * gbar_g over this forward's pressed gates (0.0 when none press)."""
+        terms, self.ctx.gate_terms = self.ctx.gate_terms, ([] if self.pressed else None)
+        if not terms:
+            return 0.0
+        by_key: dict[str, list] = defaultdict(list)
+        for adapter, key, m in terms:
+            if adapter == self.handle.name and key in self.pressed:
+                by_key[key].append(m)
+        if not by_key:
+            return 0.0
+        # a gate read by several branches is logged once per branch: the mean counts it once
+        return self.press.pressure * sum(self.pressed[k] * torch.stack(v).mean() for k, v in by_key.items())
+
+    def lr_factor(self, step: int, scheduled: float) -> float:
+        """The multiplier on the scheduled learning rate of step ``step`` + 1 (the re-warm after the
+        budget is met; 1 otherwise). ``scheduled``: the schedule's factor now (rate / initial rate)."""
+        if self.rewarm is None or self.met_at is None:
+            return 1.0
+        if self.rewarm_k is None:
+            self.rewarm_k = max(1.0, self.rewarm.rewarm_peak / scheduled) if scheduled > 0 else 1.0
+        # the first step after the cut (step == met_at) trains at 1/W of it, the W-th at all of it
+        return min(1.0, (step - self.met_at + 1) / self.rewarm.rewarm_steps) * self.rewarm_k
 
     def on_step(self, step: int, loss) -> None:
         log, self.ctx.gate_log = self.ctx.gate_log, None
+        self.ctx.gate_terms = None
         means = self._step_means(log or [])
         for key, m in means.items():
             rule = self.rules[key]
@@ -84,17 +145,25 @@ class GatePruning:
 
     def report(self) -> dict:
         s = self.handle.summary()
-        return {"pruned": list(self.handle.spec.pruned), "active_params": s.kept if self.count == "kept" else s.training,
-                "pruned_params": s.pruned, "budget": self.limit}
+        out = {"pruned": list(self.handle.spec.pruned), "active_params": s.kept if self.count == "kept" else s.training,
+               "pruned_params": s.pruned, "budget": self.limit}
+        if self.gradual is not None or self.rewarm is not None:
+            out["budget_met_at"] = self.met_at
+        return out
 
     def state_dict(self) -> dict:
         return {"below": dict(self.below), "window": {k: list(v) for k, v in self.window.items()},
-                "pruned": list(self.handle.spec.pruned)}
+                "pruned": list(self.handle.spec.pruned), "start_active": self.start_active,
+                "was_over": self.was_over, "met_at": self.met_at, "rewarm_k": self.rewarm_k}
 
     def load_state_dict(self, d: dict) -> None:
         self.below = {k: int(v) for k, v in (d.get("below") or {}).items()}
         self.window = {k: [float(x) for x in v] for k, v in (d.get("window") or {}).items()}
         prune(self.handle, [k for k in d.get("pruned") or [] if k in self.handle.entries])
+        self.start_active = d.get("start_active")
+        self.was_over = bool(d.get("was_over", False))
+        self.met_at = d.get("met_at")
+        self.rewarm_k = d.get("rewarm_k")
 
     # -- internals ------------------------------------------------------------------------------
     def _live(self, key: str) -> bool:
@@ -116,20 +185,68 @@ class GatePruning:
         s = self.handle.summary()
         return s.kept if self.count == "kept" else s.training
 
+    def target(self, step: int) -> int | None:
+        """The active count allowed after step ``step``: the budget, or with ``end_step`` the cubic
+        schedule's T(t) (A is taken at the first step it is asked for from min_step on)."""
+        if self.limit is None or self.gradual is None:
+            return self.limit
+        r = self.gradual
+        if step < r.min_step:
+            return None
+        if self.start_active is None:
+            self.start_active = self._active()
+        frac = min(1.0, (step - r.min_step) / (r.end_step - r.min_step))
+        a, b = self.start_active, self.limit
+        return b if a <= b else int(math.ceil(b + (a - b) * (1.0 - frac) ** 3))
+
+    def _ranked(self, step: int) -> list[str]:
+        """Live gates the budget may prune at ``step`` (a full window), lowest window mean first."""
+        todo = [k for k, r in self.rules.items() if r.to_budget and step >= r.min_step and self._live(k)
+                and len(self.window.get(k, [])) >= r.patience]
+        return sorted(todo, key=lambda k: sum(self.window[k]) / len(self.window[k]))
+
+    def _pressed(self, step: int) -> dict[str, float]:
+        """The gates the pressure acts on during step ``step`` + 1, with their weights w_g."""
+        if self.limit is None or step < self.press.pressure_from:
+            return {}
+        active = self._active()
+        if active <= self.limit:
+            return {}
+        if self.press.pressure_on == "all":
+            keys = [k for k, r in self.rules.items() if r.to_budget and self._live(k)]
+        else:
+            # the set the cut would take now: lowest window mean first until the rest fits (min_step
+            # does not hold this back: the pressure acts before the cut)
+            ranked = sorted((k for k, r in self.rules.items() if r.to_budget and self._live(k)
+                             and len(self.window.get(k, [])) >= r.patience),
+                            key=lambda k: sum(self.window[k]) / len(self.window[k]))
+            keys = []
+            for k in ranked:
+                if active <= self.limit:
+                    break
+                keys.append(k)
+                active -= self.sizes[k]
+        total = sum(self.sizes[k] for k in keys)
+        return {k: self.sizes[k] / total for k in keys} if total else {}
+
     def _toward_budget(self, step: int) -> None:
         if self.limit is None:
             return
-        todo = [k for k, r in self.rules.items() if r.to_budget and step >= r.min_step and self._live(k)
-                and len(self.window.get(k, [])) >= r.patience]
-        if not todo:
-            return
-        per_step = max(self.rules[k].per_step for k in todo)
-        todo.sort(key=lambda k: sum(self.window[k]) / len(self.window[k]))
-        for key in todo[:per_step]:
-            if self._active() <= self.limit:
-                break
-            w = self.window[key]
-            self._prune(key, step, sum(w) / len(w), "over budget")
+        todo = self._ranked(step)
+        target = self.target(step)
+        if todo and target is not None:
+            per_step = max(self.rules[k].per_step for k in todo)
+            reason = "over budget" if target <= self.limit else f"over the scheduled budget ({target:,})"
+            for key in todo[:per_step]:
+                if self._active() <= target:
+                    break
+                w = self.window[key]
+                self._prune(key, step, sum(w) / len(w), reason)
+        if self.met_at is None:
+            if self._active() > self.limit:
+                self.was_over = True
+            elif self.was_over:
+                self.met_at = step
 
     def _leaves_nothing_to_train(self, users: list[str]) -> bool:
         """Whether pruning ``users`` leaves no branch of the adapter with a parameter to train

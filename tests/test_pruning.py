@@ -5,6 +5,7 @@ prunes closed gates, toward the budget, and resumes with its state."""
 from __future__ import annotations
 
 import copy
+import math
 import json
 import shutil
 
@@ -336,3 +337,321 @@ def test_quality_benchmark_prunes_to_half_from_prune_min_step(tmp_path):
         assert events[-1]["active_params"] == r["params"]
         # one branch a step while over the budget: every event but the last leaves it over
         assert all(e["active_params"] > unpruned // 2 for e in events[:-1])
+
+
+# ------------------------------------------------------------------------------------------
+# toward the budget: gradual (cubic), pressure, re-warm (opt-in prune: fields)
+# ------------------------------------------------------------------------------------------
+def budget_lora_spec(**prune_opts) -> dict:
+    """LoRA q (gates open, bias +1) and v (bias -1) on tiny Llama, one gate per layer and site; the
+    budget fits the q branches only (set by the caller from the model's count)."""
+    return {"version": 1, "modules": {
+        "lq": {"method": "lora", "sites": ["attn.q"], "r": 4, "gate": {"input": "layer", "init_bias": 1.0}},
+        "lv": {"method": "lora", "sites": ["attn.v"], "r": 4, "gate": {"input": "layer", "init_bias": -1.0}},
+    }, "prune": {"patience": 1, "to_budget": True, **prune_opts}}
+
+
+def _only_q(model) -> int:
+    h = unipelt.compile(model, {"version": 1, "modules": {"lq": budget_lora_spec()["modules"]["lq"]}})
+    n = h.summary().kept
+    h.detach()
+    return n
+
+
+def _gate_size(h, key: str) -> int:
+    """Parameters pruning gate ``key`` removes, counted from the modules (its branches and itself)."""
+    users = h.graph.gates[key].users
+    return (sum(p.numel() for u in users for p in h.branch_modules[u].parameters())
+            + sum(p.numel() for p in h.gate_modules[key].parameters()))
+
+
+def test_new_prune_fields_are_validated_with_their_path():
+    budget = {"max_params": 10_000}
+    with pytest.raises(SpecError, match=r"prune.end_step.*after min_step \(5\)"):
+        unipelt.compile(make_bert(), unipelt_spec(budget=budget, prune={"to_budget": True, "min_step": 5, "end_step": 5}))
+    for field, value in (("end_step", 20), ("pressure", 0.5), ("rewarm_steps", 10)):
+        with pytest.raises(SpecError, match=rf"prune.{field}.*to_budget: true"):
+            unipelt.compile(make_bert(), unipelt_spec(prune={field: value}))
+    with pytest.raises(SpecError, match=r"prune.pressure_on.*'cut'"):
+        unipelt.compile(make_bert(), unipelt_spec(budget=budget, prune={"to_budget": True, "pressure_on": "some"}))
+    with pytest.raises(SpecError, match=r"prune.pressure.*>= 0"):
+        unipelt.compile(make_bert(), unipelt_spec(budget=budget, prune={"to_budget": True, "pressure": -1}))
+    spec = unipelt_spec(budget=budget)
+    spec["modules"]["lora"]["prune"] = {"to_budget": True, "rewarm_steps": -1}
+    with pytest.raises(SpecError, match=r"modules.lora.prune.rewarm_steps"):
+        unipelt.compile(make_bert(), spec)
+
+
+@pytest.mark.parametrize("on", ["cut", "all"])
+def test_pressure_is_the_weighted_gate_mean_and_its_gradient(on):
+    """The penalty lambda * sum_g w_g * mean(g) over the pressed gates, against the gate values that
+    ``handle.gates`` reports (an independent forward, per example over its tokens; no padding here,
+    so their mean is the mean over tokens) and its gradient against central differences of that
+    formula in the gate biases. ``cut`` presses the gates the budget would take (v: the lower
+    gates, both needed to fit), ``all`` every prunable gate, weights by the parameters each removes."""
+    from unipelt.training.optim import collect_controllers
+
+    model = make_llama().double()
+    limit = _only_q(model)
+    h = unipelt.compile(model, dict(budget_lora_spec(pressure=0.5, pressure_on=on, min_step=100),
+                                    budget={"max_params": limit}))
+    randomize(h)
+    with torch.no_grad():  # random gates, v's well below q's
+        for key, m in h.gate_modules.items():
+            m.linear.bias += 2.0 if key.startswith("lq") else -2.0
+    (c,) = [c for c in collect_controllers(h) if c.name == "prune"]
+    batch = make_batch(lengths=(7, 7, 7))
+    c.before_step(0)
+    assert (c.pressed == {}) == (on == "cut")  # cut: no window yet to rank by
+    model(**batch).logits.sum().backward()
+    c.on_step(1, None)
+    h.model.zero_grad(set_to_none=True)
+    keys = ["lv.0", "lv.1"] if on == "cut" else ["lq.0", "lq.1", "lv.0", "lv.1"]
+    sizes = {k: _gate_size(h, k) for k in keys}
+    weights = {k: sizes[k] / sum(sizes.values()) for k in keys}
+    c.before_step(1)
+    assert c.pressed.keys() == set(keys)
+    assert c.pressed == pytest.approx(weights)
+
+    def formula() -> float:
+        rep = h.gates(batch).values
+        return 0.5 * sum(w * float(rep[(k.split(".")[0], int(k.split(".")[1]))].mean()) for k, w in weights.items())
+
+    expected = formula()
+    c.before_step(1)  # h.gates ran a forward of its own
+    model(**batch)
+    reg = c.regularizer()
+    assert float(reg.detach()) == pytest.approx(expected, rel=1e-6)  # float32 gate values on both sides
+    reg.backward()
+    # lq.1's gate is read after layer 1's input, which every pressed gate reads: only its own term
+    # reaches it; lv.0's is pressed in both (and moves lv.1's input too)
+    for key in ("lq.1", "lv.0"):
+        bias = dict(h.gate_modules[key].named_parameters())["linear.bias"]
+        got = 0.0 if bias.grad is None else float(bias.grad.sum())
+        with torch.no_grad():
+            bias += 1e-3
+            up = formula()
+            bias -= 2e-3
+            down = formula()
+            bias += 1e-3
+        # handle.gates reports float32 values: the differences carry up to ~4e-4 of rounding
+        assert got == pytest.approx((up - down) / 2e-3, rel=1e-3, abs=1e-8), key
+        assert (got != 0.0) == (key in keys)
+    c.on_step(2, None)
+    assert model._unipelt_state.ctx.gate_terms is None
+
+
+def test_no_pressure_before_pressure_from_nor_once_the_budget_is_met():
+    from unipelt.training.optim import collect_controllers
+
+    model = make_llama()
+    h = unipelt.compile(model, dict(budget_lora_spec(pressure=1.0, pressure_on="all", pressure_from=3),
+                                    budget={"max_params": _only_q(model)}))
+    (c,) = [c for c in collect_controllers(h) if c.name == "prune"]
+    for step, pressing in ((0, False), (2, False), (3, True)):
+        c.before_step(step)
+        assert bool(c.pressed) == pressing and (model._unipelt_state.ctx.gate_terms is not None) == pressing
+        c.on_step(step + 1, None)
+    prune(h, ["lv.0.attn.v", "lv.1.attn.v"])
+    c.before_step(0)
+    model(**make_batch())
+    assert c.pressed == {} and c.regularizer() == 0.0 and model._unipelt_state.ctx.gate_terms is None
+
+
+def _cubic(step: int, start: int, end: int, a: int, b: int) -> float:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3, as a parameter count."""
+    frac = min(1.0, (step - start) / (end - start))
+    return b + (a - b) * (1 - frac) ** 3
+
+
+def test_gradual_pruning_follows_the_cubic_schedule(tmp_path):
+    """With end_step, branches go whenever the active count is over the cubic target (one a step),
+    not all at once: the event steps are those the schedule gives for the branch sizes cut, the last
+    meets the budget, and each event keeps the form of the plain budget's."""
+    model, _ = unipelt.models.load_model("tiny-llama")
+    limit = _only_q(model)
+    spec = dict(budget_lora_spec(min_step=2, end_step=10), budget={"max_params": limit})
+    spec["modules"]["lv"]["sites"] = ["attn.v", "attn.o"]  # four low gates to cut
+    rep = train(spec, "tiny-llama", lm_rows(), None, TrainConfig(**dict(KW, epochs=4, save_steps=None)))
+    ev = rep["controllers"]["prune"]["events"]
+    assert {e["module"] for e in ev} == {"lv"} and len(ev) == 4
+    assert all(set(e) == {"step", "event", "module", "layer", "site", "branch", "gate_mean", "reason",
+                          "active_params", "controller"} for e in ev)
+    h = rep.handle
+    # the parameters each cut removed (its branch and its gate), counted from the modules
+    sizes = [_gate_size(h, h.entries[e["branch"]].gate_key) for e in ev]
+    a = ev[0]["active_params"] + sizes[0]  # A: the active count at min_step, before any cut
+    assert [a - sum(sizes[:i + 1]) for i in range(4)] == [e["active_params"] for e in ev]
+    # replay the schedule with the sizes of the branches in the order they went
+    active, expected = a, []
+    queue = list(sizes)
+    for step in range(2, 17):
+        if queue and active > math.ceil(_cubic(step, 2, 10, a, limit)):
+            active -= queue.pop(0)
+            expected.append(step)
+    assert [e["step"] for e in ev] == expected
+    assert len(set(expected)) == 4 and expected[-1] > expected[0] + 1  # spread out, not consecutive at once
+    assert ev[-1]["active_params"] <= limit < ev[-2]["active_params"]
+    assert [e["reason"].startswith("over the scheduled budget") for e in ev[:-1]] == [True] * 3
+    assert rep["controllers"]["prune"]["budget_met_at"] == ev[-1]["step"]
+
+
+def test_rewarm_multiplies_the_scheduled_rate_after_the_cut():
+    """Before the budget is met every group trains at the schedule's rate (nothing changes by
+    default); from the step c it is met, at rate0 * s(t) * min(1, (t - c + 1)/W) * max(1, p / s(c)),
+    with the linear schedule s written here from its definition."""
+    from unipelt.training.optim import build_optimisation
+
+    model = make_llama()
+    h = unipelt.compile(model, dict(budget_lora_spec(min_step=3, rewarm_steps=4, rewarm_peak=0.9),
+                                    budget={"max_params": _only_q(model)}))
+    total, warm, lr = 20, 2, 1e-2
+    opt = build_optimisation(h, lr=lr, gate_lr=None, weight_decay=0.0, schedule="linear", total_steps=total,
+                             warmup_steps=warm)
+    (c,) = [c for c in opt.controllers if c.name == "prune"]
+
+    def s(t: int) -> float:
+        return t / warm if t < warm else max(0.0, 1 - (t - warm) / (total - warm))
+
+    batch = dict(make_batch(), labels=make_batch()["input_ids"])
+    rates = []
+    for step in range(12):
+        opt.before_step(step)
+        rates.append([g["lr"] for g in opt.optimizer.param_groups])
+        model(**batch).loss.backward()
+        opt.optimizer.step()
+        opt.scheduler.step()
+        opt.on_step(step + 1, None)
+        opt.optimizer.zero_grad(set_to_none=True)
+    met = c.met_at
+    assert met == 4  # min_step 3: the two v gates at steps 3 and 4
+    k = max(1.0, 0.9 / s(met))
+    for step, row in enumerate(rates):
+        factor = 1.0 if step < met else min(1.0, (step - met + 1) / 4) * k
+        for g, got in zip(opt.optimizer.param_groups, row):
+            assert got == pytest.approx(g["initial_lr"] * s(step) * factor, rel=1e-9, abs=1e-15), step
+    assert c.report()["budget_met_at"] == met
+
+
+def test_resume_continues_gradual_pressure_and_rewarm(tmp_path):
+    """A run with all three options resumed from a checkpoint inside the gradual window (before the
+    budget is met) ends with the uninterrupted run's events and adapter, bit for bit: the schedule's
+    A, the re-warm's c and K and the pressure's windows are in the checkpoint."""
+    model, _ = unipelt.models.load_model("tiny-llama")
+    spec = dict(budget_lora_spec(min_step=2, end_step=8, pressure=0.5, rewarm_steps=3),
+                budget={"max_params": _only_q(model)})
+    spec["modules"]["lv"]["sites"] = ["attn.v", "attn.o"]
+    kw = dict(KW, epochs=3, schedule="linear")
+    full = train(spec, "tiny-llama", lm_rows(), None, TrainConfig(out_dir=str(tmp_path / "full"), **kw))
+    ev = full["controllers"]["prune"]["events"]
+    assert len(ev) == 4 and ev[0]["step"] < 5 < ev[-1]["step"]
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-5", part / "checkpoint-5")
+    resumed = train(spec, "tiny-llama", lm_rows(), None, TrainConfig(out_dir=str(part), resume=True, **kw))
+    assert resumed["controllers"]["prune"]["events"] == ev
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(part / "adapter" / "adapter.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_quality_benchmark_passes_prune_opts_to_the_spec(tmp_path):
+    """benchmarks/quality.py --prune-opts: the pruned variant's spec gets the fields (a gradual cut
+    spread over the window, pressure and re-warm running), the budget is met; a bad field is the
+    spec's error naming prune.<field>."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+    def q(opts: str, out: Path):
+        return subprocess.run(
+            [sys.executable, str(root / "benchmarks" / "quality.py"), "--task", "cls", "--model", "tiny-bert",
+             "--ks", "16", "--steps", "40", "--seeds", "1", "--lrs", "1e-2", "--max-len", "16", "--batch-size", "4",
+             "--prune-min-step", "12", "--prune-opts", opts, "--methods", "UniPELT (APL) pruned to half",
+             "--out", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = q('{"end_step": 32, "pressure": 1.0, "rewarm_steps": 4}', tmp_path / "q.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "q.json").read_text())
+    assert res["prune_opts"] == {"end_step": 32, "pressure": 1.0, "rewarm_steps": 4}
+    (r,) = res["k"]["16"]["UniPELT (APL) pruned to half"]["runs"]
+    events = [e for e in r["prune_events"] if e["event"] == "pruned"]
+    steps = [e["step"] for e in events]
+    assert min(steps) >= 12 and max(steps) <= 32 and r["params"] <= r["params_unpruned"] // 2
+    assert steps != list(range(steps[0], steps[0] + len(steps)))  # not one a step from the start
+    bad = q('{"end_step": 5}', tmp_path / "bad.json")
+    assert bad.returncode != 0 and "prune.end_step" in bad.stderr and "after min_step (12)" in bad.stderr
+
+
+def test_rewarm_under_trainer_callback(tmp_path):
+    """UnipeltCallback applies the re-warm factor to the rates Trainer's schedule set (linear decay
+    from 1e-2 to 0 over 8 steps, no warm-up): the rate each optimizer step used, read in
+    on_optimizer_step, is the schedule's before the cut and the re-warmed one after."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from unipelt.data import collate, encode_lm
+    from unipelt.train import UnipeltCallback
+
+    model, tok = unipelt.models.load_model("tiny-llama")
+    handle = unipelt.compile(model, dict(budget_lora_spec(min_step=2, rewarm_steps=2, rewarm_peak=1.0),
+                                         budget={"max_params": _only_q(model)}))
+    used = []
+
+    class Rates(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            used.append(optimizer.param_groups[0]["lr"])
+
+    steps, lr = 8, 1e-2
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, max_steps=steps, save_strategy="no",
+                             per_device_train_batch_size=4, learning_rate=lr, disable_tqdm=True,
+                             logging_strategy="no", lr_scheduler_type="linear", warmup_steps=0)
+    cb = UnipeltCallback(handle, tmp_path)
+    rows = [vars(r) for r in encode_lm(lm_rows(), tok, 64)]
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=lambda b: collate(b, tok.pad_token_id),
+            callbacks=[cb, Rates()]).train()
+    (c,) = [c for c in cb.controllers if c.name == "prune"]
+    met = c.met_at
+    assert met is not None and 2 <= met < steps - 2
+    k = max(1.0, 1.0 / (1 - met / steps))
+    want = [lr * (1 - t / steps) * (1.0 if t < met else min(1.0, (t - met + 1) / 2) * k) for t in range(steps)]
+    assert used == pytest.approx(want, rel=1e-9)
+
+
+def test_pressure_under_torch_compile_matches_eager():
+    """The undetached gate terms come out of a fullgraph-compiled forward (a side effect on a list,
+    as the detached log): the penalty and its gradients equal the eager ones."""
+    from unipelt.training.optim import collect_controllers
+
+    torch._dynamo.reset()
+    model = make_llama()
+    h = unipelt.compile(model, dict(budget_lora_spec(pressure=0.5, pressure_on="all", min_step=100),
+                                    budget={"max_params": _only_q(model)}))
+    randomize(h)
+    (c,) = [c for c in collect_controllers(h) if c.name == "prune"]
+    batch = make_batch()
+    params = {k: p for k, p in h.named_parameters().items() if k.startswith("gate.")}
+
+    def penalty(fwd):
+        c.before_step(0)
+        fwd(**batch)
+        reg = c.regularizer()
+        reg.backward()
+        grads = {k: p.grad.clone() for k, p in params.items()}
+        model.zero_grad(set_to_none=True)
+        c.on_step(1, None)
+        return reg.detach(), grads
+
+    eager, eager_g = penalty(model)
+    compiled, compiled_g = penalty(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(compiled, eager)
+    assert eager_g.keys() == compiled_g.keys() and all(eager_g[k].abs().sum() > 0 for k in eager_g)
+    for k in eager_g:
+        torch.testing.assert_close(compiled_g[k], eager_g[k])
+    torch._dynamo.reset()

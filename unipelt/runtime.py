@@ -77,6 +77,9 @@ class ForwardContext:
     # when a list: every gate evaluation appends (adapter, gate key, detached per-output mean),
     # for the training controllers (gate pruning) to read once per optimizer step (no sync here)
     gate_log: list | None = None
+    # when a list: the same, not detached (gate pruning's budget pressure adds a penalty on the
+    # gates to the loss; set only on the steps that press)
+    gate_terms: list | None = None
     # several adapters in one batch (``model(..., adapter_names=[...])``): the rows of each adapter
     # in this call (set by the root pre-hook, None when the call names none), and, decided at
     # refresh, what runs for a row of each attached adapter (its name -> the adapters that run)
@@ -466,6 +469,8 @@ def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | No
     if ctx.gate_log is not None:
         # one small detached reduction, no host sync: the controller reads them all once per step
         ctx.gate_log.append((e.adapter, e.gate_key, g.detach().float().flatten(0, -2).mean(0)))
+    if ctx.gate_terms is not None:
+        ctx.gate_terms.append((e.adapter, e.gate_key, g.float().flatten(0, -2).mean(0)))
     return g
 
 

@@ -23,7 +23,8 @@ Format (YAML or JSON)::
     budget: {max_params: 2000000} # or {fraction: 0.01}; count: kept | training
     executor: auto                # optional: auto | grouped | reference | triton (unipelt.executor)
     prune: {epsilon: 0.01, patience: 10, min_step: 0, to_budget: false}  # gate pruning (training);
-                                  # also per module (`modules.x.prune`)
+                                  # also per module (`modules.x.prune`); with to_budget, opt-in:
+                                  # end_step (gradual), pressure/pressure_on, rewarm_steps/rewarm_peak
     drop: {layers: [0, 1], random: false}  # AdapterDrop (or {lowest: 2}); see DropSpec
     pruned: [lora.3.attn.q]       # written by training/collapse: branches left out (node.site key)
     collapsed: {adapter.5: [0.98]}  # written by collapse: gates replaced by their constant value
@@ -227,13 +228,46 @@ class PruneSpec:
     is switched off (no longer computed, its parameters frozen and left out of the saved adapter).
     ``to_budget``: while the active parameters exceed ``budget:``, also prune the branch with the
     lowest gate mean (over the last ``patience`` steps), at most ``per_step`` per step; compile then
-    checks only that the parts pruning cannot remove fit the budget."""
+    checks only that the parts pruning cannot remove fit the budget.
+
+    Opt-in, with ``to_budget`` (each off by default; ``plugins/prune.py`` has the formulas):
+
+    - ``end_step``: gradual pruning. The budget is approached over ``[min_step, end_step]`` on the
+      cubic schedule of Zhu & Gupta (2017), target(t) = B + (A - B)(1 - (t - min_step) /
+      (end_step - min_step))^3 (A: the active parameters at min_step, B: the budget), lowest gate
+      first whenever the active count is over target(t); without it the whole cut is made at once.
+    - ``pressure``: budget pressure. While over the budget, lambda * sum_g w_g * mean(g) is added to
+      the training loss, over the gates ``pressure_on`` names: ``cut``, the gates the budget would
+      remove now (lowest window means first, as the cut takes them), or ``all`` the prunable ones;
+      w_g: the parameters pruning gate g removes, over those of the gates pressed (sum 1); from
+      step ``pressure_from`` on (0: as soon as the gates have a window to rank them by).
+    - ``rewarm_steps``: after the step the budget is met, the learning rate is multiplied by
+      min(1, (t - c) / rewarm_steps) * max(1, rewarm_peak / s_c), s_c the schedule's factor at the
+      cut: a warm-up from 0, then, for a linear decay, the decay restarted from ``rewarm_peak``
+      times the initial rate (``unipelt train`` and ``benchmarks/quality.py`` apply it).
+    """
 
     epsilon: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0})
     patience: int = field(default=10, metadata={"min": 1})
     min_step: int = field(default=0, metadata={"min": 0})
     to_budget: bool = False
     per_step: int = field(default=1, metadata={"min": 1})
+    end_step: int | None = field(default=None, metadata={"min": 1})
+    pressure: float = field(default=0.0, metadata={"min": 0.0})
+    pressure_on: Literal["cut", "all"] = "cut"
+    pressure_from: int = field(default=0, metadata={"min": 0})
+    rewarm_steps: int = field(default=0, metadata={"min": 0})
+    rewarm_peak: float = field(default=1.0, metadata={"min": 0.0})
+
+    def validate(self) -> tuple[str, str] | None:
+        """(field, message) of the first inconsistent option, else None (``build_config``)."""
+        if self.end_step is not None and self.end_step <= self.min_step:
+            return "end_step", f"expected a step after min_step ({self.min_step}), got {self.end_step}"
+        for name, on in (("end_step", self.end_step is not None), ("pressure", self.pressure > 0),
+                         ("rewarm_steps", self.rewarm_steps > 0)):
+            if on and not self.to_budget:
+                return name, "acts on pruning toward the budget: set to_budget: true (and a budget)"
+        return None
 
 
 @dataclass

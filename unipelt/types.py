@@ -109,6 +109,8 @@ class TrainingController(Protocol):
       before_step(step): before the step's first forward (``step`` = optimizer steps done so far).
       regularizer() -> Tensor: added to every micro-batch's loss (``unipelt train``; under Trainer
         add :func:`unipelt.training.controller_loss` in ``compute_loss``).
+      lr_factor(step, scheduled) -> float: before the step's forward, a multiplier on every group's
+        scheduled rate (``scheduled``: the schedule's factor now); gate pruning's re-warm.
       on_step(step, loss): after ``optimizer.step()`` and before ``zero_grad``, so gradients are
         still readable (AdaLoRA's sensitivity); ``step`` counts the step just taken (1-based).
       events() -> list[dict]: what happened since the last call (``{"step", "event", ...}``), for the

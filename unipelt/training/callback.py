@@ -45,6 +45,12 @@ class UnipeltCallback(_CallbackBase):
         for c in self.controllers:
             if hasattr(c, "before_step"):
                 c.before_step(state.global_step)
+        opt, sched = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
+        if opt is not None and sched is not None and hasattr(sched, "get_last_lr"):
+            # Trainer has stepped its schedule: the controllers' factor (pruning's re-warm) on top
+            from unipelt.training.optim import apply_lr_factors
+
+            apply_lr_factors(self.controllers, getattr(opt, "optimizer", opt), sched, state.global_step)
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):

@@ -82,6 +82,7 @@ class Optimisation:
         for c in self.controllers:
             if hasattr(c, "before_step"):
                 c.before_step(step)
+        apply_lr_factors(self.controllers, self.optimizer, self.scheduler, step)
 
     def on_step(self, step: int, loss: float) -> None:
         """After ``optimizer.step()``, before ``zero_grad``: gradients are still readable."""
@@ -123,6 +124,28 @@ def collect_controllers(handle) -> list:
     """The plugins' training controllers for ``handle`` (:class:`unipelt.types.TrainingController`)."""
     return [c for res in handle.registry.hook.unipelt_training_controllers(handle=handle) or []
             for c in (res or [])]
+
+
+def apply_lr_factors(controllers, optimizer, scheduler, step: int) -> float:
+    """Before step ``step`` + 1's forward: every group's rate = its scheduled rate times the product
+    of the controllers' ``lr_factor(step, scheduled)`` (gate pruning's re-warm after the cut), with
+    ``scheduled`` the schedule's factor now (first group: scheduled rate / initial rate). Set from
+    ``scheduler.get_last_lr()`` each time, so a factor never compounds and a resumed run (whose
+    optimizer state holds the multiplied rates) gets the same rates. Returns the factor; at 1.0 the
+    rates are left as the schedule set them (its step overwrites the previous step's product)."""
+    owners = [c for c in controllers if hasattr(c, "lr_factor")]
+    if not owners:
+        return 1.0
+    base = scheduler.get_last_lr()
+    first = optimizer.param_groups[0].get("initial_lr") or 0.0
+    scheduled = base[0] / first if first else 1.0
+    factor = 1.0
+    for c in owners:
+        factor *= float(c.lr_factor(step, scheduled))
+    if factor != 1.0:
+        for g, lr in zip(optimizer.param_groups, base):
+            g["lr"] = lr * factor
+    return factor
 
 
 def controller_loss(controllers, loss):
