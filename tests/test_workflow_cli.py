@@ -473,3 +473,21 @@ def test_resume_with_a_new_lr_is_refused(tmp_path, capsys, cls_file, spec_file):
     code, stdout, err = run(capsys, *base, "--lr", "1e-3", "--resume", "--epochs", "2")
     assert code == 0, err
     assert "note          resuming with a change: total_steps (3 in the checkpoint, 6 now)" in stdout
+
+
+def test_a_closed_stdout_ends_quietly(monkeypatch, capsys):
+    # `unipelt plugins | head` closes the pipe early: the command stops with the exit code of a
+    # process ended by SIGPIPE (128 + 13), no traceback and nothing on stderr (it was a
+    # BrokenPipeError traceback, where the README promises one-line errors)
+    import sys
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(["plugins"]) == 141
+    assert capsys.readouterr().err == ""
