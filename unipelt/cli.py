@@ -7,7 +7,8 @@
 Errors print one message without a traceback. Exit codes: 2 spec error, 3 model error,
 4 adapter file error, 5 data error, 6 plugin error, 7 output path error (an ``--out``, ``--graph``
 or ``--plot`` that cannot be written: under a file, an existing file or folder of another kind, a
-read-only or full disk), 1 any other unipelt error.
+read-only or full disk), 1 any other unipelt error; 141 when stdout's reader went away
+(``unipelt plugins --json | head``), as for a process that SIGPIPE ended.
 """
 from __future__ import annotations
 
