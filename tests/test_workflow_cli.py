@@ -508,7 +508,8 @@ def test_eval_of_a_roberta_classifier_saved_from_python_reads_its_class_count(tm
     RobertaForSequenceClassification(RobertaConfig(**cfg, num_labels=2)).save_pretrained(tmp_path / "rob")
     tok = _byte_tokenizer(bert=True, chat=False)
     tok.save_pretrained(tmp_path / "rob")
-    model, _ = load_model(str(tmp_path / "rob"), task="classification", num_labels=3)
+    with pytest.warns(unipelt.UnipeltWarning, match="head has 2 labels, the data 3"):
+        model, _ = load_model(str(tmp_path / "rob"), task="classification", num_labels=3)
     h = unipelt.compile(model, {"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 2},
                                                           "head": {"method": "train", "sites": "head"}}})
     with torch.no_grad():
