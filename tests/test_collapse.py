@@ -338,3 +338,30 @@ def test_constant_gate_casts_its_value_once():
     gate.value.fill_(0.5)
     torch.testing.assert_close(gate(x, None)[2, 0], torch.tensor([0.5, 0.5], dtype=torch.bfloat16))
     assert gate(x.float(), None).dtype == torch.float32  # the stored dtype: the buffer itself
+
+
+def test_collapse_command_prints_the_base_time_each_ratio_is_taken_against(tmp_path, capsys, monkeypatch):
+    # each variant is timed interleaved with its own base rounds; the command printed only the
+    # first rounds' base time beside both ratios, so a newcomer read "base 7.34 ms ... collapsed
+    # 5.87 ms (1.05x base)". Times fixed here: the gated run against a 10 ms base, the collapsed
+    # one against a 20 ms base
+    import unipelt.collapse as collapse_mod
+
+    model, tok = load_model("tiny-bert", task="classification", num_labels=2)
+    h = trained_ish(model)
+    record_training_info(h, {"model": "tiny-bert", "task": "classification", "labels": ["neg", "pos"]})
+    h.save(tmp_path / "a")
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"some words {i} here"}) + "\n" for i in range(4)))
+    rounds = iter([{"base": 0.010, "gated": 0.015}, {"base": 0.020, "collapsed": 0.021}])
+    monkeypatch.setattr(collapse_mod, "forward_times", lambda *a, **k: next(rounds))
+    assert main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(tmp_path / "c")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("forward"))
+    assert "gated 15.00 ms (1.50x base: 10.00 ms in the same rounds)" in line
+    assert "collapsed 21.00 ms (1.05x base: 20.00 ms in the same rounds)" in line
+    rounds = iter([{"base": 0.010, "gated": 0.015}, {"base": 0.020, "collapsed": 0.021}])
+    assert main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(tmp_path / "c"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["seconds"] == {"base": 0.010, "gated": 0.015, "collapsed": 0.021}
+    assert res["base_seconds_with_collapsed"] == 0.020
+    assert res["gated_over_base"] == pytest.approx(1.5) and res["collapsed_over_base"] == pytest.approx(1.05)

@@ -204,3 +204,75 @@ def test_unrolled_bilstm_equals_nn_lstm():
     (gr,) = torch.autograd.grad(ref.square().sum(), x)
     (gg,) = torch.autograd.grad(got.square().sum(), x)
     assert torch.allclose(gg, gr, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["spec", "env"])
+def test_triton_that_cannot_run_is_one_model_error_and_leaves_the_model(source, monkeypatch):
+    # `executor: triton` (or UNIPELT_EXECUTOR=triton) where the kernels cannot run (a CPU tensor
+    # without TRITON_INTERPRET): one ModelError naming the choice and why, before the model is
+    # touched; it was a RuntimeError raised after every branch was attached, so the CLI printed a
+    # traceback and a Python caller kept a half-compiled model
+    pytest.importorskip("triton")
+    from conftest import make_llama
+    from unipelt.errors import ModelError
+    from unipelt_kernels import lora_group
+
+    monkeypatch.setattr(lora_group, "INTERPRET", False)  # as on a CPU without the interpreter
+    model = make_llama()
+    if source == "spec":  # onto a model that already carries an adapter: that one stays as it was
+        other = unipelt.compile(model, {"modules": {"l": {"method": "lora", "sites": ["attn.k"], "r": 2}}}, name="other")
+        randomize(other)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(**make_batch()).logits
+    spec = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4}}}
+    if source == "spec":
+        spec["executor"] = "triton"
+    else:  # the variable is read by the first adapter's compile
+        monkeypatch.setenv("UNIPELT_EXECUTOR", "triton")
+    with pytest.raises(ModelError, match=r"'triton' cannot run on this model: tensor on cpu") as err:
+        unipelt.compile(model, spec, name="new")
+    assert str(err.value).startswith("executor" if source == "spec" else "UNIPELT_EXECUTOR=triton")
+    state = get_state(model)
+    if source == "spec":
+        assert list(state.handles) == ["other"] and state.ctx.active == {"other"}
+        assert state.executor != "triton"
+    else:
+        assert state is None
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(**make_batch()).logits, before)
+
+
+def test_a_failed_first_refresh_detaches(monkeypatch):
+    # the plan's first refresh runs inside compile's rollback: set_executor("triton") on a model
+    # where the kernels cannot run raises ModelError (was RuntimeError), and a compile whose first
+    # refresh fails leaves no half-attached adapter behind
+    pytest.importorskip("triton")
+    from conftest import make_llama
+    from unipelt import state as state_mod
+    from unipelt.errors import ModelError
+    from unipelt_kernels import lora_group
+
+    model = make_llama()
+    unipelt.compile(model, {"modules": {"l": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 2}}})
+    monkeypatch.setattr(lora_group, "INTERPRET", False)
+    with pytest.raises(ModelError, match="executor 'triton' was chosen but cannot run"):
+        set_executor(model, "triton")
+    set_executor(model, "grouped")
+    keys = list(model.state_dict())
+    calls = []
+
+    def failing(self, names):
+        calls.append(names)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(self, names)
+
+    real = state_mod.ModelState.set_active
+    monkeypatch.setattr(state_mod.ModelState, "set_active", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        unipelt.compile(model, {"modules": {"a": {"method": "adapter", "sites": ["ffn.out"], "reduction_factor": 8}}}, name="x")
+    st = get_state(model)
+    assert list(st.handles) == ["default"] and st.ctx.active == {"default"}
+    assert list(model.state_dict()) == keys

@@ -124,6 +124,36 @@ def test_local_directory_natural_head_and_tasks(llama_dir):
     assert clf.config.pad_token_id == tok.pad_token_id
 
 
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_local_classifier_with_another_label_count_gets_a_new_head(tmp_path, name):
+    # a directory holding a trained 3-class classifier, used for 2 classes: the body loads, the
+    # head is initialised anew for 2 (HF's ignore_mismatched_sizes) and a warning names both counts.
+    # It was one line ending "For details look at the above report!", a report the one-line
+    # error never shows, and no way to train the data on that model
+    import warnings
+
+    from unipelt.errors import UnipeltWarning
+
+    model, tok = load_model(name, task="classification", num_labels=3)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded, _ = load_model(str(tmp_path / "m"), task="classification", num_labels=2)
+    mine = [w for w in caught if issubclass(w.category, UnipeltWarning)]
+    assert len(mine) == 1 and "3 labels" in str(mine[0].message) and "2" in str(mine[0].message)
+    assert str(tmp_path / "m") in str(mine[0].message)
+    assert loaded.config.num_labels == 2
+    saved, now = model.state_dict(), loaded.state_dict()
+    head = [k for k in now if now[k].shape != saved[k].shape]
+    assert head and all(now[k].shape[0] == 2 for k in head)  # only the head's output rows changed
+    assert all(torch.equal(now[k], saved[k]) for k in now if k not in head and not k.startswith(("classifier", "score")))
+    with warnings.catch_warnings():  # the same count loads the trained head as it is, silently
+        warnings.simplefilter("error", UnipeltWarning)
+        same, _ = load_model(str(tmp_path / "m"), task="classification", num_labels=3)
+    assert _same_weights(same, model)
+
+
 def test_local_directory_without_tokenizer_gives_none(tmp_path):
     model, _ = load_model("tiny-gpt2")
     model.save_pretrained(tmp_path)

@@ -698,3 +698,15 @@ def test_an_edited_saved_adapter_is_checked_the_same_way(bert, tmp_path):
             unipelt.load(fresh, tmp_path / "ad")
         assert needle in str(ei.value) and "unipelt.json" in str(ei.value), str(ei.value)
         snap.assert_same()
+
+
+def test_causal_pooling_error_names_the_models_type_not_the_catalog():
+    # a Qwen2 model matched the Llama catalog, and the message said "on the causal model 'llama'":
+    # a newcomer with a Qwen2 model read that as the wrong model; it names the model type and,
+    # where it differs, the catalog
+    from conftest import make_qwen2
+    from unipelt.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"on the causal model 'qwen2' \(catalog 'llama'\)"):
+        unipelt.compile(make_qwen2(), {"modules": {"x": {"method": "lora", "sites": "attn.q",
+                                                          "gate": {"pooling": "masked_mean"}}}})

@@ -473,3 +473,51 @@ def test_resume_with_a_new_lr_is_refused(tmp_path, capsys, cls_file, spec_file):
     code, stdout, err = run(capsys, *base, "--lr", "1e-3", "--resume", "--epochs", "2")
     assert code == 0, err
     assert "note          resuming with a change: total_steps (3 in the checkpoint, 6 now)" in stdout
+
+
+def test_a_closed_stdout_ends_quietly(monkeypatch, capsys):
+    # `unipelt plugins | head` closes the pipe early: the command stops with the exit code of a
+    # process ended by SIGPIPE (128 + 13), no traceback and nothing on stderr (it was a
+    # BrokenPipeError traceback, where the README promises one-line errors)
+    import sys
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(["plugins"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_eval_of_a_roberta_classifier_saved_from_python_reads_its_class_count(tmp_path, capsys):
+    # RoBERTa's head is classifier.dense + classifier.out_proj, so the saved tensors are
+    # head.head.dense.* and head.head.out_proj.*: the class count was read only from head.head.bias
+    # or .weight (BERT's single Linear), found none, and the model was built with the directory's
+    # 2 classes, so the 3-class adapter failed to load (exit 4, shape (3, 32) expected (2, 32))
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from unipelt.models import _byte_tokenizer
+
+    cfg = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    RobertaForSequenceClassification(RobertaConfig(**cfg, num_labels=2)).save_pretrained(tmp_path / "rob")
+    tok = _byte_tokenizer(bert=True, chat=False)
+    tok.save_pretrained(tmp_path / "rob")
+    with pytest.warns(unipelt.UnipeltWarning, match="head has 2 labels, the data 3"):
+        model, _ = load_model(str(tmp_path / "rob"), task="classification", num_labels=3)
+    h = unipelt.compile(model, {"version": 1, "modules": {"lora": {"method": "lora", "sites": ["attn.q"], "r": 2},
+                                                          "head": {"method": "train", "sites": "head"}}})
+    with torch.no_grad():
+        for p in h.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    h.save(tmp_path / "a")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": str(i % 3)} for i, t in enumerate(["a b", "c", "d e f"])])
+    code, out, err = run(capsys, "eval", tmp_path / "a", tmp_path / "rob", "--data", data, "--json", "--max-length", "32")
+    assert code == 0, err
+    assert json.loads(out)["examples"] == 3
+    assert "warning" not in err  # the adapter brings its head: the directory's replaced one is no news

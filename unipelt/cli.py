@@ -7,7 +7,8 @@
 Errors print one message without a traceback. Exit codes: 2 spec error, 3 model error,
 4 adapter file error, 5 data error, 6 plugin error, 7 output path error (an ``--out``, ``--graph``
 or ``--plot`` that cannot be written: under a file, an existing file or folder of another kind, a
-read-only or full disk), 1 any other unipelt error.
+read-only or full disk), 1 any other unipelt error; 141 when stdout's reader went away
+(``unipelt plugins --json | head``), as for a process that SIGPIPE ended.
 """
 from __future__ import annotations
 
@@ -170,6 +171,16 @@ def _one_line_warnings():
     return original, show
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of what is still buffered
+    does not raise a second BrokenPipeError (Python's documented recipe, signal module notes)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a replaced stdout without a file descriptor
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -178,10 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left shows here, inside the handler below, not at exit
+        return code
     except UnipeltError as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_code(e)
+    except BrokenPipeError:
+        # stdout's reader went away (`unipelt plugins | head`): stop quietly, with the code of a
+        # process that SIGPIPE ended, as `ls | head` does, rather than a traceback
+        _drop_stdout()
+        return 141
     except KeyboardInterrupt:  # pragma: no cover
         print("interrupted", file=sys.stderr)
         return 130

@@ -59,6 +59,7 @@ def compile(
     check_switches(spec, graph)  # `pruned:` and `collapsed:` name this model's branches and gates
     # count on the meta device first: the budget and the memory are checked before any allocation
     check_resources(spec, graph, info, registry, base_params=base_param_count(model), name=name)
+    _check_triton_runs(spec, executor if executor is not None else state.executor, model)
 
     # build every module off the model ----------------------------------------------------
     container = AdapterSet(name)
@@ -117,6 +118,8 @@ def compile(
 
     # attach -----------------------------------------------------------------------------
     state = ensure_state(model, info)
+    # what a failed attach puts back: a later adapter's executor or activation must not stay
+    previous = (state.executor, state.ctx.expand_kernel, set(state.ctx.active))
     if executor is not None:
         _use_executor(state, executor)
     try:
@@ -146,15 +149,39 @@ def compile(
         for p in container.parameters():
             p.requires_grad_(True)
         apply_switches(handle)  # the spec's pruned branches and inference AdapterDrop layers: off
+        state.handles[name] = handle
+        handle._attached = True
+        # inside the try: the first refresh plans the executors, and a failure there must detach too
+        state.set_active({name} if activate else state.ctx.active | {name})
     except Exception:
+        state.executor, state.ctx.expand_kernel, state.ctx.active = previous
         handle._attached = True
         state.handles[name] = handle
         handle.detach()
         raise
-    state.handles[name] = handle
-    handle._attached = True
-    state.set_active({name} if activate else state.ctx.active | {name})
     return handle
+
+
+def _check_triton_runs(spec: Spec, executor: str, model: nn.Module) -> None:
+    """``triton`` chosen where the kernels cannot run (no CUDA and no ``TRITON_INTERPRET=1``, a
+    dtype they do not take, triton missing) is one ModelError before the model is touched, naming
+    where the choice came from; ``auto`` falls back by itself."""
+    if executor != "triton":
+        return
+    from unipelt.executor import ENV_VAR
+
+    k = kernels()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    why = k if isinstance(k, str) else k.fits(torch.empty(0, device=device, dtype=adapter_dtype(model)))
+    if why is None:
+        return
+    if spec.executor == "triton":
+        where = f"{spec.source}: executor" if spec.source else "executor"
+    elif os.environ.get(ENV_VAR) == "triton":
+        where = f"{ENV_VAR}=triton"
+    else:
+        where = "the model's executor (set by an earlier adapter or set_executor)"
+    raise ModelError(f"{where}: 'triton' cannot run on this model: {why}; choose 'auto' or 'grouped'")
 
 
 def _build_groups(state: ModelState, handle, graph: CompiledGraph) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from unipelt.errors import ModelError
 from unipelt.plan import FusionGroup
 from unipelt.runtime import Entry, ForwardContext, pool_gate
 from unipelt.spec import EXECUTOR_CHOICES
@@ -199,7 +200,7 @@ def kernel_reason(mode: str, x: Tensor, planning: bool = False) -> str | None:
     k = kernels()
     why = k if isinstance(k, str) else k.fits(x)
     if why is not None and mode == "triton":
-        raise RuntimeError(f"executor 'triton' was chosen but cannot run: {why}; choose 'auto' or 'grouped'")
+        raise ModelError(f"executor 'triton' was chosen but cannot run: {why}; choose 'auto' or 'grouped'")
     return why
 
 

@@ -94,6 +94,14 @@ class CompiledGraph:
         return "\n".join(lines) + "\n"
 
 
+def _model_named(info: ModelInfo) -> str:
+    """The model as a message names it: its own type, and the catalog it matched where that differs
+    (a Qwen2 model runs on the Llama catalog; 'llama' alone reads as the wrong model)."""
+    if info.model_type == info.arch.name:
+        return repr(info.model_type)
+    return f"{info.model_type!r} (catalog {info.arch.name!r})"
+
+
 def _site_path(node: ModuleSpec, i: int) -> str:
     if node.site_paths:  # as written: `site:` or `sites: [...]`
         return node.site_paths[i]
@@ -159,7 +167,7 @@ def build_graph(spec: Spec, info: ModelInfo, registry: Registry) -> CompiledGrap
         if info.causal and pooling in SEQUENCE_POOLINGS and not gspec.allow_noncausal:
             raise SpecError(
                 f"pooling {pooling!r} averages the gate over the whole sequence; on the causal model "
-                f"{info.arch.name!r} that lets later tokens change earlier positions (training sees the "
+                f"{_model_named(info)} that lets later tokens change earlier positions (training sees the "
                 "future, cached generation disagrees with recomputation). Use 'token', 'running_mean' or "
                 "'auto' (causal-safe), or set allow_noncausal: true to opt in",
                 source=src, path=f"{gpath}.pooling",

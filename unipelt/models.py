@@ -17,12 +17,13 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from unipelt.errors import ModelError
+from unipelt.errors import ModelError, UnipeltWarning
 
 if TYPE_CHECKING:
     from torch import nn
@@ -247,6 +248,16 @@ def _load_dir(path: Path, task: str | None, num_labels: int | None,
         auto = AutoModelForSequenceClassification
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
+            saved = _saved_head_labels(config)
+            if saved is not None and saved != num_labels:
+                # a trained classifier's head has the wrong number of rows for these labels: the
+                # body is what the user wants from it, so the head starts anew (HF's
+                # ignore_mismatched_sizes; its own error points at a report a one-line error hides)
+                kwargs["ignore_mismatched_sizes"] = True
+                warnings.warn(UnipeltWarning(
+                    f"{path}: its classification head has {saved} labels, the data {num_labels}: "
+                    f"the head is initialised anew for {num_labels} (the rest of the model loads as saved)"),
+                    stacklevel=3)
     elif task == "causal-lm":
         auto = AutoModelForCausalLM
     else:
@@ -270,6 +281,15 @@ def _load_dir(path: Path, task: str | None, num_labels: int | None,
             # Decoder classifiers pick the last non-pad token, which needs pad_token_id in the config.
             model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def _saved_head_labels(config) -> int | None:
+    """The class count of the sequence-classification head the directory's weights hold, or None
+    when they hold none (a bare encoder such as all-MiniLM-L6-v2, a causal LM)."""
+    archs = getattr(config, "architectures", None) or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        return None
+    return int(config.num_labels)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")

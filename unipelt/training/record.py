@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import weakref
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from unipelt.errors import ModelError
+from unipelt.errors import ModelError, UnipeltWarning
 from unipelt.training.options import resolve_device
 
 REPORT_FILE = "report.json"
@@ -78,16 +79,26 @@ def load_adapted(adapter_dir: str | os.PathLike, model: str | None = None, *, ta
     if not name:
         raise ModelError(f"{adapter_dir}: no base model recorded with this adapter; name the model")
     task = task or info.get("task")
-    labels = list(info.get("labels") or labels or []) or None
+    given = list(labels or []) or None
+    labels = list(info.get("labels") or []) or None
     if labels is None and task in (None, "classification"):
         # no record (an adapter saved from Python): a classifier's trained head says how many
-        # classes it has; without this the model was built with 2 and the head failed to load
+        # classes it has; without this the model was built with 2 and the head failed to load.
+        # The data's labels name them when they are as many (the data may hold only some)
         n = _saved_head_classes(adapter_dir)
         if n is not None and (task == "classification" or _natural_task(str(name)) == "classification"):
-            task, labels = "classification", [str(i) for i in range(n)]
+            task, labels = "classification", given if given and len(given) == n else [str(i) for i in range(n)]
+    if labels is None and given:
+        labels = given
+        task = task or "classification"  # labelled data: built with their count, not the directory's
     if task == "classification" and labels is None:
         raise ModelError(f"{adapter_dir}: the number of classes is unknown: pass data with labels")
-    m, tok = load_model(str(name), task=task, num_labels=len(labels) if labels else None)
+    with warnings.catch_warnings():
+        if task == "classification" and labels and _saved_head_classes(adapter_dir) == len(labels):
+            # the adapter brings its trained head: that the directory's own head was replaced
+            # on loading (load_model's warning) is no news, the adapter's overwrites it
+            warnings.filterwarnings("ignore", message=r".*its classification head has \d+ labels", category=UnipeltWarning)
+        m, tok = load_model(str(name), task=task, num_labels=len(labels) if labels else None)
     if task == "classification" and labels:
         name_labels(m, labels)
     m.to(dev)
@@ -114,7 +125,13 @@ def _saved_head_classes(adapter_dir) -> int | None:
     records = meta.get("tensors") or {}
     for name, node in spec.modules.items():
         if node.method == "train" and "head" in node.sites:
-            rec = records.get(f"{name}.head.bias") or records.get(f"{name}.head.weight")
+            # the head's output layer: BERT's and the decoders' head is one Linear
+            # (head.head.bias / .weight); RoBERTa's is dense then out_proj (head.head.out_proj.*).
+            # Records follow the state dict's module order, so the last bias (else the last
+            # weight: GPT-2's and Llama's score has none) is the output layer's
+            keys = [k for k in records if k.startswith(f"{name}.head.")]
+            last = [k for k in keys if k.endswith(".bias")][-1:] or [k for k in keys if k.endswith(".weight")][-1:]
+            rec = records.get(last[0]) if last else None
             if rec and rec.get("shape"):
                 return int(rec["shape"][0])
     return None
