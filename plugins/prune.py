@@ -199,10 +199,11 @@ class GatePruning:
         a, b = self.start_active, self.limit
         return b if a <= b else int(math.ceil(b + (a - b) * (1.0 - frac) ** 3))
 
-    def _ranked(self, step: int) -> list[str]:
-        """Live gates the budget may prune at ``step`` (a full window), lowest window mean first."""
-        todo = [k for k, r in self.rules.items() if r.to_budget and step >= r.min_step and self._live(k)
-                and len(self.window.get(k, [])) >= r.patience]
+    def _ranked(self, step: int, from_min_step: bool = True) -> list[str]:
+        """Live gates the budget may prune at ``step`` (a full window), lowest window mean first;
+        ``from_min_step=False`` ranks them before their ``min_step`` too (the pressure's set)."""
+        todo = [k for k, r in self.rules.items() if r.to_budget and (step >= r.min_step or not from_min_step)
+                and self._live(k) and len(self.window.get(k, [])) >= r.patience]
         return sorted(todo, key=lambda k: sum(self.window[k]) / len(self.window[k]))
 
     def _pressed(self, step: int) -> dict[str, float]:
@@ -217,11 +218,8 @@ class GatePruning:
         else:
             # the set the cut would take now: lowest window mean first until the rest fits (min_step
             # does not hold this back: the pressure acts before the cut)
-            ranked = sorted((k for k, r in self.rules.items() if r.to_budget and self._live(k)
-                             and len(self.window.get(k, [])) >= r.patience),
-                            key=lambda k: sum(self.window[k]) / len(self.window[k]))
             keys = []
-            for k in ranked:
+            for k in self._ranked(step, from_min_step=False):
                 if active <= self.limit:
                     break
                 keys.append(k)

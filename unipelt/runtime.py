@@ -466,11 +466,14 @@ def gate_value(e: Entry, src: Tensor | None, ctx: ForwardContext) -> Tensor | No
         gate_id = e.gate_key.rsplit(".", 1)[0] if e.gate_key else e.node
         label = gate_id if gate_id.startswith(e.node + "@") else e.node
         ctx.record.setdefault((e.adapter, label, e.layer if e.layer is not None else -1), []).append(g.detach())
-    if ctx.gate_log is not None:
-        # one small detached reduction, no host sync: the controller reads them all once per step
-        ctx.gate_log.append((e.adapter, e.gate_key, g.detach().float().flatten(0, -2).mean(0)))
-    if ctx.gate_terms is not None:
-        ctx.gate_terms.append((e.adapter, e.gate_key, g.float().flatten(0, -2).mean(0)))
+    if ctx.gate_log is not None or ctx.gate_terms is not None:
+        # one small reduction, no host sync: the controller reads them all once per step (detached),
+        # and on pressing steps the same mean, undetached, goes into the budget pressure
+        mean = g.float().flatten(0, -2).mean(0)
+        if ctx.gate_log is not None:
+            ctx.gate_log.append((e.adapter, e.gate_key, mean.detach()))
+        if ctx.gate_terms is not None:
+            ctx.gate_terms.append((e.adapter, e.gate_key, mean))
     return g
 
 
