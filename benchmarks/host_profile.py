@@ -101,7 +101,7 @@ def build(name: str, scn: Any, mode: str, backend: str, adamw: str, device: torc
         if mode == "reduce-overhead":
             kwargs["mode"] = "reduce-overhead"
         fn = torch.compile(model, **kwargs)
-    opt_kwargs = {"fused": True} if adamw == "fused" else {"foreach": True} if adamw == "foreach" else {}
+    opt_kwargs = speed.adamw_kwargs(adamw)
     opt = torch.optim.AdamW(prep.params, lr=speed.LR, **opt_kwargs)
     vocab = model.get_input_embeddings().num_embeddings
     batch = {**speed.make_batch(scn, "train", vocab, device), **getattr(prep, "call_kwargs", {})}

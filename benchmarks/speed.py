@@ -485,6 +485,11 @@ FLOOR_FORMS = {
 }
 
 
+def adamw_kwargs(adamw: str) -> dict:
+    """torch.optim.AdamW's implementation switch for ``--adamw`` (default: PyTorch's choice)."""
+    return {"fused": True} if adamw == "fused" else {"foreach": True} if adamw == "foreach" else {}
+
+
 def _floor_form(mode: str) -> str:
     return "eager" if mode in ("eager", "graph-step") else "compiled"
 
@@ -739,7 +744,7 @@ def _attempt(variant: Variant, scn: Scenario, mode: str, phase: str, s: Settings
                 raise RuntimeError("reduce-overhead needs the inductor backend")
             kwargs["mode"] = "reduce-overhead"
         fn = torch.compile(model, **kwargs)
-    opt_kwargs = {"fused": True} if s.adamw == "fused" else {"foreach": True} if s.adamw == "foreach" else {}
+    opt_kwargs = adamw_kwargs(s.adamw)
     opt = torch.optim.AdamW(prep.params, lr=LR, **opt_kwargs) if phase == "train" and prep.params else None
     vocab = model.get_input_embeddings().num_embeddings
     batch = {**make_batch(scn, phase, vocab, s.device), **prep.call_kwargs}
@@ -824,7 +829,7 @@ def _attempt_graphed(variant: Variant, scn: Scenario, mode: str, phase: str, s: 
         rec["floor_form"] = FLOOR_FORMS[_floor_form(mode)]
     model = prep.model
     model.train(True)
-    opt_kwargs = {"fused": True} if s.adamw == "fused" else {"foreach": True} if s.adamw == "foreach" else {}
+    opt_kwargs = adamw_kwargs(s.adamw)
     opt = torch.optim.AdamW(prep.params, lr=LR, capturable=True, **opt_kwargs) if prep.params else None
     vocab = model.get_input_embeddings().num_embeddings
     batch = make_batch(scn, phase, vocab, s.device)
