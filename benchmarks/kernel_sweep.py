@@ -66,7 +66,29 @@ def cases(dev, dtype, M: int):
         out.append(("expand", f"out {M}x{D}, r {R}", lambda base=base, u=u, b=b: lg._launch_expand(base, u, b, None, 2.0)))
         out.append(("expand_dh", f"dy {M}x{D}, r {R}", lambda dy=dy, u=u, b=b: lg._launch_expand_bwd(dy, u, b, None, 2.0)[0]))
         out.append(("expand_db", f"dy {M}x{D}, r {R}", lambda dy=dy, u=u, b=b: lg._launch_expand_bwd(dy, u, b, None, 2.0)[1]))
+        # the one-read backward (BWD_MODE "one"), its du and dB against the split backward's, each
+        # in units of the split result's largest value (so that neither hides the other's error)
+        du_s, db_s = (t.float() for t in _bwd("split", dy, u, b))
+        su, sb = du_s.abs().max().item() or 1.0, db_s.abs().max().item() or 1.0
+        for kind in ("expand_one", "expand_fin"):
+            out.append((kind, f"dy {M}x{D}, r {R}", lambda dy=dy, u=u, b=b, su=su, sb=sb: torch.cat(
+                [t.float().flatten() / s for t, s in zip(_bwd("one", dy, u, b), (su, sb))])))
+        one = out[-1][2]().float()
+        print(f"one-read backward against split at dy {M}x{D}: max |diff| {(one - torch.cat([du_s.flatten() / su, db_s.flatten() / sb])).abs().max().item():.2e} "
+              "(of the split's largest du / dB)", flush=True)
     return out
+
+
+def _bwd(mode: str, dy, u, b):
+    """(du, dB) of the expand backward in ``mode`` (lora_group.BWD_MODE, restored after)."""
+    from unipelt_kernels import lora_group as lg
+
+    old, lg.BWD_MODE = lg.BWD_MODE, mode
+    try:
+        du, db, _ = lg._launch_expand_bwd(dy, u, b, None, 2.0)
+    finally:
+        lg.BWD_MODE = old
+    return du, db
 
 
 CANDIDATES = {
@@ -76,6 +98,8 @@ CANDIDATES = {
     "expand": [(m, k, w, s) for m, k, (w, s) in itertools.product((32, 64, 128), (64, 128, 256), ((4, 3), (8, 3)))],
     "expand_dh": [(m, k, w, s) for m, k, (w, s) in itertools.product((16, 32, 64), (64, 128, 256), ((4, 3), (4, 4), (8, 4)))],
     "expand_db": [(m, k, w, s) for m, k, (w, s) in itertools.product((64, 128, 256), (32, 64, 128), ((4, 3), (4, 4)))],
+    "expand_one": [(m, k, w, s) for m, k, (w, s) in itertools.product((64, 128, 256), (32, 64, 128), ((4, 3), (8, 3), (8, 4)))],
+    "expand_fin": [(m, k, 4, 1) for m, k in itertools.product((32, 64, 128), (32, 64, 128))],
 }
 
 
@@ -115,6 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--kinds", default=",".join(CANDIDATES))
+    p.add_argument("--current", default="", help="kinds timed with their current blocks only (a baseline in the same run)")
     p.add_argument("--write-best", type=Path, default=None,
                    help="write each kind's blocks with the least launch-weighted time (for UNIPELT_KERNEL_CONFIGS)")
     p.add_argument("--smoke", action="store_true", help="CPU / interpreter: one candidate per kind, no timing")
@@ -130,7 +155,8 @@ def main(argv=None) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     M = a.tokens if not a.smoke else 100
-    kinds = a.kinds.split(",")
+    current_only = set(filter(None, a.current.split(",")))
+    kinds = a.kinds.split(",") + sorted(current_only)
     rows = []
     t0 = time.perf_counter()
     default = dict(lg.CONFIGS)
@@ -139,7 +165,7 @@ def main(argv=None) -> int:
             continue
         ref = fn().float()
         scale = ref.abs().max().item() or 1.0
-        cands = CANDIDATES[kind][:1] if a.smoke else [None] + CANDIDATES[kind]
+        cands = CANDIDATES[kind][:1] if a.smoke else [None] + ([] if kind in current_only else CANDIDATES[kind])
         for cand in cands:
             bl = default[kind] if cand is None else lg._Blocks(*cand)
             lg.CONFIGS[kind] = bl
