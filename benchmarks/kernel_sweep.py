@@ -66,29 +66,7 @@ def cases(dev, dtype, M: int):
         out.append(("expand", f"out {M}x{D}, r {R}", lambda base=base, u=u, b=b: lg._launch_expand(base, u, b, None, 2.0)))
         out.append(("expand_dh", f"dy {M}x{D}, r {R}", lambda dy=dy, u=u, b=b: lg._launch_expand_bwd(dy, u, b, None, 2.0)[0]))
         out.append(("expand_db", f"dy {M}x{D}, r {R}", lambda dy=dy, u=u, b=b: lg._launch_expand_bwd(dy, u, b, None, 2.0)[1]))
-        # the one-read backward (BWD_MODE "one"), its du and dB against the split backward's, each
-        # in units of the split result's largest value (so that neither hides the other's error)
-        du_s, db_s = (t.float() for t in _bwd("split", dy, u, b))
-        su, sb = du_s.abs().max().item() or 1.0, db_s.abs().max().item() or 1.0
-        for kind in ("expand_one", "expand_fin"):
-            out.append((kind, f"dy {M}x{D}, r {R}", lambda dy=dy, u=u, b=b, su=su, sb=sb: torch.cat(
-                [t.float().flatten() / s for t, s in zip(_bwd("one", dy, u, b), (su, sb))])))
-        one = out[-1][2]().float()
-        print(f"one-read backward against split at dy {M}x{D}: max |diff| {(one - torch.cat([du_s.flatten() / su, db_s.flatten() / sb])).abs().max().item():.2e} "
-              "(of the split's largest du / dB)", flush=True)
     return out
-
-
-def _bwd(mode: str, dy, u, b):
-    """(du, dB) of the expand backward in ``mode`` (lora_group.BWD_MODE, restored after)."""
-    from unipelt_kernels import lora_group as lg
-
-    old, lg.BWD_MODE = lg.BWD_MODE, mode
-    try:
-        du, db, _ = lg._launch_expand_bwd(dy, u, b, None, 2.0)
-    finally:
-        lg.BWD_MODE = old
-    return du, db
 
 
 CANDIDATES = {
@@ -98,8 +76,6 @@ CANDIDATES = {
     "expand": [(m, k, w, s) for m, k, (w, s) in itertools.product((32, 64, 128), (64, 128, 256), ((4, 3), (8, 3)))],
     "expand_dh": [(m, k, w, s) for m, k, (w, s) in itertools.product((16, 32, 64), (64, 128, 256), ((4, 3), (4, 4), (8, 4)))],
     "expand_db": [(m, k, w, s) for m, k, (w, s) in itertools.product((64, 128, 256), (32, 64, 128), ((4, 3), (4, 4)))],
-    "expand_one": [(m, k, w, s) for m, k, (w, s) in itertools.product((64, 128, 256), (32, 64, 128), ((4, 3), (8, 3), (8, 4)))],
-    "expand_fin": [(m, k, 4, 1) for m, k in itertools.product((32, 64, 128), (32, 64, 128))],
 }
 
 
