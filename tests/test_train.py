@@ -542,8 +542,8 @@ def test_out_unwritable_and_full_disk_are_one_error_naming_the_path(tmp_path, mo
         _one_epoch(tmp_path / "full")
     assert str(e.value) == (f"{tmp_path}/full/checkpoint-3: cannot write the checkpoint: No space left on device "
                             "(the disk is full)")
-    assert list_checkpoints(tmp_path / "full") == []
-    assert [p.name for p in (tmp_path / "full").iterdir()] == [".unipelt-run.lock"]  # no half-written folder
+    # no half-written folder, and since the run made the directory and wrote nothing, no directory
+    assert not (tmp_path / "full").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -553,6 +553,30 @@ def test_device_that_is_not_there(tmp_path):
     with pytest.raises(TrainingError, match=r"not a device name"):
         _one_epoch(tmp_path, device="gpu")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_failed_run_leaves_no_directory_it_made_and_nothing_of_its_own(tmp_path):
+    """Regression (new-user pass): a run that failed after taking its lock left runs/X holding only
+    the lock file. It fails here after the run directory is prepared (the length check)."""
+    from unipelt.training.checkpoints import LOCK_FILE
+
+    new = tmp_path / "runs" / "first"
+    with pytest.raises(TrainingError, match=r"--max-length 513"):
+        _one_epoch(new, max_length=513)
+    assert not new.exists() and (tmp_path / "runs").is_dir()  # the parent the user may have made stays
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(TrainingError, match=r"--max-length 513"):
+        _one_epoch(mine, max_length=513)
+    # a directory with the user's files: they stay, and so does the (released) lock file
+    assert sorted(p.name for p in mine.iterdir()) == [LOCK_FILE, "notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TrainingError):
+        _one_epoch(empty, max_length=513)
+    assert empty.is_dir() and not any(empty.iterdir())  # made by the user: kept, without the lock file
+    assert _one_epoch(new)["steps"] == 3 and (new / LOCK_FILE).exists()  # a run that succeeds keeps its lock file
 
 
 def test_max_length_beyond_the_position_table(tmp_path):

@@ -20,7 +20,7 @@ from torch import nn
 
 from unipelt.data import Example, Tokenized, collate
 from unipelt.errors import DataError, ModelError
-from unipelt.training.checkpoints import (RunLock, RunState, atomic_json, best_step, check_output_dir, load_checkpoint,
+from unipelt.training.checkpoints import (LOCK_FILE, RunLock, RunState, atomic_json, best_step, check_output_dir, load_checkpoint,
                                           prepare_out_dir, read_checkpoint_state, remove_stale, resume_point,
                                           run_fingerprint, save_adapter, save_checkpoint)
 from unipelt.training.distributed import DistContext, loss_items
@@ -140,6 +140,10 @@ def _train(dctx: DistContext, cfg: TrainConfig, spec, model, train_examples, eva
 
     out = Path(cfg.out_dir) if cfg.out_dir else None
     lock: RunLock | None = None
+    # a run that fails before it writes anything takes away the directory it made (else a new
+    # user's failed first try leaves runs/X holding only the lock file); a directory that existed
+    # before the run is left as it was found, lock file aside
+    created = out is not None and not out.exists() and not out.is_symlink()
 
     def open_run_dir() -> tuple[list[str], Path | None]:
         # rank 0 alone locks, cleans and prepares the directory; the others wait for its answer
@@ -208,9 +212,35 @@ def _train(dctx: DistContext, cfg: TrainConfig, spec, model, train_examples, eva
         _save_final(run, report)
         report.handle, report.model, report.tokenizer = handle, net, tok
         return report
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            lock = None  # only rank 0 locks, so only rank 0 tidies
+            _remove_unused_run_dir(out, created)
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _remove_unused_run_dir(out: Path | None, created: bool) -> None:
+    """After a failed run whose directory holds nothing but its lock file: remove the lock file,
+    and the directory too if this run made it. Anything else in it (the user's files, earlier
+    runs' checkpoints) leaves the directory as it is."""
+    if out is None:
+        return
+    try:
+        names = {p.name for p in out.iterdir()}
+    except OSError:
+        return
+    if names != {LOCK_FILE}:
+        return
+    try:
+        (out / LOCK_FILE).unlink()
+        if created:
+            out.rmdir()
+    except OSError:
+        pass  # best effort: a failed run's error is what the user needs to see
 
 
 def _open_run_dir(out: Path | None) -> tuple[RunLock | None, list[str]]:
