@@ -402,7 +402,8 @@ def test_report_lists_the_learning_rate_of_every_group(tmp_path):
 def _one_epoch(tmp_path, rows=None, spec=LORA_QV, **kw):
     cfg = dict(epochs=1, batch_size=4, lr=1e-2, progress=False)
     cfg.update(kw)
-    return train(spec, "tiny-bert", rows or cls_rows(), None, TrainConfig(out_dir=str(tmp_path), **cfg))
+    return train(spec, "tiny-bert", rows or cls_rows(), None,
+                 TrainConfig(out_dir=str(tmp_path) if tmp_path is not None else None, **cfg))
 
 
 def test_resume_refuses_a_changed_spec_data_or_lr_and_lists_every_change(tmp_path):
@@ -577,6 +578,23 @@ def test_a_failed_run_leaves_no_directory_it_made_and_nothing_of_its_own(tmp_pat
         _one_epoch(empty, max_length=513)
     assert empty.is_dir() and not any(empty.iterdir())  # made by the user: kept, without the lock file
     assert _one_epoch(new)["steps"] == 3 and (new / LOCK_FILE).exists()  # a run that succeeds keeps its lock file
+
+
+def test_a_budget_the_added_head_breaks_says_so():
+    """Regression (new-user pass): a budget that `unipelt compile` passed failed in `unipelt train`,
+    which adds a `train` module at the classifier head, with an error listing a module the user
+    never wrote."""
+    from unipelt.compiler import compile as compile_spec
+    from unipelt.errors import SpecError
+    from unipelt.spec import parse_spec
+
+    net, _ = load_model("tiny-bert", task="classification", num_labels=2)
+    lora = compile_spec(net, parse_spec(LORA_QV), "probe").summary(1).training
+    spec = {**LORA_QV, "budget": {"max_params": lora}}
+    compile_spec(load_model("tiny-bert", task="classification", num_labels=2)[0], parse_spec(spec), "x")  # fits
+    with pytest.raises(SpecError, match=r"^budget: the spec needs .* over the budget .*head .*Module 'head' \(method "
+                                        r"train at head\) is not in the spec: unipelt train added it"):
+        _one_epoch(None, spec=spec)
 
 
 def test_max_length_beyond_the_position_table(tmp_path):

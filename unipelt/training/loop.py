@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from unipelt.data import Example, Tokenized, collate
-from unipelt.errors import DataError, ModelError
+from unipelt.errors import DataError, ModelError, SpecError
 from unipelt.training.checkpoints import (LOCK_FILE, RunLock, RunState, atomic_json, best_step, check_output_dir, load_checkpoint,
                                           prepare_out_dir, read_checkpoint_state, remove_stale, resume_point,
                                           run_fingerprint, save_adapter, save_checkpoint)
@@ -181,9 +181,12 @@ def _train(dctx: DistContext, cfg: TrainConfig, spec, model, train_examples, eva
         if added_head:
             notes.append(f"the spec trains no head; added module {added_head!r} (method train at head) "
                          "so that the classifier learns")
-        handle = _attach_adapter(net, spec, cfg, {"model": model_name, "task": task, "labels": labels,
-                                                 "max_length": cfg.max_length,
-                                                 "use_chat_template": cfg.use_chat_template})
+        try:
+            handle = _attach_adapter(net, spec, cfg, {"model": model_name, "task": task, "labels": labels,
+                                                     "max_length": cfg.max_length,
+                                                     "use_chat_template": cfg.use_chat_template})
+        except SpecError as e:
+            raise _head_budget_error(e, added_head) from None
         opt = build_optimisation(handle, lr=cfg.lr, gate_lr=cfg.gate_lr, weight_decay=cfg.weight_decay,
                                  schedule=cfg.schedule, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
                                  optim=cfg.optim)
@@ -323,6 +326,20 @@ def _with_trainable_head(spec, task: str):
     new = parse_spec(raw)
     new.source = spec.source
     return new, name
+
+
+def _head_budget_error(e: SpecError, added_head: str | None) -> SpecError:
+    """``e`` as it is, or where the budget failed with a head this run added, the same error saying
+    so: ``unipelt compile`` checks the spec as written, without that head, and passed."""
+    if not added_head or e.path != "budget":
+        return e
+    prefix = ": ".join(p for p in (e.source, e.path) if p)
+    text = str(e)
+    message = text[len(prefix) + 2:] if prefix and text.startswith(prefix + ": ") else text
+    return SpecError(f"{message}. Module {added_head!r} (method train at head) is not in the spec: unipelt train "
+                     "added it because a classifier needs a trained head, and unipelt compile checks the spec "
+                     "without it. Leave the budget room for it, or declare the head in the spec",
+                     source=e.source, path=e.path)
 
 
 def _attach_adapter(net: nn.Module, spec, cfg: TrainConfig, info: dict):
