@@ -1,10 +1,13 @@
 """Block sizes of the LoRA group kernels at the shapes an end-to-end step launches them with.
 
 ``kernels.py --sweep`` timed candidates launched eagerly, and every candidate was bound by the host's
-launch work (RESULTS.md, Kernels, session 5). Here each candidate is timed from a CUDA graph of 20
+launch work (RESULTS.md, Kernels, session 5). Here each candidate is timed from a CUDA graph of
 launches (GPU time only), at llama's shapes in ``benchmarks/speed.py`` (4,096 tokens; a q,k,v group
 of three r-16 branches and a gate,up group of two over 2,048 inputs; expands into 2,048- and
-5,632-wide outputs), and its result is checked against the current blocks' before it is timed.
+5,632-wide outputs), and its result is checked against the current blocks' before it is timed. The
+launches cycle through ``--rotate`` input sets (default 6, more than the card's L2 in all): session 9
+timed 20 launches on one set, whose inputs then stayed in L2, and those times did not predict the
+end-to-end step (RESULTS.md, Kernels, session 10). The rotated timing is not yet run on the GPU.
 
     PYTHONPATH=. python3 benchmarks/kernel_sweep.py --out sweep.json              # GPU
     PYTHONPATH=. TRITON_INTERPRET=1 python3 benchmarks/kernel_sweep.py --smoke    # CPU: one candidate per kernel
@@ -34,10 +37,12 @@ def _bench_kernels():
     return sys.modules["unipelt_bench_kernels"]
 
 
-def _timed_graph(fn, launches: int = 20) -> float:
-    """Microseconds per call of ``fn``: ``launches`` calls captured in one CUDA graph (so the
-    graph's own launch is spread over them), timed by kernels.py's ``_time_graphed``."""
-    return _bench_kernels()._time_graphed(lambda: [fn() for _ in range(launches)], 3, 10) * 1e3 / launches
+def _timed_graph(fns, launches: int = 20) -> float:
+    """Microseconds per call: ``launches`` calls captured in one CUDA graph (so the graph's own
+    launch is spread over them), cycling through ``fns`` (the same launch on other input sets),
+    timed by kernels.py's ``_time_graphed``."""
+    fns = list(fns) if isinstance(fns, (list, tuple)) else [fns]
+    return _bench_kernels()._time_graphed(lambda: [fns[i % len(fns)]() for i in range(launches)], 3, 10) * 1e3 / launches
 
 
 def cases(dev, dtype, M: int):
@@ -116,6 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--kinds", default=",".join(CANDIDATES))
     p.add_argument("--current", default="", help="kinds timed with their current blocks only (a baseline in the same run)")
+    p.add_argument("--rotate", type=int, default=6,
+                   help="input sets the timed launches cycle through, so that their total is above the card's L2 "
+                        "(50 MB on an H100/H200) and each launch reads its inputs from memory as in a train step; "
+                        "1 = session 9's timing, one set, which L2 flatters (RESULTS.md, Kernels, session 10)")
     p.add_argument("--write-best", type=Path, default=None,
                    help="write each kind's blocks with the least launch-weighted time (for UNIPELT_KERNEL_CONFIGS)")
     p.add_argument("--smoke", action="store_true", help="CPU / interpreter: one candidate per kind, no timing")
@@ -136,9 +145,11 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.perf_counter()
     default = dict(lg.CONFIGS)
-    for kind, label, fn in cases(dev, dtype, M):
+    sets = [cases(dev, dtype, M) for _ in range(1 if a.smoke else max(1, a.rotate))]
+    for i, (kind, label, fn) in enumerate(sets[0]):
         if kind not in kinds:
             continue
+        fns = [s[i][2] for s in sets]
         ref = fn().float()
         scale = ref.abs().max().item() or 1.0
         cands = CANDIDATES[kind][:1] if a.smoke else [None] + ([] if kind in current_only else CANDIDATES[kind])
@@ -152,7 +163,7 @@ def main(argv=None) -> int:
                 if row["max_err_rel"] > 0.02:
                     row["error"] = "result differs"
                 elif dev.type == "cuda":
-                    row["us"] = round(_timed_graph(fn), 2)
+                    row["us"] = round(_timed_graph(fns, 20 if len(fns) == 1 else 4 * len(fns)), 2)
             except Exception as exc:  # a block the kernel cannot take (e.g. a dot below 16): recorded, skipped
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
             rows.append(row)
@@ -172,7 +183,7 @@ def main(argv=None) -> int:
         a.write_best.write_text(json.dumps({k: v[0] for k, v in best.items()}))
     if a.out:
         a.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
-                                     "torch": torch.__version__, "tokens": M, "rows": rows}, indent=1))
+                                     "torch": torch.__version__, "tokens": M, "rotate": len(sets), "rows": rows}, indent=1))
     return 0
 
 
