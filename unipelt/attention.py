@@ -362,12 +362,6 @@ def _forward_with_prefixes(
                 return out, None
         key = torch.cat([*plain_k, key], dim=2)
         value = torch.cat([*plain_v, value], dim=2)
-        if real_causal and _can_flash_lower_right(query, key, value, kwargs):
-            # the flash kernel's causal flag is lower-right aligned: "every prefix key + causal
-            # among the real ones" without the dense (T, L + T) mask built above
-            scale = kwargs.get("scaling")
-            out = _flash_causal(query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale))
-            return out.transpose(1, 2).contiguous(), None
         return base_forward(module, query, key, value, attention_mask, **kwargs)
 
     # --- per-query gates: widen the head dimension (see the module docstring) -------------------------
@@ -405,38 +399,6 @@ def _forward_with_prefixes(
 # profile that would say why (benchmarks/results-2026-12-01/coll-s8/collapse_profile.py) and
 # benchmarks/speed.py --prefix-attention compiled selects it.
 SPLIT_PREFIX = "never"
-
-
-# How a causal SDPA layer (Llama) with plain prefixes masks under torch.compile on CUDA: "mask"
-# (the default) passes the dense lower-right (T, L + T) boolean mask to transformers' SDPA call
-# (cuDNN's kernel on an H200, with the mask); "flash" calls ATen's flash kernel directly with its
-# causal flag, which is lower-right aligned (torch.nn.attention.bias.CausalBias does the same), so
-# no mask is built or read. Not the default: measured only by
-# benchmarks/results-2026-12-02/coll10/collapse_profile2.py (row closed-flash), see
-# benchmarks/RESULTS.md "Session 10 (helper coll10)".
-PREFIX_CAUSAL = "mask"
-
-
-def _can_flash_lower_right(query: Tensor, key: Tensor, value: Tensor, kwargs: dict[str, Any]) -> bool:
-    """Whether the flash kernel may take this causal call (see :data:`PREFIX_CAUSAL`): compiled,
-    CUDA, half precision, one key/value head per query head, head dim a multiple of 8 up to 256,
-    inference, no dropout / softcap / cache / position bias."""
-    if PREFIX_CAUSAL != "flash" or not torch.compiler.is_compiling() or query.device.type != "cuda":
-        return False
-    if query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype or value.dtype != query.dtype:
-        return False
-    if query.shape[1] != key.shape[1] or query.shape[-1] != key.shape[-1] or query.shape[-1] != value.shape[-1] \
-            or query.shape[-1] % 8 or query.shape[-1] > 256:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        return False
-    return float(kwargs.get("dropout", 0.0) or 0.0) == 0.0 and kwargs.get("cache") is None \
-        and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
-
-
-def _flash_causal(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
-    """Flash attention with its (lower-right) causal flag: (B, H, T, D)."""
-    return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scale)[0]
 
 
 def _can_split(base: str, tensors: tuple[Tensor, ...], vis: list[Tensor | None], kwargs: dict[str, Any]) -> bool:

@@ -36,12 +36,12 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import speed  # noqa: E402
-import unipelt.attention as attention  # noqa: E402
 
-# (label, variant, unipelt.attention.PREFIX_CAUSAL): closed-flash is the opt-in flash path for causal
-# layers with a prefix (no dense mask), compared with closed for its outputs and its time
-ROWS = [("floor", "floor", "mask"), ("closed", "unipelt-collapsed-closed", "mask"),
-        ("collapsed", "unipelt-collapsed", "mask"), ("closed-flash", "unipelt-collapsed-closed", "flash")]
+# (label, variant). The device run of 2026-12-02 had a fourth llama row, closed-flash: an opt-in
+# flash path for causal layers (unipelt.attention.PREFIX_CAUSAL, since removed) that the compiled
+# model never reached (transformers passes a dense causal mask under torch.compile); its outputs
+# and kernels were closed's (llama-profile2.json keeps it)
+ROWS = [("floor", "floor"), ("closed", "unipelt-collapsed-closed"), ("collapsed", "unipelt-collapsed")]
 
 
 def _replays(kernels: list[tuple[float, float]], split_gap_us: float = 1000.0) -> list[list[tuple[float, float]]]:
@@ -85,18 +85,14 @@ def main() -> None:
     t0 = time.perf_counter()
     torch._dynamo.reset()
     outputs = {}
-    for label, vname, flag in rows:
-        # no dynamo reset between the models: each keeps its graph; each call sets the flag its
-        # graph was traced under (dynamo guards on it)
-        attention.PREFIX_CAUSAL = flag
+    for label, vname in rows:
         v = speed.FLOOR if vname == "floor" else speed.VARIANTS[vname]
         prep = speed.prepare(v, scn, "infer", dev, torch.bfloat16)
         model = prep.model.eval()
         batch = speed.make_batch(scn, "infer", model.get_input_embeddings().num_embeddings, dev)
         fn = torch.compile(model, mode="reduce-overhead" if cuda else None, fullgraph=True)
 
-        def step(fn=fn, batch=batch, flag=flag):
-            attention.PREFIX_CAUSAL = flag
+        def step(fn=fn, batch=batch):
             if cuda:
                 torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad():
