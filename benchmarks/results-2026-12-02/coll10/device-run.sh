@@ -1,5 +1,7 @@
 #!/bin/bash
 # coll10 device call: speed.py twice (collapse rows, reduce-overhead, infer) and the extended profile
+# As run on 2026-12-02 from a copy of branch coll10 at d982806; the llama profile row closed-flash
+# (an opt-in attention path, since removed) no longer exists in collapse_profile2.py, which skips unknown rows.
 cd "$(dirname "$0")"
 FINAL=$OUT; OUT=$OUT/r; mkdir -p $OUT
 export PYTHONPATH=.
