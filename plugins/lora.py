@@ -87,22 +87,23 @@ class _AddmmInto(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, u: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(u, weight)
-        out.addmm_(u, weight.t())
+        out.view(-1, out.shape[-1]).addmm_(u, weight.t())  # (grad mode is off here: a plain view)
         ctx.mark_dirty(out)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         u, weight = ctx.saved_tensors
-        du = g.mm(weight) if ctx.needs_input_grad[1] else None
-        dw = g.t().mm(u) if ctx.needs_input_grad[2] else None
+        g2 = g.reshape(-1, g.shape[-1])
+        du = g2.mm(weight) if ctx.needs_input_grad[1] else None
+        dw = g2.t().mm(u) if ctx.needs_input_grad[2] else None
         return g, du, dw
 
 
 def addmm_into(out: Tensor, u: Tensor, weight: Tensor) -> Tensor:
-    """``out + u·weightᵀ`` for 2-D ``out`` (n, d_out), u (n, r), weight (d_out, r), written into
-    ``out`` (returned; its old value is gone): only for an ``out`` nothing else reads and
-    :func:`_may_write` allows."""
+    """``out + u·weightᵀ`` for a contiguous ``out`` (..., d_out), u (n, r) with n = out's rows,
+    weight (d_out, r), written into ``out`` (returned; its old value is gone): only for an
+    ``out`` nothing else reads and :func:`_may_write` allows."""
     return _AddmmInto.apply(out, u, weight)
 
 
@@ -118,18 +119,18 @@ def _may_write(out: Tensor) -> bool:
 
 
 def _writable_rows(out: Tensor) -> Tensor | None:
-    """``out`` (..., d_out) as the 2-D tensor an in-place product may write, or None. ``F.linear``
-    on a contiguous 3-D input with a bias returns a view of its 2-D addmm result: that result is
-    written (the view is re-made from it), not the view, which autograd would rebase."""
+    """The tensor an in-place product into ``out`` (..., d_out) may write, or None: ``out`` itself
+    when it is not a view (``F.linear`` without a bias: matmul's ``_unsafe_view``), else its
+    base when that is exactly ``out``'s rows: ``F.linear`` on a contiguous 3-D input with a bias
+    returns a view of its 2-D addmm result, which is written (the view is re-made from it) rather
+    than the view, which autograd would rebase through copies in the backward."""
     if not out.is_contiguous():
         return None
     base = out._base if out._is_view() else out
-    if base is None or not base.is_contiguous() or base.numel() != out.numel() or base.data_ptr() != out.data_ptr():
+    if (base is None or not base.is_contiguous() or base.numel() != out.numel()
+            or base.data_ptr() != out.data_ptr() or base.shape[-1] != out.shape[-1]):
         return None
-    flat = base.view(-1, out.shape[-1]) if base.dim() != 2 or base.shape[-1] != out.shape[-1] else base
-    if flat._is_view() or not _may_write(flat):
-        return None
-    return flat
+    return base if _may_write(base) else None
 
 
 class LoraBranch(nn.Module):
@@ -255,9 +256,9 @@ class LoraBranch(nn.Module):
         if out.dim() < 2 or not out.is_contiguous():
             return out + F.linear(u, self.lora_B)
         if owned and u.dtype == out.dtype == self.lora_B.dtype:  # (autocast: addmm_ casts nothing)
-            flat = _writable_rows(out)
-            if flat is not None:
-                return addmm_into(flat, u.reshape(-1, u.shape[-1]), self.lora_B).view(out.shape)
+            rows = _writable_rows(out)
+            if rows is not None:
+                return addmm_into(rows, u.reshape(-1, u.shape[-1]), self.lora_B).view(out.shape)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), u.reshape(-1, u.shape[-1]), self.lora_B.t())
         return flat.view(out.shape)
 

@@ -34,8 +34,9 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("three_d", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_addmm_into_equals_addmm_values_and_gradients(dtype):
+def test_addmm_into_equals_addmm_values_and_gradients(dtype, three_d):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 12, generator=g).to(dtype).requires_grad_()
     w = torch.randn(9, 12, generator=g).to(dtype)
@@ -46,12 +47,15 @@ def test_addmm_into_equals_addmm_values_and_gradients(dtype):
     def run(inplace: bool):
         for t in (x, z, B):
             t.grad = None
-        out = x.reshape(-1, 12) @ w.t()  # a fresh 2-D base output whose creator does not save it
+        # a fresh base output whose creator does not save it: 2-D (an addmm's), or 3-D and not a
+        # view (matmul's _unsafe_view, as F.linear without a bias returns)
+        out = torch.matmul(x, w.t()) if three_d else x.reshape(-1, 12) @ w.t()
+        assert not out._is_view()
         u = (z[..., 8:16] * 2.0).reshape(-1, 8)  # a column slice of a wider z, scaled (the grouped executor's u)
         if inplace:
             y = addmm_into(out, u, B)
         else:
-            y = torch.addmm(out, u, B.t())
+            y = torch.addmm(out.reshape(-1, 9), u, B.t())
         y = y.view(2, 5, 9)
         (y * up).sum().backward()
         return y.detach().clone(), x.grad.clone(), z.grad.clone(), B.grad.clone()
@@ -118,6 +122,28 @@ def test_bert_lora_all_linears_runs_in_place_and_equals_reference():
     assert ops.names.count("addmm_") == 12
     plain = _step(model, h, batch)
     _assert_close(plain, got)
+
+
+def test_llama_bias_free_linears_run_in_place_and_equal_reference():
+    # llama's projections have no bias: F.linear returns matmul's 3-D non-view output
+    from conftest import make_llama
+
+    model = make_llama()
+    spec = {"version": 1, "name": "l", "modules": {"lora": {
+        "method": "lora", "sites": ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down"],
+        "r": 4, "alpha": 8, "dropout": 0.0}}}
+    h = unipelt.compile(model, spec)
+    randomize(h)
+    model.train()
+    batch = {"input_ids": make_batch()["input_ids"]}
+    set_executor(model, "reference")
+    ref = _step(model, h, batch)
+    set_executor(model, "grouped")
+    ops = _Ops()
+    with ops:
+        got = _step(model, h, batch)
+    _assert_close(got, ref)
+    assert ops.names.count("addmm_") == 14  # 7 LoRAs x 2 layers
 
 
 def test_not_in_place_where_the_old_output_could_be_read():
