@@ -184,3 +184,22 @@ def test_autocast_mixed_dtypes_keep_the_out_of_place_sum():
     out.float().sum().backward()
     assert "addmm_" not in ops.names  # bf16 u and output, float32 B: addmm_ would not cast
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in h.parameters())
+
+
+def test_grouped_members_take_one_split_of_z():
+    # the q/k/v group's members are one split of z: its backward is one cat of their gradients,
+    # not a zero-filled z-sized gradient, a strided copy and an add per member (slice_backward)
+    model = make_bert()
+    h = unipelt.compile(model, _lora_all())
+    randomize(h)
+    model.train()
+    batch = make_batch()
+    set_executor(model, "reference")
+    ref = _step(model, h, batch)
+    set_executor(model, "grouped")
+    ops = _Ops()
+    with ops:
+        got = _step(model, h, batch)
+    _assert_close(got, ref)
+    assert "slice_backward" not in ops.names
+    assert ops.names.count("split_with_sizes") == 2  # one per layer's q/k/v group
