@@ -816,7 +816,12 @@ def _attempt_graphed(variant: Variant, scn: Scenario, mode: str, phase: str, s: 
     """The graph-step modes: the same train step (forward, backward, AdamW step; the floor without
     an optimizer) captured whole as one CUDA graph by GraphedTrainStep after its eager warm-up
     steps, then replayed; timed by the same code as the other modes. AdamW is built with
-    ``capturable=True`` (foreach or fused as ``--adamw`` says). ``compile_s`` is the first step
+    ``capturable=True``, fused unless ``--adamw foreach`` is given: capturable foreach AdamW divides
+    every parameter's second moment by 0-dim device tensors (its bias corrections and step size, two
+    ``_foreach_div_`` calls per step), which the foreach fast path does not take (the sizes differ),
+    so it runs as two non-vectorized broadcast kernels per parameter: 288 launches, 0.93 ms of GPU
+    per BERT LoRA r16 all-linear step on the H200, against 0.16 ms for the rest of the optimizer
+    (benchmarks/RESULTS.md, "Session 10 (helper bert10)"). ``compile_s`` is the first step
     (compilation in graph-step-compiled), ``capture_s`` the capture."""
     from unipelt.training.graphed import GraphedTrainStep
 
@@ -829,8 +834,8 @@ def _attempt_graphed(variant: Variant, scn: Scenario, mode: str, phase: str, s: 
         rec["floor_form"] = FLOOR_FORMS[_floor_form(mode)]
     model = prep.model
     model.train(True)
-    opt_kwargs = adamw_kwargs(s.adamw)
-    opt = torch.optim.AdamW(prep.params, lr=LR, capturable=True, **opt_kwargs) if prep.params else None
+    adamw = graph_adamw(s.adamw)
+    opt = torch.optim.AdamW(prep.params, lr=LR, capturable=True, **adamw_kwargs(adamw)) if prep.params else None
     vocab = model.get_input_embeddings().num_embeddings
     batch = make_batch(scn, phase, vocab, s.device)
     gstep = GraphedTrainStep(model, opt, batch, call_kwargs=prep.call_kwargs, compile=compile_mode,
@@ -857,9 +862,16 @@ def _attempt_graphed(variant: Variant, scn: Scenario, mode: str, phase: str, s: 
     rec["peak_gib"] = round(torch.cuda.max_memory_allocated(s.device) / 2**30, 4)
     rec["capture_s"] = round(gstep.capture_s, 3)
     rec["graph_warmup_steps"] = gstep.warmup
-    rec["adamw"] = ("fused" if s.adamw == "fused" else "foreach") + " capturable" if opt is not None else None
+    rec["adamw"] = f"{adamw} capturable" if opt is not None else None
     if compile_mode:
         rec.update(_dynamo_stats())
+
+
+def graph_adamw(adamw: str) -> str:
+    """The AdamW implementation of the graph-step rows for ``--adamw``: fused unless foreach is asked
+    for (``default``, PyTorch's choice elsewhere, would be the capturable foreach one: see
+    :func:`_attempt_graphed`)."""
+    return "foreach" if adamw == "foreach" else "fused"
 
 
 def _graph_skip(mode: str, phase: str, s: Settings) -> str | None:
@@ -1473,7 +1485,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="measure no frozen floor (ratios stay empty): for comparisons between variants, "
                         "e.g. lora-r8-qv-mixed8 / lora-r8-qv, where the floors' compilations would cost the budget")
     p.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default",
-                   help="AdamW implementation for every row (default: PyTorch's choice, foreach on CUDA)")
+                   help="AdamW implementation for every row (default: PyTorch's choice, foreach on CUDA; "
+                        "the graph-step modes: fused, capturable)")
     p.add_argument("--split-optimizer", action="store_true",
                    help="eager train rows also time forward+backward and AdamW step+zero_grad apart "
                         "(fwd_bwd_ms, optimizer_ms: as many steps again)")

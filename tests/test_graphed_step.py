@@ -203,6 +203,16 @@ def test_speed_graph_step_mode_is_skipped_on_cpu_with_its_reason(tmp_path):
     assert len(eager) == 3 and all(r["error"] is None and r["median_ms"] > 0 for r in eager)  # unchanged
 
 
+def test_speed_graph_step_rows_use_fused_adamw_unless_foreach_is_asked():
+    # capturable foreach AdamW runs two non-vectorized broadcast kernels per parameter per step
+    # (benchmarks/RESULTS.md, "Session 10 (helper bert10)"): the graph-step rows default to fused
+    speed = _load_speed()
+    assert speed.graph_adamw("default") == "fused"
+    assert speed.graph_adamw("fused") == "fused"
+    assert speed.graph_adamw("foreach") == "foreach"
+    assert speed.adamw_kwargs(speed.graph_adamw("default")) == {"fused": True}
+
+
 # ------------------------------------------------------------------------------------------
 # CUDA: the graphed step against eager steps
 # ------------------------------------------------------------------------------------------

@@ -86,6 +86,11 @@ class GroupExecutor:
             self._cols[k] = (at, at + n)
             at += n
         self._gate_end = at
+        # z is cut once into the branches' columns and the gates' block (see _split)
+        self._branch_pos = {e: i for i, e in enumerate(self._live_branches)}
+        self._split_widths = [self._cols[e][1] - self._cols[e][0] for e in self._live_branches]
+        if self._gate_end > self._gate_start:
+            self._split_widths.append(self._gate_end - self._gate_start)
 
     def has(self, e: Entry) -> bool:
         return e in self._cols
@@ -99,12 +104,24 @@ class GroupExecutor:
         weights += [self.gate_modules[k].logit_params()[0] for k in self._live_gates]
         z = F.linear(x, torch.cat(weights, 0).to(x.dtype))
         ctx.group_out[self.key] = (x, z)
+        # one split for every member: autograd joins their gradients in one cat, where a slice
+        # per member costs a zero fill, a strided copy into a z-sized gradient and an add each
+        # (BERT's q/k/v group: 8 launches per layer against 1)
+        ctx.group_out[self.key + "/split"] = (x, z.split(self._split_widths, -1))
         return z
+
+    def _split(self, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, ...]:
+        """z cut into each live branch's columns, then (if any) the gates' block."""
+        self._z(x, ctx)
+        return ctx.group_out[self.key + "/split"][1]
+
+    def _gate_block(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """The gates' columns of z (``_gate_start`` to ``_gate_end``)."""
+        return self._split(x, ctx)[-1]
 
     def shrunk(self, e: Entry, x: Tensor, ctx: ForwardContext) -> Tensor:
         """The branch's input projection of x (its columns of z)."""
-        a, b = self._cols[e]
-        return self._z(x, ctx)[..., a:b]
+        return self._split(x, ctx)[self._branch_pos[e]]
 
     def gate(self, gate_key: str, x: Tensor, ctx: ForwardContext) -> Tensor:
         """The gate's pooled values, from its logit columns of z."""
@@ -113,9 +130,9 @@ class GroupExecutor:
         if cols is None:
             return module(x, ctx)
         a, b = cols
-        if self._joint is None:
-            return module.activate(self._z(x, ctx)[..., a:b], ctx)
         g0 = self._gate_start
+        if self._joint is None:
+            return module.activate(self._gate_block(x, ctx)[..., a - g0:b - g0], ctx)
         return self._pooled(x, ctx)[..., a - g0:b - g0]
 
     def _pooled(self, x: Tensor, ctx: ForwardContext) -> Tensor:
@@ -123,7 +140,7 @@ class GroupExecutor:
         cached = ctx.group_out.get(key)
         if cached is not None and cached[0] is x:
             return cached[1]
-        logits = self._z(x, ctx)[..., self._gate_start:self._gate_end]
+        logits = self._gate_block(x, ctx)
         bias = torch.cat([self.gate_modules[k].logit_params()[1] for k in self._live_gates]).to(logits.dtype)
         g = torch.sigmoid(logits + bias)
         if g.dim() == 2:

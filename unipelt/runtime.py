@@ -505,9 +505,11 @@ def branch_delta(e: Entry, src: Tensor, ctx: ForwardContext, base: Tensor | None
     return e.branch(src, gate=g)
 
 
-def accumulate(e: Entry, src: Tensor, out: Tensor, ctx: ForwardContext, base: Tensor | None = None) -> Tensor:
+def accumulate(e: Entry, src: Tensor, out: Tensor, ctx: ForwardContext, base: Tensor | None = None,
+               owned: bool = False) -> Tensor:
     """``out + delta`` of branch ``e``; a branch with ``expand_into`` (LoRA) accumulates into
-    ``out`` inside its last matrix product (addmm: one pass less over the output)."""
+    ``out`` inside its last matrix product (addmm: one pass less over the output). ``owned``:
+    nothing else reads ``out``, so that product may write into it (``expand_into(owned=True)``)."""
     into = getattr(e.branch, "expand_into", None)
     kx = ctx.expand_kernel  # the Triton executor's expand into out (executor.kernel_expand)
     if into is not None or kx is not None:
@@ -522,7 +524,9 @@ def accumulate(e: Entry, src: Tensor, out: Tensor, ctx: ForwardContext, base: Te
         y = kx(e, out, u, g, ctx) if kx is not None else None
         if y is not None:
             return y
-        return into(out, u, g) if into is not None else out + e.branch.expand(u, g)
+        if into is None:
+            return out + e.branch.expand(u, g)
+        return into(out, u, g, owned=True) if owned else into(out, u, g)
     return out + branch_delta(e, src, ctx, base)
 
 
@@ -758,7 +762,10 @@ class SiteRuntime:
         query = x if f.branch.reads == "input" else y
         return f.branch.fuse(query, torch.stack(ds, dim=-2))
 
-    def apply(self, x: Tensor | None, y: Tensor, ctx: ForwardContext) -> Tensor:
+    def apply(self, x: Tensor | None, y: Tensor, ctx: ForwardContext, owned: bool = False) -> Tensor:
+        """The hook point's output with the live branches. ``owned``: ``y`` is a fresh base output
+        that nothing else holds (:meth:`LeafWrapper.owns_output`), so a LoRA may accumulate into it
+        when no branch here reads the output or the base."""
         if not self.live and not self.fusion:
             return y
         if self.kind == "renorm":
@@ -781,8 +788,11 @@ class SiteRuntime:
             delta = cur - y
         elif self.out_slice is None and self.live_mode == "parallel":
             out = y
+            # y may be overwritten only when no branch reads it after the first accumulation
+            owned = owned and all(e.branch.reads == "input" and not getattr(e.branch, "reads_base", False)
+                                  for e in self.live)
             for e in self.live:  # every branch reads the hook point's input or its (original) output
-                out = accumulate(e, x if e.branch.reads == "input" else y, out, ctx, y)
+                out = accumulate(e, x if e.branch.reads == "input" else y, out, ctx, y, owned=owned)
             return out
         else:
             delta = self.delta(x, y, ctx)
@@ -837,7 +847,8 @@ class Host:
             self.runtimes = dict(sorted(self.runtimes.items(), key=lambda kv: _PHASE.get(kv[1].kind, 3)))
         return rt
 
-    def run(self, x: Tensor | None, y: Tensor) -> Tensor:
+    def run(self, x: Tensor | None, y: Tensor, owned: bool = False) -> Tensor:
+        """``owned``: ``y`` is a fresh base output nothing else holds (the leaf wrapper's)."""
         ctx = self.ctx
         if ctx.rows is not None:
             return self._run_rows(x, y, ctx.rows)
@@ -864,10 +875,11 @@ class Host:
         else:
             rest = self.runtimes.values()
         for rt in rest:
+            # a runtime's result is again held by nobody else (its own new tensor, or y itself)
             if rt.reads_stash:
-                y = rt.apply(ctx.stash.get(rt.site_key), y, ctx)
+                y = rt.apply(ctx.stash.get(rt.site_key), y, ctx, owned=owned)
             else:
-                y = rt.apply(x, y, ctx)
+                y = rt.apply(x, y, ctx, owned=owned)
         return y
 
     _sliced: list[SiteRuntime] | None = None
@@ -1030,7 +1042,17 @@ class LeafWrapper(nn.Module):
         # input scalings (IA3 on ffn.down) change what the base projection reads; the branches
         # at this hook point read the original input
         xin = host.scale_input(x) if host.scales_input else x
-        return host.run(x, self.base_forward(xin, *args, **kwargs))
+        return host.run(x, self.base_forward(xin, *args, **kwargs), owned=self.owns_output())
+
+    def owns_output(self) -> bool:
+        """Whether the base output is a fresh tensor that nothing but the host sees, which a
+        LoRA may then accumulate into in place: a plain ``nn.Linear`` (its output is not saved for
+        its backward) called by this class's ``base_forward``, with no module hooks that could keep
+        it (its own or global ones)."""
+        base = self._modules["base_layer"]
+        return (type(base) is nn.Linear and type(self).base_forward is LeafWrapper.base_forward
+                and not base._forward_hooks and not base._forward_pre_hooks
+                and not nn.modules.module._global_forward_hooks)
 
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """The frozen projection itself (a quantized leaf's plugin may compute it another way)."""

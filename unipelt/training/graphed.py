@@ -8,10 +8,15 @@ foreach AdamW over 144 tensors: 7.5 ms of host time for a step with 4-5 ms of GP
 (benchmarks/RESULTS.md, "Session 8 (helper prof)"). Captured whole, a step costs the host one
 copy per input tensor and one ``cudaGraphLaunch``; the GPU then sets the time.
 
-    opt = torch.optim.AdamW(param_groups(handle, 1e-4), lr=1e-4, capturable=True)
+    opt = torch.optim.AdamW(param_groups(handle, 1e-4), lr=1e-4, capturable=True, fused=True)
     step = GraphedTrainStep(model, opt, example_batch)
     for batch in batches:              # every batch of the example's shapes and dtypes
         loss = step(batch)             # a device tensor; float(loss) waits for the step
+
+Prefer ``fused=True`` with ``capturable=True``: capturable foreach AdamW divides every
+parameter's second moment by 0-dim device tensors, off the foreach fast path, i.e. two
+non-vectorized kernels per parameter per step (0.93 ms of a BERT-base LoRA r16 all-linear step,
+1.1 ms of its time: benchmarks/RESULTS.md, "Session 10 (helper bert10)").
 
 How: the first ``warmup`` calls are ordinary eager (or compiled) steps on a side stream -- real
 training steps on their batches, which also create the optimizer state and run any lazy
