@@ -104,12 +104,12 @@ def _assert_close(a, b):
         assert torch.allclose(ga[k], gb[k], atol=2e-5, rtol=1e-4), (k, (ga[k] - gb[k]).abs().max())
 
 
-def test_bert_lora_all_linears_runs_in_place_and_equals_reference():
-    model = make_bert()
-    h = unipelt.compile(model, _lora_all())
+def _grouped_against_reference(model, spec, batch):
+    """The adapted model's train step on the reference executor and then on the grouped one
+    (its aten ops recorded); asserts they agree and returns (handle, grouped result, ops)."""
+    h = unipelt.compile(model, spec)
     randomize(h)
     model.train()
-    batch = make_batch()
     set_executor(model, "reference")
     ref = _step(model, h, batch)
     set_executor(model, "grouped")
@@ -117,6 +117,12 @@ def test_bert_lora_all_linears_runs_in_place_and_equals_reference():
     with ops:
         got = _step(model, h, batch)
     _assert_close(got, ref)
+    return h, got, ops
+
+
+def test_bert_lora_all_linears_runs_in_place_and_equals_reference():
+    model, batch = make_bert(), make_batch()
+    h, got, ops = _grouped_against_reference(model, _lora_all(), batch)
     # 6 LoRAs x 2 layers accumulate in place; the only out-of-place addmm left is the base
     # linears' own (with their bias) and the pooler / classifier
     assert ops.names.count("addmm_") == 12
@@ -132,17 +138,8 @@ def test_llama_bias_free_linears_run_in_place_and_equal_reference():
     spec = {"version": 1, "name": "l", "modules": {"lora": {
         "method": "lora", "sites": ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down"],
         "r": 4, "alpha": 8, "dropout": 0.0}}}
-    h = unipelt.compile(model, spec)
-    randomize(h)
-    model.train()
     batch = {"input_ids": make_batch()["input_ids"]}
-    set_executor(model, "reference")
-    ref = _step(model, h, batch)
-    set_executor(model, "grouped")
-    ops = _Ops()
-    with ops:
-        got = _step(model, h, batch)
-    _assert_close(got, ref)
+    h, got, ops = _grouped_against_reference(model, spec, batch)
     assert ops.names.count("addmm_") == 14  # 7 LoRAs x 2 layers
 
 
@@ -189,17 +186,7 @@ def test_autocast_mixed_dtypes_keep_the_out_of_place_sum():
 def test_grouped_members_take_one_split_of_z():
     # the q/k/v group's members are one split of z: its backward is one cat of their gradients,
     # not a zero-filled z-sized gradient, a strided copy and an add per member (slice_backward)
-    model = make_bert()
-    h = unipelt.compile(model, _lora_all())
-    randomize(h)
-    model.train()
-    batch = make_batch()
-    set_executor(model, "reference")
-    ref = _step(model, h, batch)
-    set_executor(model, "grouped")
-    ops = _Ops()
-    with ops:
-        got = _step(model, h, batch)
-    _assert_close(got, ref)
+    model, batch = make_bert(), make_batch()
+    h, got, ops = _grouped_against_reference(model, _lora_all(), batch)
     assert "slice_backward" not in ops.names
     assert ops.names.count("split_with_sizes") == 2  # one per layer's q/k/v group
