@@ -55,6 +55,7 @@ class SpecError(UnipeltError):
         # user's keys and a plugin's message may quote anything
         path = _cut(path, MAX_PATH_CHARS) if path else path
         message = _cut(message, MAX_MESSAGE_CHARS)
+        self.message = message  # without the file and field prefix (for a caller that adds to it)
         self.source = source
         self.path = path
         where = []

@@ -333,10 +333,7 @@ def _head_budget_error(e: SpecError, added_head: str | None) -> SpecError:
     so: ``unipelt compile`` checks the spec as written, without that head, and passed."""
     if not added_head or e.path != "budget":
         return e
-    prefix = ": ".join(p for p in (e.source, e.path) if p)
-    text = str(e)
-    message = text[len(prefix) + 2:] if prefix and text.startswith(prefix + ": ") else text
-    return SpecError(f"{message}. Module {added_head!r} (method train at head) is not in the spec: unipelt train "
+    return SpecError(f"{e.message}. Module {added_head!r} (method train at head) is not in the spec: unipelt train "
                      "added it because a classifier needs a trained head, and unipelt compile checks the spec "
                      "without it. Leave the budget room for it, or declare the head in the spec",
                      source=e.source, path=e.path)
