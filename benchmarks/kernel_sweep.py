@@ -41,7 +41,6 @@ def _timed_graph(fns, launches: int = 20) -> float:
     """Microseconds per call: ``launches`` calls captured in one CUDA graph (so the graph's own
     launch is spread over them), cycling through ``fns`` (the same launch on other input sets),
     timed by kernels.py's ``_time_graphed``."""
-    fns = list(fns) if isinstance(fns, (list, tuple)) else [fns]
     return _bench_kernels()._time_graphed(lambda: [fns[i % len(fns)]() for i in range(launches)], 3, 10) * 1e3 / launches
 
 

@@ -104,12 +104,18 @@ def _assert_close(a, b):
         assert torch.allclose(ga[k], gb[k], atol=2e-5, rtol=1e-4), (k, (ga[k] - gb[k]).abs().max())
 
 
-def _grouped_against_reference(model, spec, batch):
-    """The adapted model's train step on the reference executor and then on the grouped one
-    (its aten ops recorded); asserts they agree and returns (handle, grouped result, ops)."""
+def _adapted(model, spec):
+    """``spec`` compiled onto ``model`` with random adapter weights, in train mode."""
     h = unipelt.compile(model, spec)
     randomize(h)
     model.train()
+    return h
+
+
+def _grouped_against_reference(model, spec, batch):
+    """The adapted model's train step on the reference executor and then on the grouped one
+    (its aten ops recorded); asserts they agree and returns (handle, grouped result, ops)."""
+    h = _adapted(model, spec)
     set_executor(model, "reference")
     ref = _step(model, h, batch)
     set_executor(model, "grouped")
@@ -144,11 +150,8 @@ def test_llama_bias_free_linears_run_in_place_and_equal_reference():
 
 
 def test_not_in_place_where_the_old_output_could_be_read():
-    model = make_bert()
-    h = unipelt.compile(model, _lora_all())
-    randomize(h)
-    model.train()
-    batch = make_batch()
+    model, batch = make_bert(), make_batch()
+    h = _adapted(model, _lora_all())
     set_executor(model, "reference")
     ref = _step(model, h, batch)
     set_executor(model, "grouped")
@@ -169,11 +172,8 @@ def test_not_in_place_where_the_old_output_could_be_read():
 
 
 def test_autocast_mixed_dtypes_keep_the_out_of_place_sum():
-    model = make_bert()
-    h = unipelt.compile(model, _lora_all())
-    randomize(h)
-    model.train()
-    batch = make_batch()
+    model, batch = make_bert(), make_batch()
+    h = _adapted(model, _lora_all())
     set_executor(model, "grouped")
     ops = _Ops()
     with torch.autocast("cpu", dtype=torch.bfloat16), ops:
