@@ -309,7 +309,7 @@ def _expand_dh_kernel(
     # the epilogue: du = s·c·dh in u's dtype and the gate's gradient s·Σ_r dh ⊙ u. The programs
     # after them finish dB: the fp32 row shares _expand_db_kernel (launched first) wrote, summed in
     # a fixed order and stored in B's dtype -- in this launch rather than a torch sum and a cast
-    # (two more kernels per expand backward: about 5 us each under a CUDA graph on an H200)
+    # (two more kernels per expand backward: about 5 us the pair in llama's step on an H200, session 9)
     pid = tl.program_id(0)
     if pid >= m_programs:
         dd = (pid - m_programs) * BLOCK_DS + tl.arange(0, BLOCK_DS)
@@ -320,8 +320,7 @@ def _expand_dh_kernel(
             acc += tl.load(part_ptr + s * stride_ps + dd[:, None] * stride_pd + rr[None, :], mask=dm, other=0.0)
         tl.store(db_ptr + dd[:, None] * stride_dbd + rr[None, :], acc.to(db_ptr.dtype.element_ty), mask=dm)
     else:
-        pid_m = pid
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = tl.arange(0, BLOCK_R)
         row_ok = rows < M
         r_ok = rr < R
