@@ -448,15 +448,19 @@ def _num(v: float):
 def merge_problems(handle) -> list[str]:
     """Why each branch of ``handle`` left live by ``handle.merge()`` cannot be merged, one line per
     module (call it after ``merge``)."""
+    from unipelt.pruning import ConstantGate
+
     reasons: dict[str, str] = {}
     for bp in handle.graph.branches:
         e = handle.entries[bp.key]
         mod = e.branch
         if getattr(mod, "reads", None) == "params" or e.merged:
             continue  # trained in place: already part of the weights
+        if e.off:
+            continue  # pruned or dropped: computes nothing, so the merged model leaves it out too
         if bp.node.name in reasons:
             continue
-        if e.gate is not None:
+        if e.gate is not None and not isinstance(e.gate, ConstantGate):
             reasons[bp.node.name] = (f"module {bp.node.name!r} ({bp.node.method}) is gated: its gate depends on the "
                                      "input, so its delta has no fixed weight form")
         elif not getattr(mod, "mergeable", False):

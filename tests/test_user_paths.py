@@ -1,0 +1,77 @@
+"""Issue 12's and issue 9's features tried as a new user who has read only the README tries them:
+local model directories of architectures the other tests use least (GPT-2's fused Conv1D,
+Mistral's grouped-query attention with a sliding window, RoBERTa's offset positions), data files
+written by hand, each command followed to the next one. Each test is a regression test for
+something that broke there."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import unipelt
+from conftest import make_batch, make_gpt2, randomize
+from unipelt.cli import main
+from unipelt.state import get_state
+
+GATED_LORA = {"version": 1, "modules": {
+    "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 2, "gate": {"input": "layer"}}}}
+
+
+def _gpt2_dir(tmp_path):
+    """A local GPT-2 directory (config, weights, a byte-level tokenizer), as a user's model is."""
+    from unipelt.models import _byte_tokenizer
+
+    path = tmp_path / "gpt2"
+    make_gpt2(vocab_size=300).save_pretrained(path)
+    _byte_tokenizer(bert=False, chat=False).save_pretrained(path)
+    return path
+
+
+def test_merge_of_a_collapsed_adapter_leaves_its_pruned_branches_out(tmp_path):
+    """`unipelt merge` of a collapsed gated LoRA in which collapse pruned one branch (its gate
+    closed) and made the others' gates constants refused the whole adapter: "module 'lora' is
+    gated: its gate depends on the input". The pruned branch computes nothing, so there is nothing
+    to fold; the merged model now equals the collapsed adapted model (and export, which already
+    left pruned branches out, agrees)."""
+    from unipelt.export import merge_adapter
+    from transformers import GPT2LMHeadModel
+
+    path = _gpt2_dir(tmp_path)
+    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    h = unipelt.compile(model, GATED_LORA)
+    randomize(h)
+    with torch.no_grad():
+        h.gate_modules["lora@attn.q.1"].linear.bias.fill_(-30.0)  # closed on every token
+    batch = make_batch(batch=2, length=6)
+    rep = h.collapse([batch], spread=1.0)
+    assert rep.pruned == ["lora.1.attn.q"] and len(rep.merged) == 3
+    with torch.no_grad():
+        want = model(**batch).logits
+    h.save(tmp_path / "coll")
+    merge_adapter(tmp_path / "coll", str(path), tmp_path / "merged")
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = merged(**batch).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_refusal_of_a_collapsed_adapter_names_the_real_reason(tmp_path, capsys):
+    """A collapsed prefix and adapter run under constant gates; `unipelt merge` refused them as
+    "gated: its gate depends on the input", which is no longer true. The refusal now says what
+    stops them: they are not a linear change of a weight."""
+    path = _gpt2_dir(tmp_path)
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    h = unipelt.compile(model, {"version": 1, "modules": {
+        "prefix": {"method": "prefix", "length": 2, "gate": {"input": "layer"}},
+        "adapter": {"method": "adapter", "sites": "ffn.res", "reduction_factor": 4, "gate": {"input": "site"}}}})
+    h.collapse([make_batch(batch=2, length=6)], spread=1.0)
+    h.save(tmp_path / "coll")
+    assert main(["merge", str(tmp_path / "coll"), str(path), "--out", str(tmp_path / "merged")]) == 1
+    err = capsys.readouterr().err
+    assert "depends on the input" not in err
+    assert "module 'prefix'" in err and "module 'adapter'" in err and "not mergeable" in err
+    assert not (tmp_path / "merged").exists()
