@@ -612,8 +612,8 @@ class KVProvider:
         for name in rows.adapters:
             running = ctx.solo.get(name, ())
             for e in self.entries:
-                if e.adapter not in running:
-                    continue
+                if e.adapter not in running or e.off:
+                    continue  # a pruned or dropped prefix is left out here too, as in a call alone
                 saved = ctx.enter_segment(name) if e.gate is not None else None
                 try:
                     p = e.branch.kv_prefix(ctx=ctx, entry=e, batch=batch, site_key=self.site_key,
