@@ -106,3 +106,42 @@ def test_mixed_batch_leaves_out_a_pruned_or_dropped_prefix(method, how):
         mixed = model(**batch, adapter_names=["d", "o", "d"]).logits
     torch.testing.assert_close(mixed[[0, 2]], alone_d[[0, 2]], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(mixed[1], alone_o[1], atol=1e-6, rtol=1e-6)
+
+
+def test_an_adapter_saved_with_executor_triton_loads_where_the_kernels_cannot_run(tmp_path, monkeypatch):
+    """An adapter trained on a GPU with `executor: triton` in its spec could not be loaded
+    anywhere the kernels do not run: `unipelt eval` on a CPU, and `unipelt merge` and `export`
+    everywhere (they load on the CPU), all failed with exit 4, "the adapter does not fit this
+    model". The executor is how the groups run, not what the adapter computes: loading now falls
+    back to the model's own choice with a warning naming the reason, and the saved spec keeps
+    `executor: triton` for the next GPU. A spec compiled by hand with `executor: triton` there is
+    still refused (the user asked for it now)."""
+    import unipelt.compiler as compiler
+    from unipelt.errors import ModelError, UnipeltWarning
+
+    spec = {**GATED_LORA, "executor": "triton"}
+    model = make_gpt2()
+    h = unipelt.compile(model, spec)  # the interpreter runs the kernels here (conftest)
+    randomize(h)
+    batch = make_batch()
+    with torch.no_grad():
+        want = model(**batch).logits
+    h.save(tmp_path / "a")
+    monkeypatch.setattr(compiler, "kernels", lambda: "the Triton kernels cannot be imported (no triton)")
+    monkeypatch.delenv("UNIPELT_EXECUTOR", raising=False)
+    fresh = make_gpt2()
+    with pytest.warns(UnipeltWarning, match=r"executor 'triton'.*no triton"):
+        h2 = unipelt.load(fresh, tmp_path / "a")
+    assert get_state(fresh).executor == "auto"
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, want, atol=1e-5, rtol=1e-5)
+    h2.save(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "unipelt.json").read_text())["spec"]["executor"] == "triton"
+    with pytest.raises(ModelError, match="'triton' cannot run"):
+        unipelt.compile(make_gpt2(), spec)
+    monkeypatch.setenv("UNIPELT_EXECUTOR", "triton")  # asked for now, through the variable: refused
+    import warnings
+
+    with pytest.raises(Exception, match="UNIPELT_EXECUTOR=triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", UnipeltWarning)  # refused, not first told it falls back
+        unipelt.load(make_gpt2(), tmp_path / "a")

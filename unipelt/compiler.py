@@ -162,6 +162,13 @@ def compile(
     return handle
 
 
+def triton_cannot_run(model: nn.Module) -> str | None:
+    """Why the Triton kernels cannot run on ``model``'s device and dtype, or None when they can."""
+    k = kernels()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return k if isinstance(k, str) else k.fits(torch.empty(0, device=device, dtype=adapter_dtype(model)))
+
+
 def _check_triton_runs(spec: Spec, executor: str, model: nn.Module) -> None:
     """``triton`` chosen where the kernels cannot run (no CUDA and no ``TRITON_INTERPRET=1``, a
     dtype they do not take, triton missing) is one ModelError before the model is touched, naming
@@ -170,9 +177,7 @@ def _check_triton_runs(spec: Spec, executor: str, model: nn.Module) -> None:
         return
     from unipelt.executor import ENV_VAR
 
-    k = kernels()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    why = k if isinstance(k, str) else k.fits(torch.empty(0, device=device, dtype=adapter_dtype(model)))
+    why = triton_cannot_run(model)
     if why is None:
         return
     if spec.executor == "triton":

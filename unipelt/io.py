@@ -586,7 +586,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     :class:`AdapterFileError` naming the file and the field or tensor; a name already attached to
     the model raises :class:`ModelError`. Either way the model is left as it was.
     """
-    from unipelt.compiler import compile as _compile, get_state
+    from unipelt.compiler import compile as _compile, get_state, triton_cannot_run
+    from unipelt.executor import ENV_VAR
     from unipelt.spec import parse_spec
 
     d = Path(path)
@@ -602,6 +603,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     except SpecError as e:
         raise AdapterFileError(f"{d / META_FILE}: field 'spec': {e}") from None
     spec.source = str(d / META_FILE)
+    if spec.executor == "triton":
+        # how the groups ran where it was trained, not what the adapter computes: an adapter trained
+        # on a GPU with the kernels must still load on a CPU (eval there; merge and export load on
+        # the CPU everywhere). The saved spec (spec.raw) keeps the choice for the next GPU.
+        why = triton_cannot_run(model)
+        if why is not None and os.environ.get(ENV_VAR) == "triton":
+            spec.executor = None  # asked for now: compile refuses, naming the variable
+        elif why is not None:
+            warnings.warn(f"{d / META_FILE}: the adapter was saved with executor 'triton', which cannot run here "
+                          f"({why}); it runs on the model's executor instead (auto unless UNIPELT_EXECUTOR, an "
+                          "earlier adapter or set_executor chose another)", UnipeltWarning, stacklevel=3)
+            spec.executor = None
     tensors = read_weights(d, meta)  # before compiling: a corrupt file never touches the model
     try:
         handle = _compile(model, spec, name, registry=registry)
