@@ -76,6 +76,22 @@ def test_auto_kind_lm_pairs_and_text_rows(tmp_path):
     assert text == [Example(text="only text", line=2)]
 
 
+def test_a_pair_row_without_its_response_names_the_response_field(tmp_path):
+    """A JSONL row with the prompt of a pair but no response (a user's question/answer file with
+    one answer missing) was reported as "missing field 'text'", a field the user never meant: the
+    row is read as a text row when it is not a complete pair. The message now names the missing
+    half of the pair, and a text row still names 'text'."""
+    p = jsonl(tmp_path / "qa.jsonl", [{"question": "a", "answer": "x"}, {"question": "b"}])
+    with pytest.raises(DataError, match=r"qa.jsonl: line 2: missing field 'answer'.*'question'/'answer' pair"):
+        read_examples(p, prompt_field="question", response_field="answer")
+    p = jsonl(tmp_path / "qa2.jsonl", [{"question": "a", "answer": "x"}, {"answer": "y"}])
+    with pytest.raises(DataError, match=r"line 2: missing field 'question'"):
+        read_examples(p, prompt_field="question", response_field="answer")
+    p = jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"other": "b"}])
+    with pytest.raises(DataError, match=r"line 2: missing field 'text' \(fields found: other\)"):
+        read_examples(p)
+
+
 def test_explicit_kind_lm_ignores_labels(tmp_path):
     p = jsonl(tmp_path / "d.jsonl", [{"text": "t", "label": "x"}])
     assert read_examples(p, kind="lm") == [Example(text="t", line=1)]

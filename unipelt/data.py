@@ -260,6 +260,11 @@ def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]],
         elif f.prompt in row and f.response in row:
             out.append(Example(prompt=_value(row, f.prompt, line, source, noun),
                                response=_text(row, f.response, line, source, noun), line=line, source=source))
+        elif f.text not in row and (f.prompt in row or f.response in row):
+            # half a pair (a question without its answer): name the missing half, not 'text'
+            half, missing = (f.prompt, f.response) if f.prompt in row else (f.response, f.prompt)
+            raise DataError(f"{source}: line {line}: missing {noun} {missing!r}: the row has {half!r} of a "
+                            f"{f.prompt!r}/{f.response!r} pair ({noun}s found: {', '.join(row)})")
         else:
             out.append(Example(text=_text(row, f.text, line, source, noun), line=line, source=source))
     return out
