@@ -643,6 +643,26 @@ def test_compile_default_trains_like_eager_on_cpu(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_compile_default_trains_gpt2_as_a_causal_lm(tmp_path, monkeypatch):
+    """`unipelt train ... tiny-gpt2 --compile default` (or any GPT-2 directory) failed before the
+    first step: GPT2LMHeadModel's name does not say its loss, so transformers' `loss_function`
+    logs "loss_type=None ... unrecognized" on every forward given labels, a logger call that
+    torch.compile(fullgraph=True) cannot trace. The loss is resolved once, eagerly (the same
+    ForCausalLMLoss), and the compiled step equals the eager one."""
+    monkeypatch.setenv("UNIPELT_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    kw = dict(epochs=1, max_steps=1, batch_size=4, lr=1e-2, progress=False, save_total_limit=None)
+    runs = {}
+    for mode in ("default", "off"):
+        runs[mode] = train(LORA_QV, "tiny-gpt2", lm_rows(), None, TrainConfig(out_dir=str(tmp_path / mode),
+                                                                              compile=mode, **kw))
+    assert runs["default"]["compile"]["mode"] == "default" and runs["default"]["compile"]["fallback"] is None
+    a, b = adapter_tensors(tmp_path / "default" / "adapter"), adapter_tensors(tmp_path / "off" / "adapter")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 def test_precision_bf16_autocast_trains_fp32_adapter(tmp_path):
     from unipelt.training.options import choose_precision
 

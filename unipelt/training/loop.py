@@ -394,6 +394,8 @@ def _set_training_forward(run: Run) -> None:
     kwargs = {"mode": mode} if backend == "inductor" else {}
     from torch._dynamo.exc import InvalidBackend
 
+    _resolve_loss_function(run.net)
+
     # DDP's own forward (its logger, the reducer's bookkeeping) cannot be traced: under DDP the
     # graph breaks around the model by design, so fullgraph is off there (torch's DDP + compile path)
     fullgraph = run.dist.mode != "ddp"
@@ -404,6 +406,21 @@ def _set_training_forward(run: Run) -> None:
     except InvalidBackend:
         raise TrainingError(f"{COMPILE_BACKEND_ENV}={backend!r}: not a torch.compile backend "
                             f"(torch._dynamo.list_backends() lists them)") from None
+
+
+def _resolve_loss_function(net: nn.Module) -> None:
+    """transformers looks the loss up on every forward given labels (``loss_function``) and, for a
+    class whose name does not say its loss (GPT2LMHeadModel), logs "loss_type=None ...
+    unrecognized" there: a logger call torch.compile(fullgraph=True) cannot trace, so every GPT-2
+    LM run with --compile failed before its first step. Looked up once here, eagerly, and set on
+    the model, the forward finds the same function (ForCausalLMLoss) without the call."""
+    from transformers import PreTrainedModel
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    for m in net.modules():
+        if isinstance(m, PreTrainedModel) and "_loss_function" not in vars(m) \
+                and getattr(m, "loss_type", None) not in LOSS_MAPPING:
+            m.loss_function = m.loss_function  # the getter's default (and its one warning), eagerly
 
 
 class _training_mode:
