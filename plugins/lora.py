@@ -197,8 +197,11 @@ class LoraBranch(nn.Module):
         # gated and sees no dropout, being part of the base weight in the method's formula
         return F.linear(F.linear(x, self.base_A), self.base_B) * (-self.scale)
 
+    gated = False
+
     def configure_gate(self, spec) -> None:
         self.gate_scale = spec.lora_scale
+        self.gated = True
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
         h = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
@@ -283,6 +286,11 @@ class LoraBranch(nn.Module):
         A' = [A; A0], B' = [B, −B0] with the same scale (alpha' = 2·alpha, rsLoRA √2·alpha), so
         the saved adapter needs no decomposition of, and no change to, the base weight."""
         if self.base_A is None:
+            return {}
+        if self.gated:
+            # W0·x − s·B0·A0·x + g·(B·A·x): the correction is not gated, and the rank-2r LoRA would
+            # put it under the gate (another function): a gated branch keeps A0 and B0, which the
+            # adapter saves (a PiSSA checkpoint before conversion loads the same way)
             return {}
         with torch.no_grad():
             a = torch.cat([self.lora_A, self.base_A.to(self.lora_A.dtype)], 0)

@@ -274,3 +274,60 @@ def test_niter_only_with_pissa():
         unipelt.validate(spec("olora", niter=2))
     with pytest.raises(unipelt.SpecError, match=r"modules\.d\.niter"):
         unipelt.validate({"modules": {"d": {"method": "dora", "site": "attn.q", "niter": 2}}})
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("lora_scale", ["replace", "multiply"])
+def test_gated_pissa_keeps_its_function_through_drop_reparameterization(tmp_path, init, lora_scale):
+    """A gated PiSSA / OLoRA computes W0·x − s·B0·A0·x + g·(B·A·x) (the residual's correction is
+    part of the base weight, not gated). drop_reparameterization — which `unipelt train` runs
+    before the final save, and collapse before it merges — turned it into the rank-2r LoRA
+    [B, −B0]·[A; A0] under the gate, which gates the correction too: the saved adapter computed
+    another function (GPT-2 logits off by 0.06, Qwen2 by 0.2). A gated branch now keeps A0 and B0
+    (the adapter saves them and reloads as it is), and collapse with a constant gate merges it
+    exactly."""
+    from conftest import randomize
+
+    batch = make_batch()
+    model = make_gpt2()
+    h = unipelt.compile(model, spec(init, r=2, gate={"input": "layer", "lora_scale": lora_scale}))
+    randomize(h, std=0.1)
+    want = logits(model, batch)
+    h.drop_reparameterization()
+    torch.testing.assert_close(logits(model, batch), want, atol=1e-5, rtol=1e-5)
+    h.save(tmp_path / "a")
+    fresh = make_gpt2()
+    unipelt.load(fresh, tmp_path / "a")
+    torch.testing.assert_close(logits(fresh, batch), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # nearly constant gates: collapse makes them constants and merges
+        for g in h.gate_modules.values():
+            g.linear.weight.mul_(1e-7)
+    near = logits(model, batch)
+    rep = h.collapse([batch])
+    assert len(rep.merged) == 2 * len(SITES) and rep.max_abs_diff < 1e-4
+    torch.testing.assert_close(logits(model, batch), near, atol=1e-4, rtol=1e-4)
+
+
+def test_collapsed_gated_pissa_exports_its_function_to_peft(tmp_path):
+    """A gated PiSSA whose gates collapse made constants keeps A0 and B0 (above); the PEFT export
+    wrote only c·B·A and lost the correction −s·B0·A0 (logits off by 0.23). It is now written as
+    the stacked LoRA [c·B, −s·B0]·[A; A0], which PEFT computes as the collapsed model does."""
+    from conftest import randomize
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+    from unipelt.export import export_peft
+
+    batch = make_batch()
+    model = make_llama()
+    model.save_pretrained(tmp_path / "base")
+    h = unipelt.compile(model, spec("pissa", r=2, gate={"input": "layer"}))
+    randomize(h, std=0.1)
+    with torch.no_grad():
+        for g in h.gate_modules.values():
+            g.linear.weight.mul_(1e-7)
+    h.collapse([batch], merge=False)
+    want = logits(model, batch)
+    h.save(tmp_path / "a")
+    export_peft(tmp_path / "a", tmp_path / "peft", model=str(tmp_path / "base"))
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(peft_model, batch), want, atol=1e-5, rtol=1e-5)

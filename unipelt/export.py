@@ -208,14 +208,21 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
                 module = net.get_submodule(path)
                 base = getattr(module, "base_layer", module)
                 out_full = int(base.nf) if path in transposed else int(base.out_features)
-                rank = sum(mod.r for _, mod, _ in items)
-                A = torch.cat([mod.lora_A.detach() for _, mod, _ in items], 0)
+                # a gated PiSSA / OLoRA keeps its residual's correction -s·B0·A0 (ungated: not
+                # under the collapsed constant), written as r more columns: [c·B, -s·B0]·[A; A0]
+                A = torch.cat([t.detach() for _, mod, _ in items
+                               for t in ((mod.lora_A,) if getattr(mod, "base_A", None) is None
+                                         else (mod.lora_A, mod.base_A.to(mod.lora_A.dtype)))], 0)
+                rank = A.shape[0]
                 B = torch.zeros(out_full, rank, dtype=A.dtype)
                 col = 0
                 for (bp, mod, _), factor in zip(items, factors):
                     o0, o1 = bp.site.out_slice or (0, out_full)
                     B[o0:o1, col:col + mod.r] = mod.lora_B.detach() * factor
                     col += mod.r
+                    if getattr(mod, "base_A", None) is not None:
+                        B[o0:o1, col:col + mod.r] = mod.base_B.detach().to(B.dtype) * (-float(mod.scale))
+                        col += mod.r
                 # scale 1: lora_alpha = r, or sqrt(r) under use_rslora
                 per_path[path] = (rank, float(rank ** 0.5 if all_rslora else rank))
                 if dora:
