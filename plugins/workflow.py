@@ -137,6 +137,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         c = report["compile"]
         print(f"compiled      torch.compile mode {c['mode']} (backend {c['backend']})"
               + (f"; fell back to eager: {c['fallback']}" if c["fallback"] else ""))
+    ex = report.get("executor") or {}
+    if ex.get("choice") not in (None, "auto"):
+        groups = ex.get("groups") or {}
+        print(f"executor      {ex['choice']} ({sum(groups.values())} fusion groups: "
+              + ", ".join(f"{n} {name}" for name, n in sorted(groups.items())) + ")")
     if report.get("precision") == "bf16":
         print("precision     bf16 autocast (weights, adapter and optimizer state in fp32)")
     median = report["time"]["per_step_median_s"]

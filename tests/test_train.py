@@ -663,6 +663,26 @@ def test_compile_default_trains_gpt2_as_a_causal_lm(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("choice", ["triton", "reference"])
+def test_report_names_the_executor_the_run_used(tmp_path, monkeypatch, capsys, choice):
+    """A run with UNIPELT_EXECUTOR=triton (or `executor:` in the spec) said nowhere which executor
+    trained it: report.json and the printed summary had no trace of it, so a user could not tell
+    the kernels ran. The report now has the model's choice and each fusion group's executor (the
+    compile report's), and the summary prints it when it is not `auto`."""
+    from unipelt.cli import main
+
+    monkeypatch.setenv("UNIPELT_EXECUTOR", choice)  # the interpreter runs the kernels here (conftest)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"version": 1, "modules": {"lora": {**LORA_QV["modules"]["lora"], "gate": True}}}))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in cls_rows()))
+    assert main(["train", str(spec), "tiny-bert", "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--no-progress"]) == 0
+    ex = json.loads((tmp_path / "run" / "report.json").read_text())["executor"]
+    assert ex == {"choice": choice, "groups": {choice: 2}}  # attn.in of the 2 layers
+    assert f"executor      {choice} (2 fusion groups: 2 {choice})" in capsys.readouterr().out
+
+
 def test_precision_bf16_autocast_trains_fp32_adapter(tmp_path):
     from unipelt.training.options import choose_precision
 

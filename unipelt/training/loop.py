@@ -11,6 +11,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -642,6 +643,15 @@ def _save(run: Run, state: dict) -> None:
 # ------------------------------------------------------------------------------------------
 # the end: report, final adapter
 # ------------------------------------------------------------------------------------------
+def _executors(handle) -> dict:
+    """The model's executor choice and how many fusion groups each executor ran (as the compile
+    report names them), so a run says whether the Triton kernels trained it."""
+    from unipelt.report import report_dict
+
+    d = report_dict(handle)
+    return {"choice": d["executor"], "groups": dict(Counter(g["executor"] for g in d["fusion_groups"]))}
+
+
 def _report(run: Run, spec, model_name, labels, added_head, n_examples: int, wall: float, resume_from) -> TrainReport:
     from unipelt.compiler import base_param_count
 
@@ -664,6 +674,7 @@ def _report(run: Run, spec, model_name, labels, added_head, n_examples: int, wal
         "config": dict(asdict(cfg)),
         "compile": dict(run.compile_info),
         "precision": "bf16" if run.autocast == torch.bfloat16 else "fp32",
+        "executor": _executors(run.handle),
         "steps": st.step,
         "total_steps": run.plan.total_steps,
         "steps_per_epoch": run.plan.steps_per_epoch,
