@@ -145,3 +145,21 @@ def test_an_adapter_saved_with_executor_triton_loads_where_the_kernels_cannot_ru
     with pytest.raises(Exception, match="UNIPELT_EXECUTOR=triton"), warnings.catch_warnings():
         warnings.simplefilter("error", UnipeltWarning)  # refused, not first told it falls back
         unipelt.load(make_gpt2(), tmp_path / "a")
+
+
+def test_budget_refusal_of_a_to_budget_spec_says_what_cannot_be_pruned():
+    """A `to_budget` spec whose unprunable part (here a classifier head trained in place) is
+    over the budget was refused with "the spec needs 2,499 parameters" and every module's count,
+    the gated LoRA's included: it read as if the whole spec were 2,499 and the LoRA part of it.
+    The message now says the 2,499 are what pruning cannot remove, of how many in all."""
+    from unipelt.errors import SpecError
+
+    spec = {"version": 1, "modules": {
+        "lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 2, "gate": True},
+        "head": {"method": "train", "sites": "head"}},
+        "prune": {"to_budget": True}, "budget": {"max_params": 50}}
+    from conftest import make_bert
+
+    with pytest.raises(SpecError, match=r"budget: .* parameters \(kept\) that pruning cannot remove \(ungated branches"
+                                        r".*of [\d,]+ in all\), over the budget \(max_params 50\)"):
+        unipelt.compile(make_bert(), spec)

@@ -301,11 +301,14 @@ class AdapterHandle:
         s = self.summary(base_params)
         used = s.kept if b.count == "kept" else s.training
         limit = b.max_params if b.max_params is not None else int(b.fraction * base_params)
+        needs = f"the spec needs {_fmt(used)} parameters ({b.count})"
         if used > limit and self._prunes_to_budget():
             # training prunes gated branches toward the budget: what it cannot remove must fit
             floor = self._unprunable(s, b.count)
             if floor <= limit:
                 return
+            needs = (f"the spec needs {_fmt(floor)} parameters ({b.count}) that pruning cannot remove (ungated "
+                     f"branches, shared modules, parameters trained in place; of {_fmt(used)} in all)")
             used = floor
         if used > limit:
             what = f"max_params {_fmt(limit)}" if b.max_params is not None else f"fraction {b.fraction} of {_fmt(base_params)} = {_fmt(limit)}"
@@ -313,7 +316,7 @@ class AdapterHandle:
             shares = sorted(((c[b.count], name) for name, c in s.per_module().items()), reverse=True)
             parts = ", ".join(f"{name} {_fmt(n)}" for n, name in shares)
             raise SpecError(
-                f"the spec needs {_fmt(used)} parameters ({b.count}), over the budget ({what}); per module: {parts}. "
+                f"{needs}, over the budget ({what}); per module: {parts}. "
                 "Shrink the largest modules or raise the budget",
                 source=self.spec.source, path="budget",
             )
