@@ -163,3 +163,28 @@ def test_budget_refusal_of_a_to_budget_spec_says_what_cannot_be_pruned():
     with pytest.raises(SpecError, match=r"budget: .* parameters \(kept\) that pruning cannot remove \(ungated branches"
                                         r".*of [\d,]+ in all\), over the budget \(max_params 50\)"):
         unipelt.compile(make_bert(), spec)
+
+
+def test_collapse_and_gates_of_an_inactive_adapter_are_refused():
+    """With two adapters on one model and the other one active, `a.collapse(batches)` measured no
+    gate of `a` (it does not run) and reported success: nothing pruned, nothing constant, a
+    difference of 0, on gates that were in fact nearly constant. `a.gates(batch)` returned an empty
+    report the same way. Both now refuse, naming the active adapters; once `a` is active the same
+    collapse makes its gates constants."""
+    from unipelt.errors import ModelError
+
+    model = make_gpt2()
+    a = unipelt.compile(model, GATED_LORA, name="a")
+    randomize(a, seed=1)
+    with torch.no_grad():
+        for g in a.gate_modules.values():
+            g.linear.weight.mul_(1e-6)
+    unipelt.compile(model, {"version": 1, "modules": {"l": {"method": "lora", "sites": ["attn.v"], "r": 2}}}, name="b")
+    batch = make_batch()
+    with pytest.raises(ModelError, match=r"adapter 'a' is not active \(active: b\).*set_adapter\(model, 'a'\)"):
+        a.collapse([batch])
+    with pytest.raises(ModelError, match=r"adapter 'a' is not active"):
+        a.gates(batch)
+    assert not a.spec.collapsed and all(not e.pruned for e in a.entries.values())
+    unipelt.set_adapter(model, "a")
+    assert len(a.collapse([batch]).constant) == 4

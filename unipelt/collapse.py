@@ -188,6 +188,9 @@ def collapse(handle, calibration_batches: Iterable, *, closed: float = 0.01, spr
     for name, value, top in (("closed", closed, 1.0), ("spread", spread, 1.0), ("tolerance", tolerance, float("inf"))):
         if value is not None and not 0.0 <= value <= top:  # NaN fails too
             raise ValueError(f"collapse: {name} must be in [0, {top:g}], got {value!r}")
+    # an inactive adapter does not run: its gates would measure as nothing, and it would "collapse"
+    # to itself with a difference of 0
+    handle.require_active("its gates are measured on the forward it runs in")
     batches = list(calibration_batches)
     if not batches:
         raise ValueError("collapse needs at least one calibration batch")

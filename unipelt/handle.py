@@ -344,7 +344,7 @@ class AdapterHandle:
     @torch.no_grad()
     def gates(self, batch: dict[str, Tensor] | Tensor) -> GateReport:
         """Run one forward on ``batch`` and return each gated module's gate values per layer."""
-
+        self.require_active("its gates are read off the forward it runs in")
         state = get_state(self.model)
         ctx = state.ctx
         ctx.record = {}
@@ -374,6 +374,14 @@ class AdapterHandle:
                     v = gi.mean(1)
                 values[(name, layer)] = v
         return GateReport(values)
+
+    def require_active(self, why: str) -> None:
+        """A ModelError unless this adapter is among the active ones (an inactive adapter does not
+        run: nothing of it can be measured)."""
+        active = get_state(self.model).ctx.active
+        if self.name not in active:
+            raise ModelError(f"adapter {self.name!r} is not active (active: {', '.join(sorted(active)) or 'none'}); "
+                             f"{why}: unipelt.set_adapter(model, {self.name!r}) first")
 
     # -- after training ---------------------------------------------------------------------
     def drop_reparameterization(self) -> int:
