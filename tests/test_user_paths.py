@@ -188,3 +188,17 @@ def test_collapse_and_gates_of_an_inactive_adapter_are_refused():
     assert not a.spec.collapsed and all(not e.pruned for e in a.entries.values())
     unipelt.set_adapter(model, "a")
     assert len(a.collapse([batch]).constant) == 4
+
+
+def test_gates_of_a_fused_adapter_are_read_while_its_fusion_is_active(fusion_registry):
+    """An adapter fused by the active AdapterFusion runs (fused), so its gates are read there:
+    the refusal above is for adapters that do not run."""
+    model = make_gpt2()
+    gated = {"version": 1, "modules": {"ad": {"method": "adapter", "sites": "ffn.out", "reduction_factor": 4,
+                                              "gate": True}}}
+    for i, n in enumerate("ab"):
+        randomize(unipelt.compile(model, gated, name=n), seed=i)
+    unipelt.compile(model, {"modules": {}, "combine": {"ffn.out": {"mode": "fusion", "adapters": ["a", "b"]}}},
+                    name="fuse")
+    values = get_state(model).handles["a"].gates(make_batch()).values
+    assert len(values) == 2  # one gate per layer

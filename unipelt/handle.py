@@ -376,10 +376,11 @@ class AdapterHandle:
         return GateReport(values)
 
     def require_active(self, why: str) -> None:
-        """A ModelError unless this adapter is among the active ones (an inactive adapter does not
-        run: nothing of it can be measured)."""
-        active = get_state(self.model).ctx.active
-        if self.name not in active:
+        """A ModelError unless this adapter runs: active, or fused by an active AdapterFusion (an
+        adapter that does not run cannot be measured)."""
+        state = get_state(self.model)
+        active = state.ctx.active
+        if self.name not in state.running(set(active)):
             raise ModelError(f"adapter {self.name!r} is not active (active: {', '.join(sorted(active)) or 'none'}); "
                              f"{why}: unipelt.set_adapter(model, {self.name!r}) first")
 
