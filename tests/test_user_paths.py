@@ -74,6 +74,7 @@ def test_merge_refusal_of_a_collapsed_adapter_names_the_real_reason(tmp_path, ca
     err = capsys.readouterr().err
     assert "depends on the input" not in err
     assert "module 'prefix'" in err and "module 'adapter'" in err and "not mergeable" in err
+    assert "whose gate unipelt collapse made a constant" in err  # what does merge
     assert not (tmp_path / "merged").exists()
 
 
