@@ -528,7 +528,8 @@ def merge_adapter(adapter_dir: str | os.PathLike, model: str | None, out_dir: st
     if problems:
         handle.detach()
         raise ExportError(f"{adapter_dir}: cannot merge: " + "; ".join(problems)
-                          + ". Merge works for ungated LoRA (or one whose gate unipelt collapse made a constant) and parameters trained in place (head, bias, norm).")
+                          + ". Merge works for ungated LoRA (or one whose gate unipelt collapse made a constant) "
+                          "and parameters trained in place (head, bias, norm).")
     merged = {k: v.detach().clone() for k, v in net.state_dict().items()
               if not (k.startswith("unipelt.") or ".unipelt." in k)}
     handle.detach()  # restores the original modules (and the original weights)
