@@ -175,15 +175,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 # eval / gates
 # ------------------------------------------------------------------------------------------
-def _adapted(args, data):
+def _adapted(args, data, *, inputs_only: bool = False):
+    """The recorded (or named) model with the adapter attached. ``inputs_only`` (collapse, gates:
+    the model's inputs are all they read): a classifier's rows need no label, and carry its first
+    class as a placeholder for the encoder (``data`` is updated in place)."""
+    import dataclasses
+
     from unipelt.data import label_set
     from unipelt.errors import DataError
     from unipelt.train import detect_task, load_adapted
 
     task = args.task
     labels = label_set(data) if (task or detect_task(data)) == "classification" else None
+    if inputs_only and labels is not None and any(ex.label is None for ex in data):
+        labels = None  # some rows unlabelled: the head's own classes, not the data's
     model, tok, handle, info = load_adapted(args.adapter, args.model, task=task, labels=labels, device=args.device)
-    if info["task"] == "classification":
+    if info["task"] == "classification" and inputs_only:
+        data[:] = [dataclasses.replace(ex, label=info["labels"][0]) for ex in data]
+    elif info["task"] == "classification":
         known = set(info.get("labels") or [])
         for ex in data:
             if ex.label is None:
@@ -207,6 +216,16 @@ def _read_for_adapter(args):
     return data, chat
 
 
+def _default_length(model) -> int:
+    """``--max-length`` when neither the flag nor the training record gives one: 256, or the
+    model's position table where that is shorter (a 130-position RoBERTa holds 129), since the
+    user never asked for 256 and check_max_length would refuse it."""
+    from unipelt.training.inputs import position_limit
+
+    limit = position_limit(model)
+    return 256 if limit is None else min(256, limit)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from unipelt.train import evaluate
 
@@ -214,7 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok, handle, info = _adapted(args, data)
     task = info["task"]
     metrics = evaluate(model, tok, data, task=task, labels=info.get("labels"), batch_size=args.batch_size,
-                       max_length=args.max_length or info.get("max_length") or 256,
+                       max_length=args.max_length or info.get("max_length") or _default_length(model),
                        use_chat_template=chat)
     if args.json:
         print(json.dumps({"adapter": args.adapter, "model": info.get("model"), "task": task, **metrics}, indent=2))
@@ -236,10 +255,10 @@ def cmd_gates(args: argparse.Namespace) -> int:
     if args.plot:  # refused before any model is loaded; an existing PNG is replaced, any other file kept
         io.check_output_path(args.plot, kind="file", what=PLOT_FILE, replaces=io.is_png)
     data, chat = _read_calibration(args)  # gate values need the inputs only, as collapse's
-    model, tok, handle, info = _adapted(args, data)
+    model, tok, handle, info = _adapted(args, data, inputs_only=True)
     from unipelt.training.inputs import check_max_length
 
-    max_length = args.max_length or info.get("max_length") or 256
+    max_length = args.max_length or info.get("max_length") or _default_length(model)
     check_max_length(model, max_length)  # else an IndexError inside the position embeddings
     rows = encode(data, tok, info["task"], labels=info.get("labels"),
                   max_length=max_length, use_chat_template=chat)
@@ -316,8 +335,8 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     data, chat = _read_calibration(args)
     if args.max_examples:
         data = data[:args.max_examples]
-    model, tok, handle, info = _adapted(args, data)
-    max_length = args.max_length or info.get("max_length") or 256
+    model, tok, handle, info = _adapted(args, data, inputs_only=True)
+    max_length = args.max_length or info.get("max_length") or _default_length(model)
     check_max_length(model, max_length)
     rows = encode(data, tok, info["task"], labels=info.get("labels"), max_length=max_length, use_chat_template=chat)
     device = next(model.parameters()).device
@@ -476,7 +495,7 @@ def unipelt_add_commands(subparsers):
     e.add_argument("--data", required=True, help=data_help)
     _data_options(e, trained=True)
     e.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
-    e.add_argument("--max-length", type=int, help="default: the one used in training, else 256")
+    e.add_argument("--max-length", type=int, help="default: the one used in training, else 256 (or the model's position table, if shorter)")
     e.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
@@ -487,7 +506,7 @@ def unipelt_add_commands(subparsers):
     _data_options(g, trained=True)
     g.add_argument("--plot", metavar="PNG", help="write a heat map (layers x modules, values annotated)")
     g.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
-    g.add_argument("--max-length", type=int, help="default: the one used in training, else 256")
+    g.add_argument("--max-length", type=int, help="default: the one used in training, else 256 (or the model's position table, if shorter)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_gates)
@@ -509,7 +528,7 @@ def unipelt_add_commands(subparsers):
     c.add_argument("--no-merge", action="store_true", help="keep LoRA with a constant gate unmerged")
     c.add_argument("--max-examples", type=_positive_int, help="use the first N calibration examples")
     c.add_argument("--batch-size", type=_positive_int, default=16, help="examples per batch (default: 16)")
-    c.add_argument("--max-length", type=int, help="default: the one used in training, else 256")
+    c.add_argument("--max-length", type=int, help="default: the one used in training, else 256 (or the model's position table, if shorter)")
     c.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(func=cmd_collapse)

@@ -203,3 +203,41 @@ def test_gates_of_a_fused_adapter_are_read_while_its_fusion_is_active(fusion_reg
                     name="fuse")
     values = get_state(model).handles["a"].gates(make_batch()).values
     assert len(values) == 2  # one gate per layer
+
+
+def _roberta_dir(tmp_path):
+    """A local RoBERTa classifier (130 positions, 129 usable past its padding index), byte tokenizer."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    from unipelt.models import _byte_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path / "roberta"
+    RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=130, pad_token_id=0, type_vocab_size=1, num_labels=3)).save_pretrained(path)
+    _byte_tokenizer(bert=True, chat=False).save_pretrained(path)
+    return path
+
+
+def test_collapse_gates_and_eval_of_an_adapter_saved_from_python(tmp_path, capsys):
+    """An adapter saved with `handle.save` (no training record) on a local RoBERTa classifier:
+    `unipelt collapse` refused unlabelled calibration rows ("no label; the adapter is a
+    classifier", though collapse never uses a label), and `collapse`, `gates` and `eval` all
+    failed on their default `--max-length 256`, which the user never gave ("--max-length 256: ...
+    has 129 positions"). Calibration rows now need no label whatever the adapter records, and the
+    default length is 256 or the model's position table, whichever is shorter."""
+    from unipelt.models import load_model
+
+    path = _roberta_dir(tmp_path)
+    model, _ = load_model(str(path), task="classification", num_labels=3)
+    h = unipelt.compile(model, GATED_LORA)
+    randomize(h)
+    h.save(tmp_path / "a")
+    (tmp_path / "calib.csv").write_text("sentence\nthe film was fine\n" + "a very long review " * 20 + "\n")
+    (tmp_path / "dev.csv").write_text("sentence,label\ngood,0\nbad,1\n" + "long " * 200 + ",2\n")
+    fields = ["--text-field", "sentence"]
+    assert main(["collapse", str(tmp_path / "a"), str(path), "--data", str(tmp_path / "calib.csv"), *fields,
+                 "--out", str(tmp_path / "c")]) == 0
+    assert main(["gates", str(tmp_path / "a"), str(path), "--data", str(tmp_path / "calib.csv"), *fields]) == 0
+    assert main(["eval", str(tmp_path / "a"), str(path), "--data", str(tmp_path / "dev.csv"), *fields]) == 0
+    assert "error" not in capsys.readouterr().err
