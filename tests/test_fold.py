@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.backends.debugging import aot_eager
 from torch.nn import functional as F
 
 import unipelt
@@ -231,13 +232,21 @@ def test_compiled_train_step_equals_eager(make, sites):
     batch = make_batch()
     eager = _step(model, h, batch)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm.code)
+        return aot_eager(gm, inputs)
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     for p in h.parameters():
         p.grad = None
     out = compiled(**batch).logits
     out.float().pow(2).mean().backward()
     got = (out.detach(), {k: p.grad.detach().clone() for k, p in h.named_parameters().items()})
     _compare(got, eager)
+    # the folds are in the graph as the custom op, one call per node
+    assert sum(g.count("unipelt.folded_linears") for g in graphs) == len(_folds(model))
     torch._dynamo.reset()
 
 

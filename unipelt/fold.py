@@ -26,13 +26,16 @@ its tensor does (no gate columns in its z). Per call (:func:`run`): not in a mix
 under autocast, x, W, A and B of one dtype; else the ordinary path. The reference executor never
 folds (it is what the fold is checked against), and ``UNIPELT_FOLD=0`` turns the fold off.
 
-Under torch.compile the autograd.Function is traced whole (forward and backward, no graph
-break); eager and under a captured CUDA graph (the graph-step mode) it runs as written.
+Eager and under a captured CUDA graph (the graph-step mode) the node is an autograd.Function;
+under torch.compile the same code as two custom ops (``unipelt::folded_linears`` and its
+backward), opaque to the graph like the Triton kernels: traced, inductor would split every
+accumulating GEMM back into a GEMM and an add (its post-grad pass unfuses an addmm whose users
+are pointwise) and functionalize the in-place products into copies.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -45,28 +48,65 @@ def enabled() -> bool:
     return os.environ.get(ENV_VAR, "1") != "0"
 
 
-class _FoldedLinears(torch.autograd.Function):
-    """k frozen linears reading one x, each with a LoRA: y_i = x·W_iᵀ + b_i + s_i·(x·A_iᵀ)·B_iᵀ.
+def _forward(x2: Tensor, a: Tensor, ws, bs, bups, scales, widths) -> tuple[list[Tensor], Tensor]:
+    """(y_1 … y_k, u): y_i = x2·W_iᵀ + b_i + s_i·u_i·B_iᵀ with u = x2·aᵀ, u_i its columns of member i."""
+    u = x2.mm(a.t())
+    ys = []
+    for w, b, bu, s, ui in zip(ws, bs, bups, scales, u.split(list(widths), 1)):
+        if b is not None:
+            h = torch.addmm(b, ui, bu.t(), alpha=s)  # b + s·u·Bᵀ: the bias in the epilogue
+            h.addmm_(x2, w.t())
+        else:
+            h = ui.mm(bu.t())
+            h.addmm_(x2, w.t(), beta=s)  # s·(u·Bᵀ) + x·Wᵀ
+        ys.append(h)
+    return ys, u
 
-    Inputs: x2 (M, K), then k weights W_i (N_i, K), k biases (None or (N_i,)), the stacked
-    A (R, K) = [A_1; …; A_k], k B_i (N_i, r_i); ``scales`` and ``widths`` (r_i) as constants.
-    Saves x2 and u = x2·Aᵀ (M × R), never B·A."""
+
+def _backward(dys, x2: Tensor, a: Tensor, u: Tensor, ws, bups, scales, widths, need_dx: bool, need_da: bool,
+              need_db) -> tuple[Tensor | None, Tensor | None, list[Tensor | None]]:
+    """(dX, dA, [dB_i]): dz = [s_i·dY_i·B_i], dA = dzᵀ·x2, dB_i = s_i·dY_iᵀ·u_i and ONE dX = dz·a
+    + Σ_i dY_i·W_i, the base GEMMs accumulating into the narrow product's buffer (beta = 1). A
+    member whose dY is None contributes zero columns."""
+    M, R = u.shape
+    # dz's columns written by each member's product (cuBLAS takes the strided slice as its output: no cat)
+    dz = u.new_empty(M, R)
+    dbs: list[Tensor | None] = []
+    at = 0
+    for dy, bu, s, r, need in zip(dys, bups, scales, widths, need_db):
+        cols = dz[:, at:at + r]
+        ui = u[:, at:at + r]
+        at += r
+        if dy is None:
+            cols.zero_()
+            dbs.append(None)
+            continue
+        cols.addmm_(dy, bu, beta=0, alpha=s)
+        # beta 0: the input (B itself) is only a shape, and no copy of it is made
+        dbs.append(torch.addmm(bu, dy.t(), ui, beta=0, alpha=s) if need else None)
+    da = dz.t().mm(x2) if need_da else None
+    dx = None
+    if need_dx:
+        dx = dz.mm(a)
+        for dy, w in zip(dys, ws):
+            if dy is not None:
+                dx.addmm_(dy, w)  # dX += dY·W: one buffer for every member
+    return dx, da, dbs
+
+
+class _FoldedLinears(torch.autograd.Function):
+    """k frozen linears reading one x, each with a LoRA: y_i = x·W_iᵀ + b_i + s_i·(x·A_iᵀ)·B_iᵀ
+    (eager and under a captured CUDA graph; compiled: ``unipelt::folded_linears``).
+
+    Inputs: x2 (M, K), the stacked A (R, K) = [A_1; …; A_k], ``scales`` and ``widths`` (r_i) as
+    constants, then k weights W_i (N_i, K), k biases (None or (N_i,)), k B_i (N_i, r_i). Saves x2
+    and u = x2·Aᵀ (M × R), never B·A."""
 
     @staticmethod
     def forward(ctx, x2: Tensor, a: Tensor, scales: tuple[float, ...], widths: tuple[int, ...], *rest: Tensor):
         k = len(scales)
         ws, bs, bups = rest[:k], rest[k:2 * k], rest[2 * k:]
-        u = x2.mm(a.t())
-        us = u.split(list(widths), 1)
-        ys = []
-        for w, b, bu, s, ui in zip(ws, bs, bups, scales, us):
-            if b is not None:
-                h = torch.addmm(b, ui, bu.t(), alpha=s)  # b + s·u·Bᵀ: the bias in the epilogue
-                h.addmm_(x2, w.t())
-            else:
-                h = ui.mm(bu.t())
-                h.addmm_(x2, w.t(), beta=s)  # s·(u·Bᵀ) + x·Wᵀ
-            ys.append(h)
+        ys, u = _forward(x2, a, ws, bs, bups, scales, widths)
         ctx.save_for_backward(x2, a, u, *ws, *bups)
         ctx.scales, ctx.widths = scales, widths
         return tuple(ys)
@@ -74,35 +114,68 @@ class _FoldedLinears(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys: Tensor):
         x2, a, u, *params = ctx.saved_tensors
-        scales, widths = ctx.scales, ctx.widths
-        k = len(scales)
-        ws, bups = params[:k], params[k:]
+        k = len(ctx.scales)
         needs = ctx.needs_input_grad
-        M, R = u.shape
-        # dz = [s_1·dY_1·B_1 | … | s_k·dY_k·B_k], each product written into its columns (cuBLAS
-        # takes the strided slice as its output: no cat)
-        dz = u.new_empty(M, R)
-        dbs = []
-        at = 0
-        for dy, bu, s, r, i in zip(dys, bups, scales, widths, range(k)):
-            cols = dz[:, at:at + r]
-            ui = u[:, at:at + r]
-            at += r
-            if dy is None:
-                cols.zero_()
-                dbs.append(None)
-                continue
-            cols.addmm_(dy, bu, beta=0, alpha=s)
-            # dB = s·dYᵀ·u (beta 0: the input, B itself, is only a shape)
-            dbs.append(torch.addmm(bu, dy.t(), ui, beta=0, alpha=s) if needs[4 + 2 * k + i] else None)
-        da = dz.t().mm(x2) if needs[1] else None
-        dx = None
-        if needs[0]:
-            dx = dz.mm(a)
-            for dy, w in zip(dys, ws):
-                if dy is not None:
-                    dx.addmm_(dy, w)  # dX += dY·W: one buffer for every member
+        dx, da, dbs = _backward(dys, x2, a, u, params[:k], params[k:], ctx.scales, ctx.widths,
+                                needs[0], needs[1], needs[4 + 2 * k:])
         return (dx, da, None, None, *([None] * (2 * k)), *dbs)
+
+
+# -- the same as custom ops, for torch.compile: opaque nodes, so that inductor neither splits the
+# accumulating GEMMs into a GEMM and an add (its post-grad pass unfuses an addmm whose users are
+# pointwise) nor turns the in-place products into copies
+@torch.library.custom_op("unipelt::folded_linears", mutates_args=())
+def _fold_op(x2: Tensor, a: Tensor, ws: list[Tensor], bs: list[Tensor], bups: list[Tensor],
+             scales: list[float], widths: list[int]) -> list[Tensor]:
+    # (a bias of no elements: none; a list of optional tensors has no gradient structure to return)
+    ys, u = _forward(x2, a, ws, [b if b.numel() else None for b in bs], bups, scales, widths)
+    return ys + [u]  # u last: saved for the backward
+
+
+@_fold_op.register_fake
+def _(x2, a, ws, bs, bups, scales, widths):
+    return [x2.new_empty(x2.shape[0], w.shape[0]) for w in ws] + [x2.new_empty(x2.shape[0], a.shape[0])]
+
+
+@torch.library.custom_op("unipelt::folded_linears_bwd", mutates_args=())
+def _fold_bwd_op(dys: list[Optional[Tensor]], x2: Tensor, a: Tensor, u: Tensor, ws: list[Tensor],
+                 bups: list[Tensor], scales: list[float], widths: list[int], need_dx: bool) -> list[Tensor]:
+    dx, da, dbs = _backward(dys, x2, a, u, ws, bups, scales, widths, need_dx, True, [True] * len(ws))
+    dbs = [torch.zeros_like(b) if d is None else d for d, b in zip(dbs, bups)]
+    return [dx if dx is not None else x2.new_empty(0), da, *dbs]
+
+
+@_fold_bwd_op.register_fake
+def _(dys, x2, a, u, ws, bups, scales, widths, need_dx):
+    return ([torch.empty_like(x2) if need_dx else x2.new_empty(0), torch.empty_like(a)]
+            + [torch.empty_like(b) for b in bups])
+
+
+def _fold_setup(ctx, inputs, output):
+    x2, a, ws, bs, bups, scales, widths = inputs
+    ctx.save_for_backward(x2, a, output[-1], *ws, *bups)
+    ctx.scales, ctx.widths = scales, widths
+
+
+def _fold_backward(ctx, grads):
+    x2, a, u, *params = ctx.saved_tensors
+    k = len(ctx.scales)
+    need_dx = bool(ctx.needs_input_grad[0])
+    dx, da, *dbs = _fold_bwd_op(list(grads[:k]), x2, a, u, params[:k], params[k:], ctx.scales, ctx.widths, need_dx)
+    return (dx if need_dx else None), da, [None] * k, [None] * k, dbs, None, None
+
+
+_fold_op.register_autograd(_fold_backward, setup_context=_fold_setup)
+
+
+def folded_linears(x2: Tensor, a: Tensor, ws: list[Tensor], bs: list[Tensor | None], bups: list[Tensor],
+                   scales: list[float], widths: list[int]) -> list[Tensor]:
+    """[x2·W_iᵀ + b_i + s_i·(x2·A_iᵀ)·B_iᵀ] for the stacked a = [A_1; …; A_k]: the custom op when
+    compiling, the autograd.Function (no custom-op dispatch on the host) otherwise."""
+    if torch.compiler.is_compiling():
+        bs = [x2.new_empty(0) if b is None else b for b in bs]
+        return _fold_op(x2, a, ws, bs, bups, scales, widths)[:-1]
+    return list(_FoldedLinears.apply(x2, a, tuple(scales), tuple(widths), *ws, *bs, *bups))
 
 
 def _member_params(e) -> tuple[Tensor, Tensor, float]:
@@ -141,7 +214,7 @@ class Fold:
             bs.append(lin.bias)
         a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 0)
         x2 = x.reshape(-1, x.shape[-1])
-        ys = _FoldedLinears.apply(x2, a, tuple(scales), tuple(widths), *ws, *bs, *bups)
+        ys = folded_linears(x2, a, ws, bs, bups, scales, widths)
         lead = x.shape[:-1]
         outs = [y.view(*lead, y.shape[-1]) for y in ys]
         if len(outs) > 1:
