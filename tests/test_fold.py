@@ -21,6 +21,7 @@ import unipelt
 import unipelt.fold as fold
 from conftest import make_batch, make_bert, make_llama, randomize
 from unipelt.compiler import get_state, set_executor
+from unipelt.report import report_dict, report_text
 
 # (dtype, atol, rtol) of the node against the unfolded float computation of the same inputs:
 # float32 differs by the order of the sums only; bfloat16 rounds h = b + s·u·Bᵀ to bf16 before the
@@ -159,6 +160,9 @@ def test_folded_model_equals_the_reference_executor(make, sites, expected):
     ref = _step(model, h, batch)
     set_executor(model, "grouped")
     assert _folds(model) == expected
+    groups = report_dict(h)["fusion_groups"]
+    assert groups and all(g["folded"] for g in groups)
+    assert "[folded with the base projections" in report_text(h)
     calls = []
     orig = fold._FoldedLinears.apply
     try:
@@ -201,12 +205,13 @@ def test_what_does_not_fold():
 
 
 def test_group_with_an_unfoldable_reader_keeps_its_path():
-    # q folds alone only when its group does not share z with v's dropout-free... here v carries a
-    # gate-free LoRA but q a PiSSA one (its delta has a residual): the group keeps its own path
+    # q (PiSSA: its delta carries a residual, so it cannot fold) and v (a plain LoRA) share one z:
+    # v does not fold either, the group keeps its own path
     model, h = _adapted(make_bert, {"version": 1, "name": "lo", "modules": {
         "a": {"method": "lora", "sites": ["attn.q"], "r": 4, "alpha": 8, "init": "pissa"},
         "b": {"method": "lora", "sites": ["attn.v"], "r": 4, "alpha": 8}}})
     assert _folds(model) == []
+    assert not any(g["folded"] for g in report_dict(h)["fusion_groups"])
     batch = make_batch()
     set_executor(model, "reference")
     ref = _step(model, h, batch)

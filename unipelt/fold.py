@@ -261,6 +261,8 @@ def plan(state) -> None:
     """Decide at refresh which projections fold (``host.fold``); called after the groups refresh."""
     for host in state.hosts.values():
         host.fold = None
+    for grp in state.ctx.groups.values():
+        grp.folded = False  # (the compile report reads it)
     if state.executor == "reference" or not enabled():
         return
     foldable: dict[int, tuple[Any, Any, nn.Linear]] = {}  # id(entry) -> (entry, host, base)
@@ -283,5 +285,6 @@ def plan(state) -> None:
         if any(id(m) not in foldable for m in live):
             continue  # a gate or an unfoldable branch reads the same z: the group's own path
         fold = Fold(f"fold/{grp.key}", [(m, foldable[id(m)][2]) for m in live])
+        grp.folded = True
         for m in live:
             foldable[id(m)][1].fold = fold
