@@ -255,6 +255,32 @@ def test_compiled_train_step_equals_eager(make, sites):
     torch._dynamo.reset()
 
 
+def test_compiled_forward_keeps_the_kernels_where_they_run():
+    # executor triton (the interpreter on CPU): a compiled forward runs the kernels unfolded
+    # (measured faster so on llama under reduce-overhead); the same model eager folds
+    pytest.importorskip("triton")
+    model, h = _adapted(make_llama, _lora(LLAMA_SITES))
+    set_executor(model, "triton")
+    batch = make_batch()
+    eager = _step(model, h, batch)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm.code)
+        return aot_eager(gm, inputs)
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    for p in h.parameters():
+        p.grad = None
+    out = compiled(**batch).logits
+    out.float().pow(2).mean().backward()
+    code = "".join(graphs)
+    assert "folded_linears" not in code and "unipelt.lora_shrink" in code and "unipelt.lora_expand" in code
+    _compare((out.detach(), {k: p.grad.detach().clone() for k, p in h.named_parameters().items()}), eager)
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("widths,outs", [((16,), (768,)), ((16, 16, 16), (768, 768, 768)), ((16, 8), (3072, 1000))])

@@ -30,7 +30,9 @@ Eager and under a captured CUDA graph (the graph-step mode) the node is an autog
 under torch.compile the same code as two custom ops (``unipelt::folded_linears`` and its
 backward), opaque to the graph like the Triton kernels: traced, inductor would split every
 accumulating GEMM back into a GEMM and an add (its post-grad pass unfuses an addmm whose users
-are pointwise) and functionalize the in-place products into copies.
+are pointwise) and functionalize the in-place products into copies. A compiled forward whose
+executor runs the Triton kernels keeps them and does not fold (:func:`kernels_run`: measured
+slower folded on llama under reduce-overhead).
 """
 from __future__ import annotations
 
@@ -191,16 +193,21 @@ class Fold:
     def __init__(self, key: str, members: list[tuple[Any, nn.Linear]]):
         self.key = key
         self.members = members
-        self._index = {id(lin): i for i, (_, lin) in enumerate(members)}
+
+    def _index(self, base: nn.Linear) -> int:
+        # by identity, not id(): ids do not survive a copy of the model (deepcopy, pickle)
+        return next(i for i, (_, lin) in enumerate(self.members) if lin is base)
 
     def run(self, base: nn.Linear, x: Tensor, ctx) -> Tensor | None:
         """The output of projection ``base`` (one of the members) for input x, LoRA included;
         None where this call cannot fold (then the caller runs the ordinary path)."""
         if ctx.rows is not None or x.dim() < 2 or torch.is_autocast_enabled(x.device.type):
             return None
+        if torch.compiler.is_compiling() and kernels_run(ctx, x):
+            return None
         cached = ctx.group_out.get(self.key) if len(self.members) > 1 else None
         if cached is not None and cached[0] is x:
-            return cached[1][self._index[id(base)]]
+            return cached[1][self._index(base)]
         a_parts, bups, scales, widths, ws, bs = [], [], [], [], [], []
         for e, lin in self.members:
             a, bu, s = _member_params(e)
@@ -219,7 +226,22 @@ class Fold:
         outs = [y.view(*lead, y.shape[-1]) for y in ys]
         if len(outs) > 1:
             ctx.group_out[self.key] = (x, outs)
-        return outs[self._index[id(base)]]
+        return outs[self._index(base)]
+
+
+def kernels_run(ctx, x: Tensor) -> bool:
+    """Whether this call's executor runs the Triton kernels on x (then a compiled forward keeps
+    them instead of folding). H200, llama LoRA r16 all linears, reduce-overhead train, ratio to
+    the floor: folded 1.24 / 1.22 with executor triton, where the kernels measured 1.18-1.19
+    unfolded (session 11, another call); the grouped executor folded 1.23 / 1.23 against 1.25
+    (benchmarks/RESULTS.md, Kernels, "Session 12 (helper bert12)"). Eager, and under a captured
+    graph, the fold replaces the kernels: BERT graph-step 1.50 either executor, against 1.51-1.52
+    with the kernels and 1.64-1.65 grouped unfolded."""
+    if ctx.expand_kernel is None or ctx.executor not in ("auto", "triton"):
+        return False
+    from unipelt.executor import kernel_reason  # (executor imports the runtime, which imports this)
+
+    return kernel_reason(ctx.executor, x) is None
 
 
 def _foldable_entry(host, wrapper) -> Any | None:
