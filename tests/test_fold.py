@@ -5,7 +5,8 @@
   bias, members whose output gets no gradient, float32 and bfloat16 (CPU), the base frozen.
 - Models: what folds (a lone LoRA projection alone, a fusion group of LoRA projections as one
   node; not gated, dropout or reference-executor branches), and that the folded model gives the
-  reference executor's outputs and gradients, eager and compiled (aot_eager, fullgraph).
+  reference executor's outputs and gradients; compiled (aot_eager, fullgraph) the ordinary path by
+  default, the fold's custom ops with ``UNIPELT_FOLD=compiled``, both equal to eager.
 - On CUDA (skipped without): the same node in bfloat16 against float32.
 """
 from __future__ import annotations
@@ -185,6 +186,9 @@ def test_fold_off_by_environment(monkeypatch):
     monkeypatch.delenv(fold.ENV_VAR)
     set_executor(model, "grouped")
     assert _folds(model) != []
+    monkeypatch.setenv(fold.ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="UNIPELT_FOLD"):
+        fold.mode()
 
 
 def test_what_does_not_fold():
@@ -230,12 +234,8 @@ def test_triton_executor_folds_too():
     _compare(_step(model, h, batch), ref)
 
 
-@pytest.mark.parametrize("make,sites", [(make_bert, BERT_SITES), (make_llama, LLAMA_SITES)])
-def test_compiled_train_step_equals_eager(make, sites):
-    model, h = _adapted(make, _lora(sites))
-    set_executor(model, "grouped")
-    batch = make_batch()
-    eager = _step(model, h, batch)
+def _compiled_step(model, h, batch):
+    """(the dynamo graphs' code, the outputs and gradients of one compiled step: aot_eager, fullgraph)."""
     torch._dynamo.reset()
     graphs = []
 
@@ -249,36 +249,33 @@ def test_compiled_train_step_equals_eager(make, sites):
     out = compiled(**batch).logits
     out.float().pow(2).mean().backward()
     got = (out.detach(), {k: p.grad.detach().clone() for k, p in h.named_parameters().items()})
+    torch._dynamo.reset()
+    return graphs, got
+
+
+@pytest.mark.parametrize("make,sites", [(make_bert, BERT_SITES), (make_llama, LLAMA_SITES)])
+def test_compiled_train_step_equals_eager(make, sites, monkeypatch):
+    monkeypatch.setenv(fold.ENV_VAR, "compiled")
+    model, h = _adapted(make, _lora(sites))
+    set_executor(model, "grouped")
+    batch = make_batch()
+    eager = _step(model, h, batch)
+    graphs, got = _compiled_step(model, h, batch)
     _compare(got, eager)
     # the folds are in the graph as the custom op, one call per node
     assert sum(g.count("unipelt.folded_linears") for g in graphs) == len(_folds(model))
-    torch._dynamo.reset()
 
 
-def test_compiled_forward_keeps_the_kernels_where_they_run():
-    # executor triton (the interpreter on CPU): a compiled forward runs the kernels unfolded
-    # (measured faster so on llama under reduce-overhead); the same model eager folds
-    pytest.importorskip("triton")
+def test_compiled_forward_does_not_fold_by_default():
+    # (measured no faster compiled: unipelt.fold.MODES) the compiled graph has the ordinary path
     model, h = _adapted(make_llama, _lora(LLAMA_SITES))
-    set_executor(model, "triton")
+    set_executor(model, "grouped")
+    assert _folds(model) != []
     batch = make_batch()
     eager = _step(model, h, batch)
-    torch._dynamo.reset()
-    graphs = []
-
-    def backend(gm, inputs):
-        graphs.append(gm.code)
-        return aot_eager(gm, inputs)
-
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    for p in h.parameters():
-        p.grad = None
-    out = compiled(**batch).logits
-    out.float().pow(2).mean().backward()
-    code = "".join(graphs)
-    assert "folded_linears" not in code and "unipelt.lora_shrink" in code and "unipelt.lora_expand" in code
-    _compare((out.detach(), {k: p.grad.detach().clone() for k, p in h.named_parameters().items()}), eager)
-    torch._dynamo.reset()
+    graphs, got = _compiled_step(model, h, batch)
+    assert "folded_linears" not in "".join(graphs)
+    _compare(got, eager)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

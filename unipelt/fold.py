@@ -26,13 +26,13 @@ its tensor does (no gate columns in its z). Per call (:func:`run`): not in a mix
 under autocast, x, W, A and B of one dtype; else the ordinary path. The reference executor never
 folds (it is what the fold is checked against), and ``UNIPELT_FOLD=0`` turns the fold off.
 
-Eager and under a captured CUDA graph (the graph-step mode) the node is an autograd.Function;
-under torch.compile the same code as two custom ops (``unipelt::folded_linears`` and its
-backward), opaque to the graph like the Triton kernels: traced, inductor would split every
-accumulating GEMM back into a GEMM and an add (its post-grad pass unfuses an addmm whose users
-are pointwise) and functionalize the in-place products into copies. A compiled forward whose
-executor runs the Triton kernels keeps them and does not fold (:func:`kernels_run`: measured
-slower folded on llama under reduce-overhead).
+Eager and under a captured CUDA graph (the graph-step mode) the node is an autograd.Function.
+A torch.compile'd forward does not fold unless ``UNIPELT_FOLD=compiled``: measured on llama under
+reduce-overhead, the fold was no faster with the grouped executor and slower with the Triton
+kernels (:data:`MODES`); there the same code runs as two custom ops (``unipelt::folded_linears``
+and its backward), opaque to the graph like the Triton kernels: traced, inductor would split
+every accumulating GEMM back into a GEMM and an add (its post-grad pass unfuses an addmm whose
+users are pointwise) and functionalize the in-place products into copies.
 """
 from __future__ import annotations
 
@@ -43,11 +43,23 @@ import torch
 from torch import Tensor, nn
 
 ENV_VAR = "UNIPELT_FOLD"
+# ``UNIPELT_FOLD``: ``eager`` (the default: eager forwards and captured CUDA graphs), ``compiled``
+# (torch.compile'd forwards too) or ``0`` (never). Why compiled forwards do not fold by default
+# (H200, bf16, train, ratio to the floor; benchmarks/RESULTS.md, Kernels, "Session 12 (helper
+# bert12)"): llama LoRA r16 all linears under reduce-overhead folded 1.23 / 1.23 with the grouped
+# executor against 1.25 unfolded in another call (the floor itself moved 2.7% within this call:
+# not shown faster), and 1.24 / 1.22 with executor triton, where the Triton kernels unfolded
+# measured 1.18-1.19 (slower). Eager, under the graph-step mode's captured graph: BERT 1.50 / 1.50
+# with either executor, against 1.64-1.65 grouped and 1.51-1.52 with the kernels, unfolded.
+MODES = ("eager", "compiled", "0")
 
 
-def enabled() -> bool:
-    """Whether folds are planned (``UNIPELT_FOLD=0`` turns them off: for comparisons)."""
-    return os.environ.get(ENV_VAR, "1") != "0"
+def mode() -> str:
+    """The fold mode from ``UNIPELT_FOLD`` (read when the plan is made, at refresh)."""
+    m = os.environ.get(ENV_VAR, "eager") or "eager"
+    if m not in MODES:
+        raise ValueError(f"{ENV_VAR}={m!r}: expected one of {', '.join(MODES)}")
+    return m
 
 
 def _forward(x2: Tensor, a: Tensor, ws, bs, bups, scales, widths) -> tuple[list[Tensor], Tensor]:
@@ -190,9 +202,10 @@ class Fold:
     """The folded computation of one projection, or of a group of them (shared by its members'
     hosts). ``members``: (entry, base nn.Linear) in z's column order."""
 
-    def __init__(self, key: str, members: list[tuple[Any, nn.Linear]]):
+    def __init__(self, key: str, members: list[tuple[Any, nn.Linear]], compiled: bool = False):
         self.key = key
         self.members = members
+        self.compiled = compiled  # whether a torch.compile'd forward folds too (UNIPELT_FOLD=compiled)
 
     def _index(self, base: nn.Linear) -> int:
         # by identity, not id(): ids do not survive a copy of the model (deepcopy, pickle)
@@ -203,7 +216,7 @@ class Fold:
         None where this call cannot fold (then the caller runs the ordinary path)."""
         if ctx.rows is not None or x.dim() < 2 or torch.is_autocast_enabled(x.device.type):
             return None
-        if torch.compiler.is_compiling() and kernels_run(ctx, x):
+        if torch.compiler.is_compiling() and not self.compiled:
             return None
         cached = ctx.group_out.get(self.key) if len(self.members) > 1 else None
         if cached is not None and cached[0] is x:
@@ -227,21 +240,6 @@ class Fold:
         if len(outs) > 1:
             ctx.group_out[self.key] = (x, outs)
         return outs[self._index(base)]
-
-
-def kernels_run(ctx, x: Tensor) -> bool:
-    """Whether this call's executor runs the Triton kernels on x (then a compiled forward keeps
-    them instead of folding). H200, llama LoRA r16 all linears, reduce-overhead train, ratio to
-    the floor: folded 1.24 / 1.22 with executor triton, where the kernels measured 1.18-1.19
-    unfolded (session 11, another call); the grouped executor folded 1.23 / 1.23 against 1.25
-    (benchmarks/RESULTS.md, Kernels, "Session 12 (helper bert12)"). Eager, and under a captured
-    graph, the fold replaces the kernels: BERT graph-step 1.50 either executor, against 1.51-1.52
-    with the kernels and 1.64-1.65 grouped unfolded."""
-    if ctx.expand_kernel is None or ctx.executor not in ("auto", "triton"):
-        return False
-    from unipelt.executor import kernel_reason  # (executor imports the runtime, which imports this)
-
-    return kernel_reason(ctx.executor, x) is None
 
 
 def _foldable_entry(host, wrapper) -> Any | None:
@@ -285,8 +283,10 @@ def plan(state) -> None:
         host.fold = None
     for grp in state.ctx.groups.values():
         grp.folded = False  # (the compile report reads it)
-    if state.executor == "reference" or not enabled():
+    how = mode()
+    if state.executor == "reference" or how == "0":
         return
+    compiled = how == "compiled"
     foldable: dict[int, tuple[Any, Any, nn.Linear]] = {}  # id(entry) -> (entry, host, base)
     for path, (parent, attr, _) in state.wrappers.items():
         host = state.hosts.get(path)
@@ -299,14 +299,14 @@ def plan(state) -> None:
     for e, host, base in foldable.values():
         grp = e.group
         if grp is None or not grp.on or not grp.has(e):
-            host.fold = Fold(f"fold/{id(e)}", [(e, base)])
+            host.fold = Fold(f"fold/{id(e)}", [(e, base)], compiled)
             continue
         if host.fold is not None:
             continue  # planned with its group
         live = list(grp._cols)  # entries and gate keys with columns of z, in column order
         if any(id(m) not in foldable for m in live):
             continue  # a gate or an unfoldable branch reads the same z: the group's own path
-        fold = Fold(f"fold/{grp.key}", [(m, foldable[id(m)][2]) for m in live])
+        fold = Fold(f"fold/{grp.key}", [(m, foldable[id(m)][2]) for m in live], compiled)
         grp.folded = True
         for m in live:
             foldable[id(m)][1].fold = fold

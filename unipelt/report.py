@@ -138,5 +138,5 @@ def report_text(handle: AdapterHandle, base_params: int | None = None) -> str:
         nums = sorted(l for l in layers if l is not None)
         where = f"layers {_layers_text(nums)}" if nums else "global"
         out.append(f"  {tensor} ({where}): " + " | ".join(readers) + f"  -> {ex}" + (f" ({why})" if why else "")
-                   + (" [folded with the base projections: one autograd node]" if folded else ""))
+                   + (" [folded with the base projections: one autograd node in eager forwards]" if folded else ""))
     return "\n".join(out)
