@@ -1,4 +1,6 @@
 #!/bin/bash
+# NOTE (added after the run): invoked as `cd .bert12carry/tree && bash ../call.sh`, ROOT=$PWD below is the
+# carried tree, not the device tree's root: the "main" runs ran this branch too (RESULTS.md says so).
 # session 12, helper bert12 (issue 9): the LoRA dX folded into the base layer's dX (unipelt/fold.py).
 # GPU tests of the fold, then BERT graph-step train, this branch (.bert12carry/tree) against main
 # (the tree's root), interleaved, two runs each; a kernel profile of the folded step; llama
