@@ -208,6 +208,32 @@ def test_what_does_not_fold():
     del h, h2
 
 
+def test_autocast_and_mixed_batches_take_the_ordinary_path(monkeypatch):
+    # per call: under autocast (the base casts, the fold would not) and in a mixed batch (rows of
+    # several adapters) nothing folds: the unfolded executor's path, bit for bit
+    model, h = _adapted(make_bert, _lora(BERT_SITES))
+    batch = make_batch()
+    calls = []
+    orig = fold._FoldedLinears.apply
+    monkeypatch.setattr(fold._FoldedLinears, "apply", lambda *a: calls.append(1) or orig(*a))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(**batch).logits
+        monkeypatch.setenv(fold.ENV_VAR, "0")
+        set_executor(model, "grouped")
+        ref = model(**batch).logits
+    assert calls == [] and torch.equal(got, ref)
+    monkeypatch.delenv(fold.ENV_VAR)
+    set_executor(model, "grouped")
+    unipelt.compile(model, _lora(["attn.q"]), name="other")
+    unipelt.set_adapter(model, "default")
+    assert _folds(model) != []
+    with torch.no_grad():
+        mixed = model(**batch, adapter_names=["default", "other", "default"]).logits
+        alone = model(**batch).logits
+    assert calls == [1] * len(_folds(model))  # the plain call folded, the mixed one did not
+    torch.testing.assert_close(mixed[[0, 2]], alone[[0, 2]], atol=2e-5, rtol=1e-5)
+
+
 def test_group_with_an_unfoldable_reader_keeps_its_path():
     # q (PiSSA: its delta carries a residual, so it cannot fold) and v (a plain LoRA) share one z:
     # v does not fold either, the group keeps its own path

@@ -224,7 +224,8 @@ class Fold:
         a_parts, bups, scales, widths, ws, bs = [], [], [], [], [], []
         for e, lin in self.members:
             a, bu, s = _member_params(e)
-            if not (x.dtype == lin.weight.dtype == a.dtype == bu.dtype):
+            if not (x.dtype == lin.weight.dtype == a.dtype == bu.dtype) or (
+                    lin.bias is not None and lin.bias.dtype != x.dtype):
                 return None
             a_parts.append(a)
             bups.append(bu)
