@@ -466,6 +466,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             peft=lambda scn: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": list(scn.peft_all)}),
     Variant("unipelt-triton", "unipelt", "specs/unipelt.yaml (APL, gates live), executor: triton",
             spec=_with("unipelt.yaml", executor="triton")),
+    # executor: auto runs plain LoRA groups on the kernels where the forward is compiled or graphed
+    # (session 12); these pin the grouped PyTorch executor for the same specs, to compare in one run
+    Variant("lora-r16-all-grouped", "unipelt", "unipelt LoRA r16 on all linears, executor: grouped",
+            spec=lambda scn: {**_lora_all(scn), "name": "lora-r16-all-grouped", "executor": "grouped"}),
+    Variant("lora-r16-all-d01-grouped", "unipelt", "unipelt LoRA r16 on all linears, dropout 0.1, executor: grouped",
+            spec=lambda scn: {**_lora_all(scn), "name": "lora-r16-all-d01-grouped", "executor": "grouped",
+                              "modules": {"lora": {**_lora_all(scn)["modules"]["lora"], "dropout": 0.1}}}),
     # issue 12: gated methods in a mixed batch (segments: each adapter's branches on its rows), against
     # the unipelt row (one adapter per batch)
     Variant("unipelt-mixed4", "mixed", "4 specs/unipelt.yaml adapters (gates live), rows round-robin (adapter_names)",
