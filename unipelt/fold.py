@@ -50,7 +50,9 @@ ENV_VAR = "UNIPELT_FOLD"
 # executor against 1.25 unfolded in another call (the floor itself moved 2.7% within this call:
 # not shown faster), and 1.24 / 1.22 with executor triton, where the Triton kernels unfolded
 # measured 1.18-1.19 (slower). Eager, under the graph-step mode's captured graph: BERT 1.50 / 1.50
-# with either executor, against 1.64-1.65 grouped and 1.51-1.52 with the kernels, unfolded.
+# with either executor, against 1.64-1.65 grouped and 1.51-1.52 with the kernels, unfolded; so
+# in eager forwards the fold runs instead of the kernels, also where ``auto`` would run them in a
+# graphed step (executor.graphing()).
 MODES = ("eager", "compiled", "0")
 
 
