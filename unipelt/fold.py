@@ -47,9 +47,8 @@ ENV_VAR = "UNIPELT_FOLD"
 # (torch.compile'd forwards too) or ``0`` (never). Why compiled forwards do not fold by default
 # (H200, bf16, train, ratio to the floor; benchmarks/RESULTS.md, Kernels, "Session 12 (helper
 # bert12)"): llama LoRA r16 all linears under reduce-overhead folded 1.23 / 1.23 with the grouped
-# executor against 1.25 unfolded in another call (the floor itself moved 2.7% within this call:
-# not shown faster), and 1.24 / 1.22 with executor triton, where the Triton kernels unfolded
-# measured 1.18-1.19 (slower). Eager, under the graph-step mode's captured graph: BERT 1.50 / 1.50
+# executor against 1.22-1.26 unfolded in other calls (not shown faster), and 1.24 / 1.22 with
+# executor triton, where the Triton kernels unfolded measured 1.16-1.21 (slower). Eager, under the graph-step mode's captured graph: BERT 1.50 / 1.50
 # with either executor, against 1.64-1.65 grouped and 1.51-1.52 with the kernels, unfolded; so
 # in eager forwards the fold runs instead of the kernels, also where ``auto`` would run them in a
 # graphed step (executor.graphing()).
