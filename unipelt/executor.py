@@ -42,6 +42,10 @@ ENV_VAR = "UNIPELT_EXECUTOR"
 class GroupExecutor:
     """Runs the members of one fusion group of one adapter."""
 
+    # set at refresh by unipelt.fold.plan: the members run with their base projections as one
+    # autograd node (the fold computes z itself), for the compile report
+    folded: bool = False
+
     def __init__(self, adapter: str, group: FusionGroup, branches: list[Entry], gates: dict[str, torch.nn.Module]):
         self.adapter = adapter
         self.group = group

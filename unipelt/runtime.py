@@ -884,6 +884,8 @@ class Host:
 
     _sliced: list[SiteRuntime] | None = None
     _unsliced: list[SiteRuntime] = []
+    # the folded base-and-LoRA computation of this projection (unipelt.fold.Fold), or None
+    fold: Any = None
     # live input scalings of the wrapped projection (IA3 on ffn.down), applied in order
     scalers: list[Entry] = []
 
@@ -1039,6 +1041,11 @@ class LeafWrapper(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         host = self.host
+        fold = host.fold  # base and LoRA as one node (unipelt.fold), planned at refresh
+        if fold is not None and not args and not kwargs and self.owns_output():
+            y = fold.run(self._modules["base_layer"], x, host.ctx)
+            if y is not None:
+                return y
         # input scalings (IA3 on ffn.down) change what the base projection reads; the branches
         # at this hook point read the original input
         xin = host.scale_input(x) if host.scales_input else x

@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.errors import ModelError
+from unipelt.fold import plan as plan_folds
 from unipelt.inputs import CallBinder
 from unipelt.runtime import BASE, Entry, ForwardContext, Host, RowSelection, first_tensor_arg
 
@@ -125,6 +126,8 @@ class ModelState:
                   if e.gate_key is not None and not e.off}
         for group in ctx.groups.values():
             group.refresh(active, self.executor, needed)
+        # projections whose base and LoRA run as one node (after the groups: a group folds whole)
+        plan_folds(self)
 
     def sync_inplace(self, active: set[str]) -> None:
         """Put into every tensor trained in place by several attached adapters (or by one) the
