@@ -7,6 +7,8 @@ single-adapter calls), saved adapters loaded into a fresh model, eager against c
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -187,13 +189,25 @@ def _views_of_stacks(model) -> bool:
     return True
 
 
-def test_to_and_deepcopy_keep_the_views():
+def _copied(model, how: str):
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_to_and_copies_keep_the_views(how):
     model, handles = mixed_model("bert")
     packed = unipelt.pack_mixed(model)
     model.to(torch.float64)
     assert _views_of_stacks(model) and all(p.dtype == torch.float64 for p in packed)
     assert all(p.dtype == torch.float64 for h in handles for p in h.parameters())
-    twin = copy.deepcopy(model)
+    twin = _copied(model, how)
     assert _views_of_stacks(twin)
     twin_packed = [p for sp in twin.unipelt[PACKED].values() for p in (sp.A, sp.B)]
     assert not {id(p) for p in twin_packed} & {id(p) for p in packed}

@@ -878,7 +878,8 @@ class StackedParams(nn.Module):
     optimizer's of an earlier run) but becomes a frozen view of its rows / columns of the stack
     (:meth:`bind`): saving an adapter writes its own tensors with the trained values, a call without
     gradients that runs one adapter alone reads them, and nothing is counted twice by an optimizer.
-    The views are made again after ``.to()`` (:meth:`_apply`) and in a deep copy (``__deepcopy__``).
+    The views are made again after ``.to()`` (:meth:`_apply`), in a deep copy (``__deepcopy__``) and
+    when unpickled (``__setstate__``).
     """
 
     def __init__(self, site_key: str, members: list[tuple[str, nn.Module]]):
@@ -938,6 +939,13 @@ class StackedParams(nn.Module):
             new.__dict__[k] = copy.deepcopy(v, memo)
         new.bind()
         return new
+
+    def __setstate__(self, state: dict) -> None:
+        # pickle (not torch.save, which keeps shared storages): each tensor comes back on its own.
+        # The members are whole by now: a model's host runtimes reach this module after their
+        # entries (and branches), and the container lists the adapters before it
+        super().__setstate__(state)
+        self.bind()
 
 
 _PHASE = {"linear": 0, "io": 1, "output": 2, "renorm": 3}
