@@ -15,7 +15,7 @@ import torch
 
 import unipelt
 from unipelt.errors import ModelError
-from unipelt.state import PACKED, get_state
+from unipelt.state import PACKED, get_state, memory_bytes
 from conftest import FACTORIES, make_batch, randomize
 from test_mixed_batch import ATOL, outputs
 
@@ -64,7 +64,9 @@ def test_packed_train_steps_give_the_unpacked_weights(arch):
     before = adapter_values(handles)
     assert adapter_values(ref_handles).keys() == before.keys()
     n_lora = sum(p.requires_grad for p in model.parameters())
+    memory = memory_bytes(model)
     packed = unipelt.pack_mixed(model)
+    assert memory_bytes(model) == memory  # the views are not counted besides their stacks
     # one A and one B per projection (2 layers x q, v), whatever the number of adapters
     assert len(packed) == 2 * 2 * 2 and n_lora == 3 * len(packed)
     assert [p for p in model.parameters() if p.requires_grad] == packed

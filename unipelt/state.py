@@ -25,6 +25,7 @@ from unipelt.runtime import BASE, Entry, ForwardContext, Host, RowSelection, Sta
 
 CONTAINER = "unipelt"  # attribute under which adapter parameters live in the model
 STATE_ATTR = "_unipelt_state"
+PACKED = "__packed__"  # the container's slot of the stacked parameters (pack_mixed)
 
 
 class AdapterSet(nn.Module):
@@ -195,12 +196,18 @@ def memory_bytes(model: nn.Module) -> dict[str, int]:
     adapters' parameters, for the reports."""
     base = adapter = 0
     seen: set[int] = set()
+    # the packed adapters' own lora_A / lora_B are views of their stacks (pack_mixed): counted once
+    stacks = getattr(model._modules.get(CONTAINER), "_modules", {}).get(PACKED)
+    stacked = {id(p) for p in stacks.parameters()} if stacks is not None else set()
+    stack_ptrs = {p.untyped_storage().data_ptr() for p in stacks.parameters()} if stacks is not None else set()
     for n, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         b = p.numel() * p.element_size()
         if _is_adapter(n):
+            if stack_ptrs and id(p) not in stacked and p.untyped_storage().data_ptr() in stack_ptrs:
+                continue
             adapter += b
             continue
         qs = getattr(p, "quant_state", None)
@@ -478,9 +485,6 @@ class adapter_names:  # noqa: N801 - used as a context manager, like torch.no_gr
         ctx.row_names = self.outer
         ctx.rows = None
         return False
-
-
-PACKED = "__packed__"  # the container's slot of the stacked parameters (pack_mixed)
 
 
 def pack_mixed(model: nn.Module) -> list[nn.Parameter]:
