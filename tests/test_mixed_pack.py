@@ -249,3 +249,26 @@ def test_compiled_packed_train_step_has_no_graph_break_and_eager_gradients():
     torch.testing.assert_close(got_out, want_out, atol=ATOL, rtol=0)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_dropout_stack_on_the_triton_executor_equals_unpacked():
+    """On the Triton executor an active dropout stacks (its mask drawn in the shrink): packed, the
+    stack keeps its column order, one segment per run of a rate; same seed, same step as unpacked."""
+    pytest.importorskip("unipelt_kernels.lora_group")
+    from unipelt.compiler import set_executor
+
+    spec = {"modules": {"lora": {**LORA_QV["modules"]["lora"], "dropout": 0.1}}}
+    ref, ref_handles = mixed_model("llama", spec)
+    model, handles = mixed_model("llama", spec)
+    for m in (ref, model):
+        set_executor(m, "triton")
+    packed = unipelt.pack_mixed(model)
+    torch.manual_seed(0)
+    want = train_steps(ref, [p for h in ref_handles for p in h.parameters()], batches(2))
+    torch.manual_seed(0)
+    got = train_steps(model, packed, batches(2))
+    assert got == pytest.approx(want, rel=1e-5)
+    trained, reference = adapter_values(handles), adapter_values(ref_handles)
+    for name in NAMES:
+        for k, v in reference[name].items():
+            torch.testing.assert_close(trained[name][k], v, atol=1e-5, rtol=1e-4)
