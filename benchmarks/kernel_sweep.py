@@ -63,6 +63,17 @@ def cases(dev, dtype, M: int):
         # dx and dw come from one launcher; each kind's candidates change only its own blocks
         out.append(("dx", f"x {M}x{K}, N {N}", lambda dz=dz, x=x, w=w, z=z, N=N: lg._launch_shrink_bwd(dz, x, w, z, N, [N], [0.0], None)[0]))
         out.append(("dw", f"x {M}x{K}, N {N}", lambda dz=dz, x=x, w=w, z=z, N=N: lg._launch_shrink_bwd(dz, x, w, z, N, [N], [0.0], None)[1]))
+        # the same groups with every branch behind its own input dropout (a segment and mask each;
+        # one seed, so every candidate draws the same masks and is checked against the current one)
+        segs, seed = [16] * (N // 16), lg.new_seed(dev)
+        ps = [0.1] * len(segs)
+        lab = f"x {M}x{K}, N {N}, dropout"
+        out.append(("shrink_drop", lab, lambda x=x, w=w, b=bias, N=N, s=segs, ps=ps, sd=seed:
+                    lg._launch_shrink(x, w, b, N, s, ps, sd)))
+        out.append(("dw_drop", lab, lambda dz=dz, x=x, w=w, z=z, N=N, s=segs, ps=ps, sd=seed:
+                    lg._launch_shrink_bwd(dz, x, w, z, N, s, ps, sd)[1]))
+        out.append(("dx_drop", lab, lambda dz=dz, x=x, w=w, z=z, N=N, s=segs, ps=ps, sd=seed:
+                    lg._launch_shrink_bwd(dz, x, w, z, N, s, ps, sd)[0]))
     for D in (2048, 5632):
         R = 16
         base, u, b = rnd(M, D), rnd(M, R), rnd(D, R, s=0.02)
@@ -77,6 +88,9 @@ CANDIDATES = {
     "shrink": [(m, k, w, s) for m, k, (w, s) in itertools.product((16, 32, 64), (64, 128, 256), ((4, 3), (4, 4), (8, 4)))],
     "dx": [(m, k, w, s) for m, k, (w, s) in itertools.product((32, 64, 128), (64, 128), ((4, 3), (8, 3)))],
     "dw": [(m, k, w, s) for m, k, (w, s) in itertools.product((32, 64, 128), (32, 64, 128), ((4, 3), (4, 4)))],
+    "shrink_drop": [(m, k, w, s) for m, k, (w, s) in itertools.product((16, 32, 64), (32, 64, 128, 256), ((4, 3), (8, 3)))],
+    "dx_drop": [(m, k, w, s) for m, k, (w, s) in itertools.product((32, 64, 128), (64, 128), ((4, 3), (8, 3)))],
+    "dw_drop": [(m, k, w, s) for m, k, (w, s) in itertools.product((32, 64, 128), (32, 64, 128), ((4, 3), (8, 3)))],
     "expand": [(m, k, w, s) for m, k, (w, s) in itertools.product((32, 64, 128), (64, 128, 256), ((4, 3), (8, 3)))],
     "expand_dh": [(m, k, w, s) for m, k, (w, s) in itertools.product((16, 32, 64), (64, 128, 256), ((4, 3), (4, 4), (8, 4)))],
     "expand_db": [(m, k, w, s) for m, k, (w, s) in itertools.product((64, 128, 256), (32, 64, 128), ((4, 3), (4, 4)))],

@@ -37,7 +37,8 @@ PEFT's AdaLoRA with the same fields; neither row calls the per-step rank allocat
 adapters on one model, the batch's rows served round-robin by them through ``adapter_names=``,
 all eight trained: issue 12's target is its time at most 1.2x ``lora-r8-qv``'s, one adapter per
 batch; it also runs compiled, fullgraph: the forward reads the rows as a tensor, so one graph serves
-every call), ``unipelt-mixed4`` / ``unipelt-mixed8`` (four / eight specs/unipelt.yaml adapters mixed the same
+every call; packed by ``unipelt.pack_mixed``, one A and one B tensor per projection for all eight,
+against ``lora-r8-qv-mixed8-unpacked``, each adapter's own tensors), ``unipelt-mixed4`` / ``unipelt-mixed8`` (four / eight specs/unipelt.yaml adapters mixed the same
 way, against ``unipelt``: gated methods run as segments, each adapter on its rows). ``--adamw fused``
 (or ``foreach``) sets AdamW's implementation for every row; ``--no-floors`` skips the floors (a
 comparison between variants only); ``--split-optimizer`` also times eager train rows' forward +
@@ -390,8 +391,12 @@ class Variant:
     # orthogonality penalty, as ``unipelt train`` adds it to every micro-batch; PEFT's AdaLoRA
     # model adds its own inside forward)
     regularized: bool = False
-    # "mixed" rows: how many adapters of ``spec`` share the batch, rows round-robin (issue 12)
+    # "mixed" rows: how many adapters of ``spec`` share the batch, rows round-robin (issue 12), and
+    # whether their stacked LoRA tensors are packed into one Parameter per projection
+    # (unipelt.pack_mixed: the optimizer gets those; only where every projection stacks, which a
+    # dropout on the PyTorch executors or a gated LoRA does not)
     mixed_adapters: int = 8
+    packed: bool = False
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
@@ -420,8 +425,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             post=_collapse(("adapter",))),
     Variant("unipelt-adapterdrop", "unipelt", "specs/unipelt.yaml with AdapterDrop of the first half of the layers "
             "(drop.layers)", spec=_with("unipelt.yaml", drop=_first_half)),
-    Variant("lora-r8-qv-mixed8", "mixed", "8 unipelt LoRA r8 q,v adapters, rows round-robin (adapter_names)",
-            spec=_lora_qv),
+    Variant("lora-r8-qv-mixed8", "mixed", "8 unipelt LoRA r8 q,v adapters, rows round-robin (adapter_names), "
+            "packed (unipelt.pack_mixed: one A and one B tensor per projection)", spec=_lora_qv, packed=True),
+    Variant("lora-r8-qv-mixed8-unpacked", "mixed", "8 unipelt LoRA r8 q,v adapters, rows round-robin "
+            "(adapter_names), each adapter's own tensors trained (no pack_mixed)", spec=_lora_qv),
     # mixed batches with LoRA dropout 0.1 (what training configs use): on the PyTorch path an active
     # dropout runs as segments (each adapter on its own rows), on the Triton path it stacks (one
     # shrink with each adapter's mask as a column segment, one expand)
@@ -431,7 +438,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("lora-r8-qv-d01-triton", "unipelt", "unipelt LoRA r8 on q,v, dropout 0.1, executor: triton",
             spec=lambda scn: {**_lora_qv_d01(scn), "executor": "triton"}),
     Variant("lora-r8-qv-d01-mixed8-triton", "mixed", "8 unipelt LoRA r8 q,v dropout 0.1 adapters, rows "
-            "round-robin, executor: triton (stacked kernels)", spec=lambda scn: {**_lora_qv_d01(scn), "executor": "triton"}),
+            "round-robin, executor: triton (stacked kernels), packed (unipelt.pack_mixed)",
+            spec=lambda scn: {**_lora_qv_d01(scn), "executor": "triton"}, packed=True),
+    Variant("lora-r8-qv-d01-mixed8-triton-unpacked", "mixed", "8 unipelt LoRA r8 q,v dropout 0.1 adapters, rows "
+            "round-robin, executor: triton (stacked kernels), no pack_mixed",
+            spec=lambda scn: {**_lora_qv_d01(scn), "executor": "triton"}),
     Variant("qlora-nf4-r16-all", "unipelt", "unipelt LoRA r16 on all linears, NF4 base (bnb dequant)",
             spec=_lora_all, quant="nf4"),
     Variant("qlora-nf4-r16-all-triton", "unipelt", "unipelt LoRA r16 on all linears, NF4 base (Triton dequant)",
@@ -466,6 +477,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             peft=lambda scn: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": list(scn.peft_all)}),
     Variant("unipelt-triton", "unipelt", "specs/unipelt.yaml (APL, gates live), executor: triton",
             spec=_with("unipelt.yaml", executor="triton")),
+    # executor: auto runs plain LoRA groups on the kernels where the forward is compiled or graphed
+    # (session 12); these pin the grouped PyTorch executor for the same specs, to compare in one run
+    Variant("lora-r16-all-grouped", "unipelt", "unipelt LoRA r16 on all linears, executor: grouped",
+            spec=lambda scn: {**_lora_all(scn), "name": "lora-r16-all-grouped", "executor": "grouped"}),
+    Variant("lora-r16-all-d01-grouped", "unipelt", "unipelt LoRA r16 on all linears, dropout 0.1, executor: grouped",
+            spec=lambda scn: {**_lora_all(scn), "name": "lora-r16-all-d01-grouped", "executor": "grouped",
+                              "modules": {"lora": {**_lora_all(scn)["modules"]["lora"], "dropout": 0.1}}}),
     # issue 12: gated methods in a mixed batch (segments: each adapter's branches on its rows), against
     # the unipelt row (one adapter per batch)
     Variant("unipelt-mixed4", "mixed", "4 specs/unipelt.yaml adapters (gates live), rows round-robin (adapter_names)",
@@ -546,6 +564,16 @@ def prepare(variant: Variant, scn: Scenario, phase: str, device: torch.device, d
                 key = tuple(sorted((k, v) for k, v in g.items() if k != "params"))
                 merged.setdefault(key, {**g, "params": []})["params"].extend(g["params"])
         groups = list(merged.values())
+        if variant.packed:
+            # the adapters' LoRA tensors are frozen views of the stacks from here on (param_groups
+            # above listed them while still trainable): the optimizer gets the adapters' other
+            # trainable tensors and the stacks
+            packed = unipelt.pack_mixed(model)
+            for g in groups:
+                g["params"] = [p for p in g["params"] if p.requires_grad]
+            groups = [g for g in groups if g["params"]]
+            groups.append({"name": "packed", "params": packed, "lr": LR, "weight_decay": groups[0]["weight_decay"]
+                           if groups else 0.0})
         rows = (scn.train_shape if phase == "train" else scn.infer_shape)[0]
         names = [f"m{i % variant.mixed_adapters}" for i in range(rows)]
         return Prepared(model, groups, sum(p.numel() for g in groups for p in g["params"]), handles,

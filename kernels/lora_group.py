@@ -413,6 +413,11 @@ CONFIGS: dict[str, _Blocks] = {
     # the split expand backward (BWD_MODE "split"): dh over all of D per 32-row block (256
     # programs at 8,192 tokens), dB per 64-wide D block over a share of the rows
     "expand_dh": _Blocks(32, 256, 4, 4), "expand_db": _Blocks(128, 64, 4),
+    # the shrink, dX and dW with dropout segments keep the blocks they had before session 9's re-choice
+    # (which timed dropout-free launches only): with a mask drawn per element, llama lora-r16-all-d01
+    # on the kernels went from 27.14 ms (session 7, these blocks) to 36.86 ms (session 12, shrink
+    # 64x256, dW 64x32; reduce-overhead, RESULTS.md, Kernels, session 12)
+    "shrink_drop": _Blocks(32, 64, 4), "dx_drop": _Blocks(64, 64, 4), "dw_drop": _Blocks(64, 64, 4),
 }
 
 
@@ -523,9 +528,9 @@ def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_width
     tiles = _tiles(tuple(seg_widths), tuple(seg_p))
     block_n = tiles.block_n
     z = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bl0 = _blocks("shrink")
-    bl = _fit(bl0, lambda k: (bl0.m + block_n) * k * x.element_size())
     has_drop = _has_drop(seg_p, seed)
+    bl0 = _blocks("shrink_drop" if has_drop else "shrink")
+    bl = _fit(bl0, lambda k: (bl0.m + block_n) * k * x.element_size())
     grid = (triton.cdiv(M, bl.m), tiles.n)
     warps = bl.warps if block_n < 128 or INTERPRET else 8
     _shrink_fwd_kernel[grid](
@@ -560,7 +565,7 @@ def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: i
     seed_arg = seed if has_drop else dz
     prec = _precision(x.dtype)
     dx = torch.empty_like(x)
-    bl = _blocks("dx")
+    bl = _blocks("dx_drop" if has_drop else "dx")
     _shrink_dx_kernel[(triton.cdiv(M, bl.m), triton.cdiv(K, bl.k))](
         dz, z, w, dx, seed_arg, M, K, act_start, dz.stride(0), z.stride(0), w.stride(0),
         dx.stride(0), **tiles.kwargs(),
@@ -571,7 +576,7 @@ def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: i
     buf = torch.zeros(N * K + (N if has_act else 0), device=x.device, dtype=torch.float32)
     dw = buf[:N * K].view(N, K)
     db_all = buf[N * K:] if has_act else buf
-    bl0 = _blocks("dw")
+    bl0 = _blocks("dw_drop" if has_drop else "dw")
     bl = _fit(bl0, lambda k: bl0.m * (block_n + k) * x.element_size())
     k_blocks = triton.cdiv(K, bl.k)
     # enough programs to fill the card: split the token rows when tiles × K blocks are few

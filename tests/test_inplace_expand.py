@@ -24,6 +24,13 @@ from unipelt.compiler import set_executor
 from unipelt_plugins.lora import _may_write, addmm_into
 
 
+@pytest.fixture(autouse=True)
+def _unfolded(monkeypatch):
+    # the path checked here is the unfolded one (a folded projection runs base and LoRA as one
+    # node, unipelt/fold.py, tests/test_fold.py); it still runs wherever the fold does not
+    monkeypatch.setenv("UNIPELT_FOLD", "0")
+
+
 class _Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()

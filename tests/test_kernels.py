@@ -304,12 +304,9 @@ def test_executor_selection_spec_env_and_report(monkeypatch):
     h = unipelt.compile(model, spec)
     assert get_state(model).executor == "auto"
     groups = report_dict(h)["fusion_groups"]
-    # (auto keeps the grouped executor on CUDA too while executor.AUTO_USES_KERNELS is off)
-    from unipelt.executor import AUTO_USES_KERNELS
-
-    want = "triton" if DEV == "cuda" and AUTO_USES_KERNELS else "grouped"
-    assert groups and all(g["executor"] == want for g in groups), groups
-    assert ("CUDA only" if DEV == "cpu" else "executor 'auto'") in groups[0]["reason"]
+    # (auto keeps the grouped executor on CUDA too for a gated group: test_auto_rule)
+    assert groups and all(g["executor"] == "grouped" for g in groups), groups
+    assert ("CUDA only" if DEV == "cpu" else "group with gates") in groups[0]["reason"]
     set_executor(model, "triton")
     assert all(g["executor"] == "triton" for g in report_dict(h)["fusion_groups"])
     assert "-> triton" in report_text(h)
@@ -515,14 +512,40 @@ def test_gpu_group_step_under_reduce_overhead():
 
 
 def test_auto_rule():
-    # where ``auto`` runs the kernels: CUDA, a compiled forward, and only once AUTO_USES_KERNELS
+    # where ``auto`` runs the kernels: CUDA, a compiled forward, a group without gates or input
+    # dropout (where they measured faster), and only while AUTO_USES_KERNELS is on
     from unipelt.executor import auto_rule
 
     assert auto_rule("cuda", compiling=True, enabled=True) is None
     assert "only under torch.compile" in auto_rule("cuda", compiling=False, enabled=True)
     assert "keeps the grouped executor" in auto_rule("cuda", compiling=True, enabled=False)
+    assert "group with gates" in auto_rule("cuda", compiling=True, enabled=True, gated=True)
+    assert "group with an input dropout" in auto_rule("cuda", compiling=True, enabled=True, dropout=True)
     for compiling in (False, True):
         assert "CUDA only" in auto_rule("cpu", compiling=compiling, enabled=True)
+
+
+def test_auto_keeps_gated_and_dropout_groups_grouped(monkeypatch):
+    # per group: on the kernels' device (the interpreter standing in for CUDA) auto runs a plain
+    # LoRA group on the kernels and keeps a gated one on the grouped executor and the dropout
+    # branches computing alone (off the kernels they cannot share one x), the report saying why;
+    # ``triton`` runs all three as one kernel group
+    import unipelt
+    from unipelt import executor as ex
+    from unipelt.compiler import set_executor
+    from unipelt.report import report_dict
+
+    from conftest import make_bert
+
+    monkeypatch.setattr(ex, "AUTO_DEVICES", ("cuda", "cpu"))
+    base = {"method": "lora", "sites": ["attn.q", "attn.k", "attn.v"], "r": 4}
+    for extra, want, why in (({}, "triton", "compiled"), ({"gate": True}, "grouped", "group with gates"),
+                             ({"dropout": 0.1}, "reference", "group with an input dropout")):
+        h = unipelt.compile(make_bert(), {"executor": "auto", "modules": {"lora": {**base, **extra}}})
+        groups = report_dict(h)["fusion_groups"]
+        assert groups and all(g["executor"] == want and why in g["reason"] for g in groups), (extra, groups)
+        set_executor(h.model, "triton")
+        assert all(g["executor"] == "triton" for g in report_dict(h)["fusion_groups"]), extra
 
 
 def test_auto_runs_the_kernels_in_compiled_forwards_only(monkeypatch):
@@ -538,15 +561,16 @@ def test_auto_runs_the_kernels_in_compiled_forwards_only(monkeypatch):
 
     monkeypatch.setattr(ex, "AUTO_USES_KERNELS", True)
     monkeypatch.setattr(ex, "AUTO_DEVICES", ("cuda", "cpu"))
-    spec = {"executor": "auto", "modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4,
-                                                     "dropout": 0.2, "gate": True}}}
+    # unfolded: in eager forwards (a graphed step's too) the fold would run these plain LoRA
+    # projections with their base as one node instead (unipelt/fold.py, tests/test_fold.py)
+    monkeypatch.setenv("UNIPELT_FOLD", "0")
+    spec = {"executor": "auto", "modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4}}}
     model = make_bert()
     h = unipelt.compile(model, spec)
     randomize(h)
     groups = report_dict(h)["fusion_groups"]
     assert groups and all(g["executor"] == "triton" and "compiled" in g["reason"] for g in groups), groups
-    # the dropout branches joined their group (they can only on the kernels' layout)
-    assert all(g.kernel and len(g._drop) == 2 for g in get_state(model).ctx.groups.values())
+    assert all(g.kernel for g in get_state(model).ctx.groups.values())
     batch = make_batch()
     model.eval()
     with torch.no_grad():
@@ -572,6 +596,20 @@ def test_auto_runs_the_kernels_in_compiled_forwards_only(monkeypatch):
     assert any("unipelt.lora_shrink" in t for t in targets), sorted(targets)
     assert any("unipelt.lora_expand" in t for t in targets), sorted(targets)
     torch.testing.assert_close(compiled, grouped, atol=2e-5, rtol=1e-5)
+    # a graphed step's eager forward (executor.graphing(): GraphedTrainStep's warm-up and capture)
+    # launches them too, with the same outputs
+    launched = []
+    real = lg._launch_shrink
+
+    def counting(*a, **k):
+        launched.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(lg, "_launch_shrink", counting)
+    with torch.no_grad(), ex.graphing():
+        graphed = model(**batch).logits
+    assert launched and ex._GRAPHING == 0
+    torch.testing.assert_close(graphed, grouped, atol=2e-5, rtol=1e-5)
 
 
 def test_block_overrides_are_checked(tmp_path):

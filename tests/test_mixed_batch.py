@@ -250,9 +250,11 @@ def test_ungated_lora_rows_run_as_one_stacked_product():
         torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
 
 
-def test_speed_variant_mixes_eight_adapters():
+@pytest.mark.parametrize("variant", ["lora-r8-qv-mixed8", "lora-r8-qv-mixed8-unpacked"])
+def test_speed_variant_mixes_eight_adapters(variant):
     """benchmarks/speed.py's lora-r8-qv-mixed8: eight adapters on one model, rows round-robin, all
-    trained (one optimizer group per setting), and a step runs."""
+    trained (one optimizer group per setting; packed by unipelt.pack_mixed, as many tensors as one
+    adapter has, or -unpacked, eight times as many), and a step runs."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -263,14 +265,28 @@ def test_speed_variant_mixes_eight_adapters():
     sys.modules[spec.name] = speed
     spec.loader.exec_module(speed)
     scn = speed.TINY["llama"]
-    prep = speed.prepare(speed.VARIANTS["lora-r8-qv-mixed8"], scn, "train", torch.device("cpu"), torch.float32)
+    prep = speed.prepare(speed.VARIANTS[variant], scn, "train", torch.device("cpu"), torch.float32)
     one = speed.prepare(speed.VARIANTS["lora-r8-qv"], scn, "train", torch.device("cpu"), torch.float32)
     assert prep.trainable == 8 * one.trainable
     assert prep.call_kwargs["adapter_names"] == [f"m{i % 8}" for i in range(scn.train_shape[0])]
     assert len(prep.params) == len(one.params)
+    tensors = sum(len(g["params"]) for g in prep.params)
+    assert tensors == (1 if variant.endswith("mixed8") else 8) * sum(len(g["params"]) for g in one.params)
     batch = {**speed.make_batch(scn, "train", 512, torch.device("cpu")), **prep.call_kwargs}
     prep.model(**batch).loss.backward()
-    graded = {h.name for h in prep.keep if any(p.grad is not None and p.grad.any() for p in h.parameters())}
+    if variant.endswith("mixed8"):
+        # the stacks' gradients, per adapter: B's column block (A's is 0 while every B is 0)
+        from unipelt.state import PACKED
+
+        graded = set()
+        for sp in prep.model.unipelt[PACKED].values():
+            at = 0
+            for name, r in zip(sp.names, sp.widths):
+                if sp.B.grad[:, at:at + r].any():
+                    graded.add(name)
+                at += r
+    else:
+        graded = {h.name for h in prep.keep if any(p.grad is not None and p.grad.any() for p in h.parameters())}
     assert graded == {f"m{i}" for i in range(scn.train_shape[0])}  # the rows' adapters, no others
 
 

@@ -218,16 +218,17 @@ def test_triton_mixed_compiles_fullgraph():
     torch._dynamo.reset()
 
 
-def test_auto_stacks_dropout_on_the_kernels_when_compiled_only(monkeypatch):
-    # executor auto with the kernels off for ordinary groups (AUTO_USES_KERNELS False, the
-    # default): a mixed batch whose stack has an active dropout still runs the kernels in a
+@pytest.mark.parametrize("auto_on", [True, False])
+def test_auto_stacks_dropout_on_the_kernels_when_compiled_only(monkeypatch, auto_on):
+    # executor auto, even with the kernels off for ordinary groups (AUTO_USES_KERNELS False): a
+    # mixed batch whose stack has an active dropout still runs the kernels in a
     # compiled forward (the PyTorch path could only run it as segments), but not in eager mode,
     # and a stack without dropout keeps the PyTorch products (on CPU the interpreter stands in
     # for CUDA: AUTO_DEVICES widened)
     from torch._dynamo.backends.common import aot_autograd
     from unipelt import executor as ex
 
-    monkeypatch.setattr(ex, "AUTO_USES_KERNELS", False)
+    monkeypatch.setattr(ex, "AUTO_USES_KERNELS", auto_on)
     monkeypatch.setattr(ex, "AUTO_DEVICES", ("cuda", "cpu"))
     batch = make_batch(batch=3)
     for p, want_kernel in ((0.2, True), (0.0, False)):

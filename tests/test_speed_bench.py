@@ -304,6 +304,32 @@ def test_mixed_rows_and_the_optimizer_split(tmp_path):
             assert "fwd_bwd_ms" not in r and "optimizer_ms" not in r
 
 
+def test_mixed8_is_packed_and_the_unpacked_row_is_not():
+    """lora-r8-qv-mixed8 gives the optimizer one A and one B per projection (unipelt.pack_mixed),
+    as many tensors as lora-r8-qv's one adapter; -unpacked the eight adapters' own tensors. The
+    same number of trained values, the same loss (eval: BERT's dropout would draw differently), and
+    the packed tensors get the gradient."""
+    import torch
+
+    scn = speed.TINY["bert"]
+    cpu = torch.device("cpu")
+    one = speed.prepare(speed.VARIANTS["lora-r8-qv"], scn, "train", cpu, torch.float32)
+    packed = speed.prepare(speed.VARIANTS["lora-r8-qv-mixed8"], scn, "train", cpu, torch.float32)
+    unpacked = speed.prepare(speed.VARIANTS["lora-r8-qv-mixed8-unpacked"], scn, "train", cpu, torch.float32)
+    tensors = [sum(len(g["params"]) for g in p.params) for p in (one, packed, unpacked)]
+    assert tensors[0] == tensors[1] > 0 and tensors[2] == 8 * tensors[0]
+    assert packed.trainable == unpacked.trainable == 8 * one.trainable
+    assert all(p.requires_grad for g in packed.params for p in g["params"])
+    vocab = packed.model.get_input_embeddings().num_embeddings
+    batch = speed.make_batch(scn, "train", vocab, cpu)
+    for p in (packed, unpacked):
+        p.model.eval()
+    losses = [p.model(**batch, **p.call_kwargs).loss for p in (packed, unpacked)]
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
+    losses[0].backward()
+    assert all(p.grad is not None for g in packed.params for p in g["params"])
+
+
 def test_no_floors_measures_the_variants_only(tmp_path):
     """--no-floors (a comparison between variants, e.g. mixed8 / lora-r8-qv under reduce-overhead,
     where every floor is two more compilations): no floor record, every variant measured, no ratio."""

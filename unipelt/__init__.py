@@ -49,13 +49,29 @@ def adapter_names(model, names):
     return _names(model, names)
 
 
+def pack_mixed(model):
+    """Stack the LoRA A and B of each projection of a model's mixed-batch adapters into one trainable
+    tensor each; returns them for the optimizer (:func:`unipelt.state.pack_mixed`)."""
+    from unipelt.state import pack_mixed as _pack
+
+    return _pack(model)
+
+
+def unpack_mixed(model):
+    """Give the adapters packed by :func:`pack_mixed` independent trainable tensors again
+    (:func:`unipelt.state.unpack_mixed`)."""
+    from unipelt.state import unpack_mixed as _unpack
+
+    return _unpack(model)
+
+
 def validate(spec):
     """Parse and validate a spec without a model; returns the parsed Spec or raises SpecError."""
     return parse_spec(spec)
 
 
 __all__ = [
-    "compile", "load", "set_adapter", "adapter_names", "validate", "merge_adapters", "parse_spec", "Spec",
+    "compile", "load", "set_adapter", "adapter_names", "pack_mixed", "unpack_mixed", "validate", "merge_adapters", "parse_spec", "Spec",
     "UnipeltError", "SpecError", "ModelError", "AdapterFileError", "DataError", "PluginError", "OutputError",
     "UnipeltWarning",
 ]

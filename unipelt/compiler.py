@@ -214,8 +214,8 @@ def _build_groups(state: ModelState, handle, graph: CompiledGraph) -> None:
 
 def set_executor(model: nn.Module, executor: str) -> None:
     """Choose how branch groups run: ``auto`` (the default: ``executor.auto_rule`` — the Triton
-    kernels on CUDA in a compiled forward where they fit once ``executor.AUTO_USES_KERNELS`` is
-    on, else ``grouped``), ``grouped`` (one PyTorch
+    kernels on CUDA in a compiled forward where they fit, for groups without gates or input
+    dropout, else ``grouped``), ``grouped`` (one PyTorch
     executor per fusion group), ``triton`` (the kernels, an error where they cannot run) or
     ``reference`` (every branch and gate on its own; the executors are checked against it)."""
     if executor not in EXECUTORS:

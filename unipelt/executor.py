@@ -11,10 +11,10 @@ behind the same two calls (``shrunk`` and ``gate``) plus the expand into the bas
 
 Selection (``executor`` in the spec, else the ``UNIPELT_EXECUTOR`` variable, else ``auto``):
 ``reference`` | ``grouped`` | ``triton`` (the kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``;
-float32/bfloat16/float16) | ``auto`` = the kernels on CUDA where they fit when
-:data:`AUTO_USES_KERNELS` is on (off: they measured no faster end to end, see its comment),
-else the grouped PyTorch executor. Decided when the plan is refreshed, from the group's
-weights; the compile report gives each group's executor and the reason
+float32/bfloat16/float16) | ``auto`` = the kernels on CUDA in a compiled forward where they fit,
+for plain LoRA groups (no gate, no input dropout: where they measured faster end to end, see
+:data:`AUTO_USES_KERNELS`), else the grouped PyTorch executor. Decided when the plan is
+refreshed, from the group's weights; the compile report gives each group's executor and the reason
 (:meth:`TritonExecutor.describe`).
 
 A member joins when its module offers the group protocol (:class:`unipelt.types.Shrinkable`,
@@ -23,6 +23,7 @@ reads a dropped-out x of its own, so it computes alone).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -40,6 +41,10 @@ ENV_VAR = "UNIPELT_EXECUTOR"
 
 class GroupExecutor:
     """Runs the members of one fusion group of one adapter."""
+
+    # set at refresh by unipelt.fold.plan: the members run with their base projections as one
+    # autograd node (the fold computes z itself), for the compile report
+    folded: bool = False
 
     def __init__(self, adapter: str, group: FusionGroup, branches: list[Entry], gates: dict[str, torch.nn.Module]):
         self.adapter = adapter
@@ -170,39 +175,72 @@ def kernels():
 
 
 # Whether ``auto`` picks the kernels, and where. The rule (:func:`auto_rule`): on CUDA, in a forward
-# that torch.compile traces, when dtype and shapes fit; in eager mode the grouped executor's
-# PyTorch ops. The switch stays off because no end-to-end measurement has the kernels faster than
-# the grouped executor (benchmarks/RESULTS.md, "Kernels"): eager, every Triton launch costs the
-# host more than a PyTorch op (llama LoRA r16 all-linear train 2.49x the floor against 1.72x
-# grouped); under reduce-overhead (session 7, two timing passes each, ratio to the floor) the
-# groups where the kernels fuse something lost too -- gates (UniPELT: llama 1.656 / 1.631 against
-# 1.641 / 1.618 grouped; BERT 4.64 / 4.96 against 4.01 / 3.99), in-kernel dropout (llama LoRA r16
-# d0.1: 1.484 / 1.460 against 1.380 / 1.353) -- and so did plain LoRA on BERT (3.20 against 2.41,
-# speed.py's own sequential run); plain LoRA on llama tied (1.23 / 1.22 against 1.26, session 6).
-# So no per-group choice (kernels only for groups with a gate or a dropout mask) is supported by
-# the numbers either: auto is the grouped executor everywhere.
-AUTO_USES_KERNELS = False
+# that torch.compile traces or a CUDA graph replays (:func:`graphing`), when dtype and shapes fit,
+# for the groups that measured faster on the kernels: plain LoRA (no gate, no input dropout), shrink
+# and expand. In eager mode the grouped executor's PyTorch ops (every Triton launch costs the host
+# more than a PyTorch op: llama LoRA r16 all-linear train 2.49x the floor against 1.72x grouped,
+# session 5). Measured on the H200 under
+# reduce-overhead, two timing passes, ratio to the floor (benchmarks/RESULTS.md, Kernels, session 12):
+# plain LoRA r16 on all linears, llama train 1.21 / 1.16 on the kernels against 1.26 / 1.22 grouped,
+# llama infer 1.12 / 1.13 against 1.15 / 1.14, BERT graph-step train 1.52 against 1.64 (session 11);
+# the groups where the kernels fuse more lost: gates (UniPELT llama train 1.68 / 1.63 against 1.66 /
+# 1.61, infer 1.36 / 1.36 against 1.30 / 1.29; BERT 2.47 / 3.04 against 2.28 / 2.84) and in-kernel
+# dropout (llama LoRA r16 d0.1 1.45 / 1.44 with the dropout blocks of call 2, against 1.37 / 1.33),
+# so those stay grouped under auto. With the rule, auto measured llama 1.18 / 1.17 and BERT
+# graph-step 1.52 / 1.51 against 1.25 / 1.23 and 1.64 grouped (session 12, call 2).
+AUTO_USES_KERNELS = True
 # the device types ``auto`` runs the kernels on (the CPU interpreter is for tests, which widen this)
 AUTO_DEVICES: tuple[str, ...] = ("cuda",)
 
 
-def auto_rule(device_type: str, compiling: bool, enabled: bool | None = None) -> str | None:
+def auto_rule(device_type: str, compiling: bool, enabled: bool | None = None, gated: bool = False,
+              dropout: bool = False) -> str | None:
     """None when ``auto`` runs the kernels for a tensor on ``device_type`` in a forward that is
-    (``compiling``) or is not traced by torch.compile, else why not."""
+    (``compiling``) or is not traced by torch.compile, for a group (or expand) with a live gate
+    (``gated``) or an input dropout (``dropout``) or neither, else why not."""
     enabled = AUTO_USES_KERNELS if enabled is None else enabled
     if device_type not in AUTO_DEVICES:
         return f"executor 'auto' runs the kernels on CUDA only (tensors on {device_type})"
     if not enabled:
-        return ("executor 'auto' keeps the grouped executor: end to end the kernels measured no faster than it "
-                "(compiled with CUDA graphs: slower with gates or dropout and on BERT, a tie on llama LoRA; eager "
-                "slower: benchmarks/RESULTS.md, Kernels); choose 'triton' to run them")
+        return ("executor 'auto' keeps the grouped executor (executor.AUTO_USES_KERNELS is off); "
+                "choose 'triton' to run the kernels")
+    if gated or dropout:
+        what = "gates" if gated else "an input dropout"
+        return (f"executor 'auto' keeps the grouped executor for a group with {what}: compiled with CUDA graphs "
+                "the kernels measured slower there (benchmarks/RESULTS.md, Kernels, session 12); choose 'triton' "
+                "to run them")
     if not compiling:
-        return ("executor 'auto' runs the kernels only under torch.compile: in eager mode their launches cost the "
-                "host more than the grouped executor's PyTorch ops (benchmarks/RESULTS.md, Kernels)")
+        return ("executor 'auto' runs the kernels only under torch.compile or in a graphed step: in eager mode "
+                "their launches cost the host more than the grouped executor's PyTorch ops (benchmarks/RESULTS.md, "
+                "Kernels)")
     return None
 
 
-def kernel_reason(mode: str, x: Tensor, planning: bool = False) -> str | None:
+_GRAPHING = 0  # depth of graphing() contexts
+
+
+@contextlib.contextmanager
+def graphing():
+    """Marks the steps of a CUDA graph that will be replayed (its warm-up and its capture:
+    ``training.graphed.GraphedTrainStep`` enters it), where ``auto`` runs the kernels as under
+    torch.compile: a replayed launch costs the host nothing. The warm-up must be inside too, so
+    that the kernels are compiled and loaded before the capture, not during it."""
+    global _GRAPHING
+    _GRAPHING += 1
+    try:
+        yield
+    finally:
+        _GRAPHING -= 1
+
+
+def _graphed() -> bool:
+    """Whether this forward's launches are recorded for replay: traced by torch.compile, or a step
+    of a replayed CUDA graph (:func:`graphing`)."""
+    return torch.compiler.is_compiling() or _GRAPHING > 0
+
+
+def kernel_reason(mode: str, x: Tensor, planning: bool = False, gated: bool = False,
+                  dropout: bool = False) -> str | None:
     """None when ``mode`` runs the kernels on ``x``, else why not. ``auto`` follows
     :func:`auto_rule`: decided per call, so one plan serves an eager and a compiled forward;
     ``planning`` (the plan's refresh, in eager code) asks whether some forward could run them
@@ -211,7 +249,7 @@ def kernel_reason(mode: str, x: Tensor, planning: bool = False) -> str | None:
     if mode not in ("auto", "triton"):
         return f"executor {mode!r}"
     if mode == "auto":
-        why = auto_rule(x.device.type, planning or torch.compiler.is_compiling())
+        why = auto_rule(x.device.type, planning or _graphed(), gated=gated, dropout=dropout)
         if why is not None:
             return why
     k = kernels()
@@ -223,19 +261,20 @@ def kernel_reason(mode: str, x: Tensor, planning: bool = False) -> str | None:
 
 def stacked_kernels(mode: str, x: Tensor, dropping: bool) -> bool:
     """Whether a mixed batch's stacked LoRA product (``SiteRuntime.apply_stacked``) runs on the
-    kernels. ``triton``: where they fit (else the error of :func:`kernel_reason`). ``auto``: where
-    its rule runs them, and also, whatever ``AUTO_USES_KERNELS`` says, for a stack with an active
-    input dropout in a compiled forward on CUDA: only the kernels stack it (one mask draw per
-    rate, inside the shrink), the PyTorch path runs those adapters as segments instead, measured
-    at 12-17x one adapter's llama train step against 1.05x on the kernels (H200, reduce-overhead:
-    benchmarks/RESULTS.md, "Session 8 (lead)")."""
+    kernels. ``triton``: where they fit (else the error of :func:`kernel_reason`). ``auto``, whatever
+    ``AUTO_USES_KERNELS`` says: only for a stack with an active input dropout in a compiled forward
+    on CUDA, where only the kernels stack it (one mask draw per rate, inside the shrink) and the
+    PyTorch path runs those adapters as segments instead, measured at 12-17x one adapter's llama
+    train step against 1.05x on the kernels (H200, reduce-overhead: benchmarks/RESULTS.md,
+    "Session 8 (lead)"); a dropout-free stack keeps the PyTorch products (never measured on the
+    kernels)."""
     if mode not in ("auto", "triton"):
         return False
-    if kernel_reason(mode, x) is None:
-        return True
-    if mode != "auto" or not dropping:
+    if mode == "triton":
+        return kernel_reason(mode, x) is None
+    if not dropping:  # (measured: no dropout-free mixed stack on the kernels under auto yet)
         return False
-    if auto_rule(x.device.type, torch.compiler.is_compiling(), enabled=True) is not None:
+    if auto_rule(x.device.type, _graphed(), enabled=True) is not None:
         return False
     k = kernels()
     return not isinstance(k, str) and k.fits(x) is None
@@ -278,10 +317,12 @@ class TritonExecutor(GroupExecutor):
         super().refresh(active, executor, needed)
         weights = [e.branch.lora_A for e in self.branches if _dropout_p(e.branch) is not None]
         weights += [w for w in self._weights_grouped()]
-        self.kernel, self.reason = False, "no live readers"
+        self.kernel, self.reason, self._why = False, "no live readers", None
         if weights:
-            why = kernel_reason(executor, weights[0], planning=True)
-            self.kernel, self.reason = why is None, (why or self._fit_reason(executor))
+            why = kernel_reason(executor, weights[0], planning=True, gated=bool(self._live_gates),
+                                dropout=any(p for e in self.branches if not e.merged and not e.off
+                                            and (p := _dropout_p(e.branch))))
+            self.kernel, self.reason, self._why = why is None, (why or self._fit_reason(executor)), why
         self._drop = []
         self._act_start = self._gate_end
         if not self.kernel:
@@ -417,7 +458,9 @@ class TritonExecutor(GroupExecutor):
     def describe(self) -> tuple[str, str]:
         """(executor, reason) of this group as refreshed: for the compile report."""
         if not self.on:
-            return "reference", "computed alone (fewer than two live readers, or the reference executor)"
+            # (a dropout branch reads its own dropped-out x: off the kernels it computes alone)
+            alone = "computed alone (fewer than two live readers, or the reference executor)"
+            return "reference", alone + (f"; {self._why}" if getattr(self, "_why", None) else "")
         if self.kernel:
             return "triton", self.reason
         return "grouped", self.reason
@@ -428,10 +471,13 @@ def kernel_expand(e: Entry, out: Tensor, u: Tensor, g: Tensor | None, ctx: Forwa
     scale applied inside): LoRA's (``lora_group.lora_expand``) and a bottleneck adapter's
     (``bottleneck.bottleneck_up``); None where the kernels do not run (the caller's PyTorch path)."""
     b = e.branch
-    if out.dim() < 2 or kernel_reason(ctx.executor, out) is not None:
-        return None
     B = getattr(b, "lora_B", None)
-    if isinstance(B, nn.Parameter) and getattr(b, "kernel_lora", False):
+    lora = isinstance(B, nn.Parameter) and getattr(b, "kernel_lora", False)
+    # auto: a plain LoRA's expand (ungated) only; a gated one, and a bottleneck adapter's up-projection,
+    # stay in PyTorch (auto_rule)
+    if out.dim() < 2 or kernel_reason(ctx.executor, out, gated=g is not None or not lora) is not None:
+        return None
+    if lora:
         if g is None:
             coef, scale = None, b.scale
         elif b.gate_scale == "replace":

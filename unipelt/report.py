@@ -84,9 +84,10 @@ def _executor_of(handle: AdapterHandle, fg) -> dict:
     ex = state.ctx.groups.get(f"{handle.name}/{fg.key}") if state is not None else None
     describe = getattr(ex, "describe", None)
     if describe is None:
-        return {"executor": "reference" if ex is None or not ex.on else "grouped", "reason": ""}
+        return {"executor": "reference" if ex is None or not ex.on else "grouped", "reason": "", "folded": False}
     name, why = describe()
-    return {"executor": name, "reason": why}
+    # folded: the members' base projections and LoRAs run as one autograd node (unipelt.fold)
+    return {"executor": name, "reason": why, "folded": bool(getattr(ex, "folded", False))}
 
 
 def report_text(handle: AdapterHandle, base_params: int | None = None) -> str:
@@ -131,9 +132,11 @@ def report_text(handle: AdapterHandle, base_params: int | None = None) -> str:
     # groups of the same shape on several layers print as one line
     by_shape: dict[tuple, list] = defaultdict(list)
     for g in r["fusion_groups"]:
-        by_shape[(g["tensor"], tuple(x["label"] for x in g["readers"]), g["executor"], g["reason"])].append(g["layer"])
-    for (tensor, readers, ex, why), layers in by_shape.items():
+        by_shape[(g["tensor"], tuple(x["label"] for x in g["readers"]), g["executor"], g["reason"],
+                  g.get("folded", False))].append(g["layer"])
+    for (tensor, readers, ex, why, folded), layers in by_shape.items():
         nums = sorted(l for l in layers if l is not None)
         where = f"layers {_layers_text(nums)}" if nums else "global"
-        out.append(f"  {tensor} ({where}): " + " | ".join(readers) + f"  -> {ex}" + (f" ({why})" if why else ""))
+        out.append(f"  {tensor} ({where}): " + " | ".join(readers) + f"  -> {ex}" + (f" ({why})" if why else "")
+                   + (" [folded with the base projections: one autograd node in eager forwards]" if folded else ""))
     return "\n".join(out)

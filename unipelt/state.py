@@ -20,11 +20,13 @@ from torch.utils.hooks import RemovableHandle
 
 from unipelt.arch import ModelInfo, ResolvedSite
 from unipelt.errors import ModelError
+from unipelt.fold import plan as plan_folds
 from unipelt.inputs import CallBinder
-from unipelt.runtime import BASE, Entry, ForwardContext, Host, RowSelection, first_tensor_arg
+from unipelt.runtime import BASE, Entry, ForwardContext, Host, RowSelection, StackedParams, first_tensor_arg
 
 CONTAINER = "unipelt"  # attribute under which adapter parameters live in the model
 STATE_ATTR = "_unipelt_state"
+PACKED = "__packed__"  # the container's slot of the stacked parameters (pack_mixed)
 
 
 class AdapterSet(nn.Module):
@@ -104,6 +106,7 @@ class ModelState:
                     method = h.spec.modules[e.node].method if e.node in h.spec.modules else "?"
                     ctx.inplace_why.setdefault(n, f"its module {e.node!r} (method {method}) trains base tensors in place")
         ctx.inplace = frozenset(ctx.inplace_why)
+        ctx.packed_active = tuple(sorted(ctx.packed & active))
         ctx.embed_solo = {n: [e for e in self.embed if e.adapter in r and not e.off] for n, r in ctx.solo.items()}
         for host in self.hosts.values():
             for rt in host.runtimes.values():
@@ -125,6 +128,8 @@ class ModelState:
                   if e.gate_key is not None and not e.off}
         for group in ctx.groups.values():
             group.refresh(active, self.executor, needed)
+        # projections whose base and LoRA run as one node (after the groups: a group folds whole)
+        plan_folds(self)
 
     def sync_inplace(self, active: set[str]) -> None:
         """Put into every tensor trained in place by several attached adapters (or by one) the
@@ -194,12 +199,18 @@ def memory_bytes(model: nn.Module) -> dict[str, int]:
     adapters' parameters, for the reports."""
     base = adapter = 0
     seen: set[int] = set()
+    # the packed adapters' own lora_A / lora_B are views of their stacks (pack_mixed): counted once
+    stacks = getattr(model._modules.get(CONTAINER), "_modules", {}).get(PACKED)
+    stacked = {id(p) for p in stacks.parameters()} if stacks is not None else set()
+    stack_ptrs = {p.untyped_storage().data_ptr() for p in stacks.parameters()} if stacks is not None else set()
     for n, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         b = p.numel() * p.element_size()
         if _is_adapter(n):
+            if stack_ptrs and id(p) not in stacked and p.untyped_storage().data_ptr() in stack_ptrs:
+                continue
             adapter += b
             continue
         qs = getattr(p, "quant_state", None)
@@ -289,6 +300,8 @@ class RootPreHook:
         # fullgraph capture keeps one graph; only a mixed batch goes to the eager path (one graph
         # break there, and it stays correct).
         if torch.compiler.is_compiling() and "adapter_names" not in kwargs and self.ctx.row_names is None:
+            if self.ctx.packed_active and torch.is_grad_enabled():
+                _refuse_packed(self.ctx)
             self.ctx.rows = None
             self._read(args, kwargs)
             return None
@@ -307,6 +320,8 @@ class RootPreHook:
             ctx.rows = select_rows(ctx, self.binder, args, kwargs, names, ctx.row_names)
             self._read(args, kwargs)
             return args, kwargs
+        if ctx.packed_active and torch.is_grad_enabled():
+            _refuse_packed(ctx)
         ctx.rows = None
         self._read(args, kwargs)
         return None
@@ -327,6 +342,14 @@ class RootPreHook:
         use_cache = self.binder.get(args, kwargs, "use_cache")
         ctx.continued = past is not None or bool(self.config_use_cache if use_cache is None else use_cache)
         ctx.clear()
+
+
+def _refuse_packed(ctx: ForwardContext) -> None:
+    names = ", ".join(repr(n) for n in ctx.packed_active)
+    raise ModelError(f"adapter(s) {names} are packed for mixed batches (unipelt.pack_mixed): their own lora_A / "
+                     "lora_B are frozen views of the stacked parameters, so a call with gradients that runs them "
+                     "outside a mixed batch (no adapter_names) would train nothing; pass adapter_names=, run it "
+                     "under torch.no_grad(), or call unipelt.unpack_mixed(model) first")
 
 
 # The hook's own frame (torch.compile of the model calls hooks outside its graph) runs eagerly,
@@ -465,6 +488,80 @@ class adapter_names:  # noqa: N801 - used as a context manager, like torch.no_gr
         ctx.row_names = self.outer
         ctx.rows = None
         return False
+
+
+def pack_mixed(model: nn.Module) -> list[nn.Parameter]:
+    """Make the stacked LoRA A and B of each projection where mixed batches stack (every attached
+    adapter has one plain ungated LoRA there: :meth:`SiteRuntime._plan_stacked`) ONE trainable
+    Parameter each (:class:`unipelt.runtime.StackedParams`), and return them for the optimizer
+    (A, B per projection). Eight BERT LoRA q,v adapters: 48 tensors instead of 384, the per-tensor
+    host work of a mixed train step (concatenation, gradient split, AccumulateGrad, AdamW,
+    zero_grad) that of one adapter.
+
+    The adapters' own lora_A / lora_B become frozen views of the stack: an optimizer over the
+    adapters' parameters sees nothing to train (give it the returned ones, with the adapters'
+    other trainable tensors), each adapter still saves (``handle.save``) its own trained values,
+    and a call without gradients that runs one adapter alone reads them. A call with gradients
+    that would run a packed adapter outside the stack (no ``adapter_names``; a dropout the PyTorch
+    executors run as segments; an adapter attached since) raises :class:`ModelError`.
+    :func:`unpack_mixed` gives each adapter independent trainable tensors again. Projections where
+    some adapter's LoRA is frozen (fused by an AdapterFusion) stay as they are; a LoRA+ ``lr_ratio``
+    is refused (one returned tensor holds every adapter's B: their rates could not differ)."""
+    state = require_state(model)
+    container = model._modules.get(CONTAINER)
+    if container is not None and PACKED in container:
+        raise ModelError("pack_mixed: the model is packed already (unipelt.unpack_mixed(model) first)")
+    if PACKED in state.handles:
+        raise ModelError(f"pack_mixed: an adapter is named {PACKED!r}, the slot of the packed parameters")
+    stacks = nn.ModuleDict()
+    runtimes = []
+    for host in state.hosts.values():
+        for rt in host.runtimes.values():
+            if rt.stacked is None:
+                continue
+            branches = [e.branch for _, e in rt.stacked]
+            if not all(b.lora_A.requires_grad and b.lora_B.requires_grad for b in branches):
+                continue
+            for (name, _), b in zip(rt.stacked, branches):
+                if getattr(b, "lr_ratio", None):
+                    raise ModelError(f"pack_mixed: adapter {name!r} sets lr_ratio (LoRA+) at {rt.site_key}: its "
+                                     "B would share one tensor, and one learning rate, with the other adapters' Bs")
+            runtimes.append(rt)
+    if not runtimes:
+        raise ModelError("pack_mixed: no projection where the attached adapters stack (at least two adapters, "
+                         "each with one plain, ungated, trainable LoRA there)")
+    names: set[str] = set()
+    for i, rt in enumerate(runtimes):
+        sp = StackedParams(rt.site_key, [(n, e.branch) for n, e in rt.stacked])
+        stacks[f"s{i}"] = sp
+        rt.packed, rt.packed_stale = sp, False
+        names.update(sp.names)
+    if container is None:  # (require_state: an adapted model has one)
+        raise ModelError("pack_mixed: the model has no adapter container")
+    container[PACKED] = stacks
+    state.ctx.packed = frozenset(names)
+    state.refresh()
+    return [p for sp in stacks.values() for p in (sp.A, sp.B)]
+
+
+def unpack_mixed(model: nn.Module) -> list[nn.Parameter]:
+    """Undo :func:`pack_mixed`: every packed adapter's lora_A / lora_B get independent tensors with
+    the stack's current (trained) values and their requires_grad flags back; returns those
+    parameters (the same objects the adapters' handles list: an optimizer built before packing
+    can go on, one built over the stacks must be rebuilt). A model that is not packed: []."""
+    state = require_state(model)
+    container = model._modules.get(CONTAINER)
+    if container is None or PACKED not in container:
+        return []
+    stacks = container[PACKED]
+    del container[PACKED]
+    out = [p for sp in stacks.values() for p in sp.unbind()]
+    for host in state.hosts.values():
+        for rt in host.runtimes.values():
+            rt.packed, rt.packed_stale = None, False
+    state.ctx.packed = frozenset()
+    state.refresh()
+    return out
 
 
 def cache_length(past) -> int | None:

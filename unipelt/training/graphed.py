@@ -269,9 +269,13 @@ class GraphedTrainStep:
 
     # -- the step's body: the same code warms up, then is captured ----------------------------
     def _body(self, batch: Mapping[str, Tensor]) -> Tensor:
+        from unipelt.executor import graphing
+
         ac = (torch.autocast(device_type="cuda", dtype=self.autocast, cache_enabled=False)
               if self.autocast is not None else contextlib.nullcontext())
-        with ac:
+        # graphing(): executor auto runs the kernels where it would under torch.compile (a replayed
+        # launch costs the host nothing), in the warm-up too, so they load before the capture
+        with ac, graphing():
             out = self._fn(**batch, **self.call_kwargs)
             loss = self.loss_fn(out, batch)
         loss.backward()
