@@ -325,13 +325,23 @@ def _positive_int(text: str) -> int:
 
 def cmd_collapse(args: argparse.Namespace) -> int:
     """Collapse a gated adapter on calibration data (unipelt.collapse) and save it to --out."""
+    from pathlib import Path
+
     from unipelt import io
     from unipelt.collapse import CollapseError, forward_times
+    from unipelt.errors import OutputError
     from unipelt.state import get_state
     from unipelt.train import record_training_info
     from unipelt.training.inputs import batches, check_max_length, encode, pad_id
 
     dest = io.check_output_path(args.out, kind="dir", what="unipelt adapter directory", replaces=io.is_adapter_dir)
+    src = Path(args.adapter)
+    if src.exists() and src.resolve() == dest.resolve():
+        # collapse is lossy (closed branches pruned, gates replaced by constants, the prefix MLP dropped):
+        # written over its input, the gated adapter would be gone
+        raise OutputError(f"{dest}: --out is the adapter being collapsed; collapse prunes and folds, so the gated "
+                          "adapter would be lost: write the collapsed one to another folder; nothing written",
+                          path=str(dest))
     data, chat = _read_calibration(args)
     if args.max_examples:
         data = data[:args.max_examples]

@@ -169,6 +169,13 @@ def test_collapse_command(tmp_path, capsys):
     code = main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(tmp_path / "e")])
     text = capsys.readouterr().out
     assert code == 0 and "output diff" in text and "parameters" in text and "x base" in text
+    # --out onto the adapter itself (collapse is lossy): refused before anything runs, the adapter kept
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    for out in (tmp_path / "a", tmp_path / "sub" / ".." / "a"):
+        code = main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code != 0 and "--out is the adapter being collapsed" in err, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
 
 
 def test_merged_leaves_forward_straight_to_the_base_layer():
