@@ -180,6 +180,31 @@ def test_compile_report_says_training_prunes_toward_the_budget(tmp_path, capsys,
     assert "): OK" in capsys.readouterr().out
 
 
+def test_compile_report_shows_the_pruning_and_adapterdrop_rules(tmp_path, capsys, prune_plugin):
+    """`unipelt compile` said nothing of a spec's prune: and drop: rules, which decide what training
+    switches off; the text and --json reports name them per module, with the layers resolved."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(dict(GATED, prune={"epsilon": 0.05, "patience": 7, "min_step": 3},
+                                    drop={"layers": "0:1", "random": 0.5})))
+    assert main(["compile", str(path), "tiny-llama"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    prune = [x for x in out if x.startswith("pruning")]
+    assert prune and all("gate mean < 0.05 for 7 steps from step 3" in x for x in prune), prune
+    drop = next(x for x in out if x.startswith("adapterdrop"))
+    assert "every module: layers 0" in drop and "probability 0.5" in drop, drop
+    assert main(["compile", str(path), "tiny-llama", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["drop"]["layers"] == [0] and r["drop"]["random"] == 0.5
+    gated = [m["name"] for m in r["modules"] if m["gate"]]
+    assert gated and all(r["prune"][n] == {"epsilon": 0.05, "patience": 7, "min_step": 3, "to_budget": False}
+                         for n in gated)
+    # no rules: said so, and no adapterdrop line
+    path.write_text(json.dumps(GATED))
+    assert main(["compile", str(path), "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    assert "pruning       none" in out and "adapterdrop" not in out
+
+
 def test_collapse_does_not_count_the_gates_of_dropped_layers():
     """Collapsing an adapter trained with `drop: {layers: "0:2"}` (AdapterDrop, fixed) printed the
     gates of the dropped layers, which nothing computes, as "still gated"."""

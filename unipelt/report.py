@@ -62,6 +62,19 @@ def report_dict(handle: AdapterHandle, base_params: int | None = None) -> dict:
             # what pruning cannot remove, instead of a bare EXCEEDED on a spec that compiled
             budget["to_budget"] = True
             budget["unprunable"] = handle._unprunable(summary, b.count)
+    # the training-time rules a spec sets (pruning, AdapterDrop), so a compile shows what training will do
+    prune = {}
+    for node in spec.modules.values():
+        rule = spec.prune_for(node.name) if spec.gate_for(node) is not None else None
+        prune[node.name] = None if rule is None else {
+            "epsilon": rule.epsilon, "patience": rule.patience, "min_step": rule.min_step,
+            "to_budget": rule.to_budget}
+    drop = None
+    if spec.drop is not None:
+        d = spec.drop
+        layers = None if d.layers is None else d.layers.resolve(info.num_layers, source=None)
+        drop = {"layers": layers, "lowest": d.lowest, "rank_steps": d.rank_steps, "random": d.random,
+                "modules": list(d.modules)}
     return {
         "architecture": {
             "name": info.arch.name, "model_type": info.model_type, "model_class": type(handle.model).__name__,
@@ -72,6 +85,8 @@ def report_dict(handle: AdapterHandle, base_params: int | None = None) -> dict:
         "combine": {k: v for k, v in graph.combine.items() if v != "parallel"},
         "parameters": summary.to_dict(),
         "budget": budget,
+        "prune": prune,
+        "drop": drop,
         "executor": getattr(get_state(handle.model), "executor", None),
         "fusion_groups": [dict(fg.to_dict(), **_executor_of(handle, fg)) for fg in graph.fusion_groups],
     }
@@ -126,6 +141,27 @@ def report_text(handle: AdapterHandle, base_params: int | None = None) -> str:
                        f"lowest gates toward it (to_budget; {b['unprunable']:,} cannot be pruned)")
         else:
             out.append(f"budget        {b['used']:,} / {b['limit']:,} ({b['count']}): {'OK' if b['ok'] else 'EXCEEDED'}")
+    rules: dict[str, list[str]] = defaultdict(list)
+    for name, rule in r["prune"].items():
+        if rule is not None:
+            rules[(f"gate mean < {rule['epsilon']:g} for {rule['patience']} steps from step {rule['min_step']}"
+                   + ("; toward the budget, lowest gates first" if rule["to_budget"] else ""))].append(name)
+    if not rules:
+        out.append("pruning       none (no gated module has a prune: rule)")
+    for text, names in rules.items():
+        out.append(f"pruning       {', '.join(names)}: {text}")
+    d = r["drop"]
+    if d is not None:
+        what = ", ".join(d["modules"]) or "every module"
+        if d["lowest"] is not None:
+            when = f"the {d['lowest']} lowest layers by gradient norm over the first {d['rank_steps']} steps"
+        elif d["layers"] is not None:
+            when = f"layers {_layers_text(d['layers'])}"
+        else:
+            when = "no fixed layers"
+        rnd = {True: "; in training, the first n layers of each step (n random)", False: ""}.get(
+            d["random"], f"; in training, each layer with probability {d['random']}")
+        out.append(f"adapterdrop   {what}: {when}{rnd}")
     out += ["", f"fusion groups (branches and gates reading one tensor: one launch each; executor {r['executor']})"]
     if not r["fusion_groups"]:
         out.append("  none (no tensor is read by more than one branch)")
