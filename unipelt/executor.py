@@ -311,6 +311,7 @@ class TritonExecutor(GroupExecutor):
     mode: str = "grouped"
     kernel: bool = False
     reason: str = "not refreshed"
+    _why: str | None = None  # why the kernels do not run here (kernel_reason at refresh), or None
 
     def refresh(self, active: set[str], executor: str, needed: set[tuple[str, str]] | None = None) -> None:
         self.mode = executor
@@ -460,7 +461,7 @@ class TritonExecutor(GroupExecutor):
         if not self.on:
             # (a dropout branch reads its own dropped-out x: off the kernels it computes alone)
             alone = "computed alone (fewer than two live readers, or the reference executor)"
-            return "reference", alone + (f"; {self._why}" if getattr(self, "_why", None) else "")
+            return "reference", alone + (f"; {self._why}" if self._why else "")
         if self.kernel:
             return "triton", self.reason
         return "grouped", self.reason

@@ -608,12 +608,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         # on a GPU with the kernels must still load on a CPU (eval there; merge and export load on
         # the CPU everywhere). The saved spec (spec.raw) keeps the choice for the next GPU.
         why = triton_cannot_run(model)
-        if why is not None and os.environ.get(ENV_VAR) == "triton":
-            spec.executor = None  # asked for now: compile refuses, naming the variable
-        elif why is not None:
-            warnings.warn(f"{d / META_FILE}: the adapter was saved with executor 'triton', which cannot run here "
-                          f"({why}); it runs on the model's executor instead (auto unless UNIPELT_EXECUTOR, an "
-                          "earlier adapter or set_executor chose another)", UnipeltWarning, stacklevel=3)
+        if why is not None:
+            # (UNIPELT_EXECUTOR=triton asks for it now: compile then refuses, naming the variable)
+            if os.environ.get(ENV_VAR) != "triton":
+                warnings.warn(f"{d / META_FILE}: the adapter was saved with executor 'triton', which cannot run "
+                              f"here ({why}); it runs on the model's executor instead (auto unless UNIPELT_EXECUTOR, "
+                              "an earlier adapter or set_executor chose another)", UnipeltWarning, stacklevel=3)
             spec.executor = None
     tensors = read_weights(d, meta)  # before compiling: a corrupt file never touches the model
     try:

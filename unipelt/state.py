@@ -509,7 +509,9 @@ def pack_mixed(model: nn.Module) -> list[nn.Parameter]:
     is refused (one returned tensor holds every adapter's B: their rates could not differ)."""
     state = require_state(model)
     container = model._modules.get(CONTAINER)
-    if container is not None and PACKED in container:
+    if container is None:  # (require_state: an adapted model has one)
+        raise ModelError("pack_mixed: the model has no adapter container")
+    if PACKED in container:
         raise ModelError("pack_mixed: the model is packed already (unipelt.unpack_mixed(model) first)")
     if PACKED in state.handles:
         raise ModelError(f"pack_mixed: an adapter is named {PACKED!r}, the slot of the packed parameters")
@@ -536,8 +538,6 @@ def pack_mixed(model: nn.Module) -> list[nn.Parameter]:
         stacks[f"s{i}"] = sp
         rt.packed, rt.packed_stale = sp, False
         names.update(sp.names)
-    if container is None:  # (require_state: an adapted model has one)
-        raise ModelError("pack_mixed: the model has no adapter container")
     container[PACKED] = stacks
     state.ctx.packed = frozenset(names)
     state.refresh()
