@@ -516,8 +516,14 @@ def _has_drop(seg_p: list[float], seed: Tensor | None) -> bool:
     return seed is not None and any(p > 0 for p in seg_p)
 
 
+def _k(kernel, wrap):
+    # a kernel as the launchers call it: directly, or through ``torch.library.wrap_triton`` inside a
+    # ``triton_op`` (so that inductor sees the kernel and launches it from its own wrapper code)
+    return kernel if wrap is None else wrap(kernel)
+
+
 def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_widths: list[int],
-                   seg_p: list[float], seed: Tensor | None) -> Tensor:
+                   seg_p: list[float], seed: Tensor | None, wrap=None) -> Tensor:
     M, K = x.shape
     N = w.shape[0]
     if w.shape[1] != K:
@@ -533,7 +539,7 @@ def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_width
     bl = _fit(bl0, lambda k: (bl0.m + block_n) * k * x.element_size())
     grid = (triton.cdiv(M, bl.m), tiles.n)
     warps = bl.warps if block_n < 128 or INTERPRET else 8
-    _shrink_fwd_kernel[grid](
+    _k(_shrink_fwd_kernel, wrap)[grid](
         x, w, bias, z, seed if has_drop else z,
         M, K, N, act_start, x.stride(0), w.stride(0), z.stride(0), **tiles.kwargs(),
         HAS_DROP=has_drop, UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
@@ -543,7 +549,7 @@ def _launch_shrink(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_width
 
 
 def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
-                       seg_p: list[float], seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+                       seg_p: list[float], seed: Tensor | None, wrap=None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dX, dW in fp32, the activated columns' bias gradient in fp32 or None). The gates' sigmoid
     derivative dz·σ(1-σ) is applied inside both kernels as they load dz (z holds σ there), and the
     bias gradient (its column sums) comes out of the dW kernel: no dz-sized copy in PyTorch."""
@@ -566,7 +572,7 @@ def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: i
     prec = _precision(x.dtype)
     dx = torch.empty_like(x)
     bl = _blocks("dx_drop" if has_drop else "dx")
-    _shrink_dx_kernel[(triton.cdiv(M, bl.m), triton.cdiv(K, bl.k))](
+    _k(_shrink_dx_kernel, wrap)[(triton.cdiv(M, bl.m), triton.cdiv(K, bl.k))](
         dz, z, w, dx, seed_arg, M, K, act_start, dz.stride(0), z.stride(0), w.stride(0),
         dx.stride(0), **tiles.kwargs(),
         HAS_DROP=has_drop, HAS_ACT=has_act, UPCAST=INTERPRET, PRECISION=prec,
@@ -583,7 +589,7 @@ def _launch_shrink_bwd(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: i
     splits = 1 if INTERPRET else max(1, min(triton.cdiv(M, 4 * bl.m), triton.cdiv(528, tiles.n * k_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), bl.m) * bl.m
     splits = triton.cdiv(M, rows_per_split)
-    _shrink_dw_kernel[(tiles.n, k_blocks, splits)](
+    _k(_shrink_dw_kernel, wrap)[(tiles.n, k_blocks, splits)](
         dz, z, x, dw, db_all, seed_arg, M, K, rows_per_split, act_start, dz.stride(0), z.stride(0),
         x.stride(0), dw.stride(0), **tiles.kwargs(),
         HAS_DROP=has_drop, HAS_ACT=has_act, UPCAST=INTERPRET, PRECISION=prec,
@@ -601,7 +607,7 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _launch_expand(out: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale: float) -> Tensor:
+def _launch_expand(out: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale: float, wrap=None) -> Tensor:
     M, D = out.shape
     R = u.shape[1]
     if u.shape[0] != M or b.shape != (D, R):
@@ -612,7 +618,7 @@ def _launch_expand(out: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale
     y = torch.empty_like(out)
     bl = _blocks("expand")
     grid = (triton.cdiv(M, bl.m), triton.cdiv(D, bl.k))
-    _expand_fwd_kernel[grid](
+    _k(_expand_fwd_kernel, wrap)[grid](
         out, u, b, coef if coef is not None else u, y, M, D, R, float(scale),
         out.stride(0), u.stride(0), b.stride(0), y.stride(0), coef.stride(0) if coef is not None else 0,
         HAS_COEF=coef is not None, UPCAST=INTERPRET, PRECISION=_precision(out.dtype),
@@ -622,7 +628,7 @@ def _launch_expand(out: Tensor, u: Tensor, b: Tensor, coef: Tensor | None, scale
 
 
 def _launch_expand_bwd(dy: Tensor, u: Tensor, b: Tensor, coef: Tensor | None,
-                       scale: float) -> tuple[Tensor, Tensor, Tensor | None]:
+                       scale: float, wrap=None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(du in u's dtype, dB in B's dtype, the gate's gradient in its dtype or None), by BWD_MODE."""
     M, D = dy.shape
     R = u.shape[1]
@@ -642,7 +648,7 @@ def _launch_expand_bwd(dy: Tensor, u: Tensor, b: Tensor, coef: Tensor | None,
         splits = triton.cdiv(M, rows_per_split)
         db = torch.empty((D, R), device=dy.device, dtype=b.dtype)
         part = torch.empty((splits, D, R), device=dy.device, dtype=torch.float32) if splits > 1 else db[None]
-        _expand_db_kernel[(d_blocks, splits)](
+        _k(_expand_db_kernel, wrap)[(d_blocks, splits)](
             dy, u, c_arg, part, M, D, R, float(scale), rows_per_split,
             dy.stride(0), u.stride(0), c_stride, part.stride(0), part.stride(1),
             HAS_COEF=has_coef, UPCAST=INTERPRET, PRECISION=prec,
@@ -652,7 +658,7 @@ def _launch_expand_bwd(dy: Tensor, u: Tensor, b: Tensor, coef: Tensor | None,
         bl = _fit(bl0, lambda k: k * (bl0.m + _block_r(R)) * dy.element_size())
         m_programs = triton.cdiv(M, bl.m)
         sum_programs = triton.cdiv(D, DB_SUM_BLOCK) if splits > 1 else 0
-        _expand_dh_kernel[(m_programs + sum_programs,)](
+        _k(_expand_dh_kernel, wrap)[(m_programs + sum_programs,)](
             dy, u, b, c_arg, du, dc if has_coef else du, part, db, M, D, R, float(scale), m_programs, splits,
             dy.stride(0), u.stride(0), b.stride(0), du.stride(0), c_stride, part.stride(0), part.stride(1), db.stride(0),
             HAS_COEF=has_coef, UPCAST=INTERPRET, PRECISION=prec,
@@ -674,7 +680,7 @@ def _launch_expand_bwd(dy: Tensor, u: Tensor, b: Tensor, coef: Tensor | None,
         splits = 1 if INTERPRET else max(1, min(triton.cdiv(D, 4 * bl.k), triton.cdiv(264, m_blocks)))
         d_per_split = triton.cdiv(triton.cdiv(D, splits), bl.k) * bl.k
         splits = triton.cdiv(D, d_per_split)
-        _expand_bwd_kernel[(m_blocks, splits)](
+        _k(_expand_bwd_kernel, wrap)[(m_blocks, splits)](
             dy, u, b, c_arg, dh, db, M, D, R, float(scale), d_per_split,
             dy.stride(0), u.stride(0), b.stride(0), dh.stride(0), db.stride(0), c_stride,
             HAS_COEF=has_coef, UPCAST=INTERPRET, PRECISION=prec,
@@ -704,14 +710,19 @@ def _(x, w, bias, act_start, seg_widths, seg_p, seed):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-def _shrink_bwd_impl(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
-                     seg_p: list[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = _launch_shrink_bwd(dz, x, w, z, act_start, seg_widths, seg_p, seed)
+def _shrink_bwd_body(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
+                     seg_p: list[float], seed: Optional[Tensor], wrap=None) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = _launch_shrink_bwd(dz, x, w, z, act_start, seg_widths, seg_p, seed, wrap)
     if db is None:
         db = dz.new_zeros(0, dtype=torch.float32)
     elif w.dtype == torch.float32:
         dw = dw.clone()  # dW and db share one buffer; a custom op's outputs may not alias each other
     return dx, dw.to(w.dtype), db
+
+
+def _shrink_bwd_impl(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
+                     seg_p: list[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return _shrink_bwd_body(dz, x, w, z, act_start, seg_widths, seg_p, seed)
 
 
 _shrink_bwd_op = torch.library.custom_op("unipelt::lora_shrink_bwd", mutates_args=())(_shrink_bwd_impl)
@@ -766,10 +777,15 @@ def _(out, u, b, coef, scale):
     return torch.empty_like(out)
 
 
+def _expand_bwd_body(dy: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor],
+                     scale: float, wrap=None) -> tuple[Tensor, Tensor, Tensor]:
+    du, db, dc = _launch_expand_bwd(dy, u, b, coef, scale, wrap)
+    return du, db, (dc if dc is not None else dy.new_empty(0))
+
+
 def _expand_bwd_impl(dy: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor],
                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    du, db, dc = _launch_expand_bwd(dy, u, b, coef, scale)
-    return du, db, (dc if dc is not None else dy.new_empty(0))
+    return _expand_bwd_body(dy, u, b, coef, scale)
 
 
 _expand_bwd_op = torch.library.custom_op("unipelt::lora_expand_bwd", mutates_args=())(_expand_bwd_impl)
@@ -814,6 +830,57 @@ class _ExpandFn(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------
+# the same ops as ``triton_op``s, for compiled forwards on CUDA: inductor traces their bodies, sees
+# the kernels (``wrap_triton``) and launches them from its generated wrapper, where a custom op is
+# called through the dispatcher and Triton's Python launcher on every step (in inductor's default
+# mode, without CUDA graphs, that host work is what the step waits for: RESULTS.md, Kernels)
+# ------------------------------------------------------------------------------------------
+@torch.library.triton_op("unipelt::lora_shrink_t", mutates_args=())
+def _shrink_top(x: Tensor, w: Tensor, bias: Tensor, act_start: int, seg_widths: list[int],
+                seg_p: list[float], seed: Optional[Tensor]) -> Tensor:
+    return _launch_shrink(x, w, bias, act_start, seg_widths, seg_p, seed, torch.library.wrap_triton)
+
+
+@torch.library.triton_op("unipelt::lora_shrink_bwd_t", mutates_args=())
+def _shrink_bwd_top(dz: Tensor, x: Tensor, w: Tensor, z: Tensor, act_start: int, seg_widths: list[int],
+                    seg_p: list[float], seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return _shrink_bwd_body(dz, x, w, z, act_start, seg_widths, seg_p, seed, torch.library.wrap_triton)
+
+
+_shrink_top.register_autograd(functools.partial(_shrink_backward, bwd=_shrink_bwd_top), setup_context=_shrink_setup)
+
+
+@torch.library.triton_op("unipelt::lora_expand_t", mutates_args=())
+def _expand_top(out: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor], scale: float) -> Tensor:
+    return _launch_expand(out, u, b, coef, scale, torch.library.wrap_triton)
+
+
+@torch.library.triton_op("unipelt::lora_expand_bwd_t", mutates_args=())
+def _expand_bwd_top(dy: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor],
+                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _expand_bwd_body(dy, u, b, coef, scale, torch.library.wrap_triton)
+
+
+_expand_top.register_autograd(functools.partial(_expand_backward, bwd=_expand_bwd_top), setup_context=_expand_setup)
+
+# which ops a compiled forward calls: ``triton_op`` (default; on CUDA, where inductor launches
+# the kernels itself) or ``custom_op`` (opaque nodes, every launch through Python). Tensors off
+# CUDA (the interpreter) take the custom ops: inductor's CPU code cannot launch a Triton kernel
+def _ops_choice(value: str) -> str:
+    if value not in ("triton_op", "custom_op"):
+        raise ValueError(f"UNIPELT_KERNEL_OPS={value!r}: expected triton_op or custom_op")
+    return value
+
+
+COMPILED_OPS = _ops_choice(os.environ.get("UNIPELT_KERNEL_OPS", "triton_op"))
+
+
+def _compiled_ops(x: Tensor) -> bool:
+    """Whether a compiled forward on ``x`` calls the ``triton_op`` twins."""
+    return COMPILED_OPS == "triton_op" and x.device.type == "cuda"
+
+
+# ------------------------------------------------------------------------------------------
 # the plain functions
 # ------------------------------------------------------------------------------------------
 def lora_shrink(x: Tensor, weight: Tensor, bias: Tensor | None = None, act_start: int | None = None,
@@ -838,7 +905,8 @@ def lora_shrink(x: Tensor, weight: Tensor, bias: Tensor | None = None, act_start
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     # compiled: the custom op (opaque to the graph); eager: the same autograd without its dispatch
-    op = _shrink_op if torch.compiler.is_compiling() else _ShrinkFn.apply
+    op = ((_shrink_top if _compiled_ops(x2) else _shrink_op) if torch.compiler.is_compiling()
+          else _ShrinkFn.apply)
     z = op(x2, weight.to(x.dtype).contiguous(), bias.contiguous(), act_start,
            [int(w) for w, _ in segments], [float(p) for _, p in segments], seed)
     return z.view(*x.shape[:-1], N)
@@ -861,7 +929,8 @@ def lora_expand(out: Tensor, u: Tensor, b: Tensor, gate: Tensor | None = None, s
     if gate is not None:
         # a view where it can be (a gate column of z: read in place through its stride)
         coef = gate.expand(*u.shape[:-1], 1).reshape(-1)
-    op = _expand_op if torch.compiler.is_compiling() else _ExpandFn.apply
+    op = ((_expand_top if _compiled_ops(out2) else _expand_op) if torch.compiler.is_compiling()
+          else _ExpandFn.apply)
     y = op(out2, u2, b.to(out.dtype).contiguous(), coef, float(scale))
     return y.view(out.shape)
 

@@ -200,6 +200,88 @@ def test_custom_ops_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_triton_op_twins_match_the_custom_ops():
+    # the ops a compiled forward on CUDA calls (``triton_op``: inductor launches their kernels
+    # itself) compute what the custom ops compute, forward and every gradient, dropout and gates
+    # included; here eagerly (the interpreter's kernels cannot be traced: wrap_triton hands them
+    # back as they are), compiled on the GPU by test_gpu_inductor_launches_the_triton_op_kernels
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(70, 33, generator=g).to(DEV)
+    w = (torch.randn(4 + 5 + 2, 33, generator=g) * 0.3).to(DEV)
+    b = torch.randn(2, generator=g).to(DEV)
+    out = torch.randn(70, 19, generator=g).to(DEV)
+    Bw = torch.randn(19, 4, generator=g).to(DEV)
+    seed = torch.tensor([5], dtype=torch.int64, device=DEV)
+
+    def run(shrink, expand):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, out, Bw)]
+        xx, ww, bb, oo, BB = leaves
+        z = shrink(xx, ww, bb, 9, [4, 5, 2], [0.25, 0.0, 0.0], seed)
+        y = expand(oo, z[:, :4].contiguous(), BB, z[:, 9].contiguous(), 1.5)
+        (y.square().sum() + z.sum()).backward()
+        return [z, y] + [t.grad for t in leaves]
+
+    want = run(torch.ops.unipelt.lora_shrink, torch.ops.unipelt.lora_expand)
+    got = run(torch.ops.unipelt.lora_shrink_t, torch.ops.unipelt.lora_expand_t)
+    for name, a, ref in zip(["z", "y", "dx", "dw", "db", "dout", "dB"], got, want):
+        torch.testing.assert_close(a, ref, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+    u = torch.randn(37, 4, device=DEV, requires_grad=True)
+    o = torch.randn(37, 12, device=DEV, requires_grad=True)
+    B2 = torch.randn(12, 4, device=DEV, requires_grad=True)
+    torch.library.opcheck(torch.ops.unipelt.lora_expand_t.default, (o, u, B2, None, 2.0),
+                          test_utils=("test_schema", "test_autograd_registration"))
+
+
+def test_compiled_forwards_pick_the_triton_ops_on_cuda_only(monkeypatch):
+    # the choice between the twins: the triton_op ones for CUDA tensors unless UNIPELT_KERNEL_OPS
+    # says custom_op; the custom ops for tensors elsewhere (the interpreter)
+    from types import SimpleNamespace
+
+    on_cuda = SimpleNamespace(device=torch.device("cuda", 0))
+    assert lg._compiled_ops(on_cuda)
+    assert not lg._compiled_ops(torch.empty(1))  # CPU: inductor's CPU code cannot launch a Triton kernel
+    monkeypatch.setattr(lg, "COMPILED_OPS", "custom_op")
+    assert not lg._compiled_ops(on_cuda)
+    with pytest.raises(ValueError, match="UNIPELT_KERNEL_OPS='both': expected triton_op or custom_op"):
+        lg._ops_choice("both")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor launches user Triton kernels on CUDA)")
+def test_gpu_inductor_launches_the_triton_op_kernels(monkeypatch):
+    # compiled in inductor's default mode: the triton_op twins' kernels are launched from the
+    # generated code (no call of the custom op left), with the custom ops' results, bit for bit
+    from torch._inductor.utils import run_and_get_code
+
+    def step(ops, code=False):
+        torch._dynamo.reset()
+        monkeypatch.setattr(lg, "COMPILED_OPS", ops)
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in _layer_params(K=96, D=80, r=8)]
+        x, base_w, A, Bw, wg, bg = leaves
+        x = x.bfloat16()
+        seed = torch.tensor([7], dtype=torch.int64, device="cuda")
+
+        def f(x, base_w, A, Bw, wg, bg):
+            return _layer(x, base_w.bfloat16(), A.bfloat16(), Bw.bfloat16(), wg.bfloat16(), bg.bfloat16(), seed)
+
+        compiled = torch.compile(f, fullgraph=True)
+
+        def run():
+            y = compiled(x, base_w, A, Bw, wg, bg)
+            y.float().square().sum().backward()
+            return y
+
+        y, codes = run_and_get_code(run) if code else (run(), [])
+        return [y] + [t.grad for t in (A, Bw, wg, bg)], "\n".join(codes)
+
+    want, _ = step("custom_op")
+    got, code = step("triton_op", code=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert "_shrink_fwd_kernel" in code and "_expand_fwd_kernel" in code, code[:2000]
+    assert "unipelt.lora_shrink" not in code and "unipelt.lora_expand" not in code
+
+
 def _layer(x, base_w, A, Bw, wg, bg, seed):
     """A gated LoRA layer on the kernels: base + g·B·A·dropout(x), g = sigmoid(x·w_g + b_g)."""
     z = lg.lora_shrink(x, torch.cat([A, wg]), bg, A.shape[0], [(A.shape[0], 0.2), (wg.shape[0], 0.0)], seed)
