@@ -246,6 +246,44 @@ def test_compiled_forwards_pick_the_triton_ops_on_cuda_only(monkeypatch):
         lg._ops_choice("both")
 
 
+def test_auto_twins_trace_to_pytorch_products_outside_cuda_graphs(monkeypatch):
+    # executor auto's compiled forwards (replayed_only): a plain group's triton_ops trace to
+    # PyTorch's products unless inductor compiles for CUDA graphs (its triton.cudagraphs config,
+    # which reduce-overhead sets while AOTAutograd traces the ops' bodies); gates or dropout keep
+    # the kernels (their masks and epilogues are the kernels' own)
+    from torch._inductor import config
+
+    assert lg._torch_form(True, 8, 8, [0.0], None)
+    assert not lg._torch_form(False, 8, 8, [0.0], None)       # executor triton: always the kernels
+    assert not lg._torch_form(True, 6, 8, [0.0], None)        # gate columns
+    seed = torch.tensor([3], dtype=torch.int64)
+    assert not lg._torch_form(True, 8, 8, [0.2], seed)        # an input dropout
+    with config.patch({"triton.cudagraphs": True}):
+        assert not lg._torch_form(True, 8, 8, [0.0], None)
+    # compiled (aot_eager: no CUDA graphs) through the twins, with the kernels refused: the
+    # products alone, forward and gradients equal to the reference
+    torch._dynamo.reset()
+    monkeypatch.setattr(lg, "_compiled_ops", lambda x: True)
+
+    def refuse(*a, **k):
+        raise AssertionError("a kernel was launched")
+
+    for name in ("_launch_shrink", "_launch_shrink_bwd", "_launch_expand", "_launch_expand_bwd"):
+        monkeypatch.setattr(lg, name, refuse)
+    g = torch.Generator().manual_seed(2)
+    x, w, out, Bw = (torch.randn(*sh, generator=g).requires_grad_() for sh in [(37, 20), (12, 20), (37, 9), (9, 12)])
+
+    def f(x, w, out, Bw):
+        return lg.lora_expand(out, lg.lora_shrink(x, w, replayed_only=True), Bw, None, 1.5, replayed_only=True)
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w, out, Bw)
+    want = out + 1.5 * (x @ w.t()) @ Bw.t()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), [x, w, out, Bw]),
+                    torch.autograd.grad(want.square().sum(), [x, w, out, Bw])):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor launches user Triton kernels on CUDA)")
 def test_gpu_inductor_launches_the_triton_op_kernels(monkeypatch):
@@ -279,7 +317,41 @@ def test_gpu_inductor_launches_the_triton_op_kernels(monkeypatch):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert "_shrink_fwd_kernel" in code and "_expand_fwd_kernel" in code, code[:2000]
-    assert "unipelt.lora_shrink" not in code and "unipelt.lora_expand" not in code
+    assert "torch.ops.unipelt.lora_shrink" not in code and "torch.ops.unipelt.lora_expand" not in code
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor's modes)")
+def test_gpu_auto_runs_the_kernels_only_where_cuda_graphs_replay():
+    # replayed_only (executor auto): a plain group compiled in inductor's default mode is PyTorch's
+    # products, under reduce-overhead the kernels; the same results either way
+    from torch._inductor.utils import run_and_get_code
+
+    g = torch.Generator().manual_seed(4)
+    x, w, out, Bw = (torch.randn(*sh, generator=g).cuda().bfloat16().requires_grad_()
+                     for sh in [(300, 96), (24, 96), (300, 80), (80, 24)])
+
+    def f(x, w, out, Bw):
+        return lg.lora_expand(out, lg.lora_shrink(x, w, replayed_only=True), Bw, None, 1.5, replayed_only=True)
+
+    results = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, mode=mode, fullgraph=True)
+
+        def run():
+            leaves = [t.detach().clone().requires_grad_() for t in (x, w, out, Bw)]
+            y = compiled(*leaves)
+            y.float().square().sum().backward()
+            return [y.detach().clone()] + [t.grad.clone() for t in leaves]
+
+        got, codes = run_and_get_code(run)
+        code = "\n".join(codes)
+        assert ("_shrink_fwd_kernel" in code) == (mode == "reduce-overhead"), (mode, code[:3000])
+        assert ("_expand_fwd_kernel" in code) == (mode == "reduce-overhead"), mode
+        results[mode] = got
+    for a, b in zip(results["default"], results["reduce-overhead"]):
+        _close(a, b, torch.bfloat16, "default vs reduce-overhead")
 
 
 def _layer(x, base_w, A, Bw, wg, bg, seed):
@@ -621,7 +693,7 @@ def test_auto_keeps_gated_and_dropout_groups_grouped(monkeypatch):
 
     monkeypatch.setattr(ex, "AUTO_DEVICES", ("cuda", "cpu"))
     base = {"method": "lora", "sites": ["attn.q", "attn.k", "attn.v"], "r": 4}
-    for extra, want, why in (({}, "triton", "compiled"), ({"gate": True}, "grouped", "group with gates"),
+    for extra, want, why in (({}, "triton", "CUDA graphs replay"), ({"gate": True}, "grouped", "group with gates"),
                              ({"dropout": 0.1}, "reference", "group with an input dropout")):
         h = unipelt.compile(make_bert(), {"executor": "auto", "modules": {"lora": {**base, **extra}}})
         groups = report_dict(h)["fusion_groups"]
@@ -651,7 +723,7 @@ def test_auto_runs_the_kernels_in_compiled_forwards_only(monkeypatch):
     h = unipelt.compile(model, spec)
     randomize(h)
     groups = report_dict(h)["fusion_groups"]
-    assert groups and all(g["executor"] == "triton" and "compiled" in g["reason"] for g in groups), groups
+    assert groups and all(g["executor"] == "triton" and "CUDA graphs replay" in g["reason"] for g in groups), groups
     assert all(g.kernel for g in get_state(model).ctx.groups.values())
     batch = make_batch()
     model.eval()

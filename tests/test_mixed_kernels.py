@@ -48,13 +48,13 @@ class Calls:
         self.shrink, self.expand, self.solo = [], [], 0
         shrink, expand, solo = lg.lora_shrink, lg.lora_expand, SiteRuntime.apply_solo
 
-        def rec_shrink(x, weight, bias=None, act_start=None, segments=None, seed=None):
-            z = shrink(x, weight, bias, act_start, segments, seed)
+        def rec_shrink(x, weight, bias=None, act_start=None, segments=None, seed=None, replayed_only=False):
+            z = shrink(x, weight, bias, act_start, segments, seed, replayed_only)
             self.shrink.append(dict(x=x.detach(), w=weight.detach(), segments=segments, seed=seed, z=z.detach()))
             return z
 
-        def rec_expand(out, u, b, gate=None, scale=1.0):
-            y = expand(out, u, b, gate, scale)
+        def rec_expand(out, u, b, gate=None, scale=1.0, replayed_only=False):
+            y = expand(out, u, b, gate, scale, replayed_only)
             self.expand.append(dict(out=out.detach(), u=u.detach(), b=b.detach(), y=y.detach()))
             return y
 

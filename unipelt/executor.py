@@ -239,6 +239,17 @@ def _graphed() -> bool:
     return torch.compiler.is_compiling() or _GRAPHING > 0
 
 
+def replayed_only(mode: str) -> bool:
+    """Whether a compiled forward's kernel launches for executor ``mode`` are to stay kernels only
+    where CUDA graphs replay them (``lora_group``'s triton_ops decide it while inductor compiles,
+    by its mode): ``auto``, outside a :func:`graphing` step (which is replayed by construction).
+    In inductor's default mode every Triton launch is host work the step waits for: llama LoRA r16
+    all-linear train measured 28.9 ms on the kernels (53.4 ms as custom ops) against 26.7 ms on
+    PyTorch's products, where under reduce-overhead the kernels take 21.5 against 22.7 ms
+    (benchmarks/RESULTS.md, Kernels, session 13)."""
+    return mode == "auto" and _GRAPHING == 0
+
+
 def kernel_reason(mode: str, x: Tensor, planning: bool = False, gated: bool = False,
                   dropout: bool = False) -> str | None:
     """None when ``mode`` runs the kernels on ``x``, else why not. ``auto`` follows
@@ -363,8 +374,9 @@ class TritonExecutor(GroupExecutor):
     @staticmethod
     def _fit_reason(executor: str) -> str:
         if executor == "auto":
-            return ("executor 'auto': the kernels where the forward is compiled (torch.compile), the same columns "
-                    "by PyTorch ops in eager mode (benchmarks/RESULTS.md, Kernels)")
+            return ("executor 'auto': the kernels where CUDA graphs replay the forward (torch.compile's "
+                    "reduce-overhead mode, a graphed step), the same columns by PyTorch ops in eager mode and in "
+                    "inductor's default mode (benchmarks/RESULTS.md, Kernels)")
         return f"executor {executor!r}: the kernels fit"
 
     def _weights_grouped(self) -> list[Tensor]:
@@ -389,7 +401,8 @@ class TritonExecutor(GroupExecutor):
             rest = self._gate_end - sum(w for w, _ in segments)
             if rest:
                 segments.append((rest, 0.0))
-            z = k.lora_shrink(x, torch.cat(self._weights(), 0), self._act_bias(), self._act_start, segments, seed)
+            z = k.lora_shrink(x, torch.cat(self._weights(), 0), self._act_bias(), self._act_start, segments, seed,
+                              replayed_only=replayed_only(self.mode))
         ctx.group_out[self.key] = (x, z)
         # every member's columns as one split of z: autograd then joins their gradients in one
         # backward node (one cat) instead of a zero-filled z-sized tensor, a copy and an add per
@@ -485,7 +498,7 @@ def kernel_expand(e: Entry, out: Tensor, u: Tensor, g: Tensor | None, ctx: Forwa
             coef, scale = g, 1.0
         else:
             coef, scale = g, b.scale
-        return kernels().lora_expand(out, u, B, coef, scale)
+        return kernels().lora_expand(out, u, B, coef, scale, replayed_only=replayed_only(ctx.executor))
     act = _bottleneck_activation(b)
     if act is not None:
         from unipelt_kernels.bottleneck import bottleneck_up
