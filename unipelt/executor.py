@@ -175,7 +175,8 @@ def kernels():
 
 
 # Whether ``auto`` picks the kernels, and where. The rule (:func:`auto_rule`): on CUDA, in a forward
-# that torch.compile traces or a CUDA graph replays (:func:`graphing`), when dtype and shapes fit,
+# that torch.compile traces or a CUDA graph replays (:func:`graphing`), when dtype and shapes fit
+# (and, compiled, only where inductor compiles for CUDA graphs: :func:`replayed_only`),
 # for the groups that measured faster on the kernels: plain LoRA (no gate, no input dropout), shrink
 # and expand. In eager mode the grouped executor's PyTorch ops (every Triton launch costs the host
 # more than a PyTorch op: llama LoRA r16 all-linear train 2.49x the floor against 1.72x grouped,
