@@ -278,10 +278,10 @@ def test_auto_twins_trace_to_pytorch_products_outside_cuda_graphs(monkeypatch):
 
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w, out, Bw)
     want = out + 1.5 * (x @ w.t()) @ Bw.t()
-    torch.testing.assert_close(got, want)
-    for a, b in zip(torch.autograd.grad(got.square().sum(), [x, w, out, Bw]),
-                    torch.autograd.grad(want.square().sum(), [x, w, out, Bw])):
-        torch.testing.assert_close(a, b)
+    _close(got, want, torch.float32, "y")
+    for name, a, b in zip(["dx", "dw", "dout", "dB"], torch.autograd.grad(got.square().sum(), [x, w, out, Bw]),
+                          torch.autograd.grad(want.square().sum(), [x, w, out, Bw])):
+        _close(a, b, torch.float32, name)
 
 
 @pytest.mark.gpu
@@ -314,8 +314,9 @@ def test_gpu_inductor_launches_the_triton_op_kernels(monkeypatch):
 
     want, _ = step("custom_op")
     got, code = step("triton_op", code=True)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # (not bit for bit: with the ops' casts visible, inductor fuses a bf16 round trip of dW away)
+    for name, a, b in zip(["y", "dA", "dB", "dwg", "dbg"], got, want):
+        _close(a, b, torch.bfloat16, name)
     assert "_shrink_fwd_kernel" in code and "_expand_fwd_kernel" in code, code[:2000]
     assert "torch.ops.unipelt.lora_shrink" not in code and "torch.ops.unipelt.lora_expand" not in code
 
@@ -679,6 +680,7 @@ def test_auto_rule():
         assert "CUDA only" in auto_rule("cpu", compiling=compiling, enabled=True)
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="the CPU interpreter stands in for CUDA here (the model stays on the CPU)")
 def test_auto_keeps_gated_and_dropout_groups_grouped(monkeypatch):
     # per group: on the kernels' device (the interpreter standing in for CUDA) auto runs a plain
     # LoRA group on the kernels and keeps a gated one on the grouped executor and the dropout
@@ -702,6 +704,7 @@ def test_auto_keeps_gated_and_dropout_groups_grouped(monkeypatch):
         assert all(g["executor"] == "triton" for g in report_dict(h)["fusion_groups"]), extra
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="the CPU interpreter stands in for CUDA here (the model stays on the CPU)")
 def test_auto_runs_the_kernels_in_compiled_forwards_only(monkeypatch):
     # the rule end to end, on CPU under the interpreter (AUTO_DEVICES widened as CUDA is not here):
     # one plan, the kernels' layout; an eager forward launches no kernel and equals the grouped
