@@ -882,22 +882,21 @@ def _shrink_top_backward(ctx, dz):
 _shrink_top.register_autograd(_shrink_top_backward, setup_context=_shrink_top_setup)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``t`` (..., n) as a 2-D row-major (tokens, n) tensor, copied only when it must be."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-# out (..., D) and u (..., r) keep their leading dimensions here (the kernels flatten them): the
-# PyTorch form is then the grouped executor's graph exactly (a 2-D sum would become an addmm with
-# the scale moved onto u, one more kernel a projection)
+# The kernels take out and u as 2-D (tokens, n) tensors (flattened by lora_expand, as measured in
+# session 13's call 2); ``lead`` is their leading dimensions, for the PyTorch form, which computes
+# on the N-D views so that it is the grouped executor's compiled graph exactly (a 2-D sum becomes an
+# addmm with the scale moved onto u: one more kernel a projection, 28 fused kernels against 19 on a
+# 1-layer llama)
 @torch.library.triton_op("unipelt::lora_expand_t", mutates_args=())
-def _expand_top(out: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor], scale: float, replayed_only: bool = False) -> Tensor:
+def _expand_top(out: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor], scale: float, replayed_only: bool = False,
+                lead: Optional[list[int]] = None) -> Tensor:
     if coef is None and _torch_form(replayed_only, 0, 0, [], None):
         # as the grouped executor writes it compiled: the scale on the product, which inductor
         # fuses with the addition into whatever pointwise op reads the sum
-        return out + torch.nn.functional.linear(u, b) * scale
-    return _launch_expand(_rows(out), _rows(u), b, coef, scale, torch.library.wrap_triton).view(out.shape)
+        lead = list(lead) if lead else [out.shape[0]]
+        y = out.view(*lead, out.shape[-1]) + torch.nn.functional.linear(u.view(*lead, u.shape[-1]), b) * scale
+        return y.view(out.shape)
+    return _launch_expand(out, u, b, coef, scale, torch.library.wrap_triton)
 
 
 @torch.library.triton_op("unipelt::lora_expand_bwd_t", mutates_args=())
@@ -905,19 +904,18 @@ def _expand_bwd_top(dy: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor],
                     scale: float, replayed_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     if coef is None and _torch_form(replayed_only, 0, 0, [], None):
         g = dy * scale  # (fused into the pointwise kernel that produced dY, as autograd's own backward is)
-        return g @ b, _rows(g).t() @ _rows(u), dy.new_empty(0)
-    du, db, dc = _expand_bwd_body(_rows(dy), _rows(u), b, coef, scale, torch.library.wrap_triton)
-    return du.view(u.shape), db, dc
+        return g @ b, g.t() @ u, dy.new_empty(0)
+    return _expand_bwd_body(dy, u, b, coef, scale, torch.library.wrap_triton)
 
 
 def _expand_top_setup(ctx, inputs, output):
-    _expand_setup(ctx, inputs[:-1], output)
-    ctx.replayed_only = inputs[-1]
+    _expand_setup(ctx, inputs[:5], output)
+    ctx.replayed_only = inputs[5]
 
 
 def _expand_top_backward(ctx, dy):
     bwd = functools.partial(_expand_bwd_top, replayed_only=ctx.replayed_only)
-    return (*_expand_backward(ctx, dy, bwd=bwd), None)
+    return (*_expand_backward(ctx, dy, bwd=bwd), None, None)
 
 
 _expand_top.register_autograd(_expand_top_backward, setup_context=_expand_top_setup)
@@ -988,8 +986,6 @@ def lora_expand(out: Tensor, u: Tensor, b: Tensor, gate: Tensor | None = None, s
         raise ValueError(f"lora_expand: out {tuple(out.shape)}, u {tuple(u.shape)}, B {tuple(b.shape)} "
                          f"(needs out (..., D), u (..., r), B (D, r))")
     coef = None if gate is None else gate.expand(*u.shape[:-1], 1).reshape(-1)
-    if torch.compiler.is_compiling() and _compiled_ops(out):
-        return _expand_top(out, u, b.to(out.dtype).contiguous(), coef, float(scale), replayed_only)
     out2 = out.reshape(-1, D)
     if out2.stride(-1) != 1:
         out2 = out2.contiguous()
@@ -998,7 +994,12 @@ def lora_expand(out: Tensor, u: Tensor, b: Tensor, gate: Tensor | None = None, s
         u2 = u2.contiguous()
     # (the gate's coef: a view where it can be, a gate column of z read in place through its stride)
     args = (out2, u2, b.to(out.dtype).contiguous(), coef, float(scale))
-    y = _ExpandFn.apply(*args) if not torch.compiler.is_compiling() else _expand_op(*args)
+    if not torch.compiler.is_compiling():
+        y = _ExpandFn.apply(*args)
+    elif _compiled_ops(out2):
+        y = _expand_top(*args, replayed_only, [int(d) for d in out.shape[:-1]])
+    else:
+        y = _expand_op(*args)
     return y.view(out.shape)
 
 
