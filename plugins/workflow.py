@@ -128,9 +128,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         shown = ", ".join(pruned[:8]) + (f", ... ({len(pruned) - 8} more)" if len(pruned) > 8 else "")
         print(f"pruned        {len(pruned)} branch(es) during training ({ctl['prune']['active_params']:,} parameters "
               f"active): {shown}; events in report.json (controllers.prune)")
-    dropped = (ctl.get("adapterdrop") or {}).get("inference_layers") or []
+    drop = ctl.get("adapterdrop") or {}
+    dropped = drop.get("inference_layers") or []
     if dropped:
-        print(f"adapterdrop   layers {', '.join(map(str, dropped))} dropped at inference (saved in the adapter's spec)")
+        # the spec's fixed layers are dropped in training too; a random drop's training choice varied
+        fixed = drop.get("random") is False and not drop.get("ranking")
+        print(f"adapterdrop   layers {', '.join(map(str, dropped))} dropped "
+              + ("in training and at inference (the spec's drop.layers)" if fixed
+                 else "at inference (saved in the adapter's spec)"))
     if report["resumed_from"]:
         print(f"resumed from  {report['resumed_from']}")
     if report["compile"]["mode"]:
