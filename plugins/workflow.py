@@ -378,7 +378,8 @@ def cmd_collapse(args: argparse.Namespace) -> int:
         rep = handle.collapse(calib, closed=args.closed, spread=args.spread, tolerance=args.tolerance,
                               merge=not args.no_merge)
     except CollapseError as e:
-        raise CollapseError(f"{args.adapter}: {e}; nothing written") from None
+        # the API's message names collapse's keyword arguments; the command's user sets its flags
+        raise CollapseError(f"{args.adapter}: {e.what}; nothing written", cli=True) from None
     after = forward_times(model, calib, {"base": base, "collapsed": adapted})
     adapted()
     # the collapsed adapter keeps what training recorded (model, task, labels, field names, max
