@@ -272,3 +272,42 @@ def test_packed_dropout_stack_on_the_triton_executor_equals_unpacked():
     for name in NAMES:
         for k, v in reference[name].items():
             torch.testing.assert_close(trained[name][k], v, atol=1e-5, rtol=1e-4)
+
+
+LORA_AND_ADAPTER = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4},
+                                "ad": {"method": "adapter", "site": "ffn.out", "width": 4}}}
+FUSE_AB = {"modules": {}, "combine": {"ffn.out": {"mode": "fusion", "adapters": ["a", "b"]}}}
+
+
+def test_fusing_packed_adapters_is_refused_and_fused_ones_do_not_pack():
+    """An AdapterFusion freezes the adapters it fuses, but a packed adapter's LoRA trains through
+    the stacked tensors (shared with adapters not fused), which it cannot freeze; and unpacking
+    while fused gave the members their pre-fusion flags back (trainable under the fusion). Fusing
+    packed adapters is refused before anything changes; fused adapters' projections do not pack."""
+    from conftest import make_bert
+    from unipelt.state import CONTAINER
+
+    model = make_bert()
+    hs = [unipelt.compile(model, LORA_AND_ADAPTER, name=n) for n in ("a", "b")]
+    for i, h in enumerate(hs):
+        randomize(h, seed=i + 1, std=0.2)
+    stacks = unipelt.pack_mixed(model)
+    flags = {n: [p.requires_grad for p in h.parameters()] for n, h in zip("ab", hs)}
+    with pytest.raises(ModelError, match=r"'a'.*packed.*unipelt.unpack_mixed"):
+        unipelt.compile(model, FUSE_AB, name="f")
+    state = get_state(model)
+    assert set(state.handles) == {"a", "b"} and PACKED in model._modules[CONTAINER]
+    assert {n: [p.requires_grad for p in h.parameters()] for n, h in zip("ab", hs)} == flags
+    assert all(p.requires_grad for p in stacks)
+    model.train()
+    model(**make_batch(batch=2), adapter_names=["a", "b"]).logits.sum().backward()  # still trains packed
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stacks)
+    # unpacked, the fusion attaches and freezes its members; they stay frozen (nothing packs them)
+    unipelt.unpack_mixed(model)
+    f = unipelt.compile(model, FUSE_AB, name="f")
+    assert not any(p.requires_grad for h in hs for p in h.parameters())
+    with pytest.raises(ModelError, match="no projection where the attached adapters stack"):
+        unipelt.pack_mixed(model)
+    assert not any(p.requires_grad for h in hs for p in h.parameters())
+    f.detach()
+    assert all(p.requires_grad for h in hs for p in h.parameters())
