@@ -16,7 +16,8 @@ from unipelt.graph import CompiledGraph
 from unipelt.registry import Registry
 from unipelt.runtime import Entry, merge_branches
 from unipelt.spec import Spec
-from unipelt.state import CONTAINER, base_param_count, get_state, memory_bytes, module_param_count, restore_model
+from unipelt.state import (CONTAINER, base_param_count, get_state, memory_bytes, module_param_count, release_packed,
+                           restore_model)
 
 # the file format moved to unipelt.io; these names stay importable from here
 from unipelt.io import FILE_FORMAT, FILE_FORMAT_VERSION, META_FILE, WEIGHTS_FILE, read_adapter_meta, swap_in_dir  # noqa: F401
@@ -550,6 +551,9 @@ class AdapterHandle:
             return
         if any(e.merged for e in self.entries.values()):
             self.unmerge()
+        # packed for mixed batches: its LoRA tensors are views into stacks the other adapters
+        # keep training; they become its own first
+        release_packed(self.model, self.name)
         for bp in self.graph.branches:
             e = self.entries.get(bp.key)
             if e is not None:
