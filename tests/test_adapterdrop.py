@@ -241,3 +241,15 @@ def test_fixed_drop_does_not_stop_a_graphed_step():
     unipelt.compile(model, spec(drop={"random": True}))
     with pytest.raises(GraphCaptureError, match="adapterdrop"):
         check_adapters(model)
+
+
+def test_compile_report_says_dropped_groups_are_not_computed():
+    """The compile report said a dropped layer's fusion group was 'computed alone (fewer than two
+    live readers ...)': nothing of it is computed."""
+    from unipelt.report import report_dict
+
+    s = {"version": 1, "modules": {"lora": dict(LORA, gate={"input": "layer"})}, "drop": {"layers": [0]}}
+    h = unipelt.compile(make_llama(layers=3), s)
+    groups = {g["layer"]: g for g in report_dict(h)["fusion_groups"]}
+    assert "not computed" in groups[0]["reason"] and "AdapterDrop" in groups[0]["reason"]
+    assert "not computed" not in groups[1]["reason"]
