@@ -119,7 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"note          {text}")
     p = report["params"]
     print(f"trainable     {p['trainable']:,} parameters ({p['kept']:,} kept after training, "
-          f"{p['percent_of_base']:.3f}% of the base)")
+          f"{p['percent_of_base']:.3f}% of the base"
+          + (f"; {p['dropped']:,} of them in AdapterDrop's fixed layers, saved but not computed" if p.get("dropped")
+             else "") + ")")
     # what gate pruning and AdapterDrop decided: in the progress output only while it is shown,
     # so a --no-progress run said nothing of it outside report.json
     ctl = report.get("controllers") or {}

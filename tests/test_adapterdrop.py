@@ -213,6 +213,9 @@ def test_fixed_drop_is_reported_by_train(tmp_path, capsys, progress):
     (ev,) = ctl["events"]
     assert ev["event"] == "dropped" and ev["layers"] == [0] and ev["step"] == 0
     assert "adapterdrop   layers 0 dropped in training and at inference" in text
+    p = report["params"]
+    assert p["dropped"] > 0 and p["active"] == p["kept"] - p["dropped"]
+    assert f"{p['dropped']:,} of them in AdapterDrop's fixed layers, saved but not computed" in text
     if progress:
         assert "step 0: adapterdrop dropped (layers=[0]" in text
     # the fixed choice changes nothing between steps: a fixed drop trains as before (one graph)

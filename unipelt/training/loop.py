@@ -690,6 +690,9 @@ def _report(run: Run, spec, model_name, labels, added_head, n_examples: int, wal
             "trainable": sum(p.numel() for p in run.opt.trainable),
             "kept": summary.kept,
             "training": summary.training,
+            # what computes (not pruned, not in AdapterDrop's fixed layers) and the dropped layers' share
+            "active": summary.active("kept"),
+            "dropped": summary.dropped,
             "base": summary.base_params,
             "percent_of_base": 100.0 * summary.kept / max(summary.base_params, 1),
             "per_module": summary.per_module(),
