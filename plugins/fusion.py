@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from unipelt.errors import SpecError
+from unipelt.errors import ModelError, SpecError
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
 
@@ -156,6 +156,13 @@ def unipelt_attach_branch(model, state, site, entry, graph, registry):
         if name not in here:
             raise SpecError(f"adapter {name!r} has no branch at {site.site} of layer {site.layer}; fuse it where "
                             "it has one (`layers:` of the fusion)", source=source, path=f"{path}[{i}]")
+        if name in state.ctx.packed:
+            # its LoRA trains through the stacked tensors it shares with the other packed adapters,
+            # which freezing its own (views) cannot stop; and unpacking under the fusion gave it its
+            # pre-fusion flags back, trainable while fused
+            raise ModelError(f"{path}[{i}]: adapter {name!r} is packed for mixed batches (unipelt.pack_mixed): its "
+                             "LoRA trains through the stacked parameters, which a fusion cannot freeze; call "
+                             "unipelt.unpack_mixed(model) before fusing it")
     # only the fusion layer trains: the fused adapters are frozen while it is attached (each
     # entry records what it froze itself, so the flags come back whatever the detach order).
     # Base tensors the fusion's own spec trains in place (its `train` at `head`, which `unipelt

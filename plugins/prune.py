@@ -41,8 +41,8 @@ from collections import defaultdict
 import torch
 
 from unipelt.hookspecs import hookimpl
-from unipelt.pruning import (budget_limit, drop_candidates, gate_is_off, inference_drop_layers, prune,
-                             set_dropped)
+from unipelt.pruning import (budget_limit, drop_candidates, fixed_dropped_keys, gate_is_off, inference_drop_layers,
+                             prune, set_dropped)
 from unipelt.state import base_param_count, get_state
 
 
@@ -76,9 +76,10 @@ class GatePruning:
         # the parameters pruning each gate removes (its branches' and its own): the pressure's weights
         s = handle.summary()
         rows = {bp.key: r for bp, r in zip(handle.graph.branches, s.rows)}
-        gate_params = {key: g["params"] for key, g in zip(handle.graph.gates, s.gates)}
-        self.sizes = {key: sum(rows[u][self.count] for u in handle.graph.gates[key].users) + gate_params[key]
-                      for key in self.rules}
+        # (only what computes: AdapterDrop's fixed layers are no part of the active count)
+        gate_params = {key: 0 if g.get("dropped") else g["params"] for key, g in zip(handle.graph.gates, s.gates)}
+        self.sizes = {key: sum(rows[u][self.count] for u in handle.graph.gates[key].users if not rows[u]["dropped"])
+                      + gate_params[key] for key in self.rules}
         budget_rules = [r for r in self.rules.values() if r.to_budget]
         # the options are per rule; the ones acting on the whole budget take the first rule that sets them
         self.gradual = next((r for r in budget_rules if r.end_step is not None), None)
@@ -145,7 +146,7 @@ class GatePruning:
 
     def report(self) -> dict:
         s = self.handle.summary()
-        out = {"pruned": list(self.handle.spec.pruned), "active_params": s.kept if self.count == "kept" else s.training,
+        out = {"pruned": list(self.handle.spec.pruned), "active_params": s.active(self.count),
                "pruned_params": s.pruned, "budget": self.limit}
         if self.gradual is not None or self.rewarm is not None:
             out["budget_met_at"] = self.met_at
@@ -182,8 +183,8 @@ class GatePruning:
         return dict(zip(keys, stacked.tolist()))
 
     def _active(self) -> int:
-        s = self.handle.summary()
-        return s.kept if self.count == "kept" else s.training
+        """The parameters that compute: not pruned, not in AdapterDrop's fixed layers."""
+        return self.handle.summary().active(self.count)
 
     def target(self, step: int) -> int | None:
         """The active count allowed after step ``step``: the budget, or with ``end_step`` the cubic
@@ -251,6 +252,10 @@ class GatePruning:
         (every gate closed, or a budget below the cheapest branch): the next backward then had no
         graph and training died with a traceback ("element 0 of tensors does not require grad")."""
         gone = set(users)
+        if self.handle.spec.drop is not None and self.handle.spec.drop.random is False:
+            # AdapterDrop's fixed layers compute nothing (their parameters still require grad); a
+            # random drop's inference layers train in the steps that draw them
+            gone |= fixed_dropped_keys(self.handle)
         for k, e in self.handle.entries.items():
             if k in gone or e.pruned:
                 continue
@@ -302,6 +307,19 @@ class AdapterDrop:
         self.ranked_steps = 0
         self.pending: list[dict] = []
         self.dropped_now: list[int] = []
+        if self.spec.layers is not None and self.spec.lowest is None:
+            # the spec's fixed choice, said once at the start like the ranked choice and the pruning
+            # events (a fixed drop printed nothing and left no record in report.json)
+            self.pending.append({"step": 0, "event": "dropped", "layers": sorted(inference_drop_layers(handle)),
+                                 "reason": "the spec's drop.layers, "
+                                           + ("in training and at inference" if self.spec.random is False
+                                              else "at inference (training drops at random per step)")})
+
+    @property
+    def static(self) -> bool:
+        """Nothing changes between steps (a fixed choice only, no random or ranked one): this
+        controller only reports, so a captured step may replay it."""
+        return self.spec.random is False and self.spec.lowest is None
 
     def before_step(self, step: int) -> None:
         if self.spec.random is False:
@@ -362,16 +380,20 @@ class AdapterDrop:
         return out
 
     def report(self) -> dict:
-        return {"inference_layers": sorted(inference_drop_layers(self.handle)),
+        # the layers training ran without: the fixed (or ranked, once chosen) ones; None when drawn per step
+        fixed = sorted(inference_drop_layers(self.handle))
+        return {"inference_layers": fixed, "training_layers": None if self.spec.random is not False else fixed,
                 "random": self.spec.random, "ranking": None if self.ranking is None else
                 {str(layer): self.ranking[i] / max(self.ranked_steps, 1) for i, layer in enumerate(self.layers)}}
 
     def state_dict(self) -> dict:
         acc = getattr(self, "_acc", None)
         return {"seed": self.seed, "ranked_steps": self.ranked_steps,
-                "acc": None if acc is None else acc.tolist(), "ranking": self.ranking}
+                "acc": None if acc is None else acc.tolist(), "ranking": self.ranking, "announced": True}
 
     def load_state_dict(self, d: dict) -> None:
+        if d.get("announced"):
+            self.pending.clear()  # the fixed choice's event is already in the checkpoint's history
         self.seed = int(d.get("seed", self.seed))
         self.ranked_steps = int(d.get("ranked_steps", 0))
         self._acc = None if d.get("acc") is None else torch.tensor(d["acc"], dtype=torch.float32)
@@ -389,7 +411,6 @@ def unipelt_training_controllers(handle):
     out = []
     if spec.prune is not None or any(m.prune not in (None, False) for m in spec.modules.values()):
         out.append(GatePruning(handle))
-    d = spec.drop
-    if d is not None and (d.random is not False or d.lowest is not None):
+    if spec.drop is not None:  # a fixed choice too: it reports what it drops (static, see AdapterDrop.static)
         out.append(AdapterDrop(handle))
     return out

@@ -118,8 +118,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         for text in report["notes"]:
             print(f"note          {text}")
     p = report["params"]
+    # a random drop trains its inference layers in the steps that do not draw them
+    at_inference = ((report.get("controllers") or {}).get("adapterdrop") or {}).get("random") not in (None, False)
     print(f"trainable     {p['trainable']:,} parameters ({p['kept']:,} kept after training, "
-          f"{p['percent_of_base']:.3f}% of the base)")
+          f"{p['percent_of_base']:.3f}% of the base"
+          + (f"; {p['dropped']:,} of them in AdapterDrop's fixed layers, saved but not computed"
+             + (" at inference" if at_inference else "") if p.get("dropped") else "") + ")")
     # what gate pruning and AdapterDrop decided: in the progress output only while it is shown,
     # so a --no-progress run said nothing of it outside report.json
     ctl = report.get("controllers") or {}
@@ -128,9 +132,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         shown = ", ".join(pruned[:8]) + (f", ... ({len(pruned) - 8} more)" if len(pruned) > 8 else "")
         print(f"pruned        {len(pruned)} branch(es) during training ({ctl['prune']['active_params']:,} parameters "
               f"active): {shown}; events in report.json (controllers.prune)")
-    dropped = (ctl.get("adapterdrop") or {}).get("inference_layers") or []
+    drop = ctl.get("adapterdrop") or {}
+    dropped = drop.get("inference_layers") or []
     if dropped:
-        print(f"adapterdrop   layers {', '.join(map(str, dropped))} dropped at inference (saved in the adapter's spec)")
+        # the spec's fixed layers are dropped in training too; a random drop's training choice varied
+        fixed = drop.get("random") is False and not drop.get("ranking")
+        print(f"adapterdrop   layers {', '.join(map(str, dropped))} dropped "
+              + ("in training and at inference (the spec's drop.layers)" if fixed
+                 else "at inference (saved in the adapter's spec)"))
     if report["resumed_from"]:
         print(f"resumed from  {report['resumed_from']}")
     if report["compile"]["mode"]:
@@ -373,7 +382,8 @@ def cmd_collapse(args: argparse.Namespace) -> int:
         rep = handle.collapse(calib, closed=args.closed, spread=args.spread, tolerance=args.tolerance,
                               merge=not args.no_merge)
     except CollapseError as e:
-        raise CollapseError(f"{args.adapter}: {e}; nothing written") from None
+        # the API's message names collapse's keyword arguments; the command's user sets its flags
+        raise CollapseError(f"{args.adapter}: {e.what}; nothing written", cli=True) from None
     after = forward_times(model, calib, {"base": base, "collapsed": adapted})
     adapted()
     # the collapsed adapter keeps what training recorded (model, task, labels, field names, max

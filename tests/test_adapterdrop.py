@@ -182,3 +182,77 @@ def test_random_drop_under_torch_compile_is_one_graph_per_choice():
         c.on_step(step + 1, None)
     assert 1 < len(graphs) <= 3
     torch._dynamo.reset()
+
+
+def _drop_cli_run(tmp_path, drop, *extra):
+    from unipelt.cli import main
+
+    s = {"version": 1, "modules": {"lora": LORA}, "drop": drop}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(s))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat number {i} sat on the mat"}) + "\n" for i in range(6)))
+    out = tmp_path / "run"
+    code = main(["train", str(path), "tiny-llama", "--data", str(data), "--max-steps", "2", "--batch-size", "2",
+                 "--out", str(out), *extra])
+    assert code == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_fixed_drop_is_reported_by_train(tmp_path, capsys, progress):
+    """A fixed AdapterDrop (`drop: {layers: ...}`) had no controller: `unipelt train` said nothing
+    of the dropped layers (random and ranked drops and pruning did) and report.json had no record.
+    Now one event at the start (in the progress output and in controllers.adapterdrop.events), the
+    layers in the report, and a summary line."""
+    report = _drop_cli_run(tmp_path, {"layers": [0]}, *([] if progress else ["--no-progress"]))
+    cap = capsys.readouterr()
+    text = cap.out + cap.err
+    ctl = report["controllers"]["adapterdrop"]
+    assert ctl["inference_layers"] == [0] and ctl["training_layers"] == [0]
+    (ev,) = ctl["events"]
+    assert ev["event"] == "dropped" and ev["layers"] == [0] and ev["step"] == 0
+    assert "adapterdrop   layers 0 dropped in training and at inference" in text
+    p = report["params"]
+    assert p["dropped"] > 0 and p["active"] == p["kept"] - p["dropped"]
+    assert f"{p['dropped']:,} of them in AdapterDrop's fixed layers, saved but not computed" in text
+    if progress:
+        assert "step 0: adapterdrop dropped (layers=[0]" in text
+    # the fixed choice changes nothing between steps: a fixed drop trains as before (one graph)
+    assert report["controllers"]["adapterdrop"]["random"] is False
+
+
+def test_fixed_drop_event_once_after_resume(tmp_path):
+    rows = [Example(text=f"the cat number {i} sat on the mat", line=i + 1) for i in range(8)]
+    s = {"version": 1, "modules": {"lora": LORA}, "drop": {"layers": [1]}}
+    kw = dict(batch_size=2, lr=1e-2, save_steps=1, save_total_limit=None, progress=False)
+    train(s, "tiny-llama", rows, None, TrainConfig(out_dir=str(tmp_path / "r"), max_steps=2, **kw))
+    rep = train(s, "tiny-llama", rows, None, TrainConfig(out_dir=str(tmp_path / "r"), max_steps=4, resume=True, **kw))
+    evs = rep["controllers"]["adapterdrop"]["events"]
+    assert [e["event"] for e in evs] == ["dropped"] and evs[0]["layers"] == [1]
+
+
+def test_fixed_drop_does_not_stop_a_graphed_step():
+    """The fixed choice's controller only reports (static): one CUDA graph per step may replay it;
+    the random choice still changes what runs and is refused."""
+    from unipelt.training.graphed import GraphCaptureError, check_adapters
+
+    model = make_llama(layers=3)
+    unipelt.compile(model, spec(drop={"layers": [0]}))
+    check_adapters(model)
+    model = make_llama(layers=3)
+    unipelt.compile(model, spec(drop={"random": True}))
+    with pytest.raises(GraphCaptureError, match="adapterdrop"):
+        check_adapters(model)
+
+
+def test_compile_report_says_dropped_groups_are_not_computed():
+    """The compile report said a dropped layer's fusion group was 'computed alone (fewer than two
+    live readers ...)': nothing of it is computed."""
+    from unipelt.report import report_dict
+
+    s = {"version": 1, "modules": {"lora": dict(LORA, gate={"input": "layer"})}, "drop": {"layers": [0]}}
+    h = unipelt.compile(make_llama(layers=3), s)
+    groups = {g["layer"]: g for g in report_dict(h)["fusion_groups"]}
+    assert "not computed" in groups[0]["reason"] and "AdapterDrop" in groups[0]["reason"]
+    assert "not computed" not in groups[1]["reason"]

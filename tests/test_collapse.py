@@ -372,3 +372,28 @@ def test_collapse_command_prints_the_base_time_each_ratio_is_taken_against(tmp_p
     assert res["seconds"] == {"base": 0.010, "gated": 0.015, "collapsed": 0.021}
     assert res["base_seconds_with_collapsed"] == 0.020
     assert res["gated_over_base"] == pytest.approx(1.5) and res["collapsed_over_base"] == pytest.approx(1.05)
+
+
+def test_collapse_refusal_names_the_callers_options(tmp_path, capsys):
+    """The refusal named the command's flags (--tolerance, --spread, --closed) when raised by
+    handle.collapse in Python, where they are keyword arguments: Python names the keywords, the
+    command its flags."""
+    model = make_bert()
+    h = unipelt.compile(model, SPEC)
+    randomize(h)
+    calib = [make_batch(seed=i) for i in range(2)]
+    with pytest.raises(CollapseError) as e:
+        h.collapse(calib, spread=0.5, tolerance=1e-12)
+    msg = str(e.value)
+    assert "tolerance=" in msg and "spread=" in msg and "closed=" in msg and "--" not in msg, msg
+    model, _ = load_model("tiny-bert", task="classification", num_labels=2)
+    h = trained_ish(model)
+    record_training_info(h, {"model": "tiny-bert", "task": "classification", "labels": ["neg", "pos"]})
+    h.save(tmp_path / "a")
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"some words {i} here"}) + "\n" for i in range(6)))
+    code = main(["collapse", str(tmp_path / "a"), "--data", str(data), "--out", str(tmp_path / "d"),
+                 "--tolerance", "1e-12", "--spread", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "over the tolerance" in err
+    assert "--tolerance" in err and "--spread" in err and "--closed" in err and "tolerance=" not in err, err

@@ -272,3 +272,99 @@ def test_packed_dropout_stack_on_the_triton_executor_equals_unpacked():
     for name in NAMES:
         for k, v in reference[name].items():
             torch.testing.assert_close(trained[name][k], v, atol=1e-5, rtol=1e-4)
+
+
+LORA_AND_ADAPTER = {"modules": {"lora": {"method": "lora", "sites": ["attn.q", "attn.v"], "r": 4},
+                                "ad": {"method": "adapter", "site": "ffn.out", "width": 4}}}
+FUSE_AB = {"modules": {}, "combine": {"ffn.out": {"mode": "fusion", "adapters": ["a", "b"]}}}
+
+
+def test_fusing_packed_adapters_is_refused_and_fused_ones_do_not_pack():
+    """An AdapterFusion freezes the adapters it fuses, but a packed adapter's LoRA trains through
+    the stacked tensors (shared with adapters not fused), which it cannot freeze; and unpacking
+    while fused gave the members their pre-fusion flags back (trainable under the fusion). Fusing
+    packed adapters is refused before anything changes; fused adapters' projections do not pack."""
+    from conftest import make_bert
+    from unipelt.state import CONTAINER
+
+    model = make_bert()
+    hs = [unipelt.compile(model, LORA_AND_ADAPTER, name=n) for n in ("a", "b")]
+    for i, h in enumerate(hs):
+        randomize(h, seed=i + 1, std=0.2)
+    stacks = unipelt.pack_mixed(model)
+    flags = {n: [p.requires_grad for p in h.parameters()] for n, h in zip("ab", hs)}
+    with pytest.raises(ModelError, match=r"'a'.*packed.*unipelt.unpack_mixed"):
+        unipelt.compile(model, FUSE_AB, name="f")
+    state = get_state(model)
+    assert set(state.handles) == {"a", "b"} and PACKED in model._modules[CONTAINER]
+    assert {n: [p.requires_grad for p in h.parameters()] for n, h in zip("ab", hs)} == flags
+    assert all(p.requires_grad for p in stacks)
+    model.train()
+    model(**make_batch(batch=2), adapter_names=["a", "b"]).logits.sum().backward()  # still trains packed
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stacks)
+    # unpacked, the fusion attaches and freezes its members; they stay frozen (nothing packs them)
+    unipelt.unpack_mixed(model)
+    f = unipelt.compile(model, FUSE_AB, name="f")
+    assert not any(p.requires_grad for h in hs for p in h.parameters())
+    with pytest.raises(ModelError, match="no projection where the attached adapters stack"):
+        unipelt.pack_mixed(model)
+    assert not any(p.requires_grad for h in hs for p in h.parameters())
+    f.detach()
+    assert all(p.requires_grad for h in hs for p in h.parameters())
+
+
+def test_detaching_a_packed_adapter_gives_it_its_own_tensors_and_the_rest_train_on():
+    """Detach left the removed adapter's lora_A / lora_B views into the stacks (a later step of the
+    others wrote into its tensors), and the remaining packed adapters were refused until unpacked.
+    Now its tensors are its own (the trained values, trainable again) and the others train on, with
+    the optimizer built over the stacks, exactly as unpacked adapters a and c would."""
+    ref, ref_handles = mixed_model("bert")
+    model, handles = mixed_model("bert")
+    stacks = unipelt.pack_mixed(model)
+    rows = ["c", "a", "__base__", "c", "a"]
+    opt_batches = batches(2)
+    train_steps(model, stacks, opt_batches[:1])
+    train_steps(ref, [p for h in ref_handles for p in h.parameters()], opt_batches[:1])
+    hb = handles[1]
+    at_detach = adapter_values([hb])["b"]
+    hb.detach()
+    ref_handles[1].detach()
+    assert get_state(model).ctx.packed == frozenset({"a", "c"})
+    stack_ptrs = {p.untyped_storage().data_ptr() for p in stacks}
+    own = list(hb.parameters())
+    assert all(p.requires_grad and p.is_contiguous() for p in own)
+    assert not any(p.untyped_storage().data_ptr() in stack_ptrs for p in own)
+    # the remaining two train on, packed, with the same optimizer, as the unpacked reference
+    opt = torch.optim.AdamW(stacks, lr=1e-2, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW([p for h in (ref_handles[0], ref_handles[2]) for p in h.parameters()], lr=1e-2,
+                                weight_decay=0.01)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        for batch in opt_batches[1:]:
+            m(**batch, adapter_names=rows).logits.float().pow(2).mean().backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    trained, reference = adapter_values([handles[0], handles[2]]), adapter_values([ref_handles[0], ref_handles[2]])
+    for name in ("a", "c"):
+        for k, v in reference[name].items():
+            torch.testing.assert_close(trained[name][k], v, atol=1e-5, rtol=1e-4)
+    # b's tensors are untouched by the others' steps
+    for k, v in adapter_values([hb])["b"].items():
+        torch.testing.assert_close(v, at_detach[k], atol=0, rtol=0)
+    # and unpacking afterwards gives a and c their tensors back (b is no member any more)
+    back = unipelt.unpack_mixed(model)
+    assert {id(p) for p in back} == {id(p) for h in (handles[0], handles[2]) for p in h.parameters()}
+
+
+def test_detaching_all_but_one_packed_adapter_leaves_a_clear_refusal():
+    """One adapter left in a stack no longer stacks (a mixed batch needs two): a call with
+    gradients is refused naming the adapter left, and unpacking gives it its tensors back."""
+    model, handles = mixed_model("bert", n=2)
+    unipelt.pack_mixed(model)
+    handles[1].detach()
+    unipelt.set_adapter(model, "a")
+    with pytest.raises(ModelError, match=r"'a' .*packed.*unpack_mixed") as e:
+        model(**make_batch(batch=2)).logits.sum().backward()
+    assert "None" not in str(e.value) and "'b'" not in str(e.value)
+    unipelt.unpack_mixed(model)
+    model(**make_batch(batch=2)).logits.pow(2).mean().backward()
+    assert all(p.grad is not None for p in handles[0].parameters())

@@ -655,3 +655,75 @@ def test_pressure_under_torch_compile_matches_eager():
     for k in eager_g:
         torch.testing.assert_close(compiled_g[k], eager_g[k])
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------
+# AdapterDrop's fixed layers are not active parameters
+# ------------------------------------------------------------------------------------------
+def test_dropped_branches_do_not_count_toward_the_budget(tmp_path):
+    """AdapterDrop's fixed layers compute nothing, but pruning toward the budget counted them as
+    active: with layer 0 dropped and a budget that layer 1's branches fit exactly, training pruned
+    layer 1's branches (the only ones computing) to reach a count the dropped ones kept over it."""
+    lq = {"method": "lora", "sites": ["attn.q"], "r": 4, "gate": {"input": "layer", "init_bias": 1.0}}
+    lv = {"method": "lora", "sites": ["attn.v"], "r": 4, "gate": {"input": "layer", "init_bias": -1.0}}
+    model, _ = unipelt.models.load_model("tiny-llama")
+    layer1 = unipelt.compile(model, {"version": 1, "modules": {"lq": dict(lq, layers=[1]),
+                                                               "lv": dict(lv, layers=[1])}}).summary().kept
+    spec = {"version": 1, "modules": {"lq": lq, "lv": lv}, "prune": {"patience": 1, "to_budget": True},
+            "budget": {"max_params": layer1}, "drop": {"layers": [0]}}
+    model, _ = unipelt.models.load_model("tiny-llama")
+    h = unipelt.compile(model, spec)
+    s = h.summary()
+    assert s.active("kept") == layer1 < s.kept  # the dropped branches are still saved (kept), not active
+    rep = train(spec, "tiny-llama", lm_rows(), None, TrainConfig(**dict(KW, save_steps=None)))
+    assert rep["controllers"]["prune"]["events"] == []
+    assert rep["controllers"]["prune"]["pruned"] == []
+    assert rep["controllers"]["prune"]["active_params"] == layer1
+
+
+def test_dropped_ungated_branches_do_not_count_toward_what_pruning_cannot_remove():
+    """Compile's to_budget check counts what pruning cannot remove: an ungated module's dropped
+    layers are not part of it."""
+    spec = unipelt_spec(prune={"to_budget": True}, budget={"max_params": 10**9})
+    spec["modules"]["adapter"].pop("gate")
+    model = make_bert()
+    per_layer = {r["layer"]: r["kept"] for r in unipelt.compile(model, spec).summary().rows if r["module"] == "adapter"}
+    spec["budget"] = {"max_params": per_layer[1]}
+    with pytest.raises(SpecError, match="pruning cannot remove"):
+        unipelt.compile(make_bert(), spec)
+    spec["drop"] = {"layers": [0], "modules": ["adapter"]}
+    h = unipelt.compile(make_bert(), spec)
+    assert h._unprunable(h.summary(), "kept") == per_layer[1]
+
+
+def test_pruning_keeps_the_last_branch_that_computes_beside_dropped_ones(tmp_path):
+    """A dropped layer's branches still require grad but compute nothing: pruning took them for
+    branches left to train, pruned the last computing one, and the next backward died ("element 0
+    of tensors does not require grad"). The last computing branch is kept, with its event."""
+    spec = {"version": 1, "modules": {
+        "lq": {"method": "lora", "sites": ["attn.q"], "r": 4, "gate": {"input": "layer", "init_bias": -12.0}},
+    }, "prune": {"epsilon": 0.01, "patience": 1}, "drop": {"layers": [0]}}
+    rep = train(spec, "tiny-llama", lm_rows(), None, TrainConfig(**dict(KW, save_steps=None)))
+    ev = rep["controllers"]["prune"]["events"]
+    assert [(e["event"], e["branch"]) for e in ev] == [("kept", "lq.1.attn.q")]
+    assert rep["controllers"]["prune"]["pruned"] == []
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_drop_reparameterization_keeps_pruned_branches_frozen(shared):
+    """drop_reparameterization made every materialized prefix trainable again, a pruned one too:
+    its new P required grad, so the next optimizer (param_groups) trained a branch that computes
+    nothing and is left out of the saved adapter."""
+    from unipelt.train import param_groups
+
+    spec = unipelt_spec()
+    spec["modules"]["prefix"].update(reparam="mlp", reparam_hidden=8, reparam_shared=shared)
+    h = unipelt.compile(make_bert(), spec)
+    prune(h, ["prefix.0.attn.kv"])
+    assert h.drop_reparameterization() > 0
+    pruned = list(h.branch_modules["prefix.0.attn.kv"].parameters())
+    live = list(h.branch_modules["prefix.1.attn.kv"].parameters())
+    assert pruned and not any(p.requires_grad for p in pruned)
+    assert live and all(p.requires_grad for p in live)
+    trained = {id(p) for g in param_groups(h, 1e-3) for p in g["params"]}
+    assert not any(id(p) in trained for p in pruned) and all(id(p) in trained for p in live)

@@ -34,7 +34,17 @@ from unipelt.pruning import ConstantGate, gate_is_off, prune
 
 
 class CollapseError(UnipeltError):
-    """The collapsed model's outputs differ from the gated one's beyond the tolerance."""
+    """The collapsed model's outputs differ from the gated one's beyond the tolerance.
+
+    ``what``: the finding without the advice. The message advises on ``handle.collapse``'s
+    keyword arguments, or with ``cli=True`` on the ``unipelt collapse`` flags (the command
+    rewords the API's error with it)."""
+
+    def __init__(self, what: str, *, cli: bool = False):
+        self.what = what
+        advice = ("Lower --spread or --closed, or raise --tolerance" if cli
+                  else "Lower spread= or closed=, or raise tolerance= (keyword arguments of collapse)")
+        super().__init__(f"{what}. {advice}")
 
 
 @dataclass
@@ -205,8 +215,7 @@ def collapse(handle, calibration_batches: Iterable, *, closed: float = 0.01, spr
             raise CollapseError(
                 f"collapsing adapter {handle.name!r} changes the outputs by up to {rep.max_abs_diff:.3g} on the "
                 f"calibration data, over the tolerance {tolerance:g} (outputs up to {rep.ref_max_abs:.3g}); "
-                f"{len(rep.pruned)} branch(es) pruned, {len(rep.constant)} gate(s) made constant. Lower --spread or "
-                "--closed, or raise --tolerance")
+                f"{len(rep.pruned)} branch(es) pruned, {len(rep.constant)} gate(s) made constant")
         del trial_model, trial
     model = handle.model
     was = model.training

@@ -473,6 +473,9 @@ class TritonExecutor(GroupExecutor):
     def describe(self) -> tuple[str, str]:
         """(executor, reason) of this group as refreshed: for the compile report."""
         if not self.on:
+            if self.branches and all(e.off for e in self.branches):
+                # (its gates go with them: a gate no computed branch reads is not computed)
+                return "reference", "not computed: every branch here is pruned or dropped (AdapterDrop)"
             # (a dropout branch reads its own dropped-out x: off the kernels it computes alone)
             alone = "computed alone (fewer than two live readers, or the reference executor)"
             return "reference", alone + (f"; {self._why}" if self._why else "")

@@ -16,7 +16,8 @@ from unipelt.graph import CompiledGraph
 from unipelt.registry import Registry
 from unipelt.runtime import Entry, merge_branches
 from unipelt.spec import Spec
-from unipelt.state import CONTAINER, base_param_count, get_state, memory_bytes, module_param_count, restore_model
+from unipelt.state import (CONTAINER, base_param_count, get_state, memory_bytes, module_param_count, release_packed,
+                           restore_model)
 
 # the file format moved to unipelt.io; these names stay importable from here
 from unipelt.io import FILE_FORMAT, FILE_FORMAT_VERSION, META_FILE, WEIGHTS_FILE, read_adapter_meta, swap_in_dir  # noqa: F401
@@ -51,6 +52,19 @@ class Summary:
         """Parameters (kept) of what pruning switched off."""
         return sum(r["kept"] for r in self.rows if r.get("pruned")) + sum(g["params"] for g in self.gates if g.get("pruned"))
 
+    def active(self, count: str = "kept") -> int:
+        """Parameters that compute (``count``: ``kept`` or ``training``): neither pruned nor dropped
+        by AdapterDrop's fixed layers (``dropped: true``: still saved, so in ``kept``). What a
+        budget pruned toward (``to_budget``) holds on."""
+        rows = sum(r[count] for r in self.rows if not r.get("pruned") and not r.get("dropped"))
+        return rows + sum(g["params"] for g in self.gates if not g.get("pruned") and not g.get("dropped"))
+
+    @property
+    def dropped(self) -> int:
+        """Parameters (kept) of what AdapterDrop's fixed layers switch off (saved, not computed)."""
+        return (sum(r["kept"] for r in self.rows if r.get("dropped") and not r.get("pruned"))
+                + sum(g["params"] for g in self.gates if g.get("dropped") and not g.get("pruned")))
+
     def per_module(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"kept": 0, "training": 0})
         for r in self.rows:
@@ -83,6 +97,8 @@ class Summary:
         lines.append(f"  {'total':<{w}}  {_fmt(self.kept):>12}  {_fmt(self.training):>12}  {pct:>8.3f}%")
         if self.pruned:
             lines.append(f"  pruned (left out): {_fmt(self.pruned)} parameters")
+        if self.dropped:
+            lines.append(f"  dropped by AdapterDrop (saved, not computed): {_fmt(self.dropped)} parameters")
         lines.append(f"  base model: {_fmt(self.base_params)} parameters")
         if self.memory:
             lines.append(f"  memory: base {self.memory['base'] / 2**20:,.1f} MiB, adapter {self.memory['adapter'] / 2**20:,.2f} MiB")
@@ -267,31 +283,36 @@ class AdapterHandle:
     # -- budget and summary ----------------------------------------------------------------
     def summary(self, base_params: int | None = None) -> Summary:
 
-        from unipelt.pruning import gate_is_off, shared_is_off
+        from unipelt.pruning import fixed_dropped_keys, gate_is_off, shared_is_off
 
         s = Summary(adapter=self.name, base_params=base_params if base_params is not None else base_param_count(self.model))
         if get_state(self.model) is not None:  # attached: the model holds the adapter's tensors
             own = sum(p.numel() * p.element_size() for p in self.named_parameters().values())
             s.memory = {"base": memory_bytes(self.model)["base"], "adapter": own}
         pruned = set(self.spec.pruned)
+        # dropped: AdapterDrop's fixed layers (what no branch computes; a gate or shared module
+        # all of whose branches are pruned or dropped too), saved but not active
+        off = pruned | fixed_dropped_keys(self)
         for bp in self.graph.branches:
             mod = self.branch_modules[bp.key]
             s.rows.append({
                 "module": bp.node.name, "method": bp.method.name, "layer": bp.site.layer, "site": bp.site.site,
                 "kept": module_param_count(mod, kept=True), "training": module_param_count(mod, kept=False),
-                "pruned": bp.key in pruned,
+                "pruned": bp.key in pruned, "dropped": bp.key in off and bp.key not in pruned,
             })
         for node, mod in self.shared_modules.items():
+            gone = bool(pruned) and shared_is_off(self, node, pruned)
             s.rows.append({
                 "module": node, "method": self.spec.modules[node].method, "layer": None, "site": "shared",
                 "kept": module_param_count(mod, kept=True), "training": module_param_count(mod, kept=False),
-                "pruned": bool(pruned) and shared_is_off(self, node, pruned),
+                "pruned": gone, "dropped": not gone and off != pruned and shared_is_off(self, node, off),
             })
         for key, gp in self.graph.gates.items():
             # a collapsed gate is a constant: no parameters
             n = 0 if key in self.spec.collapsed else sum(p.numel() for p in self.gate_modules[key].parameters())
-            s.gates.append({"gate": gp.gate_id, "layer": gp.layer, "params": n,
-                            "pruned": bool(pruned) and gate_is_off(self, key, pruned)})
+            gone = bool(pruned) and gate_is_off(self, key, pruned)
+            s.gates.append({"gate": gp.gate_id, "layer": gp.layer, "params": n, "pruned": gone,
+                            "dropped": not gone and off != pruned and gate_is_off(self, key, off)})
         return s
 
     def check_budget(self, base_params: int) -> None:
@@ -300,6 +321,8 @@ class AdapterHandle:
             return
         s = self.summary(base_params)
         used = s.kept if b.count == "kept" else s.training
+        if self._prunes_to_budget():
+            used = s.active(b.count)  # pruning toward the budget counts what computes (not AdapterDrop's layers)
         limit = b.max_params if b.max_params is not None else int(b.fraction * base_params)
         needs = f"the spec needs {_fmt(used)} parameters ({b.count})"
         if used > limit and self._prunes_to_budget():
@@ -327,16 +350,17 @@ class AdapterHandle:
 
     def _unprunable(self, s: Summary, count: str) -> int:
         """Active parameters that budget pruning cannot remove: branches without a gate (or whose
-        module does not prune to the budget), shared modules, and gates of such branches."""
+        module does not prune to the budget), shared modules, and gates of such branches; not
+        those AdapterDrop's fixed layers switch off (they compute nothing)."""
         prunable_nodes = {n for n in self.spec.modules if (p := self.spec.prune_for(n)) is not None and p.to_budget}
         gated = {bp.key for bp in self.graph.branches if bp.gate_key and bp.node.name in prunable_nodes}
         total = 0
         for bp, r in zip(self.graph.branches, s.rows):
-            if not r.get("pruned") and bp.key not in gated:
+            if not r.get("pruned") and not r.get("dropped") and bp.key not in gated:
                 total += r[count]
-        total += sum(r[count] for r in s.rows[len(self.graph.branches):] if not r.get("pruned"))
+        total += sum(r[count] for r in s.rows[len(self.graph.branches):] if not r.get("pruned") and not r.get("dropped"))
         for (key, gp), g in zip(self.graph.gates.items(), s.gates):
-            if not g.get("pruned") and not all(u in gated for u in gp.users):
+            if not g.get("pruned") and not g.get("dropped") and not all(u in gated for u in gp.users):
                 total += g["params"]
         return total
 
@@ -391,11 +415,21 @@ class AdapterHandle:
         the rest (``materialize()``, which returns the spec fields that now describe the
         branch). The stored spec is updated (``reparam: none``, ``encoder: none``), so the saved
         adapter reloads as it is. Returns the number of parameters dropped."""
+        from unipelt.pruning import inactive_keys, is_inactive
+
         before = sum(p.numel() for p in self._params.values())
         changed: dict[str, dict] = {}
         materialized: list[str] = []
+        # whether each materialized branch trains now: not if pruned (frozen for good), nor if what
+        # computed it was frozen (its own parameters, else its module's shared ones: a fused member)
+        inactive = inactive_keys(self)
+        trains: dict[str, bool] = {}
         for key, mod in self.branch_modules.items():
             if hasattr(mod, "materialize"):
+                node = key.split(".", 1)[0]
+                params = list(mod.parameters()) or (list(self.shared_modules[node].parameters())
+                                                    if node in self.shared_modules else [])
+                trains[key] = not is_inactive(f"{key}.", inactive) and (not params or any(p.requires_grad for p in params))
                 # the branch says which spec fields now describe it ({field: value, or None: drop it})
                 changed[key.split(".", 1)[0]] = mod.materialize() or {}
                 materialized.append(key)
@@ -422,7 +456,7 @@ class AdapterHandle:
         for key in materialized:
             for pname, p in self.branch_modules[key].named_parameters():
                 self._params[f"{key}.{pname}"] = p
-                p.requires_grad_(True)
+                p.requires_grad_(trains[key])
         return before - sum(p.numel() for p in self._params.values())
 
     # -- collapse for serving ----------------------------------------------------------------
@@ -517,6 +551,9 @@ class AdapterHandle:
             return
         if any(e.merged for e in self.entries.values()):
             self.unmerge()
+        # packed for mixed batches: its LoRA tensors are views into stacks the other adapters
+        # keep training; they become its own first
+        release_packed(self.model, self.name)
         for bp in self.graph.branches:
             e = self.entries.get(bp.key)
             if e is not None:

@@ -178,9 +178,9 @@ def _refresh(handle: AdapterHandle) -> None:
 
 
 def active_params(handle: AdapterHandle, count: str = "kept") -> int:
-    """Parameters of the adapter not pruned (``kept`` after training or ``training``)."""
-    s = handle.summary()
-    return s.kept if count == "kept" else s.training
+    """Parameters of the adapter that compute (``kept`` after training or ``training``): neither
+    pruned nor dropped by AdapterDrop's fixed layers."""
+    return handle.summary().active(count)
 
 
 def budget_limit(handle: AdapterHandle, base_params: int) -> int | None:
@@ -211,6 +211,16 @@ def inference_drop_layers(handle: AdapterHandle) -> set[int]:
     if d is None or d.layers is None:
         return set()
     return set(d.layers.resolve(handle.info.num_layers, source=handle.spec.source))
+
+
+def fixed_dropped_keys(handle: AdapterHandle) -> set[str]:
+    """Branch keys that AdapterDrop's fixed layers (``drop.layers``: the inference choice, and
+    training's too unless ``random``) switch off: they compute nothing in the adapter as used, so
+    they are not active parameters (the budget pruning toward ``to_budget`` holds on)."""
+    layers = inference_drop_layers(handle)
+    if not layers:
+        return set()
+    return {k for layer, keys in drop_candidates(handle).items() if layer in layers for k in keys}
 
 
 def set_dropped(handle: AdapterHandle, layers: set[int], *, refresh: bool = True) -> bool:

@@ -602,7 +602,7 @@ class SiteRuntime:
         if self.packed is not None:
             # an adapter attached or detached since pack_mixed: the stack no longer holds exactly the
             # members of the plan, and its columns would serve the wrong rows
-            self.packed_stale = self.stacked is None or [e.branch for _, e in self.stacked] != self.packed.branches
+            self.packed_stale = self.stacked is None or [e.branch for _, e in self.stacked] != self.packed.members
 
     stacked: "list[tuple[str, Entry]] | None" = None
     _stack_cache: tuple | None = None
@@ -614,7 +614,7 @@ class SiteRuntime:
     def refuse_packed(self, why: str) -> None:
         """A call with gradients that would run this projection's packed adapters outside their
         stack: their lora_A / lora_B are frozen views of it, so it would train nothing."""
-        names = ", ".join(repr(n) for n in self.packed.names)
+        names = ", ".join(repr(n) for n in self.packed.names if n is not None)
         raise ModelError(f"{self.site_key}: adapters {names} are packed for mixed batches (unipelt.pack_mixed) and "
                          f"{why}; their own lora_A / lora_B are frozen views of the stacked parameters, so this "
                          "call would train nothing: call unipelt.unpack_mixed(model) first (then rebuild the optimizer)")
@@ -708,6 +708,9 @@ class SiteRuntime:
             # split back in the backward, and one gradient, one AccumulateGrad, one optimizer
             # tensor per projection instead of one per adapter
             a, w = packed.A, packed.B
+            # a detached member's block (StackedParams.release) is read by no row: scale 0
+            cols = packed.layout(cols, lambda r: (None, r, 0.0))
+            segs = packed.layout(segs, lambda r: (r, 0.0))
         elif torch.is_grad_enabled() or torch.compiler.is_compiling():
             # (under torch.compile a tensor's ``_version`` is data-dependent: no cache key; the
             # captured graph concatenates the N·r-row weights per call, a copy far smaller than x)
@@ -880,6 +883,11 @@ class StackedParams(nn.Module):
     gradients that runs one adapter alone reads them, and nothing is counted twice by an optimizer.
     The views are made again after ``.to()`` (:meth:`_apply`), in a deep copy (``__deepcopy__``) and
     when unpickled (``__setstate__``).
+
+    A member detached while packed is *released* (:meth:`release`): its tensors become its own
+    again, and its block stays in the stack as a column range no row reads (scale 0 in the mixed
+    product: no output, no gradient), so the stack keeps its shape and the optimizer built over
+    it goes on training the others.
     """
 
     def __init__(self, site_key: str, members: list[tuple[str, nn.Module]]):
@@ -903,6 +911,9 @@ class StackedParams(nn.Module):
         a, w = self.A.detach(), self.B.detach()
         at = 0
         for b, r in zip(self.branches, self.widths):
+            if b is None:  # released: its block is unused
+                at += r
+                continue
             for name, view in (("lora_A", a[at:at + r]), ("lora_B", w[:, at:at + r])):
                 p = getattr(b, name)
                 p.data = view
@@ -914,13 +925,43 @@ class StackedParams(nn.Module):
         """Give each member independent (contiguous) tensors holding the stack's current values and
         its requires_grad flags back; returns the member parameters."""
         out = []
-        for b, flags in zip(self.branches, self.flags):
-            for name, flag in zip(("lora_A", "lora_B"), flags):
-                p = getattr(b, name)
-                p.data = p.detach().clone(memory_format=torch.contiguous_format)
-                p.requires_grad_(flag)
-                out.append(p)
+        for i, b in enumerate(self.branches):
+            if b is not None:
+                out += self._own(i)
         return out
+
+    def _own(self, i: int) -> list[nn.Parameter]:
+        b, flags = self.branches[i], self.flags[i]
+        out = []
+        for name, flag in zip(("lora_A", "lora_B"), flags):
+            p = getattr(b, name)
+            p.data = p.detach().clone(memory_format=torch.contiguous_format)
+            p.requires_grad_(flag)
+            out.append(p)
+        return out
+
+    def release(self, name: str) -> list[nn.Parameter]:
+        """Member ``name`` leaves the stack (detached): its lora_A / lora_B get independent tensors
+        with the stack's current values and their flags back; its block stays, read by no row.
+        Returns its parameters ([] when it is no member)."""
+        if name not in self.names:
+            return []
+        i = self.names.index(name)
+        out = self._own(i)
+        self.branches[i] = None
+        self.names[i] = None
+        return out
+
+    @property
+    def members(self) -> list:
+        """The branches still in the stack (released ones left out), in column order."""
+        return [b for b in self.branches if b is not None]
+
+    def layout(self, items: list, unused) -> list:
+        """Per-member ``items`` (column order, released members left out) -> one per block of the
+        stack, ``unused(width)`` at a released member's block."""
+        it = iter(items)
+        return [next(it) if b is not None else unused(r) for b, r in zip(self.branches, self.widths)]
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(), .half(), .cuda(): the members' views were moved on their own (copies, the

@@ -505,8 +505,10 @@ def pack_mixed(model: nn.Module) -> list[nn.Parameter]:
     that would run a packed adapter outside the stack (no ``adapter_names``; a dropout the PyTorch
     executors run as segments; an adapter attached since) raises :class:`ModelError`.
     :func:`unpack_mixed` gives each adapter independent trainable tensors again. Projections where
-    some adapter's LoRA is frozen (fused by an AdapterFusion) stay as they are; a LoRA+ ``lr_ratio``
-    is refused (one returned tensor holds every adapter's B: their rates could not differ)."""
+    some adapter's LoRA is frozen (fused by an AdapterFusion) stay as they are, and fusing a packed
+    adapter is refused (plugins/fusion.py); a LoRA+ ``lr_ratio`` is refused (one returned tensor
+    holds every adapter's B: their rates could not differ). Detaching a packed adapter releases it
+    (:func:`release_packed`): its own tensors again, the others stay packed."""
     state = require_state(model)
     container = model._modules.get(CONTAINER)
     if container is None:  # (require_state: an adapted model has one)
@@ -561,6 +563,20 @@ def unpack_mixed(model: nn.Module) -> list[nn.Parameter]:
             rt.packed, rt.packed_stale = None, False
     state.ctx.packed = frozenset()
     state.refresh()
+    return out
+
+
+def release_packed(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Adapter ``name`` is being detached: give its packed lora_A / lora_B their own tensors (the
+    trained values, their flags back) and take it out of the packed set; the stacks keep its
+    blocks, read by no row, so the other packed adapters train on with the optimizer over the
+    stacks. Returns its parameters ([] when it is not packed)."""
+    state = require_state(model)
+    container = model._modules.get(CONTAINER)
+    if container is None or PACKED not in container or name not in state.ctx.packed:
+        return []
+    out = [p for sp in container[PACKED].values() for p in sp.release(name)]
+    state.ctx.packed = frozenset(state.ctx.packed - {name})
     return out
 
 

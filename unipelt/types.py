@@ -117,6 +117,8 @@ class TrainingController(Protocol):
         progress output and ``report.json``'s ``controllers.<name>.events``.
       report() -> dict: the controller's final summary in ``report.json`` (``controllers.<name>``).
       state_dict() / load_state_dict(d): JSON-able state kept in checkpoints, for ``--resume``.
+      static: True when it changes nothing between steps and only reports (a fixed AdapterDrop), so
+        :class:`unipelt.training.graphed.GraphedTrainStep` may capture its model.
     """
 
     name: str

@@ -460,6 +460,7 @@ def _run_epochs(run: Run, t_start: float) -> None:
     run.bar = tqdm(total=plan.total_steps, initial=st.step, desc="train", unit="step", disable=not run.progress,
                    dynamic_ncols=True)
     first_epoch = st.epoch
+    _drain_events(run)  # what the controllers decided before the first step (a fixed AdapterDrop)
     try:
         for epoch in range(first_epoch, plan.epochs):
             if st.step >= plan.total_steps:
@@ -504,16 +505,21 @@ def _optimizer_step(run: Run, micro_batches: list[list[int]], t_start: float) ->
     st.group_in_epoch += 1
     opt.on_step(st.step, step_loss)  # gradients still readable (AdaLoRA's sensitivity)
     opt.optimizer.zero_grad(set_to_none=True)
-    for ev in opt.events():
-        run.controller_events.append(ev)
-        if run.progress:
-            run.bar.write(_event_line(ev))
+    _drain_events(run)
     run.step_times.append(time.perf_counter() - t0)
     st.epoch_loss += step_loss
     st.epoch_steps += 1
     run.bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=_rate(run.examples_seen, time.perf_counter() - t_start),
                         epoch=st.epoch + 1, refresh=False)
     run.bar.update(1)
+
+
+def _drain_events(run: Run) -> None:
+    """The controllers' new events into the run's history (report.json) and the progress output."""
+    for ev in run.opt.events():
+        run.controller_events.append(ev)
+        if run.progress:
+            run.bar.write(_event_line(ev))
 
 
 def _share(run: Run, idx: list[int]) -> tuple[list[int], float | None]:
@@ -684,6 +690,9 @@ def _report(run: Run, spec, model_name, labels, added_head, n_examples: int, wal
             "trainable": sum(p.numel() for p in run.opt.trainable),
             "kept": summary.kept,
             "training": summary.training,
+            # what computes (not pruned, not in AdapterDrop's fixed layers) and the dropped layers' share
+            "active": summary.active("kept"),
+            "dropped": summary.dropped,
             "base": summary.base_params,
             "percent_of_base": 100.0 * summary.kept / max(summary.base_params, 1),
             "per_module": summary.per_module(),
