@@ -18,7 +18,9 @@ row·K + col)``), never storing it, and applies the gates' sigmoid derivative as
 
 Three layers (STYLE.md 12): private ``@triton.jit`` kernels, launchers that check shapes and set
 the grid, and custom ops (``torch.library.custom_op`` + ``register_autograd``) exported as plain
-functions, so ``torch.compile(fullgraph=True)`` captures them as opaque nodes. The pure-PyTorch
+functions, so ``torch.compile(fullgraph=True)`` captures them as opaque nodes; on CUDA a compiled
+forward calls their ``torch.library.triton_op`` twins instead, whose kernels inductor launches from
+its own code (``UNIPELT_KERNEL_OPS=custom_op`` keeps the opaque ops). The pure-PyTorch
 reference is :func:`reference_shrink` / :func:`reference_expand` here and ``unipelt.executor.
 GroupExecutor`` in the engine.
 
@@ -964,7 +966,8 @@ def lora_shrink(x: Tensor, weight: Tensor, bias: Tensor | None = None, act_start
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    # compiled: the custom op (opaque to the graph); eager: the same autograd without its dispatch
+    # eager: the autograd Function (no custom-op dispatch); compiled: the triton_op twins on CUDA
+    # (inductor launches their kernels), the opaque custom ops elsewhere
     args = (x2, weight.to(x.dtype).contiguous(), bias.contiguous(), act_start,
             [int(w) for w, _ in segments], [float(p) for _, p in segments], seed)
     if not torch.compiler.is_compiling():
@@ -985,19 +988,21 @@ def lora_expand(out: Tensor, u: Tensor, b: Tensor, gate: Tensor | None = None, s
     if out.shape[-1] != D or u.shape[-1] != R or u.shape[:-1] != out.shape[:-1]:
         raise ValueError(f"lora_expand: out {tuple(out.shape)}, u {tuple(u.shape)}, B {tuple(b.shape)} "
                          f"(needs out (..., D), u (..., r), B (D, r))")
-    coef = None if gate is None else gate.expand(*u.shape[:-1], 1).reshape(-1)
     out2 = out.reshape(-1, D)
     if out2.stride(-1) != 1:
         out2 = out2.contiguous()
     u2 = u.reshape(-1, R)
     if u2.stride(-1) != 1:
         u2 = u2.contiguous()
-    # (the gate's coef: a view where it can be, a gate column of z read in place through its stride)
+    # the gate's coefficients: a view where it can be (a gate column of z, read through its stride)
+    coef = None if gate is None else gate.expand(*u.shape[:-1], 1).reshape(-1)
+    # eager: the autograd Function (no custom-op dispatch); compiled: the triton_op twins on CUDA
+    # (inductor launches their kernels), the opaque custom ops elsewhere
     args = (out2, u2, b.to(out.dtype).contiguous(), coef, float(scale))
     if not torch.compiler.is_compiling():
         y = _ExpandFn.apply(*args)
     elif _compiled_ops(out2):
-        y = _expand_top(*args, replayed_only, [int(d) for d in out.shape[:-1]])
+        y = _expand_top(*args, replayed_only, list(out.shape[:-1]))
     else:
         y = _expand_op(*args)
     return y.view(out.shape)

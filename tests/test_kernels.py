@@ -284,6 +284,50 @@ def test_auto_twins_trace_to_pytorch_products_outside_cuda_graphs(monkeypatch):
         _close(a, b, torch.float32, name)
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="the CPU interpreter stands in for CUDA here (the model stays on the CPU)")
+def test_auto_default_mode_form_is_the_grouped_executors_graph(monkeypatch):
+    # executor auto compiled without CUDA graphs: a plain LoRA model's code (inductor, CPU) has the
+    # grouped executor's matrix products and fused kernels, no more (the default mode is host-bound:
+    # every extra kernel a projection costs the step; an earlier 2-D form had 28 fused kernels to 19)
+    import re
+
+    import unipelt
+    from torch._inductor.utils import run_and_get_code
+    from unipelt import executor as ex
+    from unipelt.compiler import set_executor
+
+    from conftest import make_batch, make_llama
+
+    monkeypatch.setattr(ex, "AUTO_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(lg, "_compiled_ops", lambda x: True)
+    for name in ("_launch_shrink", "_launch_shrink_bwd", "_launch_expand", "_launch_expand_bwd"):
+        monkeypatch.setattr(lg, name, lambda *a, **k: pytest.fail("a kernel was traced in the default-mode form"))
+    sites = ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down"]
+    spec = {"modules": {"lora": {"method": "lora", "sites": sites, "r": 8, "dropout": 0.0}}}
+    counts, losses = {}, {}
+    for mode in ("auto", "grouped"):
+        torch._dynamo.reset()
+        model = make_llama(layers=1, hidden=64)
+        unipelt.compile(model, spec)
+        set_executor(model, mode)
+        model.train()
+        compiled = torch.compile(model, fullgraph=True)
+        batch = make_batch()
+
+        def run():
+            loss = compiled(**batch).logits.float().square().mean()
+            loss.backward()
+            return loss
+
+        loss, codes = run_and_get_code(run)
+        code = "\n".join(codes)
+        counts[mode] = (len(re.findall(r"extern_kernels\.\w*mm", code)),
+                        len(re.findall(r"^\s+cpp_fused_\w+\(", code, re.M)))
+        losses[mode] = loss.item()
+    assert counts["auto"] == counts["grouped"], counts
+    assert abs(losses["auto"] - losses["grouped"]) <= 1e-5 * max(1.0, abs(losses["grouped"]))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor launches user Triton kernels on CUDA)")
 def test_gpu_inductor_launches_the_triton_op_kernels(monkeypatch):
