@@ -580,7 +580,8 @@ def cmd_merge_adapters(args) -> int:
     dest = merge_adapters(args.adapters, args.out, weights=args.weights, method=args.method, density=args.density,
                           svd_rank=args.svd_rank, majority_sign=args.majority_sign, seed=args.seed, name=args.name,
                           svd_clamp=args.svd_clamp)
-    print(f"merged {len(args.adapters)} adapters ({args.method}) into {dest}")
+    n = len(args.adapters)
+    print(f"merged {n} adapter{'' if n == 1 else 's'} ({args.method}) into {dest}")
     return 0
 
 

@@ -273,6 +273,29 @@ def test_load_state_dict_refuses_nan_and_int_directly():
     assert torch.equal(h.state_dict()[KEY], before)  # nothing copied
 
 
+
+def test_save_refuses_nan_and_keeps_the_adapter_there(tmp_path):
+    """handle.save of an adapter whose training diverged (NaN / infinity) wrote it, replacing the good
+    adapter in the same directory with one that load refuses. Now save refuses it before anything is
+    written, naming the tensor; the adapter already there is left byte for byte."""
+    model = make_bert()
+    h = unipelt.compile(model, SPEC)
+    randomize(h, seed=1, std=0.2)
+    dest = h.save(tmp_path / "ad")
+    before = {f: (dest / f).read_bytes() for f in ("adapter.safetensors", "unipelt.json")}
+    for value in (float("nan"), float("inf")):
+        with torch.no_grad():
+            h.state_dict()[KEY].view(-1)[3] = value
+        with pytest.raises(unipelt.ModelError, match=rf"adapter 'default': tensor '{KEY}' has 1 non-finite value "
+                                                     r"\(NaN or infinity\); not saved"):
+            h.save(dest)
+        assert {f: (dest / f).read_bytes() for f in before} == before
+        assert sorted(os.listdir(tmp_path)) == ["ad"]  # no staging folder left
+        with pytest.raises(unipelt.ModelError, match="non-finite"):
+            h.save(tmp_path / "new")
+        assert not (tmp_path / "new").exists()
+    unipelt.load(make_bert(), dest)  # the good one still loads
+
 # ------------------------------------------------------------------------------------------
 # adapters saved before checksums (format version 1)
 # ------------------------------------------------------------------------------------------

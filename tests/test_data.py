@@ -422,6 +422,26 @@ def test_nul_bytes_are_refused_naming_the_line(tmp_path):
     assert error(j) == f"{j}: line 2: field 'text' contains a NUL character (\\u0000)"
 
 
+
+@pytest.mark.parametrize("encoding,name", [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")])
+def test_utf16_and_utf32_with_a_bom_are_named_as_such(tmp_path, encoding, name):
+    """A file saved as "Unicode" (UTF-16 with its byte order mark, as Windows Notepad and Excel write
+    it) was reported as 'not valid UTF-8 (byte 0xff at offset 0)' with the advice `iconv -f cp1252`,
+    which turns it into text with NUL bytes. Now the error names the encoding and the iconv that
+    converts it."""
+    p = tmp_path / "u.csv"
+    text = "text,label\ngood,pos\n"
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data
+    p.write_bytes(data)
+    assert error(p) == (f"{p}: line 1: the file is {name} (it starts with a {name} byte order mark), not UTF-8; "
+                        f"save it as UTF-8, e.g. iconv -f {name} -t UTF-8 FILE > FILE.utf8")
+    # converted as the message says, it reads
+    q = tmp_path / "q.csv"
+    q.write_bytes(data.decode(encoding if encoding != "utf-16-be" else "utf-16").encode("utf-8"))
+    assert len(read_examples(q)) == 1
+
 def test_jsonl_lines_end_at_newline_only(tmp_path):
     """U+2028, U+2029 and U+0085 are valid unescaped inside a JSON string (only U+0000-U+001F must
     be escaped): str.splitlines() split such a row in two. CRLF files and a last line without a

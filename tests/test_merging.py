@@ -150,6 +150,18 @@ def test_cli_merge_adapters(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+
+def test_cli_merge_one_adapter_says_one_adapter(tmp_path, capsys):
+    """One adapter (a rescaled copy, --weights 0.5) printed "merged 1 adapters"."""
+    from unipelt.cli import main
+
+    _, a = _save(tmp_path, "a", 1)
+    assert main(["merge-adapters", str(a), "--weights", "0.5", "--out", str(tmp_path / "one")]) == 0
+    assert f"merged 1 adapter (linear) into {tmp_path / 'one'}" in capsys.readouterr().out
+    _, b = _save(tmp_path, "b", 2)
+    assert main(["merge-adapters", str(a), str(b), "--out", str(tmp_path / "two")]) == 0
+    assert "merged 2 adapters (linear)" in capsys.readouterr().out
+
 def test_refusals(tmp_path):
     _, a = _save(tmp_path, "a", 1)
     r8 = {"modules": {"lora": {**SPEC["modules"]["lora"], "r": 8}}}

@@ -368,3 +368,43 @@ def test_detaching_all_but_one_packed_adapter_leaves_a_clear_refusal():
     unipelt.unpack_mixed(model)
     model(**make_batch(batch=2)).logits.pow(2).mean().backward()
     assert all(p.grad is not None for p in handles[0].parameters())
+
+
+
+def test_merging_a_packed_adapter_keeps_the_stacks_for_unmerge():
+    """merge() of a packed adapter (checked, not changed, in session 13): while it is merged its
+    delta is in the weights every row reads, so a mixed batch is refused naming unmerge, and a call
+    with gradients outside a mixed batch is refused naming unpack_mixed; without gradients each
+    adapter alone gives the unpacked reference's output. It is NOT released from the stacks (as
+    detach does): unmerge puts it back in the mixed plan, where releasing it would have made the
+    stacks stale; after unmerge the three train on, packed, with the optimizer over the stacks,
+    exactly as the unpacked reference."""
+    ref, ref_handles = mixed_model("bert")
+    model, handles = mixed_model("bert")
+    stacks = unipelt.pack_mixed(model)
+    opt_batches = batches(3)
+    train_steps(model, stacks, opt_batches[:1])
+    train_steps(ref, [p for h in ref_handles for p in h.parameters()], opt_batches[:1])
+    report = handles[1].merge()
+    ref_handles[1].merge()
+    assert sorted(report["merged"]) == sorted(bp.key for bp in handles[1].graph.branches) and report["live"] == []
+    batch = make_batch(seed=9, batch=len(ROWS), length=7, lengths=LENGTHS)
+    with pytest.raises(ModelError, match=r"merged into the base weights.*unmerge"):
+        model(**batch, adapter_names=["a", "c", "a", "c", "a"])
+    unipelt.set_adapter(model, "a")
+    with pytest.raises(ModelError, match=r"'a' are packed.*unpack_mixed"):
+        model(**batch).logits.sum().backward()
+    model.eval(), ref.eval()
+    for name in NAMES:
+        unipelt.set_adapter(model, name), unipelt.set_adapter(ref, name)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=ATOL, rtol=1e-4)
+    handles[1].unmerge()
+    ref_handles[1].unmerge()
+    model.train(), ref.train()
+    train_steps(model, stacks, opt_batches[1:])
+    train_steps(ref, [p for h in ref_handles for p in h.parameters()], opt_batches[1:])
+    trained, reference = adapter_values(handles), adapter_values(ref_handles)
+    for name in NAMES:
+        for k, v in reference[name].items():
+            torch.testing.assert_close(trained[name][k], v, atol=1e-5, rtol=1e-4)

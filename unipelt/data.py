@@ -116,7 +116,16 @@ def _format(path: Path, format: str | None) -> str:
     return fmt
 
 
+# byte order marks of the encodings a UTF-8 reader cannot take (UTF-32 LE first: it starts with UTF-16 LE's)
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+              (b"\xfe\xff", "UTF-16"))
+
+
 def _decode(data: bytes, source: str) -> str:
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):  # saved as "Unicode" (Notepad, Excel): cp1252 advice would be wrong
+            raise DataError(f"{source}: line 1: the file is {name} (it starts with a {name} byte order mark), not "
+                            f"UTF-8; save it as UTF-8, e.g. iconv -f {name} -t UTF-8 FILE > FILE.utf8")
     try:
         return data.decode("utf-8-sig")  # -sig: files saved by Excel/Notepad start with a BOM
     except UnicodeDecodeError as e:

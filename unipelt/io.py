@@ -485,7 +485,8 @@ def save_adapter(handle: AdapterHandle, path: str | os.PathLike) -> Path:
     """Write ``adapter.safetensors`` and ``unipelt.json`` into directory ``path`` atomically.
 
     An existing adapter there is replaced only once the new one is complete; any other non-empty
-    directory, or a file, is refused (OutputError). ``unipelt.json`` records each tensor's dtype,
+    directory, or a file, is refused (OutputError). A NaN or infinite value (what load refuses) is
+    a ModelError before anything is written. ``unipelt.json`` records each tensor's dtype,
     shape and sha256, which :func:`load_adapter` verifies.
     """
     from safetensors import torch as st
@@ -494,6 +495,13 @@ def save_adapter(handle: AdapterHandle, path: str | os.PathLike) -> Path:
     meta = metadata(handle)
     handle.registry.hook.unipelt_adapter_saved(handle=handle, path=str(dest), metadata=meta)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in handle.state_dict().items()}
+    for k, t in tensors.items():
+        # what load refuses is not written: a diverged adapter would replace the one saved there
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelError(f"adapter {handle.name!r}: tensor {k!r} has {bad} non-finite value{'s' if bad > 1 else ''} "
+                             f"(NaN or infinity); not saved ({dest} left as it was): the training diverged, or "
+                             "the values were set so; load would refuse the file")
     meta["tensors"] = tensor_records(tensors)
     with atomic_output(dest, kind="dir", what="unipelt adapter directory", replaces=is_adapter_dir) as tmp:
         st.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FILE_FORMAT})
