@@ -846,12 +846,14 @@ def _replayed() -> bool:
     return bool(config.triton.cudagraphs)
 
 
-def _torch_form(replayed_only: bool, act_start: int, n: int, seg_p: list[float], seed: Optional[Tensor]) -> bool:
+def _torch_form(replayed_only: bool, act_start: int = 0, n: int = 0, seg_p: list[float] = (),
+                seed: Optional[Tensor] = None) -> bool:
     """Whether a triton_op twin traces to PyTorch's products instead of its kernels: asked to run
     the kernels only under CUDA graph replay (``replayed_only``: executor ``auto``) in a graph that
     will not be replayed (inductor's default mode, where every kernel launch is host work the step
     waits for: llama LoRA r16 train 28.9 ms on the kernels against 26.7 ms grouped, session 13),
-    for a plain group (no gates, no dropout: the products below are all it computes)."""
+    for a plain group (no gates, no dropout: the products below are all it computes; an expand
+    passes none of the group's columns, its gate is checked by the caller)."""
     return replayed_only and act_start == n and not _has_drop(seg_p, seed) and not _replayed()
 
 
@@ -892,7 +894,7 @@ _shrink_top.register_autograd(_shrink_top_backward, setup_context=_shrink_top_se
 @torch.library.triton_op("unipelt::lora_expand_t", mutates_args=())
 def _expand_top(out: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor], scale: float, replayed_only: bool = False,
                 lead: Optional[list[int]] = None) -> Tensor:
-    if coef is None and _torch_form(replayed_only, 0, 0, [], None):
+    if coef is None and _torch_form(replayed_only):
         # as the grouped executor writes it compiled: the scale on the product, which inductor
         # fuses with the addition into whatever pointwise op reads the sum
         lead = list(lead) if lead else [out.shape[0]]
@@ -904,7 +906,7 @@ def _expand_top(out: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor], scale
 @torch.library.triton_op("unipelt::lora_expand_bwd_t", mutates_args=())
 def _expand_bwd_top(dy: Tensor, u: Tensor, b: Tensor, coef: Optional[Tensor],
                     scale: float, replayed_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    if coef is None and _torch_form(replayed_only, 0, 0, [], None):
+    if coef is None and _torch_form(replayed_only):
         g = dy * scale  # (fused into the pointwise kernel that produced dY, as autograd's own backward is)
         return g @ b, g.t() @ u, dy.new_empty(0)
     return _expand_bwd_body(dy, u, b, coef, scale, torch.library.wrap_triton)

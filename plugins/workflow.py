@@ -120,10 +120,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     p = report["params"]
     # a random drop trains its inference layers in the steps that do not draw them
     at_inference = ((report.get("controllers") or {}).get("adapterdrop") or {}).get("random") not in (None, False)
+    dropped_note = ""
+    if p.get("dropped"):
+        dropped_note = (f"; {p['dropped']:,} of them in AdapterDrop's fixed layers, saved but not computed"
+                        + (" at inference" if at_inference else ""))
     print(f"trainable     {p['trainable']:,} parameters ({p['kept']:,} kept after training, "
-          f"{p['percent_of_base']:.3f}% of the base"
-          + (f"; {p['dropped']:,} of them in AdapterDrop's fixed layers, saved but not computed"
-             + (" at inference" if at_inference else "") if p.get("dropped") else "") + ")")
+          f"{p['percent_of_base']:.3f}% of the base{dropped_note})")
     # what gate pruning and AdapterDrop decided: in the progress output only while it is shown,
     # so a --no-progress run said nothing of it outside report.json
     ctl = report.get("controllers") or {}

@@ -320,9 +320,7 @@ class AdapterHandle:
         if b is None:
             return
         s = self.summary(base_params)
-        used = s.kept if b.count == "kept" else s.training
-        if self._prunes_to_budget():
-            used = s.active(b.count)  # pruning toward the budget counts what computes (not AdapterDrop's layers)
+        used = self._budget_used(s)
         limit = b.max_params if b.max_params is not None else int(b.fraction * base_params)
         needs = f"the spec needs {_fmt(used)} parameters ({b.count})"
         if used > limit and self._prunes_to_budget():
@@ -343,6 +341,14 @@ class AdapterHandle:
                 "Shrink the largest modules or raise the budget",
                 source=self.spec.source, path="budget",
             )
+
+    def _budget_used(self, s: Summary) -> int:
+        """The parameters the budget counts (its ``count``): with pruning toward the budget what
+        computes (not AdapterDrop's fixed layers), else every parameter kept or training."""
+        count = self.spec.budget.count
+        if self._prunes_to_budget():
+            return s.active(count)
+        return s.kept if count == "kept" else s.training
 
     def _prunes_to_budget(self) -> bool:
         return any(p is not None and p is not False and p.to_budget

@@ -55,9 +55,7 @@ def report_dict(handle: AdapterHandle, base_params: int | None = None) -> dict:
     if spec.budget is not None:
         b = spec.budget
         limit = b.max_params if b.max_params is not None else int(b.fraction * summary.base_params)
-        used = summary.kept if b.count == "kept" else summary.training
-        if handle._prunes_to_budget():
-            used = summary.active(b.count)  # as check_budget: what computes (not AdapterDrop's layers)
+        used = handle._budget_used(summary)  # as check_budget
         budget = {"limit": limit, "used": used, "count": b.count, "ok": used <= limit}
         if used > limit and handle._prunes_to_budget():
             # compile accepted it: training prunes toward the budget (`to_budget`); say so, with
