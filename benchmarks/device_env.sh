@@ -15,10 +15,11 @@ import tomllib
 eps = tomllib.load(open("pyproject.toml", "rb"))["project"]["entry-points"]["unipelt"]
 print("[unipelt]"); [print(f"{k} = {v}") for k, v in eps.items()]
 PY
-# gpu_tests LOGNAME TIMEOUT PYTEST-ARGS...: pytest on the GPU, the tail without inductor's DEBUG lines
+# gpu_tests LOGNAME TIMEOUT PYTEST-ARGS...: pytest on the GPU into $OUT/logs/LOGNAME (without
+# inductor's DEBUG lines); prints the summary of failures, errors and skips
 gpu_tests() {
     local log=$1 t=$2; shift 2
-    (timeout "$t" env PYTHONPATH=$SHIM python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rs "$@" 2>&1 \
-        | grep -v DEBUG | tail -80) > "$OUT/logs/$log"
-    tail -4 "$OUT/logs/$log"
+    (timeout "$t" env PYTHONPATH=$SHIM python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -rfEs "$@" 2>&1 \
+        | grep -v DEBUG) > "$OUT/logs/$log"
+    sed -n '/short test summary/,$p' "$OUT/logs/$log" | cut -c1-300 | tail -30
 }

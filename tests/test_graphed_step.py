@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -331,9 +332,27 @@ def test_eager_attention_mask_copy_is_refused_with_cudas_reason():
     model, handle = adapted(lora_spec(), dev, attn_implementation="eager")
     step = GraphedTrainStep(model, adamw(handle, capturable=True), bert_batch(0, dev), warmup=1)
     step(bert_batch(0, dev))
+    stream = torch.cuda.current_stream(dev)
     with pytest.raises(GraphCaptureError, match=r"cannot be captured as one CUDA graph: Cannot copy between CPU "
                                                 r"and CUDA tensors during CUDA graph capture"):
         step(bert_batch(1, dev))
+    _assert_usable_after_a_refused_capture(dev, stream)
+
+
+def _assert_usable_after_a_refused_capture(dev: torch.device, stream) -> None:
+    # a refused capture leaves the process as it was (session 14: the CUDA generator stayed in
+    # capture mode, so every later random op failed with "Offset increment outside graph capture
+    # encountered unexpectedly", and the caller's work ran on the capture's side stream)
+    assert torch.cuda.current_stream(dev) == stream
+    a, b = torch.randn(64, device=dev), torch.randn(64, device=dev)
+    assert not torch.equal(a, b)
+    kept = nn.functional.dropout(torch.ones(4096, device=dev), p=0.5, training=True)
+    assert 0 < int((kept == 0).sum()) < 4096
+    # and a train step that can be captured still is, and replays
+    model, handle = adapted(lora_spec(), dev)
+    step = GraphedTrainStep(model, adamw(handle, capturable=True), bert_batch(0, dev), warmup=1)
+    losses = [float(step(bert_batch(i, dev))) for i in range(3)]
+    assert step.graph is not None and all(math.isfinite(x) for x in losses)
 
 
 class _Syncing(nn.Module):
@@ -350,11 +369,12 @@ class _Syncing(nn.Module):
 
 @needs_cuda
 def test_host_sync_in_forward_is_refused():
-    # last in the file: a failed capture may leave the CUDA context unusable for what follows
     dev = torch.device("cuda")
     model = _Syncing().to(dev)
     step = GraphedTrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True),
                             {"x": torch.randn(8, device=dev)}, warmup=1)
     step({"x": torch.randn(8, device=dev)})  # eager: fine
+    stream = torch.cuda.current_stream(dev)
     with pytest.raises(GraphCaptureError, match=r"cannot be captured as one CUDA graph"):
         step({"x": torch.randn(8, device=dev)})
+    _assert_usable_after_a_refused_capture(dev, stream)

@@ -313,12 +313,14 @@ class GraphedTrainStep:
         self._clear_grads()  # the captured backward then writes the gradients, not adds to them
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.graph(graph):
                 self._loss = self._body(self.inputs)
-        except GraphCaptureError:
-            raise
-        except RuntimeError as e:
+        except BaseException as e:
+            _recover_from_failed_capture(self.device, stream)
+            if isinstance(e, GraphCaptureError) or not isinstance(e, RuntimeError):
+                raise
             msg = " ".join(str(e).split())[:400]
             raise GraphCaptureError(f"the train step cannot be captured as one CUDA graph: {msg} (a host "
                                     "synchronisation inside the step -- .item(), nonzero, a copy of a Python value "
@@ -360,6 +362,29 @@ class GraphedTrainStep:
                     self.inputs[k].copy_(v, non_blocking=True)
         self.graph.replay()
         return self._loss.clone()
+
+
+def _recover_from_failed_capture(device: torch.device, stream: torch.cuda.Stream) -> None:
+    """Leave the process as it was before a capture that failed, so that the caller can go on
+    without a graph (or try another): PyTorch's ``CUDAGraph.capture_end`` raises at CUDA's end of
+    the capture, before it takes the device's random generator out of capture mode and before
+    ``torch.cuda.graph`` restores the stream it switched to. Left so, every later random op on the
+    device -- a dropout, ``torch.randn``, inductor padding a matmul while it compiles -- fails with
+    "Offset increment outside graph capture encountered unexpectedly" (seen on the H200, session
+    14: three GPU tests after a refused capture), and the caller's work runs on the capture's side
+    stream. The stream is set back to the caller's; a generator left in capture mode (a draw
+    fails) gets a state cloned from its own, which keeps the seed and Philox offset but not the
+    capture flag. Only then: graphs captured earlier in the process hold the state they captured
+    with and advance it on replay, so a generator that still works keeps it."""
+    if torch.cuda.current_stream(device) != stream:
+        torch.cuda.set_stream(stream)
+    try:
+        torch.empty(1, device=device).uniform_()
+    except RuntimeError:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        gen = torch.cuda.default_generators[index]
+        gen.graphsafe_set_state(gen.clone_state())
+        torch.empty(1, device=device).uniform_()  # works now, or says why
 
 
 def hyperparameter_change(was: list[dict[str, Any]], now: list[dict[str, Any]]) -> str | None:
