@@ -189,6 +189,22 @@ def unipelt_adapter_saved(handle: Any, path: str, metadata: dict) -> None:
     """
 
 
+@hookspec
+def unipelt_adapter_loaded(handle: Any, path: str, metadata: dict) -> None:
+    """Check an adapter compiled from a saved directory against what its ``unipelt.json`` records.
+
+    :param handle: the :class:`unipelt.handle.AdapterHandle` just compiled from the stored spec
+        (attached, its tensors not loaded yet).
+    :param path: the adapter directory.
+    :param metadata: the parsed ``unipelt.json`` (what :func:`unipelt_adapter_saved` wrote, read
+        back); implementations read the keys under their own plugin name.
+
+    All implementations are called, by ``unipelt.load`` after the base fingerprint is checked and
+    before the tensors are copied in. Raise :class:`~unipelt.errors.AdapterFileError` naming the
+    file and the field to refuse the adapter: it is then detached, and the model is left as it was.
+    """
+
+
 @hookspec(firstresult=True)
 def unipelt_import_peft(peft_type: str, config: dict, tensors: dict, context: Any) -> tuple[dict, dict] | None:
     """Translate a Hugging Face PEFT adapter of one ``peft_type`` into a unipelt spec and tensors.
