@@ -681,6 +681,32 @@ def test_dropped_branches_do_not_count_toward_the_budget(tmp_path):
     assert rep["controllers"]["prune"]["active_params"] == layer1
 
 
+@pytest.mark.parametrize("count", ["kept", "training"])
+def test_a_budget_without_to_budget_does_not_count_dropped_branches(count):
+    """With to_budget a budget holds on the active parameters (AdapterDrop's fixed layers left out);
+    without it compile's check and the report still counted the dropped branches, so the same spec
+    and budget were refused unless pruning was asked for. Both count the active parameters now,
+    and the over-budget breakdown per module adds up to the count it names."""
+    from unipelt.report import report_dict, report_text
+
+    lq = {"method": "lora", "sites": ["attn.q"], "r": 4}
+    model, _ = unipelt.models.load_model("tiny-llama")
+    layer1 = unipelt.compile(model, {"version": 1, "modules": {"lq": dict(lq, layers=[1])}}).summary().active(count)
+    spec = {"version": 1, "modules": {"lq": lq}, "budget": {"max_params": layer1, "count": count},
+            "drop": {"layers": [0]}}
+    model, _ = unipelt.models.load_model("tiny-llama")
+    h = unipelt.compile(model, spec)
+    s = h.summary()
+    assert s.active(count) == layer1 < (s.kept if count == "kept" else s.training)
+    b = report_dict(h)["budget"]
+    assert (b["used"], b["ok"]) == (layer1, True)
+    assert f"budget        {layer1:,} / {layer1:,} ({count}): OK" in report_text(h)
+    # one parameter less: refused, naming the active count and per module the active share
+    spec["budget"]["max_params"] = layer1 - 1
+    with pytest.raises(SpecError, match=rf"needs {layer1:,} parameters \({count}\), over the budget.*per module: lq {layer1:,}\."):
+        unipelt.compile(unipelt.models.load_model("tiny-llama")[0], spec)
+
+
 def test_dropped_ungated_branches_do_not_count_toward_what_pruning_cannot_remove():
     """Compile's to_budget check counts what pruning cannot remove: an ungated module's dropped
     layers are not part of it."""

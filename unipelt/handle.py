@@ -65,15 +65,17 @@ class Summary:
         return (sum(r["kept"] for r in self.rows if r.get("dropped") and not r.get("pruned"))
                 + sum(g["params"] for g in self.gates if g.get("dropped") and not g.get("pruned")))
 
-    def per_module(self) -> dict[str, dict[str, int]]:
+    def per_module(self, active: bool = False) -> dict[str, dict[str, int]]:
+        """Parameters per module (and gate), not pruned; ``active``: not dropped by AdapterDrop's
+        fixed layers either (the shares of :meth:`active`)."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"kept": 0, "training": 0})
         for r in self.rows:
-            if r.get("pruned"):
+            if r.get("pruned") or (active and r.get("dropped")):
                 continue
             out[r["module"]]["kept"] += r["kept"]
             out[r["module"]]["training"] += r["training"]
         for g in self.gates:
-            if g.get("pruned"):
+            if g.get("pruned") or (active and g.get("dropped")):
                 continue
             out[f"gate:{g['gate']}"]["kept"] += g["params"]
             out[f"gate:{g['gate']}"]["training"] += g["params"]
@@ -333,8 +335,8 @@ class AdapterHandle:
             used = floor
         if used > limit:
             what = f"max_params {_fmt(limit)}" if b.max_params is not None else f"fraction {b.fraction} of {_fmt(base_params)} = {_fmt(limit)}"
-            # one paragraph: the total, the limit, and each module's share, largest first
-            shares = sorted(((c[b.count], name) for name, c in s.per_module().items()), reverse=True)
+            # one paragraph: the total, the limit, and each module's share of it, largest first
+            shares = sorted(((c[b.count], name) for name, c in s.per_module(active=True).items()), reverse=True)
             parts = ", ".join(f"{name} {_fmt(n)}" for n, name in shares)
             raise SpecError(
                 f"{needs}, over the budget ({what}); per module: {parts}. "
@@ -343,12 +345,10 @@ class AdapterHandle:
             )
 
     def _budget_used(self, s: Summary) -> int:
-        """The parameters the budget counts (its ``count``): with pruning toward the budget what
-        computes (not AdapterDrop's fixed layers), else every parameter kept or training."""
-        count = self.spec.budget.count
-        if self._prunes_to_budget():
-            return s.active(count)
-        return s.kept if count == "kept" else s.training
+        """The parameters the budget counts (its ``count``): the active ones, which compute and
+        train (not pruned, not in AdapterDrop's fixed layers), with or without pruning toward the
+        budget (``to_budget``), as that pruning and its progress output count them."""
+        return s.active(self.spec.budget.count)
 
     def _prunes_to_budget(self) -> bool:
         return any(p is not None and p is not False and p.to_budget
