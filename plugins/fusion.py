@@ -290,6 +290,26 @@ def unipelt_adapter_loaded(handle, path, metadata):
                 f"fused under the name {n!r} first")
 
 
+@hookimpl
+def unipelt_parameters_replaced(model, state, handle, replaced):
+    """A fused adapter's reparameterisation dropped while the fusion is attached: the fusion holds
+    the new parameters frozen and gives them their flags back on detach (it held the old ones, and
+    gave the flags back to a prefix MLP no longer in the model, leaving the new P frozen)."""
+    for other in state.handles.values():
+        for e in other.entries.values():
+            if not isinstance(e.branch, FusionBranch) or not isinstance(e.saved, list) or handle.name not in e.branch.fuses:
+                continue
+            held = {id(p) for p in e.saved}  # before any is moved: branches may share their old MLP
+            for before, after in replaced:
+                if not any(id(p) in held for p in before):
+                    continue  # frozen before the fusion (pruned): stays so
+                gone = {id(p) for p in before}
+                e.saved = [p for p in e.saved if id(p) not in gone]
+                for p in after:
+                    p.requires_grad_(False)
+                    e.saved.append(p)
+
+
 class FusionRegularizer:
     """Adds λ·Σ‖I − W_V‖² over the adapter's fusion layers to every micro-batch's loss."""
 

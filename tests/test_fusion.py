@@ -347,3 +347,51 @@ def test_fusion_record_is_stable_with_heads_trained_in_place(tmp_path):
     unipelt.load(fresh, tmp_path / "fuse")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, ref, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# a fused adapter's reparameterisation dropped while the fusion is attached
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shared", [True, False])
+def test_drop_reparameterization_of_a_fused_adapter(tmp_path, shared):
+    """The fusion froze the member's parameters and gives them back on detach; the member's
+    drop_reparameterization made new ones (the prefix P instead of its MLP), which stayed frozen
+    after the fusion's detach (it gave the flags back to the dropped MLP). Now the new P is frozen
+    while fused and trains again after, the output is unchanged, and a fusion saved after the drop
+    records the member's new form (it reloads onto the member saved then)."""
+    prefix = {"method": "prefix", "sites": "attn.kv", "length": 3, "reparam": "mlp", "reparam_hidden": 8,
+              "reparam_shared": shared}
+    member = {"modules": dict(ADAPTER["modules"], pre=prefix)}
+    model = make_bert()
+    batch = make_batch()
+    handles = three_adapters(model, member)
+    # c's layer-0 prefix pruned before the fusion: frozen for good, after its drop and the fusion's detach
+    from unipelt.pruning import prune
+
+    prune(handles["c"], ["pre.0.attn.kv"])
+    fh = unipelt.compile(model, fusion_spec(), name="fuse")
+    randomize(fh, seed=5)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**batch).logits
+    dropped = handles["b"].drop_reparameterization()
+    assert dropped > 0 and handles["c"].drop_reparameterization() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref, atol=1e-6, rtol=0)
+    # frozen while fused: only the fusion layer trains
+    assert not any(p.requires_grad for h in handles.values() for p in h.parameters())
+    fh.save(tmp_path / "fuse")
+    for n, h in handles.items():
+        h.save(tmp_path / n)
+    fh.detach()
+    # every member trains again, b's new prefix included; c's pruned one does not
+    flags = {(n, k): p.requires_grad for n, h in handles.items() for k, p in h.named_parameters().items()}
+    assert [key for key, on in flags.items() if not on] == [("c", "pre.0.attn.kv.prefix_kv")]
+    assert ("b", "pre.0.attn.kv.prefix_kv") in flags
+    fresh = make_bert()
+    for n in "abc":
+        unipelt.load(fresh, tmp_path / n, name=n)
+    unipelt.load(fresh, tmp_path / "fuse")
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, ref, atol=1e-6, rtol=0)

@@ -430,11 +430,13 @@ class AdapterHandle:
         # computed it was frozen (its own parameters, else its module's shared ones: a fused member)
         inactive = inactive_keys(self)
         trains: dict[str, bool] = {}
+        before_params: dict[str, list[nn.Parameter]] = {}
         for key, mod in self.branch_modules.items():
             if hasattr(mod, "materialize"):
                 node = key.split(".", 1)[0]
                 params = list(mod.parameters()) or (list(self.shared_modules[node].parameters())
                                                     if node in self.shared_modules else [])
+                before_params[key] = params
                 trains[key] = not is_inactive(f"{key}.", inactive) and (not params or any(p.requires_grad for p in params))
                 # the branch says which spec fields now describe it ({field: value, or None: drop it})
                 changed[key.split(".", 1)[0]] = mod.materialize() or {}
@@ -463,6 +465,14 @@ class AdapterHandle:
             for pname, p in self.branch_modules[key].named_parameters():
                 self._params[f"{key}.{pname}"] = p
                 p.requires_grad_(trains[key])
+        state = get_state(self.model)
+        live = [k for k in materialized if not is_inactive(f"{k}.", inactive)]  # pruned: frozen for good
+        if state is not None and self._attached and live:
+            # what holds the old objects follows (a fusion over this adapter gives the new ones
+            # their flags back on detach, not the dropped MLP's)
+            self.registry.hook.unipelt_parameters_replaced(
+                model=self.model, state=state, handle=self,
+                replaced=[(before_params[k], list(self.branch_modules[k].parameters())) for k in live])
         return before - sum(p.numel() for p in self._params.values())
 
     # -- collapse for serving ----------------------------------------------------------------
