@@ -36,6 +36,9 @@ class Summary:
     rows: list[dict] = field(default_factory=list)  # module, method, layer, site, kept, training
     gates: list[dict] = field(default_factory=list)  # gate, layer, params
     memory: dict[str, int] | None = None  # bytes: {"base": ..., "adapter": ...} (state.memory_bytes)
+    # AdapterDrop's fixed layers (``dropped: true``) train in the steps that do not draw them: a
+    # random drop (``drop.random``), whose fixed layers are its inference choice only
+    dropped_trains: bool = False
 
     # rows and gates switched off by pruning (``pruned: true``) count in neither total: the budget
     # holds on the active parameters, and the saved adapter leaves the pruned ones out
@@ -52,16 +55,23 @@ class Summary:
         """Parameters (kept) of what pruning switched off."""
         return sum(r["kept"] for r in self.rows if r.get("pruned")) + sum(g["params"] for g in self.gates if g.get("pruned"))
 
+    def is_active(self, row: dict) -> bool:
+        """Whether a row (or gate) computes and trains: not pruned, and not in AdapterDrop's fixed
+        layers unless those train in some steps (a random drop's inference layers)."""
+        return not row.get("pruned") and (self.dropped_trains or not row.get("dropped"))
+
     def active(self, count: str = "kept") -> int:
-        """Parameters that compute (``count``: ``kept`` or ``training``): neither pruned nor dropped
-        by AdapterDrop's fixed layers (``dropped: true``: still saved, so in ``kept``). What a
-        budget pruned toward (``to_budget``) holds on."""
-        rows = sum(r[count] for r in self.rows if not r.get("pruned") and not r.get("dropped"))
-        return rows + sum(g["params"] for g in self.gates if not g.get("pruned") and not g.get("dropped"))
+        """Parameters that compute and train (``count``: ``kept`` or ``training``): neither pruned
+        nor dropped by AdapterDrop's fixed layers (``dropped: true``: still saved, so in ``kept``),
+        except where a random drop trains those in the steps that do not draw them. What a budget
+        holds on."""
+        rows = sum(r[count] for r in self.rows if self.is_active(r))
+        return rows + sum(g["params"] for g in self.gates if self.is_active(g))
 
     @property
     def dropped(self) -> int:
-        """Parameters (kept) of what AdapterDrop's fixed layers switch off (saved, not computed)."""
+        """Parameters (kept) of what AdapterDrop's fixed layers switch off (saved, not computed;
+        with a random drop, at inference only)."""
         return (sum(r["kept"] for r in self.rows if r.get("dropped") and not r.get("pruned"))
                 + sum(g["params"] for g in self.gates if g.get("dropped") and not g.get("pruned")))
 
@@ -70,12 +80,12 @@ class Summary:
         fixed layers either (the shares of :meth:`active`)."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"kept": 0, "training": 0})
         for r in self.rows:
-            if r.get("pruned") or (active and r.get("dropped")):
+            if r.get("pruned") or (active and not self.is_active(r)):
                 continue
             out[r["module"]]["kept"] += r["kept"]
             out[r["module"]]["training"] += r["training"]
         for g in self.gates:
-            if g.get("pruned") or (active and g.get("dropped")):
+            if g.get("pruned") or (active and not self.is_active(g)):
                 continue
             out[f"gate:{g['gate']}"]["kept"] += g["params"]
             out[f"gate:{g['gate']}"]["training"] += g["params"]
@@ -100,7 +110,8 @@ class Summary:
         if self.pruned:
             lines.append(f"  pruned (left out): {_fmt(self.pruned)} parameters")
         if self.dropped:
-            lines.append(f"  dropped by AdapterDrop (saved, not computed): {_fmt(self.dropped)} parameters")
+            when = "at inference; trained in the steps that do not draw them" if self.dropped_trains else "saved"
+            lines.append(f"  dropped by AdapterDrop (not computed {when}): {_fmt(self.dropped)} parameters")
         lines.append(f"  base model: {_fmt(self.base_params)} parameters")
         if self.memory:
             lines.append(f"  memory: base {self.memory['base'] / 2**20:,.1f} MiB, adapter {self.memory['adapter'] / 2**20:,.2f} MiB")
@@ -287,7 +298,8 @@ class AdapterHandle:
 
         from unipelt.pruning import fixed_dropped_keys, gate_is_off, shared_is_off
 
-        s = Summary(adapter=self.name, base_params=base_params if base_params is not None else base_param_count(self.model))
+        s = Summary(adapter=self.name, base_params=base_params if base_params is not None else base_param_count(self.model),
+                    dropped_trains=self.spec.drop is not None and self.spec.drop.random is not False)
         if get_state(self.model) is not None:  # attached: the model holds the adapter's tensors
             own = sum(p.numel() * p.element_size() for p in self.named_parameters().values())
             s.memory = {"base": memory_bytes(self.model)["base"], "adapter": own}
@@ -362,11 +374,11 @@ class AdapterHandle:
         gated = {bp.key for bp in self.graph.branches if bp.gate_key and bp.node.name in prunable_nodes}
         total = 0
         for bp, r in zip(self.graph.branches, s.rows):
-            if not r.get("pruned") and not r.get("dropped") and bp.key not in gated:
+            if s.is_active(r) and bp.key not in gated:
                 total += r[count]
-        total += sum(r[count] for r in s.rows[len(self.graph.branches):] if not r.get("pruned") and not r.get("dropped"))
+        total += sum(r[count] for r in s.rows[len(self.graph.branches):] if s.is_active(r))
         for (key, gp), g in zip(self.graph.gates.items(), s.gates):
-            if not g.get("pruned") and not g.get("dropped") and not all(u in gated for u in gp.users):
+            if s.is_active(g) and not all(u in gated for u in gp.users):
                 total += g["params"]
         return total
 
