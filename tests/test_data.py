@@ -129,6 +129,9 @@ def test_python_examples_take_the_labels_a_file_gives():
     rows = [Example(text="a", label=0), Example(text="b", label=1)]
     assert class_labels(rows, [], [1, 0]) == ["1", "0"]
     assert class_labels(rows, [], None) == ["0", "1"]
+    import numpy as np
+
+    assert [Example(text="n", label=v).label for v in (np.int64(3), np.float64(1.0), np.bool_(True))] == ["3", "1", "true"]
     # texts made from numbers, as a file's numbers read; what is no text is refused, naming the field
     assert Example(text=12, label=0).text == "12" and Example(prompt=2.5, response=4).response == "4"
     with pytest.raises(DataError, match=r"line 3: label is nan, not a class"):

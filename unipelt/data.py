@@ -68,6 +68,8 @@ class Example:
             value = getattr(self, name)
             if value is None or (type(value) is str and name != "label"):
                 continue
+            if type(value).__module__ == "numpy" and hasattr(value, "item"):
+                value = value.item()  # a numpy scalar (a pandas column's): its Python value
             if isinstance(value, (bool, int, float)) and not isinstance(value, str):
                 if name == "label":
                     if isinstance(value, float) and not math.isfinite(value):

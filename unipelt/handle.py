@@ -110,8 +110,8 @@ class Summary:
         if self.pruned:
             lines.append(f"  pruned (left out): {_fmt(self.pruned)} parameters")
         if self.dropped:
-            when = "at inference; trained in the steps that do not draw them" if self.dropped_trains else "saved"
-            lines.append(f"  dropped by AdapterDrop (not computed {when}): {_fmt(self.dropped)} parameters")
+            when = " at inference; trained in the steps that do not draw them" if self.dropped_trains else ""
+            lines.append(f"  dropped by AdapterDrop (saved, not computed{when}): {_fmt(self.dropped)} parameters")
         lines.append(f"  base model: {_fmt(self.base_params)} parameters")
         if self.memory:
             lines.append(f"  memory: base {self.memory['base'] / 2**20:,.1f} MiB, adapter {self.memory['adapter'] / 2**20:,.2f} MiB")
