@@ -698,6 +698,7 @@ def test_a_budget_without_to_budget_does_not_count_dropped_branches(count):
     h = unipelt.compile(model, spec)
     s = h.summary()
     assert s.active(count) == layer1 < (s.kept if count == "kept" else s.training)
+    assert f"dropped by AdapterDrop (saved, not computed): {s.dropped:,} parameters" in str(s)
     b = report_dict(h)["budget"]
     assert (b["used"], b["ok"]) == (layer1, True)
     assert f"budget        {layer1:,} / {layer1:,} ({count}): OK" in report_text(h)
