@@ -27,15 +27,23 @@ Differences, all options: ``value: false`` is its "static" configuration (no W_V
 forward, a hidden state we do not keep); ``dropout`` on the scores defaults to 0 (AdapterHub uses
 the model's attention dropout). AdapterHub fuses an adapter's output before its gate; here the
 adapter's delta as it would be added, gate included (the two agree on ungated adapters).
+
+A saved fusion records what identifies each fused adapter (``fusion.members`` in ``unipelt.json``:
+a sha256 over the adapter's tensors as it saves them, and its modules' methods); loading it onto a
+model where another adapter is attached under one of those names is refused (the attention would
+run over the wrong adapter). A fusion saved before the record loads with a warning.
 """
 from __future__ import annotations
 
+import hashlib
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from unipelt.errors import ModelError, SpecError
+from unipelt.errors import AdapterFileError, ModelError, SpecError, UnipeltWarning
 from unipelt.hookspecs import hookimpl
 from unipelt.registry import MethodDef
 
@@ -189,6 +197,117 @@ def unipelt_detach_branch(model, state, site, entry):
             p.requires_grad_(True)
         entry.saved = None
     return None
+
+
+# ------------------------------------------------------------------------------------------
+# what a saved fusion records of the adapters it fuses
+# ------------------------------------------------------------------------------------------
+def fused_names(handle) -> list[str]:
+    """The adapters ``handle``'s fusion layers fuse, in spec order (none when it is no fusion)."""
+    names: dict[str, None] = {}
+    for mod in handle.branch_modules.values():
+        if isinstance(mod, FusionBranch):
+            names.update(dict.fromkeys(mod.fuses))
+    return list(names)
+
+
+def member_record(member) -> dict:
+    """What identifies a fused adapter: a sha256 over the tensors it saves (``state_dict``: keys,
+    shapes and values, floating ones as float64, so that an exact cast such as bf16 -> fp32 keeps
+    it), their number, and the method of each of its modules. A save/load round trip of the
+    adapter gives the same record; another adapter under its name does not."""
+    from unipelt.io import tensor_sha256
+
+    tensors = member.state_dict()
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach()
+        if t.is_floating_point():
+            t = t.to(torch.float64)
+        h.update(f"{key}:{tuple(t.shape)}:{tensor_sha256(t)};".encode())
+    return {"sha256": h.hexdigest(), "tensors": len(tensors),
+            "modules": {name: node.method for name, node in member.spec.modules.items()}}
+
+
+def _difference(saved: dict, now: dict) -> str:
+    modules = saved.get("modules")
+    if isinstance(modules, dict) and modules != now["modules"]:
+        names = sorted(set(modules) | set(now["modules"]))
+        parts = [f"{n}: {modules.get(n, 'none')} saved, {now['modules'].get(n, 'none')} attached"
+                 for n in names if modules.get(n) != now["modules"].get(n)]
+        return "modules " + "; ".join(parts)
+    if saved.get("tensors") != now["tensors"]:
+        return f"{saved.get('tensors')} tensors saved, {now['tensors']} attached"
+    return f"other tensor values: sha256 {str(saved['sha256'])[:12]}... saved, {now['sha256'][:12]}... attached"
+
+
+@hookimpl
+def unipelt_adapter_saved(handle, path, metadata):
+    names = fused_names(handle)
+    if not names:
+        return
+    from unipelt.state import get_state
+
+    handles = get_state(handle.model).handles
+    missing = [n for n in names if n not in handles]
+    if missing:
+        # (the saved file would name an adapter it cannot identify; nothing is written)
+        raise ModelError(f"fusion {handle.name!r} cannot be saved: fused adapter(s) no longer attached: "
+                         f"{', '.join(map(repr, missing))}; the saved fusion records what it fuses, so attach them "
+                         "again under those names first")
+    metadata["fusion"] = {"members": {n: member_record(handles[n]) for n in names}}
+
+
+@hookimpl
+def unipelt_adapter_loaded(handle, path, metadata):
+    """A fusion loads only onto the adapters it was saved with (by the record ``fusion.members``)."""
+    names = fused_names(handle)
+    if not names:
+        return
+    from unipelt.io import META_FILE
+    from unipelt.state import get_state
+
+    source = Path(path) / META_FILE
+    record = metadata.get("fusion")
+    if record is None:
+        warnings.warn(f"{source}: fusion {handle.name!r} records no fingerprint of the adapters it fuses (saved before "
+                      f"unipelt recorded them): the adapters attached as {', '.join(names)} are not checked to be the "
+                      "ones it was trained with; save it again to add the record", UnipeltWarning, stacklevel=2)
+        return
+    members = record.get("members") if isinstance(record, dict) else None
+    if not isinstance(members, dict):
+        raise AdapterFileError(f"{source}: field 'fusion.members': missing or not a mapping")
+    handles = get_state(handle.model).handles
+    for n in names:
+        saved = members.get(n)
+        if not isinstance(saved, dict) or not isinstance(saved.get("sha256"), str):
+            raise AdapterFileError(f"{source}: field 'fusion.members.{n}': missing, or without its sha256")
+        now = member_record(handles[n])
+        if now["sha256"] != saved["sha256"]:
+            raise AdapterFileError(
+                f"{source}: fusion {handle.name!r}: the adapter attached as {n!r} is not the one it was saved with "
+                f"({_difference(saved, now)}); its attention would run over another adapter. Load the adapter it "
+                f"fused under the name {n!r} first")
+
+
+@hookimpl
+def unipelt_parameters_replaced(model, state, handle, replaced):
+    """A fused adapter's reparameterisation dropped while the fusion is attached: the fusion holds
+    the new parameters frozen and gives them their flags back on detach (it held the old ones, and
+    gave the flags back to a prefix MLP no longer in the model, leaving the new P frozen)."""
+    for other in state.handles.values():
+        for e in other.entries.values():
+            if not isinstance(e.branch, FusionBranch) or not isinstance(e.saved, list) or handle.name not in e.branch.fuses:
+                continue
+            held = {id(p) for p in e.saved}  # before any is moved: branches may share their old MLP
+            for before, after in replaced:
+                if not any(id(p) in held for p in before):
+                    continue  # frozen before the fusion (pruned): stays so
+                gone = {id(p) for p in before}
+                e.saved = [p for p in e.saved if id(p) not in gone]
+                for p in after:
+                    p.requires_grad_(False)
+                    e.saved.append(p)
 
 
 class FusionRegularizer:

@@ -76,9 +76,10 @@ class GatePruning:
         # the parameters pruning each gate removes (its branches' and its own): the pressure's weights
         s = handle.summary()
         rows = {bp.key: r for bp, r in zip(handle.graph.branches, s.rows)}
-        # (only what computes: AdapterDrop's fixed layers are no part of the active count)
-        gate_params = {key: 0 if g.get("dropped") else g["params"] for key, g in zip(handle.graph.gates, s.gates)}
-        self.sizes = {key: sum(rows[u][self.count] for u in handle.graph.gates[key].users if not rows[u]["dropped"])
+        # (only what is active: AdapterDrop's fixed layers are no part of the active count, unless a
+        # random drop trains them in the steps that do not draw them)
+        gate_params = {key: g["params"] if s.is_active(g) else 0 for key, g in zip(handle.graph.gates, s.gates)}
+        self.sizes = {key: sum(rows[u][self.count] for u in handle.graph.gates[key].users if s.is_active(rows[u]))
                       + gate_params[key] for key in self.rules}
         budget_rules = [r for r in self.rules.values() if r.to_budget]
         # the options are per rule; the ones acting on the whole budget take the first rule that sets them

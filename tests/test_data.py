@@ -102,6 +102,46 @@ def test_json_scalars_become_strings(tmp_path):
     assert [(e.text, e.label) for e in read_examples(p)] == [("a", "1"), ("2.5", "true")]
 
 
+def test_json_number_texts_keep_their_spelling(tmp_path):
+    """A text field that is a JSON number is the text the file spells (1e5, 2.50), as the same
+    row in a CSV reads; it read as Python's float ('100000.0', '2.5'). Labels stay by value."""
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": 1e5, "label": 1e0}\n{"text": 2.50, "label": 2.50}\n{"text": -0, "label": 10}\n')
+    assert [(e.text, e.label) for e in read_examples(p)] == [("1e5", "1"), ("2.50", "2.5"), ("-0", "10")]
+    p.write_text('{"prompt": "2 + 2 =", "response": 4}\n{"prompt": 0.50, "response": 1E+2}\n')
+    assert [(e.prompt, e.response) for e in read_examples(p)] == [("2 + 2 =", "4"), ("0.50", "1E+2")]
+
+
+def test_python_examples_take_the_labels_a_file_gives():
+    """Examples made in Python (from a pandas or datasets column) with bool or number labels: a
+    bool and an int were Python objects, so True and 1 were one class (True == 1), bools sorted as
+    ints, and the recorded labels (false, true as JSON bools) matched no label a file gives. Now
+    each is the class name the reader gives the same JSON value; the given label list too."""
+    from unipelt.training.inputs import class_labels
+
+    made = [Example(text="a", label=True), Example(text="b", label=False), Example(text="c", label=1),
+            Example(text="d", label=1.0), Example(text="e", label=2.50), Example(text="f", label=" pos ")]
+    assert [e.label for e in made] == ["true", "false", "1", "1", "2.5", "pos"]
+    assert label_set(made) == ["1", "2.5", "false", "pos", "true"]
+    # the same values through a file: the same classes
+    assert [Example(text="x", label=v).label for v in json.loads("[true, false, 1, 1.0, 2.50, 10]")] == \
+        ["true", "false", "1", "1", "2.5", "10"]
+    rows = [Example(text="a", label=0), Example(text="b", label=1)]
+    assert class_labels(rows, [], [1, 0]) == ["1", "0"]
+    assert class_labels(rows, [], None) == ["0", "1"]
+    import numpy as np
+
+    assert [Example(text="n", label=v).label for v in (np.int64(3), np.float64(1.0), np.bool_(True))] == ["3", "1", "true"]
+    # texts made from numbers, as a file's numbers read; what is no text is refused, naming the field
+    assert Example(text=12, label=0).text == "12" and Example(prompt=2.5, response=4).response == "4"
+    with pytest.raises(DataError, match=r"line 3: label is nan, not a class"):
+        Example(text="a", label=float("nan"), line=3)
+    with pytest.raises(DataError, match=r"d.jsonl: line 2: field 'text' must be a string, got list"):
+        Example(text=["a"], line=2, source="d.jsonl")
+    with pytest.raises(DataError, match=r"an Example: field 'label' must be a string, got dict"):
+        Example(text="a", label={"x": 1})
+
+
 def test_labels_option_accepts_known_labels(tmp_path):
     p = jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "pos"}])
     assert len(read_examples(p, labels=["neg", "pos"])) == 1

@@ -207,3 +207,191 @@ def test_attach_errors_name_the_spec_file(tmp_path):
     path.write_text("modules: {}\ncombine:\n  ffn.out: {mode: fusion, adapters: [a, missing]}\n")
     with pytest.raises(SpecError, match=r"fuse.yaml: combine.ffn.out.adapters\[1\]: no adapter named 'missing'"):
         unipelt.compile(model, path, name="f")
+
+
+# ------------------------------------------------------------------------------------------
+# a saved fusion records what identifies each fused adapter
+# ------------------------------------------------------------------------------------------
+def _saved_fusion(tmp_path):
+    """Three adapters and a fusion over them, each saved; returns the fused output on a batch."""
+    model = make_bert()
+    handles = three_adapters(model)
+    fh = unipelt.compile(model, fusion_spec(), name="fuse")
+    randomize(fh, seed=3)
+    with torch.no_grad():
+        ref = model(**make_batch()).logits
+    fh.save(tmp_path / "fuse")
+    for n, h in handles.items():
+        h.save(tmp_path / n)
+    return ref
+
+
+def test_fusion_loads_onto_the_adapters_it_was_trained_with(tmp_path):
+    """The record survives a save/load round trip of the members (and of a member's dtype-preserving
+    reload): the fusion loads onto them without a warning and gives the saved model's output."""
+    import json
+    import warnings
+
+    ref = _saved_fusion(tmp_path)
+    meta = json.loads((tmp_path / "fuse" / "unipelt.json").read_text())
+    assert sorted(meta["fusion"]["members"]) == ["a", "b", "c"]
+    assert meta["fusion"]["members"]["a"]["modules"] == {"ad": "adapter"}
+    fresh = make_bert()
+    for n in "abc":
+        unipelt.load(fresh, tmp_path / n, name=n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unipelt.load(fresh, tmp_path / "fuse")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**make_batch()).logits, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["other tensors", "other method"])
+def test_fusion_refuses_another_adapter_under_a_members_name(tmp_path, how):
+    """A fusion saved over a, b, c loaded onto a model whose 'b' is another adapter: its attention
+    would run over the wrong adapter. One AdapterFileError naming the file, the fusion and the
+    member; nothing stays attached and the members keep their flags."""
+    from unipelt.errors import AdapterFileError
+
+    _saved_fusion(tmp_path)
+    fresh = make_bert()
+    for n in "ac":
+        unipelt.load(fresh, tmp_path / n, name=n)
+    if how == "other tensors":
+        other = unipelt.compile(fresh, ADAPTER, name="b")
+        randomize(other, seed=99)
+    else:  # the same adapter module beside a LoRA
+        unipelt.compile(fresh, {"modules": dict(ADAPTER["modules"], lq={"method": "lora", "site": "attn.q", "r": 2})},
+                        name="b")
+    state = get_state(fresh)
+    flags = {n: [p.requires_grad for p in state.handles[n].parameters()] for n in "abc"}
+    active = set(state.ctx.active)
+    with pytest.raises(AdapterFileError, match=r"fuse/unipelt.json: fusion 'fuse': the adapter attached as 'b' is not "
+                                               r"the one it was saved with") as e:
+        unipelt.load(fresh, tmp_path / "fuse")
+    assert "'a'" not in str(e.value) and "'c'" not in str(e.value)
+    if how == "other method":
+        assert "modules lq: none saved, lora attached" in str(e.value)
+    assert "fuse" not in state.handles
+    assert flags == {n: [p.requires_grad for p in state.handles[n].parameters()] for n in "abc"}
+    assert set(state.ctx.active) == active
+
+
+def test_fusion_with_a_detached_member_is_not_saved(tmp_path):
+    """The saved fusion records each adapter it fuses: with one detached there is nothing to record,
+    and the save is refused before anything is written."""
+    from unipelt.errors import ModelError
+
+    model = make_bert()
+    handles = three_adapters(model)
+    fh = unipelt.compile(model, fusion_spec(), name="fuse")
+    handles["b"].detach()
+    with pytest.raises(ModelError, match=r"fusion 'fuse' cannot be saved: fused adapter\(s\) no longer attached: 'b';"):
+        fh.save(tmp_path / "fuse")
+    assert not (tmp_path / "fuse").exists()
+
+
+def test_fusion_saved_without_the_record_loads_with_a_warning(tmp_path):
+    """A fusion saved before the record (no 'fusion' field) still loads, saying its members are not
+    checked; a malformed record is one error naming the field."""
+    import json
+
+    from unipelt.errors import AdapterFileError, UnipeltWarning
+
+    ref = _saved_fusion(tmp_path)
+    meta_path = tmp_path / "fuse" / "unipelt.json"
+    meta = json.loads(meta_path.read_text())
+    good = meta.pop("fusion")
+    meta_path.write_text(json.dumps(meta))
+    fresh = make_bert()
+    for n in "abc":
+        unipelt.load(fresh, tmp_path / n, name=n)
+    with pytest.warns(UnipeltWarning, match=r"fusion 'fuse' records no fingerprint of the adapters it fuses.*a, b, c"):
+        h = unipelt.load(fresh, tmp_path / "fuse")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**make_batch()).logits, ref, atol=1e-6, rtol=0)
+    h.detach()
+    del good["members"]["c"]
+    meta_path.write_text(json.dumps(dict(meta, fusion=good)))
+    with pytest.raises(AdapterFileError, match=r"unipelt.json: field 'fusion.members.c': missing"):
+        unipelt.load(fresh, tmp_path / "fuse")
+    assert "fuse" not in get_state(fresh).handles
+
+
+def test_fusion_record_is_stable_with_heads_trained_in_place(tmp_path):
+    """Classification adapters train the head in place (kept aside while another adapter holds it),
+    and the fusion trains its own: the record of each member is the member's own values, so the
+    fusion trained over them reloads onto the members reloaded from their files."""
+    head = {"head": {"method": "train", "sites": "head"}}
+    member = {"modules": dict(ADAPTER["modules"], **head)}
+    model = make_bert()
+    batch = make_batch()
+    handles = {}
+    for i, n in enumerate("abc"):
+        handles[n] = unipelt.compile(model, member, name=n)
+        randomize(handles[n], seed=20 + i)
+    fh = unipelt.compile(model, dict(fusion_spec(), modules=head), name="fuse")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        model(**batch, labels=torch.tensor([0, 1, 0])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        ref = model(**batch).logits
+    fh.save(tmp_path / "fuse")
+    for n, h in handles.items():
+        h.save(tmp_path / n)
+    fresh = make_bert()
+    for n in "abc":
+        unipelt.load(fresh, tmp_path / n, name=n)
+    unipelt.load(fresh, tmp_path / "fuse")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, ref, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# a fused adapter's reparameterisation dropped while the fusion is attached
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shared", [True, False])
+def test_drop_reparameterization_of_a_fused_adapter(tmp_path, shared):
+    """The fusion froze the member's parameters and gives them back on detach; the member's
+    drop_reparameterization made new ones (the prefix P instead of its MLP), which stayed frozen
+    after the fusion's detach (it gave the flags back to the dropped MLP). Now the new P is frozen
+    while fused and trains again after, the output is unchanged, and a fusion saved after the drop
+    records the member's new form (it reloads onto the member saved then)."""
+    prefix = {"method": "prefix", "sites": "attn.kv", "length": 3, "reparam": "mlp", "reparam_hidden": 8,
+              "reparam_shared": shared}
+    member = {"modules": dict(ADAPTER["modules"], pre=prefix)}
+    model = make_bert()
+    batch = make_batch()
+    handles = three_adapters(model, member)
+    # c's layer-0 prefix pruned before the fusion: frozen for good, after its drop and the fusion's detach
+    from unipelt.pruning import prune
+
+    prune(handles["c"], ["pre.0.attn.kv"])
+    fh = unipelt.compile(model, fusion_spec(), name="fuse")
+    randomize(fh, seed=5)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**batch).logits
+    dropped = handles["b"].drop_reparameterization()
+    assert dropped > 0 and handles["c"].drop_reparameterization() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref, atol=1e-6, rtol=0)
+    # frozen while fused: only the fusion layer trains
+    assert not any(p.requires_grad for h in handles.values() for p in h.parameters())
+    fh.save(tmp_path / "fuse")
+    for n, h in handles.items():
+        h.save(tmp_path / n)
+    fh.detach()
+    # every member trains again, b's new prefix included; c's pruned one does not
+    flags = {(n, k): p.requires_grad for n, h in handles.items() for k, p in h.named_parameters().items()}
+    assert [key for key, on in flags.items() if not on] == [("c", "pre.0.attn.kv.prefix_kv")]
+    assert ("b", "pre.0.attn.kv.prefix_kv") in flags
+    fresh = make_bert()
+    for n in "abc":
+        unipelt.load(fresh, tmp_path / n, name=n)
+    unipelt.load(fresh, tmp_path / "fuse")
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, ref, atol=1e-6, rtol=0)

@@ -681,6 +681,66 @@ def test_dropped_branches_do_not_count_toward_the_budget(tmp_path):
     assert rep["controllers"]["prune"]["active_params"] == layer1
 
 
+@pytest.mark.parametrize("count", ["kept", "training"])
+def test_a_budget_without_to_budget_does_not_count_dropped_branches(count):
+    """With to_budget a budget holds on the active parameters (AdapterDrop's fixed layers left out);
+    without it compile's check and the report still counted the dropped branches, so the same spec
+    and budget were refused unless pruning was asked for. Both count the active parameters now,
+    and the over-budget breakdown per module adds up to the count it names."""
+    from unipelt.report import report_dict, report_text
+
+    lq = {"method": "lora", "sites": ["attn.q"], "r": 4}
+    model, _ = unipelt.models.load_model("tiny-llama")
+    layer1 = unipelt.compile(model, {"version": 1, "modules": {"lq": dict(lq, layers=[1])}}).summary().active(count)
+    spec = {"version": 1, "modules": {"lq": lq}, "budget": {"max_params": layer1, "count": count},
+            "drop": {"layers": [0]}}
+    model, _ = unipelt.models.load_model("tiny-llama")
+    h = unipelt.compile(model, spec)
+    s = h.summary()
+    assert s.active(count) == layer1 < (s.kept if count == "kept" else s.training)
+    assert f"dropped by AdapterDrop (saved, not computed): {s.dropped:,} parameters" in str(s)
+    b = report_dict(h)["budget"]
+    assert (b["used"], b["ok"]) == (layer1, True)
+    assert f"budget        {layer1:,} / {layer1:,} ({count}): OK" in report_text(h)
+    # one parameter less: refused, naming the active count and per module the active share
+    spec["budget"]["max_params"] = layer1 - 1
+    with pytest.raises(SpecError, match=rf"needs {layer1:,} parameters \({count}\), over the budget.*per module: lq {layer1:,}\."):
+        unipelt.compile(unipelt.models.load_model("tiny-llama")[0], spec)
+
+
+def test_a_random_drop_counts_its_inference_layers_toward_the_budget(tmp_path):
+    """With `random`, the fixed layers are dropped at inference only: in training each step draws
+    its own layers, and the fixed ones train in the steps that do not draw them (their parameters
+    get gradients and optimizer state). The budget left them out as if they never computed; they
+    count now (compile's check, and pruning toward the budget), while the summary and the train
+    report still say how many are not computed at inference."""
+    lq = {"method": "lora", "sites": ["attn.q"], "r": 4, "gate": {"input": "layer", "init_bias": 1.0}}
+    lv = {"method": "lora", "sites": ["attn.v"], "r": 4, "gate": {"input": "layer", "init_bias": -1.0}}
+    model, _ = unipelt.models.load_model("tiny-llama")
+    layer1 = unipelt.compile(model, {"version": 1, "modules": {"lq": dict(lq, layers=[1]),
+                                                               "lv": dict(lv, layers=[1])}}).summary().kept
+    spec = {"version": 1, "modules": {"lq": lq, "lv": lv}, "budget": {"max_params": layer1},
+            "drop": {"layers": [0], "random": True}}
+    model, _ = unipelt.models.load_model("tiny-llama")
+    with pytest.raises(SpecError, match=rf"needs {2 * layer1:,} parameters \(kept\), over the budget"):
+        unipelt.compile(model, spec)
+    spec["budget"] = {"max_params": 2 * layer1}
+    h = unipelt.compile(model, spec)
+    s = h.summary()
+    assert s.active("kept") == s.kept == 2 * layer1 and s.dropped == layer1
+    assert "not computed at inference" in str(s)
+    # toward a budget that lq fits: the lower gate (lv) goes in both layers (the fixed layer 0
+    # trains too); counted without layer 0, layer 1's lq + lv fitted it and nothing was pruned
+    only_q = unipelt.compile(unipelt.models.load_model("tiny-llama")[0],
+                             {"version": 1, "modules": {"lq": lq}}).summary().kept
+    assert layer1 <= only_q
+    spec.update(budget={"max_params": only_q}, prune={"patience": 1, "to_budget": True})
+    rep = train(spec, "tiny-llama", lm_rows(), None, TrainConfig(**dict(KW, save_steps=None)))
+    assert sorted(rep["controllers"]["prune"]["pruned"]) == ["lv.0.attn.v", "lv.1.attn.v"]
+    assert rep["controllers"]["prune"]["active_params"] == only_q
+    assert rep["params"]["active"] == rep["params"]["kept"] == only_q
+
+
 def test_dropped_ungated_branches_do_not_count_toward_what_pruning_cannot_remove():
     """Compile's to_budget check counts what pruning cannot remove: an ungated module's dropped
     layers are not part of it."""

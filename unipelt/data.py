@@ -16,6 +16,7 @@ import html
 import importlib.util
 import io
 import json
+import math
 import re
 import zipfile
 from array import array
@@ -58,9 +59,36 @@ class Example:
     line: int = 0
     source: str | None = field(default=None, compare=False, repr=False)  # provenance, not content
 
+    def __post_init__(self) -> None:
+        # Examples made in Python (from a pandas or datasets column) hold what a file's row would:
+        # a bool or number label is the class name the reader gives that JSON value (True and 1
+        # were one class as Python objects, and matched no label read from a file), a number in a
+        # text field its text; anything else is refused, naming the field
+        for name in ("text", "prompt", "response", "label"):
+            value = getattr(self, name)
+            if value is None or (type(value) is str and name != "label"):
+                continue
+            if type(value).__module__ == "numpy" and hasattr(value, "item"):
+                value = value.item()  # a numpy scalar (a pandas column's): its Python value
+            if isinstance(value, (bool, int, float)) and not isinstance(value, str):
+                if name == "label":
+                    if isinstance(value, float) and not math.isfinite(value):
+                        raise DataError(f"{self.where()}: label is {value}, not a class")
+                    value = label_name(value)
+                else:
+                    value = json.dumps(value) if isinstance(value, bool) else str(value)
+            elif isinstance(value, str):
+                value = canonical_label(value) if name == "label" else str(value)
+            else:
+                raise DataError(f"{self.where()}: field {name!r} must be a string, got {type(value).__name__}")
+            setattr(self, name, value)
+
     def where(self) -> str:
-        """``FILE: line N`` (or ``line N`` when the source is unknown), the prefix of an error message."""
-        return f"{self.source}: line {self.line}" if self.source else f"line {self.line}"
+        """``FILE: line N`` (or ``line N`` when the source is unknown; ``an Example`` when neither is
+        known, one made in Python), the prefix of an error message."""
+        if self.source:
+            return f"{self.source}: line {self.line}"
+        return f"line {self.line}" if self.line else "an Example"
 
 
 @dataclass
@@ -170,7 +198,8 @@ def _jsonl_rows(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
         if not raw.strip():
             continue  # blank lines (a trailing newline, a separator) are not rows
         try:
-            row = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+            row = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=_unique_keys,
+                             parse_int=_JsonNumber, parse_float=_JsonNumber)
         except json.JSONDecodeError as e:
             raise DataError(f"{source}: line {n}: malformed JSON: {e.msg} (column {e.colno})") from e
         except ValueError as e:  # from the two hooks
@@ -178,6 +207,17 @@ def _jsonl_rows(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(row, dict):
             raise DataError(f"{source}: line {n}: expected a JSON object, got {type(row).__name__}")
         yield n, row
+
+
+class _JsonNumber(str):
+    """A JSON number as the file spells it (``json.loads``' ``parse_int`` / ``parse_float``): a
+    text field keeps the spelling (``1e5``, ``2.50``: Python's float read them ``100000.0`` and
+    ``2.5``); a label takes the value (:func:`label_name`: ``1.0`` and ``1`` are one class)."""
+
+    __slots__ = ()
+
+    def value(self) -> int | float:
+        return int(self) if self.lstrip("-").isdigit() else float(self)
 
 
 def _no_constant(name: str):
@@ -253,14 +293,15 @@ def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]],
         for name in need:
             if name not in header:
                 raise DataError(f"{source}: line 1: missing {noun} {name!r} {found}")
+    labels = [label_name(x) for x in labels] if labels is not None else None
     allowed = set(labels) if labels is not None else None
     out = []
     for line, row in rows:
         if kind == "classification":
             label = canonical_label(_value(row, f.label, line, source, noun))
             raw = row[f.label]
-            if isinstance(raw, float) and not isinstance(raw, bool) and raw.is_integer():
-                label = str(int(raw))  # JSON 1.0 and 1 are one class
+            if isinstance(raw, _JsonNumber):
+                label = label_name(raw.value())  # JSON 1.0 and 1 are one class
             if not label:
                 raise DataError(f"{source}: line {line}: {noun} {f.label!r} is empty (every row needs a label)")
             if allowed is not None and label not in allowed:
@@ -280,6 +321,19 @@ def _examples(parsed: tuple[list[str] | None, list[tuple[int, dict[str, Any]]]],
 
 
 _DECIMAL = re.compile(r"([+-]?\d+)\.(\d*)")
+
+
+def label_name(value: str | bool | int | float) -> str:
+    """The class name of a label value, as the readers give it: a bool is ``true`` / ``false`` (as
+    JSON spells it), an integer-valued number its integer (``1`` for ``1`` and ``1.0``), another
+    number its shortest decimal, a string :func:`canonical_label` of it."""
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)) and not isinstance(value, str):
+        return canonical_label(repr(value))
+    return canonical_label(str(value))
 
 
 def canonical_label(text: str) -> str:
@@ -452,6 +506,7 @@ def iter_classification(examples: Iterable[Example], tokenizer: PreTrainedTokeni
                         labels: Sequence[str], max_length: int) -> Iterator[Tokenized]:
     """:func:`encode_classification` one row at a time (for :class:`TokenizedRows`)."""
     tokenizer = _need_tokenizer(tokenizer)
+    labels = [label_name(x) for x in labels]  # as the examples' labels are
     index = {label: i for i, label in enumerate(labels)}
     for ex in examples:
         if ex.text is None or ex.label is None:

@@ -36,6 +36,9 @@ class Summary:
     rows: list[dict] = field(default_factory=list)  # module, method, layer, site, kept, training
     gates: list[dict] = field(default_factory=list)  # gate, layer, params
     memory: dict[str, int] | None = None  # bytes: {"base": ..., "adapter": ...} (state.memory_bytes)
+    # AdapterDrop's fixed layers (``dropped: true``) train in the steps that do not draw them: a
+    # random drop (``drop.random``), whose fixed layers are its inference choice only
+    dropped_trains: bool = False
 
     # rows and gates switched off by pruning (``pruned: true``) count in neither total: the budget
     # holds on the active parameters, and the saved adapter leaves the pruned ones out
@@ -52,28 +55,37 @@ class Summary:
         """Parameters (kept) of what pruning switched off."""
         return sum(r["kept"] for r in self.rows if r.get("pruned")) + sum(g["params"] for g in self.gates if g.get("pruned"))
 
+    def is_active(self, row: dict) -> bool:
+        """Whether a row (or gate) computes and trains: not pruned, and not in AdapterDrop's fixed
+        layers unless those train in some steps (a random drop's inference layers)."""
+        return not row.get("pruned") and (self.dropped_trains or not row.get("dropped"))
+
     def active(self, count: str = "kept") -> int:
-        """Parameters that compute (``count``: ``kept`` or ``training``): neither pruned nor dropped
-        by AdapterDrop's fixed layers (``dropped: true``: still saved, so in ``kept``). What a
-        budget pruned toward (``to_budget``) holds on."""
-        rows = sum(r[count] for r in self.rows if not r.get("pruned") and not r.get("dropped"))
-        return rows + sum(g["params"] for g in self.gates if not g.get("pruned") and not g.get("dropped"))
+        """Parameters that compute and train (``count``: ``kept`` or ``training``): neither pruned
+        nor dropped by AdapterDrop's fixed layers (``dropped: true``: still saved, so in ``kept``),
+        except where a random drop trains those in the steps that do not draw them. What a budget
+        holds on."""
+        rows = sum(r[count] for r in self.rows if self.is_active(r))
+        return rows + sum(g["params"] for g in self.gates if self.is_active(g))
 
     @property
     def dropped(self) -> int:
-        """Parameters (kept) of what AdapterDrop's fixed layers switch off (saved, not computed)."""
+        """Parameters (kept) of what AdapterDrop's fixed layers switch off (saved, not computed;
+        with a random drop, at inference only)."""
         return (sum(r["kept"] for r in self.rows if r.get("dropped") and not r.get("pruned"))
                 + sum(g["params"] for g in self.gates if g.get("dropped") and not g.get("pruned")))
 
-    def per_module(self) -> dict[str, dict[str, int]]:
+    def per_module(self, active: bool = False) -> dict[str, dict[str, int]]:
+        """Parameters per module (and gate), not pruned; ``active``: not dropped by AdapterDrop's
+        fixed layers either (the shares of :meth:`active`)."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"kept": 0, "training": 0})
         for r in self.rows:
-            if r.get("pruned"):
+            if r.get("pruned") or (active and not self.is_active(r)):
                 continue
             out[r["module"]]["kept"] += r["kept"]
             out[r["module"]]["training"] += r["training"]
         for g in self.gates:
-            if g.get("pruned"):
+            if g.get("pruned") or (active and not self.is_active(g)):
                 continue
             out[f"gate:{g['gate']}"]["kept"] += g["params"]
             out[f"gate:{g['gate']}"]["training"] += g["params"]
@@ -98,7 +110,8 @@ class Summary:
         if self.pruned:
             lines.append(f"  pruned (left out): {_fmt(self.pruned)} parameters")
         if self.dropped:
-            lines.append(f"  dropped by AdapterDrop (saved, not computed): {_fmt(self.dropped)} parameters")
+            when = " at inference; trained in the steps that do not draw them" if self.dropped_trains else ""
+            lines.append(f"  dropped by AdapterDrop (saved, not computed{when}): {_fmt(self.dropped)} parameters")
         lines.append(f"  base model: {_fmt(self.base_params)} parameters")
         if self.memory:
             lines.append(f"  memory: base {self.memory['base'] / 2**20:,.1f} MiB, adapter {self.memory['adapter'] / 2**20:,.2f} MiB")
@@ -285,7 +298,8 @@ class AdapterHandle:
 
         from unipelt.pruning import fixed_dropped_keys, gate_is_off, shared_is_off
 
-        s = Summary(adapter=self.name, base_params=base_params if base_params is not None else base_param_count(self.model))
+        s = Summary(adapter=self.name, base_params=base_params if base_params is not None else base_param_count(self.model),
+                    dropped_trains=self.spec.drop is not None and self.spec.drop.random is not False)
         if get_state(self.model) is not None:  # attached: the model holds the adapter's tensors
             own = sum(p.numel() * p.element_size() for p in self.named_parameters().values())
             s.memory = {"base": memory_bytes(self.model)["base"], "adapter": own}
@@ -333,8 +347,8 @@ class AdapterHandle:
             used = floor
         if used > limit:
             what = f"max_params {_fmt(limit)}" if b.max_params is not None else f"fraction {b.fraction} of {_fmt(base_params)} = {_fmt(limit)}"
-            # one paragraph: the total, the limit, and each module's share, largest first
-            shares = sorted(((c[b.count], name) for name, c in s.per_module().items()), reverse=True)
+            # one paragraph: the total, the limit, and each module's share of it, largest first
+            shares = sorted(((c[b.count], name) for name, c in s.per_module(active=True).items()), reverse=True)
             parts = ", ".join(f"{name} {_fmt(n)}" for n, name in shares)
             raise SpecError(
                 f"{needs}, over the budget ({what}); per module: {parts}. "
@@ -343,12 +357,10 @@ class AdapterHandle:
             )
 
     def _budget_used(self, s: Summary) -> int:
-        """The parameters the budget counts (its ``count``): with pruning toward the budget what
-        computes (not AdapterDrop's fixed layers), else every parameter kept or training."""
-        count = self.spec.budget.count
-        if self._prunes_to_budget():
-            return s.active(count)
-        return s.kept if count == "kept" else s.training
+        """The parameters the budget counts (its ``count``): the active ones, which compute and
+        train (not pruned, not in AdapterDrop's fixed layers), with or without pruning toward the
+        budget (``to_budget``), as that pruning and its progress output count them."""
+        return s.active(self.spec.budget.count)
 
     def _prunes_to_budget(self) -> bool:
         return any(p is not None and p is not False and p.to_budget
@@ -362,11 +374,11 @@ class AdapterHandle:
         gated = {bp.key for bp in self.graph.branches if bp.gate_key and bp.node.name in prunable_nodes}
         total = 0
         for bp, r in zip(self.graph.branches, s.rows):
-            if not r.get("pruned") and not r.get("dropped") and bp.key not in gated:
+            if s.is_active(r) and bp.key not in gated:
                 total += r[count]
-        total += sum(r[count] for r in s.rows[len(self.graph.branches):] if not r.get("pruned") and not r.get("dropped"))
+        total += sum(r[count] for r in s.rows[len(self.graph.branches):] if s.is_active(r))
         for (key, gp), g in zip(self.graph.gates.items(), s.gates):
-            if not g.get("pruned") and not g.get("dropped") and not all(u in gated for u in gp.users):
+            if s.is_active(g) and not all(u in gated for u in gp.users):
                 total += g["params"]
         return total
 
@@ -430,11 +442,13 @@ class AdapterHandle:
         # computed it was frozen (its own parameters, else its module's shared ones: a fused member)
         inactive = inactive_keys(self)
         trains: dict[str, bool] = {}
+        before_params: dict[str, list[nn.Parameter]] = {}
         for key, mod in self.branch_modules.items():
             if hasattr(mod, "materialize"):
                 node = key.split(".", 1)[0]
                 params = list(mod.parameters()) or (list(self.shared_modules[node].parameters())
                                                     if node in self.shared_modules else [])
+                before_params[key] = params
                 trains[key] = not is_inactive(f"{key}.", inactive) and (not params or any(p.requires_grad for p in params))
                 # the branch says which spec fields now describe it ({field: value, or None: drop it})
                 changed[key.split(".", 1)[0]] = mod.materialize() or {}
@@ -463,6 +477,14 @@ class AdapterHandle:
             for pname, p in self.branch_modules[key].named_parameters():
                 self._params[f"{key}.{pname}"] = p
                 p.requires_grad_(trains[key])
+        state = get_state(self.model)
+        live = [k for k in materialized if not is_inactive(f"{k}.", inactive)]  # pruned: frozen for good
+        if state is not None and self._attached and live:
+            # what holds the old objects follows (a fusion over this adapter gives the new ones
+            # their flags back on detach, not the dropped MLP's)
+            self.registry.hook.unipelt_parameters_replaced(
+                model=self.model, state=state, handle=self,
+                replaced=[(before_params[k], list(self.branch_modules[k].parameters())) for k in live])
         return before - sum(p.numel() for p in self._params.values())
 
     # -- collapse for serving ----------------------------------------------------------------

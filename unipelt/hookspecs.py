@@ -173,6 +173,25 @@ def unipelt_detach_branch(model: nn.Module, state: Any, site: ResolvedSite, entr
     """
 
 
+@hookspec
+def unipelt_parameters_replaced(model: nn.Module, state: Any, handle: Any,
+                                replaced: list[tuple[list[nn.Parameter], list[nn.Parameter]]]) -> None:
+    """Follow an attached adapter whose branches now hold new parameter objects.
+
+    :param model: the adapted model.
+    :param state: the model's :class:`unipelt.state.ModelState`.
+    :param handle: the :class:`unipelt.handle.AdapterHandle` whose branches changed form.
+    :param replaced: per changed branch that is not pruned (a pruned one stays frozen for good),
+        ``(before, after)``: the parameters that computed it before (its own, or its module's
+        shared ones, such as a prefix MLP) and its parameters now.
+
+    All implementations are called, by ``AdapterHandle.drop_reparameterization`` once the branches
+    are materialized and their ``requires_grad`` flags set. What an attach recorded of the old
+    objects moves to the new ones here (an AdapterFusion freezes the adapters it fuses and gives
+    their flags back on detach: the new parameters take the old ones' place).
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # state dict and merge
 # --------------------------------------------------------------------------------------------
@@ -186,6 +205,22 @@ def unipelt_adapter_saved(handle: Any, path: str, metadata: dict) -> None:
         under their own plugin name.
 
     All implementations are called, before the directory is committed atomically.
+    """
+
+
+@hookspec
+def unipelt_adapter_loaded(handle: Any, path: str, metadata: dict) -> None:
+    """Check an adapter compiled from a saved directory against what its ``unipelt.json`` records.
+
+    :param handle: the :class:`unipelt.handle.AdapterHandle` just compiled from the stored spec
+        (attached, its tensors not loaded yet).
+    :param path: the adapter directory.
+    :param metadata: the parsed ``unipelt.json`` (what :func:`unipelt_adapter_saved` wrote, read
+        back); implementations read the keys under their own plugin name.
+
+    All implementations are called, by ``unipelt.load`` after the base fingerprint is checked and
+    before the tensors are copied in. Raise :class:`~unipelt.errors.AdapterFileError` naming the
+    file and the field to refuse the adapter: it is then detached, and the model is left as it was.
     """
 
 

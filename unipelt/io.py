@@ -624,15 +624,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                               "an earlier adapter or set_executor chose another)", UnipeltWarning, stacklevel=3)
             spec.executor = None
     tensors = read_weights(d, meta)  # before compiling: a corrupt file never touches the model
+    # what a refusal after the compile puts back, as a failed compile does: the compile made the
+    # new adapter the active one (and may have set the model's executor)
+    previous = None if state is None else (state.executor, state.ctx.expand_kernel, set(state.ctx.active))
     try:
         handle = _compile(model, spec, name, registry=registry)
     except (SpecError, ModelError) as e:
         raise AdapterFileError(f"{d}: the adapter does not fit this model: {e}") from None
     try:
         check_fingerprint(meta["base"], fingerprint(handle), d / META_FILE)
+        # what plugins recorded at save (an AdapterFusion: the adapters it fuses), checked
+        handle.registry.hook.unipelt_adapter_loaded(handle=handle, path=str(d), metadata=meta)
         handle.load_state_dict(tensors, source=str(d / WEIGHTS_FILE))
     except BaseException:
         handle.detach()
+        if previous is not None and (after := get_state(model)) is not None:
+            after.executor, after.ctx.expand_kernel = previous[:2]
+            after.set_active(previous[2])
         raise
     return handle
 

@@ -215,8 +215,9 @@ def inference_drop_layers(handle: AdapterHandle) -> set[int]:
 
 def fixed_dropped_keys(handle: AdapterHandle) -> set[str]:
     """Branch keys that AdapterDrop's fixed layers (``drop.layers``: the inference choice, and
-    training's too unless ``random``) switch off: they compute nothing in the adapter as used, so
-    they are not active parameters (the budget pruning toward ``to_budget`` holds on)."""
+    training's too unless ``random``) switch off. Without ``random`` they compute nothing in the
+    adapter as used, so they are not active parameters (what a budget holds on); a random drop's
+    train in the steps that do not draw them, and stay active (``Summary.is_active``)."""
     layers = inference_drop_layers(handle)
     if not layers:
         return set()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from unipelt.data import (BUILTIN_DATASETS, IGNORE_INDEX, Example, Tokenized, TokenizedRows, builtin_dataset, collate,
-                          iter_classification, iter_lm, label_set, read_examples)
+                          iter_classification, iter_lm, label_name, label_set, read_examples)
 from unipelt.errors import DataError, ModelError
 from unipelt.training.options import TrainingError
 
@@ -54,7 +54,8 @@ def class_labels(train_examples: Sequence[Example], eval_examples: Sequence[Exam
     for ex in [*train_examples, *eval_examples]:
         if ex.label is None:
             raise DataError(f"{ex.where()}: no label (classification needs one on every row)")
-    labels = list(given) if given else label_set(train_examples)
+    # given as the rows' labels are (bools and numbers by the class name a file gives them)
+    labels = [label_name(x) for x in given] if given else label_set(train_examples)
     if len(labels) < 2:
         raise DataError(f"classification needs at least two labels; the data has {labels}")
     known = set(labels)
