@@ -130,10 +130,14 @@ def _check_against_peft(arch: str, impl: str, pad: str) -> None:
     ids, mask, pos = batch(pad)
     if arch == "roberta":  # RoBERTa counts positions from padding_idx + 1
         pos = pos + model.config.pad_token_id + 1
+    # PEFT adds L to the positions it is given. Under a sliding window transformers windows by
+    # cache slot, not position, so there PEFT is given pos - L (RoPE at unipelt's positions, the
+    # prefix in the slots before the text) and unipelt its own pos; elsewhere unipelt gets pos + L
+    shift = 0 if arch in WINDOWED else L
     with torch.no_grad():
-        expect = _out(pm(input_ids=ids, attention_mask=mask, position_ids=pos))
-        got = _out(model(input_ids=ids, attention_mask=mask, position_ids=pos + L))
-        plain = _out(make(arch, impl)(input_ids=ids, attention_mask=mask, position_ids=pos + L))  # the same base
+        expect = _out(pm(input_ids=ids, attention_mask=mask, position_ids=pos + shift - L))
+        got = _out(model(input_ids=ids, attention_mask=mask, position_ids=pos + shift))
+        plain = _out(make(arch, impl)(input_ids=ids, attention_mask=mask, position_ids=pos + shift))  # the same base
     real = mask.bool()
     assert torch.allclose(got[real], expect[real], atol=1e-5), (got - expect)[real].abs().max()
     assert (plain[real] - expect[real]).abs().max() > 1e-2  # the prefix is live: it is what is compared
@@ -170,11 +174,12 @@ def test_sliding_window_left_padded_rows_equal_peft_on_each_row_alone(arch, impl
     pm = peft_model(arch, impl, blocks, "CAUSAL_LM")
     ids, mask, pos = batch("left")
     with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=mask, position_ids=pos + L).logits
+        got = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits  # as in the test above
         for row in range(ids.shape[0]):
             keep = mask[row].bool()
             alone = ids[row, keep][None]
-            expect = pm(input_ids=alone, attention_mask=torch.ones_like(alone)).logits[0]
+            expect = pm(input_ids=alone, attention_mask=torch.ones_like(alone),
+                        position_ids=torch.arange(alone.shape[1])[None] - L).logits[0]
             assert torch.allclose(got[row, keep], expect, atol=1e-5), (row, (got[row, keep] - expect).abs().max())
 
 
@@ -223,3 +228,50 @@ def test_generate_equals_the_cached_reference(arch, impl, pad):
     tokens, logits = _reference_greedy(make(arch, impl), blocks, ids, mask, steps)
     assert torch.equal(out.sequences[:, ids.shape[1]:], tokens)
     assert torch.allclose(torch.stack(out.logits, 1), logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_sliding_window_mixed_batch_rows_equal_each_adapter_alone(impl):
+    """A mixed batch lays the adapters' prefixes side by side: under a window each row's own
+    columns take the positions just before its text (L = 2 and L = 5 in one batch), every row as
+    alone, padded rows too."""
+    model = make("mistral_window", impl)
+    g = torch.Generator().manual_seed(3)
+    for name, length in (("a", 2), ("b", 5)):
+        h = unipelt.compile(model, {"modules": {"p": {"method": "prefix", "length": length, "reparam": "none"}}},
+                            name=name)
+        with torch.no_grad():
+            for _, p in sorted(h.named_parameters().items()):
+                p.copy_(torch.randn(p.shape, generator=g))
+    names = ["b", "a", "__base__"]
+    for pad in ("none", "right", "left"):
+        ids, mask, pos = batch(pad)
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask, position_ids=pos, adapter_names=names).logits
+            for row, name in enumerate(names):
+                unipelt.set_adapter(model, [] if name == "__base__" else name)
+                alone = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[row]
+                real = mask[row].bool()
+                assert torch.allclose(got[row, real], alone[real], atol=1e-5), (pad, name)
+
+
+@pytest.mark.parametrize("arch", ["mistral_window", "qwen2_window"])
+def test_sliding_window_gated_prefix_generate_equals_recompute(arch):
+    """UniPELT's gated prefix (per-token gates: the widened-head path) under a window: cached
+    greedy decoding past the window gives the logits of recomputing the whole text."""
+    from pathlib import Path
+
+    model = make(arch, "sdpa")
+    h = unipelt.compile(model, Path(__file__).resolve().parents[1] / "specs" / "unipelt.yaml")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, p in sorted(h.named_parameters().items()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    ids, mask, _ = batch("none", B=2)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        seq = out.sequences
+        full = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
+    T = ids.shape[1]
+    assert torch.allclose(torch.stack(out.logits, 1), full[:, T - 1:-1], atol=1e-4)
