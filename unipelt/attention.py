@@ -29,6 +29,14 @@ transformers 5.x computes its projections, applies RoPE, updates the KV cache an
   B=4: 1.1 ms against 1.7 ms); the model without prefix takes 2.2 ms. On CPU torch materialises the bias
   itself, which costs what a dense mask would. Eager never gets ``None`` for a causal model (``eager_mask``
   always materialises), so there the prefix columns are simply prepended.
+* Sliding windows (Mistral; the sliding layers of Qwen2 / Qwen3 with ``use_sliding_window``, whose
+  attention gets ``sliding_window``): a prefix vector is a key before the first real token, as PEFT's
+  prefix sits in the cache slots before the text. A row's visible prefix columns take positions -n..-1,
+  and a query at position p (the ``position_ids`` passed down to attention, so a left-padded row counts
+  from its first real token and a truncated sliding-window cache changes nothing) sees the one at
+  distance d while p + d < window, transformers' rule for every cached key
+  (``masking_utils.sliding_window_overlay``): the prefix leaves the window as the text grows (see
+  :func:`_in_window`). The mask then has per-query prefix columns, built densely.
 * Gates (UniPELT). A gate per example scales ``P_k`` and ``P_v``. A gate per query cannot be applied by
   scaling keys, so the wrapper widens the head dimension instead, exactly: ``Q' = [q, g_k·q]``, real keys
   ``[k, 0]``, prefix keys ``[0, P_k]``, real values ``[v, 0]``, prefix values ``[0, P_v]``, scale kept at
