@@ -88,7 +88,7 @@ def test_prompt_tuning_llama(tmp_path):
 @pytest.mark.parametrize("factory", [make_llama, make_gpt2])
 def test_prefix_tuning(tmp_path, factory):
     """PEFT's prefix sits in the KV cache, so its real tokens take positions L..L+T-1 (and PEFT
-    drops a caller's position_ids); unipelt's prefix takes no position. Given PEFT's positions,
+    adds L to a caller's position_ids); unipelt's prefix takes no position. Given PEFT's positions,
     the imported prefix computes PEFT's logits: the keys and values are in the right places."""
     batch = make_batch()
     pm = peft.get_peft_model(factory(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()

@@ -29,6 +29,14 @@ transformers 5.x computes its projections, applies RoPE, updates the KV cache an
   B=4: 1.1 ms against 1.7 ms); the model without prefix takes 2.2 ms. On CPU torch materialises the bias
   itself, which costs what a dense mask would. Eager never gets ``None`` for a causal model (``eager_mask``
   always materialises), so there the prefix columns are simply prepended.
+* Sliding windows (Mistral; the sliding layers of Qwen2 / Qwen3 with ``use_sliding_window``, whose
+  attention gets ``sliding_window``): a prefix vector is a key before the first real token, as PEFT's
+  prefix sits in the cache slots before the text. A row's visible prefix columns take positions -n..-1,
+  and a query at position p (the ``position_ids`` passed down to attention, so a left-padded row counts
+  from its first real token and a truncated sliding-window cache changes nothing) sees the one at
+  distance d while p + d < window, transformers' rule for every cached key
+  (``masking_utils.sliding_window_overlay``): the prefix leaves the window as the text grows (see
+  :func:`_in_window`). The mask then has per-query prefix columns, built densely.
 * Gates (UniPELT). A gate per example scales ``P_k`` and ``P_v``. A gate per query cannot be applied by
   scaling keys, so the wrapper widens the head dimension instead, exactly: ``Q' = [q, g_k·q]``, real keys
   ``[k, 0]``, prefix keys ``[0, P_k]``, real values ``[v, 0]``, prefix values ``[0, P_v]``, scale kept at
@@ -335,7 +343,8 @@ def _forward_with_prefixes(
     # split path below, which never concatenates, gives the attention kernel over the real keys)
     real_mask, real_causal = attention_mask, False
     # --- mask: L visible columns in front of the real keys -------------------------------------------
-    if any(v is not None for v in plain_vis + gated_vis):
+    window = kwargs.get("sliding_window")
+    if any(v is not None for v in plain_vis + gated_vis) or window is not None:
         # per-row prefix columns (a mixed batch), in the order the keys are laid out below
         sizes = [t.shape[2] for t in plain_k] + [g[0].shape[2] for g in gated]
         vis = torch.cat([
@@ -343,6 +352,8 @@ def _forward_with_prefixes(
              else torch.ones(query.shape[0], n, dtype=torch.bool, device=query.device))
             for v, n in zip(plain_vis + gated_vis, sizes)
         ], dim=1)
+        if window is not None:  # (B, T_q, L): each query's window over the prefix positions
+            vis = _in_window(module, vis, int(window), q_len, kwargs)
         attention_mask, key, value = _rows_mask(base, module, query, key, value, attention_mask, vis, kwargs)
     elif attention_mask is not None:
         attention_mask = _prepend_visible(attention_mask, n_prefix)
@@ -408,7 +419,7 @@ def _can_split(base: str, tensors: tuple[Tensor, ...], vis: list[Tensor | None],
     softcapping, a position bias)."""
     if SPLIT_PREFIX == "never" or (SPLIT_PREFIX != "always" and not torch.compiler.is_compiling()):
         return False
-    if base != "sdpa" or any(v is not None for v in vis):
+    if base != "sdpa" or any(v is not None for v in vis) or kwargs.get("sliding_window") is not None:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):  # query, key, value, prefixes
         return False
@@ -550,10 +561,11 @@ def _checked(
 def _rows_mask(base: str, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                mask: Tensor | None, vis: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """The mask over [prefix columns, real keys] when rows see different prefix columns ``vis``
-    (B, L): the real keys' mask as transformers built it (or the one it stands for when it passed
-    none), the prefix columns visible where ``vis`` says. Boolean for SDPA, additive for eager."""
+    (B, L), or each query its own (B, T_q, L, a sliding window): the real keys' mask as
+    transformers built it (or the one it stands for when it passed none), the prefix columns
+    visible where ``vis`` says. Boolean for SDPA, additive for eager."""
     B, q_len = query.shape[0], query.shape[2]
-    n = vis.shape[1]
+    n = vis.shape[-1]
     if mask is None:
         if base == "sdpa" and q_len > 1 and _sdpa_is_causal(module, kwargs):
             key, value = key[:, :, :q_len], value[:, :, :q_len]
@@ -566,13 +578,40 @@ def _rows_mask(base: str, module: nn.Module, query: Tensor, key: Tensor, value: 
             real = torch.where(real, zero, torch.finfo(query.dtype).min)
         mask = real
     mask = mask.expand(B, *mask.shape[1:]) if mask.shape[0] == 1 else mask
-    cols = vis[:, None, None, :].expand(B, mask.shape[1], mask.shape[2], n)
+    if vis.dim() == 3:  # (B, T_q, L): per query (a sliding window)
+        mask = mask.expand(B, mask.shape[1], q_len, mask.shape[3]) if mask.shape[2] == 1 else mask
+        cols = vis[:, None, :, :].expand(B, mask.shape[1], mask.shape[2], n)
+    else:
+        cols = vis[:, None, None, :].expand(B, mask.shape[1], mask.shape[2], n)
     if mask.dtype == torch.bool:
         front = cols
     else:
         front = torch.where(cols, torch.zeros((), dtype=mask.dtype, device=mask.device),
                             torch.finfo(mask.dtype).min)
     return torch.cat([front, mask], dim=-1), key, value
+
+
+def _in_window(module: nn.Module, vis: Tensor, window: int, q_len: int, kwargs: dict[str, Any]) -> Tensor:
+    """Which prefix columns each query sees under a sliding window (Mistral; Qwen2 / Qwen3 layers
+    with ``use_sliding_window``), ``(B, T_q, L)`` from the per-row columns ``vis`` (B, L).
+
+    A prefix vector is a key before the first real token: the row's visible columns, in layout
+    order, take positions -n..-1 (the last one -1), as PEFT's prefix takes the cache positions just
+    before the text. transformers' window (``masking_utils.sliding_window_overlay``: key position >
+    query position - window) keeps a key at distance d from a query at position p while p + d <
+    window, which is what every cached key gets, so the prefix leaves the window as the text grows.
+    Query positions are the ``position_ids`` transformers passes down to attention (each row's own:
+    counted from its first real token when it is left-padded, as ``generate`` does), not cache
+    slots, so a truncated sliding-window cache keeps them."""
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        raise ModelError(f"{_where(module)}: a key/value prefix under a sliding window needs the position_ids "
+                         "transformers passes to attention; this model's attention got none")
+    B = vis.shape[0]
+    pos = pos.to(device=vis.device).reshape(-1, pos.shape[-1])[:, -q_len:].expand(B, q_len)
+    # distance of each visible column before the text: the number of visible columns from it to the end
+    dist = vis.flip(-1).cumsum(-1).flip(-1)  # (B, L)
+    return vis[:, None, :] & (pos[:, :, None] + dist[:, None, :] < window)
 
 
 def _sdpa_is_causal(module: nn.Module, kwargs: dict[str, Any]) -> bool:

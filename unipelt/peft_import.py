@@ -17,9 +17,11 @@ One translator per ``peft_type``: plugins go first through the hook ``unipelt_im
 - ``PREFIX_TUNING`` (without a projection kept, i.e. as saved for inference): ``prompt_embeddings``
   (L, layers·2·H_kv·D) becomes a ``prefix`` node with ``reparam: none``: layer i's keys are block
   2i, its values block 2i+1 (PEFT's ``past_key_values`` layout). PEFT gives the real tokens the
-  positions after the L cached ones (and drops a caller's ``position_ids``); unipelt's prefix
+  positions after the L cached ones (and adds L to a caller's ``position_ids``); unipelt's prefix
   takes no position, so the imported prefix gives PEFT's outputs when called with
   ``position_ids = L + arange(T)``, and otherwise the same prefix at the real tokens' own positions.
+  Under a sliding window (transformers windows by cache slot, not position) PEFT given
+  ``position_ids = arange(T) - L`` is unipelt at its own positions (tests/test_prefix_oracle.py).
 
 Anything else (DoRA, a LoRA on an embedding, bias training, PiSSA/OLoRA weights saved without
 conversion, an unknown type) is one :class:`AdapterFileError` naming the file and the field.
