@@ -16,6 +16,12 @@ saved, never the activation.
 
 Pfeiffer's placement (``renorm``, with its LayerNorm) and a learned scale stay on the reference
 (unipelt.executor.kernel_expand says which branches the kernel takes).
+
+Both kernels are custom ops (``unipelt::bottleneck_up`` with its autograd, ``bottleneck_up_bwd``),
+and ``triton_op`` twins (``bottleneck_up_t``, ``bottleneck_up_bwd_t``: the same launchers through
+``wrap_triton``, the same autograd rule), which a compiled forward on CUDA calls by the rule of
+``unipelt_kernels.compiled_ops`` (``UNIPELT_KERNEL_OPS=custom_op`` keeps the custom ops): inductor
+launches their kernels from its own generated code.
 """
 from __future__ import annotations
 

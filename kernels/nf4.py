@@ -20,6 +20,10 @@ Three layers, as the other kernels:
   (:func:`nf4_linear`): what ``torch.compile`` traces (``fullgraph=True``, CUDA graphs) in place
   of a Python call, with fake implementations for tracing and, for the linear, an autograd rule
   whose backward dequantizes again rather than keeping the float weight (QLoRA's memory promise).
+  Their ``torch.library.triton_op`` twins ``nf4_dequantize_t`` / ``nf4_linear_t`` (the same
+  bodies, the kernel through ``wrap_triton``; the same autograd rule) are what a compiled forward
+  on CUDA calls (``unipelt_kernels.compiled_ops``: ``UNIPELT_KERNEL_OPS=custom_op`` keeps the
+  custom ops): inductor launches the kernel and the GEMM from its own generated code.
 
 :func:`dequantize_reference` is the formula in PyTorch, the fallback (no Triton, a CPU tensor
 outside the interpreter) and the test oracle beside bitsandbytes' own ``dequantize_4bit``.
