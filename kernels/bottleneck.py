@@ -304,7 +304,7 @@ def bottleneck_up(out: Tensor, u: Tensor, b_down: Tensor, w_up: Tensor, b_up: Te
     # launches the kernels)
     op = _up_top if torch.compiler.is_compiling() and compiled_ops(out2) else _up_op
     y = op(out2, u2, b_down.to(dt).contiguous(), w_up.to(dt).contiguous(), b_up.to(dt).contiguous(), coef,
-               float(scale), ACTIVATIONS[activation])
+           float(scale), ACTIVATIONS[activation])
     return y.view(out.shape)
 
 

@@ -279,7 +279,7 @@ def _linear_backward(ctx, grad: Tensor, dequantize=nf4_dequantize):
     if ctx.needs_input_grad[0]:
         # dequantized again rather than kept from the forward: the float weight never outlives a GEMM
         w = dequantize(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested,
-                           [out_f, in_f], grad.dtype)
+                       [out_f, in_f], grad.dtype)
         grad_x = grad @ w
     if ctx.has_bias and ctx.needs_input_grad[12]:
         grad_bias = grad.reshape(-1, out_f).sum(0)
