@@ -251,6 +251,54 @@ def test_nf4_twin_traces_the_autotuned_kernel_for_cuda_tensors(monkeypatch):
     assert not [k for k in nf4._TUNED if k[-1].type == "cuda"]  # a trace marks no key tuned (inductor tunes its copy)
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="the model stays on the CPU (on a GPU: the QLoRA speed rows of call.sh)")
+def test_qlora_model_traces_through_the_nf4_twin(monkeypatch):
+    # a QLoRA model (bitsandbytes' Params4bit weights, unipelt_plugins.bnb's Triton dequantization)
+    # compiled whole with the twin chosen: AOTAutograd's forward graph (what inductor would get)
+    # has one wrapped NF4 kernel per 4-bit linear, the GEMMs, and no opaque op
+    pytest.importorskip("bitsandbytes")
+    from torch._dynamo.backends.common import aot_autograd
+
+    import unipelt
+    from conftest import make_batch, make_llama
+    from unipelt_plugins.bnb import quantize_model, set_dequant_backend
+
+    _jit_kernels(monkeypatch, nf4, ["_nf4_kernel"])
+    monkeypatch.setattr(nf4, "compiled_ops", lambda t: True)
+    set_dequant_backend("triton")
+    try:
+        model = quantize_model(make_llama(hidden=64), "nf4", double_quant=True).train()
+        unipelt.compile(model, {"modules": {"lora": {"method": "lora", "r": 4, "sites": ["attn.q", "ffn.down"]}}})
+        n_4bit = sum(type(m).__name__ == "Linear4bitLeaf" for m in model.modules())
+        graphs = []
+
+        class Captured(Exception):
+            pass
+
+        def capture(gm, inputs):  # the graph only: these kernels are not launched on a CPU
+            graphs.append(gm)
+            raise Captured
+
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="Captured"):
+            torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=capture))(**make_batch())
+    finally:
+        set_dequant_backend("bnb")
+        torch._dynamo.reset()
+    (gm,) = graphs
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "unipelt" in t], gm.code
+    # the dequantizations whose weight the forward reads (its GEMM). (Without a GPU driver torch
+    # cannot analyse which arguments a kernel writes and assumes all: the backward's dequantizations
+    # then "mutate" the packed weights and move into this graph too, their weights unread here)
+    hops = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    read = [n for n in hops if any(u.args[1:] == ("out_ptr",) and u.users for u in n.users)]
+    assert n_4bit > 0 and len(read) == n_4bit, (n_4bit, len(hops), gm.code[:3000])
+    for n in read:
+        (w,) = [u for u in n.users if u.args[1:] == ("out_ptr",)]
+        assert any("mm" in str(c.target) or "t.default" in str(c.target) for c in w.users), gm.code
+
+
 # ------------------------------------------------------------------------------------------
 # which ops a compiled forward calls
 # ------------------------------------------------------------------------------------------
@@ -401,8 +449,30 @@ def test_gpu_inductor_launches_the_nf4_and_bottleneck_triton_op_kernels(monkeypa
         y, codes = run_and_get_code(run)
         return [y, x.grad] + [p.grad for p in params], "\n".join(codes)
 
-    want, code_c = step("custom_op")
-    got, code_t = step("triton_op")
+    # torch reads from each kernel's code which arguments it writes; were that to fail, it would take
+    # every argument as written (the packed weights among them: copies, and the backward's
+    # dequantization moved into the forward, its float weight kept: QLoRA's memory promise broken)
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    logs = [logging.getLogger(n) for n in ("torch._dynamo", "torch._higher_order_ops.triton_kernel_wrap")]
+    for log in logs:  # (torch 2.13 logs it as torch._dynamo)
+        log.addHandler(records)
+    try:
+        want, code_c = step("custom_op")
+        got, code_t = step("triton_op")
+    finally:
+        for log in logs:
+            log.removeHandler(records)
+    assert not [m for m in records.messages if "every input is mutated" in m], records.messages
     assert "torch.ops.unipelt_kernels.nf4_linear" in code_c and "torch.ops.unipelt.bottleneck_up" in code_c, code_c[:3000]
     for kernel in ("_nf4_kernel", "_up_fwd_kernel", "_up_bwd_kernel"):
         assert kernel in code_t, (kernel, code_t[:3000])
