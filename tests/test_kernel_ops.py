@@ -404,6 +404,44 @@ def test_compiled_forward_through_the_ops_has_no_graph_break():
     assert counter.frame_count == 1
 
 
+def test_houlsby_model_on_the_kernels_compiles_whole():
+    # the engine's path to the bottleneck kernel (serial Houlsby adapters at attn.out and ffn.out,
+    # executor triton: the down-projection as the group's shrink, bottleneck_up for the rest) under
+    # torch.compile(fullgraph=True): no graph break, the kernel ops run, eager's loss and gradients
+    import unipelt
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from conftest import make_batch, make_llama, randomize
+    from unipelt.compiler import set_executor
+
+    torch._dynamo.reset()
+    model = make_llama(layers=1, hidden=64).to(DEV).train()
+    h = unipelt.compile(model, "specs/houlsby.yaml")
+    randomize(h, std=0.1)
+    set_executor(model, "triton")
+    batch = {k: v.to(DEV) for k, v in make_batch().items()}
+    params = list(h.parameters())
+
+    def step(fn):
+        loss = fn(**batch).logits.float().square().mean()
+        return [loss, *torch.autograd.grad(loss, params)]
+
+    want = step(model)
+    aot_eager = CompileCounterWithBackend("aot_eager")
+    targets = []
+
+    def backend(gm, example_inputs):  # dynamo's graph: the ops it calls
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return aot_eager(gm, example_inputs)
+
+    got = step(torch.compile(model, fullgraph=True, backend=backend))
+    assert aot_eager.frame_count == 1
+    op = "unipelt.bottleneck_up_t" if DEV == "cuda" else "unipelt.bottleneck_up"  # (CPU: the custom op, by the rule)
+    assert sum(t.startswith(op + ".") for t in targets) == 2, targets  # both placements
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------
 # GPU: inductor's generated code launches the twins' kernels
 # ------------------------------------------------------------------------------------------
