@@ -148,9 +148,11 @@ def _launch(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2
     args = (packed, absmax, code, out, n_bytes, n_values, n_blocks, code2, absmax2, offset)
     key = (n_bytes, half, nested, out.dtype, out.device)
     # the autotuner benchmarks on a key's first call: never while a CUDA graph is being captured
-    # (the launches would be recorded); a key it tuned before launches its pick there too. Only an
-    # eager launch marks a key tuned: a traced one's tuning is inductor's copy of the kernel's
-    if out.is_cuda and not _interpreting() and (key in _TUNED or not torch.cuda.is_current_stream_capturing()):
+    # (the launches would be recorded); a key it tuned before launches its pick there too. The twins
+    # (``wrap``) neither read nor mark the keys: a traced launch is tuned by inductor, on its own copy
+    # of the kernel, and its sizes may be symbolic (a SymInt has no hash)
+    if out.is_cuda and not _interpreting() and ((wrap is None and key in _TUNED)
+                                                or not torch.cuda.is_current_stream_capturing()):
         grid = lambda meta: (triton.cdiv(n_blocks, max(meta["BYTES"] // half, 1)),)  # noqa: E731
         (_nf4_tuned if wrap is None else wrap(_nf4_tuned))[grid](*args, HALF=half, BLOCKSIZE2=blocksize2,
                                                                   NESTED=nested)

@@ -226,7 +226,8 @@ def test_triton_op_bodies_trace_to_their_kernels_and_torch_ops(monkeypatch):
 @pytest.mark.skipif(DEV == "cuda", reason="on a GPU the test above traces the CUDA path itself")
 def test_nf4_twin_traces_the_autotuned_kernel_for_cuda_tensors(monkeypatch):
     # the path a CUDA tensor takes (the autotuned kernel, its grid a function of each config's tile),
-    # traced on fake CUDA tensors: one kernel node with a grid per config, then the GEMM
+    # traced on fake CUDA tensors of symbolic sizes: one kernel node with a grid per config, then the
+    # GEMM (the eager launcher's tuned-key set was once asked about the symbolic sizes: no hash)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from triton.runtime.jit import JITFunction
@@ -235,10 +236,15 @@ def test_nf4_twin_traces_the_autotuned_kernel_for_cuda_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (no CUDA in this build)
     tuned = triton.autotune(configs=nf4._configs(), key=["n_bytes", "HALF", "NESTED"])(JITFunction(nf4._nf4_kernel.fn))
     monkeypatch.setattr(nf4, "_nf4_tuned", tuned)
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
     state = _nf4_inputs(48, 100, 64, True)
-    with FakeTensorMode(shape_env=ShapeEnv()):
-        args = [torch.empty(6, 100, device="cuda")] + [torch.empty(t.shape, dtype=t.dtype, device="cuda")
-                                                        for t in state[:6]]
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    args = []
+    for t in [torch.empty(6, 100)] + list(state[:6]):  # every size symbolic, as a dynamic-shape trace has them
+        f = mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim()))
+        f.fake_device = torch.device("cuda", 0)  # (a CUDA tensor without CUDA: fake tensors only)
+        args.append(f)
 
     def linear(x, *tensors):
         return torch.ops.unipelt_kernels.nf4_linear_t(x, *tensors, *state[6:], None)
