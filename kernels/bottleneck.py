@@ -172,7 +172,9 @@ def _launch_bwd(dy, u, b_down, w_up, b_up, coef, scale, act, wrap=None):
     dh, dw, dbu, dcb = torch.zeros(M, R, **f32), torch.zeros(D, R, **f32), torch.zeros(D, **f32), torch.zeros(M, **f32)
     bm, bd = 64, 64
     m_blocks = triton.cdiv(M, bm)
-    splits = 1 if INTERPRET else max(1, min(triton.cdiv(D, 4 * bd), triton.cdiv(264, m_blocks)))
+    # (torch.sym_min / sym_max: plain min / max for ints; a symbolic token count, traced in a twin,
+    # stays symbolic instead of being guarded on)
+    splits = 1 if INTERPRET else torch.sym_max(1, torch.sym_min(triton.cdiv(D, 4 * bd), triton.cdiv(264, m_blocks)))
     d_per_split = triton.cdiv(triton.cdiv(D, splits), bd) * bd
     splits = triton.cdiv(D, d_per_split)
     br = _block_r(R)

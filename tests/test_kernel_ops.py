@@ -305,6 +305,35 @@ def test_qlora_model_traces_through_the_nf4_twin(monkeypatch):
         assert any("mm" in str(c.target) or "t.default" in str(c.target) for c in w.users), gm.code
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="on a GPU the kernels are traced by the GPU tests")
+def test_bottleneck_twins_keep_the_token_count_symbolic_on_cuda(monkeypatch):
+    # the CUDA launch parameters (blocks, the backward's D splits) traced on fake CUDA tensors with a
+    # symbolic token count: the only guards are that the operands agree on it, none on its value
+    # (a min/max of it once guarded a range: a recompile past ~17k tokens)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    _jit_kernels(monkeypatch, bn, ["_act", "_up_fwd_kernel", "_up_bwd_kernel"])
+    monkeypatch.setattr(bn, "INTERPRET", False)
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    M, D, m = 70, 40, 8
+    args = []
+    for shape, dynamic in [((M, D), (1, 0)), ((M, m), (1, 0)), ((m,), (0,)), ((D, m), (0, 0)), ((D,), (0,)), ((M,), (1,))]:
+        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC if d else DimDynamic.STATIC for d in dynamic])
+        f = mode.from_tensor(torch.empty(shape), symbolic_context=ctx)
+        f.fake_device = torch.device("cuda", 0)
+        args.append(f)
+
+    def fn(out, u, bd, w, bu, c):
+        y = torch.ops.unipelt.bottleneck_up_t(out, u, bd, w, bu, c, 1.5, 1)
+        return y, *torch.ops.unipelt.bottleneck_up_bwd_t(y, u, bd, w, bu, c, 1.5, 1)
+
+    gm, kernels, others = _traced(fn, *args)
+    assert kernels == ["_up_fwd_kernel", "_up_bwd_kernel"], gm.code
+    guards = [str(g.expr) for g in mode.shape_env.guards]
+    assert all(g.startswith("Eq(") for g in guards), guards
+
+
 # ------------------------------------------------------------------------------------------
 # which ops a compiled forward calls
 # ------------------------------------------------------------------------------------------
