@@ -334,6 +334,44 @@ def test_bottleneck_twins_keep_the_token_count_symbolic_on_cuda(monkeypatch):
     assert all(g.startswith("Eq(") for g in guards), guards
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_twins_fake_outputs_match_the_custom_ops(device, monkeypatch):
+    # what tracing sees of an op's result (a twin's fake is its own body, the custom ops' a
+    # registered function): the same shapes, dtypes, strides and devices, on fake CPU and CUDA tensors
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _jit_kernels(monkeypatch, bn, ["_act", "_up_fwd_kernel", "_up_bwd_kernel"])
+    _jit_kernels(monkeypatch, nf4, ["_nf4_kernel"])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    mode = FakeTensorMode()
+
+    def fake(t):
+        f = mode.from_tensor(t)
+        f.fake_device = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+        return f
+
+    def meta(ts):
+        ts = ts if isinstance(ts, (tuple, list)) else [ts]
+        return [(tuple(t.shape), t.dtype, t.stride(), t.device) for t in ts]
+
+    state = _nf4_inputs(47, 99, 64, True, device="cpu")
+    tensors = [fake(t) for t in state[:6]]
+    g = torch.Generator().manual_seed(0)
+    x, b = fake(torch.randn(3, 5, 99, generator=g).bfloat16()), fake(torch.randn(47, generator=g).bfloat16())
+    M, D, m = 37, 45, 3
+    out, u, bd, w, bu, c = (fake(torch.randn(*sh, generator=g)) for sh in [(M, D), (M, m), (m,), (D, m), (D,), (M,)])
+    with mode:
+        for name, args in [("nf4_linear", (x, *tensors, *state[6:], b)),
+                           ("nf4_dequantize", (*tensors, *state[6:9], [47, 99], torch.bfloat16))]:
+            op = getattr(torch.ops.unipelt_kernels, name)
+            assert meta(getattr(torch.ops.unipelt_kernels, name + "_t")(*args)) == meta(op(*args)), name
+        for name, args in [("bottleneck_up", (out, u, bd, w, bu, c, 1.5, 2)),
+                           ("bottleneck_up", (out, u, bd, w, bu, None, 1.5, 2)),
+                           ("bottleneck_up_bwd", (out, u, bd, w, bu, c, 1.5, 2))]:
+            op = getattr(torch.ops.unipelt, name)
+            assert meta(getattr(torch.ops.unipelt, name + "_t")(*args)) == meta(op(*args)), name
+
+
 # ------------------------------------------------------------------------------------------
 # which ops a compiled forward calls
 # ------------------------------------------------------------------------------------------
