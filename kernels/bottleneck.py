@@ -16,6 +16,12 @@ saved, never the activation.
 
 Pfeiffer's placement (``renorm``, with its LayerNorm) and a learned scale stay on the reference
 (unipelt.executor.kernel_expand says which branches the kernel takes).
+
+Both kernels are custom ops (``unipelt::bottleneck_up`` with its autograd, ``bottleneck_up_bwd``),
+and ``triton_op`` twins (``bottleneck_up_t``, ``bottleneck_up_bwd_t``: the same launchers through
+``wrap_triton``, the same autograd rule), which a compiled forward on CUDA calls by the rule of
+``unipelt_kernels.compiled_ops`` (``UNIPELT_KERNEL_OPS=custom_op`` keeps the custom ops): inductor
+launches their kernels from its own generated code.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from unipelt_kernels.lora_group import INTERPRET, _precision
+from unipelt_kernels.compiled_ops import compiled_ops
+from unipelt_kernels.lora_group import INTERPRET, _k, _precision
 
 # activation name -> the kernel's code (AdapterConfig.activation; nn.GELU's default is the erf form)
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "swish": 3, "tanh": 4}
@@ -142,14 +149,14 @@ def _check(out: Tensor, u: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, c
         raise ValueError(f"bottleneck_up: {M} tokens but {coef.numel()} gate values")
 
 
-def _launch_fwd(out, u, b_down, w_up, b_up, coef, scale, act):
+def _launch_fwd(out, u, b_down, w_up, b_up, coef, scale, act, wrap=None):
     _check(out, u, b_down, w_up, b_up, coef)
     M, D = out.shape
     R = u.shape[1]
     y = torch.empty_like(out)
     bm, bd = (64, 64) if INTERPRET else (64, 128)
     br = _block_r(R)
-    _up_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bd))](
+    _k(_up_fwd_kernel, wrap)[(triton.cdiv(M, bm), triton.cdiv(D, bd))](
         out, u, b_down, w_up, b_up, coef if coef is not None else u, y, M, D, R, float(scale),
         out.stride(0), u.stride(0), w_up.stride(0), y.stride(0),
         ACT=act, HAS_COEF=coef is not None, UPCAST=INTERPRET, PRECISION=_precision(out.dtype),
@@ -158,18 +165,20 @@ def _launch_fwd(out, u, b_down, w_up, b_up, coef, scale, act):
     return y
 
 
-def _launch_bwd(dy, u, b_down, w_up, b_up, coef, scale, act):
+def _launch_bwd(dy, u, b_down, w_up, b_up, coef, scale, act, wrap=None):
     M, D = dy.shape
     R = u.shape[1]
     f32 = dict(device=dy.device, dtype=torch.float32)
     dh, dw, dbu, dcb = torch.zeros(M, R, **f32), torch.zeros(D, R, **f32), torch.zeros(D, **f32), torch.zeros(M, **f32)
     bm, bd = 64, 64
     m_blocks = triton.cdiv(M, bm)
-    splits = 1 if INTERPRET else max(1, min(triton.cdiv(D, 4 * bd), triton.cdiv(264, m_blocks)))
+    # (torch.sym_min / sym_max: plain min / max for ints; a symbolic token count, traced in a twin,
+    # stays symbolic instead of being guarded on)
+    splits = 1 if INTERPRET else torch.sym_max(1, torch.sym_min(triton.cdiv(D, 4 * bd), triton.cdiv(264, m_blocks)))
     d_per_split = triton.cdiv(triton.cdiv(D, splits), bd) * bd
     splits = triton.cdiv(D, d_per_split)
     br = _block_r(R)
-    _up_bwd_kernel[(m_blocks, splits)](
+    _k(_up_bwd_kernel, wrap)[(m_blocks, splits)](
         dy, u, b_down, w_up, b_up, coef if coef is not None else u, dh, dw, dbu, dcb,
         M, D, R, float(scale), d_per_split, dy.stride(0), u.stride(0), w_up.stride(0), dh.stride(0), dw.stride(0),
         ACT=act, HAS_COEF=coef is not None, UPCAST=INTERPRET, PRECISION=_precision(dy.dtype),
@@ -235,10 +244,10 @@ def _setup(ctx, inputs, output):
     ctx.scale, ctx.act, ctx.has_coef = scale, act, coef is not None
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, bwd=_up_bwd_op):
     u, b_down, w_up, b_up, coef = ctx.saved_tensors
     coef = coef if ctx.has_coef else None
-    dh, dw, dbu, dcb = _up_bwd_op(dy.contiguous(), u, b_down, w_up, b_up, coef, ctx.scale, ctx.act)
+    dh, dw, dbu, dcb = bwd(dy.contiguous(), u, b_down, w_up, b_up, coef, ctx.scale, ctx.act)
     pre = u.float() + b_down.float()
     cs = ctx.scale * (coef.float()[:, None] if coef is not None else 1.0)
     dpre = dh * cs * _act_grad(pre, ctx.act)
@@ -251,6 +260,28 @@ def _backward(ctx, dy):
 
 
 _up_op.register_autograd(_backward, setup_context=_setup)
+
+
+# the same two ops as ``triton_op``s, for compiled forwards on CUDA (unipelt_kernels.compiled_ops):
+# inductor traces their bodies, sees the kernels (``wrap_triton``) and launches them from its own
+# generated code instead of calling an opaque op through the dispatcher and Triton's Python launcher
+@torch.library.triton_op("unipelt::bottleneck_up_t", mutates_args=())
+def _up_top(out: Tensor, u: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, coef: Optional[Tensor],
+            scale: float, act: int) -> Tensor:
+    return _launch_fwd(out, u, b_down, w_up, b_up, coef, scale, act, torch.library.wrap_triton)
+
+
+@torch.library.triton_op("unipelt::bottleneck_up_bwd_t", mutates_args=())
+def _up_bwd_top(dy: Tensor, u: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, coef: Optional[Tensor],
+                scale: float, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _launch_bwd(dy, u, b_down, w_up, b_up, coef, scale, act, torch.library.wrap_triton)
+
+
+def _top_backward(ctx, dy):
+    return _backward(ctx, dy, bwd=_up_bwd_top)
+
+
+_up_top.register_autograd(_top_backward, setup_context=_setup)
 
 
 def bottleneck_up(out: Tensor, u: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, gate: Tensor | None = None,
@@ -271,8 +302,11 @@ def bottleneck_up(out: Tensor, u: Tensor, b_down: Tensor, w_up: Tensor, b_up: Te
         u2 = u2.contiguous()
     coef = gate.expand(*u.shape[:-1], 1).reshape(-1).contiguous() if gate is not None else None
     dt = out.dtype
-    y = _up_op(out2, u2, b_down.to(dt).contiguous(), w_up.to(dt).contiguous(), b_up.to(dt).contiguous(), coef,
-               float(scale), ACTIVATIONS[activation])
+    # eager and compiled off CUDA: the custom op; compiled on CUDA: its triton_op twin (inductor
+    # launches the kernels)
+    op = _up_top if torch.compiler.is_compiling() and compiled_ops(out2) else _up_op
+    y = op(out2, u2, b_down.to(dt).contiguous(), w_up.to(dt).contiguous(), b_up.to(dt).contiguous(), coef,
+           float(scale), ACTIVATIONS[activation])
     return y.view(out.shape)
 
 

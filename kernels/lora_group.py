@@ -39,6 +39,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# which ops a compiled forward calls (the triton_op twins on CUDA unless UNIPELT_KERNEL_OPS says
+# custom_op): one rule for every kernel module
+from unipelt_kernels.compiled_ops import compiled_ops as _compiled_ops
+from unipelt_kernels.compiled_ops import ops_choice as _ops_choice  # noqa: F401 - the tests' handle
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_BLOCK_N = 256  # widest shrink tile: wider segments are split into tiles (x read once per tile)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -923,23 +928,6 @@ def _expand_top_backward(ctx, dy):
 
 
 _expand_top.register_autograd(_expand_top_backward, setup_context=_expand_top_setup)
-
-# which ops a compiled forward calls: ``triton_op`` (default; on CUDA, where inductor launches
-# the kernels itself) or ``custom_op`` (opaque nodes, every launch through Python). Tensors off
-# CUDA (the interpreter) take the custom ops: inductor's CPU code cannot launch a Triton kernel
-def _ops_choice(value: str) -> str:
-    if value not in ("triton_op", "custom_op"):
-        raise ValueError(f"UNIPELT_KERNEL_OPS={value!r}: expected triton_op or custom_op")
-    return value
-
-
-COMPILED_OPS = _ops_choice(os.environ.get("UNIPELT_KERNEL_OPS", "triton_op"))
-
-
-def _compiled_ops(x: Tensor) -> bool:
-    """Whether a compiled forward on ``x`` calls the ``triton_op`` twins."""
-    return COMPILED_OPS == "triton_op" and x.device.type == "cuda"
-
 
 # ------------------------------------------------------------------------------------------
 # the plain functions

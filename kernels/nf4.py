@@ -20,6 +20,10 @@ Three layers, as the other kernels:
   (:func:`nf4_linear`): what ``torch.compile`` traces (``fullgraph=True``, CUDA graphs) in place
   of a Python call, with fake implementations for tracing and, for the linear, an autograd rule
   whose backward dequantizes again rather than keeping the float weight (QLoRA's memory promise).
+  Their ``torch.library.triton_op`` twins ``nf4_dequantize_t`` / ``nf4_linear_t`` (the same
+  bodies, the kernel through ``wrap_triton``; the same autograd rule) are what a compiled forward
+  on CUDA calls (``unipelt_kernels.compiled_ops``: ``UNIPELT_KERNEL_OPS=custom_op`` keeps the
+  custom ops): inductor launches the kernel and the GEMM from its own generated code.
 
 :func:`dequantize_reference` is the formula in PyTorch, the fallback (no Triton, a CPU tensor
 outside the interpreter) and the test oracle beside bitsandbytes' own ``dequantize_4bit``.
@@ -34,6 +38,8 @@ import os
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from unipelt_kernels.compiled_ops import compiled_ops
 
 try:
     import triton
@@ -130,7 +136,10 @@ _TUNED: set[tuple] = set()  # launch keys the autotuner has picked a config for
 
 
 def _launch(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2: Tensor, offset: Tensor,
-            blocksize: int, blocksize2: int, nested: bool, out: Tensor) -> Tensor:
+            blocksize: int, blocksize2: int, nested: bool, out: Tensor, wrap=None) -> Tensor:
+    """The kernel into ``out``; ``wrap``: ``torch.library.wrap_triton`` inside the triton_op twins,
+    where inductor sees the kernel (autotuned by inductor itself, at the compiled graph's first run:
+    never inside a capture, which CUDA graph trees and graphed steps start after warm-up runs)."""
     n_bytes, n_values = packed.numel(), out.numel()
     if not 2 * n_bytes - 1 <= n_values <= 2 * n_bytes:
         raise ValueError(f"out buffer of {n_values} values for {n_bytes} packed bytes")
@@ -139,15 +148,21 @@ def _launch(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2
     args = (packed, absmax, code, out, n_bytes, n_values, n_blocks, code2, absmax2, offset)
     key = (n_bytes, half, nested, out.dtype, out.device)
     # the autotuner benchmarks on a key's first call: never while a CUDA graph is being captured
-    # (the launches would be recorded); a key it tuned before launches its pick there too
-    if out.is_cuda and not _interpreting() and (key in _TUNED or not torch.cuda.is_current_stream_capturing()):
+    # (the launches would be recorded); a key it tuned before launches its pick there too. The twins
+    # (``wrap``) neither read nor mark the keys: a traced launch is tuned by inductor, on its own copy
+    # of the kernel, and its sizes may be symbolic (a SymInt has no hash)
+    if out.is_cuda and not _interpreting() and ((wrap is None and key in _TUNED)
+                                                or not torch.cuda.is_current_stream_capturing()):
         grid = lambda meta: (triton.cdiv(n_blocks, max(meta["BYTES"] // half, 1)),)  # noqa: E731
-        _nf4_tuned[grid](*args, HALF=half, BLOCKSIZE2=blocksize2, NESTED=nested)
-        _TUNED.add(key)
+        (_nf4_tuned if wrap is None else wrap(_nf4_tuned))[grid](*args, HALF=half, BLOCKSIZE2=blocksize2,
+                                                                  NESTED=nested)
+        if wrap is None:
+            _TUNED.add(key)
     else:
         grid = (triton.cdiv(n_blocks, max(BYTES // half, 1)),)
         kw = {} if _interpreting() else {"num_warps": WARPS}
-        _nf4_kernel[grid](*args, HALF=half, BLOCKSIZE2=blocksize2, NESTED=nested, BYTES=BYTES, **kw)
+        (_nf4_kernel if wrap is None else wrap(_nf4_kernel))[grid](*args, HALF=half, BLOCKSIZE2=blocksize2,
+                                                                    NESTED=nested, BYTES=BYTES, **kw)
     return out
 
 
@@ -210,15 +225,21 @@ def _reference(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor | Non
 # ------------------------------------------------------------------------------------------
 # One argument list for both ops: the packed weight and its quantization state as tensors and
 # numbers (a bitsandbytes QuantState is a Python object the op schema cannot carry).
+def _dequantize_body(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2: Tensor, offset: Tensor,
+                     blocksize: int, blocksize2: int, nested: bool, shape: list[int], dtype: torch.dtype,
+                     wrap=None) -> Tensor:
+    if not _kernel_runs(packed):
+        return _reference(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, shape, dtype)
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    return _launch(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, out, wrap)
+
+
 @torch.library.custom_op("unipelt_kernels::nf4_dequantize", mutates_args=())
 def nf4_dequantize(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2: Tensor, offset: Tensor,
                    blocksize: int, blocksize2: int, nested: bool, shape: list[int], dtype: torch.dtype) -> Tensor:
     """The float weight (``shape``, ``dtype``) of a 4-bit packed weight: the Triton kernel on CUDA
     (and under the interpreter), the PyTorch formula elsewhere."""
-    if not _kernel_runs(packed):
-        return _reference(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, shape, dtype)
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    return _launch(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, out)
+    return _dequantize_body(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, shape, dtype)
 
 
 @nf4_dequantize.register_fake
@@ -253,14 +274,14 @@ def _linear_setup(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
-def _linear_backward(ctx, grad: Tensor):
+def _linear_backward(ctx, grad: Tensor, dequantize=nf4_dequantize):
     packed, absmax, code, code2, absmax2, offset = ctx.saved_tensors
     blocksize, blocksize2, nested, out_f, in_f = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         # dequantized again rather than kept from the forward: the float weight never outlives a GEMM
-        w = nf4_dequantize(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested,
-                           [out_f, in_f], grad.dtype)
+        w = dequantize(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested,
+                       [out_f, in_f], grad.dtype)
         grad_x = grad @ w
     if ctx.has_bias and ctx.needs_input_grad[12]:
         grad_bias = grad.reshape(-1, out_f).sum(0)
@@ -268,6 +289,35 @@ def _linear_backward(ctx, grad: Tensor):
 
 
 nf4_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ------------------------------------------------------------------------------------------
+# the same two ops as ``triton_op``s, for compiled forwards on CUDA (unipelt_kernels.compiled_ops):
+# inductor traces their bodies, sees the kernel (``wrap_triton``) and launches it from its own
+# generated code, the GEMM as its own extern call, instead of calling an opaque op through the
+# dispatcher and Triton's Python launcher on every step
+# ------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @torch.library.triton_op("unipelt_kernels::nf4_dequantize_t", mutates_args=())
+    def nf4_dequantize_t(packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2: Tensor,
+                         offset: Tensor, blocksize: int, blocksize2: int, nested: bool, shape: list[int],
+                         dtype: torch.dtype) -> Tensor:
+        return _dequantize_body(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, shape,
+                                dtype, torch.library.wrap_triton)
+
+    @torch.library.triton_op("unipelt_kernels::nf4_linear_t", mutates_args=())
+    def nf4_linear_t(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, code2: Tensor, absmax2: Tensor,
+                     offset: Tensor, blocksize: int, blocksize2: int, nested: bool, out_features: int,
+                     in_features: int, bias: Tensor | None) -> Tensor:
+        w = _dequantize_body(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested,
+                             [out_features, in_features], x.dtype, torch.library.wrap_triton)
+        return F.linear(x, w, bias)
+
+    def _linear_t_backward(ctx, grad: Tensor):
+        return _linear_backward(ctx, grad, dequantize=nf4_dequantize_t)
+
+    nf4_linear_t.register_autograd(_linear_t_backward, setup_context=_linear_setup)
 
 
 def nf4_linear(x: Tensor, packed: Tensor, qs, bias: Tensor | None = None) -> Tensor:
@@ -278,5 +328,8 @@ def nf4_linear(x: Tensor, packed: Tensor, qs, bias: Tensor | None = None) -> Ten
     out_f, in_f = int(qs.shape[0]), int(qs.shape[1])
     if x.shape[-1] != in_f:
         raise ValueError(f"input of {x.shape[-1]} features: the 4-bit weight is ({out_f}, {in_f})")
-    return nf4_linear_op(x, packed, absmax, code, code2, absmax2, offset, int(qs.blocksize), bs2,
-                         bool(qs.nested), out_f, in_f, bias)
+    # eager and compiled off CUDA: the custom op; compiled on CUDA: its triton_op twin (inductor
+    # launches the kernel)
+    op = nf4_linear_t if torch.compiler.is_compiling() and triton is not None and compiled_ops(x) else nf4_linear_op
+    return op(x, packed, absmax, code, code2, absmax2, offset, int(qs.blocksize), bs2, bool(qs.nested), out_f, in_f,
+              bias)

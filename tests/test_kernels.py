@@ -240,7 +240,9 @@ def test_compiled_forwards_pick_the_triton_ops_on_cuda_only(monkeypatch):
     on_cuda = SimpleNamespace(device=torch.device("cuda", 0))
     assert lg._compiled_ops(on_cuda)
     assert not lg._compiled_ops(torch.empty(1))  # CPU: inductor's CPU code cannot launch a Triton kernel
-    monkeypatch.setattr(lg, "COMPILED_OPS", "custom_op")
+    from unipelt_kernels import compiled_ops  # the rule's home, shared with the NF4 and bottleneck ops
+
+    monkeypatch.setattr(compiled_ops, "COMPILED_OPS", "custom_op")
     assert not lg._compiled_ops(on_cuda)
     with pytest.raises(ValueError, match="UNIPELT_KERNEL_OPS='both': expected triton_op or custom_op"):
         lg._ops_choice("both")
@@ -335,9 +337,11 @@ def test_gpu_inductor_launches_the_triton_op_kernels(monkeypatch):
     # generated code (no call of the custom op left), with the custom ops' results, bit for bit
     from torch._inductor.utils import run_and_get_code
 
+    from unipelt_kernels import compiled_ops
+
     def step(ops, code=False):
         torch._dynamo.reset()
-        monkeypatch.setattr(lg, "COMPILED_OPS", ops)
+        monkeypatch.setattr(compiled_ops, "COMPILED_OPS", ops)
         leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in _layer_params(K=96, D=80, r=8)]
         x, base_w, A, Bw, wg, bg = leaves
         x = x.bfloat16()
